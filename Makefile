@@ -1,0 +1,19 @@
+# The README's two commands. Both install what is missing first (idempotent).
+.PHONY: run test e2e unit lint
+
+run:
+	scripts/setup.sh
+	.venv/bin/tabbify-registry run
+
+test:
+	scripts/setup.sh --test
+	.venv/bin/ruff check .
+	.venv/bin/pytest
+
+unit:
+	scripts/setup.sh --test
+	.venv/bin/pytest -m "not e2e"
+
+e2e:
+	scripts/setup.sh --test
+	.venv/bin/pytest -m e2e

@@ -1,0 +1,60 @@
+"""One JSON line on stdout per request (CONTRACTS §6), written when the flow ends.
+
+Only what the gateway decided and measured: never a header value, token or body.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from typing import IO
+
+from mitmproxy import http
+
+from addons.record import record
+
+
+def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
+    rec = record(flow)
+    response = flow.response
+    bytes_in = rec.bytes_in or len(flow.request.raw_content or b"")
+    bytes_out = rec.bytes_out or (len(response.raw_content or b"") if response else 0)
+    line: dict[str, object] = {
+        "time": datetime.datetime.fromtimestamp(flow.request.timestamp_start, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "tenant": rec.tenant,
+        "method": flow.request.method,
+        "kind": rec.kind,
+        "repository": rec.repository,
+        "reference": rec.reference,
+        "status": response.status_code if response else None,
+        "decision": rec.decision,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": round((now - flow.request.timestamp_start) * 1000, 1),
+    }
+    if flow.error:
+        line["error"] = flow.error.msg
+    return line
+
+
+class AccessLog:
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self.out = out or sys.stdout
+
+    def _write(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if rec.logged:
+            return
+        rec.logged = True
+        self.out.write(json.dumps(entry(flow, time.time()), separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._write(flow)

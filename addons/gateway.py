@@ -1,0 +1,25 @@
+"""The mitmdump script: `mitmdump -s addons/gateway.py`. The order below is the hook order.
+
+1. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
+2. RegistryAccess  everything else: token, namespace, header hygiene, streaming
+3. Refusals        delivers 4xx decisions without buffering request bodies
+4. AccessLog       one JSON line per request
+"""
+
+import logging
+import sys
+
+from addons.access import RegistryAccess
+from addons.accesslog import AccessLog
+from addons.refusal import Refusals
+from addons.token_endpoint import TokenEndpoint
+from addons.tokens import TokenSigner
+
+# stdout is the access log (JSON lines); mitmproxy's own log lines go to stderr.
+for handler in logging.getLogger().handlers:
+    if hasattr(handler, "file"):
+        handler.file = sys.stderr
+
+_signer = TokenSigner()  # secret made here, once per process, never written anywhere
+
+addons = [TokenEndpoint(_signer), RegistryAccess(_signer), Refusals(), AccessLog()]

@@ -1,0 +1,94 @@
+"""Answering a request we refuse without ever buffering its body.
+
+mitmproxy reads and buffers the whole body of a flow answered from `requestheaders`, and
+crashes a flow that both streams and has a response set there. So a refused request with a
+large (or chunked) body is streamed instead, with every chunk discarded, to a tiny local sink
+that answers 204 at once; the real refusal replaces that answer in the `response` hook.
+Small bodies (≤ 64 KiB declared) are simply answered: buffering them costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import http
+
+from addons.record import record
+
+logger = logging.getLogger(__name__)
+
+SMALL_BODY = 64 * 1024
+_KEY = "tabbify.refusal"
+_SINK_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+
+
+def refuse(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Decide to answer `flow` with `response`; Refusals delivers it (call from requestheaders)."""
+    flow.metadata[_KEY] = response
+
+
+def refused(flow: http.HTTPFlow) -> bool:
+    return _KEY in flow.metadata
+
+
+def has_large_body(request: http.Request) -> bool:
+    if "transfer-encoding" in request.headers:
+        return True
+    length = request.headers.get("content-length", "0")
+    return not length.isdigit() or int(length) > SMALL_BODY
+
+
+async def _sink_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Every request we get has `Content-Length: 0` (set below): answer each head with 204."""
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(_SINK_ANSWER)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+class Refusals:
+    """Delivers `refuse()` decisions. Runs after the deciding addons, before the access log."""
+
+    def __init__(self) -> None:
+        self.sink: asyncio.Server | None = None
+        self.sink_port = 0
+
+    async def running(self) -> None:
+        self.sink = await asyncio.start_server(_sink_connection, "127.0.0.1", 0)
+        self.sink_port = self.sink.sockets[0].getsockname()[1]
+
+    async def done(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.metadata.get(_KEY)
+        if response is None or flow.response is not None:
+            return
+        if not has_large_body(flow.request):
+            flow.response = response
+            return
+        # Large body: stream it into the void. The sink sees an empty request and answers at
+        # once; mitmproxy keeps reading (and dropping) the client's body chunk by chunk.
+        headers = flow.request.headers
+        for name in ("transfer-encoding", "expect"):
+            headers.pop(name, None)
+        headers["content-length"] = "0"
+        flow.request.scheme, flow.request.host, flow.request.port = (
+            "http",
+            "127.0.0.1",
+            self.sink_port,
+        )
+        flow.request.stream = record(flow).discard_in
+        response.headers["connection"] = "close"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        response = flow.metadata.get(_KEY)
+        if response is not None and flow.response is not response:
+            flow.response = response

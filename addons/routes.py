@@ -1,0 +1,128 @@
+"""What a request path is, and whether a tenant may send it. Pure functions, no mitmproxy.
+
+The raw path is checked exactly as the client sent it: anything outside the
+distribution-spec grammar (`%`-escapes, `.`/`..` segments, `//`, upper case, unicode) is
+denied, never cleaned, so the backend can only ever see a path we have fully understood.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# distribution-spec grammar (distribution/reference): lower-case components joined by '/'.
+COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME = rf"{COMPONENT}(?:/{COMPONENT})*"
+TAG = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+DIGEST = r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}"
+UPLOAD_ID = r"[A-Za-z0-9][A-Za-z0-9_=-]{0,255}"  # UUIDs, base64url session ids; no dots
+
+_COMPONENT_RE = re.compile(COMPONENT)
+_NAME_RE = re.compile(NAME)
+
+# (kind, tail pattern, methods). Order matters only for readability: tails do not overlap.
+_ROUTES: list[tuple[str, re.Pattern[str], frozenset[str]]] = [
+    ("blob", re.compile(rf"blobs/(?P<ref>{DIGEST})"), frozenset({"GET", "HEAD", "DELETE"})),
+    ("upload", re.compile(r"blobs/uploads/"), frozenset({"POST"})),
+    (
+        "upload",
+        re.compile(rf"blobs/uploads/(?P<ref>{UPLOAD_ID})"),
+        frozenset({"GET", "PATCH", "PUT", "DELETE"}),
+    ),
+    (
+        "manifest",
+        re.compile(rf"manifests/(?P<ref>{TAG}|{DIGEST})"),
+        frozenset({"GET", "HEAD", "PUT", "DELETE"}),
+    ),
+    ("tags", re.compile(r"tags/list"), frozenset({"GET", "HEAD"})),
+    ("referrers", re.compile(rf"referrers/(?P<ref>{DIGEST})"), frozenset({"GET", "HEAD"})),
+]
+_REPO_PATH = re.compile(rf"/v2/(?P<name>{NAME})/(?P<tail>(?:blobs|manifests|tags|referrers)/.*)")
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str  # base | blob | upload | manifest | tags | referrers
+    name: str | None = None  # repository, e.g. "acme/app"
+    reference: str | None = None  # tag, digest or upload id
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    status: int = 200
+    code: str = ""
+    reason: str = ""  # short, for the access log and the error message
+    route: Route | None = None
+
+
+ALLOW_BASE = Decision(True, route=Route("base"))
+
+
+def is_component(value: str) -> bool:
+    """A valid single repository path component (what a tenant must be)."""
+    return _COMPONENT_RE.fullmatch(value) is not None
+
+
+def is_name(value: str) -> bool:
+    return _NAME_RE.fullmatch(value) is not None
+
+
+def owns(tenant: str | None, name: str) -> bool:
+    """The tenant prefix is a whole segment: `acme` owns `acme/app`, not `acmex/app` or `acme`.
+    No tenant (anonymous dev mode) owns everything."""
+    return tenant is None or name.startswith(tenant + "/")
+
+
+def parse(path: str, method: str = "GET") -> Route | Decision:
+    """Route for a raw /v2 path (no query), or the Decision refusing it."""
+    if path in ("/v2/", "/v2"):
+        if method not in ("GET", "HEAD"):
+            return Decision(False, 405, "UNSUPPORTED", f"{method} not allowed on /v2/")
+        return Route("base")
+    m = _REPO_PATH.fullmatch(path)
+    if m is None:
+        return Decision(False, 403, "DENIED", "not a repository endpoint")
+    tail = m["tail"]
+    for kind, pattern, methods in _ROUTES:
+        t = pattern.fullmatch(tail)
+        if t is None:
+            continue
+        if method not in methods:
+            return Decision(False, 405, "UNSUPPORTED", f"{method} not allowed on {kind}")
+        return Route(kind, m["name"], t.groupdict().get("ref"))
+    return Decision(False, 403, "DENIED", "not a repository endpoint")
+
+
+def check(tenant: str | None, path: str, method: str = "GET") -> Decision:
+    """May `tenant` (None = anonymous dev mode) send `method path`? `path` is raw, no query."""
+    route = parse(path, method)
+    if isinstance(route, Decision):
+        return route
+    if route.name is not None and not owns(tenant, route.name):
+        return Decision(False, 403, "DENIED", f"repository outside namespace {tenant}/", route)
+    return Decision(True, route=route)
+
+
+def sanitize_mount(
+    tenant: str | None, query: list[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], str | None]:
+    """Drop a cross-repository mount whose source the tenant does not own.
+
+    The upload then starts as a plain one (202), which every client handles; a 403 here would
+    abort a containerd push. Ambiguous input (repeated keys, a bad name) is dropped too.
+    Returns the new query and the reason it was changed (None if unchanged).
+    """
+    sources = [v for k, v in query if k == "from"]
+    mounts = [v for k, v in query if k == "mount"]
+    if not sources and not mounts:
+        return query, None
+    if (
+        len(sources) == 1
+        and len(mounts) == 1
+        and is_name(sources[0])
+        and re.fullmatch(DIGEST, mounts[0])
+        and owns(tenant, sources[0])
+    ):
+        return query, None
+    return [(k, v) for k, v in query if k not in ("from", "mount")], "mount dropped"

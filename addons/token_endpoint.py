@@ -1,0 +1,178 @@
+"""`/auth/token`: swap a Tabbify JWT (checked by Tabbify auth) for a registry token.
+
+GET with `Authorization: Basic <any>:<jwt>` or `Bearer <jwt>` (Docker, containers/image,
+oras), POST with an OAuth2 password form (containerd, BuildKit). Never a refresh_token:
+Docker would switch to a refresh grant we do not offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from addons import oci
+from addons.authservice import AuthClient, Verdict
+from addons.record import record
+from addons.refusal import refuse
+from addons.routes import NAME
+from addons.tokens import LIFETIME, TokenSigner
+
+logger = logging.getLogger(__name__)
+
+PATH = "/auth/token"
+SERVICE = "tabbify-registry"
+# A JWT is three base64url parts; anything else is not worth asking auth about.
+_CREDENTIAL = re.compile(r"[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]*){0,4}")
+_MAX_CREDENTIAL = 16 * 1024
+_SCOPE = re.compile(rf"repository:(?P<name>{NAME}):(?P<actions>[a-z*]+(?:,[a-z*]+)*)")
+
+
+def credential_from_header(value: str) -> str | None:
+    """The Tabbify JWT in `Basic base64(user:jwt)` or `Bearer jwt`, else None."""
+    scheme, _, param = value.strip().partition(" ")
+    param = param.strip()
+    if scheme.lower() == "bearer":
+        return param or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(param, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        _, sep, password = decoded.partition(":")
+        return password if sep and password else None
+    return None
+
+
+def plausible(credential: str) -> bool:
+    return len(credential) <= _MAX_CREDENTIAL and _CREDENTIAL.fullmatch(credential) is not None
+
+
+def granted_scopes(tenant: str, requested: list[str]) -> list[str]:
+    """The requested repository scopes inside the tenant's namespace (informational: every
+    request is checked against the namespace anyway)."""
+    granted = []
+    for scope in requested:
+        m = _SCOPE.fullmatch(scope)
+        if m and m["name"].startswith(tenant + "/"):
+            granted.append(scope)
+    return granted
+
+
+def token_payload(token: str, issued: int, scopes: list[str] | None) -> dict[str, object]:
+    payload: dict[str, object] = {
+        "token": token,
+        "access_token": token,
+        "expires_in": LIFETIME,
+        "issued_at": datetime.datetime.fromtimestamp(issued, datetime.UTC)
+        .isoformat()
+        .replace("+00:00", "Z"),
+    }
+    if scopes is not None:
+        payload["scope"] = " ".join(scopes)
+    return payload
+
+
+@dataclass(frozen=True)
+class Answer:
+    response: http.Response
+    decision: str  # allow | deny:<reason>
+    tenant: str | None = None
+
+
+class TokenEndpoint:
+    def __init__(self, signer: TokenSigner) -> None:
+        self.signer = signer
+        self.client: AuthClient | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_auth_url", str, "", "Tabbify auth base URL; empty = no token service."
+        )
+        loader.add_option(
+            "registry_auth_timeout", float, 5.0, "Seconds to wait for Tabbify auth, at most."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "registry_auth_url" in updated or "registry_auth_timeout" in updated:
+            url = ctx.options.registry_auth_url
+            if url and not re.match(r"https?://[^/]", url):
+                raise exceptions.OptionsError(f"registry_auth_url={url!r} is not an http(s) URL")
+            if not 0 < ctx.options.registry_auth_timeout <= 60:
+                raise exceptions.OptionsError("registry_auth_timeout must be in (0, 60]")
+            self.client = AuthClient(url, ctx.options.registry_auth_timeout) if url else None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.request.path.partition("?")[0] != PATH:
+            return
+        rec = record(flow)
+        rec.kind = "token"
+        method = flow.request.method
+        if method not in ("GET", "POST"):
+            rec.decision = "deny:method"
+            refuse(flow, oci.error_response(405, "UNSUPPORTED", "use GET or POST", method=method))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if rec.kind != "token" or flow.response is not None:
+            return
+        outcome = await self.answer(flow.request)
+        flow.response, rec.tenant, rec.decision = outcome.response, outcome.tenant, outcome.decision
+
+    async def answer(self, request: http.Request) -> Answer:
+        method = request.method
+
+        def fail(status: int, code: str, message: str, why: str) -> Answer:
+            return Answer(oci.error_response(status, code, message, method=method), f"deny:{why}")
+
+        if self.client is None:
+            return fail(404, "NOT_FOUND", "no token service in anonymous mode", "anonymous")
+
+        if method == "POST":
+            form = dict(parse_qsl(request.get_text(strict=False) or "", max_num_fields=32))
+            if form.get("grant_type") != "password":
+                return fail(400, "UNSUPPORTED", "only grant_type=password is supported", "grant")
+            credential, service = form.get("password"), form.get("service")
+            scopes = form.get("scope", "").split()
+        else:
+            headers = request.headers.get_all("authorization")
+            credential = credential_from_header(headers[0]) if len(headers) == 1 else None
+            service = request.query.get("service")
+            scopes = [s for value in request.query.get_all("scope") for s in value.split()]
+
+        if service is not None and service != SERVICE:
+            return fail(400, "UNSUPPORTED", f"unknown service; this is {SERVICE}", "service")
+        if credential is None or not plausible(credential):
+            return fail(401, "UNAUTHORIZED", "a Tabbify token is required", "no-credential")
+
+        verdict = await self.validate(credential)
+        if verdict.outcome == "rejected":
+            return fail(401, "UNAUTHORIZED", "Tabbify auth rejected the credential", "rejected")
+        if verdict.outcome == "unavailable":
+            return fail(503, "UNAVAILABLE", "Tabbify auth is unavailable; retry", "auth-down")
+        if verdict.outcome != "granted" or verdict.tenant is None:
+            return fail(403, "DENIED", verdict.reason or "no tenant", "tenant")
+
+        token, issued = self.signer.mint(verdict.tenant)
+        scope = granted_scopes(verdict.tenant, scopes) if method == "POST" else None
+        return Answer(
+            oci.json_response(200, token_payload(token, issued, scope)), "allow", verdict.tenant
+        )
+
+    async def validate(self, credential: str) -> Verdict:
+        """Ask auth off the event loop; the overall wait is bounded whatever auth does."""
+        assert self.client is not None
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.client.validate, credential), self.client.timeout + 1
+            )
+        except TimeoutError:
+            return Verdict("unavailable", reason="auth timed out")

@@ -1,0 +1,60 @@
+"""Registry tokens: HS256 JWTs signed with a secret that lives only in this process.
+
+A restart makes a new secret, so every issued token dies with the process and clients come
+back through the 401 challenge. Verification is local: no call to auth on the hot path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+
+import jwt
+
+ISSUER = "tabbify-registry"
+AUDIENCE = "tabbify-registry"
+LIFETIME = 300  # seconds; CONTRACTS §3
+_ALGORITHMS = ["HS256"]  # pinned: `none`, RS/ES confusion and friends are refused by PyJWT
+_REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
+
+
+class InvalidToken(Exception):
+    """Any reason a bearer value is not a live registry token; never shown in detail."""
+
+
+class TokenSigner:
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = secret or secrets.token_bytes(32)
+
+    def mint(self, tenant: str, now: float | None = None) -> tuple[str, int]:
+        """A token for `tenant` and its issue time (epoch seconds)."""
+        issued = int(now if now is not None else time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": tenant,
+            "iat": issued,
+            "nbf": issued,
+            "exp": issued + LIFETIME,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._secret, algorithm="HS256"), issued
+
+    def verify(self, token: str) -> str:
+        """The tenant inside a valid, unexpired token of ours; InvalidToken otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=_ALGORITHMS,
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": _REQUIRED},
+            )
+        except jwt.PyJWTError as e:
+            raise InvalidToken(type(e).__name__) from None
+        tenant = claims.get("sub")
+        if not isinstance(tenant, str) or not tenant:
+            raise InvalidToken("no tenant")
+        return tenant

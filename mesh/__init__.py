@@ -1,0 +1,1 @@
+"""Mesh bootstrap: WireGuard identity, coordinator join, interface, peer following."""

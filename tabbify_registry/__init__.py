@@ -1,0 +1,1 @@
+"""tabbify-registry: the PID-1 sequence (mesh → backend config → supervisord) and its settings."""

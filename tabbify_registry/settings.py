@@ -1,0 +1,191 @@
+"""Every environment variable of CONTRACTS §2, parsed once into a frozen Settings.
+
+A value that cannot be honoured raises ConfigError naming the variable; nothing is silently
+defaulted past a bad value. Pure: takes a mapping, returns a value, touches nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A setting the registry refuses; str() is the one line printed on stderr."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str  # IPv6 without brackets
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def hostport(self) -> str:
+        """host:port as it appears in a URL (IPv6 in brackets)."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    storage: str
+    s3_bucket: str | None
+    s3_region: str | None
+    s3_endpoint: str | None
+    auth_url: str | None
+    listen: Address
+    backend_addr: Address
+    backend: str
+    external_url: str
+    admin_addr: Address
+    mesh_coordinator_url: str | None
+    mesh_auth_key: str | None
+    mesh_interface: str
+    mesh_poll_seconds: int
+
+    @property
+    def anonymous(self) -> bool:
+        return self.auth_url is None
+
+    @property
+    def realm(self) -> str:
+        return f"{self.external_url}/auth/token"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.data_dir / "run"
+
+
+def parse_address(name: str, value: str) -> Address:
+    """`host:port` with an IP literal host (IPv6 in brackets). Host names are refused: the
+    gateway binds to exactly one address."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", value)
+    if not m:
+        raise ConfigError(f"{name}={value!r} is not an address (host:port, IPv6 in brackets)")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: {host!r} is not an IP address") from None
+    if ip.version == 6 and not m.group(1):
+        raise ConfigError(f"{name}={value!r}: IPv6 addresses go in brackets")
+    if not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}={value!r}: port out of range")
+    return Address(str(ip), int(port))
+
+
+def _url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def default_backend() -> str:
+    return "zot" if shutil.which("zot") else "distribution"
+
+
+def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
+    """Parse the environment. `ula` is the mesh address once the bootstrap has one."""
+    data_dir = Path(env.get("REGISTRY_DATA_DIR") or "/var/lib/tabbify-registry")
+    if not data_dir.is_absolute():
+        raise ConfigError(f"REGISTRY_DATA_DIR={str(data_dir)!r} must be an absolute path")
+
+    storage = env.get("REGISTRY_STORAGE") or "local"
+    if storage not in ("local", "s3"):
+        raise ConfigError(f"REGISTRY_STORAGE={storage!r}: expected 'local' or 's3'")
+    bucket, region = _opt(env, "REGISTRY_S3_BUCKET"), _opt(env, "REGISTRY_S3_REGION")
+    endpoint = _opt(env, "REGISTRY_S3_ENDPOINT")
+    if storage == "s3":
+        if not bucket:
+            raise ConfigError("REGISTRY_S3_BUCKET is required with REGISTRY_STORAGE=s3")
+        if not region:
+            raise ConfigError("REGISTRY_S3_REGION is required with REGISTRY_STORAGE=s3")
+        if endpoint:
+            endpoint = _url("REGISTRY_S3_ENDPOINT", endpoint)
+
+    auth_url = _opt(env, "REGISTRY_AUTH_URL")
+    if auth_url:
+        auth_url = _url("REGISTRY_AUTH_URL", auth_url)
+
+    if listen_value := _opt(env, "REGISTRY_LISTEN"):
+        listen = parse_address("REGISTRY_LISTEN", listen_value)
+    elif ula:
+        listen = Address(ula, 5000)
+    else:
+        listen = Address("127.0.0.1", 5000)
+    if auth_url is None and not listen.is_loopback:
+        raise ConfigError(
+            f"REGISTRY_LISTEN={listen.hostport}: anonymous dev mode (no REGISTRY_AUTH_URL) "
+            "listens on loopback only"
+        )
+    if ipaddress.ip_address(listen.host).is_unspecified:
+        raise ConfigError(f"REGISTRY_LISTEN={listen.hostport}: bind one address, not all")
+
+    backend_addr = parse_address(
+        "REGISTRY_BACKEND_ADDR", env.get("REGISTRY_BACKEND_ADDR") or "127.0.0.1:5001"
+    )
+    if not backend_addr.is_loopback:
+        raise ConfigError(f"REGISTRY_BACKEND_ADDR={backend_addr.hostport} must be loopback")
+    if backend_addr == listen:
+        raise ConfigError("REGISTRY_BACKEND_ADDR must differ from REGISTRY_LISTEN")
+
+    backend = env.get("REGISTRY_BACKEND") or default_backend()
+    if backend not in ("zot", "distribution", "external"):
+        raise ConfigError(
+            f"REGISTRY_BACKEND={backend!r}: expected 'zot', 'distribution' or 'external'"
+        )
+
+    external_url = _url(
+        "REGISTRY_EXTERNAL_URL", env.get("REGISTRY_EXTERNAL_URL") or f"http://{listen.hostport}"
+    )
+
+    admin_addr = parse_address(
+        "REGISTRY_ADMIN_ADDR", env.get("REGISTRY_ADMIN_ADDR") or "127.0.0.1:5002"
+    )
+    if not admin_addr.is_loopback:
+        raise ConfigError(f"REGISTRY_ADMIN_ADDR={admin_addr.hostport} must be loopback")
+
+    coordinator = _opt(env, "MESH_COORDINATOR_URL")
+    if coordinator:
+        coordinator = _url("MESH_COORDINATOR_URL", coordinator)
+    interface = env.get("MESH_INTERFACE") or "tbf0"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", interface):
+        raise ConfigError(f"MESH_INTERFACE={interface!r} is not a valid interface name")
+    poll = env.get("MESH_POLL_SECONDS") or "30"
+    if not poll.isdigit() or int(poll) < 1:
+        raise ConfigError(f"MESH_POLL_SECONDS={poll!r}: expected a positive whole number")
+
+    return Settings(
+        data_dir=data_dir,
+        storage=storage,
+        s3_bucket=bucket,
+        s3_region=region,
+        s3_endpoint=endpoint,
+        auth_url=auth_url,
+        listen=listen,
+        backend_addr=backend_addr,
+        backend=backend,
+        external_url=external_url,
+        admin_addr=admin_addr,
+        mesh_coordinator_url=coordinator,
+        mesh_auth_key=_opt(env, "MESH_AUTH_KEY"),
+        mesh_interface=interface,
+        mesh_poll_seconds=int(poll),
+    )

@@ -1,0 +1,265 @@
+"""Backend configs rendered by zot/config.py.
+
+Zot rejects unknown keys, so every key path we emit must appear, with the same JSON type, in
+one of Zot's own examples (../shared/zot-examples, copied from project-zot/zot v2.1.20):
+
+| key path                                           | example file                       |
+|----------------------------------------------------|------------------------------------|
+| distSpecVersion, storage.rootDirectory             | every file (config-minimal.json)   |
+| storage.dedupe, storage.remoteCache                | config-boltdb.json                 |
+| storage.gc                                         | config-gc.json                     |
+| storage.storageDriver.{name, rootdirectory, region, bucket, forcepathstyle, secure,     |
+|   skipverify}                                      | config-s3.json                     |
+| storage.storageDriver.regionendpoint               | config-cluster-member0.json        |
+| http.address, http.port (a string), log.level      | every file                         |
+| http.compat                                        | config-docker-compat.json          |
+| http.readTimeout, http.writeTimeout (strings)      | config-bench.json                  |
+
+regionendpoint is also the documented "endpoint for S3 compatible storage services" of the
+Distribution S3 driver Zot embeds (distribution/distribution docs/storage-drivers/s3.md and
+registry/storage/driver/s3-aws/s3.go FromParameters, which also reads forcepathstyle, secure,
+skipverify and takes empty access keys as "use the SDK credential chain").
+
+The Distribution config is checked against the 2.8 configuration reference
+(/usr/share/doc/docker-registry/configuration.md.gz: log.accesslog.disabled, storage.delete,
+storage.cache.blobdescriptor, storage.redirect.disable, http.relativeurls, storage.s3.*) and,
+for local storage, by starting Debian's docker-registry on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import pytest
+
+from tabbify_registry.settings import Settings, load
+from zot.config import render, render_distribution, render_zot
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+ZOT_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "zot-examples"
+DATA_DIR = "/var/lib/tabbify-registry"
+
+LOCAL = {"REGISTRY_DATA_DIR": DATA_DIR}
+S3 = {
+    **LOCAL,
+    "REGISTRY_STORAGE": "s3",
+    "REGISTRY_S3_BUCKET": "tbf-registry",
+    "REGISTRY_S3_REGION": "eu-central-1",
+}
+S3_ENDPOINT = {**S3, "REGISTRY_S3_ENDPOINT": "http://127.0.0.1:8333"}
+MODES = {"local": LOCAL, "s3": S3, "s3-endpoint": S3_ENDPOINT}
+
+
+def settings(env: dict[str, str], backend: str = "zot") -> Settings:
+    return load({**env, "REGISTRY_BACKEND": backend})
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):  # before int: bool is an int in Python
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def key_paths(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted path, JSON type) of every value; list items appear as `path[]`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path, json_type(value)
+            yield from key_paths(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            yield f"{prefix}[]", json_type(item)
+            yield from key_paths(item, f"{prefix}[]")
+
+
+def example_paths() -> set[tuple[str, str]]:
+    # A missing folder must fail, not skip: the check would silently vanish.
+    files = sorted(ZOT_EXAMPLES.glob("*.json"))
+    assert files, f"Zot's example configs not found in {ZOT_EXAMPLES}"
+    paths = set()
+    for file in files:
+        for path, kind in key_paths(json.loads(file.read_text())):
+            # storage.subPaths./b.storageDriver.x is the same key as storage.storageDriver.x
+            paths.add((re.sub(r"^storage\.subPaths\.[^.]+\.", "storage.", path), kind))
+    return paths
+
+
+def go_duration_seconds(text: str) -> float:
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a Go duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", ["local", "s3", "s3-endpoint"])
+def test_zot_matches_golden(name: str) -> None:
+    expected = json.loads((GOLDEN / f"zot-{name}.json").read_text())
+    assert render_zot(settings(MODES[name])) == expected
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_every_zot_key_appears_in_zots_examples(name: str) -> None:
+    known = example_paths()
+    unknown = [p for p in key_paths(render_zot(settings(MODES[name]))) if p not in known]
+    assert not unknown, f"keys absent from {ZOT_EXAMPLES} (or with another type): {unknown}"
+
+
+@pytest.mark.parametrize("name", MODES)
+@pytest.mark.parametrize("backend", ["zot", "distribution"])
+def test_no_static_credentials(name: str, backend: str) -> None:
+    config = render(settings(MODES[name], backend))
+    keys = [path.rsplit(".", 1)[-1].lower() for path, _ in key_paths(config)]
+    assert not [k for k in keys if "accesskey" in k or "secretkey" in k or "secret" in k]
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_zot_storage_dedupes_into_local_boltdb(name: str) -> None:
+    storage = render_zot(settings(MODES[name]))["storage"]
+    assert storage["dedupe"] is True
+    assert storage["remoteCache"] is False
+    assert "cacheDriver" not in storage
+    assert Path(storage["rootDirectory"]).is_relative_to(DATA_DIR)
+
+
+def test_zot_s3_driver() -> None:
+    aws = render_zot(settings(S3))["storage"]["storageDriver"]
+    assert aws["bucket"] == "tbf-registry" and aws["region"] == "eu-central-1"
+    assert "regionendpoint" not in aws
+    assert aws["secure"] is True and aws["forcepathstyle"] is False
+    custom = render_zot(settings(S3_ENDPOINT))["storage"]["storageDriver"]
+    assert custom["regionendpoint"] == "http://127.0.0.1:8333"
+    assert custom["secure"] is False and custom["forcepathstyle"] is True
+    https = {**S3, "REGISTRY_S3_ENDPOINT": "https://s3.example.net"}
+    assert render_zot(settings(https))["storage"]["storageDriver"]["secure"] is True
+    assert "storageDriver" not in render_zot(settings(LOCAL))["storage"]
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_zot_timeouts_fit_multi_gb_layers(name: str) -> None:
+    http = render_zot(settings(MODES[name]))["http"]
+    for key in ("readTimeout", "writeTimeout"):
+        assert go_duration_seconds(http[key]) >= 3600, key
+
+
+def test_zot_listens_on_backend_addr() -> None:
+    http = render_zot(settings({**LOCAL, "REGISTRY_BACKEND_ADDR": "127.0.0.1:6001"}))["http"]
+    assert (http["address"], http["port"]) == ("127.0.0.1", "6001")
+    assert http["compat"] == ["docker2s2"]
+
+
+def test_render_dispatches_on_backend() -> None:
+    assert render(settings(LOCAL, "zot")) == render_zot(settings(LOCAL))
+    assert render(settings(LOCAL, "distribution")) == render_distribution(settings(LOCAL))
+    with pytest.raises(ValueError, match="external"):
+        render(settings(LOCAL, "external"))
+
+
+def test_distribution_config() -> None:
+    local = render_distribution(settings(LOCAL, "distribution"))
+    assert local["version"] == "0.1"
+    assert local["log"] == {"level": "info", "accesslog": {"disabled": True}}
+    assert local["http"] == {"addr": "127.0.0.1:5001", "relativeurls": True}
+    assert local["storage"]["filesystem"] == {"rootdirectory": f"{DATA_DIR}/zot-cache"}
+    assert local["storage"]["delete"] == {"enabled": True}
+    assert local["storage"]["cache"] == {"blobdescriptor": "inmemory"}
+    assert "s3" not in local["storage"]
+
+    s3 = render_distribution(settings(S3, "distribution"))["storage"]
+    assert "filesystem" not in s3
+    assert s3["s3"] == {
+        "region": "eu-central-1",
+        "bucket": "tbf-registry",
+        "secure": True,
+        "rootdirectory": "/zot",
+    }
+    custom = render_distribution(settings(S3_ENDPOINT, "distribution"))["storage"]["s3"]
+    assert custom["regionendpoint"] == "http://127.0.0.1:8333"
+    assert custom["secure"] is False
+
+
+@pytest.mark.skipif(shutil.which("zot") is None, reason="zot binary not installed here")
+@pytest.mark.parametrize("name", MODES)
+def test_zot_verify_when_binary_present(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(render_zot(settings(MODES[name]))))
+    result = subprocess.run(
+        ["zot", "verify", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+BLOB = b"tabbify"
+
+
+def upload_blob(port: int, repo: str, blob: bytes) -> str:
+    """Monolithic push (POST then PUT ?digest=); returns the Location the POST handed out."""
+    base = f"http://127.0.0.1:{port}"
+    post = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST")
+    with urllib.request.urlopen(post, timeout=5) as resp:
+        location = resp.headers["Location"]
+    sep = "&" if "?" in location else "?"
+    put = urllib.request.Request(
+        urljoin(f"{base}/", location) + f"{sep}digest=sha256:{hashlib.sha256(blob).hexdigest()}",
+        data=blob,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(put, timeout=5) as resp:
+        assert resp.status == 201
+    return location
+
+
+def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "REGISTRY_DATA_DIR": str(tmp_path),
+        "REGISTRY_BACKEND": "distribution",
+        "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{port}",
+    }
+    path = tmp_path / "distribution.json"
+    path.write_text(json.dumps(render_distribution(load(env))))
+    # Scrubbed environment: it reads REGISTRY_* variables as config overrides.
+    proc = subprocess.Popen(
+        ["/usr/bin/docker-registry", "serve", str(path)],
+        env={"PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline, status = time.monotonic() + 10, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as resp:
+                    status = resp.status
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        location = upload_blob(port, "probe", BLOB) if status == 200 else None
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0].decode(errors="replace")
+    assert status == 200, f"GET /v2/ never answered 200:\n{output}"
+    # relativeurls: the upload session handed out is a path, not an absolute URL
+    assert location and location.startswith("/v2/probe/blobs/uploads/"), location
+    # and the blob landed under <data_dir>/zot-cache
+    assert list((tmp_path / "zot-cache").rglob(hashlib.sha256(BLOB).hexdigest())), output

@@ -1,0 +1,1 @@
+"""Renders the config of the registry (Zot or CNCF Distribution) behind the gateway."""

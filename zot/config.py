@@ -1,0 +1,117 @@
+"""Backend registry configs rendered from Settings: pure functions returning JSON-ready dicts.
+
+Zot rejects unknown keys, so every Zot key here is one that Zot's own examples use (checked by
+tests/test_backend_config.py against ../shared/zot-examples). Neither renderer ever emits S3
+access keys: credentials come from the AWS SDK default chain (instance/task role, env, profile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabbify_registry.settings import Settings
+
+# Zot's default read/write timeout (since v2.1.17) is 60 s for the *whole* request, which cuts
+# multi-GB layer uploads and pulls. "0s" would disable it, but a generous explicit bound keeps a
+# wedged connection from living forever while still fitting a large layer on a slow link.
+HTTP_TIMEOUT = "24h"
+
+# Same S3 prefix for both backends, as local mode shares <data_dir>/zot-cache: their layouts do
+# not collide (Distribution nests everything under docker/registry/v2, Zot writes
+# <repo>/{index.json,oci-layout,blobs}), and neither reads the other's data.
+S3_PREFIX = "/zot"
+
+
+def storage_root(settings: Settings) -> str:
+    """Local storage (and, on S3, Zot's boltdb dedupe cache) lives here (CONTRACTS §2)."""
+    return str(settings.data_dir / "zot-cache")
+
+
+def _endpoint_is_plain_http(settings: Settings) -> bool:
+    return bool(settings.s3_endpoint and settings.s3_endpoint.startswith("http://"))
+
+
+def render_zot(settings: Settings) -> dict[str, Any]:
+    """Zot v2.1.20 config."""
+    storage: dict[str, Any] = {
+        "rootDirectory": storage_root(settings),  # on S3 it still holds cache.db
+        "dedupe": True,
+        # Local boltdb cache. With S3 + dedupe Zot defaults remoteCache to true and then refuses
+        # a config without a DynamoDB/Redis cacheDriver.
+        "remoteCache": False,
+        "gc": True,
+    }
+    if settings.storage == "s3":
+        driver: dict[str, Any] = {
+            "name": "s3",
+            "rootdirectory": S3_PREFIX,
+            "region": settings.s3_region,
+            "bucket": settings.s3_bucket,
+            # Zot's (Distribution v3) S3 driver defaults to virtual-hosted style; S3-compatible
+            # servers (SeaweedFS, MinIO) on a bare host:port need path style.
+            "forcepathstyle": settings.s3_endpoint is not None,
+            "secure": not _endpoint_is_plain_http(settings),
+            "skipverify": False,
+        }
+        if settings.s3_endpoint:
+            driver["regionendpoint"] = settings.s3_endpoint
+        storage["storageDriver"] = driver
+    return {
+        "distSpecVersion": "1.1.1",
+        "storage": storage,
+        "http": {
+            "address": settings.backend_addr.host,
+            "port": str(settings.backend_addr.port),  # a string in Zot's schema
+            "compat": ["docker2s2"],  # accept Docker v2 schema 2 manifests, not only OCI
+            "readTimeout": HTTP_TIMEOUT,
+            "writeTimeout": HTTP_TIMEOUT,
+        },
+        "log": {"level": "info"},  # no "output": stdout, collected by supervisord
+    }
+
+
+def render_distribution(settings: Settings) -> dict[str, Any]:
+    """CNCF Distribution 2.8 config (Debian's docker-registry), written as JSON (valid YAML)."""
+    if settings.storage == "s3":
+        # 2.8 has no forcepathstyle parameter: a regionendpoint implies path style there.
+        s3: dict[str, Any] = {
+            "region": settings.s3_region,
+            "bucket": settings.s3_bucket,
+            "secure": not _endpoint_is_plain_http(settings),
+            "rootdirectory": S3_PREFIX,
+        }
+        if settings.s3_endpoint:
+            s3["regionendpoint"] = settings.s3_endpoint
+        backend: dict[str, Any] = {"s3": s3}
+    else:
+        backend = {"filesystem": {"rootdirectory": storage_root(settings)}}
+    return {
+        "version": "0.1",
+        # The gateway logs requests; Distribution's own access log would duplicate them.
+        "log": {"level": "info", "accesslog": {"disabled": True}},
+        "storage": {
+            **backend,
+            "delete": {"enabled": True},  # deleting manifests/blobs by digest is part of the API
+            "cache": {"blobdescriptor": "inmemory"},
+            # Serve blobs through the registry (as Zot does) instead of redirecting clients to
+            # presigned bucket URLs they may not be able to reach; a no-op on filesystem.
+            "redirect": {"disable": True},
+        },
+        # The health section is left out: its storagedriver check is then off, so a slow bucket
+        # never turns every request into 503. 2.8 sets no server read/write timeouts.
+        "http": {
+            "addr": settings.backend_addr.hostport,
+            "relativeurls": True,  # upload Location headers relative, as with Zot
+        },
+    }
+
+
+def render(settings: Settings) -> dict[str, Any]:
+    """The config of the backend settings.backend selects."""
+    if settings.backend == "zot":
+        return render_zot(settings)
+    if settings.backend == "distribution":
+        return render_distribution(settings)
+    raise ValueError(
+        f"REGISTRY_BACKEND={settings.backend!r}: an external registry has no config to render"
+    )
