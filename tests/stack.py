@@ -1,0 +1,112 @@
+"""The whole product as users run it: `tabbify-registry run` in a subprocess, real backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(ROOT / ".venv" / "bin" / "tabbify-registry")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except (requests.RequestException, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {predicate}")
+        time.sleep(interval)
+
+
+class Stack:
+    """One registry: gateway on `self.url`, backend on `self.backend_url`, logs in `self.log`."""
+
+    def __init__(self, data_dir: Path, auth_url: str | None, **env: str) -> None:
+        self.data_dir = data_dir
+        self.port, self.backend_port = free_port(), free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.backend_url = f"http://127.0.0.1:{self.backend_port}"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "REGISTRY_DATA_DIR": str(data_dir),
+            "REGISTRY_LISTEN": self.host,
+            "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{self.backend_port}",
+            "REGISTRY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "REGISTRY_BACKEND": "distribution",
+            **env,
+        }
+        if auth_url:
+            self.env["REGISTRY_AUTH_URL"] = auth_url
+        self.log = data_dir.parent / f"{data_dir.name}-stack.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Stack:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [CLI, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stack exited {self.proc.returncode}:\n{self.log.read_text()}")
+            gateway = requests.get(f"{self.url}/v2/", timeout=2).status_code in (200, 401)
+            backend = requests.get(f"{self.backend_url}/v2/", timeout=2).status_code == 200
+            return gateway and backend
+
+        wait_for(ready, timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def supervisorctl(self, *args: str) -> str:
+        conf = ROOT / "supervisord.conf"
+        env = {**self.env, "TBF_RUNTIME_DIR": str(self.data_dir / "run")}
+        for key in ("TBF_PYTHON", "TBF_GATEWAY_COMMAND", "TBF_BACKEND_COMMAND"):
+            env[key] = "unused"
+        env["TBF_BACKEND_AUTOSTART"] = "true"
+        out = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "supervisorctl"), "-c", str(conf), *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return out.stdout + out.stderr
+
+    def access_log(self) -> list[dict]:
+        lines = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith('{"time"'):
+                lines.append(json.loads(line))
+        return lines

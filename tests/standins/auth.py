@@ -1,0 +1,88 @@
+"""Stand-in for Tabbify auth speaking CONTRACTS §4 (`POST /v1/validate`).
+
+Tokens are real HS256 JWTs signed with the stand-in's own key; the gateway never sees that
+key, it only asks. `mode` switches behaviour at run time for fault tests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+
+_KEY = "tabbify-auth-standin-signing-key-0123456789"
+
+
+def tabbify_jwt(claims: dict[str, Any]) -> str:
+    return jwt.encode({"iat": int(time.time()), **claims}, _KEY, algorithm="HS256")
+
+
+class AuthStandin:
+    """mode: ok | garbage | error | slow | redirect. `calls` counts validate requests."""
+
+    def __init__(self, slow_seconds: float = 10.0) -> None:
+        self.mode = "ok"
+        self.slow_seconds = slow_seconds
+        self.calls = 0
+        self.bad_requests = 0
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                standin.calls += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                try:
+                    sent = json.loads(body).get("token")
+                except ValueError:
+                    sent = None
+                if self.path != "/v1/validate" or sent != bearer:
+                    standin.bad_requests += 1
+                    return self.answer(400, {"error": "bad request"})
+                if standin.mode == "slow":
+                    time.sleep(standin.slow_seconds)
+                if standin.mode == "error":
+                    return self.answer(500, {"error": "boom"})
+                if standin.mode == "garbage":
+                    return self.answer(200, None, raw=b"<html>not json</html>")
+                if standin.mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "http://127.0.0.1:1/")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                try:
+                    claims = jwt.decode(bearer, _KEY, algorithms=["HS256"])
+                except jwt.PyJWTError:
+                    return self.answer(401, {"error": "invalid token"})
+                # Alternate the two shapes the contract allows.
+                payload = {"claims": claims} if "wrap" in claims else claims
+                return self.answer(200, payload)
+
+            def answer(self, status: int, payload: Any, raw: bytes | None = None) -> None:
+                data = raw if raw is not None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> AuthStandin:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
