@@ -195,7 +195,9 @@ def test_forged_tokens_are_refused(registry, acme_jwt):
         + base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode() + "."
     )  # fmt: skip
     forged = jwt.encode(claims, "guessed-secret-of-at-least-32-bytes!!", algorithm="HS256")
-    expired = jwt.encode({**claims, "exp": int(now) - 10}, "guessed-secret-of-at-least-32-bytes!!", algorithm="HS256")
+    expired = jwt.encode(
+        {**claims, "exp": int(now) - 10}, "guessed-secret-of-at-least-32-bytes!!", algorithm="HS256"
+    )
     basic = "Basic " + base64.b64encode(f"x:{acme_jwt}".encode()).decode()
     for header in (f"Bearer {unsigned}", f"Bearer {forged}", f"Bearer {expired}",
                    f"Bearer {acme_jwt}", basic, "Bearer ", "Bearer a.b.c"):  # fmt: skip

@@ -1,0 +1,389 @@
+"""routes.check / parse / sanitize_mount: the namespace table (CONTRACTS §3).
+
+The raw path is judged exactly as sent: anything outside the distribution-spec grammar is
+denied, never cleaned.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from addons.routes import Route, check, is_component, parse, sanitize_mount
+
+SHA256 = "sha256:" + "a" * 64
+SHA512 = "sha512:" + "b" * 128
+UUID = "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+
+
+def denied(decision, status: int = 403, code: str = "DENIED") -> bool:
+    return not decision.allowed and decision.status == status and decision.code == code
+
+
+# --- the basic table --------------------------------------------------------------------------
+
+
+def test_own_repository_is_allowed():
+    d = check("acme", "/v2/acme/app/manifests/v1")
+    assert d.allowed
+    assert d.route == Route("manifest", "acme/app", "v1")
+
+
+def test_other_tenants_repository_is_denied():
+    d = check("acme", "/v2/globex/app/manifests/v1")
+    assert denied(d)
+    # the route is still known, for the access log
+    assert d.route == Route("manifest", "globex/app", "v1")
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/v2"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_base_endpoint_is_allowed(path, method):
+    d = check("acme", path, method)
+    assert d.allowed
+    assert d.route == Route("base")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_base_endpoint_other_methods_unsupported(method):
+    assert denied(check("acme", "/v2/", method), 405, "UNSUPPORTED")
+
+
+def test_catalog_is_denied():
+    assert denied(check("acme", "/v2/_catalog"))
+
+
+def test_tenant_prefix_is_a_whole_segment():
+    assert denied(check("acme", "/v2/acmex/app/manifests/v1"))
+    assert denied(check("acmex", "/v2/acme/app/manifests/v1"))
+    assert denied(check("acme", "/v2/acme-x/app/manifests/v1"))
+    assert check("acmex", "/v2/acmex/app/manifests/v1").allowed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/acme/manifests/v1",
+        f"/v2/acme/blobs/{SHA256}",
+        "/v2/acme/tags/list",
+        "/v2/acme/blobs/uploads/",
+    ],
+)
+def test_bare_tenant_name_is_denied(path):
+    """The repository must start with `<tenant>/`: `acme` itself is not inside `acme/`."""
+    method = "POST" if path.endswith("uploads/") else "GET"
+    assert denied(check("acme", path, method))
+
+
+def test_nested_repository_names_are_allowed():
+    d = check("acme", "/v2/acme/team/app/manifests/latest")
+    assert d.allowed
+    assert d.route == Route("manifest", "acme/team/app", "latest")
+
+
+def test_repository_component_named_like_an_endpoint():
+    """`acme/blobs` is a legal repository name; the last endpoint keyword wins, as in
+    distribution's router."""
+    d = check("acme", "/v2/acme/blobs/manifests/v1")
+    assert d.allowed
+    assert d.route == Route("manifest", "acme/blobs", "v1")
+
+
+# --- anything not in the grammar is denied, not cleaned ---------------------------------------
+
+NOT_CLEANED = [
+    # %-escapes
+    "/v2/acme%2fapp/manifests/v1",
+    "/v2/acme%2Fapp/manifests/v1",
+    "/v2/acme/%2e%2e/globex/app/manifests/v1",
+    "/v2/acme/app/manifests/%2e%2e",
+    "/v2/acme/app%20/manifests/v1",
+    "/v2/%61cme/app/manifests/v1",
+    # dot segments
+    "/v2/acme/./app/manifests/v1",
+    "/v2/acme/../globex/app/manifests/v1",
+    "/v2/acme/app/../../globex/app/manifests/v1",
+    "/v2/acme/app/manifests/..",
+    "/v2/acme/app/manifests/.",
+    "/v2/acme/app/blobs/uploads/..",
+    "/v2/acme/app/blobs/uploads/../x",
+    # empty segments
+    "//v2/acme/app/manifests/v1",
+    "/v2//acme/app/manifests/v1",
+    "/v2/acme//app/manifests/v1",
+    "/v2/acme/app//manifests/v1",
+    "/v2/acme/app/manifests//v1",
+    "/v2/acme/app/",
+    "/v2/acme/app",
+    # upper case in the name
+    "/V2/acme/app/manifests/v1",
+    "/v2/Acme/app/manifests/v1",
+    "/v2/acme/App/manifests/v1",
+    "/v2/acme/app/Manifests/v1",
+    # unicode
+    "/v2/acme/äpp/manifests/v1",
+    "/v2/acme/app/manifests/v\uff11",  # fullwidth 1
+    "/v2/\u0430cme/app/manifests/v1",  # Cyrillic a
+    # trailing junk
+    "/v2/acme/app/manifests/v1/extra",
+    "/v2/acme/app/manifests/v1 ",
+    "/v2/acme/app/manifests/v1\n",
+    "/v2/acme/app/manifests/v1;x",
+    "/v2/acme/app/manifests/v1#frag",
+    "/v2/acme/app/tags/list/",
+    "/v2/acme/app/tags/listx",
+    "/v2/acme/app/referrers/",
+    f"/v2/acme/app/blobs/{SHA256}/",
+    f"/v2/acme/app/blobs/{SHA256}x",
+    # bad references
+    "/v2/acme/app/manifests/",
+    "/v2/acme/app/manifests/" + "a" * 129,
+    "/v2/acme/app/manifests/-v1",
+    "/v2/acme/app/blobs/sha256:short",
+    "/v2/acme/app/blobs/sha256:" + "A" * 64,
+    "/v2/acme/app/blobs/sha384:" + "a" * 96,
+    "/v2/acme/app/blobs/v1",
+    "/v2/acme/app/referrers/v1",
+    # bad name components
+    "/v2/acme/-app/manifests/v1",
+    "/v2/acme/app-/manifests/v1",
+    "/v2/acme/a..b/manifests/v1",
+    "/v2/acme/a___b/manifests/v1",
+    # backend extensions and other non-repository endpoints
+    "/v2/_catalog",
+    "/v2/_zot/ext/search",
+    "/v2/_zot/ext/mgmt",
+    "/v2/_zot/ext/userprefs",
+    "/v2/_oci/ext/discover",
+    "/v2/_zot/pprof/",
+    "/v2/acme/app/_zot/ext/search",
+    "/v2/acme/_catalog",
+    "/v2/acme/app/blobs",
+    "/v2/acme/app/blobs/uploads",
+]
+
+
+@pytest.mark.parametrize("path", NOT_CLEANED)
+def test_paths_outside_the_grammar_are_denied(path):
+    assert denied(check("acme", path, "GET")), path
+
+
+@pytest.mark.parametrize("path", NOT_CLEANED)
+def test_paths_outside_the_grammar_are_denied_for_anonymous_too(path):
+    assert denied(check(None, path, "GET")), path
+
+
+# --- every route kind with its methods --------------------------------------------------------
+
+ROUTES = [
+    # (path tail, kind, reference, allowed methods)
+    (f"blobs/{SHA256}", "blob", SHA256, {"GET", "HEAD", "DELETE"}),
+    (f"blobs/{SHA512}", "blob", SHA512, {"GET", "HEAD", "DELETE"}),
+    ("blobs/uploads/", "upload", None, {"POST"}),
+    (f"blobs/uploads/{UUID}", "upload", UUID, {"GET", "PATCH", "PUT", "DELETE"}),
+    ("blobs/uploads/c2Vzc2lvbi1pZA==", "upload", "c2Vzc2lvbi1pZA==", {"GET", "PATCH", "PUT"}),
+    ("manifests/v1.2.3", "manifest", "v1.2.3", {"GET", "HEAD", "PUT", "DELETE"}),
+    ("manifests/Latest_build-7", "manifest", "Latest_build-7", {"GET", "HEAD", "PUT"}),
+    ("manifests/_x", "manifest", "_x", {"GET"}),
+    ("manifests/" + "t" * 128, "manifest", "t" * 128, {"GET"}),
+    (f"manifests/{SHA256}", "manifest", SHA256, {"GET", "HEAD", "PUT", "DELETE"}),
+    (f"manifests/{SHA512}", "manifest", SHA512, {"GET", "HEAD"}),
+    ("tags/list", "tags", None, {"GET", "HEAD"}),
+    (f"referrers/{SHA256}", "referrers", SHA256, {"GET", "HEAD"}),
+    (f"referrers/{SHA512}", "referrers", SHA512, {"GET", "HEAD"}),
+]
+ALL_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+
+
+@pytest.mark.parametrize(("tail", "kind", "reference", "methods"), ROUTES)
+def test_valid_routes_with_their_methods(tail, kind, reference, methods):
+    path = f"/v2/acme/app/{tail}"
+    for method in methods:
+        d = check("acme", path, method)
+        assert d.allowed, (method, path)
+        assert d.route == Route(kind, "acme/app", reference)
+
+
+# full method sets per kind, for the 405 check
+METHODS = {
+    "blob": {"GET", "HEAD", "DELETE"},
+    "upload-start": {"POST"},
+    "upload": {"GET", "PATCH", "PUT", "DELETE"},
+    "manifest": {"GET", "HEAD", "PUT", "DELETE"},
+    "tags": {"GET", "HEAD"},
+    "referrers": {"GET", "HEAD"},
+}
+WRONG_METHOD = [
+    (f"blobs/{SHA256}", METHODS["blob"]),
+    ("blobs/uploads/", METHODS["upload-start"]),
+    (f"blobs/uploads/{UUID}", METHODS["upload"]),
+    ("manifests/v1", METHODS["manifest"]),
+    (f"manifests/{SHA256}", METHODS["manifest"]),
+    ("tags/list", METHODS["tags"]),
+    (f"referrers/{SHA256}", METHODS["referrers"]),
+]
+
+
+@pytest.mark.parametrize(("tail", "allowed"), WRONG_METHOD)
+def test_wrong_method_is_unsupported(tail, allowed):
+    path = f"/v2/acme/app/{tail}"
+    for method in sorted(ALL_METHODS - allowed):
+        assert denied(check("acme", path, method), 405, "UNSUPPORTED"), (method, path)
+
+
+def test_lower_case_method_is_unsupported():
+    assert denied(check("acme", "/v2/acme/app/manifests/v1", "get"), 405, "UNSUPPORTED")
+
+
+# --- anonymous dev mode -----------------------------------------------------------------------
+
+
+def test_anonymous_owns_every_repository():
+    for name in ("acme/app", "globex/app", "app", "a/b/c"):
+        d = check(None, f"/v2/{name}/manifests/v1")
+        assert d.allowed, name
+        assert d.route == Route("manifest", name, "v1")
+
+
+def test_anonymous_still_follows_the_route_table():
+    assert check(None, "/v2/").allowed
+    assert denied(check(None, "/v2/_catalog"))
+    assert denied(check(None, "/v2/_zot/ext/search"))
+    assert denied(check(None, "/v2/acme/app/manifests/v1", "POST"), 405, "UNSUPPORTED")
+    assert denied(check(None, "/v2/acme%2fapp/manifests/v1"))
+
+
+def test_parse_returns_route_or_refusal():
+    assert parse("/v2/acme/app/tags/list") == Route("tags", "acme/app", None)
+    refusal = parse("/v2/_catalog")
+    assert not isinstance(refusal, Route)
+    assert refusal.status == 403
+
+
+# --- sanitize_mount ---------------------------------------------------------------------------
+
+
+def mount_query(source: str = "acme/other", digest: str = SHA256) -> list[tuple[str, str]]:
+    return [("mount", digest), ("from", source)]
+
+
+def test_same_tenant_mount_is_kept():
+    query = mount_query("acme/other")
+    assert sanitize_mount("acme", query) == (query, None)
+
+
+def test_cross_tenant_mount_is_dropped():
+    query = [*mount_query("globex/secret"), ("x", "1")]
+    new, reason = sanitize_mount("acme", query)
+    assert new == [("x", "1")]
+    assert reason
+
+
+def test_tenant_prefix_of_mount_source_is_a_whole_segment():
+    new, reason = sanitize_mount("acme", mount_query("acmex/app"))
+    assert new == []
+    assert reason
+
+
+def test_bare_tenant_as_mount_source_is_dropped():
+    new, reason = sanitize_mount("acme", mount_query("acme"))
+    assert new == []
+    assert reason
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        [("mount", SHA256), ("mount", SHA256), ("from", "acme/other")],
+        [("mount", SHA256), ("from", "acme/other"), ("from", "acme/other")],
+        [("mount", SHA256), ("from", "acme/other"), ("from", "globex/secret")],
+    ],
+)
+def test_repeated_mount_keys_are_dropped(query):
+    new, reason = sanitize_mount("acme", query)
+    assert new == []
+    assert reason
+
+
+@pytest.mark.parametrize(
+    "digest", ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32, "", SHA256 + "\n"]
+)
+def test_invalid_mount_digest_is_dropped(digest):
+    new, reason = sanitize_mount("acme", mount_query("acme/other", digest))
+    assert new == []
+    assert reason
+
+
+@pytest.mark.parametrize(
+    "source", ["acme/../globex/secret", "acme/Other", "acme%2fother", "acme//other", ""]
+)
+def test_invalid_mount_source_is_dropped(source):
+    new, reason = sanitize_mount("acme", mount_query(source))
+    assert new == []
+    assert reason
+
+
+def test_mount_without_from_is_dropped():
+    new, reason = sanitize_mount("acme", [("mount", SHA256), ("x", "1")])
+    assert new == [("x", "1")]
+    assert reason
+
+
+def test_from_without_mount_is_dropped():
+    new, reason = sanitize_mount("acme", [("from", "acme/other")])
+    assert new == []
+    assert reason
+
+
+def test_anonymous_keeps_a_valid_mount():
+    query = mount_query("globex/secret")
+    assert sanitize_mount(None, query) == (query, None)
+
+
+def test_anonymous_still_drops_an_invalid_mount():
+    new, reason = sanitize_mount(None, mount_query("globex/secret", "sha256:zz"))
+    assert new == []
+    assert reason
+
+
+def test_unrelated_params_are_kept_untouched():
+    query = [("digest", SHA256), ("n", "10"), ("x", "")]
+    assert sanitize_mount("acme", query) == (query, None)
+
+
+def test_sha512_mount_is_kept():
+    query = mount_query("acme/other", SHA512)
+    assert sanitize_mount("acme", query) == (query, None)
+
+
+# --- is_component -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["acme", "a", "0", "a1", "ac-me", "ac--me", "ac_me", "ac__me", "ac.me", "a.b-c_d"]
+)
+def test_valid_components(value):
+    assert is_component(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "Acme",
+        "acme/x",
+        "-acme",
+        "acme-",
+        "_acme",
+        "acme.",
+        "a..b",
+        "a___b",
+        "a_.b",
+        ".",
+        "..",
+        "äcme",
+        "acme\n",
+        " acme",
+    ],
+)
+def test_invalid_components(value):
+    assert not is_component(value)
