@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import time
 import json
+import time
 from pathlib import Path
 
 import jwt

@@ -6,6 +6,7 @@ key, it only asks. `mode` switches behaviour at run time for fault tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -72,10 +73,9 @@ class AuthStandin:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                try:
+                # The gateway may have given up waiting (slow mode): expected.
+                with contextlib.suppress(BrokenPipeError):
                     self.wfile.write(data)
-                except BrokenPipeError:  # the gateway gave up waiting (slow mode): expected
-                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
