@@ -740,6 +740,37 @@ def test_token_other_methods_are_unsupported(gw, method):
     assert fake.calls == []
 
 
+def test_refused_token_request_with_a_large_body_is_not_answered_again(gw):
+    """BUG (minor): a /auth/token request refused in requestheaders with a large body streams
+    to the sink, and mitmproxy still fires the `request` hook after its last byte. The
+    endpoint then runs as if nothing was decided: it asks auth, mints a token and records
+    tenant/decision "allow" — the client gets the 405, but the access log says "allow"."""
+    fake = gw.fake_auth(GRANTED)
+
+    async def scenario() -> http.HTTPFlow:
+        await gw.refusals.running()
+        try:
+            f = make_flow(
+                "DELETE", "/auth/token", [basic("x", TABBIFY_JWT), ("Content-Length", "1073741824")]
+            )
+            gw.requestheaders(f)
+            assert f.request.port == gw.refusals.sink_port
+            await gw.tokens.request(f)  # mitmproxy: after the last (discarded) body byte
+            gw.backend_answers(f, tutils.tresp(status_code=204, content=b""))
+            gw.finish(f)
+            return f
+        finally:
+            await gw.refusals.done()
+
+    f = asyncio.run(scenario())
+    assert f.response.status_code == 405
+    [line] = gw.log_lines()
+    assert line["status"] == 405
+    assert line["decision"] == "deny:method"
+    assert line["tenant"] is None
+    assert fake.calls == []
+
+
 def test_token_options_are_validated(gw):
     with pytest.raises(exceptions.OptionsError):
         gw.tctx.configure(gw.tokens, registry_auth_url="ftp://auth.example")
