@@ -15,7 +15,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import oci, routes
 from addons.record import record
-from addons.refusal import refuse
+from addons.refusal import fail_closed, refuse
 from addons.token_endpoint import SERVICE
 from addons.tokens import InvalidToken, TokenSigner
 
@@ -31,7 +31,7 @@ def bearer_token(headers: http.Headers) -> str | None:
         return None
     scheme, _, token = values[0].strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN:
+    if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN or not token.isascii():
         return None
     return token
 
@@ -84,6 +84,7 @@ class RegistryAccess:
                 f"registry_realm={realm!r} must be an absolute http(s) URL when tokens are required"
             )
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
         if rec.kind == "token" or flow.response is not None:
@@ -106,6 +107,8 @@ class RegistryAccess:
             if tenant is None:
                 rec.decision = "deny:unauthenticated"
                 route = routes.parse(path, method)
+                if isinstance(route, routes.Route):
+                    rec.repository, rec.reference = route.name, route.reference
                 auth = challenge(ctx.options.registry_realm, route, method)
                 refuse(
                     flow,
@@ -150,7 +153,7 @@ class RegistryAccess:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "registry" or not rec.decision.startswith("allow"):
+        if rec.kind != "registry" or not rec.allowed:
             return
         headers = flow.response.headers  # type: ignore[union-attr]
         if "location" in headers:

@@ -15,14 +15,14 @@ class FlowRecord:
     tenant: str | None = None
     repository: str | None = None
     reference: str | None = None
-    decision: str = "deny"  # allow | deny:<reason>; deny until someone allows
+    decision: str = "deny"  # allow[:<note>] | deny:<reason>; deny until someone allows
     bytes_in: int = 0
     bytes_out: int = 0
     logged: bool = False
 
     @property
     def allowed(self) -> bool:
-        return self.decision == "allow"
+        return self.decision == "allow" or self.decision.startswith("allow:")
 
     # Stream callables: mitmproxy hands each body chunk through these (streamed flows only).
     def count_in(self, chunk: bytes) -> bytes:

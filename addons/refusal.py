@@ -10,10 +10,15 @@ Small bodies (≤ 64 KiB declared) are simply answered: buffering them costs not
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
+from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import http
 
+from addons import oci
 from addons.record import record
 
 logger = logging.getLogger(__name__)
@@ -36,7 +41,32 @@ def has_large_body(request: http.Request) -> bool:
     if "transfer-encoding" in request.headers:
         return True
     length = request.headers.get("content-length", "0")
-    return not length.isdigit() or int(length) > SMALL_BODY
+    return not re.fullmatch(r"[0-9]{1,18}", length) or int(length) > SMALL_BODY
+
+
+def fail_closed(hook: Callable[[Any, http.HTTPFlow], None]) -> Callable[[Any, http.HTTPFlow], None]:
+    """A bug in a deciding hook must refuse the request, never let it through.
+
+    mitmproxy logs a hook's exception and skips the script's remaining addons for that hook:
+    without this, the flow would go to the backend undecided.
+    """
+
+    @functools.wraps(hook)
+    def guarded(self: Any, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception:
+            logger.exception("gateway error; refusing the request")
+            record(flow).decision = "deny:internal-error"
+            flow.request.stream = False
+            refuse(
+                flow,
+                oci.error_response(
+                    500, "UNKNOWN", "internal gateway error", method=flow.request.method
+                ),
+            )
+
+    return guarded
 
 
 async def _sink_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -68,8 +98,20 @@ class Refusals:
             self.sink.close()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if flow.response is not None:
+            return
+        if _KEY not in flow.metadata and not rec.allowed and rec.kind != "token":
+            # Deny by default: nothing reaches the backend without an explicit allow.
+            rec.decision = "deny:undecided"
+            refuse(
+                flow,
+                oci.error_response(
+                    500, "UNKNOWN", "request was not decided", method=flow.request.method
+                ),
+            )
         response = flow.metadata.get(_KEY)
-        if response is None or flow.response is not None:
+        if response is None:
             return
         if not has_large_body(flow.request):
             flow.response = response
@@ -87,6 +129,14 @@ class Refusals:
         )
         flow.request.stream = record(flow).discard_in
         response.headers["connection"] = "close"
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # Deny by default for token flows too: they are answered by the gateway, never forwarded.
+        if record(flow).kind == "token" and flow.response is None and _KEY not in flow.metadata:
+            record(flow).decision = "deny:undecided"
+            flow.response = oci.error_response(
+                500, "UNKNOWN", "request was not decided", method=flow.request.method
+            )
 
     def response(self, flow: http.HTTPFlow) -> None:
         response = flow.metadata.get(_KEY)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import datetime
 import logging
 import re
@@ -22,7 +21,7 @@ from mitmproxy.addonmanager import Loader
 from addons import oci
 from addons.authservice import AuthClient, Verdict
 from addons.record import record
-from addons.refusal import refuse
+from addons.refusal import fail_closed, has_large_body, refuse, refused
 from addons.routes import NAME
 from addons.tokens import LIFETIME, TokenSigner
 
@@ -45,7 +44,7 @@ def credential_from_header(value: str) -> str | None:
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(param, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII input
             return None
         _, sep, password = decoded.partition(":")
         return password if sep and password else None
@@ -110,6 +109,7 @@ class TokenEndpoint:
                 raise exceptions.OptionsError("registry_auth_timeout must be in (0, 60]")
             self.client = AuthClient(url, ctx.options.registry_auth_timeout) if url else None
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.request.path.partition("?")[0] != PATH:
             return
@@ -119,12 +119,25 @@ class TokenEndpoint:
         if method not in ("GET", "POST"):
             rec.decision = "deny:method"
             refuse(flow, oci.error_response(405, "UNSUPPORTED", "use GET or POST", method=method))
+        elif has_large_body(flow.request):
+            rec.decision = "deny:too-large"
+            refuse(
+                flow,
+                oci.error_response(413, "UNSUPPORTED", "token request too large", method=method),
+            )
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "token" or flow.response is not None:
+        if rec.kind != "token" or flow.response is not None or refused(flow):
             return
-        outcome = await self.answer(flow.request)
+        try:
+            outcome = await self.answer(flow.request)
+        except Exception:  # fail closed: a bug answers 500, never a token or a pass-through
+            logger.exception("token endpoint error")
+            outcome = Answer(
+                oci.error_response(500, "UNKNOWN", "internal error", method=flow.request.method),
+                "deny:internal-error",
+            )
         flow.response, rec.tenant, rec.decision = outcome.response, outcome.tenant, outcome.decision
 
     async def answer(self, request: http.Request) -> Answer:
@@ -137,7 +150,10 @@ class TokenEndpoint:
             return fail(404, "NOT_FOUND", "no token service in anonymous mode", "anonymous")
 
         if method == "POST":
-            form = dict(parse_qsl(request.get_text(strict=False) or "", max_num_fields=32))
+            try:
+                form = dict(parse_qsl(request.get_text(strict=False) or "", max_num_fields=32))
+            except ValueError:
+                return fail(400, "UNSUPPORTED", "malformed token request form", "form")
             if form.get("grant_type") != "password":
                 return fail(400, "UNSUPPORTED", "only grant_type=password is supported", "grant")
             credential, service = form.get("password"), form.get("service")

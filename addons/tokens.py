@@ -52,7 +52,7 @@ class TokenSigner:
                 issuer=ISSUER,
                 options={"require": _REQUIRED},
             )
-        except jwt.PyJWTError as e:
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
             raise InvalidToken(type(e).__name__) from None
         tenant = claims.get("sub")
         if not isinstance(tenant, str) or not tenant:

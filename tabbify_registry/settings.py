@@ -169,7 +169,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", interface):
         raise ConfigError(f"MESH_INTERFACE={interface!r} is not a valid interface name")
     poll = env.get("MESH_POLL_SECONDS") or "30"
-    if not poll.isdigit() or int(poll) < 1:
+    if not re.fullmatch(r"[0-9]+", poll) or int(poll) < 1:
         raise ConfigError(f"MESH_POLL_SECONDS={poll!r}: expected a positive whole number")
 
     return Settings(
