@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 import addons
+from mesh import bootstrap
+from mesh.state import MeshError
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
@@ -70,6 +72,8 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_GATEWAY_COMMAND=shlex.join(mitmdump_command(s)),
         TBF_BACKEND_COMMAND="true" if external else shlex.join(backend_command(s, config_file)),
         TBF_BACKEND_AUTOSTART="false" if external else "true",
+        TBF_MESH_COMMAND=shlex.join([sys.executable, "-m", "mesh.follow", str(s.data_dir)]),
+        TBF_MESH_AUTOSTART="true" if s.mesh_coordinator_url else "false",
     )
     return child
 
@@ -96,12 +100,11 @@ def write_backend_config(s: Settings) -> Path:
 
 
 def mesh_settings(env: Mapping[str, str]) -> Settings:
-    """Settings, after the mesh bootstrap when a coordinator is configured."""
+    """Settings, after the mesh bootstrap when a coordinator is configured: with a mesh the
+    gateway listens on [ULA]:5000 and the realm names that address."""
     s = settings_mod.load(env)
     if s.mesh_coordinator_url is None:
         return s
-    from mesh import bootstrap
-
     return settings_mod.load(env, ula=bootstrap.up(s))
 
 
@@ -143,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "config":
             print(json.dumps(backend_config.render(settings_mod.load(env)), indent=2))
         else:
-            print(mesh_settings(env).listen.host)
-    except (ConfigError, ValueError) as e:
+            s = settings_mod.load(env)
+            if s.mesh_coordinator_url is None:
+                raise ConfigError("MESH_COORDINATOR_URL is not set: there is no mesh to bring up")
+            print(bootstrap.up(s))
+    except (ConfigError, MeshError, ValueError) as e:
         print(f"tabbify-registry: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,110 @@
+"""The node's persisted mesh identity under $REGISTRY_DATA_DIR/mesh/.
+
+    private.key   WireGuard private key (base64), mode 0600, created once
+    state.json    node id, ULA, prefix, listen port and the last peer set (no key material)
+
+Every write is atomic (temp file, fsync, rename, fsync dir): a crash leaves the old file or
+the new one, never half an identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+
+class MeshError(Exception):
+    """A mesh problem `run` reports as one line, exiting non-zero."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    public_key: str
+    endpoint: str | None
+    allowed_ips: tuple[str, ...]
+    persistent_keepalive: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeState:
+    node_id: str
+    ula: str
+    prefix: str
+    listen_port: int
+    peers: tuple[Peer, ...] = field(default_factory=tuple)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def public_key(private_b64: str) -> str:
+    raw = X25519PrivateKey.from_private_bytes(base64.b64decode(private_b64)).public_key()
+    return base64.b64encode(raw.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+class MeshDir:
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "mesh"
+        self.key_file = self.path / "private.key"
+        self.state_file = self.path / "state.json"
+        self.wg_conf = self.path / "wg.conf"  # rendered for `wg syncconf`, 0600 (has the key)
+
+    def private_key(self) -> str:
+        """The node's key, generated on first use and never again."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.key_file.exists():
+            key = self.key_file.read_text().strip()
+            try:
+                public_key(key)
+            except ValueError:
+                raise MeshError(f"{self.key_file} is not a WireGuard private key") from None
+            return key
+        raw = X25519PrivateKey.generate().private_bytes_raw()
+        key = base64.b64encode(raw).decode()
+        write_atomic(self.key_file, (key + "\n").encode())
+        return key
+
+    def load(self) -> NodeState | None:
+        if not self.state_file.exists():
+            return None
+        try:
+            data = json.loads(self.state_file.read_text())
+            peers = tuple(
+                Peer(p["public_key"], p.get("endpoint"), tuple(p["allowed_ips"]),
+                     p.get("persistent_keepalive"))
+                for p in data.get("peers", [])
+            )  # fmt: skip
+            return NodeState(
+                data["node_id"], data["ula"], data["prefix"], int(data["listen_port"]), peers
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise MeshError(
+                f"{self.state_file} is unreadable ({e}); remove it to re-join"
+            ) from None
+
+    def save(self, state: NodeState) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.state_file, (json.dumps(asdict(state), indent=2) + "\n").encode())
