@@ -9,6 +9,9 @@
 import logging
 import sys
 
+from mitmproxy.proxy.layers.http import _http1
+
+from addons import oci
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.refusal import Refusals
@@ -19,6 +22,8 @@ from addons.tokens import TokenSigner
 for handler in logging.getLogger().handlers:
     if hasattr(handler, "file"):
         handler.file = sys.stderr
+
+_http1.make_error_response = oci.protocol_error_response  # no HTML error pages, ever
 
 _signer = TokenSigner()  # secret made here, once per process, never written anywhere
 

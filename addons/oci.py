@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -42,3 +43,24 @@ def json_response(status: int, payload: dict[str, Any]) -> http.Response:
         json.dumps(payload).encode(),
         {"Content-Type": "application/json", "Cache-Control": "no-store"},
     )
+
+
+def protocol_error_response(status_code: int, message: str = "") -> bytes:
+    """mitmproxy's own errors (malformed requests, backend unreachable) as OCI bodies.
+
+    Replaces mitmproxy's HTML error page builder (`_http1.make_error_response`), which no hook
+    can restyle. Backend failures say nothing about the backend's address.
+    """
+    if status_code >= 500:
+        code, message = "UNAVAILABLE", "the registry backend is unavailable; retry"
+    elif status_code == 413:
+        code = "SIZE_INVALID"
+    else:
+        code = "UNSUPPORTED"
+    response = http.Response.make(
+        status_code,
+        error_body(code, message),
+        {"Content-Type": "application/json", "Connection": "close",
+         API_VERSION_HEADER[0]: API_VERSION_HEADER[1]},
+    )  # fmt: skip
+    return http1.assemble_response(response)

@@ -209,3 +209,24 @@ def test_config_prints_the_rendered_backend_config(tmp_path):
     config = json.loads(r.stdout)
     assert config["storage"]["rootDirectory"] == str(tmp_path / "zot-cache")
     assert config["http"]["compat"] == ["docker2s2"]
+
+
+def test_backend_down_and_malformed_requests_get_oci_errors_not_html(registry, acme_jwt):
+    t = login(registry, acme_jwt).json()["token"]
+    assert "backend: stopped" in registry.supervisorctl("stop", "backend")
+    try:
+        r = requests.get(f"{registry.url}/v2/acme/x/tags/list",
+                         headers={"Authorization": f"Bearer {t}"}, timeout=10)  # fmt: skip
+        assert r.status_code == 502
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert str(registry.backend_port) not in r.text
+        # The gateway still answers what it decides itself.
+        assert requests.get(f"{registry.url}/v2/", timeout=10).status_code == 401
+    finally:
+        registry.supervisorctl("start", "backend")
+    registry.wait_ready()
+    with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as s:
+        s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+        answer = s.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 400") and '"errors"' in answer and "<html" not in answer
