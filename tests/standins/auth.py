@@ -25,7 +25,7 @@ def tabbify_jwt(claims: dict[str, Any]) -> str:
 class AuthStandin:
     """mode: ok | garbage | error | slow | redirect. `calls` counts validate requests."""
 
-    def __init__(self, slow_seconds: float = 10.0) -> None:
+    def __init__(self, slow_seconds: float = 10.0, host: str = "127.0.0.1") -> None:
         self.mode = "ok"
         self.slow_seconds = slow_seconds
         self.calls = 0
@@ -77,9 +77,9 @@ class AuthStandin:
                 with contextlib.suppress(BrokenPipeError):
                     self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> AuthStandin:
