@@ -126,6 +126,7 @@ class RegistryAccess:
         decision = routes.check(tenant, path, method)
         if decision.route is not None:
             rec.repository, rec.reference = decision.route.name, decision.route.reference
+            rec.route = decision.route.kind
         if not decision.allowed:
             rec.decision = f"deny:{decision.reason}"
             refuse(

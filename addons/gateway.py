@@ -2,8 +2,9 @@
 
 1. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
 2. RegistryAccess  everything else: token, namespace, header hygiene, streaming
-3. Refusals        delivers 4xx decisions without buffering request bodies
-4. AccessLog       one JSON line per request
+3. TenantIsolation digests a tenant has no record of never reach the backend
+4. Refusals        delivers 4xx decisions without buffering request bodies
+5. AccessLog       one JSON line per request
 """
 
 import logging
@@ -14,6 +15,7 @@ from mitmproxy.proxy.layers.http import _http1
 from addons import oci
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
+from addons.isolation import TenantIsolation
 from addons.refusal import Refusals
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import TokenSigner
@@ -27,4 +29,10 @@ _http1.make_error_response = oci.protocol_error_response  # no HTML error pages,
 
 _signer = TokenSigner()  # secret made here, once per process, never written anywhere
 
-addons = [TokenEndpoint(_signer), RegistryAccess(_signer), Refusals(), AccessLog()]
+addons = [
+    TokenEndpoint(_signer),
+    RegistryAccess(_signer),
+    TenantIsolation(),
+    Refusals(),
+    AccessLog(),
+]

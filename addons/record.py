@@ -15,6 +15,7 @@ class FlowRecord:
     tenant: str | None = None
     repository: str | None = None
     reference: str | None = None
+    route: str | None = None  # routes.Route.kind once decided: blob, upload, manifest, ...
     decision: str = "deny"  # allow[:<note>] | deny:<reason>; deny until someone allows
     bytes_in: int = 0
     bytes_out: int = 0

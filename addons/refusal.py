@@ -44,27 +44,27 @@ def has_large_body(request: http.Request) -> bool:
     return not re.fullmatch(r"[0-9]{1,18}", length) or int(length) > SMALL_BODY
 
 
-def fail_closed(hook: Callable[[Any, http.HTTPFlow], None]) -> Callable[[Any, http.HTTPFlow], None]:
-    """A bug in a deciding hook must refuse the request, never let it through.
+def refuse_on_error(flow: http.HTTPFlow) -> None:
+    """Call from an `except` block: a bug in a deciding hook refuses the request, never lets
+    it through. mitmproxy logs a hook's exception and skips the script's remaining addons for
+    that hook: without this, the flow would go to the backend undecided."""
+    logger.exception("gateway error; refusing the request")
+    record(flow).decision = "deny:internal-error"
+    flow.request.stream = False
+    refuse(flow, oci.error_response(
+        500, "UNKNOWN", "internal gateway error", method=flow.request.method
+    ))  # fmt: skip
 
-    mitmproxy logs a hook's exception and skips the script's remaining addons for that hook:
-    without this, the flow would go to the backend undecided.
-    """
+
+def fail_closed(hook: Callable[[Any, http.HTTPFlow], None]) -> Callable[[Any, http.HTTPFlow], None]:
+    """Decorator for synchronous deciding hooks: see refuse_on_error."""
 
     @functools.wraps(hook)
     def guarded(self: Any, flow: http.HTTPFlow) -> None:
         try:
             hook(self, flow)
         except Exception:
-            logger.exception("gateway error; refusing the request")
-            record(flow).decision = "deny:internal-error"
-            flow.request.stream = False
-            refuse(
-                flow,
-                oci.error_response(
-                    500, "UNKNOWN", "internal gateway error", method=flow.request.method
-                ),
-            )
+            refuse_on_error(flow)
 
     return guarded
 
@@ -114,6 +114,7 @@ class Refusals:
         if response is None:
             return
         if not has_large_body(flow.request):
+            flow.request.stream = False  # a flow that streams must never get a response here
             flow.response = response
             return
         # Large body: stream it into the void. The sink sees an empty request and answers at

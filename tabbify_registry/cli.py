@@ -51,6 +51,9 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_anonymous={'true' if s.anonymous else 'false'}",
         "--set", f"registry_realm={s.realm}",
         "--set", f"registry_auth_url={s.auth_url or ''}",
+        # Tenant isolation by digest: only with tenants (auth on).
+        "--set", f"registry_ledger={'' if s.anonymous else s.data_dir / 'ledger' / 'ledger.db'}",
+        "--set", f"registry_backend={upstream}",
     ]  # fmt: skip
 
 

@@ -1,0 +1,170 @@
+"""Tenant isolation by digest, independent of the backend (runs after RegistryAccess).
+
+A blob or manifest fetched by digest, or a mount, for a digest the tenant has no record of
+never reaches the backend: 404 BLOB_UNKNOWN / MANIFEST_UNKNOWN, or a plain upload start. A
+manifest may only reference digests the tenant already has. Confirmed uploads and pushes
+(2xx from the backend) create the records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from addons import oci
+from addons.backfill import backfill
+from addons.ledger import MAX_MANIFEST, Ledger, ManifestError, manifest_references
+from addons.record import FlowRecord, record
+from addons.refusal import has_large_body, refuse, refuse_on_error
+from addons.routes import DIGEST
+
+logger = logging.getLogger(__name__)
+_DIGEST = re.compile(DIGEST)
+_PENDING = "tabbify.ledger"  # digests to record once the backend confirms
+BACKFILL_WAIT = 60.0
+
+
+class TenantIsolation:
+    def __init__(self) -> None:
+        self.ledger: Ledger | None = None
+        self.backfilled = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("registry_ledger", str, "", "Ledger database path; empty = off.")
+        loader.add_option(
+            "registry_backend", str, "", "Backend base URL, walked at start to backfill."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "registry_ledger" in updated:
+            if self.ledger:
+                self.ledger.close()
+            path = ctx.options.registry_ledger
+            self.ledger = Ledger(Path(path)) if path else None
+
+    async def running(self) -> None:
+        if self.ledger is None or not ctx.options.registry_backend:
+            self.backfilled.set()
+            return
+        self._task = asyncio.create_task(self._backfill(ctx.options.registry_backend))
+
+    async def _backfill(self, backend: str) -> None:
+        assert self.ledger is not None
+        for attempt in range(30):  # the backend may still be starting
+            try:
+                n = await asyncio.to_thread(backfill, backend, self.ledger)
+                logger.warning("ledger backfill: %d tenant digests recorded", n)
+                break
+            except Exception as e:
+                logger.warning("ledger backfill attempt %d failed: %s", attempt + 1, e)
+                await asyncio.sleep(2)
+        self.backfilled.set()
+
+    async def _has(self, tenant: str, digest: str) -> bool:
+        assert self.ledger is not None
+        if self.ledger.has(tenant, digest):
+            return True
+        if not self.backfilled.is_set():  # don't lock a tenant out while we are still walking
+            try:
+                await asyncio.wait_for(self.backfilled.wait(), BACKFILL_WAIT)
+            except TimeoutError:
+                return False
+            return self.ledger.has(tenant, digest)
+        return False
+
+    def _active(self, rec: FlowRecord) -> bool:
+        return self.ledger is not None and rec.allowed and rec.tenant is not None
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._requestheaders(flow)
+        except Exception:
+            refuse_on_error(flow)
+
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if not self._active(rec):
+            return
+        assert rec.tenant is not None
+        request, method = flow.request, flow.request.method
+        ref = rec.reference or ""
+
+        def deny(status: int, code: str, message: str, why: str) -> None:
+            rec.decision = f"deny:{why}"
+            refuse(flow, oci.error_response(status, code, message, method=method, detail=ref))
+
+        if rec.route == "blob" and not await self._has(rec.tenant, ref):
+            return deny(404, "BLOB_UNKNOWN", "blob unknown to registry", "unknown-digest")
+        by_digest = rec.route == "manifest" and _DIGEST.fullmatch(ref) and method != "PUT"
+        if by_digest and not await self._has(rec.tenant, ref):
+            return deny(404, "MANIFEST_UNKNOWN", "manifest unknown", "unknown-digest")
+        if rec.route == "manifest" and method == "PUT":
+            if has_large_body(request) and (
+                "transfer-encoding" in request.headers
+                or int(request.headers.get("content-length", "0")) > MAX_MANIFEST
+            ):
+                return deny(413, "SIZE_INVALID", "manifest too large", "manifest-size")
+            request.stream = False  # buffer it (≤ 4 MiB): its references are checked in `request`
+            return None
+        if rec.route == "upload" and method == "POST":
+            mount = request.query.get("mount")
+            if mount and not await self._has(rec.tenant, mount):
+                request.query = [(k, v) for k, v in request.query.items(multi=True)
+                                 if k not in ("mount", "from")]  # fmt: skip
+                rec.decision = "allow:mount dropped"
+        if rec.route == "upload" and method in ("PUT", "POST"):
+            digest = request.query.get("digest")
+            if digest and _DIGEST.fullmatch(digest):
+                flow.metadata[_PENDING] = [digest]
+            elif mount := request.query.get("mount"):
+                flow.metadata[_PENDING] = [mount]
+        return None
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if not self._active(rec) or rec.route != "manifest" or flow.request.method != "PUT":
+            return
+        if flow.response is not None:
+            return
+        assert rec.tenant is not None
+        body = flow.request.raw_content or b""
+        method = flow.request.method
+        try:
+            refs = manifest_references(body)
+        except ManifestError as e:
+            rec.decision = "deny:manifest-invalid"
+            flow.response = oci.error_response(400, "MANIFEST_INVALID", str(e), method=method)
+            return
+        missing = [d for d in refs if not await self._has(rec.tenant, d)]
+        if missing:
+            rec.decision = "deny:manifest-blob-unknown"
+            flow.response = oci.error_response(
+                400, "MANIFEST_BLOB_UNKNOWN", "manifest references unknown blobs",
+                method=method, detail=missing[:16],
+            )  # fmt: skip
+            return
+        flow.metadata[_PENDING] = ["sha256:" + hashlib.sha256(body).hexdigest(), *refs]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        pending = flow.metadata.pop(_PENDING, None)
+        rec = record(flow)
+        if not pending or self.ledger is None or rec.tenant is None or flow.response is None:
+            return
+        if flow.response.status_code == 201:  # created: a 202 mount answer means "not mounted"
+            confirmed = flow.response.headers.get("docker-content-digest")
+            if rec.route == "upload" and confirmed and _DIGEST.fullmatch(confirmed):
+                pending = [confirmed]  # what the backend verified the bytes to be
+            self.ledger.add(rec.tenant, pending)
+
+    async def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self.ledger:
+            self.ledger.close()

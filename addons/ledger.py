@@ -1,0 +1,105 @@
+"""Which digests each tenant may see: a durable per-tenant ledger (SQLite, WAL).
+
+A tenant may see a digest it uploaded, mounted within its namespace, or pushed in a manifest
+(the manifest and what it references). The backend cannot be trusted with this: Zot without
+its own access control serves and links any known digest from any repository (dedupe).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+from addons.routes import DIGEST
+
+_DIGEST = re.compile(DIGEST)
+MAX_MANIFEST = 4 * 1024 * 1024  # Distribution's and Zot's own manifest size limit
+
+
+class ManifestError(ValueError):
+    """Not a manifest we can account for (MANIFEST_INVALID)."""
+
+
+def manifest_references(body: bytes) -> list[str]:
+    """Digests a manifest or index references: config, layers, blobs, child manifests.
+
+    `subject` is not included: it points at another manifest, which the tenant must already
+    see for its own reasons; claiming it here would grant it.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ManifestError("manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest is not a JSON object")
+    descriptors = []
+    if isinstance(doc.get("config"), dict):
+        descriptors.append(doc["config"])
+    for key in ("layers", "manifests", "blobs"):
+        items = doc.get(key, [])
+        if not isinstance(items, list):
+            raise ManifestError(f"manifest {key} is not a list")
+        descriptors += items
+    refs = []
+    for d in descriptors:
+        digest = d.get("digest") if isinstance(d, dict) else None
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ManifestError(f"manifest references an invalid digest {digest!r:.80}")
+        refs.append(digest)
+    return refs
+
+
+class Ledger:
+    """(tenant, digest) pairs; positive answers cached in memory (the hot path is a HEAD)."""
+
+    CACHE = 100_000
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a confirmed push survives a power cut
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS seen (tenant TEXT NOT NULL, digest TEXT NOT NULL,"
+            " PRIMARY KEY (tenant, digest)) WITHOUT ROWID"
+        )
+        self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def has(self, tenant: str, digest: str) -> bool:
+        key = (tenant, digest)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return True
+        row = self.db.execute("SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key).fetchone()
+        if row is not None:
+            self._remember(key)
+        return row is not None
+
+    def add(self, tenant: str, digests: Iterable[str]) -> None:
+        rows = [(tenant, d) for d in dict.fromkeys(digests)]
+        if not rows:
+            return
+        with self.db:  # one transaction: all of a manifest's references or none
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+        for key in rows:
+            self._remember(key)
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._cache[key] = None
+        if len(self._cache) > self.CACHE:
+            self._cache.popitem(last=False)
+
+    def count(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            return self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)).fetchone()[
+            0
+        ]
+
+    def close(self) -> None:
+        self.db.close()
