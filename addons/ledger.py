@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,6 +69,8 @@ class Ledger:
             " PRIMARY KEY (tenant, digest)) WITHOUT ROWID"
         )
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # One connection, used from the event loop and the backfill thread: serialise.
+        self._lock = threading.Lock()
 
     def has(self, tenant: str, digest: str) -> bool:
         key = (tenant, digest)
@@ -83,11 +86,12 @@ class Ledger:
         rows = [(tenant, d) for d in dict.fromkeys(digests)]
         if not rows:
             return
-        with self.db:  # one transaction: all of a manifest's references or none
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
-        for key in rows:
-            self._remember(key)
+        with self._lock:
+            with self.db:  # one transaction: all of a manifest's references or none
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+            for key in rows:
+                self._remember(key)
 
     def _remember(self, key: tuple[str, str]) -> None:
         self._cache[key] = None

@@ -79,3 +79,25 @@ def layout_blobs(path: Path) -> dict[str, bytes]:
     for f in (path / "blobs" / "sha256").iterdir():
         out["sha256:" + f.name] = f.read_bytes()
     return out
+
+
+def oci_index_layout(path: Path, tag: str, platforms: tuple[str, ...] = ("amd64", "arm64")) -> dict:
+    """An OCI layout whose tag points at an image index with one image per platform."""
+    blobs: dict[str, bytes] = {}
+    entries = []
+    for arch in platforms:
+        image = oci_layout(path, f"{tag}-{arch}", layer_sizes=(2048,))
+        blobs.update(image["blobs"])
+        raw = image["blobs"][image["digest"]]
+        entries.append({"mediaType": OCI_MANIFEST, "digest": image["digest"], "size": len(raw),
+                        "platform": {"architecture": arch, "os": "linux"}})  # fmt: skip
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": entries}).encode()  # fmt: skip
+    index_digest = digest(index)
+    (path / "blobs" / "sha256" / index_digest.removeprefix("sha256:")).write_bytes(index)
+    blobs[index_digest] = index
+    top = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest,
+         "size": len(index), "annotations": {"org.opencontainers.image.ref.name": tag}}]}  # fmt: skip
+    (path / "index.json").write_text(json.dumps(top))
+    return {"digest": index_digest, "blobs": blobs}

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import skopeo
-from tests.images import layout_blobs, oci_layout
+from tests.images import layout_blobs, oci_index_layout, oci_layout
 from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -247,3 +247,57 @@ def test_access_log_has_one_line_per_request_and_no_secrets(registry, acme_jwt):
     text = registry.log.read_text()
     assert acme_jwt not in text and t not in text
     assert acme_jwt.split(".")[2] not in text and t.split(".")[2] not in text
+
+
+def test_multi_arch_index_round_trips(registry, acme_jwt, tmp_path):
+    pushed = oci_index_layout(tmp_path / "src", "multi")
+    ref = f"docker://{registry.host}/acme/multi:v1"
+    r = skopeo("copy", "--all", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
+               f"oci:{tmp_path / 'src'}:multi", ref)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", f"x:{acme_jwt}", ref,
+               f"oci:{tmp_path / 'out'}:multi")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+    # Child manifests by digest are the tenant's too.
+    h = bearer(token(registry, acme_jwt))
+    index = json.loads(pushed["blobs"][pushed["digest"]])
+    for child in index["manifests"]:
+        r = requests.get(f"{registry.url}/v2/acme/multi/manifests/{child['digest']}",
+                         headers={**h, "Accept": child["mediaType"]}, timeout=10)  # fmt: skip
+        assert r.status_code == 200
+
+
+def test_a_referrer_artifact_and_mounts_within_the_tenant(registry, acme_jwt, tmp_path):
+    h = bearer(token(registry, acme_jwt))
+    pushed = oci_layout(tmp_path / "src", "v1")
+    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
+               f"oci:{tmp_path / 'src'}:v1", f"docker://{registry.host}/acme/signed:v1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    subject = pushed["digest"]
+    empty = push_blob(registry, "acme/signed", b"{}", h)
+    signature = push_blob(registry, "acme/signed", b"a signature", h)
+    artifact = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.tabbify.signature.v1",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 11}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject,
+                    "size": len(pushed["blobs"][subject])},
+    }).encode()  # fmt: skip
+    artifact_digest = sha256(artifact)
+    r = requests.put(f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}", data=artifact,
+                     headers={**h, "Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+                     timeout=10)  # fmt: skip
+    assert r.status_code == 201, r.text
+    r = requests.get(f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}",
+                     headers={**h, "Accept": "application/vnd.oci.image.manifest.v1+json"},
+                     timeout=10)  # fmt: skip
+    assert r.status_code == 200 and r.content == artifact
+    # Mount a layer into another repository of the same tenant.
+    layer = pushed["manifest"]["layers"][0]["digest"]
+    r = requests.post(f"{registry.url}/v2/acme/copy/blobs/uploads/",
+                      params={"mount": layer, "from": "acme/signed"}, headers=h, timeout=10)  # fmt: skip
+    assert r.status_code == 201, r.text
+    r = requests.get(f"{registry.url}/v2/acme/copy/blobs/{layer}", headers=h, timeout=10)
+    assert r.status_code == 200 and r.content == pushed["blobs"][layer]
