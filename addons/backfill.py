@@ -19,12 +19,14 @@ from addons.routes import is_component
 
 logger = logging.getLogger(__name__)
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])  # fmt: skip
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
 TIMEOUT = 30
 
 
@@ -39,10 +41,12 @@ def _pages(session: requests.Session, url: str, key: str) -> Iterator[str]:
         url = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
 
 
-def _manifest_digests(session: requests.Session, base: str, repo: str, ref: str,
-                      seen: set[str]) -> None:  # fmt: skip
-    r = session.get(f"{base}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT},
-                    timeout=TIMEOUT)  # fmt: skip
+def _manifest_digests(
+    session: requests.Session, base: str, repo: str, ref: str, seen: set[str]
+) -> None:
+    r = session.get(
+        f"{base}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT}, timeout=TIMEOUT
+    )
     if r.status_code != 200 or len(r.content) > MAX_MANIFEST:
         return
     digest = "sha256:" + hashlib.sha256(r.content).hexdigest()

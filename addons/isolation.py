@@ -116,8 +116,9 @@ class TenantIsolation:
         if rec.route == "upload" and method == "POST":
             mount = request.query.get("mount")
             if mount and not await self._has(rec.tenant, mount):
-                request.query = [(k, v) for k, v in request.query.items(multi=True)
-                                 if k not in ("mount", "from")]  # fmt: skip
+                request.query = [
+                    (k, v) for k, v in request.query.items(multi=True) if k not in ("mount", "from")
+                ]
                 rec.decision = "allow:mount dropped"
         if rec.route == "upload" and method in ("PUT", "POST"):
             digest = request.query.get("digest")
@@ -146,9 +147,12 @@ class TenantIsolation:
         if missing:
             rec.decision = "deny:manifest-blob-unknown"
             flow.response = oci.error_response(
-                400, "MANIFEST_BLOB_UNKNOWN", "manifest references unknown blobs",
-                method=method, detail=missing[:16],
-            )  # fmt: skip
+                400,
+                "MANIFEST_BLOB_UNKNOWN",
+                "manifest references unknown blobs",
+                method=method,
+                detail=missing[:16],
+            )
             return
         flow.metadata[_PENDING] = ["sha256:" + hashlib.sha256(body).hexdigest(), *refs]
 

@@ -60,7 +60,10 @@ def protocol_error_response(status_code: int, message: str = "") -> bytes:
     response = http.Response.make(
         status_code,
         error_body(code, message),
-        {"Content-Type": "application/json", "Connection": "close",
-         API_VERSION_HEADER[0]: API_VERSION_HEADER[1]},
-    )  # fmt: skip
+        {
+            "Content-Type": "application/json",
+            "Connection": "close",
+            API_VERSION_HEADER[0]: API_VERSION_HEADER[1],
+        },
+    )
     return http1.assemble_response(response)

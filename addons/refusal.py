@@ -51,9 +51,10 @@ def refuse_on_error(flow: http.HTTPFlow) -> None:
     logger.exception("gateway error; refusing the request")
     record(flow).decision = "deny:internal-error"
     flow.request.stream = False
-    refuse(flow, oci.error_response(
-        500, "UNKNOWN", "internal gateway error", method=flow.request.method
-    ))  # fmt: skip
+    refuse(
+        flow,
+        oci.error_response(500, "UNKNOWN", "internal gateway error", method=flow.request.method),
+    )
 
 
 def fail_closed(hook: Callable[[Any, http.HTTPFlow], None]) -> Callable[[Any, http.HTTPFlow], None]:

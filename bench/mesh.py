@@ -113,8 +113,10 @@ def main() -> None:
             WgClient(client_host, coordinator)
             # The follower applies the client as a peer within a poll interval.
             poll(lambda: reg_host.run(["wg", "show", registry.ifname, "peers"]).stdout.strip(), 15)
-            r = client_host.run([sys.executable, "-c", CLIENT, ula, str(size),
-                                 tabbify_jwt({"sub": "bench"})], timeout=900)  # fmt: skip
+            r = client_host.run(
+                [sys.executable, "-c", CLIENT, ula, str(size), tabbify_jwt({"sub": "bench"})],
+                timeout=900,
+            )
             if r.returncode != 0:
                 raise SystemExit(r.stderr)
             seconds = json.loads(r.stdout)
@@ -126,8 +128,10 @@ def main() -> None:
     print(f"{args.size_mib} MiB over WireGuard   push MB/s   pull MB/s")
     print(f"{'plain HTTP':>22}   {mbps['plain_push']:9.0f}   {mbps['plain_pull']:9.0f}")
     print(f"{'gateway':>22}   {mbps['gateway_push']:9.0f}   {mbps['gateway_pull']:9.0f}")
-    print(f"{'ratio':>22}   {mbps['gateway_push'] / mbps['plain_push']:9.2f}   "
-          f"{mbps['gateway_pull'] / mbps['plain_pull']:9.2f}")  # fmt: skip
+    print(
+        f"{'ratio':>22}   {mbps['gateway_push'] / mbps['plain_push']:9.2f}   "
+        f"{mbps['gateway_pull'] / mbps['plain_pull']:9.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(mbps, indent=2))
 

@@ -63,9 +63,16 @@ def push(base: str, repo: str, body: Body, headers: dict[str, str]) -> float:
     conn = http.client.HTTPConnection(target.netloc, timeout=600, blocksize=MIB)
     sep = "&" if target.query else "?"
     started = time.perf_counter()
-    conn.request("PUT", f"{target.path}?{target.query}{sep}digest={digest}", body=body,
-                 headers={**headers, "Content-Type": "application/octet-stream",
-                          "Content-Length": str(body.size)})  # fmt: skip
+    conn.request(
+        "PUT",
+        f"{target.path}?{target.query}{sep}digest={digest}",
+        body=body,
+        headers={
+            **headers,
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(body.size),
+        },
+    )
     r = conn.getresponse()
     elapsed = time.perf_counter() - started
     assert r.status == 201, r.read()
@@ -76,8 +83,9 @@ def push(base: str, repo: str, body: Body, headers: dict[str, str]) -> float:
 def pull(base: str, repo: str, digest: str, headers: dict[str, str]) -> float:
     started = time.perf_counter()
     h = hashlib.sha256()
-    with requests.get(f"{base}/v2/{repo}/blobs/{digest}", headers=headers, stream=True,
-                      timeout=600) as r:  # fmt: skip
+    with requests.get(
+        f"{base}/v2/{repo}/blobs/{digest}", headers=headers, stream=True, timeout=600
+    ) as r:
         r.raise_for_status()
         for chunk in r.iter_content(MIB):
             h.update(chunk)

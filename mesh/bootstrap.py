@@ -48,8 +48,10 @@ def join_or_resume(s: Settings, mesh: MeshDir, key: str) -> tuple[NodeState, boo
         warn(f"{e}; coming up on the persisted ULA {known.ula} and {len(known.peers)} peers")
         return known, False
     if known and state.ula != known.ula:
-        warn(f"WARNING: the coordinator moved this node from ULA {known.ula} to {state.ula}; "
-             "clients using the old address will fail")  # fmt: skip
+        warn(
+            f"WARNING: the coordinator moved this node from ULA {known.ula} to {state.ula}; "
+            "clients using the old address will fail"
+        )
     if known and state.node_id != known.node_id:
         warn(f"WARNING: the coordinator gave a new node id {state.node_id} (was {known.node_id})")
     mesh.save(state)

@@ -70,8 +70,9 @@ def parse_peers(items: Any) -> tuple[Peer, ...]:
         keepalive = item.get("persistent_keepalive")
         if keepalive is not None and not (isinstance(keepalive, int) and 0 <= keepalive < 65536):
             raise MeshError("coordinator sent an invalid persistent_keepalive")
-        peers.append(Peer(_wg_key(item.get("public_key")), _endpoint(item.get("endpoint")),
-                          nets, keepalive))  # fmt: skip
+        peers.append(
+            Peer(_wg_key(item.get("public_key")), _endpoint(item.get("endpoint")), nets, keepalive)
+        )
     return tuple(peers)
 
 
@@ -103,8 +104,14 @@ class Coordinator:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
-            r = self.session.request(method, self.url + path, json=body, headers=self.headers,
-                                     timeout=TIMEOUT, allow_redirects=False)  # fmt: skip
+            r = self.session.request(
+                method,
+                self.url + path,
+                json=body,
+                headers=self.headers,
+                timeout=TIMEOUT,
+                allow_redirects=False,
+            )
         except requests.RequestException as e:
             raise CoordinatorUnavailable(f"coordinator unreachable ({type(e).__name__})") from None
         if r.status_code >= 500:
@@ -119,8 +126,13 @@ class Coordinator:
             raise CoordinatorUnavailable("coordinator answered without JSON") from None
 
     def join(self, req: JoinRequest) -> NodeState:
-        body = {"public_key": req.public_key, "tags": ["registry"], "hostname": req.hostname,
-                "node_id": req.node_id, "ula": req.ula}  # fmt: skip
+        body = {
+            "public_key": req.public_key,
+            "tags": ["registry"],
+            "hostname": req.hostname,
+            "node_id": req.node_id,
+            "ula": req.ula,
+        }
         return parse_join(self._call("POST", "/v1/nodes", body))
 
     def peers(self, node_id: str) -> tuple[Peer, ...]:

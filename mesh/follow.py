@@ -20,8 +20,9 @@ from mesh.state import MeshDir, MeshError, NodeState
 from tabbify_registry import settings as settings_mod
 
 
-def tick(s: settings_mod.Settings, mesh: MeshDir, key: str, state: NodeState,
-         joined: bool) -> tuple[NodeState, bool]:  # fmt: skip
+def tick(
+    s: settings_mod.Settings, mesh: MeshDir, key: str, state: NodeState, joined: bool
+) -> tuple[NodeState, bool]:
     """One poll. Returns the (possibly updated) state and whether the join is confirmed."""
     assert s.mesh_coordinator_url
     if not joined:  # came up on persisted state: re-register first

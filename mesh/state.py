@@ -93,10 +93,14 @@ class MeshDir:
         try:
             data = json.loads(self.state_file.read_text())
             peers = tuple(
-                Peer(p["public_key"], p.get("endpoint"), tuple(p["allowed_ips"]),
-                     p.get("persistent_keepalive"))
+                Peer(
+                    p["public_key"],
+                    p.get("endpoint"),
+                    tuple(p["allowed_ips"]),
+                    p.get("persistent_keepalive"),
+                )
                 for p in data.get("peers", [])
-            )  # fmt: skip
+            )
             return NodeState(
                 data["node_id"], data["ula"], data["prefix"], int(data["listen_port"]), peers
             )

@@ -44,31 +44,45 @@ def oci_layout(path: Path, tag: str, layer_sizes: tuple[int, ...] = (4096, 300_0
     for i, size in enumerate(layer_sizes):
         gz, raw = layer({f"data/file{i}.bin": os.urandom(size)})
         layers.append(
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(gz),
-             "size": len(gz)}
-        )  # fmt: skip
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": put(gz),
+                "size": len(gz),
+            }
+        )
         diff_ids.append(digest(raw))
     config = json.dumps(
-        {"architecture": "amd64", "os": "linux", "config": {},
-         "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-    ).encode()  # fmt: skip
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": put(config), "size": len(config)},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": put(config),
+            "size": len(config),
+        },
         "layers": layers,
-    }  # fmt: skip
+    }
     manifest_bytes = json.dumps(manifest).encode()
     manifest_digest = put(manifest_bytes)
     (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     index = {
         "schemaVersion": 2,
         "manifests": [
-            {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest_bytes),
-             "annotations": {"org.opencontainers.image.ref.name": tag}}
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": manifest_digest,
+                "size": len(manifest_bytes),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
         ],
-    }  # fmt: skip
+    }
     (path / "index.json").write_text(json.dumps(index))
     return {"manifest": manifest, "digest": manifest_digest, "blobs": blobs}
 
@@ -89,15 +103,34 @@ def oci_index_layout(path: Path, tag: str, platforms: tuple[str, ...] = ("amd64"
         image = oci_layout(path, f"{tag}-{arch}", layer_sizes=(2048,))
         blobs.update(image["blobs"])
         raw = image["blobs"][image["digest"]]
-        entries.append({"mediaType": OCI_MANIFEST, "digest": image["digest"], "size": len(raw),
-                        "platform": {"architecture": arch, "os": "linux"}})  # fmt: skip
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": entries}).encode()  # fmt: skip
+        entries.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": image["digest"],
+                "size": len(raw),
+                "platform": {"architecture": arch, "os": "linux"},
+            }
+        )
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries,
+        }
+    ).encode()
     index_digest = digest(index)
     (path / "blobs" / "sha256" / index_digest.removeprefix("sha256:")).write_bytes(index)
     blobs[index_digest] = index
-    top = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest,
-         "size": len(index), "annotations": {"org.opencontainers.image.ref.name": tag}}]}  # fmt: skip
+    top = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": index_digest,
+                "size": len(index),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
     (path / "index.json").write_text(json.dumps(top))
     return {"digest": index_digest, "blobs": blobs}

@@ -435,8 +435,9 @@ class WgClient:
         # Foreground (-f), as our child: we see it die and reap it (a daemonized wireguard-go is
         # re-parented to PID 1, which in some sandboxes leaves it a zombie for a while).
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the daemon)
-        self.proc = h.popen(["wireguard-go", "-f", dev], env=env,
-                            stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = h.popen(
+            ["wireguard-go", "-f", dev], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         sock = WG_SOCKET_DIR / f"{dev}.sock"
 
         def ready() -> bool:
@@ -447,8 +448,11 @@ class WgClient:
             return sock.exists() and h.run(["ip", "link", "show", dev]).returncode == 0
 
         poll(ready, 10)
-        h.run(["wg", "set", dev, "private-key", "/dev/stdin", "listen-port", str(WG_PORT)],
-              input=self.private_key + "\n", check=True)  # fmt: skip
+        h.run(
+            ["wg", "set", dev, "private-key", "/dev/stdin", "listen-port", str(WG_PORT)],
+            input=self.private_key + "\n",
+            check=True,
+        )
         h.run(["ip", "-6", "addr", "add", f"{self.ula}/128", "dev", dev, "nodad"], check=True)
         h.run(["ip", "link", "set", dev, "up"], check=True)
         h.run(["ip", "-6", "route", "add", MESH_PREFIX, "dev", dev], check=True)
@@ -464,9 +468,16 @@ class WgClient:
         wanted = self.coordinator.peers_for(self.node_id)
         args: list[str] = []
         for p in wanted:
-            args += ["peer", p["public_key"], "endpoint", p["endpoint"],
-                     "persistent-keepalive", str(p.get("persistent_keepalive", 0)),
-                     "allowed-ips", ",".join(p["allowed_ips"])]  # fmt: skip
+            args += [
+                "peer",
+                p["public_key"],
+                "endpoint",
+                p["endpoint"],
+                "persistent-keepalive",
+                str(p.get("persistent_keepalive", 0)),
+                "allowed-ips",
+                ",".join(p["allowed_ips"]),
+            ]
         for gone in self.peers() - {p["public_key"] for p in wanted}:
             args += ["peer", gone, "remove"]
         if args:

@@ -63,9 +63,12 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [CLI, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [CLI, "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         if wait:
             self.wait_ready()
         return self
@@ -100,8 +103,11 @@ class Stack:
         env["TBF_BACKEND_AUTOSTART"] = "true"
         out = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "supervisorctl"), "-c", str(conf), *args],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout + out.stderr
 
     def access_log(self) -> list[dict]:

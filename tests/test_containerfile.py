@@ -13,8 +13,12 @@ TEXT = (ROOT / "Containerfile").read_text()
 
 
 def test_hadolint_is_clean():
-    r = subprocess.run([str(ROOT / ".venv" / "bin" / "hadolint"), str(ROOT / "Containerfile")],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "hadolint"), str(ROOT / "Containerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -41,9 +41,13 @@ def push_blob(stack: Stack, repo: str, blob: bytes, headers: dict[str, str]) -> 
     assert r.status_code == 202, r.text
     location = r.headers["Location"]
     assert location.startswith(f"/v2/{repo}/blobs/uploads/")  # relative: no backend address
-    r = requests.put(stack.url + location, params={"digest": digest}, data=blob,
-                     headers={**headers, "Content-Type": "application/octet-stream"},
-                     timeout=60)  # fmt: skip
+    r = requests.put(
+        stack.url + location,
+        params={"digest": digest},
+        data=blob,
+        headers={**headers, "Content-Type": "application/octet-stream"},
+        timeout=60,
+    )
     assert r.status_code == 201, r.text
     return digest
 
@@ -51,11 +55,23 @@ def push_blob(stack: Stack, repo: str, blob: bytes, headers: dict[str, str]) -> 
 def test_skopeo_oci_image_round_trips_byte_identical(registry, acme_jwt, tmp_path):
     pushed = oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/demo:v1"
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
-               f"oci:{tmp_path / 'src'}:v1", ref)  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        f"oci:{tmp_path / 'src'}:v1",
+        ref,
+    )
     assert r.returncode == 0, r.stderr
-    r = skopeo("copy", "--src-tls-verify=false", "--src-creds", f"x:{acme_jwt}",
-               ref, f"oci:{tmp_path / 'out'}:v1")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        f"x:{acme_jwt}",
+        ref,
+        f"oci:{tmp_path / 'out'}:v1",
+    )
     assert r.returncode == 0, r.stderr
     pulled = layout_blobs(tmp_path / "out")
     assert pulled[pushed["digest"]] == pushed["blobs"][pushed["digest"]]  # manifest bytes
@@ -65,14 +81,28 @@ def test_skopeo_oci_image_round_trips_byte_identical(registry, acme_jwt, tmp_pat
 def test_skopeo_docker_image_round_trips(registry, acme_jwt, tmp_path):
     pushed = oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/dockerish:v2"
-    r = skopeo("copy", "--format", "v2s2", "--dest-tls-verify=false", "--dest-creds",
-               f"x:{acme_jwt}", f"oci:{tmp_path / 'src'}:v1", ref)  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        f"oci:{tmp_path / 'src'}:v1",
+        ref,
+    )
     assert r.returncode == 0, r.stderr
     r = skopeo("inspect", "--raw", "--tls-verify=false", "--creds", f"x:{acme_jwt}", ref)
     manifest = json.loads(r.stdout)
     assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
-    r = skopeo("copy", "--src-tls-verify=false", "--src-creds", f"x:{acme_jwt}", ref,
-               f"dir:{tmp_path / 'out'}")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        f"x:{acme_jwt}",
+        ref,
+        f"dir:{tmp_path / 'out'}",
+    )
     assert r.returncode == 0, r.stderr
     for entry in manifest["layers"]:
         pulled = (tmp_path / "out" / entry["digest"].removeprefix("sha256:")).read_bytes()
@@ -82,19 +112,42 @@ def test_skopeo_docker_image_round_trips(registry, acme_jwt, tmp_path):
 def test_nothing_under_another_tenant_can_be_touched(registry, acme_jwt, globex_jwt, tmp_path):
     oci_layout(tmp_path / "src", "v1")
     src = f"oci:{tmp_path / 'src'}:v1"
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}", src,
-               f"docker://{registry.host}/acme/private:v1")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        src,
+        f"docker://{registry.host}/acme/private:v1",
+    )
     assert r.returncode == 0, r.stderr
     # globex can neither read acme's image nor write into acme's namespace.
-    r = skopeo("inspect", "--tls-verify=false", "--creds", f"x:{globex_jwt}",
-               f"docker://{registry.host}/acme/private:v1")  # fmt: skip
+    r = skopeo(
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        f"x:{globex_jwt}",
+        f"docker://{registry.host}/acme/private:v1",
+    )
     assert r.returncode != 0
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{globex_jwt}", src,
-               f"docker://{registry.host}/acme/private:v2")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{globex_jwt}",
+        src,
+        f"docker://{registry.host}/acme/private:v2",
+    )
     assert r.returncode != 0
     # acme cannot write under globex/ either.
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}", src,
-               f"docker://{registry.host}/globex/stolen:v1")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        src,
+        f"docker://{registry.host}/globex/stolen:v1",
+    )
     assert r.returncode != 0
     t = token(registry, globex_jwt)
     for method, path in [
@@ -155,10 +208,13 @@ def test_oras_pushes_and_pulls_a_wasm_component(registry, acme_jwt, tmp_path, mo
 
 def test_post_token_client_gets_scoped_token(registry, acme_jwt, tmp_path):
     form = {
-        "grant_type": "password", "client_id": "containerd-client", "username": "x",
-        "password": acme_jwt, "service": "tabbify-registry",
+        "grant_type": "password",
+        "client_id": "containerd-client",
+        "username": "x",
+        "password": acme_jwt,
+        "service": "tabbify-registry",
         "scope": "repository:acme/posted:pull,push repository:globex/x:pull",
-    }  # fmt: skip
+    }
     r = requests.post(f"{registry.url}/auth/token", data=form, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -179,8 +235,9 @@ def test_cross_tenant_mount_degrades_to_plain_upload(registry, acme_jwt, globex_
     for how in ("query", "form"):
         params = {"mount": digest, "from": "globex/secret"}
         kwargs = {"params": params} if how == "query" else {"data": params}
-        r = requests.post(f"{registry.url}/v2/acme/thief/blobs/uploads/", headers=a, timeout=10,
-                          **kwargs)  # fmt: skip
+        r = requests.post(
+            f"{registry.url}/v2/acme/thief/blobs/uploads/", headers=a, timeout=10, **kwargs
+        )
         assert r.status_code == 202, (how, r.status_code, r.text)  # upload started, no mount
     r = requests.head(f"{registry.url}/v2/acme/thief/blobs/{digest}", headers=a, timeout=10)
     assert r.status_code == 404
@@ -188,21 +245,36 @@ def test_cross_tenant_mount_degrades_to_plain_upload(registry, acme_jwt, globex_
 
 def test_forged_tokens_are_refused(registry, acme_jwt):
     now = time.time()
-    claims = {"iss": "tabbify-registry", "aud": "tabbify-registry", "sub": "acme",
-              "iat": int(now), "exp": int(now) + 300}  # fmt: skip
+    claims = {
+        "iss": "tabbify-registry",
+        "aud": "tabbify-registry",
+        "sub": "acme",
+        "iat": int(now),
+        "exp": int(now) + 300,
+    }
     unsigned = (
-        base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode() + "."
-        + base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode() + "."
-    )  # fmt: skip
+        base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+        + "."
+        + base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        + "."
+    )
     forged = jwt.encode(claims, "guessed-secret-of-at-least-32-bytes!!", algorithm="HS256")
     expired = jwt.encode(
         {**claims, "exp": int(now) - 10}, "guessed-secret-of-at-least-32-bytes!!", algorithm="HS256"
     )
     basic = "Basic " + base64.b64encode(f"x:{acme_jwt}".encode()).decode()
-    for header in (f"Bearer {unsigned}", f"Bearer {forged}", f"Bearer {expired}",
-                   f"Bearer {acme_jwt}", basic, "Bearer ", "Bearer a.b.c"):  # fmt: skip
-        r = requests.get(f"{registry.url}/v2/acme/demo/tags/list",
-                         headers={"Authorization": header}, timeout=10)  # fmt: skip
+    for header in (
+        f"Bearer {unsigned}",
+        f"Bearer {forged}",
+        f"Bearer {expired}",
+        f"Bearer {acme_jwt}",
+        basic,
+        "Bearer ",
+        "Bearer a.b.c",
+    ):
+        r = requests.get(
+            f"{registry.url}/v2/acme/demo/tags/list", headers={"Authorization": header}, timeout=10
+        )
         assert r.status_code == 401, header[:20]
         assert r.json()["errors"][0]["code"] == "UNAUTHORIZED"
         assert r.headers["WWW-Authenticate"] == (
@@ -212,9 +284,11 @@ def test_forged_tokens_are_refused(registry, acme_jwt):
 
 
 def test_realm_ignores_host_and_forwarded_headers(registry):
-    r = requests.get(f"{registry.url}/v2/",
-                     headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
-                     timeout=10)  # fmt: skip
+    r = requests.get(
+        f"{registry.url}/v2/",
+        headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+        timeout=10,
+    )
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == (
         f'Bearer realm="{registry.url}/auth/token",service="tabbify-registry"'
@@ -252,52 +326,94 @@ def test_access_log_has_one_line_per_request_and_no_secrets(registry, acme_jwt):
 def test_multi_arch_index_round_trips(registry, acme_jwt, tmp_path):
     pushed = oci_index_layout(tmp_path / "src", "multi")
     ref = f"docker://{registry.host}/acme/multi:v1"
-    r = skopeo("copy", "--all", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
-               f"oci:{tmp_path / 'src'}:multi", ref)  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--all",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        f"oci:{tmp_path / 'src'}:multi",
+        ref,
+    )
     assert r.returncode == 0, r.stderr
-    r = skopeo("copy", "--all", "--src-tls-verify=false", "--src-creds", f"x:{acme_jwt}", ref,
-               f"oci:{tmp_path / 'out'}:multi")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--src-creds",
+        f"x:{acme_jwt}",
+        ref,
+        f"oci:{tmp_path / 'out'}:multi",
+    )
     assert r.returncode == 0, r.stderr
     assert layout_blobs(tmp_path / "out") == pushed["blobs"]
     # Child manifests by digest are the tenant's too.
     h = bearer(token(registry, acme_jwt))
     index = json.loads(pushed["blobs"][pushed["digest"]])
     for child in index["manifests"]:
-        r = requests.get(f"{registry.url}/v2/acme/multi/manifests/{child['digest']}",
-                         headers={**h, "Accept": child["mediaType"]}, timeout=10)  # fmt: skip
+        r = requests.get(
+            f"{registry.url}/v2/acme/multi/manifests/{child['digest']}",
+            headers={**h, "Accept": child["mediaType"]},
+            timeout=10,
+        )
         assert r.status_code == 200
 
 
 def test_a_referrer_artifact_and_mounts_within_the_tenant(registry, acme_jwt, tmp_path):
     h = bearer(token(registry, acme_jwt))
     pushed = oci_layout(tmp_path / "src", "v1")
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
-               f"oci:{tmp_path / 'src'}:v1", f"docker://{registry.host}/acme/signed:v1")  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        f"oci:{tmp_path / 'src'}:v1",
+        f"docker://{registry.host}/acme/signed:v1",
+    )
     assert r.returncode == 0, r.stderr
     subject = pushed["digest"]
     empty = push_blob(registry, "acme/signed", b"{}", h)
     signature = push_blob(registry, "acme/signed", b"a signature", h)
-    artifact = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "artifactType": "application/vnd.tabbify.signature.v1",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
-        "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 11}],
-        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject,
-                    "size": len(pushed["blobs"][subject])},
-    }).encode()  # fmt: skip
+    artifact = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.tabbify.signature.v1",
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": empty,
+                "size": 2,
+            },
+            "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 11}],
+            "subject": {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": subject,
+                "size": len(pushed["blobs"][subject]),
+            },
+        }
+    ).encode()
     artifact_digest = sha256(artifact)
-    r = requests.put(f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}", data=artifact,
-                     headers={**h, "Content-Type": "application/vnd.oci.image.manifest.v1+json"},
-                     timeout=10)  # fmt: skip
+    r = requests.put(
+        f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}",
+        data=artifact,
+        headers={**h, "Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        timeout=10,
+    )
     assert r.status_code == 201, r.text
-    r = requests.get(f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}",
-                     headers={**h, "Accept": "application/vnd.oci.image.manifest.v1+json"},
-                     timeout=10)  # fmt: skip
+    r = requests.get(
+        f"{registry.url}/v2/acme/signed/manifests/{artifact_digest}",
+        headers={**h, "Accept": "application/vnd.oci.image.manifest.v1+json"},
+        timeout=10,
+    )
     assert r.status_code == 200 and r.content == artifact
     # Mount a layer into another repository of the same tenant.
     layer = pushed["manifest"]["layers"][0]["digest"]
-    r = requests.post(f"{registry.url}/v2/acme/copy/blobs/uploads/",
-                      params={"mount": layer, "from": "acme/signed"}, headers=h, timeout=10)  # fmt: skip
+    r = requests.post(
+        f"{registry.url}/v2/acme/copy/blobs/uploads/",
+        params={"mount": layer, "from": "acme/signed"},
+        headers=h,
+        timeout=10,
+    )
     assert r.status_code == 201, r.text
     r = requests.get(f"{registry.url}/v2/acme/copy/blobs/{layer}", headers=h, timeout=10)
     assert r.status_code == 200 and r.content == pushed["blobs"][layer]

@@ -42,8 +42,12 @@ class Zeros:
 
 
 def login(stack: Stack, credential: str) -> requests.Response:
-    return requests.get(f"{stack.url}/auth/token", params={"service": "tabbify-registry"},
-                        auth=("x", credential), timeout=30)  # fmt: skip
+    return requests.get(
+        f"{stack.url}/auth/token",
+        params={"service": "tabbify-registry"},
+        auth=("x", credential),
+        timeout=30,
+    )
 
 
 def gateway_pid(stack: Stack) -> int:
@@ -97,8 +101,14 @@ def test_clients_recover_through_the_challenge_after_a_gateway_restart(
 ):
     oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/restart:v1"
-    r = skopeo("copy", "--dest-tls-verify=false", "--dest-creds", f"x:{acme_jwt}",
-               f"oci:{tmp_path / 'src'}:v1", ref)  # fmt: skip
+    r = skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{acme_jwt}",
+        f"oci:{tmp_path / 'src'}:v1",
+        ref,
+    )
     assert r.returncode == 0, r.stderr
     old = login(registry, acme_jwt).json()["token"]
     before = gateway_pid(registry)
@@ -106,8 +116,11 @@ def test_clients_recover_through_the_challenge_after_a_gateway_restart(
     assert gateway_pid(registry) != before
     registry.wait_ready()
     # The new process has a new secret: the old token is dead, the challenge says where to go.
-    r = requests.get(f"{registry.url}/v2/acme/restart/manifests/v1",
-                     headers={"Authorization": f"Bearer {old}"}, timeout=10)  # fmt: skip
+    r = requests.get(
+        f"{registry.url}/v2/acme/restart/manifests/v1",
+        headers={"Authorization": f"Bearer {old}"},
+        timeout=10,
+    )
     assert r.status_code == 401 and "realm=" in r.headers["WWW-Authenticate"]
     r = skopeo("inspect", "--tls-verify=false", "--creds", f"x:{acme_jwt}", ref)
     assert r.returncode == 0, r.stderr
@@ -129,8 +142,12 @@ def test_a_refused_1gib_upload_is_answered_without_buffering(registry, acme_jwt,
         # A sized reader makes requests send Content-Length; a generator makes it chunked.
         body = Zeros(GIB) if framing == "content-length" else iter(Zeros(GIB))
         started = time.monotonic()
-        r = requests.put(f"{registry.url}/v2/acme/big/blobs/uploads/x?digest=sha256:{'0' * 64}",
-                         data=body, headers=h, timeout=120)  # fmt: skip
+        r = requests.put(
+            f"{registry.url}/v2/acme/big/blobs/uploads/x?digest=sha256:{'0' * 64}",
+            data=body,
+            headers=h,
+            timeout=120,
+        )
         assert r.status_code == (403 if headers else 401), r.text
         assert r.json()["errors"][0]["code"] in ("UNAUTHORIZED", "DENIED")
         assert time.monotonic() - started < 60
@@ -157,8 +174,9 @@ def test_anonymous_dev_mode(tmp_path):
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
-    return subprocess.run([CLI, *args], env={**base, **env}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [CLI, *args], env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,9 +202,16 @@ def test_run_exits_nonzero_when_the_backend_cannot_start(tmp_path):
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        r = run_cli({"REGISTRY_DATA_DIR": str(tmp_path), "REGISTRY_BACKEND": "distribution",
-                     "REGISTRY_LISTEN": f"127.0.0.1:{free_port()}",
-                     "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{port}"}, "run", timeout=90)  # fmt: skip
+        r = run_cli(
+            {
+                "REGISTRY_DATA_DIR": str(tmp_path),
+                "REGISTRY_BACKEND": "distribution",
+                "REGISTRY_LISTEN": f"127.0.0.1:{free_port()}",
+                "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{port}",
+            },
+            "run",
+            timeout=90,
+        )
     assert r.returncode == 1
     assert "backend could not start" in r.stderr
 
@@ -215,8 +240,11 @@ def test_backend_down_and_malformed_requests_get_oci_errors_not_html(registry, a
     t = login(registry, acme_jwt).json()["token"]
     assert "backend: stopped" in registry.supervisorctl("stop", "backend")
     try:
-        r = requests.get(f"{registry.url}/v2/acme/x/tags/list",
-                         headers={"Authorization": f"Bearer {t}"}, timeout=10)  # fmt: skip
+        r = requests.get(
+            f"{registry.url}/v2/acme/x/tags/list",
+            headers={"Authorization": f"Bearer {t}"},
+            timeout=10,
+        )
         assert r.status_code == 502
         assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
         assert str(registry.backend_port) not in r.text
@@ -226,7 +254,9 @@ def test_backend_down_and_malformed_requests_get_oci_errors_not_html(registry, a
         registry.supervisorctl("start", "backend")
     registry.wait_ready()
     with socket.create_connection(("127.0.0.1", registry.port), timeout=10) as s:
-        s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
         answer = s.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 400") and '"errors"' in answer and "<html" not in answer

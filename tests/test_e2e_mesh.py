@@ -48,8 +48,9 @@ class MeshRegistry:
 
     def start(self) -> str:
         with open(self.log, "ab") as log:
-            self.proc = self.host.popen([CLI, "run"], env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = self.host.popen(
+                [CLI, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         state = self.data_dir / "mesh" / "state.json"
         poll(lambda: state.exists() or self.proc.poll() is not None, 30)
         assert self.proc.poll() is None, self.log.read_text()
@@ -121,11 +122,25 @@ def test_token_login_and_skopeo_push_pull_over_the_tunnel(mesh, tmp_path):
     jwt = tabbify_jwt({"network": "acme"})
     pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(4096, 2_000_000))
     ref = f"docker://{REG_NAME}:5000/acme/over-wg:v1"
-    r = skopeo(mesh.client_host, "copy", "--dest-tls-verify=false", "--dest-creds", f"x:{jwt}",
-               f"oci:{tmp_path / 'src'}:v1", ref)  # fmt: skip
+    r = skopeo(
+        mesh.client_host,
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        f"x:{jwt}",
+        f"oci:{tmp_path / 'src'}:v1",
+        ref,
+    )
     assert r.returncode == 0, r.stderr
-    r = skopeo(mesh.client_host, "copy", "--src-tls-verify=false", "--src-creds", f"x:{jwt}",
-               ref, f"oci:{tmp_path / 'out'}:v1")  # fmt: skip
+    r = skopeo(
+        mesh.client_host,
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        f"x:{jwt}",
+        ref,
+        f"oci:{tmp_path / 'out'}:v1",
+    )
     assert r.returncode == 0, r.stderr
     assert layout_blobs(tmp_path / "out") == pushed["blobs"]
 
@@ -159,8 +174,11 @@ HOLD_CONNECTION = textwrap.dedent(
 
 def test_a_peer_added_at_the_coordinator_joins_while_live_connections_stay(mesh, tmp_path):
     go = tmp_path / "go"
-    holder = mesh.client_host.popen([sys.executable, "-c", HOLD_CONNECTION, REG_NAME, str(go)],
-                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = mesh.client_host.popen(
+        [sys.executable, "-c", HOLD_CONNECTION, REG_NAME, str(go)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None
     assert holder.stdout.readline().split() == ["first", "401"]
 
@@ -199,8 +217,7 @@ def test_coordinator_down_at_restart_comes_up_on_persisted_state(mesh):
         assert mesh.registry.start() == mesh.ula
         assert "persisted ULA" in mesh.registry.log.read_text()
         # Peers came from the persisted set: the client still reaches the registry.
-        poll(lambda: " 401 " in curl(mesh.client_host, f"http://[{mesh.ula}]:5000/v2/").stdout,
-             15)  # fmt: skip
+        poll(lambda: " 401 " in curl(mesh.client_host, f"http://[{mesh.ula}]:5000/v2/").stdout, 15)
         joins = mesh.coordinator.joins
     finally:
         mesh.coordinator.set_down(False)
@@ -208,8 +225,11 @@ def test_coordinator_down_at_restart_comes_up_on_persisted_state(mesh):
 
 
 def test_first_boot_without_a_coordinator_fails_with_one_line(tmp_path):
-    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "REGISTRY_DATA_DIR": str(tmp_path),
-           "MESH_COORDINATOR_URL": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
+    env = {
+        "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+        "REGISTRY_DATA_DIR": str(tmp_path),
+        "MESH_COORDINATOR_URL": f"http://127.0.0.1:{free_port()}",
+    }
     r = subprocess.run([CLI, "run"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -221,13 +241,27 @@ def test_no_tun_device_is_one_clear_line(tmp_path):
         coordinator = CoordinatorStandin(net.gateway).start()
         try:
             host = net.add_host("notun")
-            env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "REGISTRY_DATA_DIR": str(tmp_path),
-                   "MESH_COORDINATOR_URL": coordinator.url, "MESH_AUTH_KEY": DEFAULT_AUTH_KEY,
-                   "MESH_INTERFACE": f"tbn{net.k}"}  # fmt: skip
+            env = {
+                "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+                "REGISTRY_DATA_DIR": str(tmp_path),
+                "MESH_COORDINATOR_URL": coordinator.url,
+                "MESH_AUTH_KEY": DEFAULT_AUTH_KEY,
+                "MESH_INTERFACE": f"tbn{net.k}",
+            }
             # A private mount namespace where /dev/net is empty: no TUN device.
-            r = host.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                          f'mount -t tmpfs none /dev/net && exec "{CLI}" mesh up'],
-                         env=env, timeout=60)  # fmt: skip
+            r = host.run(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    f'mount -t tmpfs none /dev/net && exec "{CLI}" mesh up',
+                ],
+                env=env,
+                timeout=60,
+            )
         finally:
             coordinator.stop()
     assert r.returncode != 0
@@ -241,9 +275,13 @@ def test_mesh_up_prints_the_ula(tmp_path):
         coordinator = CoordinatorStandin(net.gateway).start()
         try:
             host = net.add_host("up")
-            env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "REGISTRY_DATA_DIR": str(tmp_path),
-                   "MESH_COORDINATOR_URL": coordinator.url, "MESH_AUTH_KEY": DEFAULT_AUTH_KEY,
-                   "MESH_INTERFACE": f"tbu{net.k}"}  # fmt: skip
+            env = {
+                "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+                "REGISTRY_DATA_DIR": str(tmp_path),
+                "MESH_COORDINATOR_URL": coordinator.url,
+                "MESH_AUTH_KEY": DEFAULT_AUTH_KEY,
+                "MESH_INTERFACE": f"tbu{net.k}",
+            }
             r = host.run([CLI, "mesh", "up"], env=env, timeout=60)
             assert r.returncode == 0, r.stderr
             ula = r.stdout.strip()

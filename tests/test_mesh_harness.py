@@ -117,8 +117,9 @@ def test_http_over_the_tunnel(pair: tuple[Host, WgClient, Host, WgClient], tmp_p
     (tmp_path / "marker.txt").write_text("over-wireguard\n")
     server = a.popen(
         [sys.executable, "-m", "http.server", "--bind", wa.ula, "8080", "-d", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         a.wait_port(wa.ula, 8080)
         got = b.run(["curl", "-sSfg", "--max-time", "10", f"http://[{wa.ula}]:8080/marker.txt"])
@@ -147,8 +148,10 @@ def test_third_node_joins_and_leaves_without_disturbing_live_connections(
         a.wait_port(wa.ula, 9000)
         client = b.popen(
             [sys.executable, "-c", ECHO_CLIENT, wa.ula, "9000"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert readline(client) == "connected"
         assert exchange(client, "one") == "one"
 
@@ -185,8 +188,14 @@ def standin() -> Iterator[CoordinatorStandin]:
 
 
 def join(standin: CoordinatorStandin, **body: object) -> requests.Response:
-    payload = {"public_key": "pk", "tags": ["registry"], "hostname": "reg", "node_id": None,
-               "ula": None, **body}  # fmt: skip
+    payload = {
+        "public_key": "pk",
+        "tags": ["registry"],
+        "hostname": "reg",
+        "node_id": None,
+        "ula": None,
+        **body,
+    }
     return requests.post(f"{standin.url}/v1/nodes", json=payload, headers=auth(), timeout=5)
 
 
@@ -222,10 +231,18 @@ def test_coordinator_join_answer_and_peers(standin: CoordinatorStandin):
     peers_a = requests.get(
         f"{standin.url}/v1/nodes/{a['node_id']}/peers", headers=auth(), timeout=5
     ).json()["peers"]
-    peer_b = {"public_key": "pk-b", "endpoint": "10.77.0.3:51820",
-              "allowed_ips": ["fd5a:1f02:0:2::1/128"], "persistent_keepalive": 25}  # fmt: skip
-    peer_a = {"public_key": "pk-a", "endpoint": "127.0.0.1:51820",
-              "allowed_ips": ["fd5a:1f02:0:1::1/128"], "persistent_keepalive": 25}  # fmt: skip
+    peer_b = {
+        "public_key": "pk-b",
+        "endpoint": "10.77.0.3:51820",
+        "allowed_ips": ["fd5a:1f02:0:2::1/128"],
+        "persistent_keepalive": 25,
+    }
+    peer_a = {
+        "public_key": "pk-a",
+        "endpoint": "127.0.0.1:51820",
+        "allowed_ips": ["fd5a:1f02:0:1::1/128"],
+        "persistent_keepalive": 25,
+    }
     assert peers_a == [peer_b]
     assert join(standin, public_key="pk-c").json()["peers"] == [peer_a, peer_b]
 
@@ -287,11 +304,30 @@ def test_coordinator_down_refuses_connections_and_comes_back(standin: Coordinato
 def test_coordinator_join_from_a_namespace(underlay: Underlay, coordinator: CoordinatorStandin):
     """A node joining through the API from the underlay gets <source ip>:51820 as endpoint."""
     d = underlay.add_host("d")
-    body = json.dumps({"public_key": "pk-ns-d", "tags": ["registry"], "hostname": "d",
-                       "node_id": None, "ula": None})  # fmt: skip
-    got = d.run(["curl", "-sSf", "--max-time", "10", "-H", f"Authorization: Bearer {KEY}",
-                 "-H", "Content-Type: application/json", "-d", body,
-                 f"{coordinator.url}/v1/nodes"])  # fmt: skip
+    body = json.dumps(
+        {
+            "public_key": "pk-ns-d",
+            "tags": ["registry"],
+            "hostname": "d",
+            "node_id": None,
+            "ula": None,
+        }
+    )
+    got = d.run(
+        [
+            "curl",
+            "-sSf",
+            "--max-time",
+            "10",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            f"{coordinator.url}/v1/nodes",
+        ]
+    )
     assert got.returncode == 0, got.stderr
     answer = json.loads(got.stdout)
     assert coordinator.node(answer["node_id"]).endpoint == f"{d.ip}:51820"

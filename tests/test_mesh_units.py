@@ -19,10 +19,14 @@ GOOD = {
     "prefix": "fd5a:1f02::/32",
     "listen_port": 51820,
     "peers": [
-        {"public_key": KEY, "endpoint": "10.77.0.3:51820",
-         "allowed_ips": ["fd5a:1f02:0:2::1/128"], "persistent_keepalive": 25}
+        {
+            "public_key": KEY,
+            "endpoint": "10.77.0.3:51820",
+            "allowed_ips": ["fd5a:1f02:0:2::1/128"],
+            "persistent_keepalive": 25,
+        }
     ],
-}  # fmt: skip
+}
 
 
 def test_a_good_join_answer_parses():
@@ -59,8 +63,12 @@ def test_a_bad_join_answer_is_a_mesh_error(change):
 
 
 def test_peers_accept_ipv6_and_missing_endpoints():
-    peers = parse_peers([{"public_key": KEY, "endpoint": "[fd00::2]:51820", "allowed_ips": []},
-                         {"public_key": KEY, "allowed_ips": ["fd5a:1f02:0:3::1/128"]}])  # fmt: skip
+    peers = parse_peers(
+        [
+            {"public_key": KEY, "endpoint": "[fd00::2]:51820", "allowed_ips": []},
+            {"public_key": KEY, "allowed_ips": ["fd5a:1f02:0:3::1/128"]},
+        ]
+    )
     assert peers[0].endpoint == "[fd00::2]:51820" and peers[1].endpoint is None
 
 
@@ -102,8 +110,13 @@ def test_unreadable_state_is_a_mesh_error(tmp_path):
 
 
 def test_wg_config_has_the_key_port_and_peers():
-    state = NodeState("n-1", "fd5a:1f02:0:1::1", "fd5a:1f02::/32", 51820,
-                      (Peer(KEY, "10.77.0.3:51820", ("fd5a:1f02:0:2::1/128",), 25),))  # fmt: skip
+    state = NodeState(
+        "n-1",
+        "fd5a:1f02:0:1::1",
+        "fd5a:1f02::/32",
+        51820,
+        (Peer(KEY, "10.77.0.3:51820", ("fd5a:1f02:0:2::1/128",), 25),),
+    )
     text = interface.render(KEY, state)
     assert "[Interface]" in text and f"PrivateKey = {KEY}" in text and "ListenPort = 51820" in text
     assert "[Peer]" in text and "Endpoint = 10.77.0.3:51820" in text

@@ -195,9 +195,12 @@ class CoordinatorStandin:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 status, payload = standin._handle(
-                    method, self.path, self.headers.get("Authorization", ""), body,
+                    method,
+                    self.path,
+                    self.headers.get("Authorization", ""),
+                    body,
                     self.client_address[0],
-                )  # fmt: skip
+                )
                 with standin._lock:
                     standin.requests.append((method, self.path, status))
                 data = json.dumps(payload).encode()

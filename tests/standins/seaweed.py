@@ -28,11 +28,20 @@ class SeaweedS3:
         self.port = p["p3"]
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
-            str(ROOT / ".venv" / "bin" / "weed"), "server", f"-dir={workdir}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=8",
-            f"-master.port={p['p0']}", f"-volume.port={p['p1']}", f"-filer.port={p['p2']}",
-            "-s3", f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
+            str(ROOT / ".venv" / "bin" / "weed"),
+            "server",
+            f"-dir={workdir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-volume.max=8",
+            f"-master.port={p['p0']}",
+            f"-volume.port={p['p1']}",
+            f"-filer.port={p['p2']}",
+            "-s3",
+            f"-s3.port={self.port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SeaweedS3:
