@@ -13,6 +13,7 @@ from typing import IO
 
 from mitmproxy import http
 
+from addons.metrics import Metrics
 from addons.record import record
 
 
@@ -41,8 +42,21 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
     return line
 
 
+def backend_seconds(flow: http.HTTPFlow) -> float | None:
+    """Request fully sent → response headers from the backend (allowed registry flows)."""
+    rec, response = record(flow), flow.response
+    if rec.kind != "registry" or not rec.allowed or response is None:
+        return None
+    sent = flow.request.timestamp_end or flow.request.timestamp_start
+    return max(0.0, response.timestamp_start - sent) if response.timestamp_start else None
+
+
 class AccessLog:
-    def __init__(self, out: IO[str] | None = None) -> None:
+    """Writes the line and counts the flow in the metrics: the one place a finished flow is
+    observed."""
+
+    def __init__(self, metrics: Metrics | None = None, out: IO[str] | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.out = out or sys.stdout
 
     def _write(self, flow: http.HTTPFlow) -> None:
@@ -50,8 +64,18 @@ class AccessLog:
         if rec.logged:
             return
         rec.logged = True
-        self.out.write(json.dumps(entry(flow, time.time()), separators=(",", ":")) + "\n")
+        line = entry(flow, time.time())
+        self.out.write(json.dumps(line, separators=(",", ":")) + "\n")
         self.out.flush()
+        self.metrics.observe(
+            status=line["status"],  # type: ignore[arg-type]
+            decision=rec.decision,
+            kind=rec.kind,
+            bytes_in=line["bytes_in"],  # type: ignore[arg-type]
+            bytes_out=line["bytes_out"],  # type: ignore[arg-type]
+            auth_seconds=rec.auth_seconds,
+            backend_seconds=backend_seconds(flow),
+        )
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._write(flow)

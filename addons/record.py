@@ -17,6 +17,7 @@ class FlowRecord:
     reference: str | None = None
     route: str | None = None  # routes.Route.kind once decided: blob, upload, manifest, ...
     decision: str = "deny"  # allow[:<note>] | deny:<reason>; deny until someone allows
+    auth_seconds: float | None = None  # token flows: how long Tabbify auth took
     bytes_in: int = 0
     bytes_out: int = 0
     logged: bool = False

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -85,6 +87,7 @@ class Answer:
     response: http.Response
     decision: str  # allow | deny:<reason>
     tenant: str | None = None
+    auth_seconds: float | None = None  # how long Tabbify auth took, when it was asked
 
 
 class TokenEndpoint:
@@ -139,6 +142,7 @@ class TokenEndpoint:
                 "deny:internal-error",
             )
         flow.response, rec.tenant, rec.decision = outcome.response, outcome.tenant, outcome.decision
+        rec.auth_seconds = outcome.auth_seconds
 
     async def answer(self, request: http.Request) -> Answer:
         method = request.method
@@ -170,18 +174,22 @@ class TokenEndpoint:
             return fail(401, "UNAUTHORIZED", "a Tabbify token is required", "no-credential")
 
         verdict = await self.validate(credential)
+        timed = functools.partial(dataclasses.replace, auth_seconds=verdict.seconds)
         if verdict.outcome == "rejected":
-            return fail(401, "UNAUTHORIZED", "Tabbify auth rejected the credential", "rejected")
+            return timed(
+                fail(401, "UNAUTHORIZED", "Tabbify auth rejected the credential", "rejected")
+            )
         if verdict.outcome == "unavailable":
-            return fail(503, "UNAVAILABLE", "Tabbify auth is unavailable; retry", "auth-down")
+            return timed(
+                fail(503, "UNAVAILABLE", "Tabbify auth is unavailable; retry", "auth-down")
+            )
         if verdict.outcome != "granted" or verdict.tenant is None:
-            return fail(403, "DENIED", verdict.reason or "no tenant", "tenant")
+            return timed(fail(403, "DENIED", verdict.reason or "no tenant", "tenant"))
 
         token, issued = self.signer.mint(verdict.tenant)
         scope = granted_scopes(verdict.tenant, scopes) if method == "POST" else None
-        return Answer(
-            oci.json_response(200, token_payload(token, issued, scope)), "allow", verdict.tenant
-        )
+        payload = token_payload(token, issued, scope)
+        return Answer(oci.json_response(200, payload), "allow", verdict.tenant, verdict.seconds)
 
     async def validate(self, credential: str) -> Verdict:
         """Ask auth off the event loop; the overall wait is bounded whatever auth does."""

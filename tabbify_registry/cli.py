@@ -54,6 +54,9 @@ def mitmdump_command(s: Settings) -> list[str]:
         # Tenant isolation by digest: only with tenants (auth on).
         "--set", f"registry_ledger={'' if s.anonymous else s.data_dir / 'ledger' / 'ledger.db'}",
         "--set", f"registry_backend={upstream}",
+        "--set", f"registry_admin={s.admin_addr.hostport}",
+        "--set", f"registry_mesh_interface={s.mesh_interface if s.mesh_coordinator_url else ''}",
+        "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
     ]  # fmt: skip
 
 

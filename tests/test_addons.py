@@ -101,7 +101,7 @@ def gw() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
     tokens, access = TokenEndpoint(signer), RegistryAccess(signer)
-    refusals, log = Refusals(), AccessLog(out)
+    refusals, log = Refusals(), AccessLog(out=out)
     with taddons.context(tokens, access, refusals, log) as tctx:
         tctx.configure(access, registry_anonymous=False, registry_realm=REALM)
         tctx.configure(tokens, registry_auth_url="http://127.0.0.1:9/")
@@ -113,7 +113,7 @@ def anon() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
     tokens, access = TokenEndpoint(signer), RegistryAccess(signer)
-    refusals, log = Refusals(), AccessLog(out)
+    refusals, log = Refusals(), AccessLog(out=out)
     with taddons.context(tokens, access, refusals, log) as tctx:
         tctx.configure(access, registry_anonymous=True, registry_realm="")
         yield Gateway(tctx, signer, tokens, access, refusals, log, out)

@@ -1,0 +1,123 @@
+"""The operator's loopback endpoint (CONTRACTS §6): /healthz, /metrics and /capture.
+
+A tiny HTTP/1.0 server on mitmproxy's event loop, so it sees the gateway's live counters.
+REGISTRY_ADMIN_ADDR is refused at start-up unless it is loopback (settings.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from mitmproxy import ctx
+from mitmproxy.addonmanager import Loader
+
+from addons.capture import Capture
+from addons.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+PROBE_TIMEOUT = 2.0
+
+
+async def backend_ok(url: str) -> bool:
+    """The backend answers `GET /v2/` with anything but a 5xx."""
+    parts = urlsplit(url)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port), PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
+        fields = status_line.split()
+        return len(fields) >= 2 and fields[1].isdigit() and int(fields[1]) < 500
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def interface_up(name: str) -> bool:
+    """IFF_UP on the mesh interface (WireGuard links report operstate "unknown")."""
+    try:
+        return bool(int(Path(f"/sys/class/net/{name}/flags").read_text(), 16) & 0x1)
+    except (OSError, ValueError):
+        return False
+
+
+class Admin:
+    def __init__(self, metrics: Metrics, capture: Capture) -> None:
+        self.metrics = metrics
+        self.capture = capture
+        self.server: asyncio.Server | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_admin", str, "", "Admin listen host:port (loopback); empty = off."
+        )
+        loader.add_option("registry_mesh_interface", str, "", "Mesh interface for /healthz.")
+
+    async def running(self) -> None:
+        addr = ctx.options.registry_admin
+        if not addr:
+            return
+        host, _, port = addr.rpartition(":")
+        try:
+            self.server = await asyncio.start_server(self._serve, host.strip("[]"), int(port))
+        except OSError as e:
+            logger.error("admin endpoint cannot listen on %s: %s", addr, e)
+
+    async def done(self) -> None:
+        if self.server:
+            self.server.close()
+
+    async def health(self) -> tuple[int, dict[str, str]]:
+        backend = "ok" if await backend_ok(ctx.options.registry_backend) else "down"
+        name = ctx.options.registry_mesh_interface
+        mesh = "absent" if not name else ("ok" if interface_up(name) else "down")
+        status = "ok" if backend == "ok" and mesh != "down" else "down"
+        return (200 if status == "ok" else 503), {
+            "status": status,
+            "backend": backend,
+            "mesh": mesh,
+        }
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, target = head.split(b" ", 2)[:2]
+            status, content_type, body = await self.route(method.decode(), target.decode())
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            status, content_type, body = 400, "text/plain", b"bad request\n"
+        writer.write(
+            f"HTTP/1.0 {status} X\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+    async def route(self, method: str, target: str) -> tuple[int, str, bytes]:
+        parts = urlsplit(target)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == "/healthz" and method == "GET":
+            status, payload = await self.health()
+            return status, "application/json", json.dumps(payload).encode()
+        if parts.path == "/metrics" and method == "GET":
+            return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
+        if parts.path == "/capture":
+            if method == "POST":
+                self.capture.start(float(query.get("seconds", 60)), float(query.get("max_mb", 64)))
+            elif method == "DELETE":
+                self.capture.stop()
+            elif method != "GET":
+                return 405, "text/plain", b"method not allowed\n"
+            return 200, "application/json", json.dumps(self.capture.status()).encode()
+        return 404, "text/plain", b"not found\n"

@@ -1,0 +1,93 @@
+"""Prometheus text metrics (CONTRACTS §6), fed by the access log, served by the admin addon.
+
+Labels are bounded on purpose: status class, allow/deny, token outcome. Never a tenant or a
+repository: they are unbounded and belong in the access log.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def lines(self, name: str) -> list[str]:
+        out, cumulative = [], 0
+        for bound, n in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
+        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {cumulative}"]
+        return out
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.tokens: Counter[str] = Counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.auth_latency = Histogram()
+        self.backend_latency = Histogram()
+
+    def observe(
+        self,
+        *,
+        status: int | None,
+        decision: str,
+        kind: str,
+        bytes_in: int,
+        bytes_out: int,
+        auth_seconds: float | None,
+        backend_seconds: float | None,
+    ) -> None:
+        status_class = f"{status // 100}xx" if status else "none"
+        verdict = "allow" if decision.startswith("allow") else "deny"
+        self.requests[(status_class, verdict)] += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        if kind == "token":
+            self.tokens["granted" if verdict == "allow" else decision.partition(":")[2]] += 1
+        if auth_seconds is not None:
+            self.auth_latency.observe(auth_seconds)
+        if backend_seconds is not None:
+            self.backend_latency.observe(backend_seconds)
+
+    def render(self) -> str:
+        lines = [
+            "# HELP tabbify_requests_total Requests through the gateway.",
+            "# TYPE tabbify_requests_total counter",
+        ]
+        for (status_class, decision), n in sorted(self.requests.items()):
+            lines.append(
+                f'tabbify_requests_total{{status_class="{status_class}",decision="{decision}"}} {n}'
+            )
+        lines += [
+            "# HELP tabbify_bytes_total Body bytes through the gateway.",
+            "# TYPE tabbify_bytes_total counter",
+            f'tabbify_bytes_total{{direction="in"}} {self.bytes_in}',
+            f'tabbify_bytes_total{{direction="out"}} {self.bytes_out}',
+            "# HELP tabbify_token_exchanges_total /auth/token answers by outcome.",
+            "# TYPE tabbify_token_exchanges_total counter",
+        ]
+        for outcome, n in sorted(self.tokens.items()):
+            lines.append(f'tabbify_token_exchanges_total{{outcome="{outcome}"}} {n}')
+        lines += [
+            "# HELP tabbify_auth_latency_seconds Time Tabbify auth took to validate a JWT.",
+            "# TYPE tabbify_auth_latency_seconds histogram",
+            *self.auth_latency.lines("tabbify_auth_latency_seconds"),
+            "# HELP tabbify_backend_latency_seconds Request end to backend response headers.",
+            "# TYPE tabbify_backend_latency_seconds histogram",
+            *self.backend_latency.lines("tabbify_backend_latency_seconds"),
+        ]
+        return "\n".join(lines) + "\n"

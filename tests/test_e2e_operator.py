@@ -1,0 +1,93 @@
+"""The operator's view (CONTRACTS §6): /healthz, /metrics and redacted debug captures."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import requests
+from mitmproxy import io
+
+from tests.stack import ROOT, Stack, wait_for
+from tests.test_e2e_gateway import bearer, push_blob, token
+
+pytestmark = pytest.mark.e2e
+
+
+def admin(stack: Stack) -> str:
+    return "http://" + stack.env["REGISTRY_ADMIN_ADDR"]
+
+
+def test_healthz_names_what_is_down(registry):
+    r = requests.get(f"{admin(registry)}/healthz", timeout=10)
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "backend": "ok", "mesh": "absent"}
+    registry.supervisorctl("stop", "backend")
+    try:
+        r = requests.get(f"{admin(registry)}/healthz", timeout=10)
+        assert r.status_code == 503
+        assert r.json() == {"status": "down", "backend": "down", "mesh": "absent"}
+    finally:
+        registry.supervisorctl("start", "backend")
+    registry.wait_ready()
+
+
+def test_metrics_count_requests_bytes_and_token_exchanges(registry, acme_jwt):
+    t = bearer(token(registry, acme_jwt))
+    push_blob(registry, "acme/metered", b"x" * 10_000, t)
+    requests.get(f"{registry.url}/v2/globex/x/tags/list", headers=t, timeout=10)
+    requests.get(f"{registry.url}/auth/token", auth=("x", "not.a.jwt"), timeout=10)
+    text = requests.get(f"{admin(registry)}/metrics", timeout=10).text
+
+    def value(prefix: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+    assert value('tabbify_requests_total{status_class="2xx",decision="allow"}') >= 2
+    assert value('tabbify_requests_total{status_class="4xx",decision="deny"}') >= 1
+    assert value('tabbify_bytes_total{direction="in"}') >= 10_000
+    assert value('tabbify_token_exchanges_total{outcome="granted"}') >= 1
+    assert value('tabbify_token_exchanges_total{outcome="rejected"}') >= 1
+    assert value("tabbify_auth_latency_seconds_count") >= 2
+    assert value("tabbify_backend_latency_seconds_count") >= 2
+    assert "acme" not in text  # no tenant labels
+
+
+def test_outside_loopback_there_is_no_admin(registry):
+    assert registry.env["REGISTRY_ADMIN_ADDR"].startswith("127.0.0.1:")
+    assert (
+        requests.get(f"{registry.url}/healthz", timeout=10).status_code == 404
+    )  # not on the gateway
+
+
+def test_a_debug_capture_is_bounded_redacted_and_readable(registry, acme_jwt):
+    r = requests.post(f"{admin(registry)}/capture", params={"seconds": 30, "max_mb": 1}, timeout=10)
+    assert r.status_code == 200 and r.json()["active"]
+    path = r.json()["file"]
+    t = token(registry, acme_jwt)
+    push_blob(registry, "acme/captured", b"secret layer bytes", bearer(t))
+    requests.post(
+        f"{registry.url}/auth/token",
+        timeout=10,
+        data={"grant_type": "password", "password": acme_jwt},
+    )
+    wait_for(lambda: requests.get(f"{admin(registry)}/capture", timeout=5).json()["flows"] >= 4, 10)
+    assert not requests.delete(f"{admin(registry)}/capture", timeout=10).json()["active"]
+
+    raw = open(path, "rb").read()
+    for secret in (acme_jwt, t, acme_jwt.split(".")[2], t.split(".")[2], "secret layer bytes"):
+        assert secret.encode() not in raw
+    with open(path, "rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert len(flows) >= 4
+    authorized = [f for f in flows if "authorization" in f.request.headers]
+    assert authorized and all(f.request.headers["authorization"] == "REDACTED" for f in authorized)
+    assert all(
+        not f.request.raw_content and not (f.response and f.response.raw_content) for f in flows
+    )
+    r = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "mitmdump"), "-nr", path, "--set", "flow_detail=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "/v2/acme/captured/blobs/uploads/" in r.stdout
