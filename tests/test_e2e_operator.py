@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import requests
@@ -73,7 +74,7 @@ def test_a_debug_capture_is_bounded_redacted_and_readable(registry, acme_jwt):
     wait_for(lambda: requests.get(f"{admin(registry)}/capture", timeout=5).json()["flows"] >= 4, 10)
     assert not requests.delete(f"{admin(registry)}/capture", timeout=10).json()["active"]
 
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     for secret in (acme_jwt, t, acme_jwt.split(".")[2], t.split(".")[2], "secret layer bytes"):
         assert secret.encode() not in raw
     with open(path, "rb") as f:
