@@ -78,6 +78,8 @@ class RegistryAccess:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if not {"registry_realm", "registry_anonymous"} & updated:
+            return
         realm = ctx.options.registry_realm
         if not ctx.options.registry_anonymous and not re.match(r"https?://[^/]+/", realm):
             raise exceptions.OptionsError(

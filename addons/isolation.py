@@ -106,11 +106,12 @@ class TenantIsolation:
         if by_digest and not await self._has(rec.tenant, ref):
             return deny(404, "MANIFEST_UNKNOWN", "manifest unknown", "unknown-digest")
         if rec.route == "manifest" and method == "PUT":
-            if has_large_body(request) and (
-                "transfer-encoding" in request.headers
-                or int(request.headers.get("content-length", "0")) > MAX_MANIFEST
-            ):
-                return deny(413, "SIZE_INVALID", "manifest too large", "manifest-size")
+            if "transfer-encoding" in request.headers:
+                return deny(
+                    411, "SIZE_INVALID", "a manifest needs a Content-Length", "manifest-size"
+                )
+            if has_large_body(request) and int(request.headers["content-length"]) > MAX_MANIFEST:
+                return deny(413, "SIZE_INVALID", "manifest larger than 4 MiB", "manifest-size")
             request.stream = False  # buffer it (≤ 4 MiB): its references are checked in `request`
             return None
         if rec.route == "upload" and method == "POST":
@@ -121,11 +122,12 @@ class TenantIsolation:
                 ]
                 rec.decision = "allow:mount dropped"
         if rec.route == "upload" and method in ("PUT", "POST"):
-            digest = request.query.get("digest")
+            # A kept mount wins over `digest` (the backend acts on the mount and ignores
+            # digest): record what was mounted, never a digest merely named beside it.
+            mount = request.query.get("mount") if method == "POST" else None
+            digest = mount or request.query.get("digest")
             if digest and _DIGEST.fullmatch(digest):
                 flow.metadata[_PENDING] = [digest]
-            elif mount := request.query.get("mount"):
-                flow.metadata[_PENDING] = [mount]
         return None
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -163,8 +165,8 @@ class TenantIsolation:
             return
         if flow.response.status_code == 201:  # created: a 202 mount answer means "not mounted"
             confirmed = flow.response.headers.get("docker-content-digest")
-            if rec.route == "upload" and confirmed and _DIGEST.fullmatch(confirmed):
-                pending = [confirmed]  # what the backend verified the bytes to be
+            if rec.route == "upload" and confirmed and confirmed not in pending:
+                return  # the backend stored something else than what was named: record nothing
             self.ledger.add(rec.tenant, pending)
 
     async def done(self) -> None:

@@ -24,8 +24,13 @@ class InvalidToken(Exception):
 
 
 class TokenSigner:
+    CACHE = 10_000
+
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
+        # token → (tenant, exp): a client sends the same token for minutes; verifying it once
+        # is enough until it expires. Only tokens that passed full verification get here.
+        self._verified: dict[str, tuple[str, int]] = {}
 
     def mint(self, tenant: str, now: float | None = None) -> tuple[str, int]:
         """A token for `tenant` and its issue time (epoch seconds)."""
@@ -43,6 +48,9 @@ class TokenSigner:
 
     def verify(self, token: str) -> str:
         """The tenant inside a valid, unexpired token of ours; InvalidToken otherwise."""
+        hit = self._verified.get(token)
+        if hit is not None and time.time() < hit[1]:
+            return hit[0]
         try:
             claims = jwt.decode(
                 token,
@@ -57,4 +65,7 @@ class TokenSigner:
         tenant = claims.get("sub")
         if not isinstance(tenant, str) or not tenant:
             raise InvalidToken("no tenant")
+        if len(self._verified) >= self.CACHE:
+            self._verified.clear()
+        self._verified[token] = (tenant, int(claims["exp"]))
         return tenant

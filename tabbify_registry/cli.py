@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-import addons
 from mesh import bootstrap
 from mesh.state import MeshError
 from tabbify_registry import settings as settings_mod
@@ -33,21 +32,19 @@ BIN = Path(sys.executable).parent
 
 
 def mitmdump_command(s: Settings) -> list[str]:
-    """mitmdump in reverse mode on REGISTRY_LISTEN, loading the gateway addons.
+    """The gateway (mitmproxy's engine, as mitmdump, see addons/gateway.py) in reverse mode on
+    REGISTRY_LISTEN.
 
     An IPv6 listen host goes without brackets (mitmproxy's mode syntax); the upstream URL
     keeps them. `lazy` so a dead backend does not break answers the addons give themselves.
     """
     upstream = f"http://{s.backend_addr.hostport}"
     return [
-        str(BIN / "mitmdump"),
+        sys.executable, "-m", "addons.gateway",
         "--mode", f"reverse:{upstream}@{s.listen.host}:{s.listen.port}",
         "--set", "connection_strategy=lazy",
         "--set", f"confdir={s.runtime_dir / 'mitmproxy'}",
-        "--set", "onboarding=false",
         "--set", "termlog_verbosity=warn",
-        "--set", "flow_detail=0",
-        "-s", str(Path(addons.__file__).parent / "gateway.py"),
         "--set", f"registry_anonymous={'true' if s.anonymous else 'false'}",
         "--set", f"registry_realm={s.realm}",
         "--set", f"registry_auth_url={s.auth_url or ''}",
