@@ -111,6 +111,15 @@ def mesh_settings(env: Mapping[str, str]) -> Settings:
     return settings_mod.load(env, ula=bootstrap.up(s))
 
 
+def wait_reaping(pid: int) -> int:
+    """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
+    inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
+    while True:
+        child, status = os.wait()
+        if child == pid:
+            return os.waitstatus_to_exitcode(status)
+
+
 def run(env: Mapping[str, str]) -> int:
     s = mesh_settings(env)
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +135,7 @@ def run(env: Mapping[str, str]) -> int:
     )
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: supervisord.send_signal(signum))
-    status = supervisord.wait()
+    status = wait_reaping(supervisord.pid)
     if fatal.exists():
         program = fatal.read_text().strip()
         print(f"tabbify-registry: {program} could not start; stopped", file=sys.stderr)
