@@ -8,6 +8,7 @@ headers scrubbed, body streamed both ways, backend addresses removed from the an
 
 from __future__ import annotations
 
+import json
 import re
 
 from mitmproxy import ctx, exceptions, http
@@ -52,6 +53,15 @@ def relative(url: str) -> str:
 def relative_links(value: str) -> str:
     """`<http://backend/v2/...>; rel="next"` → `</v2/...>; rel="next"`."""
     return re.sub(r"<([^>]*)>", lambda m: f"<{relative(m[1])}>", value)
+
+
+def backend_error_code(body: bytes) -> str:
+    """The first OCI error code of a backend error body, else UNKNOWN."""
+    try:
+        code = json.loads(body)["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "UNKNOWN"
+    return code if isinstance(code, str) and re.fullmatch(r"[A-Z_]{1,40}", code) else "UNKNOWN"
 
 
 def scrub(headers: http.Headers) -> None:
@@ -163,4 +173,21 @@ class RegistryAccess:
             headers["location"] = relative(headers["location"])
         if "link" in headers:
             headers["link"] = relative_links(headers["link"])
+        if flow.response.status_code >= 500:  # type: ignore[union-attr]
+            return  # small, and rewritten in `response`: not streamed
         flow.response.stream = rec.count_out  # type: ignore[union-attr]
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """A backend 5xx keeps its status and error code but loses its message and detail:
+        they carry storage paths and internal addresses (e.g. on a full disk)."""
+        rec, response = record(flow), flow.response
+        if rec.kind != "registry" or not rec.allowed or response is None:
+            return
+        if response.status_code < 500 or response.stream:
+            return
+        flow.response = oci.error_response(
+            response.status_code,
+            backend_error_code(response.content or b""),
+            "the registry backend failed; retry",
+            method=flow.request.method,
+        )

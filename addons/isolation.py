@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import sqlite3
 from pathlib import Path
 
 from mitmproxy import ctx, http
@@ -158,6 +159,12 @@ class TenantIsolation:
             return
         flow.metadata[_PENDING] = ["sha256:" + hashlib.sha256(body).hexdigest(), *refs]
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # A 201 we may have to record is held back (its body is empty or tiny) so that the
+        # `response` hook can still turn it into an error if the record cannot be written.
+        if _PENDING in flow.metadata and flow.response and flow.response.status_code == 201:
+            flow.response.stream = False
+
     def response(self, flow: http.HTTPFlow) -> None:
         pending = flow.metadata.pop(_PENDING, None)
         rec = record(flow)
@@ -167,7 +174,17 @@ class TenantIsolation:
             confirmed = flow.response.headers.get("docker-content-digest")
             if rec.route == "upload" and confirmed and confirmed not in pending:
                 return  # the backend stored something else than what was named: record nothing
-            self.ledger.add(rec.tenant, pending)
+            try:
+                self.ledger.add(rec.tenant, pending)
+            except sqlite3.Error:
+                logger.exception("ledger: could not record a confirmed push; answering 503")
+                rec.decision = "deny:ledger-unavailable"
+                flow.response = oci.error_response(
+                    503,
+                    "UNAVAILABLE",
+                    "the registry could not record this push; retry",
+                    method=flow.request.method,
+                )
 
     async def done(self) -> None:
         if self._task:
