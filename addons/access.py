@@ -64,11 +64,15 @@ def backend_error_code(body: bytes) -> str:
     return code if isinstance(code, str) and re.fullmatch(r"[A-Z_]{1,40}", code) else "UNKNOWN"
 
 
+_SCRUBBED = ("authorization", "forwarded", "x-real-ip", "upgrade", "http2-settings")
+
+
 def scrub(headers: http.Headers) -> None:
-    """Nothing the client says about proxies or credentials reaches the backend."""
+    """Nothing the client says about proxies or credentials reaches the backend, and no
+    protocol upgrade: a 101 would turn the connection into a pipe past the gateway."""
     for name in list(headers.keys()):
         lower = name.lower()
-        if lower in ("authorization", "forwarded", "x-real-ip") or lower.startswith("x-forwarded-"):
+        if lower in _SCRUBBED or lower.startswith("x-forwarded-"):
             del headers[name]
 
 

@@ -33,9 +33,8 @@ from mitmproxy.addons import (
     termlog,
     tlsconfig,
 )
-from mitmproxy.proxy.layers.http import _http1
 
-from addons import oci
+from addons import hardening
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.admin import Admin
@@ -59,20 +58,6 @@ def gateway_addons() -> list[Any]:
         capture,
         Admin(metrics, capture),
     ]
-
-
-READ_SIZE = 1 << 20
-_stream_read = asyncio.StreamReader.read
-
-
-async def _read_larger(self: asyncio.StreamReader, n: int = -1) -> bytes:
-    """mitmproxy reads connections 64 KiB at a time, and every read is a trip through its
-    layers and our hooks. Reading up to 1 MiB when that much is waiting cuts the per-byte cost
-    of large bodies; memory stays bounded (1 MiB per read buffer)."""
-    if n == 65535:
-        self._limit = max(self._limit, READ_SIZE)  # type: ignore[attr-defined]
-        n = READ_SIZE
-    return await _stream_read(self, n)
 
 
 def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> master.Master:
@@ -100,8 +85,7 @@ async def run(argv: list[str]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
     args = parser.parse_args(argv)
 
-    _http1.make_error_response = oci.protocol_error_response  # no HTML error pages, ever
-    asyncio.StreamReader.read = _read_larger  # type: ignore[method-assign]
+    hardening.apply()  # mitmproxy engine patches: see addons/hardening.py
     try:
         m = make_master(options.Options(), args.mode, args.set)
     except exceptions.OptionsError as e:

@@ -53,10 +53,10 @@ def protocol_error_response(status_code: int, message: str = "") -> bytes:
     """
     if status_code >= 500:
         code, message = "UNAVAILABLE", "the registry backend is unavailable; retry"
-    elif status_code == 413:
+    elif status_code in (413, 431):
         code = "SIZE_INVALID"
-    else:
-        code = "UNSUPPORTED"
+    else:  # mitmproxy's text quotes its own options and internals: keep it generic
+        code, message = "UNSUPPORTED", "malformed HTTP request"
     response = http.Response.make(
         status_code,
         error_body(code, message),

@@ -1,0 +1,83 @@
+"""Patches to mitmproxy 12.3.1's HTTP/1 engine, applied once by the gateway process.
+
+mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to-end tests
+(tests/test_e2e_hostile.py, test_e2e_lifecycle.py) that fail without it.
+
+1. Error pages: mitmproxy answers malformed requests and an unreachable backend with HTML that
+   no hook can restyle, quoting its own internals. We answer OCI JSON (`oci.protocol_error`).
+2. Bounded heads: mitmproxy buffers a request head, and h11 a chunk-size line, without limit
+   (mitmproxy's own "FIXME: protect against header size DoS"): 1 MiB head, 64 KiB chunk line.
+3. A leading empty line before the request line is ignored (RFC 9112 §2.2) instead of leaving
+   the client waiting: h11 drops one such line per call and mitmproxy then waits for more data.
+4. Reads of up to 1 MiB instead of 64 KiB: every read is one trip through mitmproxy's layers
+   and our hooks; larger reads cut the per-byte cost of layers (measured: push 0.84x → 0.98x
+   of direct, pull 0.5x → 0.6-0.7x). Memory stays bounded: one 1 MiB buffer per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+from typing import Any
+
+import h11
+from h11._readers import ChunkedReader
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import _http1
+
+from addons import oci
+
+MAX_HEAD = 1 << 20  # as Go's http.DefaultMaxHeaderBytes
+MAX_CHUNK_LINE = 64 * 1024  # a chunk-size line (with extensions) or the trailer section
+READ_SIZE = 1 << 20
+MITMPROXY_READ = 65535  # what mitmproxy's ConnectionHandler asks for
+
+_read_headers = _http1.Http1Server.read_headers
+_make_body_reader = _http1.make_body_reader
+_stream_read = asyncio.StreamReader.read
+
+
+def read_headers(self: Any, event: events.Event) -> Generator[Any, Any, None]:
+    yield from _read_headers(self, event)
+    for _ in range(4):  # parse what is buffered after leading empty lines
+        if not (
+            self.state == self.read_headers and self.buf and isinstance(event, events.DataReceived)
+        ):
+            break
+        before = len(self.buf)
+        yield from _read_headers(self, events.DataReceived(self.conn, b""))
+        if len(self.buf) == before:
+            break
+    if self.state == self.read_headers and len(self.buf) > MAX_HEAD:
+        self.buf = type(self.buf)()  # drop it now (and keep mitmproxy's close-time log small)
+        yield commands.SendData(
+            self.conn, oci.protocol_error_response(431, "request head too large")
+        )
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+
+class BoundedChunkedReader(ChunkedReader):
+    def __call__(self, buf: Any) -> Any:
+        event = super().__call__(buf)
+        if event is None and len(buf) > MAX_CHUNK_LINE:  # still waiting for a line
+            raise h11.RemoteProtocolError("chunk line too long")
+        return event
+
+
+def make_body_reader(expected_size: int | None) -> Any:
+    return BoundedChunkedReader() if expected_size is None else _make_body_reader(expected_size)
+
+
+async def read_larger(self: asyncio.StreamReader, n: int = -1) -> bytes:
+    if n == MITMPROXY_READ:
+        self._limit = max(self._limit, READ_SIZE)  # type: ignore[attr-defined]
+        n = READ_SIZE
+    return await _stream_read(self, n)
+
+
+def apply() -> None:
+    _http1.make_error_response = oci.protocol_error_response
+    _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
+    _http1.make_body_reader = make_body_reader
+    asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
