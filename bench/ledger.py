@@ -60,7 +60,7 @@ def main() -> None:
                 next((o for o in off if a.startswith(o)), a)
                 for a in mitmdump_command(settings_mod.load(env))
             ]
-            plain = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            plain = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             plain_url = f"http://127.0.0.1:{port}"
             wait_for(lambda: requests.get(f"{plain_url}/v2/", timeout=2).status_code == 401, 20)
             targets = {
