@@ -42,6 +42,19 @@ def skopeo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
     )
 
 
+def skopeo_copy(
+    src: str, dest: str, credential: str | None = None, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`skopeo copy` with the flags every registry side needs here (plain HTTP, Tabbify JWT)."""
+    args = ["copy", *extra]
+    for side, ref in (("src", src), ("dest", dest)):
+        if ref.startswith("docker://"):
+            args.append(f"--{side}-tls-verify=false")
+            if credential:
+                args += [f"--{side}-creds", f"x:{credential}"]
+    return skopeo(*args, src, dest)
+
+
 @pytest.fixture
 def layout_dir(tmp_path: Path) -> Path:
     return tmp_path / "layout"

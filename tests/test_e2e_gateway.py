@@ -12,7 +12,7 @@ import jwt
 import pytest
 import requests
 
-from tests.conftest import skopeo
+from tests.conftest import skopeo, skopeo_copy
 from tests.images import layout_blobs, oci_index_layout, oci_layout
 from tests.stack import Stack, wait_for
 
@@ -55,23 +55,9 @@ def push_blob(stack: Stack, repo: str, blob: bytes, headers: dict[str, str]) -> 
 def test_skopeo_oci_image_round_trips_byte_identical(registry, acme_jwt, tmp_path):
     pushed = oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/demo:v1"
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        f"oci:{tmp_path / 'src'}:v1",
-        ref,
-    )
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
     assert r.returncode == 0, r.stderr
-    r = skopeo(
-        "copy",
-        "--src-tls-verify=false",
-        "--src-creds",
-        f"x:{acme_jwt}",
-        ref,
-        f"oci:{tmp_path / 'out'}:v1",
-    )
+    r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
     assert r.returncode == 0, r.stderr
     pulled = layout_blobs(tmp_path / "out")
     assert pulled[pushed["digest"]] == pushed["blobs"][pushed["digest"]]  # manifest bytes
@@ -81,28 +67,12 @@ def test_skopeo_oci_image_round_trips_byte_identical(registry, acme_jwt, tmp_pat
 def test_skopeo_docker_image_round_trips(registry, acme_jwt, tmp_path):
     pushed = oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/dockerish:v2"
-    r = skopeo(
-        "copy",
-        "--format",
-        "v2s2",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        f"oci:{tmp_path / 'src'}:v1",
-        ref,
-    )
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt, "--format", "v2s2")
     assert r.returncode == 0, r.stderr
     r = skopeo("inspect", "--raw", "--tls-verify=false", "--creds", f"x:{acme_jwt}", ref)
     manifest = json.loads(r.stdout)
     assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
-    r = skopeo(
-        "copy",
-        "--src-tls-verify=false",
-        "--src-creds",
-        f"x:{acme_jwt}",
-        ref,
-        f"dir:{tmp_path / 'out'}",
-    )
+    r = skopeo_copy(ref, f"dir:{tmp_path / 'out'}", acme_jwt)
     assert r.returncode == 0, r.stderr
     for entry in manifest["layers"]:
         pulled = (tmp_path / "out" / entry["digest"].removeprefix("sha256:")).read_bytes()
@@ -112,14 +82,7 @@ def test_skopeo_docker_image_round_trips(registry, acme_jwt, tmp_path):
 def test_nothing_under_another_tenant_can_be_touched(registry, acme_jwt, globex_jwt, tmp_path):
     oci_layout(tmp_path / "src", "v1")
     src = f"oci:{tmp_path / 'src'}:v1"
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        src,
-        f"docker://{registry.host}/acme/private:v1",
-    )
+    r = skopeo_copy(src, f"docker://{registry.host}/acme/private:v1", acme_jwt)
     assert r.returncode == 0, r.stderr
     # globex can neither read acme's image nor write into acme's namespace.
     r = skopeo(
@@ -130,24 +93,10 @@ def test_nothing_under_another_tenant_can_be_touched(registry, acme_jwt, globex_
         f"docker://{registry.host}/acme/private:v1",
     )
     assert r.returncode != 0
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{globex_jwt}",
-        src,
-        f"docker://{registry.host}/acme/private:v2",
-    )
+    r = skopeo_copy(src, f"docker://{registry.host}/acme/private:v2", globex_jwt)
     assert r.returncode != 0
     # acme cannot write under globex/ either.
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        src,
-        f"docker://{registry.host}/globex/stolen:v1",
-    )
+    r = skopeo_copy(src, f"docker://{registry.host}/globex/stolen:v1", acme_jwt)
     assert r.returncode != 0
     t = token(registry, globex_jwt)
     for method, path in [
@@ -326,25 +275,9 @@ def test_access_log_has_one_line_per_request_and_no_secrets(registry, acme_jwt):
 def test_multi_arch_index_round_trips(registry, acme_jwt, tmp_path):
     pushed = oci_index_layout(tmp_path / "src", "multi")
     ref = f"docker://{registry.host}/acme/multi:v1"
-    r = skopeo(
-        "copy",
-        "--all",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        f"oci:{tmp_path / 'src'}:multi",
-        ref,
-    )
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:multi", ref, acme_jwt, "--all")
     assert r.returncode == 0, r.stderr
-    r = skopeo(
-        "copy",
-        "--all",
-        "--src-tls-verify=false",
-        "--src-creds",
-        f"x:{acme_jwt}",
-        ref,
-        f"oci:{tmp_path / 'out'}:multi",
-    )
+    r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:multi", acme_jwt, "--all")
     assert r.returncode == 0, r.stderr
     assert layout_blobs(tmp_path / "out") == pushed["blobs"]
     # Child manifests by digest are the tenant's too.
@@ -362,13 +295,8 @@ def test_multi_arch_index_round_trips(registry, acme_jwt, tmp_path):
 def test_a_referrer_artifact_and_mounts_within_the_tenant(registry, acme_jwt, tmp_path):
     h = bearer(token(registry, acme_jwt))
     pushed = oci_layout(tmp_path / "src", "v1")
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        f"oci:{tmp_path / 'src'}:v1",
-        f"docker://{registry.host}/acme/signed:v1",
+    r = skopeo_copy(
+        f"oci:{tmp_path / 'src'}:v1", f"docker://{registry.host}/acme/signed:v1", acme_jwt
     )
     assert r.returncode == 0, r.stderr
     subject = pushed["digest"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import skopeo
+from tests.conftest import skopeo, skopeo_copy
 from tests.images import oci_layout
 from tests.stack import CLI, Stack, free_port, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
@@ -101,14 +101,7 @@ def test_clients_recover_through_the_challenge_after_a_gateway_restart(
 ):
     oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{registry.host}/acme/restart:v1"
-    r = skopeo(
-        "copy",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        f"x:{acme_jwt}",
-        f"oci:{tmp_path / 'src'}:v1",
-        ref,
-    )
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
     assert r.returncode == 0, r.stderr
     old = login(registry, acme_jwt).json()["token"]
     before = gateway_pid(registry)
@@ -162,9 +155,9 @@ def test_anonymous_dev_mode(tmp_path):
         assert requests.get(f"{stack.url}/v2/", timeout=10).status_code == 200
         oci_layout(tmp_path / "src", "v1")
         ref = f"docker://{stack.host}/anyone/app:v1"
-        r = skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'src'}:v1", ref)
+        r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref)
         assert r.returncode == 0, r.stderr
-        r = skopeo("copy", "--src-tls-verify=false", ref, f"oci:{tmp_path / 'out'}:v1")
+        r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1")
         assert r.returncode == 0, r.stderr
         assert requests.get(f"{stack.url}/auth/token", timeout=10).status_code == 404
         assert requests.get(f"{stack.url}/v2/_catalog", timeout=10).status_code == 403

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import skopeo
+from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
 from tests.stack import Stack
 from tests.standins.seaweed import SeaweedS3
@@ -49,14 +49,7 @@ def test_s3_push_pull_restart_pull(tmp_path, s3, auth, acme_jwt):
     ref = f"docker://{stack.host}/acme/ons3:v1"
     big = os.urandom(1 << 20) * 200  # a 200 MiB layer
     try:
-        r = skopeo(
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            f"x:{acme_jwt}",
-            f"oci:{tmp_path / 'src'}:v1",
-            ref,
-        )
+        r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
         assert r.returncode == 0, r.stderr
         h = bearer(token(stack, acme_jwt))
         big_digest = push_blob(stack, "acme/ons3", big, h)
@@ -70,14 +63,7 @@ def test_s3_push_pull_restart_pull(tmp_path, s3, auth, acme_jwt):
 
     stack.start()  # same data dir, same bucket, new process
     try:
-        r = skopeo(
-            "copy",
-            "--src-tls-verify=false",
-            "--src-creds",
-            f"x:{acme_jwt}",
-            ref,
-            f"oci:{tmp_path / 'out'}:v1",
-        )
+        r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
         assert r.returncode == 0, r.stderr
         assert layout_blobs(tmp_path / "out") == pushed["blobs"]
         h = bearer(token(stack, acme_jwt))
@@ -98,28 +84,14 @@ def test_local_storage_survives_a_restart(tmp_path, auth, acme_jwt):
     pushed = oci_layout(tmp_path / "src", "v1")
     ref = f"docker://{stack.host}/acme/kept:v1"
     try:
-        r = skopeo(
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            f"x:{acme_jwt}",
-            f"oci:{tmp_path / 'src'}:v1",
-            ref,
-        )
+        r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
         assert r.returncode == 0, r.stderr
     finally:
         stack.stop()
     assert (tmp_path / "data" / "zot-cache" / "docker").is_dir()  # under REGISTRY_DATA_DIR
     stack.start()
     try:
-        r = skopeo(
-            "copy",
-            "--src-tls-verify=false",
-            "--src-creds",
-            f"x:{acme_jwt}",
-            ref,
-            f"oci:{tmp_path / 'out'}:v1",
-        )
+        r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
         assert r.returncode == 0, r.stderr
         assert layout_blobs(tmp_path / "out") == pushed["blobs"]
     finally:
