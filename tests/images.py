@@ -134,3 +134,22 @@ def oci_index_layout(path: Path, tag: str, platforms: tuple[str, ...] = ("amd64"
     }
     (path / "index.json").write_text(json.dumps(top))
     return {"digest": index_digest, "blobs": blobs}
+
+
+def image_manifest(config: tuple[str, int], layers: list[tuple[str, int]]) -> bytes:
+    """An OCI image manifest from (digest, size) pairs."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config[0],
+                "size": config[1],
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}
+                for d, n in layers
+            ],
+        }
+    ).encode()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.images import image_manifest
 from tests.stack import Stack, free_port
 from tests.standins.auth import AuthStandin
 from tests.standins.dedupe_registry import DedupeRegistry, Seen
@@ -46,25 +47,7 @@ def external_stack(data_dir: Path, auth: AuthStandin, backend: DedupeRegistry) -
 
 
 def manifest(config: bytes, layers: list[bytes]) -> bytes:
-    return json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha256(layer),
-                    "size": len(layer),
-                }
-                for layer in layers
-            ],
-        }
-    ).encode()
+    return image_manifest((sha256(config), len(config)), [(sha256(x), len(x)) for x in layers])
 
 
 def put_manifest(base: str, repo: str, ref: str, body: bytes, headers: dict[str, str]):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
+from tests.images import image_manifest
 from tests.stack import Stack
 from tests.standins.auth import tabbify_jwt
 
@@ -160,25 +161,7 @@ class Client:
         ).encode()
         self.upload(config)
         layers = self.rng.sample(sorted(self.blobs), k=min(3, len(self.blobs)))
-        body = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": sha256(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {
-                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": d,
-                        "size": self.blobs[d],
-                    }
-                    for d in layers
-                ],
-            }
-        ).encode()
+        body = image_manifest((sha256(config), len(config)), [(d, self.blobs[d]) for d in layers])
         tag = f"v{self.rng.randint(0, 3)}"
         r = self.call(
             "PUT",
