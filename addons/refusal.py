@@ -46,8 +46,8 @@ def has_large_body(request: http.Request) -> bool:
 
 def refuse_on_error(flow: http.HTTPFlow) -> None:
     """Call from an `except` block: a bug in a deciding hook refuses the request, never lets
-    it through. mitmproxy logs a hook's exception and skips the script's remaining addons for
-    that hook: without this, the flow would go to the backend undecided."""
+    it through half-decided (mitmproxy would log the exception and go on with the next addon;
+    Refusals' deny-by-default is the second line of defence)."""
     logger.exception("gateway error; refusing the request")
     record(flow).decision = "deny:internal-error"
     flow.request.stream = False
