@@ -177,6 +177,8 @@ class RegistryAccess:
             headers["location"] = relative(headers["location"])
         if "link" in headers:
             headers["link"] = relative_links(headers["link"])
+        # Clients (Docker's `login`) look for it on /v2/; every backend answer carries it here.
+        headers.setdefault(*oci.API_VERSION_HEADER)
         if flow.response.status_code >= 500:  # type: ignore[union-attr]
             return  # small, and rewritten in `response`: not streamed
         flow.response.stream = rec.count_out  # type: ignore[union-attr]

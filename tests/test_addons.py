@@ -421,6 +421,22 @@ def test_relative_location_is_left_alone(gw):
     assert f.response.headers["Location"] == "/v2/acme/app/blobs/uploads/abc"
 
 
+def test_backend_answers_carry_the_registry_api_version(gw):
+    f = gw.send(make_flow("GET", "/v2/", [bearer(token_for(gw))]))
+    gw.backend_answers(f, tutils.tresp(status_code=200, headers=http.Headers(), content=b"{}"))
+    assert f.response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+def test_a_backend_5xx_loses_its_detail_but_keeps_its_code(gw):
+    f = gw.send(make_flow("GET", "/v2/acme/app/tags/list", [bearer(token_for(gw))]))
+    body = b'{"errors":[{"code":"UNKNOWN","message":"write /var/lib/x: no space","detail":"/var"}]}'
+    gw.backend_answers(f, tutils.tresp(status_code=500, headers=http.Headers(), content=body))
+    assert not f.response.stream  # held back so it can be rewritten
+    gw.access.response(f)
+    assert f.response.status_code == 500 and b"/var" not in f.response.content
+    assert json.loads(f.response.content)["errors"][0]["code"] == "UNKNOWN"
+
+
 # --- outside /v2 ------------------------------------------------------------------------------
 
 
