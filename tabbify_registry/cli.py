@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,10 +58,17 @@ def mitmdump_command(s: Settings) -> list[str]:
     ]  # fmt: skip
 
 
+BACKEND_BINARIES = {"zot": "zot", "distribution": "docker-registry"}
+
+
+def require_backend(s: Settings) -> None:
+    binary = BACKEND_BINARIES.get(s.backend)
+    if binary and shutil.which(binary) is None:
+        raise ConfigError(f"REGISTRY_BACKEND={s.backend}: `{binary}` is not on PATH")
+
+
 def backend_command(s: Settings, config_file: Path) -> list[str]:
-    if s.backend == "zot":
-        return ["zot", "serve", str(config_file)]
-    return ["docker-registry", "serve", str(config_file)]
+    return [BACKEND_BINARIES[s.backend], "serve", str(config_file)]
 
 
 def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> dict[str, str]:
@@ -102,15 +110,6 @@ def write_backend_config(s: Settings) -> Path:
     return path
 
 
-def mesh_settings(env: Mapping[str, str]) -> Settings:
-    """Settings, after the mesh bootstrap when a coordinator is configured: with a mesh the
-    gateway listens on [ULA]:5000 and the realm names that address."""
-    s = settings_mod.load(env)
-    if s.mesh_coordinator_url is None:
-        return s
-    return settings_mod.load(env, ula=bootstrap.up(s))
-
-
 def wait_reaping(pid: int) -> int:
     """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
     inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
@@ -121,7 +120,11 @@ def wait_reaping(pid: int) -> int:
 
 
 def run(env: Mapping[str, str]) -> int:
-    s = mesh_settings(env)
+    s = settings_mod.load(env)
+    require_backend(s)  # before the mesh: a node that cannot serve should not join
+    if s.mesh_coordinator_url:
+        # With a mesh, the gateway listens on [ULA]:5000 and the realm names that address.
+        s = settings_mod.load(env, ula=bootstrap.up(s))
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
     (s.data_dir / "zot-cache").mkdir(exist_ok=True)
     _lock = lock_data_dir(s)

@@ -253,3 +253,12 @@ def test_backend_down_and_malformed_requests_get_oci_errors_not_html(registry, a
         )
         answer = s.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 400") and '"errors"' in answer and "<html" not in answer
+
+
+def test_a_backend_binary_that_is_missing_is_one_line(tmp_path):
+    r = run_cli(
+        {"REGISTRY_DATA_DIR": str(tmp_path), "REGISTRY_BACKEND": "zot", "PATH": "/nonexistent"},
+        "run",
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "REGISTRY_BACKEND=zot" in lines[0], r.stderr
