@@ -3,7 +3,8 @@ addons a reverse proxy needs, then ours. `python -m addons.gateway --mode … --
 
 mitmdump loads ~40 default addons and dispatches every hook of every request to each of them
 (about half the CPU of a small request, measured); this master loads mitmproxy's core, proxy
-server, layer selection, TLS config, client blocking and h2c refusal, and nothing else.
+server, layer selection, client blocking and h2c refusal, and nothing else (no TLS: the
+port is plain HTTP, see hardening.PlainHttpOnly).
 
 Our addons, in hook order:
 1. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
@@ -31,7 +32,6 @@ from mitmproxy.addons import (
     next_layer,
     proxyserver,
     termlog,
-    tlsconfig,
 )
 
 from addons import hardening
@@ -68,8 +68,8 @@ def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> 
         termlog.TermLog(out=sys.stderr),  # stdout is the access log (JSON lines) alone
         core.Core(),
         proxyserver.Proxyserver(),
+        hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello closes the connection
         next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
         block.Block(),
         disable_h2c.DisableH2C(),
         *gateway_addons(),

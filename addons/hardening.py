@@ -13,6 +13,10 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
    layers and our hooks, and pulls were bound by that per-read work. Measured (1 GiB, same
    session, ratio to direct): 64 KiB push 1.03-1.10x / pull 0.41-0.49x; 1 MiB push 0.79x /
    pull 0.48-0.62x; 256 KiB push 0.85-0.88x / pull 0.53-0.66x. Memory stays bounded.
+5. Plain HTTP only (the `PlainHttpOnly` addon, placed before mitmproxy's NextLayer): mitmproxy
+   would answer a TLS ClientHello on the plain port with a certificate from its own generated
+   CA and serve the API over it. The connection is closed instead, so a TLS client fails at
+   once (and falls back to HTTP, as registry clients do for insecure registries).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 
 import h11
 from h11._readers import ChunkedReader
-from mitmproxy.proxy import commands, events
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import _http1
 
 from addons import oci
@@ -82,3 +87,19 @@ def apply() -> None:
     _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
     _http1.make_body_reader = make_body_reader
     asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
+
+
+class CloseConnection(layer.Layer):
+    """A layer that closes the client connection as soon as it starts."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.CloseConnection(self.context.client)
+
+
+class PlainHttpOnly:
+    """No TLS on the gateway's port: on the mesh, WireGuard is the encryption."""
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer is None and starts_like_tls_record(nextlayer.data_client()):
+            nextlayer.layer = CloseConnection(nextlayer.context)
