@@ -16,10 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv" / "bin" / "tabbify-registry")
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1) -> None:
@@ -40,7 +50,7 @@ class Stack:
 
     def __init__(self, data_dir: Path, auth_url: str | None, **env: str) -> None:
         self.data_dir = data_dir
-        self.port, self.backend_port = free_port(), free_port()
+        self.port, self.backend_port, admin_port = free_ports(3)
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
         self.backend_url = f"http://127.0.0.1:{self.backend_port}"
@@ -50,7 +60,7 @@ class Stack:
             "REGISTRY_DATA_DIR": str(data_dir),
             "REGISTRY_LISTEN": self.host,
             "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{self.backend_port}",
-            "REGISTRY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "REGISTRY_ADMIN_ADDR": f"127.0.0.1:{admin_port}",
             "REGISTRY_BACKEND": "distribution",
             **env,
         }
