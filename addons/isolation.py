@@ -58,14 +58,18 @@ class TenantIsolation:
 
     async def _backfill(self, backend: str) -> None:
         assert self.ledger is not None
-        for attempt in range(30):  # the backend may still be starting
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 n = await asyncio.to_thread(backfill, backend, self.ledger)
                 logger.warning("ledger backfill: %d tenant digests recorded", n)
                 break
             except Exception as e:
-                logger.warning("ledger backfill attempt %d failed: %s", attempt + 1, e)
-                await asyncio.sleep(2)
+                logger.warning("ledger backfill attempt %d failed: %s", attempt, e)
+            if attempt == 30:  # ~1 min: stop holding requests back, keep trying behind them
+                self.backfilled.set()
+            await asyncio.sleep(2 if attempt < 30 else 60)
         self.backfilled.set()
 
     async def _has(self, tenant: str, digest: str) -> bool:
