@@ -1,27 +1,28 @@
-"""Every request that is not `/auth/token`: who is it, may they, and pass it on streamed.
+"""Every registry request (`/v2…`): who is it, may they, and pass it on streamed.
 
-In order: outside /v2 → 404; no valid registry token → 401 with the Bearer challenge (realm
-from configuration, never from Host); outside the tenant's namespace or the registry API →
-403/405 (routes.check); allowed → cross-tenant mounts dropped, client forwarding and auth
-headers scrubbed, body streamed both ways, backend addresses removed from the answer.
+In order: no valid registry token → 401 with the Bearer challenge (realm from configuration,
+never from Host); outside the tenant's namespace or the registry API → 403/405 (routes.check);
+the route's query parameters kept, each once and in its grammar (routes.decide_params; a
+cross-tenant mount is dropped); client forwarding and auth headers scrubbed, body streamed
+both ways, backend addresses removed from the answer. The gate then forwards exactly that.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from addons import oci, routes
+from addons.gate import fail_closed, refuse, refused
 from addons.record import record
-from addons.refusal import fail_closed, refuse
 from addons.token_endpoint import SERVICE
 from addons.tokens import InvalidToken, TokenSigner
 
 _MAX_TOKEN = 8 * 1024
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
@@ -45,6 +46,11 @@ def challenge(realm: str, route: routes.Route | routes.Decision, method: str) ->
     return value
 
 
+def registry_host(realm: str) -> str:
+    """The host clients log in to, as named by the token realm (`docker login <host>`)."""
+    return urlsplit(realm).netloc or "this registry"
+
+
 def relative(url: str) -> str:
     """Strip scheme and authority: the backend's address never reaches a client."""
     return _ABSOLUTE.sub("", url) or "/"
@@ -59,21 +65,23 @@ def backend_error_code(body: bytes) -> str:
     """The first OCI error code of a backend error body, else UNKNOWN."""
     try:
         code = json.loads(body)["errors"][0]["code"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         return "UNKNOWN"
     return code if isinstance(code, str) and re.fullmatch(r"[A-Z_]{1,40}", code) else "UNKNOWN"
 
 
-_SCRUBBED = ("authorization", "forwarded", "x-real-ip", "upgrade", "http2-settings")
+_SCRUBBED = frozenset({b"authorization", b"forwarded", b"x-real-ip", b"upgrade", b"http2-settings"})
 
 
 def scrub(headers: http.Headers) -> None:
     """Nothing the client says about proxies or credentials reaches the backend, and no
-    protocol upgrade: a 101 would turn the connection into a pipe past the gateway."""
-    for name in list(headers.keys()):
-        lower = name.lower()
-        if lower in _SCRUBBED or lower.startswith("x-forwarded-"):
-            del headers[name]
+    protocol upgrade: a 101 would turn the connection into a pipe past the gateway.
+    One pass over the fields (mitmproxy's `keys()` is quadratic in the header count)."""
+    headers.fields = tuple(
+        (name, value)
+        for name, value in headers.fields
+        if (lower := name.lower()) not in _SCRUBBED and not lower.startswith(b"x-forwarded-")
+    )
 
 
 class RegistryAccess:
@@ -103,15 +111,13 @@ class RegistryAccess:
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind == "token" or flow.response is not None:
+        if rec.kind != "registry" or refused(flow) or rec.target is None:
             return
-        request, method = flow.request, flow.request.method
-        path, _, _ = request.path.partition("?")
-        if path != "/v2" and not path.startswith("/v2/"):
-            rec.decision = "deny:not-found"
-            refuse(flow, oci.error_response(404, "NOT_FOUND", "not found", method=method))
-            return
-        rec.kind = "registry"
+        request, method, path = flow.request, flow.request.method, rec.target.path
+
+        def deny(status: int, code: str, message: str, why: str = "", **headers: str) -> None:
+            rec.decision = f"deny:{why or message}"
+            refuse(flow, oci.error_response(status, code, message, method=method, headers=headers))
 
         tenant = None
         if not ctx.options.registry_anonymous:
@@ -121,56 +127,43 @@ class RegistryAccess:
             except InvalidToken:
                 tenant = None
             if tenant is None:
-                rec.decision = "deny:unauthenticated"
                 route = routes.parse(path, method)
                 if isinstance(route, routes.Route):
                     rec.repository, rec.reference = route.name, route.reference
-                auth = challenge(ctx.options.registry_realm, route, method)
-                refuse(
-                    flow,
-                    oci.error_response(
-                        401,
-                        "UNAUTHORIZED",
-                        "authentication required",
-                        method=method,
-                        headers={"WWW-Authenticate": auth},
-                    ),
+                realm = ctx.options.registry_realm
+                return deny(
+                    401,
+                    "UNAUTHORIZED",
+                    f"authentication required: log in to {registry_host(realm)} first",
+                    "unauthenticated",
+                    **{"WWW-Authenticate": challenge(realm, route, method)},
                 )
-                return
         rec.tenant = tenant
 
         decision = routes.check(tenant, path, method)
         if decision.route is not None:
             rec.repository, rec.reference = decision.route.name, decision.route.reference
             rec.route = decision.route.kind
-        if not decision.allowed:
-            rec.decision = f"deny:{decision.reason}"
-            refuse(
-                flow,
-                oci.error_response(decision.status, decision.code, decision.reason, method=method),
-            )
-            return
+        if not decision.allowed or decision.route is None:
+            return deny(decision.status, decision.code, decision.reason)
+        params = routes.decide_params(tenant, decision.route, method, rec.target.params)
+        if params.refusal is not None:
+            refusal = params.refusal
+            return deny(refusal.status, refusal.code, refusal.reason)
 
-        rec.decision = "allow"
-        if decision.route and decision.route.kind == "upload" and method == "POST":
-            self.sanitize_upload_start(flow, tenant)
+        rec.params = params.values
+        rec.decision = f"allow:{params.note}" if params.note else "allow"
+        if rec.route == "upload" and method in ("POST", "PATCH", "PUT"):
+            # Blob bytes are octets. Distribution reads `mount`/`from`/`digest` with FormValue,
+            # so a form-typed body would be a second, unchecked source of parameters.
+            request.headers["content-type"] = "application/octet-stream"
         scrub(request.headers)
         request.stream = rec.count_in
 
-    def sanitize_upload_start(self, flow: http.HTTPFlow, tenant: str | None) -> None:
-        request = flow.request
-        query, changed = routes.sanitize_mount(tenant, list(request.query.items(multi=True)))
-        if changed:
-            request.query = query
-            record(flow).decision = f"allow:{changed}"
-        # Distribution reads mount/from with FormValue: a form body would override the query.
-        content_type = request.headers.get("content-type", "").lower()
-        if content_type.startswith(_FORM_TYPES):
-            request.headers["content-type"] = "application/octet-stream"
-
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "registry" or not rec.allowed:
+        if rec.kind != "registry" or not rec.allowed or refused(flow):
             return
         headers = flow.response.headers  # type: ignore[union-attr]
         if "location" in headers:
@@ -183,11 +176,12 @@ class RegistryAccess:
             return  # small, and rewritten in `response`: not streamed
         flow.response.stream = rec.count_out  # type: ignore[union-attr]
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         """A backend 5xx keeps its status and error code but loses its message and detail:
         they carry storage paths and internal addresses (e.g. on a full disk)."""
         rec, response = record(flow), flow.response
-        if rec.kind != "registry" or not rec.allowed or response is None:
+        if rec.kind != "registry" or not rec.allowed or response is None or refused(flow):
             return
         if response.status_code < 500 or response.stream:
             return

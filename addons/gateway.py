@@ -7,12 +7,14 @@ server, layer selection, client blocking and h2c refusal, and nothing else (no T
 port is plain HTTP, see hardening.PlainHttpOnly).
 
 Our addons, in hook order:
-1. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
-2. RegistryAccess  everything else: token, namespace, header hygiene, streaming
-3. TenantIsolation digests a tenant has no record of never reach the backend
-4. Refusals        delivers 4xx decisions without buffering request bodies
-5. AccessLog       one JSON line per request on stdout, counted in the metrics
-6. Capture, Admin  the operator's loopback endpoint: /healthz, /metrics, /capture
+1. Intake          the request target parsed once, strictly; what kind of request it is
+2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
+3. RegistryAccess  `/v2…`: token, namespace, route parameters, header hygiene, streaming
+4. TenantIsolation digests a tenant has no record of never reach the backend
+5. Gate            forwards exactly what was decided (canonical target), or the refusal,
+                   without buffering request bodies; denies what nobody allowed
+6. AccessLog       one JSON line per request on stdout, counted in the metrics
+7. Capture, Admin  the operator's loopback endpoint: /healthz, /metrics, /capture
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.admin import Admin
 from addons.capture import Capture
+from addons.connections import ConnectionGuard
+from addons.gate import Gate
+from addons.intake import Intake
 from addons.isolation import TenantIsolation
 from addons.metrics import Metrics
-from addons.refusal import Refusals
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import TokenSigner
 
@@ -50,10 +54,11 @@ def gateway_addons() -> list[Any]:
     signer = TokenSigner()  # the secret is made here, once per process, never written anywhere
     metrics, capture = Metrics(), Capture()
     return [
+        Intake(),
         TokenEndpoint(signer),
         RegistryAccess(signer),
         TenantIsolation(),
-        Refusals(),
+        Gate(),
         AccessLog(metrics, flush_every=0.05),
         capture,
         Admin(metrics, capture),
@@ -69,6 +74,7 @@ def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> 
         core.Core(),
         proxyserver.Proxyserver(),
         hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello closes the connection
+        ConnectionGuard(),  # connection caps, head deadline, idle timeout (hardening.py reports)
         next_layer.NextLayer(),
         block.Block(),
         disable_h2c.DisableH2C(),

@@ -1,10 +1,16 @@
-"""What the gateway learns about one flow, kept in `flow.metadata` for the access log."""
+"""What the gateway learns and decides about one flow, kept in `flow.metadata`.
+
+The deciding addons fill it in; the gate (refusal.Gate) forwards exactly what it says (the
+canonical target from `target` and `params`) or refuses; the access log writes it out.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import http
+
+from addons.target import Target
 
 _KEY = "tabbify"
 
@@ -12,11 +18,17 @@ _KEY = "tabbify"
 @dataclass
 class FlowRecord:
     kind: str = "other"  # token | registry | other
+    target: Target | None = None  # the client's target, parsed once (intake)
     tenant: str | None = None
+    subject: str | None = None
     repository: str | None = None
     reference: str | None = None
     route: str | None = None  # routes.Route.kind once decided: blob, upload, manifest, ...
+    params: dict[str, str] = field(default_factory=dict)  # query parameters to forward
     decision: str = "deny"  # allow[:<note>] | deny:<reason>; deny until someone allows
+    # Checks that must complete (in the `request` hook, body read) before the flow may be
+    # forwarded; the gate refuses a flow that still has one.
+    holds: set[str] = field(default_factory=set)
     auth_seconds: float | None = None  # token flows: how long Tabbify auth took
     bytes_in: int = 0
     bytes_out: int = 0

@@ -104,25 +104,71 @@ def check(tenant: str | None, path: str, method: str = "GET") -> Decision:
     return Decision(True, route=route)
 
 
-def sanitize_mount(
-    tenant: str | None, query: list[tuple[str, str]]
-) -> tuple[list[tuple[str, str]], str | None]:
-    """Drop a cross-repository mount whose source the tenant does not own.
+# --- query parameters ---------------------------------------------------------------------------
 
-    The upload then starts as a plain one (202), which every client handles; a 403 here would
-    abort a containerd push. Ambiguous input (repeated keys, a bad name) is dropped too.
-    Returns the new query and the reason it was changed (None if unchanged).
+# Distribution's upload state (`_state`): URL-safe base64 of an HMAC'd blob; Zot has none.
+STATE = r"[A-Za-z0-9_=-]{1,4096}"
+# A media type as RFC 6838 restricts its names (referrers' artifactType filter).
+MEDIA_TYPE = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+PAGE_SIZE = r"[0-9]{1,6}"
+
+# The parameters each route takes, with the grammar of their values. Anything else a client
+# adds is dropped: the backend never sees a parameter the gateway did not read.
+_PARAMS: dict[tuple[str, str], dict[str, str]] = {
+    ("upload", "POST"): {"digest": DIGEST, "mount": DIGEST, "from": NAME},
+    ("upload", "PUT"): {"digest": DIGEST, "_state": STATE},
+    ("upload", "PATCH"): {"_state": STATE},
+    ("upload", "GET"): {"_state": STATE},
+    ("upload", "DELETE"): {"_state": STATE},
+    ("tags", "GET"): {"n": PAGE_SIZE, "last": TAG},
+    ("tags", "HEAD"): {"n": PAGE_SIZE, "last": TAG},
+    ("referrers", "GET"): {"artifactType": MEDIA_TYPE},
+    ("referrers", "HEAD"): {"artifactType": MEDIA_TYPE},
+}
+_PARAM_RES = {
+    route: {key: re.compile(grammar) for key, grammar in keys.items()}
+    for route, keys in _PARAMS.items()
+}
+_PARAM_CODE = {"digest": "DIGEST_INVALID", "n": "PAGINATION_NUMBER_INVALID"}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters forwarded to the backend, or the refusal of the request."""
+
+    values: dict[str, str]
+    refusal: Decision | None = None
+    note: str | None = None  # why a parameter was dropped (access log)
+
+
+def decide_params(
+    tenant: str | None, route: Route, method: str, received: tuple[tuple[str, str], ...]
+) -> Params:
+    """Keep the route's own parameters, each exactly once and in its grammar.
+
+    A repeated parameter is refused (parsers disagree on which one counts). A mount whose
+    source the tenant does not own, or that is malformed, is dropped: the upload then starts
+    as a plain one (202), which every client handles, where a 403 would abort a containerd push.
     """
-    sources = [v for k, v in query if k == "from"]
-    mounts = [v for k, v in query if k == "mount"]
-    if not sources and not mounts:
-        return query, None
-    if (
-        len(sources) == 1
-        and len(mounts) == 1
-        and is_name(sources[0])
-        and re.fullmatch(DIGEST, mounts[0])
-        and owns(tenant, sources[0])
-    ):
-        return query, None
-    return [(k, v) for k, v in query if k not in ("from", "mount")], "mount dropped"
+    grammar = _PARAM_RES.get((route.kind, method), {})
+    values: dict[str, str] = {}
+    for key, value in received:
+        if key not in grammar:
+            continue
+        if key in values:
+            return Params({}, _bad_param(key, f"query parameter {key!r} given more than once"))
+        values[key] = value
+    for key, value in values.items():
+        if key not in ("mount", "from") and not grammar[key].fullmatch(value):
+            return Params({}, _bad_param(key, f"invalid query parameter {key!r}"))
+    if "mount" not in values and "from" not in values:
+        return Params(values)
+    mount, source = values.get("mount", ""), values.get("from", "")
+    if grammar["mount"].fullmatch(mount) and is_name(source) and owns(tenant, source):
+        return Params(values)
+    kept = {k: v for k, v in values.items() if k not in ("mount", "from")}
+    return Params(kept, note="mount dropped")
+
+
+def _bad_param(key: str, message: str) -> Decision:
+    return Decision(False, 400, _PARAM_CODE.get(key, "UNSUPPORTED"), message)

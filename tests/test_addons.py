@@ -1,6 +1,6 @@
 """The gateway addons, driven hook by hook in gateway order with mitmproxy's test helpers.
 
-Hook order as in gateway.py: TokenEndpoint, RegistryAccess, Refusals, AccessLog. A `Gateway`
+Hook order as in gateway.py: Intake, TokenEndpoint, RegistryAccess, Gate, AccessLog. A `Gateway`
 calls each addon's hook for one phase, the way mitmproxy would.
 """
 
@@ -24,7 +24,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.authservice import Verdict
-from addons.refusal import SMALL_BODY, Refusals
+from addons.gate import SMALL_BODY, Gate
+from addons.intake import Intake
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import LIFETIME, TokenSigner
 
@@ -59,18 +60,20 @@ class FakeAuth:
 class Gateway:
     tctx: taddons.context
     signer: TokenSigner
+    intake: Intake
     tokens: TokenEndpoint
     access: RegistryAccess
-    refusals: Refusals
+    gate: Gate
     log: AccessLog
     out: io.StringIO
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        for addon in (self.tokens, self.access, self.refusals):
+        for addon in (self.intake, self.tokens, self.access, self.gate):
             addon.requestheaders(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         asyncio.run(self.tokens.request(flow))
+        self.gate.request(flow)
 
     def send(self, flow: http.HTTPFlow) -> http.HTTPFlow:
         """Client → gateway: requestheaders, then (body read) request."""
@@ -84,7 +87,7 @@ class Gateway:
         self.access.responseheaders(flow)
 
     def finish(self, flow: http.HTTPFlow) -> None:
-        self.refusals.response(flow)
+        self.gate.response(flow)
         self.log.response(flow)
 
     def fake_auth(self, verdict: Verdict) -> FakeAuth:
@@ -100,23 +103,23 @@ class Gateway:
 def gw() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
-    tokens, access = TokenEndpoint(signer), RegistryAccess(signer)
-    refusals, log = Refusals(), AccessLog(out=out)
-    with taddons.context(tokens, access, refusals, log) as tctx:
+    intake, tokens, access = Intake(), TokenEndpoint(signer), RegistryAccess(signer)
+    gate, log = Gate(), AccessLog(out=out)
+    with taddons.context(intake, tokens, access, gate, log) as tctx:
         tctx.configure(access, registry_anonymous=False, registry_realm=REALM)
         tctx.configure(tokens, registry_auth_url="http://127.0.0.1:9/")
-        yield Gateway(tctx, signer, tokens, access, refusals, log, out)
+        yield Gateway(tctx, signer, intake, tokens, access, gate, log, out)
 
 
 @pytest.fixture
 def anon() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
-    tokens, access = TokenEndpoint(signer), RegistryAccess(signer)
-    refusals, log = Refusals(), AccessLog(out=out)
-    with taddons.context(tokens, access, refusals, log) as tctx:
+    intake, tokens, access = Intake(), TokenEndpoint(signer), RegistryAccess(signer)
+    gate, log = Gate(), AccessLog(out=out)
+    with taddons.context(intake, tokens, access, gate, log) as tctx:
         tctx.configure(access, registry_anonymous=True, registry_realm="")
-        yield Gateway(tctx, signer, tokens, access, refusals, log, out)
+        yield Gateway(tctx, signer, intake, tokens, access, gate, log, out)
 
 
 def make_flow(
@@ -150,6 +153,12 @@ def oci_code(response: http.Response) -> str:
     [error] = body["errors"]
     assert set(error) == {"code", "message", "detail"}
     return error["code"]
+
+
+def record_of(f: http.HTTPFlow):
+    from addons.record import record
+
+    return record(f)
 
 
 def token_for(gw: Gateway, tenant: str = "acme") -> str:
@@ -481,7 +490,7 @@ def test_anonymous_has_no_token_service(anon):
     assert f.response.status_code == 404
 
 
-# --- Refusals: never buffer a refused body ----------------------------------------------------
+# --- the gate: never buffer a refused body ------------------------------------------------
 
 
 @pytest.mark.parametrize("length", [0, 7, SMALL_BODY])
@@ -503,14 +512,14 @@ LARGE = [
 @pytest.mark.parametrize("headers", LARGE)
 def test_large_refused_body_is_streamed_to_the_sink(gw, headers):
     async def scenario() -> None:
-        await gw.refusals.running()
+        await gw.gate.running()
         try:
             f = make_flow("PUT", "/v2/acme/app/blobs/uploads/abc", headers)
             gw.requestheaders(f)
             # No response in requestheaders: mitmproxy would read the whole body first.
             assert f.response is None
-            assert (f.request.host, f.request.port) == ("127.0.0.1", gw.refusals.sink_port)
-            assert gw.refusals.sink_port != 0
+            assert (f.request.host, f.request.port) == ("127.0.0.1", gw.gate.sink_port)
+            assert gw.gate.sink_port != 0
             assert f.request.headers["content-length"] == "0"
             assert "transfer-encoding" not in f.request.headers
             assert "expect" not in f.request.headers
@@ -529,7 +538,7 @@ def test_large_refused_body_is_streamed_to_the_sink(gw, headers):
             assert line["status"] == 401
             assert line["bytes_in"] == 65536
         finally:
-            await gw.refusals.done()
+            await gw.gate.done()
 
     asyncio.run(scenario())
 
@@ -548,12 +557,12 @@ def test_allowed_large_body_is_not_redirected(gw):
 
 
 def test_sink_answers_pipelined_requests():
-    refusals = Refusals()
+    gate = Gate()
 
     async def scenario() -> bytes:
-        await refusals.running()
+        await gate.running()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", refusals.sink_port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gate.sink_port)
             head = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
             writer.write(head + head)
             await writer.drain()
@@ -566,7 +575,7 @@ def test_sink_answers_pipelined_requests():
             writer.close()
             return data
         finally:
-            await refusals.done()
+            await gate.done()
 
     data = asyncio.run(scenario())
     answers = [a for a in data.split(b"\r\n\r\n") if a]
@@ -764,19 +773,19 @@ def test_refused_token_request_with_a_large_body_is_not_answered_again(gw):
     fake = gw.fake_auth(GRANTED)
 
     async def scenario() -> http.HTTPFlow:
-        await gw.refusals.running()
+        await gw.gate.running()
         try:
             f = make_flow(
                 "DELETE", "/auth/token", [basic("x", TABBIFY_JWT), ("Content-Length", "1073741824")]
             )
             gw.requestheaders(f)
-            assert f.request.port == gw.refusals.sink_port
+            assert f.request.port == gw.gate.sink_port
             await gw.tokens.request(f)  # mitmproxy: after the last (discarded) body byte
             gw.backend_answers(f, tutils.tresp(status_code=204, content=b""))
             gw.finish(f)
             return f
         finally:
-            await gw.refusals.done()
+            await gw.gate.done()
 
     f = asyncio.run(scenario())
     assert f.response.status_code == 405
@@ -825,7 +834,7 @@ def test_token_request_with_a_huge_body_is_not_buffered(gw):
     gw.fake_auth(GRANTED)
 
     async def scenario() -> http.HTTPFlow:
-        await gw.refusals.running()
+        await gw.gate.running()
         try:
             f = make_flow(
                 "POST",
@@ -838,13 +847,96 @@ def test_token_request_with_a_huge_body_is_not_buffered(gw):
             gw.requestheaders(f)
             return f
         finally:
-            await gw.refusals.done()
+            await gw.gate.done()
 
     f = asyncio.run(scenario())
     # Not buffered means: refused and streamed into the sink (like any other large refused
     # body), or killed. Neither happens today.
-    streamed_away = callable(f.request.stream) and f.request.port == gw.refusals.sink_port
+    streamed_away = callable(f.request.stream) and f.request.port == gw.gate.sink_port
     assert streamed_away or f.error is not None, "a 1 GiB body to /auth/token is buffered"
+
+
+@pytest.mark.parametrize("encoding", ["br", "gzip", "deflate", "identity, gzip"])
+def test_a_compressed_token_request_is_refused_unread(gw, encoding):
+    """405 bytes of brotli expand to 256 MiB: the endpoint never decompresses anything."""
+    fake = gw.fake_auth(GRANTED)
+    f = gw.send(
+        make_flow(
+            "POST",
+            "/auth/token",
+            [("Content-Type", "application/x-www-form-urlencoded"), ("Content-Encoding", encoding)],
+            b"\x1b\xff\xff\x7f",
+        )
+    )
+    assert f.response is not None and f.response.status_code == 415
+    assert oci_code(f.response) == "UNSUPPORTED"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"grant_type=password&password=a&password=b", b"grant_type=password&password=\xff", b"&&&"],
+)
+def test_an_ambiguous_or_malformed_token_form_is_a_bad_request(gw, body):
+    fake = gw.fake_auth(GRANTED)
+    f = gw.send(
+        make_flow(
+            "POST", "/auth/token", [("Content-Type", "application/x-www-form-urlencoded")], body
+        )
+    )
+    assert f.response is not None and f.response.status_code == 400
+    assert fake.calls == []
+
+
+# --- the request target: one parse, forwarded canonically -------------------------------------
+
+
+def test_the_forwarded_target_is_rebuilt_from_the_decision(gw):
+    mount = "sha256:" + "e" * 64
+    f = gw.send(
+        make_flow(
+            "POST",
+            f"/v2/acme/app/blobs/uploads/?x=1&mo%75nt={mount.replace(':', '%3A')}&from=acme%2Fb",
+            [bearer(token_for(gw))],
+        )
+    )
+    assert f.response is None  # allowed
+    assert f.request.path == f"/v2/acme/app/blobs/uploads/?mount={mount}&from=acme/b"
+
+
+def test_absolute_form_is_forwarded_in_origin_form(gw):
+    f = make_flow("GET", "/v2/acme/app/tags/list", [bearer(token_for(gw))])
+    f.request.authority = "evil.example:80"
+    gw.send(f)
+    assert f.response is None
+    assert f.request.authority == ""
+    assert f.request.path == "/v2/acme/app/tags/list"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/acme/app/blobs/uploads/?digest=x#&mount=y",
+        "/v2/acme/app/blobs/uploads/?mount=y;from=acme/b",
+        "/v2/acme%2Fapp/tags/list",
+        "*",
+    ],
+)
+def test_a_malformed_target_is_refused_before_anything_else(gw, path):
+    f = gw.send(make_flow("GET", path, [bearer(token_for(gw))]))
+    assert f.response is not None and f.response.status_code == 400
+    assert f.response.headers["connection"] == "close"
+    assert record_of(f).decision == "deny:malformed-target"
+
+
+def test_upload_bodies_lose_any_form_content_type(gw):
+    f = make_flow(
+        "PATCH",
+        "/v2/acme/app/blobs/uploads/u1",
+        [bearer(token_for(gw)), ("Content-Type", "multipart/form-data; boundary=x")],
+    )
+    gw.send(f)
+    assert f.request.headers["content-type"] == "application/octet-stream"
 
 
 # --- access log -------------------------------------------------------------------------------

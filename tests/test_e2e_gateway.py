@@ -111,9 +111,11 @@ def test_nothing_under_another_tenant_can_be_touched(registry, acme_jwt, globex_
         ("GET", "/v2/globex%2f..%2facme/private/manifests/v1"),
     ]:
         r = requests.request(method, registry.url + path, headers=bearer(t), timeout=10)
-        assert r.status_code == 403, (method, path, r.status_code)
+        # An escaped path is malformed (400) before it is anybody's namespace (403).
+        assert r.status_code == (400 if "%" in path else 403), (method, path, r.status_code)
         if method != "HEAD":
-            assert r.json()["errors"][0]["code"] == "DENIED"
+            code = "DENIED" if r.status_code == 403 else "UNSUPPORTED"
+            assert r.json()["errors"][0]["code"] == code
     # Nothing of globex's landed anywhere.
     r = requests.get(f"{registry.backend_url}/v2/_catalog", timeout=10)
     assert not [name for name in r.json()["repositories"] if name.startswith("globex/")]

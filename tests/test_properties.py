@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from addons import routes
+from addons import routes, target
 from addons.access import bearer_token
-from addons.routes import COMPONENT, Route, check, is_name, owns, parse, sanitize_mount
+from addons.routes import COMPONENT, Route, check, decide_params, is_name, owns, parse
 from addons.token_endpoint import credential_from_header, plausible
 from addons.tokens import InvalidToken, TokenSigner
 
@@ -321,7 +321,7 @@ def test_an_allowed_path_under_a_prefixed_tenant_is_not_ours(tenant, path, metho
             assert not check(b, path, method).allowed
 
 
-# --- routes.sanitize_mount --------------------------------------------------------------------
+# --- routes.decide_params: query parameters and mounts ----------------------------------------
 
 query_keys = st.one_of(
     st.sampled_from(["from", "mount", "digest", "From", "from ", " from", "from\x00", "mount[]"]),
@@ -354,34 +354,90 @@ mount_templates = st.one_of(
 )
 
 
+UPLOAD_START = Route("upload", "acme/app", None)
+
+
 @PROPS
 @given(data=st.data(), tenant=st.one_of(st.none(), tenants))
-def test_sanitize_mount_never_keeps_a_foreign_source(data, tenant):
+def test_decided_params_never_keep_a_foreign_mount_source(data, tenant):
     pairs = data.draw(st.lists(st.tuples(query_keys, mount_templates), max_size=6))
-    query = [(k, v.format(t=tenant or "acme")) for k, v in pairs]
-    result, reason = sanitize_mount(tenant, query)
-    # Only ever removes: the result is an ordered subsequence of the input.
-    it = iter(query)
-    assert all(any(item == q for q in it) for item in result)
-    assert (reason is None) == (result == query)
-    sources = [v for k, v in result if k == "from"]
-    mounts = [v for k, v in result if k == "mount"]
-    assert len(sources) == len(mounts) <= 1
-    if sources:
-        assert is_name(sources[0]) and owns(tenant, sources[0])
+    query = tuple((k, v.format(t=tenant or "acme")) for k, v in pairs)
+    decided = decide_params(tenant, UPLOAD_START, "POST", query)
+    if decided.refusal is not None:
+        # Refused only for ambiguity or a bad digest, never silently passed on.
+        assert decided.values == {}
+        keys = [k for k, _ in query if k in ("digest", "mount", "from")]
+        assert len(keys) != len(set(keys)) or decided.refusal.code == "DIGEST_INVALID"
+        return
+    # Only ever keeps what was received, under the route's own keys.
+    assert set(decided.values.items()) <= set(query)
+    assert set(decided.values) <= {"digest", "mount", "from"}
+    assert ("mount" in decided.values) == ("from" in decided.values)
+    if "from" in decided.values:
+        source = decided.values["from"]
+        assert is_name(source) and owns(tenant, source)
         if tenant is not None:
-            assert sources[0].startswith(tenant + "/")
-        assert re.fullmatch(_DIGEST, mounts[0])
+            assert source.startswith(tenant + "/")
+        assert re.fullmatch(_DIGEST, decided.values["mount"])
 
 
 @PROPS
 @given(data=st.data(), tenant=tenants)
-def test_sanitize_mount_keeps_a_clean_own_mount(data, tenant):
+def test_decided_params_keep_a_clean_own_mount(data, tenant):
     source = f"{tenant}/{data.draw(rest_of_names)}"
     digest = data.draw(digests)
-    extra = data.draw(st.lists(st.tuples(st.sampled_from(["digest", "x"]), any_text), max_size=2))
-    query = [("mount", digest), ("from", source), *extra]
-    assert sanitize_mount(tenant, query) == (query, None)
+    query = (("mount", digest), ("from", source), ("x", data.draw(any_text)))
+    decided = decide_params(tenant, UPLOAD_START, "POST", query)
+    assert decided.refusal is None and decided.note is None
+    assert decided.values == {"mount": digest, "from": source}
+
+
+# --- the request target: one parse, forwarded canonically -------------------------------------
+
+target_chars = st.sampled_from(
+    [
+        *"azAZ09-._~/:=?&#;+% ,@!$'()*[]\\\"<>^`{|}",
+        *("%2F", "%26", "%3D", "%23", "%2B", "%00", "%ff", "%G1", "\x7f", "\xff", "\n"),
+    ]
+)
+targets = st.one_of(
+    st.lists(target_chars, max_size=40).map(lambda cs: "/v2/" + "".join(cs)),
+    st.builds(
+        lambda path, q: f"{path}?{q}",
+        st.sampled_from(["/v2/acme/app/blobs/uploads/", "/v2/acme/app/tags/list"]),
+        st.lists(target_chars, max_size=60).map("".join),
+    ),
+)
+
+
+@WIDE
+@given(raw=targets)
+def test_a_target_either_refused_or_canonical_round_trips(raw):
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parsed = target.parse(raw.encode("utf-8", "surrogateescape"))
+    except target.TargetError:
+        return
+    # Nothing a parser could read two ways survives the parse: no fragment, no `;` or `+`
+    # in the query, no escapes in the path, nothing outside printable ASCII.
+    path, _, query = raw.partition("?")
+    assert not set("#;+ \\") & set(query), raw
+    assert "%" not in path and "#" not in path, raw
+    assert raw.isascii() and raw.isprintable(), raw
+    params = dict(parsed.params)
+    forwarded = target.canonical(parsed.path, params)
+    # What the backend receives parses (as Python's and Go's readers both do) back to exactly
+    # the decided path and parameters, and is already canonical.
+    split = urlsplit(forwarded)
+    assert split.path == parsed.path
+    assert dict(parse_qsl(split.query, keep_blank_values=True)) == params
+    assert target.canonical(*_reparse(forwarded)) == forwarded
+
+
+def _reparse(forwarded: str) -> tuple[str, dict[str, str]]:
+    again = target.parse(forwarded.encode())
+    return again.path, dict(again.params)
 
 
 # --- header parsing: /auth/token credentials and registry bearer tokens ----------------------

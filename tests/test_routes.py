@@ -1,4 +1,4 @@
-"""routes.check / parse / sanitize_mount: the namespace table (CONTRACTS §3).
+"""routes.check / parse / decide_params: the namespace table (CONTRACTS §3).
 
 The raw path is judged exactly as sent: anything outside the distribution-spec grammar is
 denied, never cleaned.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from addons.routes import Route, check, is_component, parse, sanitize_mount
+from addons import routes
+from addons.routes import Route, check, decide_params, is_component, parse
 
 SHA256 = "sha256:" + "a" * 64
 SHA512 = "sha512:" + "b" * 128
@@ -259,100 +260,115 @@ def test_parse_returns_route_or_refusal():
     assert refusal.status == 403
 
 
-# --- sanitize_mount ---------------------------------------------------------------------------
+# --- decide_params: each route's parameters, once, in their grammar -------------------------
+
+UPLOAD_START = Route("upload", "acme/app", None)
 
 
-def mount_query(source: str = "acme/other", digest: str = SHA256) -> list[tuple[str, str]]:
-    return [("mount", digest), ("from", source)]
+def upload_start(tenant: str | None, *query: tuple[str, str]) -> routes.Params:
+    return decide_params(tenant, UPLOAD_START, "POST", tuple(query))
 
 
 def test_same_tenant_mount_is_kept():
-    query = mount_query("acme/other")
-    assert sanitize_mount("acme", query) == (query, None)
+    decided = upload_start("acme", ("mount", SHA256), ("from", "acme/other"))
+    assert decided == routes.Params({"mount": SHA256, "from": "acme/other"})
 
 
-def test_cross_tenant_mount_is_dropped():
-    query = [*mount_query("globex/secret"), ("x", "1")]
-    new, reason = sanitize_mount("acme", query)
-    assert new == [("x", "1")]
-    assert reason
+def test_cross_tenant_mount_is_dropped_and_the_rest_kept():
+    decided = upload_start("acme", ("mount", SHA256), ("from", "globex/secret"), ("digest", SHA512))
+    assert decided.values == {"digest": SHA512}
+    assert decided.refusal is None and decided.note == "mount dropped"
 
 
-def test_tenant_prefix_of_mount_source_is_a_whole_segment():
-    new, reason = sanitize_mount("acme", mount_query("acmex/app"))
-    assert new == []
-    assert reason
+@pytest.mark.parametrize(
+    "source",
+    ["acmex/app", "acme", "acme/../globex/secret", "acme/Other", "acme%2fother", "acme//other", ""],
+)
+def test_a_mount_source_outside_the_namespace_or_grammar_is_dropped(source):
+    decided = upload_start("acme", ("mount", SHA256), ("from", source))
+    assert decided.values == {} and decided.note == "mount dropped"
 
 
-def test_bare_tenant_as_mount_source_is_dropped():
-    new, reason = sanitize_mount("acme", mount_query("acme"))
-    assert new == []
-    assert reason
+@pytest.mark.parametrize("digest", ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32, ""])
+def test_an_invalid_mount_digest_is_dropped(digest):
+    decided = upload_start("acme", ("mount", digest), ("from", "acme/other"))
+    assert decided.values == {} and decided.note == "mount dropped"
 
 
 @pytest.mark.parametrize(
     "query",
     [
-        [("mount", SHA256), ("mount", SHA256), ("from", "acme/other")],
-        [("mount", SHA256), ("from", "acme/other"), ("from", "acme/other")],
-        [("mount", SHA256), ("from", "acme/other"), ("from", "globex/secret")],
+        (("mount", SHA256), ("mount", SHA256), ("from", "acme/other")),
+        (("mount", SHA256), ("from", "acme/other"), ("from", "acme/other")),
+        (("mount", SHA256), ("from", "acme/other"), ("from", "globex/secret")),
+        (("digest", SHA256), ("digest", SHA512)),
     ],
 )
-def test_repeated_mount_keys_are_dropped(query):
-    new, reason = sanitize_mount("acme", query)
-    assert new == []
-    assert reason
+def test_a_repeated_parameter_is_refused_not_guessed(query):
+    decided = decide_params("acme", UPLOAD_START, "POST", query)
+    assert decided.refusal is not None and decided.refusal.status == 400
+    assert decided.values == {}
+
+
+def test_mount_and_from_only_count_together():
+    assert upload_start("acme", ("mount", SHA256)).values == {}
+    assert upload_start("acme", ("from", "acme/other")).values == {}
+
+
+def test_anonymous_keeps_a_valid_mount_from_anywhere():
+    decided = upload_start(None, ("mount", SHA256), ("from", "globex/secret"))
+    assert decided.values == {"mount": SHA256, "from": "globex/secret"}
+
+
+def test_parameters_a_route_does_not_take_are_not_forwarded():
+    decided = upload_start("acme", ("n", "10"), ("x", ""), ("_state", "abc"), ("digest", SHA256))
+    assert decided == routes.Params({"digest": SHA256})
+    blob = decide_params("acme", Route("blob", "acme/app", SHA256), "GET", (("digest", SHA256),))
+    assert blob == routes.Params({})
 
 
 @pytest.mark.parametrize(
-    "digest", ["sha256:abc", "sha256:" + "A" * 64, "md5:" + "a" * 32, "", SHA256 + "\n"]
+    ("route", "method", "query", "code"),
+    [
+        (UPLOAD_START, "POST", (("digest", "sha256:short"),), "DIGEST_INVALID"),
+        (
+            Route("upload", "acme/app", UUID),
+            "PUT",
+            (("digest", "SHA256:" + "a" * 64),),
+            "DIGEST_INVALID",
+        ),
+        (Route("upload", "acme/app", UUID), "PATCH", (("_state", "a b"),), "UNSUPPORTED"),
+        (Route("tags", "acme/app"), "GET", (("n", "-1"),), "PAGINATION_NUMBER_INVALID"),
+        (Route("tags", "acme/app"), "GET", (("n", "1e3"),), "PAGINATION_NUMBER_INVALID"),
+        (Route("tags", "acme/app"), "GET", (("last", "../x"),), "UNSUPPORTED"),
+        (
+            Route("referrers", "acme/app", SHA256),
+            "GET",
+            (("artifactType", "a b/c"),),
+            "UNSUPPORTED",
+        ),
+    ],
 )
-def test_invalid_mount_digest_is_dropped(digest):
-    new, reason = sanitize_mount("acme", mount_query("acme/other", digest))
-    assert new == []
-    assert reason
+def test_a_parameter_outside_its_grammar_is_refused(route, method, query, code):
+    decided = decide_params("acme", route, method, query)
+    assert decided.refusal is not None
+    assert (decided.refusal.status, decided.refusal.code) == (400, code)
 
 
 @pytest.mark.parametrize(
-    "source", ["acme/../globex/secret", "acme/Other", "acme%2fother", "acme//other", ""]
+    ("route", "method", "query"),
+    [
+        (Route("upload", "acme/app", UUID), "PUT", (("digest", SHA256), ("_state", "YWJj=="))),
+        (Route("tags", "acme/app"), "GET", (("n", "10"), ("last", "v1.2"))),
+        (
+            Route("referrers", "acme/app", SHA256),
+            "GET",
+            (("artifactType", "application/vnd.dev.cosign.artifact.sig.v1+json"),),
+        ),
+    ],
 )
-def test_invalid_mount_source_is_dropped(source):
-    new, reason = sanitize_mount("acme", mount_query(source))
-    assert new == []
-    assert reason
-
-
-def test_mount_without_from_is_dropped():
-    new, reason = sanitize_mount("acme", [("mount", SHA256), ("x", "1")])
-    assert new == [("x", "1")]
-    assert reason
-
-
-def test_from_without_mount_is_dropped():
-    new, reason = sanitize_mount("acme", [("from", "acme/other")])
-    assert new == []
-    assert reason
-
-
-def test_anonymous_keeps_a_valid_mount():
-    query = mount_query("globex/secret")
-    assert sanitize_mount(None, query) == (query, None)
-
-
-def test_anonymous_still_drops_an_invalid_mount():
-    new, reason = sanitize_mount(None, mount_query("globex/secret", "sha256:zz"))
-    assert new == []
-    assert reason
-
-
-def test_unrelated_params_are_kept_untouched():
-    query = [("digest", SHA256), ("n", "10"), ("x", "")]
-    assert sanitize_mount("acme", query) == (query, None)
-
-
-def test_sha512_mount_is_kept():
-    query = mount_query("acme/other", SHA512)
-    assert sanitize_mount("acme", query) == (query, None)
+def test_valid_parameters_are_forwarded(route, method, query):
+    assert decide_params("acme", route, method, query) == routes.Params(dict(query))
 
 
 # --- is_component -----------------------------------------------------------------------------
