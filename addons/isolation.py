@@ -9,7 +9,6 @@ manifest may only reference digests the tenant already has. Confirmed uploads an
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import sqlite3
@@ -18,16 +17,18 @@ from pathlib import Path
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from addons import oci
+from addons import manifest, oci
 from addons.backfill import backfill
-from addons.ledger import MAX_MANIFEST, Ledger, ManifestError, manifest_references
+from addons.gate import fail_closed, has_large_body, refuse, refused
+from addons.ledger import Ledger
+from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
-from addons.refusal import has_large_body, refuse, refuse_on_error
 from addons.routes import DIGEST
 
 logger = logging.getLogger(__name__)
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # digests to record once the backend confirms
+_MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 BACKFILL_WAIT = 60.0
 
 
@@ -87,15 +88,10 @@ class TenantIsolation:
     def _active(self, rec: FlowRecord) -> bool:
         return self.ledger is not None and rec.allowed and rec.tenant is not None
 
+    @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        try:
-            await self._requestheaders(flow)
-        except Exception:
-            refuse_on_error(flow)
-
-    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if not self._active(rec):
+        if not self._active(rec) or refused(flow):
             return
         assert rec.tenant is not None
         request, method = flow.request, flow.request.method
@@ -117,36 +113,36 @@ class TenantIsolation:
                 )
             if has_large_body(request) and int(request.headers["content-length"]) > MAX_MANIFEST:
                 return deny(413, "SIZE_INVALID", "manifest larger than 4 MiB", "manifest-size")
-            request.stream = False  # buffer it (≤ 4 MiB): its references are checked in `request`
+            # Buffer it (≤ 4 MiB): its references are checked in `request`, and the gate
+            # forwards nothing until that check has run.
+            request.stream = False
+            rec.holds.add(_MANIFEST_CHECK)
             return None
         if rec.route == "upload" and method == "POST":
-            mount = request.query.get("mount")
+            mount = rec.params.get("mount")
             if mount and not await self._has(rec.tenant, mount):
-                request.query = [
-                    (k, v) for k, v in request.query.items(multi=True) if k not in ("mount", "from")
-                ]
+                rec.params = {k: v for k, v in rec.params.items() if k not in ("mount", "from")}
                 rec.decision = "allow:mount dropped"
         if rec.route == "upload" and method in ("PUT", "POST"):
             # A kept mount wins over `digest` (the backend acts on the mount and ignores
             # digest): record what was mounted, never a digest merely named beside it.
-            mount = request.query.get("mount") if method == "POST" else None
-            digest = mount or request.query.get("digest")
-            if digest and _DIGEST.fullmatch(digest):
+            mount = rec.params.get("mount") if method == "POST" else None
+            digest = mount or rec.params.get("digest")
+            if digest:
                 flow.metadata[_PENDING] = [digest]
         return None
 
+    @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if not self._active(rec) or rec.route != "manifest" or flow.request.method != "PUT":
-            return
-        if flow.response is not None:
+        if _MANIFEST_CHECK not in rec.holds or flow.response is not None or refused(flow):
             return
         assert rec.tenant is not None
         body = flow.request.raw_content or b""
         method = flow.request.method
         try:
-            refs = manifest_references(body)
-        except ManifestError as e:
+            refs = manifest.read(body, flow.request.headers.get("content-type", ""))
+        except manifest.ManifestError as e:
             rec.decision = "deny:manifest-invalid"
             flow.response = oci.error_response(400, "MANIFEST_INVALID", str(e), method=method)
             return
@@ -161,34 +157,38 @@ class TenantIsolation:
                 detail=missing[:16],
             )
             return
-        flow.metadata[_PENDING] = ["sha256:" + hashlib.sha256(body).hexdigest(), *refs]
+        flow.metadata[_PENDING] = [manifest.digest_of(body), *refs]
+        rec.holds.discard(_MANIFEST_CHECK)
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # A 201 we may have to record is held back (its body is empty or tiny) so that the
         # `response` hook can still turn it into an error if the record cannot be written.
         if _PENDING in flow.metadata and flow.response and flow.response.status_code == 201:
             flow.response.stream = False
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         pending = flow.metadata.pop(_PENDING, None)
         rec = record(flow)
         if not pending or self.ledger is None or rec.tenant is None or flow.response is None:
             return
-        if flow.response.status_code == 201:  # created: a 202 mount answer means "not mounted"
-            confirmed = flow.response.headers.get("docker-content-digest")
-            if rec.route == "upload" and confirmed and confirmed not in pending:
-                return  # the backend stored something else than what was named: record nothing
-            try:
-                self.ledger.add(rec.tenant, pending)
-            except sqlite3.Error:
-                logger.exception("ledger: could not record a confirmed push; answering 503")
-                rec.decision = "deny:ledger-unavailable"
-                flow.response = oci.error_response(
-                    503,
-                    "UNAVAILABLE",
-                    "the registry could not record this push; retry",
-                    method=flow.request.method,
-                )
+        if flow.response.status_code != 201:  # created: a 202 mount answer means "not mounted"
+            return
+        confirmed = flow.response.headers.get("docker-content-digest")
+        if rec.route == "upload" and confirmed and confirmed not in pending:
+            return  # the backend stored something else than what was named: record nothing
+        try:
+            self.ledger.add(rec.tenant, pending)
+        except sqlite3.Error:
+            logger.exception("ledger: could not record a confirmed push; answering 503")
+            rec.decision = "deny:ledger-unavailable"
+            flow.response = oci.error_response(
+                503,
+                "UNAVAILABLE",
+                "the registry could not record this push; retry",
+                method=flow.request.method,
+            )
 
     async def done(self) -> None:
         if self._task:

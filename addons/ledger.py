@@ -7,51 +7,11 @@ its own access control serves and links any known digest from any repository (de
 
 from __future__ import annotations
 
-import json
-import re
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-
-from addons.routes import DIGEST
-
-_DIGEST = re.compile(DIGEST)
-MAX_MANIFEST = 4 * 1024 * 1024  # Distribution's and Zot's own manifest size limit
-
-
-class ManifestError(ValueError):
-    """Not a manifest we can account for (MANIFEST_INVALID)."""
-
-
-def manifest_references(body: bytes) -> list[str]:
-    """Digests a manifest or index references: config, layers, blobs, child manifests.
-
-    `subject` is not included: it points at another manifest, which the tenant must already
-    see for its own reasons; claiming it here would grant it.
-    """
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ManifestError("manifest is not JSON") from None
-    if not isinstance(doc, dict):
-        raise ManifestError("manifest is not a JSON object")
-    descriptors = []
-    if isinstance(doc.get("config"), dict):
-        descriptors.append(doc["config"])
-    for key in ("layers", "manifests", "blobs"):
-        items = doc.get(key, [])
-        if not isinstance(items, list):
-            raise ManifestError(f"manifest {key} is not a list")
-        descriptors += items
-    refs = []
-    for d in descriptors:
-        digest = d.get("digest") if isinstance(d, dict) else None
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-            raise ManifestError(f"manifest references an invalid digest {digest!r:.80}")
-        refs.append(digest)
-    return refs
 
 
 class Ledger:

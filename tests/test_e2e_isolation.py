@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import requests
 
 from tests.images import image_manifest
+from tests.rawhttp import Conn
 from tests.stack import Stack, free_port
 from tests.standins.auth import AuthStandin
 from tests.standins.dedupe_registry import DedupeRegistry, Seen
@@ -347,6 +349,84 @@ def test_backfill_records_images_already_in_the_backend(
         assert head(s, "globex/secret", layer_digest, g) == 404
     finally:
         s.stop()
+
+
+def test_backfill_skips_poisoned_stored_manifests_and_records_the_rest(
+    tmp_path, auth, dedupe, acme_jwt
+):
+    """Stored content is hostile too: a manifest nested 5 000 deep (Go reads it; Python's
+    json would raise RecursionError), and an index of itself, sorted before everyone else's
+    repositories, must neither abort nor stall the walk."""
+    config, layer = image()
+    direct_upload(dedupe.url, "acme/after-poison", config)
+    direct_upload(dedupe.url, "acme/after-poison", layer)
+    body = manifest(config, [layer])
+    assert put_manifest(dedupe.url, "acme/after-poison", "v1", body, {}).status_code == 201
+    deep = b'{"schemaVersion": 2, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    dedupe.store("aaa/poison", "deep", OCI_MANIFEST, deep)
+    dedupe.store("aaa/poison", "dup", OCI_MANIFEST, b'{"layers": [], "Layers": []}')
+
+    started = time.monotonic()
+    s = external_stack(tmp_path / "data", auth, dedupe).start()
+    try:
+        a = bearer(token(s, acme_jwt))
+        r = requests.get(
+            f"{s.url}/v2/acme/after-poison/manifests/{sha256(body)}",
+            headers={**a, "Accept": OCI_MANIFEST},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.content == body
+        assert time.monotonic() - started < 20  # not the 60 s backfill wait
+        log = s.log.read_text()
+        assert "skipping a manifest of aaa/poison" in log
+        assert "Addon error" not in log and "Traceback" not in log
+    finally:
+        s.stop()
+
+
+def raw_upload_start(stack: Stack, raw_target: str, tok: str) -> tuple[int, str]:
+    """POST with the target exactly as given (curl and requests would drop a fragment)."""
+    conn = Conn(stack.port)
+    try:
+        conn.send(
+            f"POST {raw_target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        answer = conn.read_answer("POST")
+    finally:
+        conn.close()
+    assert answer is not None
+    return answer.status, answer.body.decode()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "digest={G}#&mount={G}&from=globex/secret",  # the reproduced attack
+        "#&mount={G}&from=globex/secret",  # the 201-vs-202 existence oracle
+        "digest={G};mount={G};from=globex/secret",
+        "mount={G}&from=globex/secret&from=acme/x",
+        "mount={G}&from=acme%2Fx",  # an own `from` does not make globex's digest acme's
+        "%6Dount={G}&fr%6Fm=globex%2Fsecret",
+    ],
+)
+def test_no_query_trick_mounts_or_reveals_another_tenants_blob(
+    stack, dedupe, secret, acme_jwt, query
+):
+    tok = token(stack, acme_jwt)
+    g = secret["layer"]
+    mark = len(dedupe.requests)
+    status, body = raw_upload_start(
+        stack, "/v2/acme/steal/blobs/uploads/?" + query.format(G=g), tok
+    )
+    # Refused as ambiguous (400), or a plain upload start (202) whatever globex holds: the
+    # same answer as for a digest nobody has, so no existence oracle either.
+    assert status in (400, 202), (status, body)
+    for seen in since(dedupe, mark):
+        assert "mount" not in seen.query and "globex" not in str(seen.query), seen
+    assert head(stack, "acme/steal", g, bearer(tok)) == 404
+    r = requests.get(f"{stack.url}/v2/acme/steal/blobs/{g}", headers=bearer(tok), timeout=10)
+    assert r.status_code == 404 and secret["layer_bytes"] not in r.content
 
 
 def test_concurrent_pushes_keep_each_tenants_ledger_exact(stack, acme_jwt, globex_jwt):

@@ -1,50 +1,12 @@
-"""The ledger's pure parts: what a manifest references, and durable (tenant, digest) records."""
+"""The ledger: durable (tenant, digest) records."""
 
 from __future__ import annotations
 
-import json
 import threading
 
-import pytest
-
-from addons.ledger import Ledger, ManifestError, manifest_references
+from addons.ledger import Ledger
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
-
-
-def test_an_image_manifest_references_its_config_and_layers():
-    body = json.dumps(
-        {
-            "config": {"digest": D[0]},
-            "layers": [{"digest": D[1]}, {"digest": D[2]}],
-            "subject": {"digest": D[3]},
-        }
-    ).encode()
-    assert manifest_references(body) == [D[0], D[1], D[2]]  # never the subject
-
-
-def test_an_index_references_its_children():
-    body = json.dumps({"manifests": [{"digest": D[4]}, {"digest": D[5]}]}).encode()
-    assert manifest_references(body) == [D[4], D[5]]
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"not json",
-        b"[]",
-        b'"x"',
-        json.dumps({"layers": {"digest": D[0]}}).encode(),
-        json.dumps({"layers": [{"digest": "sha256:short"}]}).encode(),
-        json.dumps({"layers": [{"digest": "SHA256:" + "a" * 64}]}).encode(),
-        json.dumps({"manifests": [{}]}).encode(),
-        json.dumps({"config": {"digest": 5}}).encode(),
-        b"\xff\xfe",
-    ],
-)
-def test_malformed_manifests_are_refused(body):
-    with pytest.raises(ManifestError):
-        manifest_references(body)
 
 
 def test_records_are_per_tenant_and_survive_reopening(tmp_path):
