@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
+from addons import connections
 from addons.capture import Capture
 from addons.metrics import Metrics
 
@@ -40,6 +42,15 @@ async def backend_ok(url: str) -> bool:
         return False
     finally:
         writer.close()
+
+
+def positive(value: str) -> float | None:
+    """A finite number > 0, else None (`nan`, `inf`, `-1`, `1e999` are refused)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def interface_up(name: str) -> bool:
@@ -111,10 +122,17 @@ class Admin:
             status, payload = await self.health()
             return status, "application/json", json.dumps(payload).encode()
         if parts.path == "/metrics" and method == "GET":
-            return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
+            text = self.metrics.render() + "\n".join(connections.metrics_lines()) + "\n"
+            return 200, "text/plain; version=0.0.4", text.encode()
         if parts.path == "/capture":
             if method == "POST":
-                self.capture.start(float(query.get("seconds", 60)), float(query.get("max_mb", 64)))
+                seconds, max_mb = (
+                    positive(query.get("seconds", "60")),
+                    positive(query.get("max_mb", "64")),
+                )
+                if seconds is None or max_mb is None:
+                    return 400, "text/plain", b"seconds and max_mb must be positive numbers\n"
+                self.capture.start(seconds, max_mb)
             elif method == "DELETE":
                 self.capture.stop()
             elif method != "GET":

@@ -17,50 +17,146 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
    would answer a TLS ClientHello on the plain port with a certificate from its own generated
    CA and serve the API over it. The connection is closed instead, so a TLS client fails at
    once (and falls back to HTTP, as registry clients do for insecure registries).
+6. Header fields as the backend reads them: at most MAX_HEADERS (431 above; mitmproxy has no
+   limit and some of its lookups are quadratic in the count), names that are RFC 9110 tokens,
+   values without control characters. mitmproxy keeps an obs-fold continuation inside the
+   value ("a\r\n b") where Go joins it with a space: a folded or CR-bearing value is 400.
+7. Error answers to HEAD requests carry no body (mitmproxy's would desynchronise the client's
+   keep-alive connection when the backend is down), and always a complete OCI answer.
+8. Connection lifetimes (addons/connections.py): every Http1Server layer is tracked so that a
+   head that does not complete in time (408) and an idle keep-alive connection are closed,
+   and `handle_stream` admits a new connection only under the connection caps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Generator
 from typing import Any
 
 import h11
 from h11._readers import ChunkedReader
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, mode_servers
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import RequestHeaders, ResponseProtocolError
 
-from addons import oci
+from addons import connections, oci
 
 MAX_HEAD = 1 << 20  # as Go's http.DefaultMaxHeaderBytes
+MAX_HEADERS = 100  # registry clients send fewer than 20
 MAX_CHUNK_LINE = 64 * 1024  # a chunk-size line (with extensions) or the trailer section
 READ_SIZE = 256 * 1024
 MITMPROXY_READ = 65535  # what mitmproxy's ConnectionHandler asks for
 
 _read_headers = _http1.Http1Server.read_headers
+_server_init = _http1.Http1Server.__init__
+_server_send = _http1.Http1Server.send
+_mark_done = _http1.Http1Connection.mark_done
 _make_body_reader = _http1.make_body_reader
 _stream_read = asyncio.StreamReader.read
+_handle_stream = mode_servers.ServerInstance.handle_stream
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
+
+
+def head_problem(request: http.Request) -> tuple[int, str] | None:
+    """Why a parsed request head must not go further (status, message), or None."""
+    fields = request.headers.fields
+    if len(fields) > MAX_HEADERS:
+        return 431, f"more than {MAX_HEADERS} header fields"
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            return 400, "invalid header field name"
+        if _BAD_VALUE.search(value):
+            return 400, "invalid header field value (control character or line folding)"
+    return None
+
+
+def _refuse_head(self: Any, status: int, message: str) -> Generator[Any, Any, None]:
+    self.buf = type(self.buf)()  # drop it now (and keep mitmproxy's close-time log small)
+    code = "SIZE_INVALID" if status == 431 else "UNSUPPORTED"
+    yield commands.SendData(self.conn, oci.wire_error(status, code, message))
+    yield commands.CloseConnection(self.conn)
+    self.state = self.done
+
+
+def _checked_read_headers(self: Any, event: events.Event) -> Generator[Any, Any, bool]:
+    """mitmproxy's head parser, stopped at a head that fails `head_problem`. True = refused."""
+    for command in _read_headers(self, event):
+        if isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders):
+            problem = head_problem(command.event.request)
+            if problem is not None:
+                yield from _refuse_head(self, *problem)
+                return True
+            connections.head_done(self)
+        yield command
+    return False
 
 
 def read_headers(self: Any, event: events.Event) -> Generator[Any, Any, None]:
-    yield from _read_headers(self, event)
+    if isinstance(event, events.DataReceived):
+        connections.head_bytes(self)
+    if (yield from _checked_read_headers(self, event)):
+        return
     for _ in range(4):  # parse what is buffered after leading empty lines
         if not (
             self.state == self.read_headers and self.buf and isinstance(event, events.DataReceived)
         ):
             break
         before = len(self.buf)
-        yield from _read_headers(self, events.DataReceived(self.conn, b""))
+        if (yield from _checked_read_headers(self, events.DataReceived(self.conn, b""))):
+            return
         if len(self.buf) == before:
             break
     if self.state == self.read_headers and len(self.buf) > MAX_HEAD:
-        self.buf = type(self.buf)()  # drop it now (and keep mitmproxy's close-time log small)
+        yield from _refuse_head(self, 431, "request head too large")
+
+
+def server_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _server_init(self, *args, **kwargs)
+    connections.track(self)
+
+
+def mark_done(self: Any, **kwargs: bool) -> Generator[Any, Any, None]:
+    yield from _mark_done(self, **kwargs)
+    if isinstance(self, _http1.Http1Server) and self.state == self.read_headers:
+        connections.waiting(self)
+
+
+def server_send(self: Any, event: Any) -> Generator[Any, Any, None]:
+    """mitmproxy's own error answers (backend unreachable, …) as complete OCI answers, with
+    no body for HEAD."""
+    if (
+        isinstance(event, ResponseProtocolError)
+        and not self.response
+        and self.conn.state & ConnectionState.CAN_WRITE
+        and (status := event.code.http_status_code()) is not None
+    ):
+        method = self.request.method if self.request else "GET"
         yield commands.SendData(
-            self.conn, oci.protocol_error_response(431, "request head too large")
+            self.conn, oci.protocol_error_response(status, event.message, method=method)
         )
         yield commands.CloseConnection(self.conn)
-        self.state = self.done
+        return
+    yield from _server_send(self, event)
+
+
+async def handle_stream(self: Any, reader: Any, writer: Any = None) -> None:
+    """Admit a client connection only under the caps; beyond them, a short 503 and close."""
+    if not connections.admit(writer):
+        return
+    try:
+        await _handle_stream(self, reader, writer)
+    except asyncio.CancelledError:
+        pass  # shutdown: nothing awaits this task (and Python 3.12.1 would log it as an error)
+    finally:
+        connections.release(writer)
 
 
 class BoundedChunkedReader(ChunkedReader):
@@ -82,11 +178,23 @@ async def read_larger(self: asyncio.StreamReader, n: int = -1) -> bytes:
     return await _stream_read(self, n)
 
 
+_applied = False
+
+
 def apply() -> None:
+    """Patch mitmproxy's engine once per process (the gateway; in-process tests)."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
     _http1.make_error_response = oci.protocol_error_response
+    _http1.Http1Server.__init__ = server_init  # type: ignore[method-assign]
     _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
+    _http1.Http1Server.send = server_send  # type: ignore[method-assign]
+    _http1.Http1Connection.mark_done = mark_done  # type: ignore[method-assign]
     _http1.make_body_reader = make_body_reader
     asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
+    mode_servers.ServerInstance.handle_stream = handle_stream  # type: ignore[method-assign]
 
 
 class CloseConnection(layer.Layer):

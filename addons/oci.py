@@ -45,25 +45,35 @@ def json_response(status: int, payload: dict[str, Any]) -> http.Response:
     )
 
 
-def protocol_error_response(status_code: int, message: str = "") -> bytes:
-    """mitmproxy's own errors (malformed requests, backend unreachable) as OCI bodies.
+def wire_error(
+    status: int, code: str, message: str, *, method: str = "GET", **headers: str
+) -> bytes:
+    """An OCI error answer as bytes for the wire (no body for HEAD), closing the connection:
+    for answers given below mitmproxy's hooks (malformed heads, timeouts, connection caps)."""
+    response = http.Response.make(
+        status,
+        b"" if method == "HEAD" else error_body(code, message),
+        {
+            "Content-Type": "application/json",
+            "Connection": "close",
+            API_VERSION_HEADER[0]: API_VERSION_HEADER[1],
+            **headers,
+        },
+    )
+    return http1.assemble_response(response)
+
+
+def protocol_error_response(status_code: int, message: str = "", *, method: str = "GET") -> bytes:
+    """mitmproxy's own errors (malformed requests, backend unreachable) as OCI answers.
 
     Replaces mitmproxy's HTML error page builder (`_http1.make_error_response`), which no hook
-    can restyle. Backend failures say nothing about the backend's address.
+    can restyle. Its messages quote its options and internals, and backend failures would name
+    the backend's address: both are replaced by generic ones.
     """
     if status_code >= 500:
         code, message = "UNAVAILABLE", "the registry backend is unavailable; retry"
     elif status_code in (413, 431):
         code = "SIZE_INVALID"
-    else:  # mitmproxy's text quotes its own options and internals: keep it generic
+    else:
         code, message = "UNSUPPORTED", "malformed HTTP request"
-    response = http.Response.make(
-        status_code,
-        error_body(code, message),
-        {
-            "Content-Type": "application/json",
-            "Connection": "close",
-            API_VERSION_HEADER[0]: API_VERSION_HEADER[1],
-        },
-    )
-    return http1.assemble_response(response)
+    return wire_error(status_code, code, message, method=method)

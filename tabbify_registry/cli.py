@@ -55,6 +55,10 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_admin={s.admin_addr.hostport}",
         "--set", f"registry_mesh_interface={s.mesh_interface if s.mesh_coordinator_url else ''}",
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
+        "--set", f"registry_header_timeout={s.header_timeout}",
+        "--set", f"registry_idle_timeout={s.idle_timeout}",
+        "--set", f"registry_max_connections={s.max_connections}",
+        "--set", f"registry_max_client_connections={s.max_client_connections}",
     ]  # fmt: skip
 
 

@@ -53,6 +53,10 @@ class Settings:
     mesh_auth_key: str | None
     mesh_interface: str
     mesh_poll_seconds: int
+    header_timeout: int = 60
+    idle_timeout: int = 75
+    max_connections: int = 0  # 0: as many as file descriptors allow
+    max_client_connections: int = 256
 
     @property
     def anonymous(self) -> bool:
@@ -90,6 +94,19 @@ def _url(name: str, value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name}={value!r} is not an http(s) URL")
     return value.rstrip("/")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not low <= number <= high:  # NaN fails both comparisons
+        raise ConfigError(f"{name}={value!r}: expected a number from {low:g} to {high:g}")
+    return number
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -188,4 +205,10 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         mesh_auth_key=_opt(env, "MESH_AUTH_KEY"),
         mesh_interface=interface,
         mesh_poll_seconds=int(poll),
+        header_timeout=int(_number(env, "REGISTRY_HEADER_TIMEOUT", 60, 1, 3600)),
+        idle_timeout=int(_number(env, "REGISTRY_IDLE_TIMEOUT", 75, 1, 3600)),
+        max_connections=int(_number(env, "REGISTRY_MAX_CONNECTIONS", 0, 0, 10_000_000)),
+        max_client_connections=int(
+            _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
+        ),
     )

@@ -1,0 +1,253 @@
+"""Client connection lifetimes: caps, a deadline for request heads, idle keep-alive timeout.
+
+Slow or idle clients must not hold the gateway's connections (and file descriptors) forever:
+
+- A request head must complete within `registry_header_timeout` (60 s, like nginx's
+  client_header_timeout) of its first byte, or of the connection's accept for the first
+  request: a client dripping one byte a minute is answered 408 and closed.
+- A keep-alive connection with no request in progress is closed after `registry_idle_timeout`.
+- New connections are admitted under two caps, total and per client address, so that one
+  client cannot starve the others; beyond a cap the client gets a short 503 and a close. The
+  total cap is also bounded by the process's file-descriptor limit (each client connection
+  uses two: the client's and the backend's), so the admin endpoint always has some left.
+
+The HTTP/1 server layers report their state here (hardening.py patches them); the addon's
+sweeper checks them once a second. Stalled bodies and backend waits are left to mitmproxy's
+inactivity timeout (`tcp_timeout`): a multi-GB layer over a slow link is not a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+import weakref
+from collections import Counter
+from typing import Any
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+
+from addons import oci
+
+logger = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 1.0
+FD_RESERVE = 64  # descriptors kept for the admin endpoint, the ledger, logs, the sink
+ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about failing accepts
+
+# Live Http1Server layers by client connection id. A connection that has sent nothing has
+# none yet (mitmproxy picks the layer from the first bytes): its accept time counts then.
+_servers: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+# --- what the HTTP/1 server layers report (called from hardening.py) ---------------------------
+
+
+def track(server: Any) -> None:
+    server.tbf_waiting_since = time.monotonic()  # waiting for a request head since
+    server.tbf_head_since = None  # first byte of the head in progress
+    server.tbf_first = True  # no request completed on this connection yet
+    _servers[server.context.client.id] = server
+
+
+def head_bytes(server: Any) -> None:
+    if server.tbf_head_since is None and server.buf:
+        server.tbf_head_since = time.monotonic()
+
+
+def head_done(server: Any) -> None:
+    server.tbf_head_since = server.tbf_waiting_since = None
+    server.tbf_first = False
+
+
+def waiting(server: Any) -> None:
+    now = time.monotonic()
+    server.tbf_waiting_since = now
+    server.tbf_head_since = now if server.buf else None
+
+
+def expired(server: Any, now: float, header_timeout: float, idle_timeout: float) -> int | None:
+    """None if the connection may live on; else the status to answer before closing it
+    (0 = close without an answer). Pure on the reported state."""
+    if server.state != server.read_headers:
+        return None  # a request or response is in flight
+    if server.tbf_head_since is not None:
+        return 408 if now - server.tbf_head_since > header_timeout else None
+    since = server.tbf_waiting_since
+    limit = header_timeout if server.tbf_first else idle_timeout
+    return 0 if since is not None and now - since > limit else None
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+class Limits:
+    """Open client connections, in total and per client address."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total, self.per_client = total, per_client
+        self.open: Counter[str] = Counter()
+        self.count = 0
+        self.refused = 0
+
+    def admit(self, client: str) -> bool:
+        if self.count >= self.total or self.open[client] >= self.per_client:
+            self.refused += 1
+            return False
+        self.open[client] += 1
+        self.count += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.count -= 1
+        self.open[client] -= 1
+        if self.open[client] <= 0:
+            del self.open[client]
+
+
+def fd_cap() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, (soft - FD_RESERVE) // 2)
+
+
+_BUSY = oci.wire_error(
+    503, "TOOMANYREQUESTS", "too many connections; retry", **{"Retry-After": "1"}
+)
+_limits = Limits(fd_cap(), 256)
+timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408) or "idle"
+
+
+def _client(writer: Any) -> str:
+    peer = writer.get_extra_info("peername") if writer is not None else None
+    return str(peer[0]) if peer else "?"
+
+
+def admit(writer: Any) -> bool:
+    if _limits.admit(_client(writer)):
+        return True
+    try:
+        writer.write(_BUSY)
+        writer.close()
+    except OSError:
+        pass
+    return False
+
+
+def release(writer: Any) -> None:
+    _limits.release(_client(writer))
+
+
+def metrics_lines() -> list[str]:
+    return [
+        "# HELP tabbify_client_connections Open client connections.",
+        "# TYPE tabbify_client_connections gauge",
+        f"tabbify_client_connections {_limits.count}",
+        "# HELP tabbify_connections_refused_total Connections refused over a cap.",
+        "# TYPE tabbify_connections_refused_total counter",
+        f"tabbify_connections_refused_total {_limits.refused}",
+        "# HELP tabbify_connections_timed_out_total Connections closed by a timeout.",
+        "# TYPE tabbify_connections_timed_out_total counter",
+        *(
+            f'tabbify_connections_timed_out_total{{reason="{r}"}} {n}'
+            for r, n in sorted(timed_out.items())
+        ),
+    ]
+
+
+# --- the addon ---------------------------------------------------------------------------------
+
+
+class ConnectionGuard:
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._accept_errors = 0
+        self._accept_logged = 0.0
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("registry_header_timeout", int, 60, "Seconds a request head may take.")
+        loader.add_option(
+            "registry_idle_timeout", int, 75, "Seconds an idle keep-alive connection lives."
+        )
+        loader.add_option(
+            "registry_max_connections",
+            int,
+            0,
+            "Open client connections at most (0 = as many as file descriptors allow).",
+        )
+        loader.add_option(
+            "registry_max_client_connections", int, 256, "Open connections per client address."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        o = ctx.options
+        if not 0 < o.registry_header_timeout <= 3600 or not 0 < o.registry_idle_timeout <= 3600:
+            raise exceptions.OptionsError("connection timeouts must be in (0, 3600] seconds")
+        if o.registry_max_connections < 0 or o.registry_max_client_connections < 1:
+            raise exceptions.OptionsError("connection caps must be positive")
+        total = fd_cap()
+        if o.registry_max_connections:
+            total = min(total, o.registry_max_connections)
+        _limits.total, _limits.per_client = total, o.registry_max_client_connections
+
+    async def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        default = loop.get_exception_handler()
+        loop.set_exception_handler(
+            lambda lp, context: self._exception(lp, context, default)  # type: ignore[arg-type]
+        )
+        self._task = asyncio.create_task(self._sweep())
+
+    async def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def _exception(self, loop: Any, context: dict[str, Any], default: Any) -> None:
+        """asyncio logs a traceback for every failed accept (EMFILE: thousands a second):
+        one line per ACCEPT_LOG_EVERY seconds instead, with the count."""
+        if "accept" not in str(context.get("message", "")):
+            if default is not None:
+                default(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self._accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_logged >= ACCEPT_LOG_EVERY:
+            logger.warning(
+                "accepting connections fails (%s); %d failures since the last message",
+                context.get("exception"),
+                self._accept_errors,
+            )
+            self._accept_logged, self._accept_errors = now, 0
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # the sweeper must outlive any one connection's oddity
+                logger.exception("connection sweep failed")
+
+    def sweep(self, now: float) -> None:
+        o = ctx.options
+        header_timeout, idle_timeout = o.registry_header_timeout, o.registry_idle_timeout
+        silent_since = time.time() - header_timeout  # accept times are wall-clock
+        for client_id, handler in list(ctx.master.addons.get("proxyserver").connections.items()):
+            server = _servers.get(client_id)
+            if server is not None:
+                status = expired(server, now, header_timeout, idle_timeout)
+            elif handler.client.timestamp_start < silent_since:
+                status = 0  # connected, and not a byte of a request since
+            else:
+                status = None
+            if status is None:
+                continue
+            io = handler.transports.get(handler.client)
+            if io is None or io.handler is None or io.handler.done() or io.handler.cancelling():
+                continue
+            timed_out["head" if status else "idle"] += 1
+            if status and io.writer is not None and not io.writer.is_closing():
+                io.writer.write(oci.wire_error(status, "UNSUPPORTED", "request head timed out"))
+            io.handler.cancel("timeout")

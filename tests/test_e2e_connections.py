@@ -1,0 +1,181 @@
+"""Connection lifetimes at the front door: slow or idle clients and connection floods.
+
+Two stacks with short limits. With a 2 s head deadline and a 3 s idle timeout, a client that
+drips its request head gets 408 and a close, and a silent or idle connection is closed. With
+20 connections per client address and 60 in all, a client over its cap gets 503 while other
+clients (other loopback source addresses) are still served, and the admin endpoint answers
+throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.rawhttp import Conn
+from tests.stack import Stack, wait_for
+
+pytestmark = pytest.mark.e2e
+
+HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 3
+PER_CLIENT, TOTAL = 20, 60
+PLAIN = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, auth) -> Iterator[Stack]:
+    """Short timeouts."""
+    s = Stack(
+        tmp_path_factory.mktemp("conn") / "data",
+        auth.url,
+        REGISTRY_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
+        REGISTRY_IDLE_TIMEOUT=str(IDLE_TIMEOUT),
+    ).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory, auth) -> Iterator[Stack]:
+    """Small connection caps (and timeouts long enough not to interfere)."""
+    s = Stack(
+        tmp_path_factory.mktemp("cap") / "data",
+        auth.url,
+        REGISTRY_MAX_CLIENT_CONNECTIONS=str(PER_CLIENT),
+        REGISTRY_MAX_CONNECTIONS=str(TOTAL),
+    ).start()
+    yield s
+    s.stop()
+
+
+def seconds_until_closed(conn: Conn) -> float:
+    started = time.monotonic()
+    assert conn.closed()
+    return time.monotonic() - started
+
+
+def served(stack: Stack, source: str) -> int:
+    conn = Conn(stack.port, source=source)
+    try:
+        conn.send(PLAIN)
+        answer = conn.read_answer()
+        return answer.status if answer else 0
+    finally:
+        conn.close()
+
+
+def test_a_head_dripped_byte_by_byte_is_cut_off_with_408(stack):
+    conn = Conn(stack.port)
+    try:
+        conn.send(b"GET /v2/ HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # One byte every 0.3 s: never idle, never done, until the gateway answers.
+        while time.monotonic() - started < HEADER_TIMEOUT + 5:
+            if select.select([conn.sock], [], [], 0.3)[0] or not conn.send(b"a"):
+                break
+        elapsed = time.monotonic() - started
+        answer = conn.read_answer()
+    finally:
+        conn.close()
+    assert answer is not None and answer.status == 408, answer
+    assert json.loads(answer.body)["errors"][0]["code"]
+    assert HEADER_TIMEOUT <= elapsed < HEADER_TIMEOUT + 2.5, elapsed
+
+
+def test_a_silent_connection_is_closed_after_the_head_deadline(stack):
+    conn = Conn(stack.port)
+    try:
+        waited = seconds_until_closed(conn)
+    finally:
+        conn.close()
+    assert HEADER_TIMEOUT - 0.5 <= waited < HEADER_TIMEOUT + 2.5, waited
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(stack):
+    conn = Conn(stack.port)
+    try:
+        conn.send(PLAIN)
+        assert conn.read_answer().status == 401
+        # Still usable just before the deadline, once; then idle until closed.
+        time.sleep(IDLE_TIMEOUT - 1.5)
+        conn.send(PLAIN)
+        assert conn.read_answer().status == 401
+        waited = seconds_until_closed(conn)
+    finally:
+        conn.close()
+    assert IDLE_TIMEOUT - 0.5 <= waited < IDLE_TIMEOUT + 2.5, waited
+
+
+def test_one_client_over_its_cap_does_not_starve_the_others(capped):
+    stack = capped
+    held = [Conn(stack.port) for _ in range(PER_CLIENT)]
+    try:
+        wait_for(lambda: open_connections(stack) >= PER_CLIENT, 5)
+        assert served(stack, "127.0.0.1") == 503
+        assert served(stack, "127.0.0.2") == 401  # another client: served as usual
+        health = requests.get(f"http://{stack.env['REGISTRY_ADMIN_ADDR']}/healthz", timeout=5)
+        assert health.status_code == 200
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.5)
+    assert served(stack, "127.0.0.1") == 401  # admitted again once it lets go
+
+
+def open_connections(stack: Stack) -> int:
+    metrics = requests.get(f"http://{stack.env['REGISTRY_ADMIN_ADDR']}/metrics", timeout=5)
+    [line] = [x for x in metrics.text.splitlines() if x.startswith("tabbify_client_connections ")]
+    print("open connections:", line)
+    return int(line.split()[1])
+
+
+def test_the_total_cap_answers_503_and_recovers(capped):
+    stack = capped
+    sources = [f"127.0.0.{i}" for i in range(2, 2 + TOTAL // PER_CLIENT)]
+    held = [Conn(stack.port, source=src) for src in sources for _ in range(PER_CLIENT)]
+    try:
+        wait_for(lambda: open_connections(stack) == TOTAL, 10)
+        conn = Conn(stack.port, source="127.0.0.9")
+        try:
+            conn.send(PLAIN)
+            answer = conn.read_answer()
+        finally:
+            conn.close()
+        assert answer is not None and answer.status == 503
+        assert json.loads(answer.body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+        assert answer.header("retry-after") == "1"
+        metrics = requests.get(f"http://{stack.env['REGISTRY_ADMIN_ADDR']}/metrics", timeout=5)
+        assert "tabbify_connections_refused_total" in metrics.text
+    finally:
+        for c in held:
+            c.close()
+    time.sleep(0.5)
+    assert served(stack, "127.0.0.9") == 401
+
+
+def test_a_down_backend_gives_complete_answers_even_to_head(stack, acme_jwt):
+    tok = requests.get(f"{stack.url}/auth/token", auth=("x", acme_jwt), timeout=10).json()["token"]
+    stack.supervisorctl("stop", "backend")
+    try:
+        for method in ("HEAD", "GET", "HEAD"):
+            conn = Conn(stack.port)
+            try:
+                conn.send(
+                    f"{method} /v2/acme/app/manifests/v1 HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {tok}\r\n\r\n".encode()
+                )
+                answer = conn.read_answer(method)
+            finally:
+                conn.close()
+            assert answer is not None and answer.status == 502, (method, answer)
+            if method == "HEAD":
+                assert answer.body == b""
+            else:
+                assert json.loads(answer.body)["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        stack.supervisorctl("start", "backend")
