@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
-[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk)
+[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk golang-go)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
