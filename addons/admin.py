@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import ctx
@@ -18,6 +19,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import connections
 from addons.capture import Capture
+from addons.ledger import Ledger
 from addons.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,25 @@ async def backend_ok(url: str) -> bool:
         return False
     finally:
         writer.close()
+
+
+def log_metrics(access_log: Any, log_dir: str) -> list[str]:
+    """Lines dropped instead of blocking: by this gateway (access log queue full) and by
+    `run`'s relay (a consumer not reading stdout/stderr; its dropped.json)."""
+    dropped = access_log.dropped if access_log is not None else 0
+    lines = [
+        "# HELP tabbify_log_lines_dropped_total Log lines dropped instead of blocking.",
+        "# TYPE tabbify_log_lines_dropped_total counter",
+        f'tabbify_log_lines_dropped_total{{where="gateway"}} {dropped}',
+    ]
+    try:
+        relayed = json.loads((Path(log_dir) / "dropped.json").read_text()) if log_dir else {}
+    except (OSError, ValueError):
+        relayed = {}
+    for stream in ("stdout", "stderr"):
+        count = relayed.get(stream, 0) if isinstance(relayed, dict) else 0
+        lines.append(f'tabbify_log_lines_dropped_total{{where="{stream}"}} {int(count)}')
+    return lines
 
 
 def positive(value: str) -> float | None:
@@ -72,6 +93,7 @@ class Admin:
             "registry_admin", str, "", "Admin listen host:port (loopback); empty = off."
         )
         loader.add_option("registry_mesh_interface", str, "", "Mesh interface for /healthz.")
+        loader.add_option("registry_log_dir", str, "", "Where run's log relay keeps its status.")
 
     async def running(self) -> None:
         addr = ctx.options.registry_admin
@@ -87,16 +109,41 @@ class Admin:
         if self.server:
             self.server.close()
 
+    @staticmethod
+    def ledger() -> Ledger | None:
+        isolation = ctx.master.addons.get("tenantisolation")
+        return isolation.ledger if isolation is not None else None
+
     async def health(self) -> tuple[int, dict[str, str]]:
         backend = "ok" if await backend_ok(ctx.options.registry_backend) else "down"
         name = ctx.options.registry_mesh_interface
         mesh = "absent" if not name else ("ok" if interface_up(name) else "down")
-        status = "ok" if backend == "ok" and mesh != "down" else "down"
-        return (200 if status == "ok" else 503), {
-            "status": status,
-            "backend": backend,
-            "mesh": mesh,
-        }
+        payload = {"backend": backend, "mesh": mesh}
+        ledger = self.ledger()
+        payload["ledger"] = "absent" if ledger is None else str(ledger.state)
+        if ledger is not None and ledger.reason:
+            payload["ledger_reason"] = ledger.reason
+        ok = backend == "ok" and mesh != "down" and payload["ledger"] != "down"
+        return (200 if ok else 503), {"status": "ok" if ok else "down", **payload}
+
+    def metrics_text(self) -> str:
+        lines = [self.metrics.render().rstrip("\n"), *connections.metrics_lines()]
+        lines += log_metrics(ctx.master.addons.get("accesslog"), ctx.options.registry_log_dir)
+        ledger = self.ledger()
+        if ledger is not None:
+            lines += [
+                "# HELP tabbify_ledger_up 1 while the isolation ledger can record pushes.",
+                "# TYPE tabbify_ledger_up gauge",
+                f"tabbify_ledger_up {int(ledger.state == 'ok')}",
+                "# HELP tabbify_ledger_errors_total Ledger failures (each answered 503).",
+                "# TYPE tabbify_ledger_errors_total counter",
+                f"tabbify_ledger_errors_total {ledger.errors}",
+                "# HELP tabbify_ledger_recreated_total Times the ledger file was found deleted or"
+                " replaced and reopened.",
+                "# TYPE tabbify_ledger_recreated_total counter",
+                f"tabbify_ledger_recreated_total {ledger.recovered}",
+            ]
+        return "\n".join(lines) + "\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -122,8 +169,7 @@ class Admin:
             status, payload = await self.health()
             return status, "application/json", json.dumps(payload).encode()
         if parts.path == "/metrics" and method == "GET":
-            text = self.metrics.render() + "\n".join(connections.metrics_lines()) + "\n"
-            return 200, "text/plain; version=0.0.4", text.encode()
+            return 200, "text/plain; version=0.0.4", self.metrics_text().encode()
         if parts.path == "/capture":
             if method == "POST":
                 seconds, max_mb = (

@@ -1,16 +1,20 @@
 """Record images already in storage (pushed before the ledger, or a restored data dir).
 
 Walks the backend: catalog → tags → manifests (and the children of indexes, and referrers) →
-the blobs they reference. The tenant is a repository's first path component. Blocking; the
-isolation addon runs it in a thread at start.
+the blobs they reference. The tenant is a repository's first path component. A repository
+once walked is marked in the ledger, so a restart walks only what the ledger has not seen:
+restart cost does not grow with the registry. A request that misses while the walk is still
+going resolves its own repository first (`Walker.repository`), instead of waiting for all of
+them. Blocking (requests); the isolation addon runs it in threads.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -29,86 +33,119 @@ ACCEPT = ", ".join(
     ]
 )
 TIMEOUT = 30
+PAGE = 1000
 _TAG = re.compile(TAG)
 
 
-def _pages(session: requests.Session, url: str, key: str) -> Iterator[str]:
-    """Follow `Link: <…>; rel="next"` pagination of _catalog and tags/list."""
-    while url:
-        r = session.get(url, timeout=TIMEOUT)
-        if r.status_code == 404:
-            return
-        r.raise_for_status()
-        yield from r.json().get(key) or []
-        url = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
+class Walker:
+    def __init__(self, base: str, ledger: Ledger) -> None:
+        self.base = base.rstrip("/")
+        self.ledger = ledger
+        self._local = threading.local()  # one HTTP session per thread (walks run in several)
 
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.trust_env = False
+        return session
 
-def _manifest_digests(
-    session: requests.Session, base: str, repo: str, ref: str, seen: set[str]
-) -> None:
-    """Record a tagged manifest, its index children, its referrers and what they reference
-    into `seen`: iteratively, since stored content decides how deep it goes.
+    def _pages(self, url: str, key: str) -> Iterator[object]:
+        """Follow `Link: <…>; rel="next"` pagination of _catalog and tags/list, on the
+        backend only (a link elsewhere ends the walk)."""
+        origin = urlsplit(self.base)[:2]
+        while url:
+            r = self.session.get(url, timeout=TIMEOUT)
+            if r.status_code == 404:
+                return
+            r.raise_for_status()
+            yield from r.json().get(key) or []
+            nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
+            url = nxt if urlsplit(nxt)[:2] == origin else ""
 
-    Stored content is hostile: a manifest that cannot be read (as the gateway reads pushes:
-    addons/manifest.py) is skipped with one log line and never stops the walk of the rest."""
-    todo = [ref]
-    while todo:
-        r = session.get(
-            f"{base}/v2/{repo}/manifests/{todo.pop()}", headers={"Accept": ACCEPT}, timeout=TIMEOUT
-        )
-        if r.status_code != 200:
-            continue
-        digest = manifest.digest_of(r.content)
-        if digest in seen:
-            continue
-        try:
-            doc = manifest.parse(r.content)
-            refs, children = manifest.references(doc), set(manifest.children(doc))
-        except manifest.ManifestError as e:
-            logger.warning("backfill: skipping a manifest of %s (%s): %s", repo, digest, e)
-            continue
-        seen.add(digest)
-        seen.update(d for d in refs if d not in children)
-        todo += [d for d in children if d not in seen]
-        # Artifacts attached to this manifest (signatures, SBOMs): untagged, found via referrers.
-        rr = session.get(f"{base}/v2/{repo}/referrers/{digest}", timeout=TIMEOUT)
-        if rr.status_code != 200:
-            continue
-        try:
-            todo += [d for d in manifest.children(manifest.parse(rr.content)) if d not in seen]
-        except manifest.ManifestError as e:
-            logger.warning("backfill: skipping the referrers of %s@%s: %s", repo, digest, e)
+    def catalog(self, last: str = "") -> Iterator[str]:
+        """Repository names from `last` on (exclusive), in the backend's (sorted) order."""
+        start = f"{self.base}/v2/_catalog?n={PAGE}" + (f"&last={last}" if last else "")
+        for repo in self._pages(start, "repositories"):
+            if isinstance(repo, str) and is_name(repo) and "/" in repo:
+                yield repo
 
+    def repository(self, repo: str) -> int:
+        """Walk one repository, record what it holds for its tenant, mark it walked.
+        Returns how many digests were recorded."""
+        seen: set[str] = set()
+        found = False
+        for tag in self._pages(f"{self.base}/v2/{repo}/tags/list?n={PAGE}", "tags"):
+            found = True
+            if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+                logger.warning("backfill: skipping tag %.80r of %s", tag, repo)
+                continue
+            self._manifest_digests(repo, tag, seen)
+        self.ledger.add(repo.split("/", 1)[0], seen)
+        if found:  # a repository the backend does not hold is not marked (it may come later)
+            self.ledger.mark_walked(repo)
+        return len(seen)
 
-def _repository(session: requests.Session, base: str, repo: str) -> set[str]:
-    seen: set[str] = set()
-    for tag in _pages(session, f"{base}/v2/{repo}/tags/list?n=1000", "tags"):
-        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-            logger.warning("backfill: skipping tag %.80r of %s", tag, repo)
-            continue
-        _manifest_digests(session, base, repo, tag, seen)
-    return seen
+    def tenant(self, tenant: str) -> int:
+        """Walk the tenant's repositories not walked yet (the catalog is sorted by name)."""
+        total = 0
+        for repo in self.catalog(last=tenant):
+            if not repo.startswith(tenant + "/"):
+                if repo > tenant + "/":
+                    break
+                continue
+            if not self.ledger.walked(repo):
+                total += self.repository(repo)
+        return total
 
+    def everything(self) -> int:
+        """Walk every repository the ledger has not seen; returns how many pairs were added.
+        The backend's own failures (unreachable, 5xx on the catalog) raise: retry later."""
+        total = 0
+        for repo in self.catalog():
+            if self.ledger.walked(repo):
+                continue
+            try:
+                total += self.repository(repo)
+            except (requests.HTTPError, ValueError, AttributeError, TypeError) as e:
+                # This repository's answers are broken; the others still count.
+                logger.warning("backfill: skipping repository %s: %s", repo, e)
+        return total
 
-def backfill(base: str, ledger: Ledger) -> int:
-    """Record every reachable digest of every tenant repository; returns how many pairs.
+    def _manifest_digests(self, repo: str, ref: str, seen: set[str]) -> None:
+        """Record a tagged manifest, its index children, its referrers and what they
+        reference into `seen`: iteratively, since stored content decides how deep it goes.
 
-    The backend's own failures (unreachable, 5xx on the catalog) raise: the caller retries.
-    """
-    session = requests.Session()
-    session.trust_env = False
-    total = 0
-    for repo in list(_pages(session, f"{base}/v2/_catalog?n=1000", "repositories")):
-        if not isinstance(repo, str) or not is_name(repo) or "/" not in repo:
-            continue
-        tenant = repo.split("/", 1)[0]
-        try:
-            seen = _repository(session, base, repo)
-        except (requests.HTTPError, ValueError, AttributeError, TypeError) as e:
-            # This repository's answers are broken; the others still count. (A backend that
-            # is down raises ConnectionError/Timeout through: the caller retries the walk.)
-            logger.warning("backfill: skipping repository %s: %s", repo, e)
-            continue
-        ledger.add(tenant, seen)
-        total += len(seen)
-    return total
+        Stored content is hostile: a manifest that cannot be read (as the gateway reads
+        pushes: addons/manifest.py) is skipped with one log line, never stopping the rest."""
+        todo = [ref]
+        while todo:
+            r = self.session.get(
+                f"{self.base}/v2/{repo}/manifests/{todo.pop()}",
+                headers={"Accept": ACCEPT},
+                timeout=TIMEOUT,
+            )
+            if r.status_code != 200:
+                continue
+            digest = manifest.digest_of(r.content)
+            if digest in seen:
+                continue
+            try:
+                doc = manifest.parse(r.content)
+                refs, children = manifest.references(doc), set(manifest.children(doc))
+            except manifest.ManifestError as e:
+                logger.warning("backfill: skipping a manifest of %s (%s): %s", repo, digest, e)
+                continue
+            seen.add(digest)
+            seen.update(d for d in refs if d not in children)
+            todo += [d for d in children if d not in seen]
+            # Artifacts attached to it (signatures, SBOMs): untagged, found via referrers.
+            rr = self.session.get(f"{self.base}/v2/{repo}/referrers/{digest}", timeout=TIMEOUT)
+            if rr.status_code != 200:
+                continue
+            try:
+                index = manifest.parse(rr.content)
+                todo += [d for d in manifest.children(index) if d not in seen]
+            except manifest.ManifestError as e:
+                logger.warning("backfill: skipping the referrers of %s@%s: %s", repo, digest, e)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from addons import manifest, oci
-from addons.backfill import backfill
+from addons.backfill import Walker
 from addons.gate import fail_closed, has_large_body, refuse, refused
-from addons.ledger import Ledger
+from addons.ledger import Ledger, LedgerUnavailable
 from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -29,13 +29,22 @@ logger = logging.getLogger(__name__)
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # digests to record once the backend confirms
 _MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
-BACKFILL_WAIT = 60.0
+RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
+WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
+RECHECK_EVERY = 5.0  # seconds between two looks at the ledger file's health
+
+
+class Unresolved(Exception):
+    """The walk that would tell whether a tenant holds a digest has not finished: 503."""
 
 
 class TenantIsolation:
     def __init__(self) -> None:
         self.ledger: Ledger | None = None
-        self.backfilled = asyncio.Event()
+        self.walker: Walker | None = None
+        self.walk_done = False  # this process has walked everything it had not seen
+        self._resolving: dict[str, asyncio.Future[int]] = {}
+        self._tenants_resolved: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
@@ -53,35 +62,65 @@ class TenantIsolation:
 
     async def running(self) -> None:
         if self.ledger is None or not ctx.options.registry_backend:
-            self.backfilled.set()
+            self.walk_done = True
             return
-        self._task = asyncio.create_task(self._backfill(ctx.options.registry_backend))
+        self.walker = Walker(ctx.options.registry_backend, self.ledger)
+        self._task = asyncio.create_task(self._walk())
 
-    async def _backfill(self, backend: str) -> None:
-        assert self.ledger is not None
-        attempt = 0
+    async def _walk(self) -> None:
+        """Walk what the ledger has not seen; walk again if the ledger file had to be
+        recreated; meanwhile keep an eye on the file (health)."""
+        assert self.ledger is not None and self.walker is not None
+        delay, recovered = WALK_RETRY[0], -1
         while True:
-            attempt += 1
-            try:
-                n = await asyncio.to_thread(backfill, backend, self.ledger)
+            if recovered != self.ledger.recovered:
+                try:
+                    n = await asyncio.to_thread(self.walker.everything)
+                except Exception as e:
+                    logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, WALK_RETRY[1])
+                    continue
                 logger.warning("ledger backfill: %d tenant digests recorded", n)
-                break
-            except Exception as e:
-                logger.warning("ledger backfill attempt %d failed: %s", attempt, e)
-            if attempt == 30:  # ~1 min: stop holding requests back, keep trying behind them
-                self.backfilled.set()
-            await asyncio.sleep(2 if attempt < 30 else 60)
-        self.backfilled.set()
+                self.walk_done, recovered, delay = True, self.ledger.recovered, WALK_RETRY[0]
+            await asyncio.sleep(RECHECK_EVERY)
+            await asyncio.to_thread(self.ledger.check)
+            if recovered != self.ledger.recovered:
+                self.walk_done = False
+                self._tenants_resolved.clear()
 
-    async def _has(self, tenant: str, digest: str) -> bool:
+    async def _resolve(self, key: str, walk: Callable[[str], int], arg: str) -> None:
+        """Run one walk (shared by every request waiting for it), waiting a bounded time."""
+        future = self._resolving.get(key)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(walk, arg))
+            self._resolving[key] = future
+            future.add_done_callback(lambda _: self._resolving.pop(key, None))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), RESOLVE_WAIT)
+        except TimeoutError:
+            raise Unresolved(f"still indexing {arg}") from None
+        except LedgerUnavailable:
+            raise
+        except Exception as e:  # the backend failed the walk
+            raise Unresolved(f"cannot index {arg}: {type(e).__name__}") from None
+
+    async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
+        """Does the tenant hold `digest`? A miss on a repository not walked yet walks it
+        first; while the start-up walk is unfinished, a miss walks the tenant's other
+        repositories once. Raises LedgerUnavailable / Unresolved (both 503)."""
         assert self.ledger is not None
         if self.ledger.has(tenant, digest):
             return True
-        if not self.backfilled.is_set():  # don't lock a tenant out while we are still walking
-            try:
-                await asyncio.wait_for(self.backfilled.wait(), BACKFILL_WAIT)
-            except TimeoutError:
-                return False
+        if self.walker is None:
+            return False
+        if repository and not self.ledger.walked(repository):
+            await self._resolve(repository, self.walker.repository, repository)
+            if self.ledger.has(tenant, digest):
+                return True
+        if not self.walk_done and tenant not in self._tenants_resolved:
+            await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
+            self._tenants_resolved.add(tenant)
             return self.ledger.has(tenant, digest)
         return False
 
@@ -93,18 +132,27 @@ class TenantIsolation:
         rec = record(flow)
         if not self._active(rec) or refused(flow):
             return
-        assert rec.tenant is not None
-        request, method = flow.request, flow.request.method
-        ref = rec.reference or ""
+        method, ref = flow.request.method, rec.reference or ""
 
         def deny(status: int, code: str, message: str, why: str) -> None:
             rec.decision = f"deny:{why}"
             refuse(flow, oci.error_response(status, code, message, method=method, detail=ref))
 
-        if rec.route == "blob" and not await self._has(rec.tenant, ref):
+        try:
+            await self._decide(flow, rec, deny)
+        except (LedgerUnavailable, Unresolved) as e:
+            logger.warning("isolation cannot decide now: %s", e)
+            deny(503, "UNAVAILABLE", "the registry cannot check this now; retry", "ledger")
+
+    async def _decide(
+        self, flow: http.HTTPFlow, rec: FlowRecord, deny: Callable[..., None]
+    ) -> None:
+        assert rec.tenant is not None
+        request, method, ref = flow.request, flow.request.method, rec.reference or ""
+        if rec.route == "blob" and not await self._has(rec.tenant, ref, rec.repository):
             return deny(404, "BLOB_UNKNOWN", "blob unknown to registry", "unknown-digest")
         by_digest = rec.route == "manifest" and _DIGEST.fullmatch(ref) and method != "PUT"
-        if by_digest and not await self._has(rec.tenant, ref):
+        if by_digest and not await self._has(rec.tenant, ref, rec.repository):
             return deny(404, "MANIFEST_UNKNOWN", "manifest unknown", "unknown-digest")
         if rec.route == "manifest" and method == "PUT":
             if "transfer-encoding" in request.headers:
@@ -120,7 +168,7 @@ class TenantIsolation:
             return None
         if rec.route == "upload" and method == "POST":
             mount = rec.params.get("mount")
-            if mount and not await self._has(rec.tenant, mount):
+            if mount and not await self._has(rec.tenant, mount, rec.params.get("from")):
                 rec.params = {k: v for k, v in rec.params.items() if k not in ("mount", "from")}
                 rec.decision = "allow:mount dropped"
         if rec.route == "upload" and method in ("PUT", "POST"):
@@ -146,7 +194,15 @@ class TenantIsolation:
             rec.decision = "deny:manifest-invalid"
             flow.response = oci.error_response(400, "MANIFEST_INVALID", str(e), method=method)
             return
-        missing = [d for d in refs if not await self._has(rec.tenant, d)]
+        try:
+            missing = [d for d in refs if not await self._has(rec.tenant, d, rec.repository)]
+        except (LedgerUnavailable, Unresolved) as e:
+            logger.warning("isolation cannot check a manifest now: %s", e)
+            rec.decision = "deny:ledger"
+            flow.response = oci.error_response(
+                503, "UNAVAILABLE", "the registry cannot check this now; retry", method=method
+            )
+            return
         if missing:
             rec.decision = "deny:manifest-blob-unknown"
             flow.response = oci.error_response(
@@ -180,8 +236,8 @@ class TenantIsolation:
             return  # the backend stored something else than what was named: record nothing
         try:
             self.ledger.add(rec.tenant, pending)
-        except sqlite3.Error:
-            logger.exception("ledger: could not record a confirmed push; answering 503")
+        except LedgerUnavailable:
+            logger.error("ledger: could not record a confirmed push; answering 503")
             rec.decision = "deny:ledger-unavailable"
             flow.response = oci.error_response(
                 503,

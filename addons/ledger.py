@@ -1,17 +1,43 @@
-"""Which digests each tenant may see: a durable per-tenant ledger (SQLite, WAL).
+"""Which digests each tenant may see: a durable per-tenant ledger (SQLite).
 
 A tenant may see a digest it uploaded, mounted within its namespace, or pushed in a manifest
 (the manifest and what it references). The backend cannot be trusted with this: Zot without
 its own access control serves and links any known digest from any repository (dedupe).
+
+A confirmation (201) promises that the record is durable, so the file is watched, not trusted:
+
+- Rollback journal, not WAL: WAL maps its `-shm` index into memory, and a shm file that turns
+  read-only or shrinks under SQLite kills the process with SIGBUS. `synchronous=FULL`.
+- Before every write the path is checked to still be the file that is open (same device and
+  inode): a deleted or replaced ledger is reopened (a new file if it is gone) and refilled
+  from what this process still holds in memory, instead of writing into an unlinked inode.
+- Any SQLite error closes the connection and marks the ledger down (reads and writes raise
+  LedgerUnavailable: the gateway answers 503, never a 201 or a false 404); the next use, at
+  most once a second, reopens it. When the fault clears, the ledger recovers by itself.
+
+Several gateway processes may share the file (SQLite locking; busy timeout below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REOPEN_EVERY = 1.0  # seconds between two attempts to reopen a failed ledger
+BUSY_TIMEOUT_MS = 5000  # another gateway process holding the write lock
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot answer or record right now (503, retry)."""
 
 
 class Ledger:
@@ -19,37 +45,142 @@ class Ledger:
 
     CACHE = 100_000
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a confirmed push survives a power cut
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS seen (tenant TEXT NOT NULL, digest TEXT NOT NULL,"
-            " PRIMARY KEY (tenant, digest)) WITHOUT ROWID"
-        )
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
-        # One connection, used from the event loop and the backfill thread: serialise.
-        self._lock = threading.Lock()
+        # One connection, used from the event loop and from worker threads: serialise.
+        self._lock = threading.RLock()
+        self._retry_at = 0.0
+        self.state, self.reason, self.since = "ok", "", time.time()
+        self.errors = 0
+        self.recovered = 0  # times the file was found deleted or replaced
+        with self._lock:
+            self._open()
+
+    # --- the connection -------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA synchronous=FULL")  # a confirmed push survives a power cut
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS seen (tenant TEXT NOT NULL, digest TEXT NOT NULL,"
+                " PRIMARY KEY (tenant, digest)) WITHOUT ROWID"
+            )
+            db.execute("CREATE TABLE IF NOT EXISTS walked (repository TEXT PRIMARY KEY, at REAL)")
+            st = os.stat(self.path)
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._identity = db, (st.st_dev, st.st_ino)
+        return db
+
+    def _connection(self, verify: bool) -> sqlite3.Connection:
+        """The open connection; reopened after a failure (at most once a second), and, when
+        `verify`, after the file was deleted or replaced under it."""
+        if self._db is None:
+            if self._clock() < self._retry_at:
+                raise LedgerUnavailable(self.reason)
+            try:
+                self._open()
+            except (sqlite3.Error, OSError) as e:
+                self._failed(f"cannot open the ledger: {e}")
+                raise LedgerUnavailable(self.reason) from None
+            self._up()
+        if verify and not self._same_file():
+            self._replaced()
+        assert self._db is not None
+        return self._db
+
+    def _same_file(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def _replaced(self) -> None:
+        """The file was deleted or replaced: open what is at the path now (or create it) and
+        put back every record this process still knows, before anything new is confirmed."""
+        logger.error("ledger %s was deleted or replaced; reopening it", self.path)
+        self.recovered += 1
+        self._close()
+        try:
+            db = self._open()
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", list(self._cache))
+        except (sqlite3.Error, OSError) as e:
+            self._failed(f"cannot reopen the ledger: {e}")
+            raise LedgerUnavailable(self.reason) from None
+        self._up()
+
+    def _failed(self, reason: str) -> None:
+        if self.state != "down":
+            logger.error("ledger down: %s", reason)
+            self.since = time.time()
+        self.state, self.reason = "down", reason
+        self.errors += 1
+        self._retry_at = self._clock() + REOPEN_EVERY
+        self._close()
+
+    def _up(self) -> None:
+        if self.state != "ok":
+            logger.warning("ledger up again (%s)", self.path)
+            self.state, self.reason, self.since = "ok", "", time.time()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    def _run(self, verify: bool, action: Callable[[sqlite3.Connection], object]) -> object:
+        with self._lock:
+            db = self._connection(verify)
+            try:
+                return action(db)
+            except sqlite3.Error as e:
+                self._failed(f"{type(e).__name__}: {e}")
+                raise LedgerUnavailable(self.reason) from None
+
+    # --- records ----------------------------------------------------------------------------
 
     def has(self, tenant: str, digest: str) -> bool:
         key = (tenant, digest)
         if key in self._cache:
             self._cache.move_to_end(key)
             return True
-        row = self.db.execute("SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key).fetchone()
+        row = self._run(
+            False,
+            lambda db: db.execute(
+                "SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key
+            ).fetchone(),
+        )
         if row is not None:
-            self._remember(key)
+            with self._lock:
+                self._remember(key)
         return row is not None
 
     def add(self, tenant: str, digests: Iterable[str]) -> None:
+        """Record durably, all of them or none (one transaction); raises LedgerUnavailable."""
         rows = [(tenant, d) for d in dict.fromkeys(digests)]
         if not rows:
             return
+
+        def insert(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+
         with self._lock:
-            with self.db:  # one transaction: all of a manifest's references or none
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+            self._run(True, insert)
             for key in rows:
                 self._remember(key)
 
@@ -60,10 +191,45 @@ class Ledger:
 
     def count(self, tenant: str | None = None) -> int:
         if tenant is None:
-            return self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)).fetchone()[
-            0
-        ]
+            sql, args = "SELECT COUNT(*) FROM seen", ()
+        else:
+            sql, args = "SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)
+        return int(self._run(False, lambda db: db.execute(sql, args).fetchone()[0]))  # type: ignore[arg-type]
+
+    # --- the start-up walk's progress (backfill.py) -------------------------------------------
+
+    def walked(self, repository: str) -> bool:
+        return bool(
+            self._run(
+                False,
+                lambda db: db.execute(
+                    "SELECT 1 FROM walked WHERE repository = ?", (repository,)
+                ).fetchone(),
+            )
+        )
+
+    def mark_walked(self, repository: str) -> None:
+        self._run(
+            True,
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO walked VALUES (?, ?)", (repository, time.time())
+            ),
+        )
+
+    # --- health -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """For the health check, without a request: notice a deleted or replaced file, and
+        try to reopen a failed ledger."""
+        with contextlib.suppress(LedgerUnavailable):
+            self._run(True, lambda db: db.execute("SELECT 1").fetchone())
+
+    def status(self) -> dict[str, object]:
+        out: dict[str, object] = {"state": self.state, "since": self.since}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self._close()

@@ -22,12 +22,12 @@ def admin(stack: Stack) -> str:
 def test_healthz_names_what_is_down(registry):
     r = requests.get(f"{admin(registry)}/healthz", timeout=10)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "backend": "ok", "mesh": "absent"}
+    assert r.json() == {"status": "ok", "backend": "ok", "mesh": "absent", "ledger": "ok"}
     registry.supervisorctl("stop", "backend")
     try:
         r = requests.get(f"{admin(registry)}/healthz", timeout=10)
         assert r.status_code == 503
-        assert r.json() == {"status": "down", "backend": "down", "mesh": "absent"}
+        assert r.json() == {"status": "down", "backend": "down", "mesh": "absent", "ledger": "ok"}
     finally:
         registry.supervisorctl("start", "backend")
     registry.wait_ready()

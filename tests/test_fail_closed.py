@@ -203,11 +203,30 @@ def test_a_hook_that_raises_fails_closed(setup, monkeypatch, key, case):
         assert b"secret" not in answer.content
 
 
+class BrokenDb:
+    def __init__(self, fail: Callable[..., None]) -> None:
+        self.fail = fail
+
+    def __enter__(self) -> BrokenDb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def execute(self, *args: object) -> None:
+        self.fail()
+
+    executemany = execute
+
+
 def test_a_fault_in_the_ledger_never_confirms_a_push(setup, monkeypatch):
+    ledger = setup.gw.addon("tenantisolation").ledger
+
     def broken(*args: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(setup.gw.addon("tenantisolation").ledger, "add", broken)
+    # The write itself fails inside SQLite: the ledger turns that into LedgerUnavailable.
+    monkeypatch.setattr(ledger, "_connection", lambda verify: BrokenDb(broken))
     answer = UPLOAD_END(setup)
     assert answer.status_code == 503
     assert json.loads(answer.content)["errors"][0]["code"] == "UNAVAILABLE"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
 
-from addons.ledger import Ledger
+import pytest
+
+from addons.ledger import Ledger, LedgerUnavailable
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 
@@ -42,3 +46,106 @@ def test_the_cache_is_bounded(tmp_path):
     ledger.add("acme", [f"sha256:{i:064x}" for i in range(50)])
     assert len(ledger._cache) == 10
     assert ledger.has("acme", "sha256:" + "0" * 64)  # evicted from the cache, still recorded
+
+
+# --- a ledger file in trouble: never a false confirmation, recovery without a restart ---------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def records(path) -> set[tuple[str, str]]:
+    db = sqlite3.connect(path)
+    try:
+        return set(db.execute("SELECT tenant, digest FROM seen"))
+    finally:
+        db.close()
+
+
+def test_a_deleted_ledger_is_recreated_with_what_the_process_knows(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger.add("acme", [D[0], D[1]])
+    path.unlink()  # an operator's mistake: SQLite would go on writing into the unlinked inode
+    ledger.add("acme", [D[2]])
+    assert path.exists()
+    assert records(path) == {("acme", D[0]), ("acme", D[1]), ("acme", D[2])}
+    assert ledger.recovered == 1 and ledger.status()["state"] == "ok"
+
+
+def test_a_replaced_ledger_is_reopened_before_the_next_confirmation(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger.add("acme", [D[0]])
+    other = Ledger(tmp_path / "restored.db")
+    other.add("globex", [D[5]])
+    other.close()
+    os.replace(tmp_path / "restored.db", path)  # a restore from backup while running
+    ledger.add("acme", [D[1]])
+    assert records(path) == {("globex", D[5]), ("acme", D[0]), ("acme", D[1])}
+    assert ledger.has("globex", D[5])
+
+
+def test_a_failing_ledger_refuses_then_recovers_by_itself(tmp_path, monkeypatch):
+    clock = Clock()
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path, clock=clock)
+    ledger.add("acme", [D[0]])
+    broken = {"on": True}
+    real_open = Ledger._open
+
+    def flaky_open(self):  # the file cannot be opened while the fault lasts
+        if broken["on"]:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_open(self)
+
+    monkeypatch.setattr(Ledger, "_open", flaky_open)
+    ledger._failed("disk I/O error")  # as after any failed statement
+    with pytest.raises(LedgerUnavailable):
+        ledger.add("acme", [D[1]])
+    assert ledger.status()["state"] == "down"
+    assert ledger.has("acme", D[0])  # still known from memory
+    with pytest.raises(LedgerUnavailable):
+        ledger.has("acme", D[3])  # a miss cannot be answered: not a false 404
+    broken["on"] = False
+    with pytest.raises(LedgerUnavailable):  # reopened at most once a second
+        ledger.add("acme", [D[1]])
+    clock.now += 1.5
+    ledger.add("acme", [D[1]])
+    assert ledger.status()["state"] == "ok" and ledger.has("acme", D[1])
+    assert ("acme", D[1]) in records(path)
+
+
+def test_a_write_error_marks_the_ledger_down_and_closes_it(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.db")
+
+    class ReadOnly:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def execute(self, *args):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        executemany = execute
+
+    monkeypatch.setattr(ledger, "_connection", lambda verify: ReadOnly())
+    with pytest.raises(LedgerUnavailable, match="readonly"):
+        ledger.add("acme", [D[0]])
+    assert ledger.status()["state"] == "down" and ledger.errors == 1
+
+
+def test_walk_progress_is_recorded(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.db")
+    assert not ledger.walked("acme/app")
+    ledger.mark_walked("acme/app")
+    assert ledger.walked("acme/app")
+    ledger.close()
+    assert Ledger(tmp_path / "ledger.db").walked("acme/app")
