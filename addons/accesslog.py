@@ -1,21 +1,41 @@
-"""One JSON line on stdout per request (CONTRACTS §6), written when the flow ends.
+"""One JSON line per request (CONTRACTS §6), written when the flow ends.
 
 Only what the gateway decided and measured: never a header value, token or body.
+
+Logging never blocks serving: the event loop only appends the line to a bounded queue; a
+thread writes the queue out (to `registry_access_log`, the FIFO `run` relays to stdout, or to
+stdout). Each write is at most PIPE_BUF bytes of whole lines, so lines of several gateway
+processes never interleave. A queue that is full (the writer cannot keep up) drops the line
+and counts it: `tabbify_access_log_dropped_total`, and one warning line per burst.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
+import logging
+import os
 import sys
+import threading
 import time
+from collections import deque
 from typing import IO
 
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 
 from addons.metrics import Metrics
 from addons.record import record
+
+logger = logging.getLogger(__name__)
+
+MAX_QUEUED = 50_000  # lines (~15 MiB at most)
+PIPE_BUF = 4096  # atomic write size on a pipe or FIFO (Linux)
+MAX_FIELD = 1024  # longer names are cut: a whole line must fit one atomic write
+
+
+def _cut(value: object) -> object:
+    return value[:MAX_FIELD] if isinstance(value, str) else value
 
 
 def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
@@ -27,19 +47,19 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         "time": datetime.datetime.fromtimestamp(flow.request.timestamp_start, datetime.UTC)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
-        "tenant": rec.tenant,
-        "method": flow.request.method,
+        "tenant": _cut(rec.tenant),
+        "method": _cut(flow.request.method),
         "kind": rec.kind,
-        "repository": rec.repository,
-        "reference": rec.reference,
+        "repository": _cut(rec.repository),
+        "reference": _cut(rec.reference),
         "status": response.status_code if response else None,
-        "decision": rec.decision,
+        "decision": _cut(rec.decision),
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "duration_ms": round((now - flow.request.timestamp_start) * 1000, 1),
     }
     if flow.error:
-        line["error"] = flow.error.msg
+        line["error"] = _cut(flow.error.msg)
     return line
 
 
@@ -52,30 +72,98 @@ def backend_seconds(flow: http.HTTPFlow) -> float | None:
     return max(0.0, response.timestamp_start - sent) if response.timestamp_start else None
 
 
+class LineWriter:
+    """A bounded queue of lines and the thread that writes them, in atomic chunks."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.queue: deque[bytes] = deque()
+        self.dropped = 0
+        self._warned = 0
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def put(self, line: bytes) -> None:
+        with self._ready:
+            if len(self.queue) >= MAX_QUEUED:
+                self.dropped += 1
+                return
+            self.queue.append(line)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self.queue:
+                    self._ready.wait()
+                lines = list(self.queue)
+                self.queue.clear()
+            for chunk in chunks(lines):
+                try:
+                    self.out.write(chunk)
+                    self.out.flush()
+                except OSError:
+                    time.sleep(0.1)
+            if self.dropped != self._warned:
+                logger.warning(
+                    "access log: %d lines dropped (the log reader is too slow)",
+                    self.dropped - self._warned,
+                )
+                self._warned = self.dropped
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until the queue is written: at shutdown."""
+        deadline = time.monotonic() + timeout
+        while self.queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def chunks(lines: list[bytes]) -> list[bytes]:
+    """Whole lines, grouped into writes of at most PIPE_BUF bytes."""
+    out: list[bytes] = []
+    current = b""
+    for line in lines:
+        if current and len(current) + len(line) > PIPE_BUF:
+            out.append(current)
+            current = b""
+        current += line
+    if current:
+        out.append(current)
+    return out
+
+
 class AccessLog:
     """Writes the line and counts the flow in the metrics: the one place a finished flow is
     observed."""
 
-    def __init__(
-        self, metrics: Metrics | None = None, out: IO[str] | None = None, flush_every: float = 0.0
-    ) -> None:
-        """flush_every > 0: lines are written in batches at most that many seconds apart (one
-        pipe write for many requests; a crash loses at most that much log)."""
+    def __init__(self, metrics: Metrics | None = None, out: IO[str] | None = None) -> None:
+        """`out`: a text stream written synchronously (tests); otherwise the writer thread."""
         self.metrics = metrics or Metrics()
-        self.out = out or sys.stdout
-        self.flush_every = flush_every
-        self._pending: list[str] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self.out = out
+        self.writer: LineWriter | None = None
 
-    def flush(self) -> None:
-        self._timer = None
-        if self._pending:
-            self.out.write("".join(self._pending))
-            self.out.flush()
-            self._pending.clear()
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_access_log", str, "", "Where access log lines go (a FIFO); empty = stdout."
+        )
+
+    def running(self) -> None:
+        if self.out is not None:
+            return
+        path = ctx.options.registry_access_log
+        # Held for the process's lifetime (closed at exit).
+        fd = os.open(path, os.O_WRONLY) if path else os.dup(sys.stdout.fileno())
+        stream = os.fdopen(fd, "wb", buffering=0)
+        self.writer = LineWriter(stream)
 
     def done(self) -> None:
-        self.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    @property
+    def dropped(self) -> int:
+        return self.writer.dropped if self.writer else 0
 
     def _write(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
@@ -83,11 +171,13 @@ class AccessLog:
             return
         rec.logged = True
         line = entry(flow, time.time())
-        self._pending.append(json.dumps(line, separators=(",", ":")) + "\n")
-        if self.flush_every <= 0:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_every, self.flush)
+        text = json.dumps(line, separators=(",", ":")) + "\n"
+        if self.writer is not None:
+            self.writer.put(text.encode())
+        elif self.out is not None:
+            self.out.write(text)
+        else:
+            sys.stdout.write(text)
         self.metrics.observe(
             status=line["status"],  # type: ignore[arg-type]
             decision=rec.decision,

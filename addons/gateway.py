@@ -59,7 +59,7 @@ def gateway_addons() -> list[Any]:
         RegistryAccess(signer),
         TenantIsolation(),
         Gate(),
-        AccessLog(metrics, flush_every=0.05),
+        AccessLog(metrics),
         capture,
         Admin(metrics, capture),
     ]

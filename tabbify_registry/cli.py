@@ -12,6 +12,8 @@ import argparse
 import fcntl
 import json
 import os
+import resource
+import secrets
 import shlex
 import shutil
 import signal
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import IO
 
 from mesh import bootstrap
-from mesh.state import MeshError
+from mesh.state import MeshError, write_atomic
 from tabbify_registry import settings as settings_mod
+from tabbify_registry.logrelay import LogRelay
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
@@ -59,6 +62,8 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_idle_timeout={s.idle_timeout}",
         "--set", f"registry_max_connections={s.max_connections}",
         "--set", f"registry_max_client_connections={s.max_client_connections}",
+        "--set", f"registry_access_log={s.log_dir / 'access.fifo'}",
+        "--set", f"registry_log_dir={s.log_dir}",
     ]  # fmt: skip
 
 
@@ -75,6 +80,29 @@ def backend_command(s: Settings, config_file: Path) -> list[str]:
     return [BACKEND_BINARIES[s.backend], "serve", str(config_file)]
 
 
+def raise_fd_limit() -> int:
+    """Soft descriptor limit up to the hard one (each client connection costs two); returns
+    the `minfds` supervisord should keep (and close in its children below)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return max(256, min(target - 64, 65536))
+
+
+def start_log_relay(s: Settings) -> LogRelay:
+    """The FIFOs every program writes into, drained by this process (logrelay.py)."""
+    s.log_dir.mkdir(parents=True, exist_ok=True)
+    relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer)
+    for name in ("access.fifo", *(f"{p}.log" for p in LOGGED_PROGRAMS)):
+        relay.fifo(name)
+    relay.start()
+    return relay
+
+
+LOGGED_PROGRAMS = ("backend", "mitmdump", "mesh", "fatal")
+
+
 def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> dict[str, str]:
     """The environment supervisord and its programs get. REGISTRY_* is removed: Distribution
     reads every REGISTRY_<SECTION>_<KEY> as a config override (and panics on ours); the
@@ -83,6 +111,7 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
     external = s.backend == "external"
     child.update(
         TBF_RUNTIME_DIR=str(s.runtime_dir),
+        TBF_LOG_DIR=str(s.log_dir),
         TBF_PYTHON=sys.executable,
         TBF_GATEWAY_COMMAND=shlex.join(mitmdump_command(s)),
         TBF_BACKEND_COMMAND="true" if external else shlex.join(backend_command(s, config_file)),
@@ -107,10 +136,20 @@ def lock_data_dir(s: Settings) -> IO[str]:
     return lock
 
 
+def http_secret(s: Settings) -> str:
+    """The backend's upload-state secret, made once per data dir (0600) and kept."""
+    path = s.data_dir / "secrets" / "http-secret"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, secrets.token_urlsafe(32).encode(), mode=0o600)
+    return path.read_text().strip()
+
+
 def write_backend_config(s: Settings) -> Path:
     path = s.runtime_dir / f"{s.backend}-config.json"
     if s.backend != "external":
-        path.write_text(json.dumps(backend_config.render(s), indent=2) + "\n")
+        config = backend_config.render(s, http_secret(s))
+        write_atomic(path, (json.dumps(config, indent=2) + "\n").encode(), mode=0o600)
     return path
 
 
@@ -135,14 +174,22 @@ def run(env: Mapping[str, str]) -> int:
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
     config_file = write_backend_config(s)
+    minfds = raise_fd_limit()
+    relay = start_log_relay(s)
 
     supervisord = subprocess.Popen(
         [str(BIN / "supervisord"), "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
-        env=supervisor_env(env, s, config_file),
+        env={**supervisor_env(env, s, config_file), "TBF_MINFDS": str(minfds)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
+    assert supervisord.stdout is not None and supervisord.stderr is not None
+    relay.source(supervisord.stdout.fileno(), "supervisord", "stderr")
+    relay.source(supervisord.stderr.fileno(), "supervisord", "stderr")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: supervisord.send_signal(signum))
     status = wait_reaping(supervisord.pid)
+    relay.drain()
     if fatal.exists():
         program = fatal.read_text().strip()
         print(f"tabbify-registry: {program} could not start; stopped", file=sys.stderr)

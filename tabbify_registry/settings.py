@@ -70,6 +70,10 @@ class Settings:
     def runtime_dir(self) -> Path:
         return self.data_dir / "run"
 
+    @property
+    def log_dir(self) -> Path:
+        return self.runtime_dir / "logs"
+
 
 def parse_address(name: str, value: str) -> Address:
     """`host:port` with an IP literal host (IPv6 in brackets). Host names are refused: the

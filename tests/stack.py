@@ -121,8 +121,11 @@ class Stack:
         return out.stdout + out.stderr
 
     def access_log(self) -> list[dict]:
+        """The access log lines (stdout) among everything the stack printed."""
         lines = []
         for line in self.log.read_text(errors="replace").splitlines():
             if line.startswith('{"time"'):
-                lines.append(json.loads(line))
+                entry = json.loads(line)
+                if "source" not in entry:  # operator lines (stderr) name their source
+                    lines.append(entry)
         return lines
