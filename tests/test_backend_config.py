@@ -45,7 +45,7 @@ from urllib.parse import urljoin
 import pytest
 
 from tabbify_registry.settings import Settings, load
-from zot.config import render, render_distribution, render_zot
+from zot.config import SECRET_PLACEHOLDER, render, render_distribution, render_zot
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 ZOT_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "zot-examples"
@@ -123,8 +123,9 @@ def test_every_zot_key_appears_in_zots_examples(name: str) -> None:
 @pytest.mark.parametrize("backend", ["zot", "distribution"])
 def test_no_static_credentials(name: str, backend: str) -> None:
     config = render(settings(MODES[name], backend))
-    keys = [path.rsplit(".", 1)[-1].lower() for path, _ in key_paths(config)]
-    assert not [k for k in keys if "accesskey" in k or "secretkey" in k or "secret" in k]
+    paths = [path.lower() for path, _ in key_paths(config)]
+    # Distribution's http.secret signs upload state (not a credential); nothing else secret.
+    assert not [p for p in paths if ("key" in p or "secret" in p) and p != "http.secret"]
 
 
 @pytest.mark.parametrize("name", MODES)
@@ -172,8 +173,15 @@ def test_render_dispatches_on_backend() -> None:
 def test_distribution_config() -> None:
     local = render_distribution(settings(LOCAL, "distribution"))
     assert local["version"] == "0.1"
-    assert local["log"] == {"level": "info", "accesslog": {"disabled": True}}
-    assert local["http"] == {"addr": "127.0.0.1:5001", "relativeurls": True}
+    assert local["log"] == {"level": "warn", "accesslog": {"disabled": True}}
+    assert local["http"] == {
+        "addr": "127.0.0.1:5001",
+        "relativeurls": True,
+        "secret": SECRET_PLACEHOLDER,
+    }
+    assert render_distribution(settings(LOCAL, "distribution"), "s3cr3t")["http"]["secret"] == (
+        "s3cr3t"
+    )
     assert local["storage"]["filesystem"] == {"rootdirectory": f"{DATA_DIR}/zot-cache"}
     assert local["storage"]["delete"] == {"enabled": True}
     assert local["storage"]["cache"] == {"blobdescriptor": "inmemory"}

@@ -66,12 +66,24 @@ def render_zot(settings: Settings) -> dict[str, Any]:
             "readTimeout": HTTP_TIMEOUT,
             "writeTimeout": HTTP_TIMEOUT,
         },
-        "log": {"level": "info"},  # no "output": stdout, collected by supervisord
+        # Per-request lines are the gateway's job (the access log); Zot's own at info would
+        # flood the operator's log. No "output": stdout, collected by supervisord.
+        "log": {"level": "warn"},
     }
 
 
-def render_distribution(settings: Settings) -> dict[str, Any]:
-    """CNCF Distribution 2.8 config (Debian's docker-registry), written as JSON (valid YAML)."""
+# What `tabbify-registry config` prints in place of the real upload-state secret.
+SECRET_PLACEHOLDER = "<persisted in $REGISTRY_DATA_DIR/secrets/http-secret>"
+
+
+def render_distribution(
+    settings: Settings, http_secret: str = SECRET_PLACEHOLDER
+) -> dict[str, Any]:
+    """CNCF Distribution 2.8 config (Debian's docker-registry), written as JSON (valid YAML).
+
+    `http_secret` signs the upload state clients carry between the chunks of an upload: a
+    fixed one (persisted per data dir) lets an upload resume after the backend restarts,
+    where Distribution's random default would answer BLOB_UPLOAD_INVALID."""
     if settings.storage == "s3":
         # 2.8 has no forcepathstyle parameter: a regionendpoint implies path style there.
         s3: dict[str, Any] = {
@@ -87,8 +99,9 @@ def render_distribution(settings: Settings) -> dict[str, Any]:
         backend = {"filesystem": {"rootdirectory": storage_root(settings)}}
     return {
         "version": "0.1",
-        # The gateway logs requests; Distribution's own access log would duplicate them.
-        "log": {"level": "info", "accesslog": {"disabled": True}},
+        # The gateway logs requests; Distribution's own access log would duplicate them, and
+        # its info lines ("response completed" per request) would flood the operator's log.
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {
             **backend,
             "delete": {"enabled": True},  # deleting manifests/blobs by digest is part of the API
@@ -102,16 +115,17 @@ def render_distribution(settings: Settings) -> dict[str, Any]:
         "http": {
             "addr": settings.backend_addr.hostport,
             "relativeurls": True,  # upload Location headers relative, as with Zot
+            "secret": http_secret,
         },
     }
 
 
-def render(settings: Settings) -> dict[str, Any]:
+def render(settings: Settings, http_secret: str = SECRET_PLACEHOLDER) -> dict[str, Any]:
     """The config of the backend settings.backend selects."""
     if settings.backend == "zot":
         return render_zot(settings)
     if settings.backend == "distribution":
-        return render_distribution(settings)
+        return render_distribution(settings, http_secret)
     raise ValueError(
         f"REGISTRY_BACKEND={settings.backend!r}: an external registry has no config to render"
     )
