@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,6 +18,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons.capture import Capture
 from addons.metrics import Metrics
+from mesh import status as mesh_status
 
 logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 2.0
@@ -61,6 +63,9 @@ class Admin:
             "registry_admin", str, "", "Admin listen host:port (loopback); empty = off."
         )
         loader.add_option("registry_mesh_interface", str, "", "Mesh interface for /healthz.")
+        loader.add_option(
+            "registry_mesh_status", str, "", "The mesh follower's status.json for /healthz."
+        )
 
     async def running(self) -> None:
         addr = ctx.options.registry_admin
@@ -77,15 +82,23 @@ class Admin:
             self.server.close()
 
     async def health(self) -> tuple[int, dict[str, str]]:
+        """503 when something is down (backend, mesh interface). A degraded mesh (the node
+        serves its current peers but cannot follow the coordinator) is 200, status "degraded",
+        with `mesh_reason`."""
         backend = "ok" if await backend_ok(ctx.options.registry_backend) else "down"
         name = ctx.options.registry_mesh_interface
-        mesh = "absent" if not name else ("ok" if interface_up(name) else "down")
-        status = "ok" if backend == "ok" and mesh != "down" else "down"
-        return (200 if status == "ok" else 503), {
-            "status": status,
-            "backend": backend,
-            "mesh": mesh,
-        }
+        path = ctx.options.registry_mesh_status
+        follower = mesh_status.read(Path(path)) if path else None
+        up = bool(name) and interface_up(name)
+        mesh, reason = mesh_status.health(name, up, follower, time.time(), followed=bool(path))
+        if backend == "down" or mesh == mesh_status.DOWN:
+            status = "down"
+        else:
+            status = "degraded" if mesh == mesh_status.DEGRADED else "ok"
+        payload = {"status": status, "backend": backend, "mesh": mesh}
+        if reason:
+            payload["mesh_reason"] = reason
+        return (503 if status == "down" else 200), payload
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -13,6 +13,7 @@ Our addons, in hook order:
 4. Refusals        delivers 4xx decisions without buffering request bodies
 5. AccessLog       one JSON line per request on stdout, counted in the metrics
 6. Capture, Admin  the operator's loopback endpoint: /healthz, /metrics, /capture
+7. MeshAddress     follows the node's ULA when the mesh coordinator moves it (no request hooks)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from addons.accesslog import AccessLog
 from addons.admin import Admin
 from addons.capture import Capture
 from addons.isolation import TenantIsolation
+from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
 from addons.refusal import Refusals
 from addons.token_endpoint import TokenEndpoint
@@ -57,6 +59,7 @@ def gateway_addons() -> list[Any]:
         AccessLog(metrics, flush_every=0.05),
         capture,
         Admin(metrics, capture),
+        MeshAddress(),
     ]
 
 

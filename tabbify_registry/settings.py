@@ -53,6 +53,10 @@ class Settings:
     mesh_auth_key: str | None
     mesh_interface: str
     mesh_poll_seconds: int
+    # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
+    # follows a ULA the coordinator moves the node to, without a restart.
+    listen_from_mesh: bool = False
+    external_url_derived: bool = True
 
     @property
     def anonymous(self) -> bool:
@@ -188,4 +192,6 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         mesh_auth_key=_opt(env, "MESH_AUTH_KEY"),
         mesh_interface=interface,
         mesh_poll_seconds=int(poll),
+        listen_from_mesh=listen_value is None and ula is not None,
+        external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
     )
