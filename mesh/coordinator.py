@@ -20,15 +20,19 @@ from mesh.validate import PeerSet, Skipped
 class CoordinatorUnusable(MeshError):
     """No usable answer (unreachable, slow, huge, redirected, 5xx, garbage, refused...).
 
-    `auth_refused`: 401/403, the join key was refused. `unknown_node`: 404 on our node's peer
-    list, the coordinator forgot us (re-join)."""
+    `auth_refused`: 401/403, the join key was refused. `answered`: an answer arrived whole (only its
+    status or content was unusable), so the coordinator is reachable."""
 
     def __init__(
-        self, reason: str, *, auth_refused: bool = False, unknown_node: bool = False
+        self,
+        reason: str,
+        *,
+        auth_refused: bool = False,
+        answered: bool = True,
     ) -> None:
         super().__init__(reason)
         self.auth_refused = auth_refused
-        self.unknown_node = unknown_node
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Coordinator:
                 method, self.url + path, data, self.headers, deadline=self.deadline
             )
         except fetch.FetchError as e:
-            raise CoordinatorUnusable(f"coordinator ({what}): {e}") from None
+            raise CoordinatorUnusable(f"coordinator ({what}): {e}", answered=False) from None
 
     def join(self, req: JoinRequest, also_own: tuple[str, ...] = ()) -> Joined:
         """Register (or re-register) this node. `also_own`: addresses it still answers on."""
@@ -105,9 +109,7 @@ class Coordinator:
         node = validate.node_id(state.node_id)
         answer = self._exchange("GET", f"/v1/nodes/{node}/peers", "peers")
         if answer.status == 404:
-            raise CoordinatorUnusable(
-                "coordinator does not know this node (404)", unknown_node=True
-            )
+            raise CoordinatorUnusable("coordinator does not know this node (404)")
         data = decode(answer, "peers")
         try:
             return validate.peers_answer(data, validate.context(state, own_key))

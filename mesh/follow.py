@@ -12,10 +12,12 @@ variables come from the environment). The coordinator is untrusted input:
   MESH_POLL_SECONDS), back to the normal period after the first success;
 - the follower never exits on an answer: every failure of an attempt is caught and reported.
 
-The node re-joins (POST /v1/nodes) at its first attempt, after any failure, after a 404 for its
-peer list, and every REJOIN_EVERY polls: the join answer is where the coordinator can move the
-node to another ULA. A move adds the new address at once (the gateway follows state.json and
-re-binds) and keeps the old one until no TCP connection uses it, ULA_GRACE_SECONDS at most.
+The node re-joins (POST /v1/nodes) at its first attempt, after any failure (a coordinator that
+lost its state, a 404 for our peer list), and every REJOIN_EVERY polls: the join answer is where
+the coordinator can move the node to another ULA. A join answered with something unusable does
+not stop the peer list from being followed in the same attempt. A move adds the new address at
+once (the gateway follows state.json and re-binds) and keeps the old one until no TCP
+connection uses it, ULA_GRACE_SECONDS at most.
 """
 
 from __future__ import annotations
@@ -101,25 +103,33 @@ class Follower:
 
     # one attempt ---------------------------------------------------------------------------
 
-    def attempt(self) -> tuple[Skipped, ...]:
-        """One exchange with the coordinator, applied. Raises CoordinatorUnusable (no usable
-        answer) or MeshError (the interface refused a change); nothing is saved then."""
+    def attempt(self) -> tuple[tuple[Skipped, ...], str | None]:
+        """One exchange with the coordinator, applied: the skipped peers, and why a re-join that
+        was due failed when the peer list could be followed anyway. Raises CoordinatorUnusable
+        (no usable answer) or MeshError (the interface refused a change); nothing is saved then.
+        """
+        join_failed = None
         if not self.joined or self.polls >= REJOIN_EVERY:
             also_own = (self.state.ula, *(r.ula for r in self.state.retiring))
-            request = join_request(self.public_key, self.state)
-            joined = self.coordinator.join(request, also_own)
-            self.apply(plan_move(self.state, joined.state, time.time(), self.grace))
-            self.joined, self.polls = True, 0
-            return joined.skipped
+            try:
+                joined = self.coordinator.join(join_request(self.public_key, self.state), also_own)
+            except CoordinatorUnusable as e:
+                if not e.answered:  # unreachable: asking for the peers would fail the same way
+                    raise
+                join_failed = f"re-join failed: {e}"  # a bad join answer: still follow the peers
+            else:
+                self.apply(plan_move(self.state, joined.state, time.time(), self.grace))
+                self.joined, self.polls = True, 0
+                return joined.skipped, None
         self.polls += 1
         try:
             peers = self.coordinator.peers(self.state, self.public_key)
         except CoordinatorUnusable as e:
-            if e.unknown_node:
-                self.joined = False
+            if join_failed:
+                raise CoordinatorUnusable(f"{join_failed}; {e}") from None
             raise
         self.apply(dataclasses.replace(self.state, peers=peers.peers))
-        return peers.skipped
+        return peers.skipped, join_failed
 
     def apply(self, new: NodeState) -> None:
         """Bring the interface to `new`, then persist it: state.json only ever holds what was
@@ -165,7 +175,7 @@ class Follower:
         """One attempt, the retirement check and the status; returns the seconds to wait."""
         reason: str | None
         try:
-            skipped = self.attempt()
+            skipped, join_failed = self.attempt()
         except CoordinatorUnusable as e:
             self.failures, self.joined, reason = self.failures + 1, False, str(e)
         except MeshError as e:
@@ -176,7 +186,8 @@ class Follower:
         else:
             self.failures = 0
             self.report_skipped(skipped)
-            reason = skipped_reason(skipped)
+            reasons = [r for r in (join_failed, skipped_reason(skipped)) if r]
+            reason = "; ".join(reasons) or None
         try:
             self.retire()
         except Exception as e:

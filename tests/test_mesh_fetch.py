@@ -182,13 +182,16 @@ def test_every_kind_of_bad_peers_answer_is_unusable(answer, reason):
         Coordinator(url, "k").peers(STATE, OWN)
 
 
-def test_a_refused_key_and_an_unknown_node_are_told_apart():
+def test_a_refused_key_an_unknown_node_and_an_unreachable_coordinator_are_told_apart():
     with server(send(http(401, b"{}"))) as url, pytest.raises(CoordinatorUnusable) as refused:
         Coordinator(url, "k").peers(STATE, OWN)
-    assert refused.value.auth_refused and not refused.value.unknown_node
-    with server(send(http(404, b"{}"))) as url, pytest.raises(CoordinatorUnusable) as unknown:
+    assert refused.value.auth_refused and refused.value.answered
+    unknown = pytest.raises(CoordinatorUnusable, match="does not know this node")
+    with server(send(http(404, b"{}"))) as url, unknown:
         Coordinator(url, "k").peers(STATE, OWN)
-    assert unknown.value.unknown_node
+    with server(send(b"")) as url, pytest.raises(CoordinatorUnusable) as unreachable:
+        Coordinator(url, "k").peers(STATE, OWN)
+    assert not unreachable.value.answered
 
 
 def test_a_join_answer_with_a_bad_identity_is_unusable_but_bad_peers_are_only_skipped():
