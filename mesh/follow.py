@@ -38,7 +38,7 @@ from mesh.status import DEGRADED, OK, StatusFile
 from mesh.validate import Skipped
 from tabbify_registry import settings as settings_mod
 
-REJOIN_EVERY = 10  # polls between re-joins (where a ULA move shows)
+REJOIN_EVERY = 3  # polls between re-joins: a ULA move shows only in a join answer
 BACKOFF_FACTOR = 10  # the longest wait, in MESH_POLL_SECONDS
 ULA_GRACE_SECONDS = 900  # at most this long on a ULA the coordinator moved us away from
 STATUS_SLACK = 30.0  # seconds past the next attempt before /healthz calls the follower silent
