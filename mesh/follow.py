@@ -41,6 +41,7 @@ from tabbify_registry import settings as settings_mod
 REJOIN_EVERY = 3  # polls between re-joins: a ULA move shows only in a join answer
 BACKOFF_FACTOR = 10  # the longest wait, in MESH_POLL_SECONDS
 ULA_GRACE_SECONDS = 900  # at most this long on a ULA the coordinator moved us away from
+RETIRE_MIN_AGE = 5.0  # at least this long: the gateway re-binds within ~1 s of the move
 STATUS_SLACK = 30.0  # seconds past the next attempt before /healthz calls the follower silent
 
 
@@ -62,18 +63,24 @@ def plan_move(current: NodeState, answer: NodeState, now: float, grace: float) -
     connections in progress until `now + grace`); a ULA the node moves back to stops retiring."""
     retiring = [r for r in current.retiring if r.ula != answer.ula]
     if answer.ula != current.ula and all(r.ula != current.ula for r in retiring):
-        retiring.append(Retiring(current.ula, now + grace))
+        retiring.append(Retiring(current.ula, now, now + grace))
     return dataclasses.replace(answer, retiring=tuple(retiring))
 
 
 def retire_due(
-    retiring: tuple[Retiring, ...], now: float, connections: Callable[[str], int]
+    retiring: tuple[Retiring, ...],
+    now: float,
+    connections: Callable[[str], int],
+    min_age: float = RETIRE_MIN_AGE,
 ) -> tuple[tuple[Retiring, ...], tuple[Retiring, ...]]:
-    """(still retiring, done): an old ULA is done when no connection uses it or its time is up."""
+    """(still retiring, done): an old ULA is done when its time is up, or when no connection
+    uses it once it is `min_age` old (a connection accepted while the gateway was still
+    re-binding must not lose its address under it)."""
     keep: list[Retiring] = []
     done: list[Retiring] = []
     for r in retiring:
-        (done if now >= r.until or connections(r.ula) == 0 else keep).append(r)
+        unused = now - r.since >= min_age and connections(r.ula) == 0
+        (done if now >= r.until or unused else keep).append(r)
     return tuple(keep), tuple(done)
 
 
@@ -94,6 +101,7 @@ class Follower:
         self.public_key = public_key(key)
         self.coordinator = Coordinator(s.mesh_coordinator_url, s.mesh_auth_key)
         self.grace = grace
+        self.retire_min_age = RETIRE_MIN_AGE
         self.joined = False  # re-register at the first attempt: retries a join that failed at boot
         self.polls = 0
         self.failures = 0
@@ -154,7 +162,9 @@ class Follower:
         """Drop old ULAs nobody uses any more (or whose grace is over)."""
         if not self.state.retiring:
             return
-        keep, done = retire_due(self.state.retiring, time.time(), interface.connections_on)
+        keep, done = retire_due(
+            self.state.retiring, time.time(), interface.connections_on, self.retire_min_age
+        )
         for r in done:
             interface.remove_address(self.s.mesh_interface, r.ula)
             print(f"mesh: old ULA {r.ula} removed from {self.s.mesh_interface}", flush=True)

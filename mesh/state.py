@@ -37,10 +37,11 @@ class Peer:
 
 @dataclass(frozen=True)
 class Retiring:
-    """A ULA the coordinator moved this node away from: kept on the interface until no
-    connection uses it any more, or until `until` (epoch seconds) at the latest."""
+    """A ULA the coordinator moved this node away from (at `since`, epoch seconds): kept on
+    the interface until no connection uses it any more, or until `until` at the latest."""
 
     ula: str
+    since: float
     until: float
 
 

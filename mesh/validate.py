@@ -351,11 +351,12 @@ def persisted_state(data: Any, own_key: str) -> tuple[NodeState, tuple[Skipped, 
             if not isinstance(item, dict):
                 raise Invalid("not a JSON object")
             old = node_ula(item.get("ula"), prefix)
-            until = item.get("until")
-            if isinstance(until, bool) or not isinstance(until, int | float):
-                raise Invalid(f"until {shown(until)} is not a time")
+            since, until = item.get("since"), item.get("until")
+            for value in (since, until):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise Invalid(f"{shown(value)} is not a time")
             if old != ula:
-                retiring.append(Retiring(str(old), float(until)))
+                retiring.append(Retiring(str(old), float(since), float(until)))
         except Invalid as e:
             skipped.append(Skipped(f"retiring #{index}", str(e)))
     own = (ula, *(ipaddress.IPv6Address(r.ula) for r in retiring))

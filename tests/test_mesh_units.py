@@ -470,18 +470,26 @@ def test_a_ula_move_retires_the_old_address_and_a_move_back_cancels_it():
     a = NodeState("n-1", ULA, str(PREFIX), 51820)
     assert plan_move(a, a, 100.0, 900).retiring == ()
     b = plan_move(a, NodeState("n-1", "fd5a:1f02:0:4::1", str(PREFIX), 51820), 100.0, 900)
-    assert b.ula == "fd5a:1f02:0:4::1" and b.retiring == (Retiring(ULA, 1000.0),)
+    assert b.ula == "fd5a:1f02:0:4::1" and b.retiring == (Retiring(ULA, 100.0, 1000.0),)
     back = plan_move(b, NodeState("n-1", ULA, str(PREFIX), 51820), 200.0, 900)
-    assert back.ula == ULA and back.retiring == (Retiring("fd5a:1f02:0:4::1", 1100.0),)
+    assert back.ula == ULA and back.retiring == (Retiring("fd5a:1f02:0:4::1", 200.0, 1100.0),)
 
 
 def test_an_old_address_goes_when_unused_or_when_its_time_is_up():
-    old = (Retiring("fd5a:1f02:0:4::1", 1000.0), Retiring("fd5a:1f02:0:5::1", 1000.0))
+    old = (Retiring("fd5a:1f02:0:4::1", 0.0, 1000.0), Retiring("fd5a:1f02:0:5::1", 0.0, 1000.0))
     busy = {"fd5a:1f02:0:4::1": 1, "fd5a:1f02:0:5::1": 0}
     keep, done = retire_due(old, 500.0, lambda ula: busy[ula])
     assert keep == (old[0],) and done == (old[1],)
     keep, done = retire_due(old, 1000.0, lambda ula: 5)
     assert keep == () and done == old
+
+
+def test_an_old_address_stays_a_few_seconds_even_unused():
+    """The gateway re-binds within a second of the move: a connection it accepted on the old
+    address meanwhile keeps its address."""
+    fresh = (Retiring("fd5a:1f02:0:4::1", 100.0, 1000.0),)
+    assert retire_due(fresh, 102.0, lambda ula: 0, min_age=5) == (fresh, ())
+    assert retire_due(fresh, 105.0, lambda ula: 0, min_age=5) == ((), fresh)
 
 
 # --- health ------------------------------------------------------------------------------------
