@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +22,7 @@ from addons import connections
 from addons.capture import Capture
 from addons.ledger import Ledger
 from addons.metrics import Metrics
+from mesh import status as mesh_status
 
 logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 2.0
@@ -94,6 +96,9 @@ class Admin:
         )
         loader.add_option("registry_mesh_interface", str, "", "Mesh interface for /healthz.")
         loader.add_option("registry_log_dir", str, "", "Where run's log relay keeps its status.")
+        loader.add_option(
+            "registry_mesh_status", str, "", "The mesh follower's status.json for /healthz."
+        )
 
     async def running(self) -> None:
         addr = ctx.options.registry_admin
@@ -115,16 +120,27 @@ class Admin:
         return isolation.ledger if isolation is not None else None
 
     async def health(self) -> tuple[int, dict[str, str]]:
+        """503 when something is down (backend, mesh interface, ledger). A degraded mesh (the node
+        serves its current peers but cannot follow the coordinator) is 200, status "degraded",
+        with `mesh_reason`."""
         backend = "ok" if await backend_ok(ctx.options.registry_backend) else "down"
         name = ctx.options.registry_mesh_interface
-        mesh = "absent" if not name else ("ok" if interface_up(name) else "down")
+        path = ctx.options.registry_mesh_status
+        follower = mesh_status.read(Path(path)) if path else None
+        up = bool(name) and interface_up(name)
+        mesh, reason = mesh_status.health(name, up, follower, time.time(), followed=bool(path))
         payload = {"backend": backend, "mesh": mesh}
+        if reason:
+            payload["mesh_reason"] = reason
         ledger = self.ledger()
         payload["ledger"] = "absent" if ledger is None else str(ledger.state)
         if ledger is not None and ledger.reason:
             payload["ledger_reason"] = ledger.reason
-        ok = backend == "ok" and mesh != "down" and payload["ledger"] != "down"
-        return (200 if ok else 503), {"status": "ok" if ok else "down", **payload}
+        if backend == "down" or mesh == mesh_status.DOWN or payload["ledger"] == "down":
+            status = "down"
+        else:
+            status = "degraded" if mesh == mesh_status.DEGRADED else "ok"
+        return (503 if status == "down" else 200), {"status": status, **payload}
 
     def metrics_text(self) -> str:
         lines = [self.metrics.render().rstrip("\n"), *connections.metrics_lines()]

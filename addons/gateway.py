@@ -15,6 +15,7 @@ Our addons, in hook order:
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
 7. Capture, Admin  the operator's loopback endpoint: /healthz, /metrics, /capture
+8. MeshAddress     follows the node's ULA when the mesh coordinator moves it (no request hooks)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from addons.connections import ConnectionGuard
 from addons.gate import Gate
 from addons.intake import Intake
 from addons.isolation import TenantIsolation
+from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import TokenSigner
@@ -62,6 +64,7 @@ def gateway_addons() -> list[Any]:
         AccessLog(metrics),
         capture,
         Admin(metrics, capture),
+        MeshAddress(),
     ]
 
 

@@ -1,7 +1,10 @@
 """The node's persisted mesh identity under $REGISTRY_DATA_DIR/mesh/.
 
     private.key   WireGuard private key (base64), mode 0600, created once
-    state.json    node id, ULA, prefix, listen port and the last peer set (no key material)
+    state.json    node id, ULA, prefix, listen port, the last peer set *applied* to the
+                  interface (no key material) and the ULAs being retired after a move
+    status.json   the follower's health (ok / degraded and why), read by /healthz
+    wg.conf       the rendered `wg syncconf` config (0600: holds the private key)
 
 Every write is atomic (temp file, fsync, rename, fsync dir): a crash leaves the old file or
 the new one, never half an identity.
@@ -33,12 +36,23 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class Retiring:
+    """A ULA the coordinator moved this node away from (at `since`, epoch seconds): kept on
+    the interface until no connection uses it any more, or until `until` at the latest."""
+
+    ula: str
+    since: float
+    until: float
+
+
+@dataclass(frozen=True)
 class NodeState:
     node_id: str
     ula: str
     prefix: str
     listen_port: int
     peers: tuple[Peer, ...] = field(default_factory=tuple)
+    retiring: tuple[Retiring, ...] = field(default_factory=tuple)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -71,6 +85,7 @@ class MeshDir:
         self.key_file = self.path / "private.key"
         self.state_file = self.path / "state.json"
         self.wg_conf = self.path / "wg.conf"  # rendered for `wg syncconf`, 0600 (has the key)
+        self.status_file = self.path / "status.json"
 
     def private_key(self) -> str:
         """The node's key, generated on first use and never again."""
@@ -87,27 +102,22 @@ class MeshDir:
         write_atomic(self.key_file, (key + "\n").encode())
         return key
 
-    def load(self) -> NodeState | None:
+    def load(self, own_key: str) -> tuple[NodeState | None, tuple[str, ...]]:
+        """The persisted state and the peers dropped from it. The file was written from
+        coordinator answers, possibly by an older version that checked less: it passes the
+        same rules again, so a bad peer saved long ago cannot keep the interface down."""
+        from mesh import validate  # validate builds NodeState: imported here, not in a cycle
+
         if not self.state_file.exists():
-            return None
+            return None, ()
         try:
             data = json.loads(self.state_file.read_text())
-            peers = tuple(
-                Peer(
-                    p["public_key"],
-                    p.get("endpoint"),
-                    tuple(p["allowed_ips"]),
-                    p.get("persistent_keepalive"),
-                )
-                for p in data.get("peers", [])
-            )
-            return NodeState(
-                data["node_id"], data["ula"], data["prefix"], int(data["listen_port"]), peers
-            )
-        except (ValueError, KeyError, TypeError) as e:
+            state, skipped = validate.persisted_state(data, own_key)
+        except (ValueError, RecursionError) as e:  # validate.Invalid is a ValueError
             raise MeshError(
                 f"{self.state_file} is unreadable ({e}); remove it to re-join"
             ) from None
+        return state, tuple(str(x) for x in skipped)
 
     def save(self, state: NodeState) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -43,6 +43,10 @@ def mitmdump_command(s: Settings) -> list[str]:
     keeps them. `lazy` so a dead backend does not break answers the addons give themselves.
     """
     upstream = f"http://{s.backend_addr.hostport}"
+    mesh_dir = s.data_dir / "mesh" if s.mesh_coordinator_url else None
+    # A listen address (and realm) derived from the mesh follows the ULA in state.json when the
+    # coordinator moves the node (addons/meshaddress.py); explicit settings stay as they are.
+    follow = s.mesh_coordinator_url is not None and s.listen_from_mesh
     return [
         sys.executable, "-m", "addons.gateway",
         "--mode", f"reverse:{upstream}@{s.listen.host}:{s.listen.port}",
@@ -57,6 +61,9 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_backend={upstream}",
         "--set", f"registry_admin={s.admin_addr.hostport}",
         "--set", f"registry_mesh_interface={s.mesh_interface if s.mesh_coordinator_url else ''}",
+        "--set", f"registry_mesh_status={mesh_dir / 'status.json' if mesh_dir else ''}",
+        "--set", f"registry_mesh_state={mesh_dir / 'state.json' if mesh_dir and follow else ''}",
+        "--set", f"registry_mesh_realm={'true' if follow and s.external_url_derived else 'false'}",
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
         "--set", f"registry_header_timeout={s.header_timeout}",
         "--set", f"registry_idle_timeout={s.idle_timeout}",

@@ -57,6 +57,10 @@ class Settings:
     idle_timeout: int = 75
     max_connections: int = 0  # 0: as many as file descriptors allow
     max_client_connections: int = 256
+    # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
+    # follows a ULA the coordinator moves the node to, without a restart.
+    listen_from_mesh: bool = False
+    external_url_derived: bool = True
 
     @property
     def anonymous(self) -> bool:
@@ -215,4 +219,6 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         max_client_connections=int(
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
+        listen_from_mesh=listen_value is None and ula is not None,
+        external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
     )

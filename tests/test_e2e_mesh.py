@@ -288,5 +288,16 @@ def test_mesh_up_prints_the_ula(tmp_path):
             assert ula == json.loads((tmp_path / "mesh" / "state.json").read_text())["ula"]
             addrs = host.run(["ip", "-6", "addr", "show", "dev", f"tbu{net.k}"]).stdout
             assert f"{ula}/128" in addrs
+            # Again on the same interface, which still carries a mesh address from before a
+            # move (and one outside the mesh, not ours to touch): the stale ULA goes.
+            for extra in ("fd5a:1f02:0:77::1/128", "fd00:99::1/128"):
+                host.run(["ip", "-6", "addr", "add", extra, "dev", f"tbu{net.k}", "nodad"])
+            again = host.run([CLI, "mesh", "up"], env=env, timeout=60)
+            assert again.returncode == 0 and again.stdout.strip() == ula, again.stderr
+            addrs = host.run(["ip", "-6", "addr", "show", "dev", f"tbu{net.k}"]).stdout
+            assert f"{ula}/128" in addrs and "fd00:99::1/128" in addrs
+            assert "fd5a:1f02:0:77::1" not in addrs
+            status = json.loads((tmp_path / "mesh" / "status.json").read_text())
+            assert status["state"] == "ok" and status["ula"] == ula
         finally:
             coordinator.stop()

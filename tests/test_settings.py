@@ -270,3 +270,45 @@ def test_parse_address():
     assert parse_address("X", "10.0.0.1:80").hostport == "10.0.0.1:80"
     assert parse_address("X", "127.0.0.1:5000").is_loopback
     assert not parse_address("X", "10.0.0.1:5000").is_loopback
+
+
+# --- what follows a ULA move (addons/meshaddress.py) ---------------------------------------------
+
+
+def _options(s: settings.Settings) -> dict[str, str]:
+    from tabbify_registry.cli import mitmdump_command
+
+    argv = mitmdump_command(s)
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+
+
+MESH = {**AUTH, "MESH_COORDINATOR_URL": "https://mesh.example", "REGISTRY_DATA_DIR": "/d"}
+
+
+def test_a_mesh_derived_listen_address_and_realm_follow_the_ula():
+    s = load(MESH, ula=ULA)
+    assert s.listen_from_mesh and s.external_url_derived
+    opts = _options(s)
+    assert opts["registry_mesh_state"] == "/d/mesh/state.json"
+    assert opts["registry_mesh_status"] == "/d/mesh/status.json"
+    assert opts["registry_mesh_realm"] == "true"
+
+
+def test_an_explicit_external_url_keeps_its_realm_while_the_listen_address_follows():
+    s = load({**MESH, "REGISTRY_EXTERNAL_URL": "https://registry.example"}, ula=ULA)
+    assert s.listen_from_mesh and not s.external_url_derived
+    opts = _options(s)
+    assert opts["registry_mesh_state"] and opts["registry_mesh_realm"] == "false"
+
+
+def test_an_explicit_listen_address_follows_nothing():
+    s = load({**MESH, "REGISTRY_LISTEN": "[fd5a:1f02::7]:5000"}, ula=ULA)
+    assert not s.listen_from_mesh
+    opts = _options(s)
+    assert opts["registry_mesh_state"] == "" and opts["registry_mesh_realm"] == "false"
+    assert opts["registry_mesh_status"] == "/d/mesh/status.json"  # health still reported
+
+
+def test_without_a_mesh_there_is_nothing_to_follow():
+    opts = _options(load({"REGISTRY_DATA_DIR": "/d"}))
+    assert opts["registry_mesh_state"] == opts["registry_mesh_status"] == ""

@@ -16,17 +16,27 @@ Fault switches: `set_down(True)` closes the listening socket (connection refused
 `set_down(False)` rebinds the same host:port; `fail_status = 503` makes every API request
 answer that status. `joins` and `polls` count authorized requests (those answered with
 `fail_status` included; refused connections are not requests), `unauthorized` the 401s and
-`requests` logs (method, path, status). `peers_for(node_id)` is the peer set the API hands out.
+`requests` logs (method, path, status). `peers_for(node_id)` is the peer set of the registered
+nodes (what test clients configure); the API hands out that set plus the bad entries below.
+
+A coordinator that says something wrong (issue 11):
+- `bad_peers = ["bad-key", ...]` appends one malformed entry per named kind (BAD_PEER_KINDS)
+  to every peer list the API hands out, join answers and polls, after the real peers;
+- `answer_mode = "non-json"` (one of ANSWER_MODES) makes every authorized API answer
+  misbehave that way: not JSON, the wrong JSON shape, a 50 MiB body, a slow drip, a redirect,
+  a 5xx, a join answer with a ULA outside the prefix...; None = normal answers.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,6 +48,36 @@ DEFAULT_AUTH_KEY = "tbf-mesh-standin-join-key"
 
 _PEERS_PATH = re.compile(r"^/v1/nodes/([^/]+)/peers$")
 _NETWORK = ipaddress.IPv6Network(PREFIX)
+
+BAD_PEER_KINDS = (
+    "bad-key",  # not base64 at all
+    "noncanonical-key",  # base64 of 32 bytes, but not the canonical encoding
+    "short-key",  # 31 bytes
+    "long-key",  # 33 bytes
+    "bad-endpoint",  # no port
+    "outside-prefix",  # allowed IPs outside the mesh prefix
+    "covers-own-ula",  # allowed IPs covering the asking node's ULA
+    "default-route",  # ::/0
+    "ipv4-default-route",  # 0.0.0.0/0
+    "keepalive",  # out of range
+    "duplicate-key",  # a real peer's key again, with other endpoint and allowed IPs
+    "own-key",  # the asking node's own key
+    "not-an-object",  # a string where a peer object belongs
+)
+ANSWER_MODES = (
+    "non-json",  # an HTML error page with status 200
+    "empty",  # 200 with no body
+    "list",  # a JSON list instead of an object
+    "peers-not-list",  # {"peers": "everyone"}
+    "null",  # JSON null
+    "all-peers-bad",  # a peer list in which no entry is valid
+    "huge",  # 50 MiB, close-delimited (no Content-Length)
+    "slow-drip",  # a valid answer, one byte every 0.25 s
+    "redirect",  # 302 to the same path
+    "5xx",  # 502
+    "bad-join-ula",  # join answers give a ULA outside the prefix (polls are normal)
+)
+HUGE_BYTES = 50 << 20
 
 
 @dataclass
@@ -53,6 +93,55 @@ class Node:
 
 def _endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _key(seed: str, size: int = 32) -> str:
+    """A deterministic base64 key of `size` bytes (a valid WireGuard key when size is 32)."""
+    raw = (seed.encode() * size)[:size]
+    return base64.b64encode(raw).decode()
+
+
+def bad_peer(kind: str, asking: Node | None, real: list[dict[str, Any]]) -> Any:
+    """One malformed peer entry of `kind`; every other field of it is valid."""
+    n = BAD_PEER_KINDS.index(kind) + 1
+    entry: dict[str, Any] = {
+        "public_key": _key(f"bad-peer-{kind}"),
+        "endpoint": f"10.99.0.{n}:51820",
+        "allowed_ips": [f"fd5a:1f02:ffff::{n:x}/128"],
+        "persistent_keepalive": KEEPALIVE,
+    }
+    own_ula = asking.ula if asking else "fd5a:1f02::1"
+    if kind == "bad-key":
+        entry["public_key"] = "this is not a wireguard key"
+    elif kind == "noncanonical-key":
+        key = entry["public_key"]
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        entry["public_key"] = key[:42] + alphabet[alphabet.index(key[42]) | 1] + "="
+    elif kind == "short-key":
+        entry["public_key"] = _key("short", 31)
+    elif kind == "long-key":
+        entry["public_key"] = _key("long", 33)
+    elif kind == "bad-endpoint":
+        entry["endpoint"] = "10.99.0.1"
+    elif kind == "outside-prefix":
+        entry["allowed_ips"] = ["2001:db8::/64"]
+    elif kind == "covers-own-ula":
+        entry["allowed_ips"] = [f"{own_ula}/64"]
+    elif kind == "default-route":
+        entry["allowed_ips"] = ["::/0"]
+    elif kind == "ipv4-default-route":
+        entry["allowed_ips"] = ["0.0.0.0/0"]
+    elif kind == "keepalive":
+        entry["persistent_keepalive"] = 70000
+    elif kind == "duplicate-key":
+        entry["public_key"] = real[0]["public_key"] if real else entry["public_key"]
+    elif kind == "own-key":
+        entry["public_key"] = asking.public_key if asking else entry["public_key"]
+    elif kind == "not-an-object":
+        return "peer"
+    else:
+        raise ValueError(f"unknown bad peer kind {kind!r}")
+    return entry
 
 
 def _valid_ula(value: Any) -> str | None:
@@ -79,6 +168,8 @@ class CoordinatorStandin:
         self.auth_key = auth_key
         self.force_ula: dict[str, str] = {}
         self.fail_status: int | None = None
+        self.bad_peers: list[str] = []
+        self.answer_mode: str | None = None
         self.joins = 0
         self.polls = 0
         self.unauthorized = 0
@@ -169,6 +260,12 @@ class CoordinatorStandin:
                 if n.node_id != node_id and n.endpoint
             ]
 
+    def api_peers(self, asking: Node) -> list[dict[str, Any]]:
+        """The peer list the API hands `asking`: the real peers, then the bad entries."""
+        with self._lock:
+            real = self.peers_for(asking.node_id)
+            return real + [bad_peer(kind, asking, real) for kind in self.bad_peers]
+
     # --- internals ---------------------------------------------------------------------------
 
     def _bind(self, port: int) -> _Server:
@@ -203,6 +300,11 @@ class CoordinatorStandin:
                 )
                 with standin._lock:
                     standin.requests.append((method, self.path, status))
+                    mode = standin.answer_mode
+                if mode and status in (200, 201):
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self._misbehave(mode, method, payload)
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -212,6 +314,59 @@ class CoordinatorStandin:
                 self.end_headers()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
+
+            def _send(self, status: int, body: bytes, *headers: tuple[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _misbehave(self, mode: str, method: str, payload: Any) -> None:
+                json_type = ("Content-Type", "application/json")
+                if mode == "non-json":
+                    self._send(200, b"<html><body>502 Bad Gateway</body></html>")
+                elif mode == "empty":
+                    self._send(200, b"", json_type)
+                elif mode == "list":
+                    self._send(200, json.dumps(payload.get("peers", [])).encode(), json_type)
+                elif mode == "peers-not-list":
+                    self._send(200, json.dumps({**payload, "peers": "everyone"}).encode())
+                elif mode == "null":
+                    self._send(200, b"null", json_type)
+                elif mode == "all-peers-bad":
+                    bad = [bad_peer(k, None, []) for k in ("bad-key", "short-key")]
+                    self._send(200, json.dumps({**payload, "peers": bad}).encode(), json_type)
+                elif mode == "huge":
+                    self.send_response(200)
+                    self.send_header(*json_type)
+                    self.end_headers()  # no Content-Length: the body ends when we close
+                    self.wfile.write(b'{"peers": [')
+                    chunk = b" " * 65536
+                    for _ in range(HUGE_BYTES // len(chunk)):
+                        self.wfile.write(chunk)
+                elif mode == "slow-drip":
+                    body = json.dumps(payload).encode()
+                    self.send_response(200)
+                    self.send_header(*json_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                elif mode == "redirect":
+                    self._send(302, b"", ("Location", self.path))
+                elif mode == "5xx":
+                    self._send(502, b'{"error": "bad gateway"}', json_type)
+                elif mode == "bad-join-ula":
+                    if method == "POST":
+                        payload = {**payload, "ula": "2001:db8::1"}
+                    self._send(200, json.dumps(payload).encode(), json_type)
+                else:
+                    raise ValueError(f"unknown answer mode {mode!r}")
 
         return _Server((self.host, port), Handler)
 
@@ -300,7 +455,7 @@ class CoordinatorStandin:
                 node_id = poll.group(1)
                 if node_id not in self._nodes:
                     return 404, {"error": "unknown node"}
-                return 200, {"peers": self.peers_for(node_id)}
+                return 200, {"peers": self.api_peers(self._nodes[node_id])}
             try:
                 request = json.loads(body or b"null")
             except ValueError:
@@ -323,5 +478,5 @@ class CoordinatorStandin:
                 "ula": node.ula,
                 "prefix": PREFIX,
                 "listen_port": LISTEN_PORT,
-                "peers": self.peers_for(node.node_id),
+                "peers": self.api_peers(node),
             }
