@@ -266,9 +266,22 @@ def test_manifest_inspect_create_push(logged_in, image, registry, acme_jwt, tmp_
     assert r.returncode == 0, r.stderr
 
 
-def test_debian_docker_rejects_ipv6_literals(dockerd):
+def test_debian_docker_rejects_ipv6_literals_but_takes_a_host_name(
+    dockerd, image, registry, acme_jwt
+):
     """The README's mesh section: Debian 12's docker (20.10) refuses a bracketed IPv6 address
-    in an image reference, as its skopeo and podman do; a host name is the way."""
+    in an image reference, as its skopeo and podman do; a host name for the address is the
+    way (here `localhost`, which every /etc/hosts has, for the gateway's 127.0.0.1)."""
     r = dockerd.docker("pull", "[::1]:5000/acme/x:v1")
     assert r.returncode != 0
     assert "invalid reference format" in r.stderr, r.stderr
+
+    host = f"localhost:{registry.port}"
+    r = dockerd.docker("login", host, "--username", "x", "--password-stdin", stdin=acme_jwt)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref = f"{host}/acme/by-name:v1"
+    assert dockerd.docker("tag", image, ref).returncode == 0
+    r = dockerd.docker("push", ref)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = dockerd.docker("manifest", "inspect", "--insecure", ref)
+    assert r.returncode == 0, r.stdout + r.stderr
