@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
-from tests.stack import Stack, free_port, wait_for
+from tests.stack import Stack, wait_for
 from tests.standins.seaweed import SeaweedS3
 from tests.test_e2e_gateway import bearer, push_blob, token
 
@@ -27,8 +27,15 @@ BUCKET = "tbf-registry"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+def private_ca_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return private_ca(tmp_path_factory.mktemp("private-ca"))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory, private_ca_files) -> Iterator[SeaweedS3]:
+    """SeaweedFS over plain HTTP, and over HTTPS with a certificate from a private CA."""
+    _, cert, key = private_ca_files
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), tls=(cert, key)).start()
     server.create_bucket(BUCKET)
     yield server
     server.stop()
@@ -144,16 +151,14 @@ def private_ca(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_s3_behind_a_private_ca_works_with_ssl_cert_file(tmp_path, auth, acme_jwt):
+def test_s3_behind_a_private_ca_works_with_ssl_cert_file(
+    tmp_path, auth, acme_jwt, s3, private_ca_files
+):
     """What settings.py tells an operator who sets AWS_CA_BUNDLE with the Distribution
     backend (refused: its S3 driver panics on it): SSL_CERT_FILE with the same CA works."""
-    ca, cert, key = private_ca(tmp_path)
-    https_port = free_port()
-    server = SeaweedS3(tmp_path / "seaweed")
-    server.args += [f"-s3.cert.file={cert}", f"-s3.key.file={key}", f"-s3.port.https={https_port}"]
-    server.start()
-    server.create_bucket(BUCKET)
-    env = {**s3_env(server), "REGISTRY_S3_ENDPOINT": f"https://127.0.0.1:{https_port}"}
+    ca = private_ca_files[0]
+    assert s3.https_url
+    env = {**s3_env(s3), "REGISTRY_S3_ENDPOINT": s3.https_url}
     stack = Stack(tmp_path / "data", auth.url, **env, SSL_CERT_FILE=str(ca)).start()
     try:
         pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(4096,))
@@ -163,7 +168,7 @@ def test_s3_behind_a_private_ca_works_with_ssl_cert_file(tmp_path, auth, acme_jw
         r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
         assert r.returncode == 0, r.stderr
         assert layout_blobs(tmp_path / "out") == pushed["blobs"]
-        keys = server.keys(BUCKET)  # over plain HTTP: the blobs really went to the bucket
+        keys = s3.keys(BUCKET)  # over plain HTTP: the blobs really went to the bucket
         assert any(d.removeprefix("sha256:") in k for d in pushed["blobs"] for k in keys)
         stack.stop()
         # and the CA is what makes it work: without it, x509 errors (500 from the backend)
@@ -173,4 +178,3 @@ def test_s3_behind_a_private_ca_works_with_ssl_cert_file(tmp_path, auth, acme_jw
         wait_for(lambda: "x509" in stack.log.read_text(), timeout=10)  # Distribution's log
     finally:
         stack.stop()
-        server.stop()
