@@ -1,5 +1,5 @@
 # The README's two commands. Both install what is missing first (idempotent).
-.PHONY: run test e2e unit lint
+.PHONY: run test e2e unit lint conformance
 
 run:
 	scripts/setup.sh
@@ -17,3 +17,9 @@ unit:
 e2e:
 	scripts/setup.sh --test
 	.venv/bin/pytest -m e2e
+
+# The OCI conformance suite against the backend and through the gateway (tests/conformance.py);
+# needs its sources in ../shared/conformance or $CONFORMANCE_SRC.
+conformance:
+	scripts/setup.sh --test
+	.venv/bin/python -m tests.conformance

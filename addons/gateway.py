@@ -76,7 +76,7 @@ def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> 
         termlog.TermLog(out=sys.stderr),  # stdout is the access log (JSON lines) alone
         core.Core(),
         proxyserver.Proxyserver(),
-        hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello closes the connection
+        hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello gets a plain 400
         ConnectionGuard(),  # connection caps, head deadline, idle timeout (hardening.py reports)
         next_layer.NextLayer(),
         block.Block(),

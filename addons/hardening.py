@@ -15,8 +15,9 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
    pull 0.48-0.62x; 256 KiB push 0.85-0.88x / pull 0.53-0.66x. Memory stays bounded.
 5. Plain HTTP only (the `PlainHttpOnly` addon, placed before mitmproxy's NextLayer): mitmproxy
    would answer a TLS ClientHello on the plain port with a certificate from its own generated
-   CA and serve the API over it. The connection is closed instead, so a TLS client fails at
-   once (and falls back to HTTP, as registry clients do for insecure registries).
+   CA and serve the API over it. A plain `HTTP/1.1 400` answers it instead (as Go's HTTP
+   server does), so TLS-first clients see "server gave HTTP response to HTTPS client" and fall
+   back to HTTP for an insecure registry (see `RefuseTls`).
 6. Header fields as the backend reads them: at most MAX_HEADERS (431 above; mitmproxy has no
    limit and some of its lookups are quadratic in the count), names that are RFC 9110 tokens,
    values without control characters. mitmproxy keeps an obs-fold continuation inside the
@@ -39,6 +40,7 @@ import h11
 from h11._readers import ChunkedReader
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, mode_servers
 from mitmproxy.proxy.layers.http import _http1
@@ -197,12 +199,52 @@ def apply() -> None:
     mode_servers.ServerInstance.handle_stream = handle_stream  # type: ignore[method-assign]
 
 
-class CloseConnection(layer.Layer):
-    """A layer that closes the client connection as soon as it starts."""
+TLS_LINGER = 2.0  # seconds to wait for the client to close after the answer
+
+
+def _tls_refusal() -> bytes:
+    body = oci.error_body(
+        "UNSUPPORTED", "this registry port speaks plain HTTP, not TLS: use http:// (insecure)"
+    )
+    response = http.Response.make(
+        400,
+        body,
+        {
+            "Content-Type": "application/json",
+            "Connection": "close",
+            oci.API_VERSION_HEADER[0]: oci.API_VERSION_HEADER[1],
+        },
+    )
+    return http1.assemble_response(response)
+
+
+TLS_REFUSAL = _tls_refusal()
+
+
+class RefuseTls(layer.Layer):
+    """Answers a TLS ClientHello with a plain `HTTP/1.1 400` and closes the connection.
+
+    Go's HTTP client (Docker, containerd, containers/image) tries TLS first and falls back to
+    plain HTTP for an insecure registry only when the server answers in HTTP ("http: server
+    gave HTTP response to HTTPS client", which is also the message a user who forgot
+    `--tls-verify=false` sees); a bare close is "EOF", which `docker manifest` does not retry
+    over HTTP. After the answer only our side is closed, so a ClientHello still arriving is
+    not answered with a reset that could discard the answer; the rest closes when the client
+    does, or after `TLS_LINGER` seconds.
+    """
+
+    closed = False
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        client = self.context.client
         if isinstance(event, events.Start):
-            yield commands.CloseConnection(self.context.client)
+            yield commands.SendData(client, TLS_REFUSAL)
+            yield commands.CloseTcpConnection(client, half_close=True)
+            yield commands.RequestWakeup(TLS_LINGER)
+        elif isinstance(event, events.ConnectionClosed | events.Wakeup) and not self.closed:
+            self.closed = True
+            yield commands.CloseConnection(client)
+        # DataReceived (the rest of the ClientHello): discarded
 
 
 class PlainHttpOnly:
@@ -210,4 +252,4 @@ class PlainHttpOnly:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is None and starts_like_tls_record(nextlayer.data_client()):
-            nextlayer.layer = CloseConnection(nextlayer.context)
+            nextlayer.layer = RefuseTls(nextlayer.context)

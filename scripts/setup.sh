@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
-[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk golang-go)
+# Tests: nginx and wrk for the benchmarks, docker.io for tests/test_e2e_docker.py (which starts
+# its own dockerd), Go for the differential tests' recorder (tests/standins/recorder) and the
+# OCI conformance suite.
+[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -15,10 +18,29 @@ done
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    # Installing docker.io would start the system's dockerd where systemd runs, which creates
+    # a bridge and iptables rules on the host; the tests never use it. While we install, a
+    # policy-rc.d (Debian's mechanism; only if none exists) keeps docker and a containerd we
+    # bring in from starting, and afterwards they are disabled. One already there is untouched.
+    units=(); guard=""
+    if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+        units=(docker.service docker.socket)
+        dpkg-query -W -f='${Status}' containerd 2>/dev/null | grep -q "install ok installed" \
+            || units+=(containerd.service)
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            guard=/usr/sbin/policy-rc.d
+            trap '$SUDO rm -f "$guard"' EXIT
+            printf '#!/bin/sh\ncase "$1" in docker*|containerd*) exit 101;; esac\nexit 0\n' \
+                | $SUDO tee "$guard" >/dev/null
+            $SUDO chmod 755 "$guard"
+        fi
+    fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ -n "$guard" ]]; then $SUDO rm -f "$guard"; trap - EXIT; fi
     # Debian starts its own docker-registry service where systemd runs; we run ours.
     $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    ((${#units[@]})) && { $SUDO systemctl disable --now "${units[@]}" >/dev/null 2>&1 || true; }
 fi
 
 find_python() {

@@ -177,6 +177,16 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             f"REGISTRY_BACKEND={backend!r}: expected 'zot', 'distribution' or 'external'"
         )
 
+    if backend == "distribution" and storage == "s3" and _opt(env, "AWS_CA_BUNDLE"):
+        # Distribution 2.8 always wraps the AWS SDK's HTTP transport (to set its User-Agent),
+        # and the SDK can load a custom CA bundle only into a plain one: every start panics
+        # ("LoadCustomCABundleError … transport unsupported type") behind a gateway that
+        # answers 502. No driver option avoids it; Go's own SSL_CERT_FILE does the same job.
+        raise ConfigError(
+            "AWS_CA_BUNDLE is set, but Distribution 2.8's S3 driver cannot load it (it panics "
+            "at start): unset it and trust the CA with SSL_CERT_FILE=<the same PEM file>"
+        )
+
     external_url = _url(
         "REGISTRY_EXTERNAL_URL", env.get("REGISTRY_EXTERNAL_URL") or f"http://{listen.hostport}"
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import skopeo
 from tests.rawhttp import Answer, Conn, exchange
 from tests.stack import Stack
 
@@ -500,20 +501,89 @@ def test_a_leading_empty_line_is_ignored(registry):
 # --- TLS on the plain-HTTP port ------------------------------------------------------------
 
 
-def test_tls_on_the_plain_port_is_closed_at_once(registry):
-    """The port speaks plain HTTP only (WireGuard encrypts the mesh): a ClientHello gets the
-    connection closed at once, never a mitmproxy certificate, so TLS-first clients (Docker,
-    containers/image with an insecure registry) fall back to HTTP without waiting."""
+def client_hello(server_name: str = "registry.test") -> bytes:
+    """The bytes a TLS client sends first (a real ClientHello, from Python's ssl)."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_on_the_plain_port_gets_a_plain_http_400(registry):
+    """The port speaks plain HTTP only (WireGuard encrypts the mesh): a ClientHello gets a
+    plain `HTTP/1.1 400` (OCI JSON) and the connection closes, never a mitmproxy certificate.
+    Go clients (Docker, containerd, containers/image) then fall back to HTTP for an insecure
+    registry ("server gave HTTP response to HTTPS client"); a bare close was EOF, which
+    `docker manifest` does not retry over HTTP."""
+    hello = client_hello()
+    started = time.monotonic()
+    conn = Conn(registry.port)
+    try:
+        assert conn.send(hello)
+        answer = conn.read_answer()
+        assert answer is not None
+        assert answer.head.startswith(b"HTTP/1.1 400 "), answer.head
+        assert answer.header("connection") == "close"
+        assert int(answer.header("content-length") or -1) == len(answer.body)
+        assert_clean(answer, {400})
+        assert "plain HTTP" in json.loads(answer.body)["errors"][0]["message"]
+        assert conn.closed()
+    finally:
+        conn.close()
+    assert time.monotonic() - started < 2
+
+    # A ClientHello split over two segments: the answer still arrives whole, no reset.
+    conn = Conn(registry.port)
+    try:
+        assert conn.send(hello[:100])
+        time.sleep(0.2)
+        conn.send(hello[100:])
+        answer = conn.read_answer()
+        assert answer is not None and answer.status == 400
+        assert conn.closed()
+    finally:
+        conn.close()
+
+    # Python's TLS stack reads the answer as a record it cannot parse: fails at once.
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    started = time.monotonic()
     with (
         socket.create_connection(("127.0.0.1", registry.port), timeout=TIMEOUT) as raw,
-        pytest.raises((ssl.SSLError, ConnectionError)),
+        pytest.raises(ssl.SSLError),
     ):
         context.wrap_socket(raw, server_hostname="evil.example")
-    assert time.monotonic() - started < 2
+
+
+def test_a_go_client_insisting_on_tls_gets_the_well_known_message(registry):
+    """containers/image (skopeo, podman) with TLS verification on: the message names the
+    cause instead of a bare EOF. With --tls-verify=false it falls back to HTTP (every skopeo
+    test in this suite goes through that fallback)."""
+    ref = f"docker://{registry.host}/acme/tls-probe:v1"
+    r = skopeo("inspect", "--raw", "--tls-verify=true", ref)
+    assert r.returncode != 0
+    assert "server gave HTTP response to HTTPS client" in r.stderr, r.stderr
+    r = skopeo("inspect", "--raw", "--tls-verify=false", ref)
+    assert "401" in r.stderr or "unauthorized" in r.stderr.lower(), r.stderr  # plain HTTP
+
+
+def test_a_client_that_never_closes_after_the_tls_answer_is_closed(registry):
+    """After the 400 only our side is closed (so late ClientHello bytes are not answered with
+    a reset that could discard the answer); a client that then neither closes nor stops
+    sending is cut after hardening.TLS_LINGER seconds."""
+    conn = Conn(registry.port)
+    try:
+        assert conn.send(client_hello())
+        assert conn.read_answer() is not None
+        time.sleep(3)
+        still_open = conn.send(b"x" * 64)
+        time.sleep(0.2)  # the reset for the first write arrives, the second write sees it
+        still_open = still_open and conn.send(b"y" * 64)
+        assert not still_open
+    finally:
+        conn.close()
 
 
 # --- slow, idle and endless clients ---------------------------------------------------------

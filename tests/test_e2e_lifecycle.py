@@ -181,6 +181,16 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.
         ({"REGISTRY_LISTEN": "localhost:5000"}, "REGISTRY_LISTEN"),
         ({"REGISTRY_BACKEND": "nginx"}, "REGISTRY_BACKEND"),
         ({"REGISTRY_BACKEND_ADDR": "10.0.0.1:5001"}, "REGISTRY_BACKEND_ADDR"),
+        (  # Distribution's S3 driver would panic in a loop behind a healthy-looking gateway
+            {
+                "REGISTRY_BACKEND": "distribution",
+                "REGISTRY_STORAGE": "s3",
+                "REGISTRY_S3_BUCKET": "b",
+                "REGISTRY_S3_REGION": "r",
+                "AWS_CA_BUNDLE": "/etc/ssl/private-ca.pem",
+            },
+            "AWS_CA_BUNDLE",
+        ),
     ],
 )
 def test_refused_settings_stop_startup_with_one_line(tmp_path, env, variable):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import ipaddress
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 from tests.standins.seaweed import SeaweedS3
 from tests.test_e2e_gateway import bearer, push_blob, token
 
@@ -20,8 +27,15 @@ BUCKET = "tbf-registry"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+def private_ca_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return private_ca(tmp_path_factory.mktemp("private-ca"))
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory, private_ca_files) -> Iterator[SeaweedS3]:
+    """SeaweedFS over plain HTTP, and over HTTPS with a certificate from a private CA."""
+    _, cert, key = private_ca_files
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), tls=(cert, key)).start()
     server.create_bucket(BUCKET)
     yield server
     server.stop()
@@ -94,5 +108,73 @@ def test_local_storage_survives_a_restart(tmp_path, auth, acme_jwt):
         r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
         assert r.returncode == 0, r.stderr
         assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+    finally:
+        stack.stop()
+
+
+def private_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for 127.0.0.1, server key), all PEM."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, key, issuer_key, issuer: str, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca_cert = certificate("tabbify test CA", ca_key, ca_key, "tabbify test CA", ca=True)
+    server_cert = certificate("127.0.0.1", server_key, ca_key, "tabbify test CA", ca=False)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_s3_behind_a_private_ca_works_with_ssl_cert_file(
+    tmp_path, auth, acme_jwt, s3, private_ca_files
+):
+    """What settings.py tells an operator who sets AWS_CA_BUNDLE with the Distribution
+    backend (refused: its S3 driver panics on it): SSL_CERT_FILE with the same CA works."""
+    ca = private_ca_files[0]
+    assert s3.https_url
+    env = {**s3_env(s3), "REGISTRY_S3_ENDPOINT": s3.https_url}
+    stack = Stack(tmp_path / "data", auth.url, **env, SSL_CERT_FILE=str(ca)).start()
+    try:
+        pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(4096,))
+        ref = f"docker://{stack.host}/acme/private-ca:v1"
+        r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
+        assert r.returncode == 0, r.stderr
+        r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
+        assert r.returncode == 0, r.stderr
+        assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+        keys = s3.keys(BUCKET)  # over plain HTTP: the blobs really went to the bucket
+        assert any(d.removeprefix("sha256:") in k for d in pushed["blobs"] for k in keys)
+        stack.stop()
+        # and the CA is what makes it work: without it, x509 errors (500 from the backend)
+        stack = Stack(tmp_path / "data2", auth.url, **env).start()
+        r = requests.get(f"{stack.backend_url}/v2/acme/private-ca/tags/list", timeout=30)
+        assert r.status_code == 500, r.text
+        wait_for(lambda: "x509" in stack.log.read_text(), timeout=10)  # Distribution's log
     finally:
         stack.stop()

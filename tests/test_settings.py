@@ -144,6 +144,30 @@ def test_s3_without_region():
     refused({"REGISTRY_STORAGE": "s3", "REGISTRY_S3_BUCKET": "images"}, "REGISTRY_S3_REGION")
 
 
+S3_ENV = {"REGISTRY_STORAGE": "s3", "REGISTRY_S3_BUCKET": "images", "REGISTRY_S3_REGION": "x"}
+
+
+def test_aws_ca_bundle_is_refused_where_distribution_would_panic_on_it():
+    """Distribution 2.8's S3 driver panics at every start when AWS_CA_BUNDLE is set (checked
+    against SeaweedFS over HTTPS; SSL_CERT_FILE with the same CA works, as the message says)."""
+    env = {**S3_ENV, "REGISTRY_BACKEND": "distribution", "AWS_CA_BUNDLE": "/etc/ca.pem"}
+    error = refused(env, "AWS_CA_BUNDLE")
+    assert "SSL_CERT_FILE" in str(error)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {**S3_ENV, "REGISTRY_BACKEND": "zot"},  # distribution v3's driver loads it
+        {**S3_ENV, "REGISTRY_BACKEND": "external"},  # not our process
+        {"REGISTRY_BACKEND": "distribution"},  # local storage: no S3 driver
+        {**S3_ENV, "REGISTRY_BACKEND": "distribution", "AWS_CA_BUNDLE": ""},  # unset
+    ],
+)
+def test_aws_ca_bundle_is_accepted_elsewhere(env):
+    load({"AWS_CA_BUNDLE": "/etc/ca.pem", **env})
+
+
 def test_s3_with_a_bad_endpoint():
     env = {
         "REGISTRY_STORAGE": "s3",

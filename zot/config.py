@@ -1,8 +1,9 @@
 """Backend registry configs rendered from Settings: pure functions returning JSON-ready dicts.
 
-Zot rejects unknown keys, so every Zot key here is one that Zot's own examples use (checked by
-tests/test_backend_config.py against ../shared/zot-examples). Neither renderer ever emits S3
-access keys: credentials come from the AWS SDK default chain (instance/task role, env, profile).
+Zot rejects unknown keys, so every Zot key here is in the project's schema of Zot's
+configuration, zot/schema.py (tests/test_backend_config.py checks each rendered config against
+it). Neither renderer ever emits S3 access keys: credentials come from the AWS SDK default
+chain (instance/task role, env, profile).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from tests.stack import ROOT, free_port, wait_for
 def _ports() -> dict[str, int]:
     """Free ports below 55535: SeaweedFS also listens on each port + 10000 for gRPC."""
     ports: dict[str, int] = {}
-    while len(ports) < 4:
+    while len(ports) < 5:
         p = free_port()
         if p < 55535 and p not in ports.values() and p + 10000 not in ports.values():
             ports[f"p{len(ports)}"] = p
@@ -22,11 +22,14 @@ def _ports() -> dict[str, int]:
 
 
 class SeaweedS3:
-    def __init__(self, workdir: Path) -> None:
+    """`tls=(certificate, key)` adds an HTTPS port for the same S3 API (`https_url`)."""
+
+    def __init__(self, workdir: Path, tls: tuple[Path, Path] | None = None) -> None:
         self.workdir = workdir
         p = _ports()
         self.port = p["p3"]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.https_url = f"https://127.0.0.1:{p['p4']}" if tls else None
         self.args = [
             str(ROOT / ".venv" / "bin" / "weed"),
             "server",
@@ -42,6 +45,12 @@ class SeaweedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
+        if tls:
+            self.args += [
+                f"-s3.cert.file={tls[0]}",
+                f"-s3.key.file={tls[1]}",
+                f"-s3.port.https={p['p4']}",
+            ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SeaweedS3:

@@ -1,0 +1,116 @@
+"""The part of Zot's configuration this project may write, as the project's own schema.
+
+Zot (v2.1.x) reads one JSON (or YAML) file, fails to start on a key it does not know, and
+takes no overrides from the environment. So `zot/config.py` may only emit the keys listed here,
+each with the JSON type given. The key names and types are facts from Zot's documentation and
+its example configurations (project-zot/zot `examples/`, v2.1.20); the comments say what each
+one is for and where it shows up. Anything else Zot offers (auth, TLS, extensions, cluster,
+cache drivers, sub-paths, ...) stays outside on purpose: the gateway does those jobs, or the
+deployment does not use them.
+
+A key path is dotted (`storage.storageDriver.bucket`); the items of an array are `path[]`.
+`violations(config)` lists what a rendered config does wrong; tests run it on every config
+`render_zot` produces.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+KEYS: dict[str, str] = {
+    # The OCI distribution-spec version Zot serves; in every example ("1.1.1").
+    "distSpecVersion": "string",
+    "storage": "object",
+    # Local image store, and on S3 still required: the local boltdb dedupe cache (cache.db)
+    # lives there. Every example has it.
+    "storage.rootDirectory": "string",
+    # Content-addressed deduplication across repositories (examples: boltdb, s3).
+    "storage.dedupe": "boolean",
+    # false: dedupe cache in local boltdb; true (the default with S3 + dedupe) needs a
+    # DynamoDB or Redis cacheDriver (examples: boltdb, s3 sub-path /b, cluster).
+    "storage.remoteCache": "boolean",
+    # Garbage collection of untagged manifests and unreferenced blobs (example: gc).
+    "storage.gc": "boolean",
+    # The S3 driver (Distribution's s3-aws driver inside Zot); lower-case keys, as that driver
+    # reads them (examples: s3, cluster member).
+    "storage.storageDriver": "object",
+    "storage.storageDriver.name": "string",  # "s3"
+    "storage.storageDriver.rootdirectory": "string",  # key prefix inside the bucket
+    "storage.storageDriver.region": "string",
+    "storage.storageDriver.bucket": "string",
+    # S3-compatible endpoint (SeaweedFS, MinIO, LocalStack); absent = AWS (cluster example).
+    "storage.storageDriver.regionendpoint": "string",
+    "storage.storageDriver.forcepathstyle": "boolean",  # path-style bucket addressing
+    "storage.storageDriver.secure": "boolean",  # https to the endpoint
+    "storage.storageDriver.skipverify": "boolean",  # TLS verification off (we never do)
+    "http": "object",
+    "http.address": "string",  # listen address
+    "http.port": "string",  # a string in Zot's config, not a number
+    # "docker2s2": also accept Docker's v2 schema 2 manifests (example: docker-compat).
+    "http.compat": "array",
+    "http.compat[]": "string",
+    # Whole-request time limits as Go durations; 60 s by default since v2.1.17, which cuts
+    # multi-GB layers (example: bench).
+    "http.readTimeout": "string",
+    "http.writeTimeout": "string",
+    "log": "object",
+    "log.level": "string",  # debug, info, warn, error; no "output" = stdout
+}
+
+# Keys without which Zot does not start the way the gateway needs it.
+REQUIRED = ("distSpecVersion", "storage.rootDirectory", "http.address", "http.port")
+
+# Values Zot gives a meaning to, where the project uses a fixed one.
+ALLOWED_VALUES: dict[str, frozenset[Any]] = {
+    "storage.storageDriver.name": frozenset({"s3"}),
+    "http.compat[]": frozenset({"docker2s2"}),
+    "log.level": frozenset({"debug", "info", "warn", "error"}),
+}
+
+# Go's time.ParseDuration syntax, which Zot uses for durations ("24h", "1h30m", "2m").
+GO_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+")
+DURATIONS = ("http.readTimeout", "http.writeTimeout")
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if value is None:
+        return "null"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def key_paths(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every value of a JSON document; array items are `path[]`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            yield path, value
+            yield from key_paths(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            yield f"{prefix}[]", item
+            yield from key_paths(item, f"{prefix}[]")
+
+
+def violations(config: dict[str, Any]) -> list[str]:
+    """Everything in `config` this schema does not allow; empty when Zot would take it."""
+    found = []
+    present = set()
+    for path, value in key_paths(config):
+        present.add(path)
+        kind = json_type(value)
+        if path not in KEYS:
+            found.append(f"{path}: not a key this project may emit")
+        elif KEYS[path] != kind:
+            found.append(f"{path}: {kind}, Zot expects {KEYS[path]}")
+        elif path in ALLOWED_VALUES and value not in ALLOWED_VALUES[path]:
+            found.append(f"{path}: {value!r} is none of {sorted(ALLOWED_VALUES[path])}")
+        elif path in DURATIONS and not GO_DURATION.fullmatch(value):
+            found.append(f"{path}: {value!r} is not a Go duration")
+    found.extend(f"{path}: missing" for path in REQUIRED if path not in present)
+    return found
