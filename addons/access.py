@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from addons import oci, routes
-from addons.gate import fail_closed, refuse, refused
+from addons.gate import answered, fail_closed, respond
 from addons.record import record
 from addons.token_endpoint import SERVICE
 from addons.tokens import InvalidToken, TokenSigner
@@ -111,13 +111,13 @@ class RegistryAccess:
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "registry" or refused(flow) or rec.target is None:
+        if rec.kind != "registry" or answered(flow) or rec.target is None:
             return
         request, method, path = flow.request, flow.request.method, rec.target.path
 
         def deny(status: int, code: str, message: str, why: str = "", **headers: str) -> None:
             rec.decision = f"deny:{why or message}"
-            refuse(flow, oci.error_response(status, code, message, method=method, headers=headers))
+            respond(flow, oci.error_response(status, code, message, method=method, headers=headers))
 
         tenant = None
         if not ctx.options.registry_anonymous:
@@ -163,7 +163,7 @@ class RegistryAccess:
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "registry" or not rec.allowed or refused(flow):
+        if rec.kind != "registry" or not rec.allowed or answered(flow):
             return
         headers = flow.response.headers  # type: ignore[union-attr]
         if "location" in headers:
@@ -181,7 +181,7 @@ class RegistryAccess:
         """A backend 5xx keeps its status and error code but loses its message and detail:
         they carry storage paths and internal addresses (e.g. on a full disk)."""
         rec, response = record(flow), flow.response
-        if rec.kind != "registry" or not rec.allowed or response is None or refused(flow):
+        if rec.kind != "registry" or not rec.allowed or response is None or answered(flow):
             return
         if response.status_code < 500 or response.stream:
             return

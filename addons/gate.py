@@ -1,14 +1,15 @@
-"""The gate: after the deciding addons, forward exactly what they decided, or refuse.
+"""The gate: after the deciding addons, forward exactly what they decided, or answer.
 
 - Forward: an allowed registry request leaves with the canonical target rebuilt from the
   gateway's own parse (`target.canonical` of the path and the decided parameters): the
   backend never parses bytes the gateway did not.
-- Refuse: `refuse()` decisions are delivered without ever buffering a request body. mitmproxy
-  reads and buffers the whole body of a flow answered from `requestheaders`, and crashes a
-  flow that both streams and has a response set there. So a refused request with a large (or
-  chunked) body is streamed instead, every chunk discarded, to a tiny local sink that answers
-  204 at once; the refusal replaces that answer in the `response` hook. Small bodies
-  (≤ 64 KiB declared) are simply answered: buffering them costs nothing.
+- Answer: what a deciding addon answers itself (`respond()`: a refusal, a catalog page) is
+  delivered without ever buffering a request body. mitmproxy reads and buffers the whole body
+  of a flow answered from `requestheaders`, and crashes a flow that both streams and has a
+  response set there. So a request answered with a large (or chunked) body is streamed
+  instead, every chunk discarded, to a tiny local sink that answers 204 at once; the real
+  answer replaces that one in the `response` hook. Small bodies (≤ 64 KiB declared) are
+  simply answered: buffering them costs nothing.
 - Deny by default: a flow nobody allowed, or one whose checks did not all complete, is refused.
 
 `fail_closed` guards every deciding hook: an exception refuses the flow (or, once it is too
@@ -38,12 +39,13 @@ _KEY = "tabbify.refusal"
 _SINK_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
 
-def refuse(flow: http.HTTPFlow, response: http.Response) -> None:
-    """Decide to answer `flow` with `response`; the gate delivers it (call from requestheaders)."""
+def respond(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer `flow` with `response` instead of forwarding it; the gate delivers it (call from
+    requestheaders)."""
     flow.metadata[_KEY] = response
 
 
-def refused(flow: http.HTTPFlow) -> bool:
+def answered(flow: http.HTTPFlow) -> bool:
     return _KEY in flow.metadata
 
 
@@ -62,7 +64,7 @@ def _failed(flow: http.HTTPFlow, phase: str, kill: bool) -> None:
     logger.exception("gateway error in %s; refusing the request", phase)
     record(flow).decision = "deny:internal-error"
     if phase == "requestheaders" and not kill:
-        refuse(flow, internal_error(flow))  # the gate delivers it, body or not
+        respond(flow, internal_error(flow))  # the gate delivers it, body or not
     elif phase == "request" and not flow.request.stream and not kill:
         flow.response = internal_error(flow)  # body read, nothing forwarded yet
     elif phase == "response" and flow.response is not None and not flow.response.stream:
@@ -137,10 +139,10 @@ class Gate:
         rec = record(flow)
         if flow.response is not None:
             return
-        if not refused(flow) and not rec.allowed and rec.kind != "token":
+        if not answered(flow) and not rec.allowed and rec.kind != "token":
             # Deny by default: nothing reaches the backend without an explicit allow.
             rec.decision = "deny:undecided"
-            refuse(flow, internal_error(flow))
+            respond(flow, internal_error(flow))
         response = flow.metadata.get(_KEY)
         if response is None:
             if rec.kind == "registry":
@@ -178,7 +180,7 @@ class Gate:
     @fail_closed(kill=True)
     def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if flow.response is not None or refused(flow):
+        if flow.response is not None or answered(flow):
             return
         # Token requests are answered by the gateway, never forwarded; a registry request
         # whose body checks did not complete is not forwarded either.

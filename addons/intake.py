@@ -9,7 +9,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons import oci, target
-from addons.gate import fail_closed, refuse
+from addons.gate import fail_closed, respond
 from addons.record import record
 
 TOKEN_PATH = "/auth/token"
@@ -32,7 +32,7 @@ class Intake:
         except target.TargetError as e:
             rec.decision = "deny:malformed-target"
             # Whatever follows a malformed request on this connection is not trusted either.
-            refuse(
+            respond(
                 flow,
                 oci.error_response(
                     400, "UNSUPPORTED", str(e), method=method, headers={"Connection": "close"}
@@ -42,4 +42,4 @@ class Intake:
         rec.kind = kind_of(rec.target.path)
         if rec.kind == "other":
             rec.decision = "deny:not-found"
-            refuse(flow, oci.error_response(404, "NOT_FOUND", "not found", method=method))
+            respond(flow, oci.error_response(404, "NOT_FOUND", "not found", method=method))

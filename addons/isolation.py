@@ -19,7 +19,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import manifest, oci
 from addons.backfill import Walker
-from addons.gate import fail_closed, has_large_body, refuse, refused
+from addons.gate import answered, fail_closed, has_large_body, respond
 from addons.ledger import Ledger, LedgerUnavailable
 from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
@@ -130,13 +130,13 @@ class TenantIsolation:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if not self._active(rec) or refused(flow):
+        if not self._active(rec) or answered(flow):
             return
         method, ref = flow.request.method, rec.reference or ""
 
         def deny(status: int, code: str, message: str, why: str) -> None:
             rec.decision = f"deny:{why}"
-            refuse(flow, oci.error_response(status, code, message, method=method, detail=ref))
+            respond(flow, oci.error_response(status, code, message, method=method, detail=ref))
 
         try:
             await self._decide(flow, rec, deny)
@@ -183,7 +183,7 @@ class TenantIsolation:
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if _MANIFEST_CHECK not in rec.holds or flow.response is not None or refused(flow):
+        if _MANIFEST_CHECK not in rec.holds or flow.response is not None or answered(flow):
             return
         assert rec.tenant is not None
         body = flow.request.raw_content or b""

@@ -2,7 +2,11 @@
 
 The raw path is checked exactly as the client sent it: anything outside the
 distribution-spec grammar (`%`-escapes, `.`/`..` segments, `//`, upper case, unicode) is
-denied, never cleaned, so the backend can only ever see a path we have fully understood.
+refused, never cleaned, so the backend can only ever see a path we have fully understood.
+
+How it is refused follows the distribution spec where the path is in the caller's own
+namespace (a reference that cannot exist is 404 MANIFEST_UNKNOWN, as from a registry that
+simply has no such thing), and is 403 DENIED anywhere else, whatever exists there.
 """
 
 from __future__ import annotations
@@ -98,10 +102,60 @@ def check(tenant: str | None, path: str, method: str = "GET") -> Decision:
     """May `tenant` (None = anonymous dev mode) send `method path`? `path` is raw, no query."""
     route = parse(path, method)
     if isinstance(route, Decision):
-        return route
+        if route.status == 405:  # a real endpoint, the wrong method
+            return route
+        return in_namespace(tenant, path, method) or route
     if route.name is not None and not owns(tenant, route.name):
-        return Decision(False, 403, "DENIED", f"repository outside namespace {tenant}/", route)
+        return foreign(tenant, route.name, route)
     return Decision(True, route=route)
+
+
+def foreign(tenant: str | None, name: str, route: Route | None = None) -> Decision:
+    if name == tenant:
+        why = f"repositories of tenant {tenant} are named {tenant}/<name>, not {tenant}"
+    else:
+        why = f"repository outside namespace {tenant}/"
+    return Decision(False, 403, "DENIED", why, route)
+
+
+_KEYWORDS = ("manifests", "blobs", "tags", "referrers")
+# What a malformed path in the caller's own namespace gets: (status, code, message) by
+# endpoint, for reads (GET/HEAD/DELETE) and for writes. The registry has no such thing.
+_CANNOT_EXIST = {
+    "manifests": ((404, "MANIFEST_UNKNOWN", "manifest unknown"),
+                  (400, "MANIFEST_INVALID", "invalid tag or digest")),
+    "blobs": ((404, "BLOB_UNKNOWN", "blob unknown to registry"),
+              (400, "DIGEST_INVALID", "invalid digest")),
+    "uploads": ((404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry"),
+                (404, "BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry")),
+    "referrers": ((400, "DIGEST_INVALID", "invalid digest"),
+                  (400, "DIGEST_INVALID", "invalid digest")),
+}  # fmt: skip
+
+
+def in_namespace(tenant: str | None, path: str, method: str) -> Decision | None:
+    """The refusal of a path outside the route table, as the spec wants it where the path is
+    in the caller's own namespace: 404 for what cannot exist, 400 for what cannot be written.
+    Elsewhere (another tenant's name, `/v2/_<extension>`) None: the caller's 403 stands."""
+    segments = path.removeprefix("/v2/").split("/")
+    if not path.startswith("/v2/") or not segments[0] or segments[0].startswith("_"):
+        return None
+    at = next((i for i in range(len(segments) - 1, 0, -1) if segments[i] in _KEYWORDS), None)
+    name = "/".join(segments[:at] if at else segments)
+    if tenant is not None and not name.startswith(tenant + "/"):
+        return foreign(tenant, name) if name.split("/")[0] == tenant else None
+    write = method in ("PUT", "POST", "PATCH")
+    if not is_name(name):
+        if write:
+            return Decision(False, 400, "NAME_INVALID", "invalid repository name")
+        return Decision(False, 404, "NAME_UNKNOWN", "repository name not known to registry")
+    endpoint = segments[at] if at else ""
+    if endpoint == "blobs" and at + 1 < len(segments) and segments[at + 1] == "uploads":
+        endpoint = "uploads"
+    if endpoint not in _CANNOT_EXIST:
+        return Decision(False, 404, "NOT_FOUND", "no such registry endpoint")
+    status, code, message = _CANNOT_EXIST[endpoint][write]
+    return Decision(False, status, code, message)
 
 
 # --- query parameters ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import oci
 from addons.authservice import AuthClient, Verdict
-from addons.gate import fail_closed, has_large_body, refuse, refused
+from addons.gate import answered, fail_closed, has_large_body, respond
 from addons.record import record
 from addons.routes import NAME
 from addons.target import Target
@@ -128,22 +128,22 @@ class TokenEndpoint:
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "token" or refused(flow):
+        if rec.kind != "token" or answered(flow):
             return
         method = flow.request.method
         if method not in ("GET", "POST"):
             rec.decision = "deny:method"
-            refuse(flow, oci.error_response(405, "UNSUPPORTED", "use GET or POST", method=method))
+            respond(flow, oci.error_response(405, "UNSUPPORTED", "use GET or POST", method=method))
         elif has_large_body(flow.request):
             rec.decision = "deny:too-large"
-            refuse(
+            respond(
                 flow,
                 oci.error_response(413, "UNSUPPORTED", "token request too large", method=method),
             )
         elif flow.request.headers.get("content-encoding", "identity").lower() != "identity":
             # Never decompress for an unauthenticated caller: 405 bytes of brotli are 256 MiB.
             rec.decision = "deny:content-encoding"
-            refuse(
+            respond(
                 flow,
                 oci.error_response(
                     415, "UNSUPPORTED", "token requests are not compressed", method=method
@@ -153,7 +153,7 @@ class TokenEndpoint:
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.kind != "token" or flow.response is not None or refused(flow):
+        if rec.kind != "token" or flow.response is not None or answered(flow):
             return
         assert rec.target is not None
         outcome = await self.answer(flow.request, rec.target)

@@ -233,13 +233,30 @@ paths = st.one_of(
 
 # --- routes.check -----------------------------------------------------------------------------
 
+REFUSALS = {
+    (403, "DENIED"),
+    (405, "UNSUPPORTED"),
+    (404, "MANIFEST_UNKNOWN"),
+    (404, "BLOB_UNKNOWN"),
+    (404, "BLOB_UPLOAD_UNKNOWN"),
+    (404, "NAME_UNKNOWN"),
+    (404, "NOT_FOUND"),
+    (400, "MANIFEST_INVALID"),
+    (400, "DIGEST_INVALID"),
+    (400, "NAME_INVALID"),
+}
+
 
 def assert_safe_if_allowed(tenant: str | None, path: str, method: str) -> routes.Decision:
     decision = check(tenant, path, method)  # never raises: an exception would fail the test
     assert isinstance(decision, routes.Decision)
     assert decision.allowed == oracle(tenant, path, method), (tenant, path, method, decision)
     if not decision.allowed:
-        assert (decision.status, decision.code) in ((403, "DENIED"), (405, "UNSUPPORTED"))
+        assert (decision.status, decision.code) in REFUSALS, decision
+        if tenant is not None and (decision.status, decision.code) != (405, "UNSUPPORTED"):
+            # Only the caller's own namespace gets the spec's 404/400: elsewhere 403.
+            own = path.startswith(f"/v2/{tenant}/")
+            assert (decision.status == 403) == (not own) or decision.code == "DENIED", decision
         return decision
     route = decision.route
     assert route is not None

@@ -163,14 +163,59 @@ NOT_CLEANED = [
 ]
 
 
-@pytest.mark.parametrize("path", NOT_CLEANED)
-def test_paths_outside_the_grammar_are_denied(path):
-    assert denied(check("acme", path, "GET")), path
+def answered(decision) -> bool:
+    """Refused with a client error, whatever the spec's code: never allowed, never a 5xx."""
+    return not decision.allowed and 400 <= decision.status < 500
 
 
 @pytest.mark.parametrize("path", NOT_CLEANED)
-def test_paths_outside_the_grammar_are_denied_for_anonymous_too(path):
-    assert denied(check(None, path, "GET")), path
+def test_paths_outside_the_grammar_are_refused(path):
+    assert answered(check("acme", path, "GET")), path
+
+
+@pytest.mark.parametrize("path", NOT_CLEANED)
+def test_paths_outside_the_grammar_are_refused_for_anonymous_too(path):
+    assert answered(check(None, path, "GET")), path
+
+
+# What cannot exist in the caller's own namespace is answered as the distribution spec wants
+# (404 for reads, 400 for writes); in another tenant's namespace it stays 403.
+IN_NAMESPACE = [
+    ("GET", "/v2/acme/app/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("HEAD", "/v2/acme/app/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/acme/app/manifests/sha256:totallywrong", 404, "MANIFEST_UNKNOWN"),
+    ("DELETE", "/v2/acme/app/manifests/-x", 404, "MANIFEST_UNKNOWN"),
+    ("PUT", "/v2/acme/app/manifests/-x", 400, "MANIFEST_INVALID"),
+    ("GET", "/v2/acme/app/blobs/sha256:short", 404, "BLOB_UNKNOWN"),
+    ("HEAD", "/v2/acme/app/blobs/md5:abc", 404, "BLOB_UNKNOWN"),
+    ("PATCH", "/v2/acme/app/blobs/uploads/..", 404, "BLOB_UPLOAD_UNKNOWN"),
+    ("GET", "/v2/acme/app/referrers/sha256:x", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/acme/App/tags/list", 404, "NAME_UNKNOWN"),
+    ("PUT", "/v2/acme/App/manifests/v1", 400, "NAME_INVALID"),
+    ("GET", "/v2/acme/app/tags/other", 404, "NOT_FOUND"),
+    ("GET", "/v2/acme/app", 404, "NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), IN_NAMESPACE)
+def test_what_cannot_exist_in_the_own_namespace_gets_the_spec_answer(method, path, status, code):
+    assert denied(check("acme", path, method), status, code)
+    assert denied(check(None, path, method), status, code)  # anonymous: everything is own
+    foreign = path.replace("/v2/acme/", "/v2/globex/")
+    assert denied(check("acme", foreign, method))  # 403, whatever would exist there
+
+
+def test_a_push_to_the_bare_tenant_says_how_repositories_are_named():
+    d = check("acme", "/v2/acme/manifests/v1", "PUT")
+    assert denied(d) and "acme/<name>" in d.reason
+    d = check("acme", "/v2/acme/blobs/uploads/", "POST")
+    assert denied(d) and "acme/<name>" in d.reason
+
+
+def test_extensions_stay_denied_in_every_mode():
+    for tenant in ("acme", None):
+        assert denied(check(tenant, "/v2/_zot/ext/search"))
+        assert denied(check(tenant, "/v2/_oci/ext/discover"))
 
 
 # --- every route kind with its methods --------------------------------------------------------
@@ -250,7 +295,7 @@ def test_anonymous_still_follows_the_route_table():
     assert denied(check(None, "/v2/_catalog"))
     assert denied(check(None, "/v2/_zot/ext/search"))
     assert denied(check(None, "/v2/acme/app/manifests/v1", "POST"), 405, "UNSUPPORTED")
-    assert denied(check(None, "/v2/acme%2fapp/manifests/v1"))
+    assert answered(check(None, "/v2/acme%2fapp/manifests/v1"))
 
 
 def test_parse_returns_route_or_refusal():
