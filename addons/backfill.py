@@ -82,8 +82,8 @@ class Walker:
                 logger.warning("backfill: skipping tag %.80r of %s", tag, repo)
                 continue
             self._manifest_digests(repo, tag, seen)
-        self.ledger.add(repo.split("/", 1)[0], seen)
         if found:  # a repository the backend does not hold is not marked (it may come later)
+            self.ledger.add(repo.split("/", 1)[0], seen, repository=repo)
             self.ledger.mark_walked(repo)
         return len(seen)
 

@@ -11,6 +11,7 @@ Our addons, in hook order:
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
 3. RegistryAccess  `/v2…`: token, namespace, route parameters, header hygiene, streaming
 4. TenantIsolation digests a tenant has no record of never reach the backend
+   Listing         the catalog (from the ledger, the caller's names only); tag list pages
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
@@ -46,6 +47,7 @@ from addons.connections import ConnectionGuard
 from addons.gate import Gate
 from addons.intake import Intake
 from addons.isolation import TenantIsolation
+from addons.listing import Listing
 from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
 from addons.token_endpoint import TokenEndpoint
@@ -60,6 +62,7 @@ def gateway_addons() -> list[Any]:
         TokenEndpoint(signer),
         RegistryAccess(signer),
         TenantIsolation(),
+        Listing(),
         Gate(),
         AccessLog(metrics),
         capture,

@@ -234,8 +234,10 @@ class TenantIsolation:
         confirmed = flow.response.headers.get("docker-content-digest")
         if rec.route == "upload" and confirmed and confirmed not in pending:
             return  # the backend stored something else than what was named: record nothing
+        # A manifest pushed makes its repository one the catalog lists.
+        repository = rec.repository if rec.route == "manifest" else None
         try:
-            self.ledger.add(rec.tenant, pending)
+            self.ledger.add(rec.tenant, pending, repository)
         except LedgerUnavailable:
             logger.error("ledger: could not record a confirmed push; answering 503")
             rec.decision = "deny:ledger-unavailable"

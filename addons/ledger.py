@@ -74,6 +74,8 @@ class Ledger:
                 " PRIMARY KEY (tenant, digest)) WITHOUT ROWID"
             )
             db.execute("CREATE TABLE IF NOT EXISTS walked (repository TEXT PRIMARY KEY, at REAL)")
+            # Repositories that hold a manifest (for the catalog), by name.
+            db.execute("CREATE TABLE IF NOT EXISTS repos (repository TEXT PRIMARY KEY)")
             st = os.stat(self.path)
         except BaseException:
             db.close()
@@ -168,16 +170,19 @@ class Ledger:
                 self._remember(key)
         return row is not None
 
-    def add(self, tenant: str, digests: Iterable[str]) -> None:
-        """Record durably, all of them or none (one transaction); raises LedgerUnavailable."""
+    def add(self, tenant: str, digests: Iterable[str], repository: str | None = None) -> None:
+        """Record durably, all of them or none (one transaction); raises LedgerUnavailable.
+        `repository`: the repository a manifest was pushed to (listed in the catalog)."""
         rows = [(tenant, d) for d in dict.fromkeys(digests)]
-        if not rows:
+        if not rows and repository is None:
             return
 
         def insert(db: sqlite3.Connection) -> None:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+                if repository is not None:
+                    db.execute("INSERT OR IGNORE INTO repos VALUES (?)", (repository,))
 
         with self._lock:
             self._run(True, insert)
@@ -195,6 +200,20 @@ class Ledger:
         else:
             sql, args = "SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)
         return int(self._run(False, lambda db: db.execute(sql, args).fetchone()[0]))  # type: ignore[arg-type]
+
+    def repositories(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` repository names starting with `prefix` and sorting after `after`,
+        in order: one index range scan, whatever else the registry holds. (Names are ASCII
+        below DEL, so every name with the prefix sorts before `prefix + DEL`.)"""
+        op, start = (">", after) if after > prefix else (">=", prefix)
+        sql = (
+            f"SELECT repository FROM repos WHERE repository {op} ? AND repository < ?"
+            " ORDER BY repository LIMIT ?"
+        )
+        rows = self._run(
+            False, lambda db: db.execute(sql, (start, prefix + "\x7f", limit)).fetchall()
+        )
+        return [r[0] for r in rows]  # type: ignore[union-attr]
 
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 

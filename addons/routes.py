@@ -46,7 +46,7 @@ _REPO_PATH = re.compile(rf"/v2/(?P<name>{NAME})/(?P<tail>(?:blobs|manifests|tags
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # base | blob | upload | manifest | tags | referrers
+    kind: str  # base | catalog | blob | upload | manifest | tags | referrers
     name: str | None = None  # repository, e.g. "acme/app"
     reference: str | None = None  # tag, digest or upload id
 
@@ -80,10 +80,11 @@ def owns(tenant: str | None, name: str) -> bool:
 
 def parse(path: str, method: str = "GET") -> Route | Decision:
     """Route for a raw /v2 path (no query), or the Decision refusing it."""
-    if path in ("/v2/", "/v2"):
+    if path in ("/v2/", "/v2", "/v2/_catalog"):
+        kind = "catalog" if path.endswith("_catalog") else "base"
         if method not in ("GET", "HEAD"):
-            return Decision(False, 405, "UNSUPPORTED", f"{method} not allowed on /v2/")
-        return Route("base")
+            return Decision(False, 405, "UNSUPPORTED", f"{method} not allowed on {path}")
+        return Route(kind)
     m = _REPO_PATH.fullmatch(path)
     if m is None:
         return Decision(False, 403, "DENIED", "not a repository endpoint")
@@ -176,6 +177,8 @@ _PARAMS: dict[tuple[str, str], dict[str, str]] = {
     ("upload", "DELETE"): {"_state": STATE},
     ("tags", "GET"): {"n": PAGE_SIZE, "last": TAG},
     ("tags", "HEAD"): {"n": PAGE_SIZE, "last": TAG},
+    ("catalog", "GET"): {"n": PAGE_SIZE, "last": NAME},
+    ("catalog", "HEAD"): {"n": PAGE_SIZE, "last": NAME},
     ("referrers", "GET"): {"artifactType": MEDIA_TYPE},
     ("referrers", "HEAD"): {"artifactType": MEDIA_TYPE},
 }

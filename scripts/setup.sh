@@ -9,7 +9,7 @@ APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
 # Tests: nginx and wrk for the benchmarks, docker.io for tests/test_e2e_docker.py (which starts
 # its own dockerd), Go for the differential tests' recorder (tests/standins/recorder) and the
 # OCI conformance suite.
-[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go)
+[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

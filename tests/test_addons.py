@@ -266,10 +266,17 @@ def test_cross_tenant_repository_is_denied(gw):
     assert f.response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
 
-def test_catalog_is_denied_even_with_a_token(gw):
-    f = gw.send(make_flow("GET", "/v2/_catalog", [bearer(token_for(gw))]))
-    assert f.response.status_code == 403
-    assert oci_code(f.response) == "DENIED"
+def test_the_catalog_is_a_route_of_its_own(gw):
+    f = gw.send(make_flow("GET", "/v2/_catalog?n=5&last=acme/a&x=1", [bearer(token_for(gw))]))
+    assert f.response is None
+    rec = record_of(f)
+    assert rec.route == "catalog" and rec.params == {"n": "5", "last": "acme/a"}
+
+
+def test_a_catalog_post_is_unsupported(gw):
+    f = gw.send(make_flow("POST", "/v2/_catalog", [bearer(token_for(gw))]))
+    assert f.response.status_code == 405
+    assert oci_code(f.response) == "UNSUPPORTED"
 
 
 def test_wrong_method_is_unsupported(gw):
@@ -469,11 +476,12 @@ def test_anonymous_needs_no_token_and_has_no_namespaces(anon):
         assert callable(f.request.stream)
 
 
-def test_anonymous_still_denies_catalog_and_extensions(anon):
-    for path in ("/v2/_catalog", "/v2/_zot/ext/search"):
-        f = anon.send(make_flow("GET", path))
-        assert f.response.status_code == 403, path
-        assert oci_code(f.response) == "DENIED"
+def test_anonymous_still_denies_extensions_and_passes_the_catalog_on(anon):
+    f = anon.send(make_flow("GET", "/v2/_zot/ext/search"))
+    assert f.response.status_code == 403
+    assert oci_code(f.response) == "DENIED"
+    f = anon.send(make_flow("GET", "/v2/_catalog?n=2"))
+    assert f.response is None and f.request.path == "/v2/_catalog?n=2"
 
 
 def test_anonymous_still_scrubs_credentials(anon):

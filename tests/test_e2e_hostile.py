@@ -381,7 +381,6 @@ TRICK_PATHS = [
     "/v2/globex/app/tags/list",
     "/v2/globex/app/tags/list?ns=acme",
     "/v2/acme/app/tags/list/../../../../globex/app/tags/list",
-    "/v2/_catalog",
 ]
 
 
@@ -425,12 +424,13 @@ def test_absolute_form_to_another_host_reaches_only_our_backend(registry, acme_t
     answer = exchange(registry.port, base + b"\r\n")
     assert answer is not None and answer.status == 200  # /v2/ with a valid token
     assert answer.header("docker-distribution-api-version") == "registry/2.0"
-    for target in (
-        b"http://evil.example/v2/_catalog",
-        b"http://evil.example/v2/globex/a/tags/list",
-    ):
-        request = b"GET " + target + b" HTTP/1.1\r\n" + auth(acme_token) + b"\r\n"
-        assert_clean(exchange(registry.port, request), {403})
+    request = b"GET http://evil.example/v2/globex/a/tags/list HTTP/1.1\r\n" + auth(acme_token)
+    assert_clean(exchange(registry.port, request + b"\r\n"), {403})
+    # The catalog of an absolute-form target is still the caller's own, from the gateway.
+    request = b"GET http://evil.example/v2/_catalog HTTP/1.1\r\n" + auth(acme_token)
+    answer = exchange(registry.port, request + b"\r\n")
+    assert answer is not None and answer.status == 200
+    assert all(r.startswith("acme/") for r in json.loads(answer.body)["repositories"])
 
 
 def test_the_realm_never_comes_from_host(registry):

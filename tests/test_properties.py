@@ -48,6 +48,7 @@ _DIGEST = r"(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})"
 _UPLOAD = r"[A-Za-z0-9][A-Za-z0-9_=-]{0,255}"
 ORACLE: list[tuple[re.Pattern[str], frozenset[str]]] = [
     (re.compile(r"/v2/?"), frozenset({"GET", "HEAD"})),
+    (re.compile(r"/v2/_catalog"), frozenset({"GET", "HEAD"})),
     (re.compile(rf"/v2/(?P<name>{_NAME})/blobs/{_DIGEST}"), frozenset({"GET", "HEAD", "DELETE"})),
     (re.compile(rf"/v2/(?P<name>{_NAME})/blobs/uploads/"), frozenset({"POST"})),
     (

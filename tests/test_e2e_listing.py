@@ -1,0 +1,131 @@
+"""Tag lists and the catalog through the gateway, as the distribution spec pages them.
+
+Distribution 2.8 ignores `n` and `last` on tag lists: the gateway pages them. The catalog
+comes from the gateway (never the backend's unfiltered one): only the caller's repositories,
+sorted, paged with relative `Link` headers; the same answer whatever other tenants hold.
+Real clients: skopeo list-tags, podman search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.images import image_manifest
+from tests.stack import Stack
+from tests.test_e2e_gateway import bearer, push_blob, sha256, token
+
+pytestmark = pytest.mark.e2e
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ACME_REPOS = ["acme/listing/a", "acme/listing/b", "acme/listing/c"]
+TAGS = ["v1", "v2", "v3", "v4"]
+
+
+def push_image(stack: Stack, repo: str, tags: list[str], h: dict[str, str]) -> None:
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
+    layer = b"layer " + os.urandom(64)
+    push_blob(stack, repo, config.encode(), h)
+    push_blob(stack, repo, layer, h)
+    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+    for tag in tags:
+        r = requests.put(
+            f"{stack.url}/v2/{repo}/manifests/{tag}",
+            data=body,
+            headers={**h, "Content-Type": OCI_MANIFEST},
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+
+
+@pytest.fixture(scope="module")
+def listed(registry: Stack, acme_jwt: str, globex_jwt: str) -> Iterator[Stack]:
+    a, g = bearer(token(registry, acme_jwt)), bearer(token(registry, globex_jwt))
+    for repo in ACME_REPOS:
+        push_image(registry, repo, TAGS, a)
+    push_image(registry, "globex/private", ["v1"], g)
+    yield registry
+
+
+def pages(stack: Stack, first: str, h: dict[str, str], key: str) -> list[list[str]]:
+    """Follow `Link: <…>; rel="next"` from `first`; every link must be relative."""
+    out, url = [], first
+    while url:
+        r = requests.get(stack.url + url, headers=h, timeout=10)
+        assert r.status_code == 200, r.text
+        out.append(r.json()[key])
+        link = r.headers.get("Link")
+        if link is None:
+            break
+        assert link.startswith("</v2/") and link.endswith('>; rel="next"'), link
+        url = link[1 : link.index(">")]
+        assert len(out) < 20
+    return out
+
+
+def test_tag_lists_are_paged_by_the_gateway(listed, acme_jwt):
+    a = bearer(token(listed, acme_jwt))
+    repo = ACME_REPOS[0]
+    assert pages(listed, f"/v2/{repo}/tags/list?n=2", a, "tags") == [["v1", "v2"], ["v3", "v4"]]
+    assert pages(listed, f"/v2/{repo}/tags/list?n=3&last=v1", a, "tags") == [["v2", "v3", "v4"]]
+    assert pages(listed, f"/v2/{repo}/tags/list", a, "tags") == [TAGS]
+    r = requests.get(f"{listed.url}/v2/{repo}/tags/list?n=-1", headers=a, timeout=10)
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
+
+
+def test_skopeo_lists_tags_through_the_gateway(listed, acme_jwt):
+    r = subprocess.run(
+        ["skopeo", "list-tags", "--tls-verify=false", "--creds", f"x:{acme_jwt}",
+         f"docker://{listed.host}/{ACME_REPOS[1]}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["Tags"] == TAGS
+
+
+def test_the_catalog_lists_only_the_callers_repositories_in_pages(listed, acme_jwt, globex_jwt):
+    a, g = bearer(token(listed, acme_jwt)), bearer(token(listed, globex_jwt))
+    everything = [
+        name for page in pages(listed, "/v2/_catalog", a, "repositories") for name in page
+    ]
+    assert set(ACME_REPOS) <= set(everything)
+    assert all(name.startswith("acme/") for name in everything), everything
+    assert everything == sorted(everything)
+    paged = pages(listed, "/v2/_catalog?n=2", a, "repositories")
+    assert [name for page in paged for name in page] == everything
+    assert all(len(page) <= 2 for page in paged) and len(paged) >= 2
+    theirs = [n for page in pages(listed, "/v2/_catalog", g, "repositories") for n in page]
+    assert "globex/private" in theirs and not [n for n in theirs if not n.startswith("globex/")]
+
+
+def test_what_others_hold_changes_nothing_in_a_catalog(listed, acme_jwt, globex_jwt):
+    a, g = bearer(token(listed, acme_jwt)), bearer(token(listed, globex_jwt))
+    before = requests.get(f"{listed.url}/v2/_catalog?n=1000", headers=a, timeout=10)
+    for i in range(30):
+        push_image(listed, f"globex/many/r{i:02d}", ["v1"], g)
+    after = requests.get(f"{listed.url}/v2/_catalog?n=1000", headers=a, timeout=10)
+    assert before.status_code == after.status_code == 200
+    assert before.content == after.content
+    assert before.headers.get("Link") == after.headers.get("Link") is None
+
+
+def test_podman_search_lists_the_callers_repositories(listed, acme_jwt, tmp_path):
+    env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
+    login = subprocess.run(
+        ["podman", "login", "--tls-verify=false", "-u", "x", "--password-stdin", listed.host],
+        input=acme_jwt, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert login.returncode == 0, login.stderr
+    r = subprocess.run(
+        ["podman", "search", "--tls-verify=false", "--format", "{{.Name}}", f"{listed.host}/"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    found = {line.split("/", 1)[1] for line in r.stdout.split()}
+    assert set(ACME_REPOS) <= found
+    assert not [name for name in found if not name.startswith("acme/")]
