@@ -130,7 +130,8 @@ class WasmOras:
     ARTIFACT_TYPE = "application/vnd.tabbify.wasm.component.v1"
 
     @staticmethod
-    def client(host: str, credential: str):
+    def client(host: str, credential: str, config_dir: Path):
+        """Credentials go to `config_dir`, never to the user's own ~/.docker/config.json."""
         import oras.client
 
         class Client(oras.client.OrasClient):
@@ -140,7 +141,9 @@ class WasmOras:
                 return super().upload_manifest(manifest, container)
 
         c = Client(hostname=host, insecure=True)
-        c.login(username="x", password=credential, hostname=host)
+        config = config_dir / "docker-config.json"
+        config.write_text('{"auths": {}}')
+        c.login(username="x", password=credential, hostname=host, config_path=str(config))
         return c
 
 
@@ -148,7 +151,7 @@ def test_oras_pushes_and_pulls_a_wasm_component(registry, acme_jwt, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     component = tmp_path / "hello.wasm"
     component.write_bytes(b"\0asm\x0d\x00\x01\x00" + bytes(range(256)) * 40)
-    c = WasmOras.client(registry.host, acme_jwt)
+    c = WasmOras.client(registry.host, acme_jwt, tmp_path)
     target = f"{registry.host}/acme/components/hello:v1"
     r = c.push(target=target, files=["hello.wasm:application/wasm"], disable_path_validation=True)
     assert r.status_code == 201
