@@ -1,7 +1,8 @@
 """Debug capture: mitmproxy flow files of live traffic, bounded in time and size, redacted.
 
-Started from the admin endpoint (`POST /capture?seconds=60&max_mb=64`), written to
-`<registry_capture_dir>/capture-<time>.flows`, readable with `mitmproxy -r` / `mitmdump -nr`.
+Started from the admin endpoint (`POST /capture?seconds=60&max_mb=64`), written by each
+gateway worker to `<registry_capture_dir>/capture-<id>.w<n>.flows` and joined into
+`capture-<id>.flows`, readable with `mitmproxy -r` / `mitmdump -nr`.
 What is written is a copy of each flow with no bodies at all and every credential replaced:
 Authorization/Cookie headers, and anything shaped like a JWT in headers or the URL.
 """
@@ -21,7 +22,6 @@ logger = logging.getLogger(__name__)
 REDACTED = "REDACTED"
 _SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
-MAX_SECONDS, MAX_MB = 3600.0, 1024.0
 
 
 def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
@@ -41,46 +41,57 @@ def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
 
 
 class Capture:
+    """This worker's part of a debug capture, while the admin endpoint asks for one.
+
+    The admin endpoint (tabbify_registry/admin.py) writes the request into the state
+    directory; every worker follows it (`follow`, called by the publisher once a second) and
+    writes `capture-<id>.w<worker>.flows`; the admin endpoint joins the parts when it ends."""
+
     def __init__(self) -> None:
         self.file: IO[bytes] | None = None
         self.writer: io.FlowWriter | None = None
         self.path: Path | None = None
-        self.until = 0.0
+        self.capture_id: str | None = None
+        self.until = 0.0  # epoch seconds
         self.max_bytes = 0
         self.flows = 0
 
     def load(self, loader: Loader) -> None:
         loader.add_option("registry_capture_dir", str, "", "Where debug captures are written.")
 
-    def start(self, seconds: float, max_mb: float) -> None:
+    def follow(self, request: dict[str, object] | None, worker: int) -> None:
+        """Start, keep or stop writing to match the capture requested (None: none)."""
+        wanted = None
+        if request and isinstance(request.get("id"), str) and request.get("until", 0) > time.time():  # type: ignore[operator]
+            wanted = str(request["id"])
+        if wanted == self.capture_id:
+            return
+        self.stop()
+        if wanted is not None and request is not None:
+            self.start(wanted, float(request["until"]), int(request["max_bytes"]), worker)  # type: ignore[arg-type]
+
+    def start(self, capture_id: str, until: float, max_bytes: int, worker: int) -> None:
         self.stop()
         directory = Path(ctx.options.registry_capture_dir or ".")
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / time.strftime("capture-%Y%m%dT%H%M%SZ.flows", time.gmtime())
+        self.path = directory / f"capture-{capture_id}.w{worker}.flows"
         self.file = open(self.path, "wb")  # noqa: SIM115 - closed by stop()
         self.writer = io.FlowWriter(self.file)
-        self.until = time.monotonic() + min(max(seconds, 1.0), MAX_SECONDS)
-        self.max_bytes = int(min(max(max_mb, 0.1), MAX_MB) * 1024 * 1024)
-        self.flows = 0
-        logger.warning("debug capture started: %s", self.path)
+        self.capture_id, self.until, self.max_bytes, self.flows = capture_id, until, max_bytes, 0
 
     def stop(self) -> None:
         if self.file is not None:
             self.file.close()
-            logger.warning("debug capture stopped: %s (%d flows)", self.path, self.flows)
         self.file = self.writer = None
+        self.capture_id = None
 
     def status(self) -> dict[str, object]:
-        return {
-            "active": self.file is not None,
-            "file": str(self.path) if self.path else None,
-            "flows": self.flows,
-        }
+        return {"id": self.capture_id, "flows": self.flows}
 
     def _write(self, flow: http.HTTPFlow) -> None:
         if self.writer is None or self.file is None:
             return
-        if time.monotonic() > self.until or self.file.tell() > self.max_bytes:
+        if time.time() > self.until or self.file.tell() > self.max_bytes:
             self.stop()
             return
         self.writer.add(redacted(flow))

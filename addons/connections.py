@@ -139,19 +139,27 @@ def release(writer: Any) -> None:
     _limits.release(_client(writer))
 
 
-def metrics_lines() -> list[str]:
+def state() -> dict[str, object]:
+    return {"open": _limits.count, "refused": _limits.refused, "timed_out": dict(timed_out)}
+
+
+def metrics_lines(states: list[dict[str, object]]) -> list[str]:
+    """Prometheus lines for the connection states of every worker, summed."""
+    timeouts: Counter[str] = Counter()
+    for s in states:
+        timeouts.update({str(k): int(v) for k, v in (s.get("timed_out") or {}).items()})  # type: ignore[attr-defined]
     return [
         "# HELP tabbify_client_connections Open client connections.",
         "# TYPE tabbify_client_connections gauge",
-        f"tabbify_client_connections {_limits.count}",
+        f"tabbify_client_connections {sum(int(s.get('open', 0)) for s in states)}",  # type: ignore[arg-type]
         "# HELP tabbify_connections_refused_total Connections refused over a cap.",
         "# TYPE tabbify_connections_refused_total counter",
-        f"tabbify_connections_refused_total {_limits.refused}",
+        f"tabbify_connections_refused_total {sum(int(s.get('refused', 0)) for s in states)}",  # type: ignore[arg-type]
         "# HELP tabbify_connections_timed_out_total Connections closed by a timeout.",
         "# TYPE tabbify_connections_timed_out_total counter",
         *(
             f'tabbify_connections_timed_out_total{{reason="{r}"}} {n}'
-            for r, n in sorted(timed_out.items())
+            for r, n in sorted(timeouts.items())
         ),
     ]
 

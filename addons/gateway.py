@@ -15,7 +15,8 @@ Our addons, in hook order:
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
-7. Capture, Admin  the operator's loopback endpoint: /healthz, /metrics, /capture
+7. Capture         this worker's part of a debug capture
+   Publisher       this worker's counters and states for the admin endpoint (once a second)
 8. MeshAddress     follows the node's ULA when the mesh coordinator moves it (no request hooks)
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import Any
@@ -41,7 +43,6 @@ from mitmproxy.addons import (
 from addons import hardening
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
-from addons.admin import Admin
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
 from addons.gate import Gate
@@ -50,12 +51,15 @@ from addons.isolation import TenantIsolation
 from addons.listing import Listing
 from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
+from addons.publish import Publisher
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import TokenSigner
 
 
-def gateway_addons() -> list[Any]:
-    signer = TokenSigner()  # the secret is made here, once per process, never written anywhere
+def gateway_addons(secret: bytes | None = None) -> list[Any]:
+    """`secret`: the registry-token key `run` made for this run (shared by every worker);
+    None makes one for this process alone (a gateway run on its own, tests)."""
+    signer = TokenSigner(secret)
     metrics, capture = Metrics(), Capture()
     return [
         Intake(),
@@ -66,12 +70,14 @@ def gateway_addons() -> list[Any]:
         Gate(),
         AccessLog(metrics),
         capture,
-        Admin(metrics, capture),
+        Publisher(metrics, capture),
         MeshAddress(),
     ]
 
 
-def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> master.Master:
+def make_master(
+    opts: options.Options, mode: list[str], settings: list[str], secret: bytes | None = None
+) -> master.Master:
     """The master with its addons, then the options: every addon's `configure` sees them."""
     m = master.Master(opts, with_termlog=False)
     m.addons.add(
@@ -84,23 +90,36 @@ def make_master(opts: options.Options, mode: list[str], settings: list[str]) -> 
         next_layer.NextLayer(),
         block.Block(),
         disable_h2c.DisableH2C(),
-        *gateway_addons(),
+        *gateway_addons(secret),
     )
     opts.update(mode=mode)
     opts.set(*settings)
     return m
 
 
+def read_secret(fd: int) -> bytes:
+    """The key `run` made for this run, from the sealed memfd every worker inherits: never a
+    file, never the environment. Read with pread, so every worker reads it whole."""
+    secret = os.pread(fd, 1024, 0)
+    if len(secret) < 32:
+        raise ValueError(f"--token-fd {fd}: no registry-token key there")
+    return secret
+
+
 async def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="addons.gateway")
     parser.add_argument("--mode", action="append", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
+    parser.add_argument(
+        "--token-fd", type=int, help="descriptor of the run's registry-token key (memfd)"
+    )
     args = parser.parse_args(argv)
 
     hardening.apply()  # mitmproxy engine patches: see addons/hardening.py
     try:
-        m = make_master(options.Options(), args.mode, args.set)
-    except exceptions.OptionsError as e:
+        secret = read_secret(args.token_fd) if args.token_fd is not None else None
+        m = make_master(options.Options(), args.mode, args.set, secret)
+    except (exceptions.OptionsError, OSError, ValueError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         sys.exit(1)
     loop = asyncio.get_running_loop()

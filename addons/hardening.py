@@ -27,6 +27,10 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
 8. Connection lifetimes (addons/connections.py): every Http1Server layer is tracked so that a
    head that does not complete in time (408) and an idle keep-alive connection are closed,
    and `handle_stream` admits a new connection only under the connection caps.
+9. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
+   (the kernel spreads new connections over the workers) and a deeper accept backlog.
+   `run` checks the port is free before it starts them, so another program's socket is never
+   shared by accident.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ _mark_done = _http1.Http1Connection.mark_done
 _make_body_reader = _http1.make_body_reader
 _stream_read = asyncio.StreamReader.read
 _handle_stream = mode_servers.ServerInstance.handle_stream
+_listen = mode_servers.AsyncioServerInstance.listen
+BACKLOG = 1024
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
@@ -149,6 +155,16 @@ def server_send(self: Any, event: Any) -> Generator[Any, Any, None]:
     yield from _server_send(self, event)
 
 
+async def listen(self: Any, host: str, port: int) -> list[Any]:
+    """TCP: bound with SO_REUSEPORT, so that every gateway worker listens on the same port."""
+    if self.mode.transport_protocol != "tcp" or port == 0:
+        return await _listen(self, host, port)
+    server = await asyncio.start_server(
+        self.handle_stream, host, port, reuse_port=True, backlog=BACKLOG
+    )
+    return [server]
+
+
 async def handle_stream(self: Any, reader: Any, writer: Any = None) -> None:
     """Admit a client connection only under the caps; beyond them, a short 503 and close."""
     if not connections.admit(writer):
@@ -197,6 +213,7 @@ def apply() -> None:
     _http1.make_body_reader = make_body_reader
     asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
     mode_servers.ServerInstance.handle_stream = handle_stream  # type: ignore[method-assign]
+    mode_servers.AsyncioServerInstance.listen = listen  # type: ignore[method-assign]
 
 
 TLS_LINGER = 2.0  # seconds to wait for the client to close after the answer

@@ -49,6 +49,7 @@ class TenantIsolation:
 
     def load(self, loader: Loader) -> None:
         loader.add_option("registry_ledger", str, "", "Ledger database path; empty = off.")
+        loader.add_option("registry_run", str, "", "This run's id (the start-up walk's marker).")
         loader.add_option(
             "registry_backend", str, "", "Backend base URL, walked at start to backfill."
         )
@@ -68,20 +69,27 @@ class TenantIsolation:
         self._task = asyncio.create_task(self._walk())
 
     async def _walk(self) -> None:
-        """Walk what the ledger has not seen; walk again if the ledger file had to be
-        recreated; meanwhile keep an eye on the file (health)."""
+        """Walk what the ledger has not seen (worker 0; the other workers wait for its
+        marker); walk again if the ledger file had to be recreated; meanwhile keep an eye on
+        the file (health)."""
         assert self.ledger is not None and self.walker is not None
         delay, recovered = WALK_RETRY[0], -1
+        marker = f"/run/{ctx.options.registry_run}"  # not a repository name: no clash
         while True:
             if recovered != self.ledger.recovered:
                 try:
-                    n = await asyncio.to_thread(self.walker.everything)
+                    if ctx.options.registry_worker == 0:
+                        n = await asyncio.to_thread(self.walker.everything)
+                        await asyncio.to_thread(self.ledger.mark_walked, marker)
+                        logger.warning("ledger backfill: %d tenant digests recorded", n)
+                    elif not await asyncio.to_thread(self.ledger.walked, marker):
+                        await asyncio.sleep(WALK_RETRY[0])  # worker 0 is still walking
+                        continue
                 except Exception as e:
                     logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, WALK_RETRY[1])
                     continue
-                logger.warning("ledger backfill: %d tenant digests recorded", n)
                 self.walk_done, recovered, delay = True, self.ledger.recovered, WALK_RETRY[0]
             await asyncio.sleep(RECHECK_EVERY)
             await asyncio.to_thread(self.ledger.check)
@@ -106,19 +114,19 @@ class TenantIsolation:
             raise Unresolved(f"cannot index {arg}: {type(e).__name__}") from None
 
     async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
-        """Does the tenant hold `digest`? A miss on a repository not walked yet walks it
-        first; while the start-up walk is unfinished, a miss walks the tenant's other
-        repositories once. Raises LedgerUnavailable / Unresolved (both 503)."""
+        """Does the tenant hold `digest`? While the start-up walk is unfinished, a miss walks
+        its repository first, then the tenant's other repositories (once). Raises
+        LedgerUnavailable / Unresolved (both 503)."""
         assert self.ledger is not None
         if self.ledger.has(tenant, digest):
             return True
-        if self.walker is None:
-            return False
+        if self.walker is None or self.walk_done:
+            return False  # walked: whatever exists came in through the gateway since
         if repository and not self.ledger.walked(repository):
             await self._resolve(repository, self.walker.repository, repository)
             if self.ledger.has(tenant, digest):
                 return True
-        if not self.walk_done and tenant not in self._tenants_resolved:
+        if tenant not in self._tenants_resolved:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
             self._tenants_resolved.add(tenant)
             return self.ledger.has(tenant, digest)

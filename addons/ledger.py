@@ -36,6 +36,10 @@ REOPEN_EVERY = 1.0  # seconds between two attempts to reopen a failed ledger
 BUSY_TIMEOUT_MS = 5000  # another gateway process holding the write lock
 
 
+# Errors after which the connection is still sound: the statement failed, nothing else.
+_SOUND_CONNECTION = frozenset({"SQLITE_FULL", "SQLITE_READONLY", "SQLITE_BUSY", "SQLITE_LOCKED"})
+
+
 class LedgerUnavailable(Exception):
     """The ledger cannot answer or record right now (503, retry)."""
 
@@ -123,14 +127,18 @@ class Ledger:
             raise LedgerUnavailable(self.reason) from None
         self._up()
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, keep_open: bool = False) -> None:
+        """Down: no confirmation until a write succeeds again. `keep_open` for a statement
+        that failed on a sound connection (a full disk, a read-only file, a lock held too
+        long): reads go on; otherwise the connection is closed and reopened later."""
         if self.state != "down":
             logger.error("ledger down: %s", reason)
             self.since = time.time()
         self.state, self.reason = "down", reason
         self.errors += 1
-        self._retry_at = self._clock() + REOPEN_EVERY
-        self._close()
+        if not keep_open:
+            self._retry_at = self._clock() + REOPEN_EVERY
+            self._close()
 
     def _up(self) -> None:
         if self.state != "ok":
@@ -144,13 +152,19 @@ class Ledger:
         self._db = None
 
     def _run(self, verify: bool, action: Callable[[sqlite3.Connection], object]) -> object:
+        """Run `action` on the connection; `verify` for writes (the file is checked first,
+        and a success after a failure brings the ledger up again)."""
         with self._lock:
             db = self._connection(verify)
             try:
-                return action(db)
+                result = action(db)
             except sqlite3.Error as e:
-                self._failed(f"{type(e).__name__}: {e}")
+                name = getattr(e, "sqlite_errorname", "")
+                self._failed(f"{type(e).__name__}: {e}", keep_open=name in _SOUND_CONNECTION)
                 raise LedgerUnavailable(self.reason) from None
+            if verify:
+                self._up()
+            return result
 
     # --- records ----------------------------------------------------------------------------
 

@@ -17,6 +17,13 @@ class Histogram:
         self.counts = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
 
+    def add(self, other: dict[str, object]) -> None:
+        """Add another histogram's state (several worker processes, one view)."""
+        counts = other.get("counts")
+        if isinstance(counts, list) and len(counts) == len(self.counts):
+            self.counts = [a + int(b) for a, b in zip(self.counts, counts, strict=True)]
+            self.sum += float(other.get("sum", 0.0))  # type: ignore[arg-type]
+
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sum += seconds
@@ -62,6 +69,32 @@ class Metrics:
             self.auth_latency.observe(auth_seconds)
         if backend_seconds is not None:
             self.backend_latency.observe(backend_seconds)
+
+    def state(self) -> dict[str, object]:
+        """Everything counted, as JSON-ready data (what a worker publishes)."""
+        return {
+            "requests": [[c, d, n] for (c, d), n in self.requests.items()],
+            "tokens": dict(self.tokens),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "auth_latency": {"counts": self.auth_latency.counts, "sum": self.auth_latency.sum},
+            "backend_latency": {
+                "counts": self.backend_latency.counts,
+                "sum": self.backend_latency.sum,
+            },
+        }
+
+    def add(self, state: dict[str, object]) -> None:
+        """Add a published state to this one: the admin endpoint's sum over the workers."""
+        for row in state.get("requests") or []:  # type: ignore[attr-defined]
+            status_class, decision, n = row
+            self.requests[(str(status_class), str(decision))] += int(n)
+        for outcome, n in (state.get("tokens") or {}).items():  # type: ignore[attr-defined]
+            self.tokens[str(outcome)] += int(n)
+        self.bytes_in += int(state.get("bytes_in", 0))  # type: ignore[arg-type]
+        self.bytes_out += int(state.get("bytes_out", 0))  # type: ignore[arg-type]
+        self.auth_latency.add(state.get("auth_latency") or {})  # type: ignore[arg-type]
+        self.backend_latency.add(state.get("backend_latency") or {})  # type: ignore[arg-type]
 
     def render(self) -> str:
         lines = [

@@ -1,7 +1,10 @@
-"""Registry tokens: HS256 JWTs signed with a secret that lives only in this process.
+"""Registry tokens: HS256 JWTs signed with a secret that lives only in memory.
 
-A restart makes a new secret, so every issued token dies with the process and clients come
-back through the 401 challenge. Verification is local: no call to auth on the hot path.
+`run` makes the secret once per run and hands it to every gateway worker through an
+inherited, sealed memfd (never a file, never the environment): a token minted by any worker
+verifies on all of them, and a restart of the run makes a new one, so every issued token dies
+with it and clients come back through the 401 challenge. Verification is local: no call to
+auth on the hot path.
 """
 
 from __future__ import annotations

@@ -471,7 +471,7 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
         for mib, fresh in ((args.blob_mib, False), (args.small_blob_mib, True)):
             if fresh:
                 log("restarting mitmdump for a separate peak")
-                out = stack.supervisorctl("restart", "mitmdump")
+                out = stack.supervisorctl("restart", "mitmdump:*")
                 if "started" not in out:
                     raise RuntimeError(f"restart mitmdump: {out}")
                 stack.wait_ready()

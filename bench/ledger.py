@@ -54,8 +54,8 @@ def main() -> None:
                 "REGISTRY_LISTEN": f"127.0.0.1:{port}",
                 "REGISTRY_DATA_DIR": str(Path(tmp) / "plain"),
             }
-            # Same options, but no ledger and no admin endpoint (the stack's has that port).
-            off = ("registry_ledger=", "registry_admin=")
+            # Same options, but no ledger, and no run around it (its log FIFO, state dir).
+            off = ("registry_ledger=", "registry_access_log=", "registry_state_dir=")
             command = [
                 next((o for o in off if a.startswith(o)), a)
                 for a in mitmdump_command(settings_mod.load(env))

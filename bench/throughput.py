@@ -95,11 +95,13 @@ def pull(base: str, repo: str, digest: str, headers: dict[str, str]) -> float:
 
 
 def peak_rss_mb(stack: Stack) -> float:
-    pid = stack.supervisorctl("pid", "mitmdump").strip()
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The largest peak RSS (VmHWM) over the gateway workers, in MB (per worker)."""
+    peaks = []
+    for pid in stack.gateway_pids().values():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks) if peaks else float("nan")
 
 
 def main() -> None:

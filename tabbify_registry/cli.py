@@ -9,14 +9,17 @@ non-zero exit status, which supervisord alone cannot do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import re
 import resource
 import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -59,18 +62,31 @@ def mitmdump_command(s: Settings) -> list[str]:
         # Tenant isolation by digest: only with tenants (auth on).
         "--set", f"registry_ledger={'' if s.anonymous else s.data_dir / 'ledger' / 'ledger.db'}",
         "--set", f"registry_backend={upstream}",
-        "--set", f"registry_admin={s.admin_addr.hostport}",
-        "--set", f"registry_mesh_interface={s.mesh_interface if s.mesh_coordinator_url else ''}",
-        "--set", f"registry_mesh_status={mesh_dir / 'status.json' if mesh_dir else ''}",
         "--set", f"registry_mesh_state={mesh_dir / 'state.json' if mesh_dir and follow else ''}",
         "--set", f"registry_mesh_realm={'true' if follow and s.external_url_derived else 'false'}",
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
         "--set", f"registry_header_timeout={s.header_timeout}",
         "--set", f"registry_idle_timeout={s.idle_timeout}",
-        "--set", f"registry_max_connections={s.max_connections}",
-        "--set", f"registry_max_client_connections={s.max_client_connections}",
+        # The caps are the node's: each of the workers takes its share.
+        "--set", f"registry_max_connections={-(-s.max_connections // s.workers)}",
+        "--set", f"registry_max_client_connections={-(-s.max_client_connections // s.workers)}",
         "--set", f"registry_access_log={s.log_dir / 'access.fifo'}",
-        "--set", f"registry_log_dir={s.log_dir}",
+        "--set", f"registry_state_dir={s.state_dir}",
+    ]  # fmt: skip
+
+
+def admin_command(s: Settings) -> list[str]:
+    """The operator's loopback endpoint, a program of its own (tabbify_registry/admin.py)."""
+    mesh_dir = s.data_dir / "mesh" if s.mesh_coordinator_url else None
+    return [
+        sys.executable, "-m", "tabbify_registry.admin",
+        "--listen", s.admin_addr.hostport,
+        "--backend", f"http://{s.backend_addr.hostport}",
+        "--state-dir", str(s.state_dir),
+        "--capture-dir", str(s.data_dir / "captures"),
+        "--log-dir", str(s.log_dir),
+        "--mesh-interface", s.mesh_interface if s.mesh_coordinator_url else "",
+        "--mesh-status", str(mesh_dir / "status.json") if mesh_dir else "",
     ]  # fmt: skip
 
 
@@ -87,6 +103,45 @@ def backend_command(s: Settings, config_file: Path) -> list[str]:
     return [BACKEND_BINARIES[s.backend], "serve", str(config_file)]
 
 
+def token_key(minfds: int) -> int:
+    """The registry-token key of this run: 32 random bytes in a sealed memfd, placed at a
+    descriptor number supervisord does not close in its children (it closes those below
+    `minfds`), so every gateway worker, restarted ones too, inherits it. Never on disk, never
+    in the environment; a new run makes a new key, so issued tokens die with the run."""
+    memfd = os.memfd_create("tabbify-registry-token-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(memfd, secrets.token_bytes(32))
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, seals)
+    fd = os.dup2(memfd, minfds + 8, inheritable=True)
+    os.close(memfd)
+    return fd
+
+
+def listen_free(s: Settings) -> None:
+    """The workers bind the port with SO_REUSEPORT, which would share it with another such
+    program: make sure nobody holds it first."""
+    family = socket.AF_INET6 if ":" in s.listen.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As a server binds: connections of an earlier run in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((s.listen.host, s.listen.port))
+        except OSError as e:
+            raise ConfigError(f"REGISTRY_LISTEN={s.listen.hostport}: {e.strerror}") from None
+
+
+def migrate_requests() -> None:
+    """Best effort: let the kernel hand the connections queued at a worker that dies to the
+    other workers (net.ipv4.tcp_migrate_req, Linux 5.14+, per network namespace) instead of
+    resetting them. Without the privilege, a dying worker's queue is lost, as in nginx. Only
+    as a container's PID 1, where the network namespace is the container's own: never a
+    host's setting changed behind its operator's back."""
+    if os.getpid() != 1:
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1\n")
+
+
 def raise_fd_limit() -> int:
     """Soft descriptor limit up to the hard one (each client connection costs two); returns
     the `minfds` supervisord should keep (and close in its children below)."""
@@ -101,13 +156,23 @@ def start_log_relay(s: Settings) -> LogRelay:
     """The FIFOs every program writes into, drained by this process (logrelay.py)."""
     s.log_dir.mkdir(parents=True, exist_ok=True)
     relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer)
-    for name in ("access.fifo", *(f"{p}.log" for p in LOGGED_PROGRAMS)):
-        relay.fifo(name)
+    workers = [f"mitmdump-{n}" for n in range(s.workers)]
+    for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers))):
+        relay.fifo(name, per_request_line if name == "backend.log" else None)
     relay.start()
     return relay
 
 
-LOGGED_PROGRAMS = ("backend", "mitmdump", "mesh", "fatal")
+LOGGED_PROGRAMS = ("backend", "admin", "mesh", "fatal")
+
+
+def per_request_line(line: bytes) -> bool:
+    """Distribution logs every answer (its 404s too, at level error) as `response completed…`:
+    the gateway's access log already has each request, so these are dropped, but for a 5xx,
+    whose line says why (the gateway's answer hides the backend's detail)."""
+    if b'msg="response completed' not in line:
+        return False
+    return re.search(rb"http\.response\.status=5\d\d", line) is None
 
 
 def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> dict[str, str]:
@@ -119,6 +184,8 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
     child.update(
         TBF_RUNTIME_DIR=str(s.runtime_dir),
         TBF_LOG_DIR=str(s.log_dir),
+        TBF_WORKERS=str(s.workers),
+        TBF_ADMIN_COMMAND=shlex.join(admin_command(s)),
         TBF_PYTHON=sys.executable,
         TBF_GATEWAY_COMMAND=shlex.join(mitmdump_command(s)),
         TBF_BACKEND_COMMAND="true" if external else shlex.join(backend_command(s, config_file)),
@@ -181,14 +248,24 @@ def run(env: Mapping[str, str]) -> int:
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
     config_file = write_backend_config(s)
+    listen_free(s)
+    migrate_requests()
     minfds = raise_fd_limit()
+    key_fd = token_key(minfds)
+    s.state_dir.mkdir(parents=True, exist_ok=True)
     relay = start_log_relay(s)
 
     supervisord = subprocess.Popen(
         [str(BIN / "supervisord"), "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
-        env={**supervisor_env(env, s, config_file), "TBF_MINFDS": str(minfds)},
+        env={
+            **supervisor_env(env, s, config_file),
+            "TBF_MINFDS": str(minfds),
+            "TBF_TOKEN_FD": str(key_fd),
+            "TBF_RUN_ID": secrets.token_hex(8),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        pass_fds=(key_fd,),
     )
     assert supervisord.stdout is not None and supervisord.stderr is not None
     relay.source(supervisord.stdout.fileno(), "supervisord", "stderr")

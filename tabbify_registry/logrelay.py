@@ -93,10 +93,12 @@ class LogRelay:
         self.streams = {"stdout": Stream("stdout", stdout, operator.put), "stderr": operator}
         self._selector = selectors.DefaultSelector()
         self._partial: dict[int, bytes] = {}
+        self._drop: dict[int, Callable[[bytes], bool]] = {}
         self._keep_open: list[int] = []
 
-    def fifo(self, name: str) -> Path:
-        """Create (if needed) and start reading `<directory>/<name>`; returns its path."""
+    def fifo(self, name: str, drop: Callable[[bytes], bool] | None = None) -> Path:
+        """Create (if needed) and start reading `<directory>/<name>`; returns its path.
+        `drop`: lines of this source that are not relayed at all."""
         path = self.directory / name
         if path.exists() and not stat.S_ISFIFO(path.stat().st_mode):
             path.unlink()
@@ -108,6 +110,8 @@ class LogRelay:
         self._keep_open.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         stream = "stdout" if name == "access.fifo" else "stderr"
         self._selector.register(fd, selectors.EVENT_READ, (name.rsplit(".", 1)[0], stream))
+        if drop is not None:
+            self._drop[fd] = drop
         return path
 
     def source(self, fd: int, name: str, stream: str) -> None:
@@ -139,10 +143,10 @@ class LogRelay:
             rest = b""
         if rest:
             self._partial[fd] = rest
-        out = self.streams[stream]
+        out, drop = self.streams[stream], self._drop.get(fd)
         for line in lines:
             line = line[:MAX_LINE].rstrip(b"\r")
-            if not line.strip():
+            if not line.strip() or (drop is not None and drop(line)):
                 continue
             if stream == "stdout":
                 out.put(line + b"\n")

@@ -7,6 +7,7 @@ defaulted past a bad value. Pure: takes a mapping, returns a value, touches noth
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ class Settings:
     mesh_auth_key: str | None
     mesh_interface: str
     mesh_poll_seconds: int
+    workers: int = 1
     header_timeout: int = 60
     idle_timeout: int = 75
     max_connections: int = 0  # 0: as many as file descriptors allow
@@ -77,6 +79,11 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.runtime_dir / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        """Where gateway workers publish their state for the admin endpoint."""
+        return self.runtime_dir / "workers"
 
 
 def parse_address(name: str, value: str) -> Address:
@@ -223,6 +230,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         mesh_auth_key=_opt(env, "MESH_AUTH_KEY"),
         mesh_interface=interface,
         mesh_poll_seconds=int(poll),
+        workers=int(_number(env, "REGISTRY_WORKERS", os.cpu_count() or 1, 1, 64)),
         header_timeout=int(_number(env, "REGISTRY_HEADER_TIMEOUT", 60, 1, 3600)),
         idle_timeout=int(_number(env, "REGISTRY_IDLE_TIMEOUT", 75, 1, 3600)),
         max_connections=int(_number(env, "REGISTRY_MAX_CONNECTIONS", 0, 0, 10_000_000)),

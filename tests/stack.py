@@ -106,11 +106,17 @@ class Stack:
         return self.proc.returncode
 
     def supervisorctl(self, *args: str) -> str:
+        """supervisorctl against this stack. The gateway workers are `mitmdump:mitmdump-<n>`
+        (`mitmdump:*` for all of them)."""
         conf = ROOT / "supervisord.conf"
-        env = {**self.env, "TBF_RUNTIME_DIR": str(self.data_dir / "run")}
-        for key in ("TBF_PYTHON", "TBF_GATEWAY_COMMAND", "TBF_BACKEND_COMMAND"):
-            env[key] = "unused"
-        env["TBF_BACKEND_AUTOSTART"] = "true"
+        run_dir = self.data_dir / "run"
+        env = {**self.env, "TBF_RUNTIME_DIR": str(run_dir), "TBF_LOG_DIR": str(run_dir / "logs")}
+        for key in ("PYTHON", "GATEWAY_COMMAND", "BACKEND_COMMAND", "ADMIN_COMMAND"):
+            env[f"TBF_{key}"] = "unused"
+        env.update(
+            TBF_BACKEND_AUTOSTART="true", TBF_WORKERS=str(self.workers), TBF_MINFDS="1024",
+            TBF_TOKEN_FD="0", TBF_RUN_ID="0", TBF_MESH_COMMAND="unused", TBF_MESH_AUTOSTART="false",
+        )  # fmt: skip
         out = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "supervisorctl"), "-c", str(conf), *args],
             env=env,
@@ -119,6 +125,19 @@ class Stack:
             timeout=60,
         )
         return out.stdout + out.stderr
+
+    @property
+    def workers(self) -> int:
+        return int(self.env.get("REGISTRY_WORKERS") or os.cpu_count() or 1)
+
+    def gateway_pids(self) -> dict[str, int]:
+        """The running gateway workers' pids by process name."""
+        pids = {}
+        for n in range(self.workers):
+            out = self.supervisorctl("pid", f"mitmdump:mitmdump-{n}").strip()
+            if out.isdigit() and int(out):
+                pids[f"mitmdump-{n}"] = int(out)
+        return pids
 
     def access_log(self) -> list[dict]:
         """The access log lines (stdout) among everything the stack printed."""

@@ -4,14 +4,16 @@ addons/hardening.py). End to end: test_e2e_connections.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from addons import admin, connections
+from addons import connections
 from addons.hardening import MAX_HEADERS, head_problem
+from tabbify_registry import admin
 
 
 def request_with(fields: list[tuple[bytes, bytes]]) -> http.Request:
@@ -85,22 +87,17 @@ def test_capture_parameters_must_be_finite_and_positive(value):
     assert admin.positive(value) is None
 
 
-class FakeCapture:
-    def __init__(self) -> None:
-        self.started: list[tuple[float, float]] = []
-
-    def start(self, seconds: float, max_mb: float) -> None:
-        self.started.append((seconds, max_mb))
-
-    def status(self) -> dict[str, object]:
-        return {"active": bool(self.started)}
-
-
 @pytest.mark.parametrize("query", ["seconds=nan", "seconds=inf", "max_mb=-1", "seconds=0"])
-def test_a_bad_capture_request_is_400_and_starts_nothing(query):
-    capture = FakeCapture()
-    endpoint = admin.Admin(metrics=None, capture=capture)  # type: ignore[arg-type]
+def test_a_bad_capture_request_is_400_and_starts_nothing(query, tmp_path):
+    args = admin.parse_args(
+        ["--listen", "127.0.0.1:1", "--backend", "http://127.0.0.1:1",
+         "--state-dir", str(tmp_path / "state"), "--capture-dir", str(tmp_path / "cap")]
+    )  # fmt: skip
+    (tmp_path / "state").mkdir()
+    endpoint = admin.Admin(args)
     status, _, _ = asyncio.run(endpoint.route("POST", f"/capture?{query}"))
-    assert status == 400 and capture.started == []
-    status, _, _ = asyncio.run(endpoint.route("POST", "/capture?seconds=5&max_mb=2"))
-    assert status == 200 and capture.started == [(5.0, 2.0)]
+    assert status == 400 and not (tmp_path / "state" / "capture.json").exists()
+    status, _, body = asyncio.run(endpoint.route("POST", "/capture?seconds=5&max_mb=2"))
+    assert status == 200 and json.loads(body)["active"]
+    request = json.loads((tmp_path / "state" / "capture.json").read_text())
+    assert request["max_bytes"] == 2 * 1024 * 1024

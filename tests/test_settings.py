@@ -306,6 +306,13 @@ def _options(s: settings.Settings) -> dict[str, str]:
     return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
 
 
+def _admin(s: settings.Settings) -> dict[str, str]:
+    from tabbify_registry.cli import admin_command
+
+    argv = admin_command(s)
+    return {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--")}
+
+
 MESH = {**AUTH, "MESH_COORDINATOR_URL": "https://mesh.example", "REGISTRY_DATA_DIR": "/d"}
 
 
@@ -314,8 +321,8 @@ def test_a_mesh_derived_listen_address_and_realm_follow_the_ula():
     assert s.listen_from_mesh and s.external_url_derived
     opts = _options(s)
     assert opts["registry_mesh_state"] == "/d/mesh/state.json"
-    assert opts["registry_mesh_status"] == "/d/mesh/status.json"
     assert opts["registry_mesh_realm"] == "true"
+    assert _admin(s)["--mesh-status"] == "/d/mesh/status.json"
 
 
 def test_an_explicit_external_url_keeps_its_realm_while_the_listen_address_follows():
@@ -330,9 +337,9 @@ def test_an_explicit_listen_address_follows_nothing():
     assert not s.listen_from_mesh
     opts = _options(s)
     assert opts["registry_mesh_state"] == "" and opts["registry_mesh_realm"] == "false"
-    assert opts["registry_mesh_status"] == "/d/mesh/status.json"  # health still reported
+    assert _admin(s)["--mesh-status"] == "/d/mesh/status.json"  # health still reported
 
 
 def test_without_a_mesh_there_is_nothing_to_follow():
-    opts = _options(load({"REGISTRY_DATA_DIR": "/d"}))
-    assert opts["registry_mesh_state"] == opts["registry_mesh_status"] == ""
+    s = load({"REGISTRY_DATA_DIR": "/d"})
+    assert _options(s)["registry_mesh_state"] == _admin(s)["--mesh-status"] == ""

@@ -1,0 +1,100 @@
+"""What this gateway worker publishes for the admin endpoint, once a second.
+
+Several worker processes serve the port; the operator's view (tabbify_registry/admin.py) is
+one. Each worker writes its counters and states into `<registry_state_dir>/worker-<n>.json`
+(atomic rename: the admin endpoint never reads half a file) and follows the debug capture the
+admin endpoint requests in `<registry_state_dir>/capture.json`. Nothing here is on a
+request's path: a timer on the event loop, one small file write per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx
+from mitmproxy.addonmanager import Loader
+
+from addons import connections
+from addons.capture import Capture
+from addons.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+EVERY = 1.0  # seconds
+MAX_CONTROL = 4096
+
+
+def read_request(path: Path) -> dict[str, Any] | None:
+    """The capture the admin endpoint asks for, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_CONTROL))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class Publisher:
+    def __init__(self, metrics: Metrics, capture: Capture) -> None:
+        self.metrics = metrics
+        self.capture = capture
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_state_dir", str, "", "Where workers publish state for the admin endpoint."
+        )
+        loader.add_option("registry_worker", int, 0, "This gateway worker's index (0, 1, …).")
+
+    async def running(self) -> None:
+        if ctx.options.registry_state_dir:
+            self._task = asyncio.create_task(self._loop())
+
+    async def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        with contextlib.suppress(Exception):
+            self.publish()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.publish()
+            except Exception:  # a full disk must not stop the next attempt
+                logger.exception("publishing the worker state failed")
+            await asyncio.sleep(EVERY)
+
+    def state(self) -> dict[str, Any]:
+        isolation = ctx.master.addons.get("tenantisolation")
+        ledger = isolation.ledger if isolation is not None else None
+        access_log = ctx.master.addons.get("accesslog")
+        return {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "metrics": self.metrics.state(),
+            "connections": connections.state(),
+            "ledger": None
+            if ledger is None
+            else {**ledger.status(), "errors": ledger.errors, "recreated": ledger.recovered},
+            "access_log_dropped": access_log.dropped if access_log is not None else 0,
+            "capture": self.capture.status(),
+        }
+
+    def publish(self) -> None:
+        directory = Path(ctx.options.registry_state_dir)
+        worker = ctx.options.registry_worker
+        self.capture.follow(read_request(directory / "capture.json"), worker)
+        write_json(directory / f"worker-{worker}.json", self.state())

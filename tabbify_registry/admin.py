@@ -1,0 +1,360 @@
+"""The operator's loopback endpoint (CONTRACTS §6): /healthz, /metrics and /capture.
+
+A program of its own under supervisord (`python -m tabbify_registry.admin …`), beside the
+gateway workers and never on the mesh: it answers whatever load the gateway carries, and one
+view covers every worker. The workers publish their counters and states once a second
+(addons/publish.py); this program sums them, probes the backend itself, and reads the mesh
+follower's and the log relay's status files. REGISTRY_ADMIN_ADDR is refused at start-up
+unless it is loopback (settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from addons import connections
+from addons.metrics import Metrics
+from addons.publish import read_request, write_json
+from mesh import status as mesh_status
+
+logger = logging.getLogger("admin")
+PROBE_TIMEOUT = 2.0
+STALE = 5.0  # seconds: a worker that has not published for this long is not counted live
+MAX_SECONDS, MAX_MB = 3600.0, 1024.0
+MAX_STATE = 1 << 20
+
+
+async def backend_ok(url: str) -> bool:
+    """The backend answers `GET /v2/` with anything but a 5xx."""
+    parts = urlsplit(url)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port), PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
+        fields = status_line.split()
+        return len(fields) >= 2 and fields[1].isdigit() and int(fields[1]) < 500
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def positive(value: str) -> float | None:
+    """A finite number > 0, else None (`nan`, `inf`, `-1`, `1e999` are refused)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def interface_up(name: str) -> bool:
+    """IFF_UP on the mesh interface (WireGuard links report operstate "unknown")."""
+    try:
+        return bool(int(Path(f"/sys/class/net/{name}/flags").read_text(), 16) & 0x1)
+    except (OSError, ValueError):
+        return False
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_STATE))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass
+class Workers:
+    """The workers' published states. Counters stay monotonic across a worker's restart: the
+    last state of a pid that is gone is kept in `retired` and added to the sum."""
+
+    directory: Path
+    current: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retired: Metrics = field(default_factory=Metrics)
+    retired_connections: list[dict[str, Any]] = field(default_factory=list)
+
+    def refresh(self) -> None:
+        for path in sorted(self.directory.glob("worker-*.json")):
+            state = read_json(path)
+            if state is None:
+                continue
+            name, before = path.stem, self.current.get(path.stem)
+            if before is not None and before.get("pid") != state.get("pid"):
+                self.retired.add(before.get("metrics") or {})
+                gone = dict(before.get("connections") or {}, open=0)
+                self.retired_connections.append(gone)
+            self.current[name] = state
+
+    def live(self, now: float) -> list[dict[str, Any]]:
+        return [s for s in self.current.values() if now - float(s.get("time", 0)) < STALE]
+
+    def metrics(self) -> Metrics:
+        total = Metrics()
+        total.add(self.retired.state())
+        for state in self.current.values():
+            total.add(state.get("metrics") or {})
+        return total
+
+
+class Admin:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workers = Workers(Path(args.state_dir))
+
+    # --- health -----------------------------------------------------------------------------
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """503 when something is down (backend, gateway workers, mesh interface, ledger). A
+        degraded mesh (the node serves its current peers but cannot follow the coordinator) is
+        200, status "degraded", with `mesh_reason`."""
+        backend = "ok" if await backend_ok(self.args.backend) else "down"
+        self.workers.refresh()
+        live = self.workers.live(time.time())
+        gateway = "ok" if live else "down"
+        name, path = self.args.mesh_interface, self.args.mesh_status
+        follower = mesh_status.read(Path(path)) if path else None
+        up = bool(name) and interface_up(name)
+        mesh, reason = mesh_status.health(name, up, follower, time.time(), followed=bool(path))
+        payload: dict[str, Any] = {"backend": backend, "gateway": gateway, "mesh": mesh}
+        if reason:
+            payload["mesh_reason"] = reason
+        ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
+        down = [ledger for ledger in ledgers if ledger.get("state") != "ok"]
+        payload["ledger"] = "absent" if not ledgers else ("down" if down else "ok")
+        if down and down[0].get("reason"):
+            payload["ledger_reason"] = down[0]["reason"]
+        if "down" in (backend, gateway, payload["ledger"]) or mesh == mesh_status.DOWN:
+            status = "down"
+        else:
+            status = "degraded" if mesh == mesh_status.DEGRADED else "ok"
+        return (503 if status == "down" else 200), {"status": status, **payload}
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        self.workers.refresh()
+        live = self.workers.live(time.time())
+        lines = [self.workers.metrics().render().rstrip("\n")]
+        now, states = time.time(), []
+        for worker in self.workers.current.values():
+            state = dict(worker.get("connections") or {})
+            if now - float(worker.get("time", 0)) >= STALE:
+                state["open"] = 0  # gone: its connections are closed
+            states.append(state)
+        lines += connections.metrics_lines(states + self.workers.retired_connections)
+        lines += self.log_metrics()
+        lines += [
+            "# HELP tabbify_gateway_workers Gateway worker processes publishing their state.",
+            "# TYPE tabbify_gateway_workers gauge",
+            f"tabbify_gateway_workers {len(live)}",
+        ]
+        ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
+        if ledgers:
+            up = all(ledger.get("state") == "ok" for ledger in ledgers)
+            errors = sum(int(ledger.get("errors", 0)) for ledger in ledgers)
+            recreated = sum(int(ledger.get("recreated", 0)) for ledger in ledgers)
+            lines += [
+                "# HELP tabbify_ledger_up 1 while the isolation ledger can record pushes.",
+                "# TYPE tabbify_ledger_up gauge",
+                f"tabbify_ledger_up {int(up)}",
+                "# HELP tabbify_ledger_errors_total Ledger failures (each answered 503).",
+                "# TYPE tabbify_ledger_errors_total counter",
+                f"tabbify_ledger_errors_total {errors}",
+                "# HELP tabbify_ledger_recreated_total Times the ledger file was found deleted or"
+                " replaced and reopened.",
+                "# TYPE tabbify_ledger_recreated_total counter",
+                f"tabbify_ledger_recreated_total {recreated}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def log_metrics(self) -> list[str]:
+        """Lines dropped instead of blocking: by the gateway workers (access log queue full)
+        and by `run`'s relay (a consumer not reading stdout/stderr; its dropped.json)."""
+        by_workers = sum(int(s.get("access_log_dropped", 0)) for s in self.workers.current.values())
+        relayed = read_json(Path(self.args.log_dir) / "dropped.json") if self.args.log_dir else None
+        lines = [
+            "# HELP tabbify_log_lines_dropped_total Log lines dropped instead of blocking.",
+            "# TYPE tabbify_log_lines_dropped_total counter",
+            f'tabbify_log_lines_dropped_total{{where="gateway"}} {by_workers}',
+        ]
+        for stream in ("stdout", "stderr"):
+            count = int((relayed or {}).get(stream, 0))
+            lines.append(f'tabbify_log_lines_dropped_total{{where="{stream}"}} {count}')
+        return lines
+
+    # --- capture ----------------------------------------------------------------------------
+
+    def capture_request(self) -> Path:
+        return Path(self.args.state_dir) / "capture.json"
+
+    async def capture_start(self, seconds: float, max_mb: float) -> None:
+        await self.capture_stop()
+        capture_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.workers.refresh()
+        workers = max(1, len(self.workers.live(time.time())))
+        total = int(min(max(max_mb, 0.1), MAX_MB) * 1024 * 1024)
+        request = {
+            "id": capture_id,
+            "until": time.time() + min(max(seconds, 1.0), MAX_SECONDS),
+            "max_bytes": total // workers,  # each worker writes its share of the bound
+        }
+        write_json(self.capture_request(), request)
+        logger.warning("debug capture %s requested", capture_id)
+        # Answer once every live worker writes its part: what follows is captured.
+        deadline = time.monotonic() + 3
+        while not self.all_capturing(capture_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def capture_stop(self) -> None:
+        """End the capture, wait (bounded) for every worker to close its part, join them."""
+        request = read_request(self.capture_request()) or {}
+        if not request.get("id"):
+            return
+        write_json(self.capture_request(), {**request, "until": 0})
+        deadline = time.monotonic() + 3
+        while self.capturing(request["id"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        self.join_capture()
+
+    def all_capturing(self, capture_id: str) -> bool:
+        self.workers.refresh()
+        live = self.workers.live(time.time())
+        return bool(live) and all((s.get("capture") or {}).get("id") == capture_id for s in live)
+
+    def capturing(self, capture_id: str) -> bool:
+        """Does a live worker still write a part of this capture?"""
+        self.workers.refresh()
+        live = self.workers.live(time.time())
+        return any((s.get("capture") or {}).get("id") == capture_id for s in live)
+
+    def capture_status(self) -> dict[str, Any]:
+        request = read_request(self.capture_request()) or {}
+        capture_id = request.get("id")
+        active = bool(capture_id) and float(request.get("until", 0)) > time.time()
+        self.workers.refresh()
+        flows = sum(
+            int((s.get("capture") or {}).get("flows", 0))
+            for s in self.workers.current.values()
+            if (s.get("capture") or {}).get("id") == capture_id
+        )
+        if not active and capture_id and not self.capturing(capture_id):
+            self.join_capture()
+        path = Path(self.args.capture_dir) / f"capture-{capture_id}.flows" if capture_id else None
+        return {
+            "active": active,
+            "id": capture_id,
+            "flows": flows,
+            "file": str(path) if path else None,
+        }
+
+    def join_capture(self) -> None:
+        """Join the workers' parts of a finished capture into one flow file (mitmproxy flow
+        files are a sequence of flows: the parts concatenate)."""
+        request = read_request(self.capture_request()) or {}
+        capture_id = request.get("id")
+        if not capture_id:
+            return
+        directory = Path(self.args.capture_dir)
+        parts = sorted(directory.glob(f"capture-{capture_id}.w*.flows"))
+        if not parts:
+            return
+        with open(directory / f"capture-{capture_id}.flows", "ab") as joined:
+            for part in parts:
+                joined.write(part.read_bytes())
+                part.unlink()
+
+    # --- the HTTP server ----------------------------------------------------------------------
+
+    async def route(self, method: str, target: str) -> tuple[int, str, bytes]:
+        parts = urlsplit(target)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == "/healthz" and method == "GET":
+            status, payload = await self.health()
+            return status, "application/json", json.dumps(payload).encode()
+        if parts.path == "/metrics" and method == "GET":
+            return 200, "text/plain; version=0.0.4", self.metrics_text().encode()
+        if parts.path == "/capture":
+            if method == "POST":
+                seconds = positive(query.get("seconds", "60"))
+                max_mb = positive(query.get("max_mb", "64"))
+                if seconds is None or max_mb is None:
+                    return 400, "text/plain", b"seconds and max_mb must be positive numbers\n"
+                await self.capture_start(seconds, max_mb)
+            elif method == "DELETE":
+                await self.capture_stop()
+            elif method != "GET":
+                return 405, "text/plain", b"method not allowed\n"
+            return 200, "application/json", json.dumps(self.capture_status()).encode()
+        return 404, "text/plain", b"not found\n"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, target = head.split(b" ", 2)[:2]
+            status, content_type, body = await self.route(method.decode(), target.decode())
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            status, content_type, body = 400, "text/plain", b"bad request\n"
+        except Exception:
+            logger.exception("admin endpoint error")
+            status, content_type, body = 500, "text/plain", b"internal error\n"
+        writer.write(
+            f"HTTP/1.0 {status} X\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        try:
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tabbify_registry.admin")
+    parser.add_argument("--listen", required=True, help="host:port, loopback")
+    parser.add_argument("--backend", required=True, help="backend base URL")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--capture-dir", required=True)
+    parser.add_argument("--log-dir", default="")
+    parser.add_argument("--mesh-interface", default="")
+    parser.add_argument("--mesh-status", default="")
+    return parser.parse_args(argv)
+
+
+async def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    os.makedirs(args.state_dir, exist_ok=True)
+    admin = Admin(args)
+    host, _, port = args.listen.rpartition(":")
+    server = await asyncio.start_server(admin.serve, host.strip("[]"), int(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
