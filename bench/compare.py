@@ -448,7 +448,8 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
         auth = AuthStandin().start()
         running.callback(auth.stop)
 
-        stack = Stack(tmp / "data", auth.url)
+        workers = {"REGISTRY_WORKERS": str(args.workers)} if args.workers else {}
+        stack = Stack(tmp / "data", auth.url, **workers)
         running.callback(lambda: stack.proc is not None and stack.stop())
         log(f"starting the stack (gateway {stack.url}, backend {stack.backend_url})")
         stack.start()
@@ -552,6 +553,9 @@ def main() -> None:
     parser.add_argument("--small-blob-mib", type=int, default=256)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="REGISTRY_WORKERS (default: the product's)"
+    )
     args = parser.parse_args()
     if args.blob_mib == args.small_blob_mib:
         parser.error("--blob-mib and --small-blob-mib must differ")

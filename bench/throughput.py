@@ -113,7 +113,7 @@ def main() -> None:
 
     auth = AuthStandin().start()
     with tempfile.TemporaryDirectory(prefix="tbf-bench-") as tmp:
-        stack = Stack(Path(tmp) / "data", auth.url).start()
+        stack = Stack(Path(tmp) / "data", auth.url, **({"REGISTRY_WORKERS": os.environ["W"]} if os.environ.get("W") else {})).start()
         try:
             credential = tabbify_jwt({"sub": "bench"})
             r = requests.get(f"{stack.url}/auth/token", auth=("x", credential), timeout=10)
