@@ -1,20 +1,22 @@
 """Tabbify auth (CONTRACTS §4): is this Tabbify JWT good, and whose is it?
 
-Blocking on purpose (requests): the token endpoint runs it off mitmproxy's event loop in a
-thread, with a bounded timeout. Every failure mode maps to one outcome; none of them grants.
+Every failure mode maps to one outcome; none of them grants.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import requests
+import httpx
 
 from addons.routes import is_component
 
 Outcome = Literal["granted", "rejected", "unavailable", "refused"]
+MAX_ANSWER = 64 * 1024  # a verdict is a few hundred bytes of claims
 
 
 @dataclass(frozen=True)
@@ -53,27 +55,56 @@ def judge(status: int, payload: Any) -> Verdict:
 
 
 class AuthClient:
+    """Asks Tabbify auth on the gateway's event loop (httpx, keep-alive connections): no
+    thread per exchange. The answer is read to at most MAX_ANSWER bytes, redirects are not
+    followed, and the whole exchange has one deadline (`timeout`)."""
+
     def __init__(self, base_url: str, timeout: float) -> None:
         self.url = base_url.rstrip("/") + "/v1/validate"
         self.timeout = timeout
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy variables between us and auth
+        self._client: httpx.AsyncClient | None = None
 
-    def validate(self, credential: str) -> Verdict:
+    def client(self) -> httpx.AsyncClient:
+        # Made on first use, inside the loop that will use it; no proxy variables between us
+        # and auth (trust_env off).
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, follow_redirects=False, trust_env=False
+            )
+        return self._client
+
+    async def validate(self, credential: str) -> Verdict:
         started = time.monotonic()
         try:
-            r = self.session.post(
-                self.url,
-                json={"token": credential},
-                headers={"Authorization": f"Bearer {credential}"},
-                timeout=self.timeout,
-                allow_redirects=False,
-            )
-            try:
-                payload: Any = r.json()
-            except ValueError:
-                payload = None
-            verdict = judge(r.status_code, payload)
-        except requests.RequestException as e:
+            verdict = await asyncio.wait_for(self._ask(credential), self.timeout)
+        except TimeoutError:
+            verdict = Verdict("unavailable", reason="auth timed out")
+        except (httpx.HTTPError, OSError) as e:
             verdict = Verdict("unavailable", reason=f"auth unreachable ({type(e).__name__})")
         return Verdict(verdict.outcome, verdict.tenant, verdict.reason, time.monotonic() - started)
+
+    async def _ask(self, credential: str) -> Verdict:
+        request = self.client().build_request(
+            "POST",
+            self.url,
+            json={"token": credential},
+            headers={"Authorization": f"Bearer {credential}"},
+        )
+        response = await self.client().send(request, stream=True)
+        try:
+            body = b""
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    return Verdict("unavailable", reason="auth answered too much")
+        finally:
+            await response.aclose()
+        try:
+            payload: Any = json.loads(body)
+        except (ValueError, RecursionError):
+            payload = None
+        return judge(response.status_code, payload)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

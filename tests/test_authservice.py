@@ -4,6 +4,7 @@ real loopback stand-in of `POST /v1/validate`.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import socket
@@ -160,6 +161,19 @@ def make_handler(state: StandIn) -> type[http.server.BaseHTTPRequestHandler]:
             elif behaviour == "slow":
                 state.release.wait(10)
                 self.answer(200, GRANT)
+            elif behaviour == "huge":
+                self.answer(
+                    200, b'{"claims": {"network": "acme", "x": "' + b"a" * (1 << 20) + b'"}}'
+                )
+            elif behaviour == "drip":
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                for _ in range(100):
+                    if state.release.wait(0.2):
+                        break
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
             elif behaviour == "redirect":
                 self.answer(302, GRANT, {"Location": f"{state.base}/granted/v1/validate"})
             else:
@@ -188,7 +202,7 @@ def standin() -> Iterator[StandIn]:
 
 
 def test_granted_and_the_request_it_sends(standin):
-    verdict = AuthClient(f"{standin.base}/granted", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/granted", timeout=2).validate(JWT))
     assert verdict.outcome == "granted"
     assert verdict.tenant == "acme"
     assert verdict.seconds >= 0
@@ -201,25 +215,25 @@ def test_granted_and_the_request_it_sends(standin):
 
 
 def test_trailing_slash_in_base_url(standin):
-    verdict = AuthClient(f"{standin.base}/granted/", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/granted/", timeout=2).validate(JWT))
     assert verdict.outcome == "granted"
     assert standin.seen[0].path == "/granted/v1/validate"
 
 
 def test_401_is_rejected(standin):
-    verdict = AuthClient(f"{standin.base}/rejected", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/rejected", timeout=2).validate(JWT))
     assert verdict.outcome == "rejected"
     assert verdict.tenant is None
 
 
 def test_500_is_unavailable(standin):
-    verdict = AuthClient(f"{standin.base}/broken", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/broken", timeout=2).validate(JWT))
     assert verdict.outcome == "unavailable"
     assert verdict.tenant is None
 
 
 def test_garbage_body_with_200_is_unavailable(standin):
-    verdict = AuthClient(f"{standin.base}/garbage", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/garbage", timeout=2).validate(JWT))
     assert verdict.outcome == "unavailable"
     assert verdict.tenant is None
 
@@ -227,11 +241,23 @@ def test_garbage_body_with_200_is_unavailable(standin):
 def test_slow_auth_is_unavailable_quickly(standin):
     timeout = 0.3
     started = time.monotonic()
-    verdict = AuthClient(f"{standin.base}/slow", timeout=timeout).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/slow", timeout=timeout).validate(JWT))
     elapsed = time.monotonic() - started
     assert verdict.outcome == "unavailable"
     assert verdict.tenant is None
     assert elapsed < timeout + 1
+
+
+def test_a_huge_answer_is_unavailable_and_not_read_whole(standin):
+    verdict = asyncio.run(AuthClient(f"{standin.base}/huge", timeout=2).validate(JWT))
+    assert verdict.outcome == "unavailable" and "too much" in verdict.reason
+
+
+def test_a_dripping_answer_is_cut_at_the_deadline(standin):
+    started = time.monotonic()
+    verdict = asyncio.run(AuthClient(f"{standin.base}/drip", timeout=0.5).validate(JWT))
+    assert verdict.outcome == "unavailable"
+    assert time.monotonic() - started < 2
 
 
 def test_connection_refused_is_unavailable():
@@ -241,14 +267,14 @@ def test_connection_refused_is_unavailable():
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         started = time.monotonic()
-        verdict = AuthClient(f"http://127.0.0.1:{port}", timeout=2).validate(JWT)
+        verdict = asyncio.run(AuthClient(f"http://127.0.0.1:{port}", timeout=2).validate(JWT))
     assert verdict.outcome == "unavailable"
     assert verdict.tenant is None
     assert time.monotonic() - started < 2
 
 
 def test_redirect_is_unavailable_and_not_followed(standin):
-    verdict = AuthClient(f"{standin.base}/redirect", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/redirect", timeout=2).validate(JWT))
     assert verdict.outcome == "unavailable"
     assert verdict.tenant is None
     assert [s.path for s in standin.seen] == ["/redirect/v1/validate"]
@@ -259,5 +285,5 @@ def test_proxy_environment_is_ignored(standin, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "")
-    verdict = AuthClient(f"{standin.base}/granted", timeout=2).validate(JWT)
+    verdict = asyncio.run(AuthClient(f"{standin.base}/granted", timeout=2).validate(JWT))
     assert verdict.outcome == "granted"

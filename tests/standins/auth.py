@@ -33,6 +33,11 @@ class AuthStandin:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a real service would: every answer carries a Content-Length;
+            # and no Nagle delay between the head and the body of an answer.
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
             def log_message(self, *args: object) -> None:
                 pass
 
