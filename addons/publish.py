@@ -66,8 +66,9 @@ class Publisher:
     async def done(self) -> None:
         if self._task:
             self._task.cancel()
-        with contextlib.suppress(Exception):
-            self.publish()
+        if ctx.options.registry_state_dir:  # Path("") would be the working directory
+            with contextlib.suppress(Exception):
+                self.publish()
 
     async def _loop(self) -> None:
         while True:
