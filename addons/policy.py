@@ -621,23 +621,52 @@ class _Limit:
         return self.within is not None and self.within.fullmatch(repository) is None
 
 
+def _first_segment(glob_or_name: str) -> str | None:
+    """The literal first segment, None if it is a wildcard."""
+    first = glob_or_name.partition("/")[0]
+    return None if "*" in first else first
+
+
+class _Grants:
+    """One caller's grants for one action. Globs are bucketed by their literal first segment
+    (usually a tenant) and each bucket is one regex whose alternatives are in file order, so
+    a decision tries at most two regexes (the repository's bucket and the wildcard one) of
+    the few globs that could match, and `lastgroup` names the first grant that does."""
+
+    def __init__(self, policy: Policy, grants: list[Grant]) -> None:
+        buckets: dict[str | None, dict[int, list[str]]] = {}
+        for order, grant in enumerate(grants):
+            for glob in grant.repositories:
+                buckets.setdefault(_first_segment(glob), {}).setdefault(order, []).append(glob)
+        compiled = {
+            first: re.compile("|".join(f"(?P<g{o}>{_any_of(gs)})" for o, gs in by_order.items()))
+            for first, by_order in buckets.items()
+        }
+        self.wild = compiled.pop(None, None)
+        self.by_first = compiled
+        self.decisions = {f"g{o}": Decision(True, policy.name(g)) for o, g in enumerate(grants)}
+
+    def first(self, repository: str) -> Decision | None:
+        found = None
+        bucket = self.by_first.get(repository.partition("/")[0])
+        for regex in (bucket, self.wild):
+            if regex is not None and (m := regex.fullmatch(repository)) is not None:
+                name = m.lastgroup or ""
+                if found is None or int(name[1:]) < int(found[1:]):
+                    found = name
+        return None if found is None else self.decisions[found]
+
+
 class _View:
-    """One caller's rules, compiled. Per action: one regex whose alternatives are the
-    caller's grants in file order (`lastgroup` names the first that matches), and the
-    caller's restricts in file order."""
+    """One caller's rules, compiled: per action its grants and its restricts (file order)."""
 
     def __init__(self, policy: Policy, tenant: str, subject: str | None) -> None:
         self.owner = tenant + "/" if _COMPONENT_RE.fullmatch(tenant) else None
         grants = policy.applying(policy.grants, tenant, subject)
         restricts = policy.applying(policy.restricts, tenant, subject)
-        self.grants: dict[str, tuple[re.Pattern[str], dict[str, Decision]] | None] = {}
-        self.limits: dict[str, tuple[_Limit, ...]] = {}
-        for action in ACTIONS:
-            mine = [g for g in grants if action in g.actions]
-            alternatives = (f"(?P<g{i}>{_any_of(g.repositories)})" for i, g in enumerate(mine))
-            decisions = {f"g{i}": Decision(True, policy.name(g)) for i, g in enumerate(mine)}
-            self.grants[action] = (re.compile("|".join(alternatives)), decisions) if mine else None
-            self.limits[action] = tuple(
+        self.grants = {a: _Grants(policy, [g for g in grants if a in g.actions]) for a in ACTIONS}
+        self.limits = {
+            action: tuple(
                 _Limit(
                     policy.name(r),
                     action in r.actions,
@@ -645,6 +674,8 @@ class _View:
                 )
                 for r in restricts
             )
+            for action in ACTIONS
+        }
 
     def decide(self, repository: str, action: str) -> Decision:
         if self.owner is None:
@@ -653,8 +684,8 @@ class _View:
             return _BAD_NAME
         if repository.startswith(self.owner):
             decision = _OWNER
-        elif (grants := self.grants[action]) and (m := grants[0].fullmatch(repository)):
-            decision = grants[1][m.lastgroup or ""]
+        elif (granted := self.grants[action].first(repository)) is not None:
+            decision = granted
         else:
             return NO_RULE
         for limit in self.limits[action]:
@@ -785,8 +816,8 @@ class _RepositoryIndex:
         for order, rule in enumerate(rules):
             for glob in rule.repositories:
                 entry = (order, rule, re.compile(glob_regex(glob)))
-                first = glob.split("/", 1)[0]
-                if "*" in first:
+                first = _first_segment(glob)
+                if first is None:
                     self.wild.append(entry)
                 else:
                     self.by_first.setdefault(first, []).append(entry)
@@ -794,7 +825,7 @@ class _RepositoryIndex:
     def matching(self, repository: str) -> list[Any]:
         if not is_repository(repository):
             return []
-        entries = self.by_first.get(repository.split("/", 1)[0], []) + self.wild
+        entries = self.by_first.get(repository.partition("/")[0], []) + self.wild
         found = {order: rule for order, rule, regex in entries if regex.fullmatch(repository)}
         return [found[order] for order in sorted(found)]
 

@@ -399,6 +399,15 @@ def test_grants_name_the_first_matching_rule():
     assert decide(p, "acme", "acme/x", "pull") == Decision(True, "owner")  # owner first
 
 
+def test_the_first_grant_in_the_file_is_named_whichever_glob_kind_matches():
+    wild_first = grant('["*/base/**"]') + grant('["acme/base/**"]')
+    assert parse(wild_first, F).decide("globex", None, "acme/base/x", "pull").rule == f"grant {F}:1"
+    literal_first = grant('["acme/base/**"]') + grant('["*/base/**"]')
+    p = parse(literal_first, F)
+    assert p.decide("globex", None, "acme/base/x", "pull").rule == f"grant {F}:1"
+    assert p.decide("globex", None, "initech/base/x", "pull").rule == f"grant {F}:5"
+
+
 def test_grant_by_subject_and_by_both():
     text = grant('["acme/a/**"]', 'subjects = ["ci@globex"]') + grant(
         '["acme/b/**"]', 'tenants = ["globex"]\nsubjects = ["bot"]'
