@@ -104,11 +104,20 @@ def instance(draw: st.DrawFn, glob: str) -> str:
     return "/".join(segments)
 
 
+open_grants = st.builds(lambda globs: Rule("grant", globs, ("*",), None, ACTIONS), glob_lists)
+
+
 @st.composite
-def cases(draw: st.DrawFn) -> tuple[list[Rule], list[tuple[str, str | None, str, str]]]:
+def cases(
+    draw: st.DrawFn, overlapping: bool = False
+) -> tuple[list[Rule], list[tuple[str, str | None, str, str]]]:
     """A rule set and queries, half of them on repositories its globs match, so that rules
-    meet requests (and each other) far more often than random names would."""
-    rules = draw(rule_sets)
+    meet requests (and each other) far more often than random names would. `overlapping`:
+    mostly grants to any caller, so that several grants match the same request."""
+    if overlapping:
+        rules = draw(st.lists(open_grants | restricts(), min_size=2, max_size=8))
+    else:
+        rules = draw(rule_sets)
     globs = [g for r in rules for g in r.repositories or ()]
     asked = draw(queries)
     for i in range(len(asked)) if globs else ():
@@ -193,14 +202,39 @@ def justifies(rule: Rule, tenant: str, subject: str | None, repo: str, action: s
     )
 
 
+def blocks(restrict: Rule, repo: str, action: str) -> bool:
+    """A restrict that applies allows only its actions, only within its repositories."""
+    within = restrict.repositories is None or covers(restrict.repositories, repo)
+    return action not in restrict.actions or not within
+
+
 def oracle(rules: list[Rule], tenant: str, subject: str | None, repo: str, action: str) -> bool:
     owner = repo.startswith(tenant + "/")
     granted = owner or any(justifies(r, tenant, subject, repo, action) for r in rules)
-    return granted and all(
-        action in r.actions and (r.repositories is None or covers(r.repositories, repo))
+    return granted and not any(
+        blocks(r, repo, action)
         for r in rules
         if r.kind == "restrict" and applies(r, tenant, subject)
     )
+
+
+def oracle_rule(rules: list[Rule], tenant: str, subject: str | None, repo: str, action: str):
+    """The full decision, rule name included: owner, else the first justifying grant in the
+    file; then the first restrict in the file that blocks."""
+    lines = [w[""] for w in render(rules)[1]]
+    if repo.startswith(tenant + "/"):
+        decision = Decision(True, "owner")
+    else:
+        first = next(
+            (i for i, r in enumerate(rules) if justifies(r, tenant, subject, repo, action)), None
+        )
+        if first is None:
+            return Decision(False, "no rule")
+        decision = Decision(True, f"grant {F}:{lines[first]}")
+    for i, r in enumerate(rules):
+        if r.kind == "restrict" and applies(r, tenant, subject) and blocks(r, repo, action):
+            return Decision(False, f"restrict {F}:{lines[i]}")
+    return decision
 
 
 def rule_at(rules: list[Rule], name: str) -> Rule:
@@ -221,6 +255,19 @@ def test_decisions_follow_the_specification(case):
     for tenant, subject, repo, action in asked:
         decision = p.decide(tenant, subject, repo, action)
         assert decision.allowed == oracle(rules, tenant, subject, repo, action), decision
+        assert decision == oracle_rule(rules, tenant, subject, repo, action)
+
+
+@PROPS
+@given(cases(overlapping=True))
+def test_the_deciding_rule_is_the_first_in_the_file(case):
+    """Many grants to any caller whose globs overlap (literal and wildcard first segments):
+    the decision names the first grant in the file that matches, and the first restrict that
+    blocks."""
+    rules, asked = case
+    p = policy_of(rules)
+    for query in asked:
+        assert p.decide(*query) == oracle_rule(rules, *query)
 
 
 @PROPS
