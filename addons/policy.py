@@ -621,35 +621,56 @@ class _Limit:
         return self.within is not None and self.within.fullmatch(repository) is None
 
 
-def _first_segment(glob_or_name: str) -> str | None:
-    """The literal first segment, None if it is a wildcard."""
-    first = glob_or_name.partition("/")[0]
-    return None if "*" in first else first
+GlobKey = tuple[int, str] | None
+
+
+def _glob_key(glob: str) -> GlobKey:
+    """Where a glob is indexed: its first literal segment and that segment's position, when
+    no `**` comes before it (then the position is fixed); None for globs without one."""
+    for position, segment in enumerate(glob.split("/")):
+        if segment == "**":
+            return None
+        if segment != "*":
+            return position, segment
+    return None
+
+
+def _repository_keys(repository: str, depth: int) -> list[GlobKey]:
+    """The index keys under which a glob matching `repository` can be: None, and per segment
+    its position and value (a glob's first literal is one of the name's segments, at the same
+    position), for positions below `depth` (the index holds no deeper key)."""
+    parts = repository.split("/", depth)  # parts[:depth] are whole segments
+    return [None, *enumerate(parts[:depth])]
+
+
+def _depth(keys: Iterable[GlobKey]) -> int:
+    return max((key[0] + 1 for key in keys if key is not None), default=0)
 
 
 class _Grants:
-    """One caller's grants for one action. Globs are bucketed by their literal first segment
-    (usually a tenant) and each bucket is one regex whose alternatives are in file order, so
-    a decision tries at most two regexes (the repository's bucket and the wildcard one) of
-    the few globs that could match, and `lastgroup` names the first grant that does."""
+    """One caller's grants for one action. Globs are bucketed by `_glob_key` (usually the
+    tenant at position 0) and each bucket is one regex whose alternatives are in file order,
+    so a decision tries only the few globs that could match, and `lastgroup` names the first
+    grant that does."""
 
     def __init__(self, policy: Policy, grants: list[Grant]) -> None:
-        buckets: dict[str | None, dict[int, list[str]]] = {}
+        buckets: dict[GlobKey, dict[int, list[str]]] = {}
         for order, grant in enumerate(grants):
             for glob in grant.repositories:
-                buckets.setdefault(_first_segment(glob), {}).setdefault(order, []).append(glob)
-        compiled = {
-            first: re.compile("|".join(f"(?P<g{o}>{_any_of(gs)})" for o, gs in by_order.items()))
-            for first, by_order in buckets.items()
+                buckets.setdefault(_glob_key(glob), {}).setdefault(order, []).append(glob)
+        self.buckets = {
+            key: re.compile("|".join(f"(?P<g{o}>{_any_of(gs)})" for o, gs in by_order.items()))
+            for key, by_order in buckets.items()
         }
-        self.wild = compiled.pop(None, None)
-        self.by_first = compiled
+        self.depth = _depth(self.buckets)
         self.decisions = {f"g{o}": Decision(True, policy.name(g)) for o, g in enumerate(grants)}
 
     def first(self, repository: str) -> Decision | None:
+        if not self.buckets:
+            return None
         found = None
-        bucket = self.by_first.get(repository.partition("/")[0])
-        for regex in (bucket, self.wild):
+        for key in _repository_keys(repository, self.depth):
+            regex = self.buckets.get(key)
             if regex is not None and (m := regex.fullmatch(repository)) is not None:
                 name = m.lastgroup or ""
                 if found is None or int(name[1:]) < int(found[1:]):
@@ -664,7 +685,7 @@ class _View:
         self.owner = tenant + "/" if _COMPONENT_RE.fullmatch(tenant) else None
         grants = policy.applying(policy.grants, tenant, subject)
         restricts = policy.applying(policy.restricts, tenant, subject)
-        self.grants = {a: _Grants(policy, [g for g in grants if a in g.actions]) for a in ACTIONS}
+        self.grants = {a: policy.compiled([g for g in grants if a in g.actions]) for a in ACTIONS}
         self.limits = {
             action: tuple(
                 _Limit(
@@ -712,6 +733,7 @@ class Policy:
         self._signature = _RepositoryIndex(self.signatures)
         self._retention = _RepositoryIndex(self.retentions)
         self._views: dict[tuple[str, str | None], _View] = {}
+        self._grant_sets: dict[tuple[int, ...], _Grants] = {}
 
     def name(self, rule: Rule) -> str:
         return f"{rule.kind} {self.source}:{rule.line}"
@@ -732,8 +754,18 @@ class Policy:
         if view is None:
             if len(self._views) >= _VIEW_CACHE:
                 self._views.clear()
+                self._grant_sets.clear()
             view = self._views[key] = _View(self, tenant, subject)
         return view
+
+    def compiled(self, grants: list[Grant]) -> _Grants:
+        """Compiled once per distinct set of grants: callers that share their rules (every
+        caller, for grants to '*') share the regexes too."""
+        key = tuple(id(g) for g in grants)
+        found = self._grant_sets.get(key)
+        if found is None:
+            found = self._grant_sets[key] = _Grants(self, grants)
+        return found
 
     def decide(self, tenant: str, subject: str | None, repository: str, action: str) -> Decision:
         """May this caller do `action` (pull, push, delete) on `repository`?"""
@@ -807,26 +839,26 @@ class _CallerIndex:
 
 
 class _RepositoryIndex:
-    """Rules with repository globs, bucketed by a glob's first segment when it is literal
-    (usually the tenant), so a lookup only tries globs that can match."""
+    """Rules with repository globs, bucketed by `_glob_key`, so a lookup only tries the globs
+    that could match."""
 
     def __init__(self, rules: Iterable[Immutable | RequireSignature | Retention]) -> None:
-        self.by_first: dict[str, list[tuple[int, Any, re.Pattern[str]]]] = {}
-        self.wild: list[tuple[int, Any, re.Pattern[str]]] = []
+        self.buckets: dict[GlobKey, list[tuple[int, Any, re.Pattern[str]]]] = {}
         for order, rule in enumerate(rules):
             for glob in rule.repositories:
                 entry = (order, rule, re.compile(glob_regex(glob)))
-                first = _first_segment(glob)
-                if first is None:
-                    self.wild.append(entry)
-                else:
-                    self.by_first.setdefault(first, []).append(entry)
+                self.buckets.setdefault(_glob_key(glob), []).append(entry)
+        self.depth = _depth(self.buckets)
 
     def matching(self, repository: str) -> list[Any]:
-        if not is_repository(repository):
+        if not self.buckets or not is_repository(repository):
             return []
-        entries = self.by_first.get(repository.partition("/")[0], []) + self.wild
-        found = {order: rule for order, rule, regex in entries if regex.fullmatch(repository)}
+        found = {
+            order: rule
+            for key in _repository_keys(repository, self.depth)
+            for order, rule, regex in self.buckets.get(key, ())
+            if regex.fullmatch(repository)
+        }
         return [found[order] for order in sorted(found)]
 
 
