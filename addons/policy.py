@@ -683,8 +683,8 @@ class _View:
 
     def __init__(self, policy: Policy, tenant: str, subject: str | None) -> None:
         self.owner = tenant + "/" if _COMPONENT_RE.fullmatch(tenant) else None
-        grants = policy.applying(policy.grants, tenant, subject)
-        restricts = policy.applying(policy.restricts, tenant, subject)
+        grants = policy.grant_callers.applying(tenant, subject)
+        restricts = policy.restrict_callers.applying(tenant, subject)
         self.grants = {a: policy.compiled([g for g in grants if a in g.actions]) for a in ACTIONS}
         self.limits = {
             action: tuple(
@@ -728,7 +728,8 @@ class Policy:
         self.signatures = tuple(r for r in self.rules if isinstance(r, RequireSignature))
         self.retentions = tuple(r for r in self.rules if isinstance(r, Retention))
         self.quotas = tuple(r for r in self.rules if isinstance(r, Quota))
-        self._by_caller = _CallerIndex(self.grants + self.restricts)
+        self.grant_callers = _CallerIndex(self.grants)
+        self.restrict_callers = _CallerIndex(self.restricts)
         self._immutable = _RepositoryIndex(self.immutables)
         self._signature = _RepositoryIndex(self.signatures)
         self._retention = _RepositoryIndex(self.retentions)
@@ -740,13 +741,6 @@ class Policy:
 
     def counts(self) -> dict[str, int]:
         return {kind: sum(1 for r in self.rules if r.kind == kind) for kind in KINDS}
-
-    def applying[R: (Grant, Restrict)](
-        self, rules: tuple[R, ...], tenant: str, subject: str | None
-    ) -> list[R]:
-        """The rules among `rules` (grants or restricts) that apply to this caller, in order."""
-        mine = self._by_caller.lookup(tenant, subject)
-        return [r for r in rules if id(r) in mine and _caller_matches(r, tenant, subject)]
 
     def _view(self, tenant: str, subject: str | None) -> _View:
         key = (tenant, subject)
@@ -813,29 +807,32 @@ class Policy:
         return fallback
 
 
-class _CallerIndex:
-    """Rules by the tenant or subject they name, so a caller only looks at rules that can
-    apply to it (plus those for any caller)."""
+class _CallerIndex[R: (Grant, Restrict)]:
+    """Rules by the tenant or subject they name (a rule naming both is filed under its
+    tenants), so building a caller's view only looks at rules that can apply to it."""
 
-    def __init__(self, rules: tuple[Grant | Restrict, ...]) -> None:
-        self.tenants: dict[str, set[int]] = {}
-        self.subjects: dict[str, set[int]] = {}
-        self.anyone: set[int] = set()
-        for rule in rules:
+    def __init__(self, rules: tuple[R, ...]) -> None:
+        self.rules = rules
+        self.tenants: dict[str, list[int]] = {}
+        self.subjects: dict[str, list[int]] = {}
+        self.anyone: list[int] = []
+        for position, rule in enumerate(rules):
             if rule.tenants is not None and ANY not in rule.tenants:
                 for t in rule.tenants:
-                    self.tenants.setdefault(t, set()).add(id(rule))
+                    self.tenants.setdefault(t, []).append(position)
             elif rule.subjects is not None and ANY not in rule.subjects:
                 for s in rule.subjects:
-                    self.subjects.setdefault(s, set()).add(id(rule))
+                    self.subjects.setdefault(s, []).append(position)
             else:
-                self.anyone.add(id(rule))
+                self.anyone.append(position)
 
-    def lookup(self, tenant: str, subject: str | None) -> set[int]:
-        found = self.anyone | self.tenants.get(tenant, set())
+    def applying(self, tenant: str, subject: str | None) -> list[R]:
+        """The rules that apply to this caller, in file order."""
+        positions = {*self.anyone, *self.tenants.get(tenant, ())}
         if subject is not None:
-            found |= self.subjects.get(subject, set())
-        return found
+            positions.update(self.subjects.get(subject, ()))
+        rules = (self.rules[p] for p in sorted(positions))
+        return [r for r in rules if _caller_matches(r, tenant, subject)]
 
 
 class _RepositoryIndex:
