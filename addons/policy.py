@@ -908,3 +908,15 @@ def granted_scopes(
         if allowed:
             granted.append(f"repository:{name}:{','.join(allowed)}")
     return granted
+
+
+def scope_actions(scopes: Iterable[str]) -> dict[str, frozenset[str]]:
+    """What a token's granted scopes allow, by repository, for checking each request against
+    the token (least privilege) as well as against the current policy. ScopeError if any
+    scope is malformed; `registry:catalog:*` is not a repository and is left out."""
+    allowed: dict[str, set[str]] = {}
+    for scope in scopes:
+        if scope != CATALOG_SCOPE:
+            name, actions = parse_scope(scope)
+            allowed.setdefault(name, set()).update(actions)
+    return {name: frozenset(actions) for name, actions in allowed.items()}

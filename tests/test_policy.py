@@ -24,6 +24,7 @@ from addons.policy import (
     glob_matches,
     granted_scopes,
     parse,
+    scope_actions,
     tag_matches,
     tag_pattern_error,
 )
@@ -616,6 +617,16 @@ def test_granted_scopes_follow_restricts_and_subjects():
     p = parse('[[restrict]]\nsubjects = ["v"]\nactions = ["pull"]\n', F)
     assert granted_scopes(p, "acme", "v", ["repository:acme/app:*"]) == ["repository:acme/app:pull"]
     assert granted_scopes(p, "acme", "v", ["repository:acme/app:push"]) == []
+
+
+def test_scope_actions_reads_a_tokens_scopes_back():
+    granted = granted_scopes(EMPTY, "acme", None, ["repository:acme/a:*", "registry:catalog:*"])
+    assert scope_actions(granted) == {"acme/a": frozenset({"pull", "push", "delete"})}
+    assert scope_actions(["repository:a/b:pull", "repository:a/b:push"]) == {
+        "a/b": frozenset({"pull", "push"})
+    }
+    with pytest.raises(ScopeError):
+        scope_actions(["repository:a/b:write"])
 
 
 @pytest.mark.parametrize(
