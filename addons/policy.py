@@ -67,6 +67,10 @@ class PolicyError(Exception):
     """A policy the registry refuses; str() is one line, `<file>:<line>: <what is wrong>`."""
 
 
+class PolicyFileAbsent(PolicyError):
+    """There is no file at the path (where the default rule applies, if it is optional)."""
+
+
 # --- rules: plain data, one frozen dataclass per table kind -----------------------------------
 
 
@@ -576,6 +580,8 @@ def load(path: str | Path) -> Policy:
     source = str(path)
     try:
         raw = Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise PolicyFileAbsent(f"{source}: cannot read: {e.strerror}") from None
     except OSError as e:
         raise PolicyError(f"{source}: cannot read: {e.strerror}") from None
     try:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from addons.policy import EMPTY, Policy, PolicyError, load
+from addons.policy import EMPTY, Policy, PolicyError, PolicyFileAbsent, load
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ def stamp(paths: Iterable[Path]) -> Stamp:
 
 def read(path: Path) -> Policy:
     """The policy in `path`, or the default one when there is no such file."""
-    if not path.exists():
+    try:
+        return load(path)
+    except PolicyFileAbsent:
         return EMPTY
-    return load(path)
 
 
 class PolicyStore:
@@ -105,6 +106,12 @@ class PolicyStore:
         except PolicyError as e:
             self._reported = seen
             logger.error("access policy: %s; keeping the last good policy", e)
+            return
+        except Exception:  # a bug must not turn every check into a failed request
+            self._reported = seen
+            logger.exception(
+                "access policy: %s: cannot load; keeping the last good policy", self.path
+            )
             return
         if stamp([self.path]) != before:  # written while we read: look again next time
             return

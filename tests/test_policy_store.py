@@ -218,3 +218,26 @@ def test_real_clock_edit_applies_within_five_seconds(path: Path):
         assert time.monotonic() - start < 5
         time.sleep(0.05)
     assert time.monotonic() - start < 3.5  # two intervals and scheduling slack
+
+
+def test_a_dangling_symlink_is_an_absent_file(tmp_path: Path, clock: Clock):
+    """Kubernetes mounts a ConfigMap as symlinks; a dangling one means no policy file."""
+    link = tmp_path / "policy.toml"
+    link.symlink_to(tmp_path / "gone.toml")
+    assert PolicyStore(link, clock=clock).load_initial() is EMPTY
+
+
+def test_an_unexpected_error_keeps_the_last_good_policy(path, clock, caplog, monkeypatch):
+    write(path, GRANT)
+    store = PolicyStore(path, clock=clock)
+    store.load_initial()
+
+    def broken(_path: Path) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(policy_store, "load", broken)
+    write(path, RESTRICT)
+    for _ in range(5):
+        settle(store, clock)
+        assert shares(store)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
