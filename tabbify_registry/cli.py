@@ -1,4 +1,4 @@
-"""`tabbify-registry run | config | mesh up` (CONTRACTS §1).
+"""`tabbify-registry run | config | mesh up | policy` (CONTRACTS §1, §7).
 
 `run` is the container's PID 1: mesh bootstrap (when configured) → backend config rendered
 into REGISTRY_DATA_DIR → supervisord running the backend and mitmdump side by side. It stays
@@ -26,8 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from addons import policy_store
+from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
+from tabbify_registry import policy_cmd
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.logrelay import LogRelay
 from tabbify_registry.settings import ConfigError, Settings
@@ -238,6 +241,7 @@ def wait_reaping(pid: int) -> int:
 
 def run(env: Mapping[str, str]) -> int:
     s = settings_mod.load(env)
+    policy_store.read(s.policy_file)  # a bad policy refuses start-up (file:line on stderr)
     require_backend(s)  # before the mesh: a node that cannot serve should not join
     if s.mesh_coordinator_url:
         # With a mesh, the gateway listens on [ULA]:5000 and the realm names that address.
@@ -288,10 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("config", help="print the rendered backend config")
     mesh = sub.add_parser("mesh", help="mesh bootstrap only")
     mesh.add_argument("action", choices=["up"])
+    policy_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     env = os.environ
     try:
-        if args.command == "run":
+        if args.command == "policy":
+            sys.exit(policy_cmd.main(env, args))
+        elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":
             print(json.dumps(backend_config.render(settings_mod.load(env)), indent=2))
@@ -300,6 +307,6 @@ def main(argv: list[str] | None = None) -> None:
             if s.mesh_coordinator_url is None:
                 raise ConfigError("MESH_COORDINATOR_URL is not set: there is no mesh to bring up")
             print(bootstrap.up(s))
-    except (ConfigError, MeshError, ValueError) as e:
+    except (ConfigError, MeshError, PolicyError, ValueError) as e:
         print(f"tabbify-registry: {e}", file=sys.stderr)
         sys.exit(2)

@@ -54,6 +54,7 @@ class Settings:
     mesh_auth_key: str | None
     mesh_interface: str
     mesh_poll_seconds: int
+    policy_file: Path  # may not exist: then the default rule applies (CONTRACTS §7)
     workers: int = 1
     header_timeout: int = 60
     idle_timeout: int = 75
@@ -133,11 +134,27 @@ def default_backend() -> str:
     return "zot" if shutil.which("zot") else "distribution"
 
 
+def parse_data_dir(env: Mapping[str, str]) -> Path:
+    path = Path(env.get("REGISTRY_DATA_DIR") or "/var/lib/tabbify-registry")
+    if not path.is_absolute():
+        raise ConfigError(f"REGISTRY_DATA_DIR={str(path)!r} must be an absolute path")
+    return path
+
+
+def parse_policy_file(env: Mapping[str, str]) -> Path:
+    """REGISTRY_POLICY_FILE, absolute like REGISTRY_DATA_DIR: the gateway's working directory
+    is not the operator's."""
+    value = _opt(env, "REGISTRY_POLICY_FILE")
+    if value is None:
+        return parse_data_dir(env) / "policy.toml"
+    if not Path(value).is_absolute():
+        raise ConfigError(f"REGISTRY_POLICY_FILE={value!r} must be an absolute path")
+    return Path(value)
+
+
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     """Parse the environment. `ula` is the mesh address once the bootstrap has one."""
-    data_dir = Path(env.get("REGISTRY_DATA_DIR") or "/var/lib/tabbify-registry")
-    if not data_dir.is_absolute():
-        raise ConfigError(f"REGISTRY_DATA_DIR={str(data_dir)!r} must be an absolute path")
+    data_dir = parse_data_dir(env)
 
     storage = env.get("REGISTRY_STORAGE") or "local"
     if storage not in ("local", "s3"):
@@ -230,6 +247,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         mesh_auth_key=_opt(env, "MESH_AUTH_KEY"),
         mesh_interface=interface,
         mesh_poll_seconds=int(poll),
+        policy_file=parse_policy_file(env),
         workers=int(_number(env, "REGISTRY_WORKERS", os.cpu_count() or 1, 1, 64)),
         header_timeout=int(_number(env, "REGISTRY_HEADER_TIMEOUT", 60, 1, 3600)),
         idle_timeout=int(_number(env, "REGISTRY_IDLE_TIMEOUT", 75, 1, 3600)),

@@ -1,0 +1,129 @@
+"""The current access policy of a running gateway, re-read when its file changes.
+
+`current()` is on the hot path: between checks (at most one per `interval`) it is a clock read
+and a comparison. A check stats the policy file and the key files it names (mtime_ns, size,
+inode). A change is loaded only once the file has looked the same for one whole interval, so
+a half-written file (an editor writing in place) is never taken for the new policy: a
+truncated file could parse and silently drop a restrict. Edits therefore apply within two
+intervals plus the time the writer takes (2 s with the default).
+
+A bad version keeps the last good policy and logs one error for that version; a file that
+disappears means the default rule, like a file that never existed (CONTRACTS §7).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from addons.policy import EMPTY, Policy, PolicyError, PolicyFileAbsent, load
+
+logger = logging.getLogger(__name__)
+
+Stamp = tuple[tuple[str, tuple[int, int, int] | None], ...]
+
+
+def stamp(paths: Iterable[Path]) -> Stamp:
+    """What a change of any of `paths` changes; None for a file that is not there."""
+    result = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            result.append((str(path), None))
+        except OSError:  # unreadable directory, ...: the load will say what is wrong
+            result.append((str(path), (-1, -1, -1)))
+        else:
+            result.append((str(path), (st.st_mtime_ns, st.st_size, st.st_ino)))
+    return tuple(result)
+
+
+def read(path: Path) -> Policy:
+    """The policy in `path`, or the default one when there is no such file."""
+    try:
+        return load(path)
+    except PolicyFileAbsent:
+        return EMPTY
+
+
+class PolicyStore:
+    def __init__(
+        self,
+        path: Path,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.interval = interval
+        self.clock = clock
+        self.policy = EMPTY
+        self._stamp: Stamp = ()  # of the files behind self.policy
+        self._pending: Stamp | None = None  # a change seen at the last check, not loaded yet
+        self._reported: Stamp | None = None  # the bad version already logged
+        self._next_check = float("-inf")
+        self._lock = threading.Lock()
+
+    def _watched(self) -> list[Path]:
+        return [self.path, *self.policy.files]
+
+    def load_initial(self) -> Policy:
+        """Load at start-up; PolicyError (one line, file:line) refuses the start."""
+        before = stamp([self.path])
+        self.policy = read(self.path)
+        self._stamp = before + stamp(self.policy.files)
+        self._next_check = self.clock() + self.interval
+        logger.info("access policy: %s", describe(self.path, self.policy))
+        return self.policy
+
+    def current(self) -> Policy:
+        now = self.clock()
+        if now >= self._next_check and self._lock.acquire(blocking=False):
+            try:
+                self._next_check = now + self.interval
+                self._check()
+            finally:
+                self._lock.release()
+        return self.policy
+
+    def _check(self) -> None:
+        seen = stamp(self._watched())
+        if seen == self._stamp:
+            self._pending = None
+            return
+        if seen != self._pending:  # changed since the last check: let the writer finish
+            self._pending = seen
+            return
+        self._pending = None
+        if seen == self._reported:
+            return
+        before = stamp([self.path])
+        try:
+            policy = read(self.path)
+        except PolicyError as e:
+            self._reported = seen
+            logger.error("access policy: %s; keeping the last good policy", e)
+            return
+        except Exception:  # a bug must not turn every check into a failed request
+            self._reported = seen
+            logger.exception(
+                "access policy: %s: cannot load; keeping the last good policy", self.path
+            )
+            return
+        if stamp([self.path]) != before:  # written while we read: look again next time
+            return
+        self.policy = policy
+        self._stamp = before + stamp(policy.files)
+        self._reported = None
+        logger.info("access policy reloaded: %s", describe(self.path, policy))
+
+
+def describe(path: Path, policy: Policy) -> str:
+    """One line: the file and its rule counts, or that the default rule applies."""
+    if policy is EMPTY:
+        return f"{path}: no policy file: default rule"
+    counts = ", ".join(f"{n} {kind}" for kind, n in policy.counts().items())
+    return f"{path}: ok ({counts})"
