@@ -467,6 +467,41 @@ def verify_subject(
     return Verdict(False, "; ".join(dict.fromkeys(reasons))[:500], transient=transient)
 
 
+# Layer media types a container runtime unpacks into a root filesystem (OCI image-spec
+# layer types incl. non-distributable ones; Docker's rootfs and foreign layers). Matched
+# case-insensitively so an odd spelling errs towards "runnable".
+FILESYSTEM_LAYER = re.compile(
+    r"application/vnd\.(?:oci\.image\.layer\.|docker\.image\.rootfs\.)", re.IGNORECASE
+)
+
+
+def exempt_from_signature(manifest: bytes) -> bool:
+    """May this manifest be served without a signature, as a signature or other artifact?
+
+    Decided on content, never on the tag name or the presence of `subject`: anyone who may
+    push could tag a runnable image `sha256-<hex>.sig` or give it a subject. Exempt only an
+    image manifest with at least one layer and no layer a runtime would unpack (cosign
+    signatures, attestations, SBOMs). Indexes, images and anything unreadable are not exempt.
+    """
+    try:
+        doc = strict_json(manifest, MAX_MANIFEST, "manifest")
+    except Refused:
+        return False
+    if not isinstance(doc, dict) or "manifests" in doc:
+        return False
+    if doc.get("mediaType") is not None and doc.get("mediaType") not in IMAGE_MANIFEST_TYPES:
+        return False
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return False
+    return all(
+        isinstance(layer, dict)
+        and isinstance(layer.get("mediaType"), str)
+        and not FILESYSTEM_LAYER.match(layer["mediaType"])
+        for layer in layers
+    )
+
+
 def affected_subjects(reference: str, manifest: bytes | None) -> set[str]:
     """Digests whose verdict a push or delete of this manifest can change (for invalidation).
 

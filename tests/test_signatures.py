@@ -117,7 +117,8 @@ def test_docker_v2s2_signature_manifest(signer):
 
 
 def test_payload_golden_shape():
-    """The exact bytes cosign signs (Go json.Marshal of sigstore's SimpleContainerImage)."""
+    """The exact bytes cosign signs (Go json.Marshal of sigstore's SimpleContainerImage); the
+    same shape as cosign's own expectation in pkg/cosign/obsolete_test.go (v3.1.2)."""
     assert cosign.payload(SUBJECT, "r.test/a/b") == (
         b'{"critical":{"identity":{"docker-reference":"r.test/a/b"},"image":'
         b'{"docker-manifest-digest":"' + SUBJECT.encode() + b'"},"type":'
@@ -634,3 +635,64 @@ def test_key_scope_is_order_independent(signer):
     assert sig.key_scope([a, b], "r") == sig.key_scope([b, a], "r")
     assert sig.key_scope([a], "r") != sig.key_scope([b], "r")
     assert sig.key_scope([a], "r") != sig.key_scope([a], "s")
+
+
+# --- which manifests stay readable without a signature -----------------------------------------
+
+
+def test_signatures_and_artifacts_are_exempt(signer, tmp_path):
+    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT).manifest)
+    assert sig.exempt_from_signature(
+        cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC).manifest
+    )
+    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT, docker=True).manifest)
+    sbom = {
+        "schemaVersion": 2,
+        "mediaType": cosign.OCI_MANIFEST,
+        "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": OTHER, "size": 9}],
+        "subject": SUBJECT_DESC,
+    }
+    assert sig.exempt_from_signature(cosign.go_json(sbom))
+
+
+@pytest.mark.parametrize(
+    "layer_type",
+    [
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
+    ],
+)
+def test_a_runnable_image_is_never_exempt(signer, layer_type):
+    """Not even tagged `sha256-<hex>.sig`, mixed with a signature layer, or with a subject."""
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    doc = json.loads(s.manifest)
+    doc["layers"].append({"mediaType": layer_type, "digest": OTHER, "size": 1})
+    assert not sig.exempt_from_signature(cosign.go_json(doc))
+
+
+def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
+    from tests.images import oci_index_layout, oci_layout
+
+    image = oci_layout(tmp_path / "a", "v1")
+    index = oci_index_layout(tmp_path / "i", "multi")
+    assert not sig.exempt_from_signature(image["blobs"][image["digest"]])
+    assert not sig.exempt_from_signature(index["blobs"][index["digest"]])
+    for body in (
+        b"",
+        b"\xff",
+        b"[]",
+        b'{"layers": []}',
+        b'{"layers": [{"mediaType": 5}]}',
+        b'{"layers": [1]}',
+        b'{"mediaType": "application/vnd.oci.image.index.v1+json", "layers": [{"mediaType": "x"}]}',
+        b'{"manifests": [], "layers": [{"mediaType": "x"}]}',
+        b'{"layers": [{"mediaType": "x"}], "layers": [{"mediaType": "x"}]}',
+    ):
+        assert not sig.exempt_from_signature(body), body
