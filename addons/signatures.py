@@ -1,0 +1,606 @@
+"""Cosign signature verification for `[[require_signature]]` (pure: no mitmproxy, I/O injected).
+
+What is verified, and where each format fact comes from (read in sigstore/cosign v3.1.2 and
+sigstore/sigstore; no code taken from either):
+
+- Tag scheme (specs/SIGNATURE_SPEC.md "Tag-based Discovery"): the signatures of
+  `sha256:<hex>` live in the same repository under the tag `sha256-<hex>.sig`, as one OCI image
+  manifest (or Docker v2s2 with COSIGN_DOCKER_MEDIA_TYPES) holding one layer per signature.
+- Each signature layer (SIGNATURE_SPEC.md "OCI Image Manifest V1"; pkg/types/media.go;
+  pkg/oci/static/signature.go): mediaType `application/vnd.dev.cosign.simplesigning.v1+json`,
+  the payload is the layer blob, and the base64 (standard alphabet, padded:
+  `base64.StdEncoding` in pkg/oci/internal/signature/layer.go) ASN.1 DER signature is the
+  annotation `dev.cosignproject.cosign/signature`.
+- Payload (SIGNATURE_SPEC.md "Simple Signing"; sigstore pkg/signature/payload/payload.go):
+  `{"critical": {"identity": {"docker-reference": R}, "image": {"docker-manifest-digest": D},
+  "type": "cosign container image signature"}, "optional": {...}|null}` as Go's json.Marshal
+  writes it (compact). cosign's claim check (pkg/cosign/verifiers.go SimpleClaimVerifier)
+  requires D == the image digest and ignores the identity; we also require the type, which
+  cosign always writes.
+- Algorithm (SIGNATURE_SPEC.md "Signature Schemes"; pkg/signature/keys.go LoadPublicKey uses
+  crypto.SHA256): ECDSA P-256, signature over SHA-256 of the payload bytes, DER-encoded
+  (sigstore's ECDSA verifier uses Go's ecdsa.VerifyASN1, strict DER; OpenSSL, under
+  `cryptography`, also rejects non-canonical DER). Other key types are refused at load: for
+  them the hash cosign uses depends on its version and flags (`--signature-digest-algorithm`,
+  `LoadDefaultVerifier`), so we could not promise to verify exactly what cosign verifies.
+- OCI 1.1 referrers mode (`cosign sign --registry-referrers-mode=oci-1-1`,
+  pkg/oci/remote/write.go WriteSignaturesExperimentalOCI; internal/pkg/oci/remote/remote.go):
+  the same manifest, pushed by digest, with top-level `artifactType` and `config.mediaType`
+  both `application/vnd.dev.cosign.artifact.sig.v1+json` and `subject` = the image
+  descriptor. cosign verify finds it with the referrers API filtered by that artifactType.
+- Not supported here: cosign v3's default `--new-bundle-format` (a Sigstore bundle referrer
+  with a DSSE in-toto statement); clients sign with `--new-bundle-format=false
+  --use-signing-config=false --tlog-upload=false` (or cosign v2 `--tlog-upload=false`).
+
+Everything read is hostile: sizes, depth and layer counts are bounded, JSON is strict (UTF-8
+only, no duplicate keys, no NaN, no key that Go's case-insensitive decoding would confuse with
+one we read), and `verify` never raises: every failure is a Verdict with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
+
+SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
+SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
+SIG_ARTIFACT_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+PAYLOAD_TYPE = "cosign container image signature"
+IMAGE_MANIFEST_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    }
+)
+
+MAX_MANIFEST = 4 * 1024 * 1024  # the registries' own manifest limit
+MAX_PAYLOAD = 64 * 1024  # cosign's payloads are ~250 bytes (plus -a annotations)
+MAX_DEPTH = 64
+MAX_LAYERS = 32  # layers examined per signature manifest
+MAX_REFERRERS = 32  # referrer manifests examined per subject
+MAX_SIGNATURE_B64 = 1024  # a P-256 DER signature is at most 72 bytes (96 in base64)
+MAX_PEM = 16 * 1024
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SIGNATURE_TAG = re.compile(r"sha256-([0-9a-f]{64})\.sig")
+
+
+class UnsupportedKey(ValueError):
+    """A public key we refuse to trust (wrong type, curve or encoding)."""
+
+
+class Refused(ValueError):
+    """Input that fails a check; its message becomes a Verdict reason."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    signed: bool
+    reason: str
+    # A verdict that depends on a backend failure (a blob that could not be fetched) must not
+    # be cached: the next request should try again.
+    transient: bool = False
+
+
+# --- tags and keys -----------------------------------------------------------------------------
+
+
+def signature_tag(digest: str) -> str:
+    """`sha256:<hex>` → `sha256-<hex>.sig`, the tag cosign stores its signatures under."""
+    if not DIGEST.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r:.80}")
+    return digest.replace(":", "-", 1) + ".sig"
+
+
+def signature_tag_subject(tag: str) -> str | None:
+    """The digest a `sha256-<hex>.sig` tag names, or None for any other tag."""
+    m = SIGNATURE_TAG.fullmatch(tag)
+    return f"sha256:{m.group(1)}" if m else None
+
+
+TrustedKey = ec.EllipticCurvePublicKey
+
+
+def load_public_key(key: Any) -> TrustedKey:
+    """A `cosign.pub` (PKIX `-----BEGIN PUBLIC KEY-----` PEM, str or bytes) or a key object.
+
+    Only ECDSA P-256: see the module docstring for why other algorithms are refused.
+    """
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if isinstance(key, bytes):
+        if len(key) > MAX_PEM:
+            raise UnsupportedKey("public key PEM is larger than 16 KiB")
+        if b"-----BEGIN PUBLIC KEY-----" not in key:
+            raise UnsupportedKey("expected a PEM public key (-----BEGIN PUBLIC KEY-----)")
+        try:
+            key = load_pem_public_key(key)
+        except (ValueError, TypeError) as e:
+            raise UnsupportedKey(f"unreadable PEM public key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise UnsupportedKey(
+            f"{type(key).__name__} keys are not supported: only ECDSA P-256 public keys "
+            "(cosign generate-key-pair) can be verified exactly as cosign does"
+        )
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise UnsupportedKey(
+            f"ECDSA curve {key.curve.name} is not supported: only P-256 (secp256r1)"
+        )
+    return key
+
+
+def load_keys(keys: Iterable[Any]) -> tuple[TrustedKey, ...]:
+    """Every key loaded, or UnsupportedKey naming the first refused one (by position)."""
+    loaded = []
+    for i, key in enumerate(keys):
+        try:
+            loaded.append(load_public_key(key))
+        except UnsupportedKey as e:
+            raise UnsupportedKey(f"key #{i + 1}: {e}") from None
+    return tuple(loaded)
+
+
+# --- strict JSON -------------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise Refused(f"duplicate JSON key {k!r:.40}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise Refused(f"non-standard JSON constant {name}")
+
+
+def _depth_ok(doc: Any, limit: int) -> bool:
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return False
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children)
+    return True
+
+
+def strict_json(raw: bytes, limit: int, what: str) -> Any:
+    """Parse `raw` or raise Refused: size-capped, UTF-8 only, no duplicates, depth-capped."""
+    if not isinstance(raw, bytes | bytearray):
+        raise Refused(f"{what} is not bytes")
+    if len(raw) > limit:
+        raise Refused(f"{what} is larger than {limit} bytes")
+    try:
+        text = bytes(raw).decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise Refused(f"{what} is not UTF-8") from None
+    except RecursionError:
+        raise Refused(f"{what} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and Python's own int-size limit
+        if isinstance(e, Refused):
+            raise Refused(f"{what}: {e}") from None
+        raise Refused(f"{what} is not JSON") from None
+    if not _depth_ok(doc, MAX_DEPTH):
+        raise Refused(f"{what} is nested deeper than {MAX_DEPTH} levels")
+    return doc
+
+
+def _field(obj: Any, key: str, what: str) -> Any:
+    """obj[key] from a JSON object, refusing keys Go would also match case-insensitively.
+
+    cosign decodes with Go's encoding/json, which matches field names case-insensitively
+    (Unicode simple folding): {"Type": x} or two spellings of one key would be read
+    differently by cosign and by us. Such a payload is refused instead of guessed.
+    """
+    if not isinstance(obj, dict):
+        raise Refused(f"{what} is not a JSON object")
+    folded = key.casefold()
+    for k in obj:
+        if k != key and k.casefold() == folded:
+            raise Refused(f"{what} has an ambiguous key {k!r:.40}")
+    return obj.get(key)
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def _signature_bytes(layer: dict[str, Any]) -> bytes:
+    annotations = layer.get("annotations")
+    if not isinstance(annotations, dict):
+        raise Refused("no signature annotation")
+    b64 = annotations.get(SIGNATURE_ANNOTATION)
+    if not isinstance(b64, str) or not b64:
+        raise Refused("no signature annotation")
+    if len(b64) > MAX_SIGNATURE_B64:
+        raise Refused("signature annotation is too long")
+    try:
+        return base64.b64decode(b64.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise Refused("signature annotation is not standard base64") from None
+
+
+def _payload_descriptor(layer: Any) -> tuple[str, int]:
+    if not isinstance(layer, dict):
+        raise Refused("layer is not a descriptor")
+    if layer.get("mediaType") != SIMPLESIGNING_MEDIA_TYPE:
+        raise Refused("layer is not a cosign simple-signing payload")
+    digest, size = layer.get("digest"), layer.get("size")
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise Refused("payload digest is not a sha256 digest")
+    if type(size) is not int or not 0 < size <= MAX_PAYLOAD:
+        raise Refused(f"payload size is not an integer in 1..{MAX_PAYLOAD}")
+    return digest, size
+
+
+def _check_payload(payload: bytes, subject_digest: str) -> None:
+    doc = strict_json(payload, MAX_PAYLOAD, "payload")
+    critical = _field(doc, "critical", "payload")
+    if _field(critical, "type", "critical") != PAYLOAD_TYPE:
+        raise Refused("payload is not a cosign container image signature")
+    image = _field(critical, "image", "critical")
+    claimed = _field(image, "docker-manifest-digest", "critical.image")
+    if claimed != subject_digest:
+        raise Refused("signature is for another digest")
+
+
+def _verifies(keys: tuple[TrustedKey, ...], signature: bytes, payload: bytes) -> bool:
+    for key in keys:
+        try:
+            key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+class _Unavailable(Exception):
+    """fetch_blob failed: the verdict is transient."""
+
+
+def _fetch_payload(
+    digest: str, size: int, fetch_blob: Callable[[str], bytes], cache: dict[str, bytes]
+) -> bytes:
+    if digest not in cache:
+        try:
+            data = fetch_blob(digest)
+        except Exception as e:
+            raise _Unavailable(f"payload {digest[:19]}… unavailable: {type(e).__name__}") from None
+        if not isinstance(data, bytes | bytearray) or len(data) > MAX_PAYLOAD:
+            raise Refused("payload blob is not bytes within the size limit")
+        cache[digest] = bytes(data)
+    data = cache[digest]
+    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise Refused("payload blob does not match its descriptor")
+    return data
+
+
+def _check_layer(
+    layer: Any,
+    subject_digest: str,
+    keys: tuple[TrustedKey, ...],
+    fetch_blob: Callable[[str], bytes],
+    blobs: dict[str, bytes],
+) -> None:
+    """Return if this layer is a valid signature of subject_digest, else raise Refused."""
+    digest, size = _payload_descriptor(layer)
+    signature = _signature_bytes(layer)
+    payload = _fetch_payload(digest, size, fetch_blob, blobs)
+    # The signature first: only a payload a trusted key signed reaches the JSON parser.
+    if not _verifies(keys, signature, payload):
+        raise Refused("not signed by a trusted key")
+    _check_payload(payload, subject_digest)
+
+
+def _check_manifest_shape(doc: Any, subject_digest: str) -> list[Any]:
+    """The layers of a cosign signature manifest (tag or referrers form), or Refused."""
+    if not isinstance(doc, dict):
+        raise Refused("signature manifest is not a JSON object")
+    if doc.get("schemaVersion") != 2 or type(doc.get("schemaVersion")) is not int:
+        raise Refused("signature manifest is not schemaVersion 2")
+    media_type = doc.get("mediaType")
+    if "manifests" in doc or (media_type is not None and media_type not in IMAGE_MANIFEST_TYPES):
+        raise Refused("signature manifest is not an image manifest")
+    artifact_type = doc.get("artifactType")
+    if artifact_type is not None and artifact_type != SIG_ARTIFACT_TYPE:
+        raise Refused("artifact is not a cosign signature")
+    subject = doc.get("subject")
+    if subject is not None:
+        # Referrers form: the subject must be this image, and the artifact a cosign signature
+        # (artifactType, or config.mediaType where a registry dropped artifactType).
+        if not isinstance(subject, dict) or subject.get("digest") != subject_digest:
+            raise Refused("signature manifest's subject is another digest")
+        config = doc.get("config")
+        config_type = config.get("mediaType") if isinstance(config, dict) else None
+        if artifact_type is None and config_type != SIG_ARTIFACT_TYPE:
+            raise Refused("referrer is not a cosign signature")
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise Refused("signature manifest has no layers")
+    return layers
+
+
+def _verify(
+    subject_digest: str,
+    signature_manifest: bytes,
+    fetch_blob: Callable[[str], bytes],
+    keys: Iterable[Any],
+) -> Verdict:
+    if not isinstance(subject_digest, str) or not DIGEST.fullmatch(subject_digest):
+        return Verdict(False, "subject is not a sha256 digest")
+    trusted = load_keys(keys)
+    if not trusted:
+        return Verdict(False, "no trusted keys")
+    doc = strict_json(signature_manifest, MAX_MANIFEST, "signature manifest")
+    layers = _check_manifest_shape(doc, subject_digest)
+    reasons: list[str] = []
+    unavailable = False
+    blobs: dict[str, bytes] = {}
+    for layer in layers[:MAX_LAYERS]:
+        try:
+            _check_layer(layer, subject_digest, trusted, fetch_blob, blobs)
+            return Verdict(True, "signed by a trusted key")
+        except Refused as e:
+            reasons.append(str(e))
+        except _Unavailable as e:
+            unavailable = True
+            reasons.append(str(e))
+    if len(layers) > MAX_LAYERS:
+        reasons.append(f"only the first {MAX_LAYERS} layers were examined")
+    reason = "; ".join(dict.fromkeys(reasons))
+    return Verdict(False, reason[:500], transient=unavailable)
+
+
+def verify(
+    subject_digest: str,
+    signature_manifest: bytes,
+    fetch_blob: Callable[[str], bytes],
+    keys: Iterable[Any],
+) -> Verdict:
+    """Is one layer of this cosign signature manifest a valid signature of subject_digest?
+
+    `fetch_blob(digest) -> bytes` reads a payload blob from the same repository (it may raise;
+    that makes a transient verdict). `keys`: loaded keys or PEM strings. Never raises.
+    """
+    try:
+        return _verify(subject_digest, signature_manifest, fetch_blob, keys)
+    except (Refused, UnsupportedKey) as e:
+        return Verdict(False, str(e)[:500])
+    except Exception as e:  # hostile input must never escape as an exception
+        return Verdict(False, f"signature check failed: {type(e).__name__}")
+
+
+def cosign_referrers(referrers_index: bytes) -> list[str]:
+    """Digests of cosign signature referrers in a referrers API answer (an OCI index).
+
+    Hostile input: a malformed answer yields no candidates rather than an exception.
+    """
+    try:
+        doc = strict_json(referrers_index, MAX_MANIFEST, "referrers index")
+    except Refused:
+        return []
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list):
+        return []
+    found = []
+    for d in manifests:
+        if (
+            isinstance(d, dict)
+            and d.get("artifactType") == SIG_ARTIFACT_TYPE
+            and isinstance(d.get("digest"), str)
+            and DIGEST.fullmatch(d["digest"])
+        ):
+            found.append(d["digest"])
+    # cosign itself reads the last one; we try the most recent MAX_REFERRERS.
+    return list(dict.fromkeys(reversed(found)))[:MAX_REFERRERS]
+
+
+def verify_subject(
+    subject_digest: str,
+    get_manifest: Callable[[str], bytes | None],
+    get_referrers: Callable[[str], bytes | None] | None,
+    fetch_blob: Callable[[str], bytes],
+    keys: Iterable[Any],
+) -> Verdict:
+    """Find and check the signatures of subject_digest in one repository. Never raises.
+
+    `get_manifest(reference)` returns a manifest by tag or digest, None when absent;
+    `get_referrers(digest)` returns the referrers API answer, None where the backend has no
+    referrers API (Distribution 2.8) or nothing refers to the digest. Either may raise for a
+    backend failure, which gives a transient verdict.
+    """
+    if not isinstance(subject_digest, str) or not DIGEST.fullmatch(subject_digest):
+        return Verdict(False, "subject is not a sha256 digest")
+    try:
+        trusted = load_keys(keys)
+    except UnsupportedKey as e:
+        return Verdict(False, str(e))
+    candidates = [signature_tag(subject_digest)]
+    reasons: list[str] = []
+    transient = False
+    try:
+        if get_referrers is not None:
+            answer = get_referrers(subject_digest)
+            if answer is not None:
+                candidates += cosign_referrers(answer)
+    except Exception as e:
+        transient = True
+        reasons.append(f"referrers unavailable: {type(e).__name__}")
+    for reference in candidates:
+        try:
+            body = get_manifest(reference)
+        except Exception as e:
+            transient = True
+            reasons.append(f"signature manifest unavailable: {type(e).__name__}")
+            continue
+        if body is None:
+            continue
+        verdict = verify(subject_digest, body, fetch_blob, trusted)
+        if verdict.signed:
+            return verdict
+        transient = transient or verdict.transient
+        reasons.append(verdict.reason)
+    if not reasons:
+        return Verdict(False, "no cosign signature found")
+    return Verdict(False, "; ".join(dict.fromkeys(reasons))[:500], transient=transient)
+
+
+# Layer media types a container runtime unpacks into a root filesystem (OCI image-spec
+# layer types incl. non-distributable ones; Docker's rootfs and foreign layers). Matched
+# case-insensitively so an odd spelling errs towards "runnable".
+FILESYSTEM_LAYER = re.compile(
+    r"application/vnd\.(?:oci\.image\.layer\.|docker\.image\.rootfs\.)", re.IGNORECASE
+)
+
+
+def exempt_from_signature(manifest: bytes) -> bool:
+    """May this manifest be served without a signature, as a signature or other artifact?
+
+    Decided on content, never on the tag name or the presence of `subject`: anyone who may
+    push could tag a runnable image `sha256-<hex>.sig` or give it a subject. Exempt only an
+    image manifest with at least one layer and no layer a runtime would unpack (cosign
+    signatures, attestations, SBOMs). Indexes, images and anything unreadable are not exempt.
+    """
+    try:
+        doc = strict_json(manifest, MAX_MANIFEST, "manifest")
+    except Refused:
+        return False
+    if not isinstance(doc, dict) or "manifests" in doc:
+        return False
+    if doc.get("mediaType") is not None and doc.get("mediaType") not in IMAGE_MANIFEST_TYPES:
+        return False
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return False
+    return all(
+        isinstance(layer, dict)
+        and isinstance(layer.get("mediaType"), str)
+        and not FILESYSTEM_LAYER.match(layer["mediaType"])
+        for layer in layers
+    )
+
+
+def affected_subjects(reference: str, manifest: bytes | None) -> set[str]:
+    """Digests whose verdict a push or delete of this manifest can change (for invalidation).
+
+    A `sha256-<hex>.sig` tag names its subject; a referrer names it in `subject`. A delete by
+    digest has no body at hand: callers without it should clear the cache instead.
+    """
+    found = set()
+    tag_subject = signature_tag_subject(reference) if isinstance(reference, str) else None
+    if tag_subject:
+        found.add(tag_subject)
+    if manifest is not None:
+        try:
+            doc = strict_json(manifest, MAX_MANIFEST, "manifest")
+        except Refused:
+            return found
+        subject = doc.get("subject") if isinstance(doc, dict) else None
+        digest = subject.get("digest") if isinstance(subject, dict) else None
+        if isinstance(digest, str) and DIGEST.fullmatch(digest):
+            found.add(digest)
+    return found
+
+
+# --- the verdict cache -------------------------------------------------------------------------
+
+
+class VerdictCache:
+    """Verdicts per (digest, scope), bounded (LRU) and expiring.
+
+    `scope` separates verdicts that differ for one digest: the repository the signature was
+    looked up in and the rule's key set (e.g. a hash of the key PEMs). Entries expire after
+    `ttl` seconds (`negative_ttl` for "not signed"), so a key rotation in the policy, or a
+    signature pushed through another gateway worker, takes effect without invalidation.
+    Transient verdicts are never stored. Thread-safe; `clock` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        ttl: float = 300.0,
+        negative_ttl: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1 or ttl < 0 or negative_ttl < 0:
+            raise ValueError("max_entries must be >= 1 and the TTLs >= 0")
+        self.max_entries, self.ttl, self.negative_ttl = max_entries, ttl, negative_ttl
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, Hashable], tuple[float, Verdict]] = OrderedDict()
+        self._by_digest: dict[str, set[Hashable]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, scope: Hashable = "") -> Verdict | None:
+        key = (digest, scope)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            expires, verdict = entry
+            if self._clock() >= expires:
+                self._drop(key)
+                return None
+            self._entries.move_to_end(key)
+            return verdict
+
+    def put(self, digest: str, verdict: Verdict, scope: Hashable = "") -> None:
+        if verdict.transient:
+            return
+        ttl = self.ttl if verdict.signed else self.negative_ttl
+        key = (digest, scope)
+        with self._lock:
+            self._entries[key] = (self._clock() + ttl, verdict)
+            self._entries.move_to_end(key)
+            self._by_digest.setdefault(digest, set()).add(scope)
+            while len(self._entries) > self.max_entries:
+                self._drop(next(iter(self._entries)))
+
+    def invalidate(self, digest: str) -> None:
+        """Forget every verdict about `digest` (a signature of it was pushed or deleted)."""
+        with self._lock:
+            for scope in list(self._by_digest.get(digest, ())):
+                self._drop((digest, scope))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._by_digest.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _drop(self, key: tuple[str, Hashable]) -> None:
+        self._entries.pop(key, None)
+        scopes = self._by_digest.get(key[0])
+        if scopes is not None:
+            scopes.discard(key[1])
+            if not scopes:
+                del self._by_digest[key[0]]
+
+
+def key_scope(keys: Iterable[TrustedKey], repository: str = "") -> Hashable:
+    """A cache scope for one repository and key set (DER of the keys, order-independent)."""
+    ders = sorted(k.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) for k in keys)
+    return (repository, hashlib.sha256(b"".join(ders)).hexdigest())

@@ -1,0 +1,56 @@
+"""addons/quota.py: Harbor-style usage per tenant and the quota decision."""
+
+from __future__ import annotations
+
+from addons import quota
+
+A, B, C = "sha256:" + "a" * 64, "sha256:" + "b" * 64, "sha256:" + "c" * 64
+SIZES = {A: 100, B: 30, C: 7}
+
+
+def test_shared_blob_counts_for_each_tenant():
+    owned = {"acme": [A, B, B], "globex": [A], "empty": []}
+    assert quota.usage(owned, SIZES) == {"acme": 130, "globex": 100, "empty": 0}
+
+
+def test_unknown_sizes_count_zero():
+    assert quota.usage({"acme": [A, "sha256:" + "f" * 64]}, SIZES) == {"acme": 100}
+
+
+def test_incoming_is_zero_for_what_the_tenant_owns():
+    assert quota.incoming({A}, A, 100) == 0
+    assert quota.incoming({A}, B, 30) == 30
+    assert quota.incoming(set(), B, -5) == 0
+
+
+def test_would_exceed():
+    usage = {"acme": 900}
+    assert not quota.would_exceed("acme", usage, 1000, 100)  # exactly at the quota
+    assert quota.would_exceed("acme", usage, 1000, 101)
+    assert not quota.would_exceed("acme", usage, None, 10**12)
+    assert not quota.would_exceed("new", usage, 10, 10)
+    assert quota.would_exceed("new", usage, 10, 11)
+    # Over a lowered quota: new bytes are refused, adding nothing is not.
+    assert quota.would_exceed("acme", usage, 500, 1)
+    assert not quota.would_exceed("acme", usage, 500, 0)
+
+
+def test_quota_for():
+    rules = [(["acme", "globex"], 1000), (["*"], 5000), (["acme"], 800)]
+    assert quota.quota_for("acme", rules) == 800
+    assert quota.quota_for("globex", rules) == 1000
+    assert quota.quota_for("initech", rules) == 5000
+    assert quota.quota_for("acme", []) is None
+    assert quota.quota_for("acme", [(["globex"], 1)]) is None
+
+
+def test_metrics_text():
+    text = quota.metrics({"globex": 100, "acme": 130, 'x"\\\n': 1}, {"acme": 1000, "globex": None})
+    lines = text.splitlines()
+    assert 'tabbify_tenant_storage_bytes{tenant="acme"} 130' in lines
+    assert 'tabbify_tenant_storage_bytes{tenant="globex"} 100' in lines
+    assert 'tabbify_tenant_storage_bytes{tenant="x\\"\\\\\\n"} 1' in lines
+    assert 'tabbify_tenant_quota_bytes{tenant="acme"} 1000' in lines
+    assert not any("quota_bytes" in line and "globex" in line for line in lines)
+    assert text.endswith("\n")
+    assert "quota_bytes" not in quota.metrics({"acme": 1}, {})

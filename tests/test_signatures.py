@@ -1,0 +1,698 @@
+"""addons/signatures.py: cosign signatures built as cosign builds them (tests/cosign.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from addons import signatures as sig
+from addons.signatures import Verdict, VerdictCache
+from tests import cosign
+from tests.images import digest
+
+SUBJECT = digest(b"an image manifest")
+OTHER = digest(b"another image manifest")
+SUBJECT_DESC = {"mediaType": cosign.OCI_MANIFEST, "size": 17, "digest": SUBJECT}
+
+
+@pytest.fixture(scope="module")
+def signer() -> cosign.Signer:
+    return cosign.Signer()
+
+
+def fetcher(*signatures: cosign.Signature, extra: dict[str, bytes] | None = None):
+    blobs: dict[str, bytes] = {}
+    for s in signatures:
+        blobs |= s.blobs
+    blobs |= extra or {}
+
+    def fetch(d: str) -> bytes:
+        return blobs[d]
+
+    return fetch
+
+
+def check(signer, s: cosign.Signature, subject: str = SUBJECT, keys=None, fetch=None) -> Verdict:
+    return sig.verify(subject, s.manifest, fetch or fetcher(s), keys or [signer.public_pem])
+
+
+# --- tags and keys -----------------------------------------------------------------------------
+
+
+def test_signature_tag_round_trip():
+    assert sig.signature_tag(SUBJECT) == SUBJECT.replace("sha256:", "sha256-") + ".sig"
+    assert sig.signature_tag_subject(sig.signature_tag(SUBJECT)) == SUBJECT
+    for tag in ("latest", "sha256-abc.sig", SUBJECT.replace(":", "-") + ".att", "x.sig"):
+        assert sig.signature_tag_subject(tag) is None
+    with pytest.raises(ValueError):
+        sig.signature_tag("sha256:XYZ")
+
+
+def test_cosign_pub_loads(signer):
+    key = sig.load_public_key(signer.public_pem)
+    assert isinstance(key.curve, ec.SECP256R1)
+    assert sig.load_public_key(signer.public_pem.encode()) is not None
+    assert sig.load_public_key(signer.key.public_key()) is not None
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ec.generate_private_key(ec.SECP384R1()).public_key(), "secp384r1"),
+        (lambda: ed25519.Ed25519PrivateKey.generate().public_key(), "Ed25519"),
+        (lambda: rsa.generate_private_key(65537, 2048).public_key(), "RSA"),
+    ],
+)
+def test_other_key_types_refused_at_load(make, message):
+    pem = make().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    with pytest.raises(sig.UnsupportedKey, match=message):
+        sig.load_public_key(pem)
+    with pytest.raises(sig.UnsupportedKey, match="key #2"):
+        sig.load_keys([cosign.Signer().public_pem, pem])
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        "",
+        "not a key",
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        "-----BEGIN PUBLIC KEY-----\n" + "A" * 20_000 + "\n-----END PUBLIC KEY-----\n",
+    ],
+)
+def test_garbage_keys_refused(pem):
+    with pytest.raises(sig.UnsupportedKey):
+        sig.load_public_key(pem)
+
+
+def test_unsupported_key_in_verify_is_a_verdict(signer):
+    rsa_pem = (
+        rsa.generate_private_key(65537, 2048)
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    v = check(signer, cosign.sign(signer, SUBJECT), keys=[rsa_pem])
+    assert not v.signed and "RSA" in v.reason
+
+
+# --- the verdicts the issue names ---------------------------------------------------------------
+
+
+def test_valid_signature(signer):
+    v = check(signer, cosign.sign(signer, SUBJECT))
+    assert v == Verdict(True, "signed by a trusted key")
+
+
+def test_docker_v2s2_signature_manifest(signer):
+    assert check(signer, cosign.sign(signer, SUBJECT, docker=True)).signed
+
+
+def test_payload_golden_shape():
+    """The exact bytes cosign signs (Go json.Marshal of sigstore's SimpleContainerImage); the
+    same shape as cosign's own expectation in pkg/cosign/obsolete_test.go (v3.1.2)."""
+    assert cosign.payload(SUBJECT, "r.test/a/b") == (
+        b'{"critical":{"identity":{"docker-reference":"r.test/a/b"},"image":'
+        b'{"docker-manifest-digest":"' + SUBJECT.encode() + b'"},"type":'
+        b'"cosign container image signature"},"optional":null}'
+    )
+
+
+def test_tampered_payload_blob(signer):
+    s = cosign.sign(signer, SUBJECT)
+    (payload_digest,) = [d for d, b in s.blobs.items() if b.startswith(b'{"critical"')]
+    tampered = s.blobs[payload_digest].replace(b"acme", b"evil")
+    v = check(signer, s, fetch=fetcher(s, extra={payload_digest: tampered}))
+    assert not v.signed and "does not match its descriptor" in v.reason
+
+
+def test_tampered_payload_with_recomputed_descriptor(signer):
+    """An attacker who rewrites the payload and its descriptor still lacks the signature."""
+    p = cosign.payload(SUBJECT)
+    good = signer.sign(p)
+    evil = cosign.payload(SUBJECT, reference="registry.test/evil")
+    s = cosign.signature_manifest([(evil, cosign.layer(evil, good))])
+    v = check(signer, s)
+    assert not v.signed and v.reason == "not signed by a trusted key"
+
+
+def test_payload_for_another_subject_swapped_in(signer):
+    """A genuine signature of OTHER presented as the signature of SUBJECT."""
+    s = cosign.sign(signer, OTHER)
+    v = check(signer, s, subject=SUBJECT)
+    assert not v.signed and v.reason == "signature is for another digest"
+    assert check(signer, s, subject=OTHER).signed
+
+
+def test_wrong_key(signer):
+    s = cosign.sign(cosign.Signer(), SUBJECT)
+    v = check(signer, s)
+    assert not v.signed and v.reason == "not signed by a trusted key"
+
+
+def test_any_of_several_keys(signer):
+    other = cosign.Signer()
+    s = cosign.sign(other, SUBJECT)
+    assert check(signer, s, keys=[signer.public_pem, other.public_pem]).signed
+
+
+def test_index_digest_is_what_must_be_signed(signer, tmp_path):
+    from tests.images import oci_index_layout
+
+    layout = oci_index_layout(tmp_path, "multi")
+    index_digest = layout["digest"]
+    child = json.loads(layout["blobs"][index_digest])["manifests"][0]["digest"]
+    index_sig = cosign.sign(signer, index_digest)
+    child_sig = cosign.sign(signer, child)
+    assert check(signer, index_sig, subject=index_digest).signed
+    # A child's signature does not count for the index, nor the index's for a child.
+    assert not check(signer, child_sig, subject=index_digest).signed
+    assert not check(signer, index_sig, subject=child).signed
+
+
+def test_several_layers_only_one_valid(signer):
+    stranger = cosign.Signer()
+    p_ok = cosign.payload(SUBJECT)
+    p_other = cosign.payload(OTHER)
+    layers = [
+        (p_other, cosign.layer(p_other, signer.sign(p_other))),  # another digest
+        (p_ok, cosign.layer(p_ok, stranger.sign(p_ok))),  # untrusted key
+        (p_ok, cosign.layer(p_ok, "!!!")),  # garbage
+        (p_ok, cosign.layer(p_ok, signer.sign(p_ok))),  # the one
+    ]
+    assert check(signer, cosign.signature_manifest(layers)).signed
+    v = check(signer, cosign.signature_manifest(layers[:3]))
+    assert not v.signed
+    for part in ("another digest", "not signed by a trusted key", "base64"):
+        assert part in v.reason
+
+
+def test_only_the_first_layers_are_examined(signer):
+    p = cosign.payload(SUBJECT)
+    junk = [(p, cosign.layer(p, "AAAA"))] * sig.MAX_LAYERS
+    s = cosign.signature_manifest([*junk, (p, cosign.layer(p, signer.sign(p)))])
+    v = check(signer, s)
+    assert not v.signed and f"first {sig.MAX_LAYERS} layers" in v.reason
+
+
+# --- garbage annotations and hostile manifests ---------------------------------------------------
+
+
+def _one_layer(signer, mutate) -> cosign.Signature:
+    p = cosign.payload(SUBJECT)
+    d = cosign.layer(p, signer.sign(p))
+    mutate(d, p)
+    return cosign.signature_manifest([(p, d)])
+
+
+def _der_with_trailing_byte(signer, p):
+    return base64.b64encode(signer.key.sign(p, ec.ECDSA(hashes.SHA256())) + b"\0").decode()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d, p: d.pop("annotations"),
+        lambda d, p: d.__setitem__("annotations", ["x"]),
+        lambda d, p: d["annotations"].pop(cosign.ANNOTATION),
+        lambda d, p: d["annotations"].__setitem__(cosign.ANNOTATION, 12),
+        lambda d, p: d["annotations"].__setitem__(cosign.ANNOTATION, ""),
+        lambda d, p: d["annotations"].__setitem__(cosign.ANNOTATION, "A" * 5000),
+        lambda d, p: d["annotations"].__setitem__(cosign.ANNOTATION, "é" * 8),
+        # URL-safe alphabet, missing padding, embedded newline: not StdEncoding
+        lambda d, p: d["annotations"].__setitem__(
+            cosign.ANNOTATION, d["annotations"][cosign.ANNOTATION].replace("+", "-") + "-_"
+        ),
+        lambda d, p: d["annotations"].__setitem__(
+            cosign.ANNOTATION, d["annotations"][cosign.ANNOTATION].rstrip("=") + "A"
+        ),
+        lambda d, p: d["annotations"].__setitem__(
+            cosign.ANNOTATION, "\n" + d["annotations"][cosign.ANNOTATION]
+        ),
+        lambda d, p: d["annotations"].__setitem__(
+            cosign.ANNOTATION, base64.b64encode(b"x" * 70).decode()
+        ),
+        lambda d, p: d.__setitem__("mediaType", "application/vnd.oci.image.layer.v1.tar"),
+        lambda d, p: d.__setitem__("size", d["size"] + 1),
+        lambda d, p: d.__setitem__("size", True),
+        lambda d, p: d.__setitem__("size", float(d["size"])),
+        lambda d, p: d.__setitem__("size", 10**9),
+        lambda d, p: d.__setitem__("digest", "sha512:" + "0" * 128),
+        lambda d, p: d.__setitem__("digest", d["digest"].upper()),
+    ],
+)
+def test_garbage_layers_are_not_signed(signer, mutate):
+    s = _one_layer(signer, mutate)
+    v = check(signer, s)
+    assert not v.signed and v.reason
+
+
+def test_der_with_trailing_garbage_refused(signer):
+    p = cosign.payload(SUBJECT)
+    s = cosign.signature_manifest([(p, cosign.layer(p, _der_with_trailing_byte(signer, p)))])
+    assert not check(signer, s).signed
+
+
+def test_non_canonical_der_refused(signer):
+    """A long-form length in the DER SEQUENCE: Go's VerifyASN1 refuses it; so must we."""
+    p = cosign.payload(SUBJECT)
+    der = signer.key.sign(p, ec.ECDSA(hashes.SHA256()))
+    assert der[0] == 0x30 and der[1] < 0x80
+    long_form = bytes([0x30, 0x81, der[1]]) + der[2:]
+    s = cosign.signature_manifest([(p, cosign.layer(p, base64.b64encode(long_form).decode()))])
+    assert not check(signer, s).signed
+
+
+def _payload_signature(signer, payload: bytes) -> cosign.Signature:
+    return cosign.signature_manifest([(payload, cosign.layer(payload, signer.sign(payload)))])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        # Signed by the trusted key, yet not a claim we accept.
+        (
+            cosign.go_json(
+                {"critical": {"image": {"docker-manifest-digest": SUBJECT}, "type": "other"}}
+            ),
+            "not a cosign container image signature",
+        ),
+        (cosign.go_json({"critical": {"image": {"docker-manifest-digest": SUBJECT}}}), "not a"),
+        (cosign.go_json({"critical": "x"}), "not a JSON object"),
+        (cosign.go_json(["critical"]), "not a JSON object"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b'{"critical":' * 70 + b"1" + b"}" * 70, "deeper than 64"),
+        (b'{"critical": NaN}', "constant"),
+        (b"not json", "not JSON"),
+        (
+            b'{"critical":{"type":"cosign container image signature","image":'
+            b'{"docker-manifest-digest":"' + OTHER.encode() + b'"},"image":'
+            b'{"docker-manifest-digest":"' + SUBJECT.encode() + b'"}}}',
+            "duplicate JSON key",
+        ),
+        # Keys Go would match case-insensitively (and with Unicode folding: U+212A KELVIN SIGN,
+        # U+017F LONG S): refused rather than read differently from cosign.
+        (cosign.payload(SUBJECT).replace(b'"type"', b'"Type"'), "ambiguous key"),
+        (
+            cosign.payload(SUBJECT).replace(b'"critical":{', b'"critical":{"TYPE":"x",'),
+            "ambiguous key",
+        ),
+        (
+            cosign.payload(SUBJECT).replace(
+                b'"image":{', b'"image":{"docker-manifest-dige\xc5\xbft":"' + OTHER.encode() + b'",'
+            ),
+            "ambiguous key",
+        ),
+        (
+            cosign.payload(SUBJECT).replace(b'"critical":{', b'"critical":{"\xe2\x84\xaaind":1,'),
+            None,  # "Kind" is no field we read: accepted (signed)
+        ),
+    ],
+)
+def test_signed_but_unacceptable_payloads(signer, payload, reason):
+    v = check(signer, _payload_signature(signer, payload))
+    if reason is None:
+        assert v.signed
+    else:
+        assert not v.signed and reason in v.reason, v.reason
+
+
+def test_payload_size_cap(signer):
+    big = cosign.payload(SUBJECT, optional={"pad": "x" * sig.MAX_PAYLOAD})
+    v = check(signer, _payload_signature(signer, big))
+    assert not v.signed and "size" in v.reason
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"x" * (sig.MAX_MANIFEST + 1), "larger than"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (b"[" * 5000 + b"]" * 5000, "nested"),
+        (b'{"a":' + b"[" * 70 + b"]" * 70 + b"}", "deeper than 64"),
+        (b"\xc3\x28", "not UTF-8"),
+        (b'{"schemaVersion": 2, "schemaVersion": 2}', "duplicate"),
+        (b'{"schemaVersion": 2.0, "layers": []}', "schemaVersion"),
+        (b'{"schemaVersion": 2, "manifests": []}', "not an image manifest"),
+        (
+            b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json"}',
+            "not an image manifest",
+        ),
+        (b'{"schemaVersion": 2, "layers": []}', "no layers"),
+        (b'{"schemaVersion": 2, "layers": {}}', "no layers"),
+        (b'{"schemaVersion": 2, "layers": [1, null, "x"]}', "not a descriptor"),
+        (b'{"schemaVersion": 2, "artifactType": "application/spdx+json", "layers": [{}]}', "not a"),
+        (b"1" * 5000, "not JSON"),
+        (b"[]", "not a JSON object"),
+    ],
+)
+def test_hostile_signature_manifests(signer, body, reason):
+    v = sig.verify(SUBJECT, body, fetcher(), [signer.public_pem])
+    assert not v.signed and reason in v.reason, v.reason
+
+
+def test_non_bytes_and_bad_subject(signer):
+    s = cosign.sign(signer, SUBJECT)
+    assert "not bytes" in sig.verify(SUBJECT, "text", fetcher(s), [signer.public_pem]).reason
+    assert "not a sha256" in sig.verify("sha256:abc", s.manifest, fetcher(s), [signer]).reason
+    assert sig.verify(SUBJECT, s.manifest, fetcher(s), []).reason == "no trusted keys"
+
+
+def test_fetch_failure_is_transient(signer):
+    s = cosign.sign(signer, SUBJECT)
+
+    def broken(_):
+        raise ConnectionError("backend down")
+
+    v = check(signer, s, fetch=broken)
+    assert not v.signed and v.transient and "unavailable" in v.reason
+    oversize = check(signer, s, fetch=lambda d: b"x" * (sig.MAX_PAYLOAD + 1))
+    assert not oversize.signed and not oversize.transient
+
+
+# --- the OCI 1.1 referrers form ----------------------------------------------------------------
+
+
+def test_referrers_form(signer):
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    doc = json.loads(s.manifest)
+    assert doc["artifactType"] == doc["config"]["mediaType"] == sig.SIG_ARTIFACT_TYPE
+    assert check(signer, s).signed
+
+
+def test_referrers_form_subject_must_match(signer):
+    """A genuine signature of SUBJECT attached (subject) to OTHER proves nothing about OTHER,
+    and a referrer whose subject is OTHER is not SUBJECT's signature even if its payload is."""
+    s = cosign.sign(signer, SUBJECT, referrer_of={**SUBJECT_DESC, "digest": OTHER})
+    v = check(signer, s)
+    assert not v.signed and "subject is another digest" in v.reason
+    assert not check(signer, s, subject=OTHER).signed
+
+
+def test_referrer_without_artifact_type_uses_config_media_type(signer):
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    doc = json.loads(s.manifest)
+    del doc["artifactType"]
+    assert check(signer, cosign.Signature(cosign.go_json(doc), s.blobs, s.media_type)).signed
+    doc["config"]["mediaType"] = "application/vnd.oci.empty.v1+json"
+    v = check(signer, cosign.Signature(cosign.go_json(doc), s.blobs, s.media_type))
+    assert not v.signed and "not a cosign signature" in v.reason
+
+
+def test_referrer_of_another_artifact_type(signer):
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    doc = json.loads(s.manifest)
+    doc["artifactType"] = "application/vnd.example.sbom+json"
+    v = check(signer, cosign.Signature(cosign.go_json(doc), s.blobs, s.media_type))
+    assert not v.signed and "not a cosign signature" in v.reason
+
+
+def test_cosign_referrers_parses_hostile_indexes():
+    good = {
+        "mediaType": cosign.OCI_MANIFEST,
+        "digest": OTHER,
+        "artifactType": sig.SIG_ARTIFACT_TYPE,
+    }
+    sbom = {**good, "digest": SUBJECT, "artifactType": "application/spdx+json"}
+    index = cosign.go_json({"schemaVersion": 2, "manifests": [good, sbom, good, {"digest": 1}, 7]})
+    assert sig.cosign_referrers(index) == [OTHER]
+    for junk in (b"", b"[]", b'{"manifests": {}}', b"\xff", b"[" * 10_000):
+        assert sig.cosign_referrers(junk) == []
+    many = [{**good, "digest": digest(str(i).encode())} for i in range(100)]
+    found = sig.cosign_referrers(cosign.go_json({"manifests": many}))
+    assert len(found) == sig.MAX_REFERRERS and found[0] == many[-1]["digest"]
+
+
+# --- finding signatures -----------------------------------------------------------------------
+
+
+class Repo:
+    """A repository as verify_subject sees it: manifests by tag/digest, referrers, blobs."""
+
+    def __init__(self, *signatures: cosign.Signature, tagged: cosign.Signature | None = None):
+        self.manifests = {s.digest: s.manifest for s in signatures}
+        self.blobs: dict[str, bytes] = {}
+        for s in signatures:
+            self.blobs |= s.blobs
+        if tagged is not None:
+            self.manifests[sig.signature_tag(SUBJECT)] = tagged.manifest
+            self.blobs |= tagged.blobs
+        self.referrers = cosign.go_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": [
+                    {
+                        "mediaType": cosign.OCI_MANIFEST,
+                        "digest": s.digest,
+                        "size": 1,
+                        "artifactType": sig.SIG_ARTIFACT_TYPE,
+                    }
+                    for s in signatures
+                ],
+            }
+        )
+
+    def run(self, keys, referrers=True) -> Verdict:
+        return sig.verify_subject(
+            SUBJECT,
+            self.manifests.get,
+            (lambda d: self.referrers) if referrers else None,
+            self.blobs.__getitem__,
+            keys,
+        )
+
+
+def test_verify_subject_by_tag(signer):
+    repo = Repo(tagged=cosign.sign(signer, SUBJECT))
+    assert repo.run([signer.public_pem], referrers=False).signed
+
+
+def test_verify_subject_by_referrer(signer):
+    bad = cosign.sign(cosign.Signer(), SUBJECT, referrer_of=SUBJECT_DESC)
+    good = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    assert Repo(good, bad).run([signer.public_pem]).signed
+    assert not Repo(good, bad).run([signer.public_pem], referrers=False).signed  # Distribution
+
+
+def test_verify_subject_nothing_found(signer):
+    v = Repo().run([signer.public_pem])
+    assert v == Verdict(False, "no cosign signature found")
+    v = Repo(tagged=cosign.sign(cosign.Signer(), SUBJECT)).run([signer.public_pem])
+    assert not v.signed and not v.transient and "trusted key" in v.reason
+
+
+def test_verify_subject_backend_failures_are_transient(signer):
+    def boom(_):
+        raise TimeoutError
+
+    v = sig.verify_subject(SUBJECT, boom, boom, boom, [signer.public_pem])
+    assert not v.signed and v.transient
+    assert not sig.verify_subject("latest", boom, None, boom, [signer.public_pem]).signed
+
+
+def test_affected_subjects(signer):
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    assert sig.affected_subjects(s.digest, s.manifest) == {SUBJECT}
+    assert sig.affected_subjects(sig.signature_tag(OTHER), None) == {OTHER}
+    assert sig.affected_subjects("latest", b"\xff garbage") == set()
+    assert sig.affected_subjects("latest", b'{"subject": {"digest": "sha256:zz"}}') == set()
+
+
+# --- never raises ------------------------------------------------------------------------------
+
+FUZZ = settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(body=st.binary(max_size=2000))
+def test_verify_never_raises_on_bytes(body):
+    v = sig.verify(SUBJECT, body, lambda d: os.urandom(8), [KEY_PEM])
+    assert isinstance(v, Verdict) and not v.signed
+
+
+@FUZZ
+@given(
+    layers=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "mediaType": st.sampled_from([sig.SIMPLESIGNING_MEDIA_TYPE, "x"]),
+                "digest": st.sampled_from([SUBJECT, OTHER, "sha256:1", 5]),
+                "size": st.integers(-2, 200) | st.booleans() | st.floats(),
+                "annotations": st.dictionaries(
+                    st.sampled_from([sig.SIGNATURE_ANNOTATION, "k"]), json_values, max_size=2
+                )
+                | json_values,
+            },
+        )
+        | json_values,
+        max_size=5,
+    ),
+    extra=st.dictionaries(
+        st.sampled_from(["subject", "artifactType", "config", "mediaType"]), json_values
+    ),
+)
+def test_verify_never_raises_on_structures(layers, extra):
+    body = json.dumps({"schemaVersion": 2, "layers": layers, **extra}).encode()
+    v = sig.verify(SUBJECT, body, lambda d: json.dumps(layers).encode()[:100], [KEY_PEM])
+    assert isinstance(v, Verdict) and not v.signed
+
+
+KEY_PEM = cosign.Signer().public_pem
+
+
+# --- the verdict cache -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+YES, NO = Verdict(True, "signed"), Verdict(False, "not signed")
+
+
+def test_cache_hit_and_ttl():
+    clock = Clock()
+    cache = VerdictCache(ttl=60, negative_ttl=5, clock=clock)
+    cache.put(SUBJECT, YES)
+    cache.put(OTHER, NO)
+    assert cache.get(SUBJECT) == YES and cache.get(OTHER) == NO
+    clock.now += 5
+    assert cache.get(OTHER) is None and cache.get(SUBJECT) == YES
+    clock.now += 55
+    assert cache.get(SUBJECT) is None and len(cache) == 0
+
+
+def test_cache_scopes_and_invalidation():
+    cache = VerdictCache(clock=Clock())
+    cache.put(SUBJECT, YES, scope=("acme/app", "k1"))
+    cache.put(SUBJECT, NO, scope=("acme/other", "k1"))
+    cache.put(OTHER, YES, scope=("acme/app", "k1"))
+    assert cache.get(SUBJECT, ("acme/app", "k1")) == YES
+    assert cache.get(SUBJECT, ("acme/other", "k1")) == NO
+    assert cache.get(SUBJECT) is None
+    cache.invalidate(SUBJECT)
+    assert cache.get(SUBJECT, ("acme/app", "k1")) is None
+    assert cache.get(SUBJECT, ("acme/other", "k1")) is None
+    assert cache.get(OTHER, ("acme/app", "k1")) == YES
+    cache.invalidate("sha256:unknown")
+    cache.clear()
+    assert len(cache) == 0 and cache.get(OTHER, ("acme/app", "k1")) is None
+
+
+def test_cache_is_bounded_lru():
+    cache = VerdictCache(max_entries=3, clock=Clock())
+    digests = [digest(bytes([i])) for i in range(5)]
+    for d in digests[:3]:
+        cache.put(d, YES)
+    assert cache.get(digests[0]) == YES  # now most recent
+    cache.put(digests[3], YES)
+    cache.put(digests[4], YES)
+    assert len(cache) == 3
+    assert cache.get(digests[1]) is None and cache.get(digests[2]) is None
+    assert cache.get(digests[0]) == YES
+    cache.invalidate(digests[0])
+    assert len(cache) == 2 and cache._by_digest.keys() == {digests[3], digests[4]}
+
+
+def test_cache_never_stores_transient_verdicts():
+    cache = VerdictCache(clock=Clock())
+    cache.put(SUBJECT, Verdict(False, "backend down", transient=True))
+    assert cache.get(SUBJECT) is None
+
+
+def test_cache_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        VerdictCache(max_entries=0)
+    with pytest.raises(ValueError):
+        VerdictCache(ttl=-1)
+
+
+def test_key_scope_is_order_independent(signer):
+    a, b = sig.load_public_key(signer.public_pem), sig.load_public_key(KEY_PEM)
+    assert sig.key_scope([a, b], "r") == sig.key_scope([b, a], "r")
+    assert sig.key_scope([a], "r") != sig.key_scope([b], "r")
+    assert sig.key_scope([a], "r") != sig.key_scope([a], "s")
+
+
+# --- which manifests stay readable without a signature -----------------------------------------
+
+
+def test_signatures_and_artifacts_are_exempt(signer, tmp_path):
+    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT).manifest)
+    assert sig.exempt_from_signature(
+        cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC).manifest
+    )
+    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT, docker=True).manifest)
+    sbom = {
+        "schemaVersion": 2,
+        "mediaType": cosign.OCI_MANIFEST,
+        "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": OTHER, "size": 9}],
+        "subject": SUBJECT_DESC,
+    }
+    assert sig.exempt_from_signature(cosign.go_json(sbom))
+
+
+@pytest.mark.parametrize(
+    "layer_type",
+    [
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
+    ],
+)
+def test_a_runnable_image_is_never_exempt(signer, layer_type):
+    """Not even tagged `sha256-<hex>.sig`, mixed with a signature layer, or with a subject."""
+    s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    doc = json.loads(s.manifest)
+    doc["layers"].append({"mediaType": layer_type, "digest": OTHER, "size": 1})
+    assert not sig.exempt_from_signature(cosign.go_json(doc))
+
+
+def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
+    from tests.images import oci_index_layout, oci_layout
+
+    image = oci_layout(tmp_path / "a", "v1")
+    index = oci_index_layout(tmp_path / "i", "multi")
+    assert not sig.exempt_from_signature(image["blobs"][image["digest"]])
+    assert not sig.exempt_from_signature(index["blobs"][index["digest"]])
+    for body in (
+        b"",
+        b"\xff",
+        b"[]",
+        b'{"layers": []}',
+        b'{"layers": [{"mediaType": 5}]}',
+        b'{"layers": [1]}',
+        b'{"mediaType": "application/vnd.oci.image.index.v1+json", "layers": [{"mediaType": "x"}]}',
+        b'{"manifests": [], "layers": [{"mediaType": "x"}]}',
+        b'{"layers": [{"mediaType": "x"}], "layers": [{"mediaType": "x"}]}',
+    ):
+        assert not sig.exempt_from_signature(body), body
