@@ -196,7 +196,11 @@ class Ledger:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
                 if repository is not None:
+                    # Pushed through the gateway: listed, and nothing in it for a walk to find.
                     db.execute("INSERT OR IGNORE INTO repos VALUES (?)", (repository,))
+                    db.execute(
+                        "INSERT OR IGNORE INTO walked VALUES (?, ?)", (repository, time.time())
+                    )
 
         with self._lock:
             self._run(True, insert)

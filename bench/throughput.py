@@ -108,12 +108,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--workers", type=int, default=0, help="REGISTRY_WORKERS")
     args = parser.parse_args()
     size = args.size_mib * MIB
 
     auth = AuthStandin().start()
     with tempfile.TemporaryDirectory(prefix="tbf-bench-") as tmp:
-        stack = Stack(Path(tmp) / "data", auth.url, **({"REGISTRY_WORKERS": os.environ["W"]} if os.environ.get("W") else {})).start()
+        workers = {"REGISTRY_WORKERS": str(args.workers)} if args.workers else {}
+        stack = Stack(Path(tmp) / "data", auth.url, **workers).start()
         try:
             credential = tabbify_jwt({"sub": "bench"})
             r = requests.get(f"{stack.url}/auth/token", auth=("x", credential), timeout=10)
