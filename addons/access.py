@@ -1,14 +1,18 @@
 """Every registry request (`/v2…`): who is it, may they, and pass it on streamed.
 
 In order: no valid registry token → 401 with the Bearer challenge (realm from configuration,
-never from Host); outside the tenant's namespace or the registry API → 403/405 (routes.check);
-the route's query parameters kept, each once and in its grammar (routes.decide_params; a
-cross-tenant mount is dropped); client forwarding and auth headers scrubbed, body streamed
-both ways, backend addresses removed from the answer. The gate then forwards exactly that.
+never from Host); not a registry API route → 403/405; the action on the repository (pull,
+push, delete) refused by the current access policy → 403 naming the rule, or not covered by
+the scopes the token was issued for → 401 with a challenge for that scope (routes.check with
+`rights`); the route's query parameters kept, each once and in its grammar
+(routes.decide_params; a mount from a repository the caller may not pull is dropped); client
+forwarding and auth headers scrubbed, body streamed both ways, backend addresses removed from
+the answer. The gate then forwards exactly that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from urllib.parse import urlsplit
@@ -18,9 +22,11 @@ from mitmproxy.addonmanager import Loader
 
 from addons import oci, routes
 from addons.gate import answered, fail_closed, respond
+from addons.policy import Policy
+from addons.policy_store import PolicyFile
 from addons.record import record
 from addons.token_endpoint import SERVICE
-from addons.tokens import InvalidToken, TokenSigner
+from addons.tokens import Identity, InvalidToken, TokenSigner
 
 _MAX_TOKEN = 8 * 1024
 _ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
@@ -41,9 +47,38 @@ def bearer_token(headers: http.Headers) -> str | None:
 def challenge(realm: str, route: routes.Route | routes.Decision, method: str) -> str:
     value = f'Bearer realm="{realm}",service="{SERVICE}"'
     if isinstance(route, routes.Route) and route.name:
-        actions = "pull" if method in ("GET", "HEAD") else "pull,push"
-        value += f',scope="repository:{route.name}:{actions}"'
+        value += f',scope="repository:{route.name}:{scope_actions(route, method)}"'
     return value
+
+
+def scope_actions(route: routes.Route, method: str) -> str:
+    """The actions a client should ask a token for to send this request (what Docker and
+    containers/image ask for themselves: a push needs pull too)."""
+    action = routes.action(route, method)
+    return "pull" if action == "pull" else f"pull,{action}"
+
+
+def rights(policy: Policy, identity: Identity) -> routes.Rights:
+    """The caller's rights: the current policy's decision, then the token's scopes."""
+
+    def decide(name: str, action: str) -> routes.Decision:
+        decided = policy.decide(identity.tenant, identity.subject, name, action)
+        if not decided.allowed:
+            if decided.rule == "no rule":  # the common case: another tenant's repository
+                foreign = routes.foreign(identity.tenant, name)
+                return dataclasses.replace(
+                    foreign, reason=f"{foreign.reason}: no rule grants {action}"
+                )
+            return routes.Decision(
+                False, 403, "DENIED", f"{action} on {name} denied by {decided.rule}"
+            )
+        if not identity.token_allows(name, action):
+            return routes.Decision(
+                False, 401, "UNAUTHORIZED", f"token not issued for {action} on {name}"
+            )
+        return routes.Decision(True, reason=decided.rule)
+
+    return decide
 
 
 def registry_host(realm: str) -> str:
@@ -85,8 +120,9 @@ def scrub(headers: http.Headers) -> None:
 
 
 class RegistryAccess:
-    def __init__(self, signer: TokenSigner) -> None:
+    def __init__(self, signer: TokenSigner, policies: PolicyFile) -> None:
         self.signer = signer
+        self.policies = policies
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -119,18 +155,17 @@ class RegistryAccess:
             rec.decision = f"deny:{why or message}"
             respond(flow, oci.error_response(status, code, message, method=method, headers=headers))
 
-        tenant = None
+        identity, realm = None, ctx.options.registry_realm
         if not ctx.options.registry_anonymous:
             token = bearer_token(request.headers)
             try:
-                tenant = self.signer.verify(token) if token else None
+                identity = self.signer.verify(token) if token else None
             except InvalidToken:
-                tenant = None
-            if tenant is None:
+                identity = None
+            if identity is None:
                 route = routes.parse(path, method)
                 if isinstance(route, routes.Route):
                     rec.repository, rec.reference = route.name, route.reference
-                realm = ctx.options.registry_realm
                 return deny(
                     401,
                     "UNAUTHORIZED",
@@ -138,15 +173,24 @@ class RegistryAccess:
                     "unauthenticated",
                     **{"WWW-Authenticate": challenge(realm, route, method)},
                 )
-        rec.tenant = tenant
+            rec.tenant, rec.subject = identity.tenant, identity.subject
+        caller = rights(self.policies.current(), identity) if identity else None
 
-        decision = routes.check(tenant, path, method)
+        decision = routes.check(rec.tenant, path, method, caller)
         if decision.route is not None:
             rec.repository, rec.reference = decision.route.name, decision.route.reference
             rec.route = decision.route.kind
+        if decision.status == 401 and decision.route is not None:
+            # The policy allows it, the token was not issued for it: ask for one that is
+            # (Distribution's insufficient_scope), which clients do by themselves.
+            value = challenge(realm, decision.route, method) + ',error="insufficient_scope"'
+            return deny(
+                401, "UNAUTHORIZED", decision.reason, "scope", **{"WWW-Authenticate": value}
+            )
         if not decision.allowed or decision.route is None:
             return deny(decision.status, decision.code, decision.reason)
-        params = routes.decide_params(tenant, decision.route, method, rec.target.params)
+        rec.rule = decision.reason or None
+        params = routes.decide_params(rec.tenant, decision.route, method, rec.target.params, caller)
         if params.refusal is not None:
             refusal = params.refusal
             return deny(refusal.status, refusal.code, refusal.reason)

@@ -60,6 +60,8 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         "bytes_out": bytes_out,
         "duration_ms": round((now - flow.request.timestamp_start) * 1000, 1),
     }
+    if rec.rule:  # the policy rule that allowed it (a refusal names its rule in `decision`)
+        line["rule"] = _cut(rec.rule)
     if flow.error:
         line["error"] = _cut(flow.error.msg)
     return line

@@ -6,7 +6,9 @@ Every failure mode maps to one outcome; none of them grants.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +27,17 @@ class Verdict:
     tenant: str | None = None
     reason: str = ""
     seconds: float = 0.0  # how long auth took, for the metrics
+    subject: str | None = None  # the JWT's `sub`, for policy rules that name subjects
+
+
+_SUBJECT = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")  # as policy `subjects` may name them
+
+
+def subject_from_claims(claims: dict[str, Any]) -> str | None:
+    """The JWT's `sub` when it is something a policy can name (a policy cannot name any
+    other value, so nothing is lost by leaving it out)."""
+    value = claims.get("sub")
+    return value if isinstance(value, str) and _SUBJECT.fullmatch(value) else None
 
 
 def tenant_from_claims(claims: dict[str, Any]) -> str | None:
@@ -48,7 +61,7 @@ def judge(status: int, payload: Any) -> Verdict:
         tenant = tenant_from_claims(claims)
         if tenant is None:
             return Verdict("refused", reason="credential has no usable tenant")
-        return Verdict("granted", tenant=tenant)
+        return Verdict("granted", tenant=tenant, subject=subject_from_claims(claims))
     if 400 <= status < 500:
         return Verdict("rejected", reason=f"auth rejected the credential ({status})")
     return Verdict("unavailable", reason=f"auth answered {status}")
@@ -81,7 +94,7 @@ class AuthClient:
             verdict = Verdict("unavailable", reason="auth timed out")
         except (httpx.HTTPError, OSError) as e:
             verdict = Verdict("unavailable", reason=f"auth unreachable ({type(e).__name__})")
-        return Verdict(verdict.outcome, verdict.tenant, verdict.reason, time.monotonic() - started)
+        return dataclasses.replace(verdict, seconds=time.monotonic() - started)
 
     async def _ask(self, credential: str) -> Verdict:
         request = self.client().build_request(

@@ -83,7 +83,7 @@ class Walker:
                 continue
             self._manifest_digests(repo, tag, seen)
         if found:  # a repository the backend does not hold is not marked (it may come later)
-            self.ledger.add(repo.split("/", 1)[0], seen, repository=repo)
+            self.ledger.add(repo.split("/", 1)[0], seen, repository=repo, listed=True)
             self.ledger.mark_walked(repo)
         return len(seen)
 

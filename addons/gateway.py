@@ -7,11 +7,14 @@ server, layer selection, client blocking and h2c refusal, and nothing else (no T
 port is plain HTTP, see hardening.PlainHttpOnly).
 
 Our addons, in hook order:
+0. PolicyFile      the current access policy (reloaded when its file changes; no hooks)
 1. Intake          the request target parsed once, strictly; what kind of request it is
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
-3. RegistryAccess  `/v2…`: token, namespace, route parameters, header hygiene, streaming
-4. TenantIsolation digests a tenant has no record of never reach the backend
-   Listing         the catalog (from the ledger, the caller's names only); tag list pages
+3. RegistryAccess  `/v2…`: token, policy rights (and token scopes), route parameters,
+                   header hygiene, streaming
+4. TenantIsolation digests the caller may not read never reach the backend
+   ImmutableTags   a tag an [[immutable]] rule covers is never overwritten nor deleted
+   Listing         the catalog (from the ledger, what the caller may pull); tag list pages
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
@@ -46,11 +49,13 @@ from addons.accesslog import AccessLog
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
 from addons.gate import Gate
+from addons.immutable import ImmutableTags
 from addons.intake import Intake
 from addons.isolation import TenantIsolation
 from addons.listing import Listing
 from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
+from addons.policy_store import PolicyFile
 from addons.publish import Publisher
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import TokenSigner
@@ -60,13 +65,15 @@ def gateway_addons(secret: bytes | None = None) -> list[Any]:
     """`secret`: the registry-token key `run` made for this run (shared by every worker);
     None makes one for this process alone (a gateway run on its own, tests)."""
     signer = TokenSigner(secret)
-    metrics, capture = Metrics(), Capture()
+    metrics, capture, policies = Metrics(), Capture(), PolicyFile()
     return [
+        policies,
         Intake(),
-        TokenEndpoint(signer),
-        RegistryAccess(signer),
+        TokenEndpoint(signer, policies),
+        RegistryAccess(signer, policies),
         TenantIsolation(),
-        Listing(),
+        ImmutableTags(policies),
+        Listing(policies),
         Gate(),
         AccessLog(metrics),
         capture,

@@ -1,9 +1,12 @@
 """Tenant isolation by digest, independent of the backend (runs after RegistryAccess).
 
-A blob or manifest fetched by digest, or a mount, for a digest the tenant has no record of
-never reaches the backend: 404 BLOB_UNKNOWN / MANIFEST_UNKNOWN, or a plain upload start. A
-manifest may only reference digests the tenant already has. Confirmed uploads and pushes
-(2xx from the backend) create the records.
+A caller may read a digest in a repository it may pull (RegistryAccess decided that) when it
+holds the digest itself (it pushed or mounted it) or the repository references it (recorded
+for the repository: what a grant of pull on it shares, and nothing else). A blob or manifest
+fetched by digest, or a mount, for any other digest never reaches the backend: 404
+BLOB_UNKNOWN / MANIFEST_UNKNOWN, or a plain upload start. A manifest may only reference
+digests the caller may read in its repository. Confirmed uploads and pushes (201 from the
+backend) create the records, for the caller and for the repository.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from mitmproxy.addonmanager import Loader
 from addons import manifest, oci
 from addons.backfill import Walker
 from addons.gate import answered, fail_closed, has_large_body, respond
-from addons.ledger import Ledger, LedgerUnavailable
+from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -113,18 +116,25 @@ class TenantIsolation:
         except Exception as e:  # the backend failed the walk
             raise Unresolved(f"cannot index {arg}: {type(e).__name__}") from None
 
-    async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
-        """Does the tenant hold `digest`? While the start-up walk is unfinished, a miss walks
-        its repository first, then the tenant's other repositories (once). Raises
-        LedgerUnavailable / Unresolved (both 503)."""
+    def _readable(self, tenant: str, digest: str, repository: str | None) -> bool:
         assert self.ledger is not None
         if self.ledger.has(tenant, digest):
             return True
+        return repository is not None and self.ledger.has(holder(repository), digest)
+
+    async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
+        """May the tenant read `digest` in `repository` (it holds it, or the repository
+        does)? While the start-up walk is unfinished, a miss walks the repository first,
+        then the tenant's other repositories (once). Raises LedgerUnavailable / Unresolved
+        (both 503)."""
+        if self._readable(tenant, digest, repository):
+            return True
         if self.walker is None or self.walk_done:
             return False  # walked: whatever exists came in through the gateway since
+        assert self.ledger is not None
         if repository and not self.ledger.walked(repository):
             await self._resolve(repository, self.walker.repository, repository)
-            if self.ledger.has(tenant, digest):
+            if self._readable(tenant, digest, repository):
                 return True
         if tenant not in self._tenants_resolved:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
@@ -243,9 +253,8 @@ class TenantIsolation:
         if rec.route == "upload" and confirmed and confirmed not in pending:
             return  # the backend stored something else than what was named: record nothing
         # A manifest pushed makes its repository one the catalog lists.
-        repository = rec.repository if rec.route == "manifest" else None
         try:
-            self.ledger.add(rec.tenant, pending, repository)
+            self.ledger.add(rec.tenant, pending, rec.repository, listed=rec.route == "manifest")
         except LedgerUnavailable:
             logger.error("ledger: could not record a confirmed push; answering 503")
             rec.decision = "deny:ledger-unavailable"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+SCHEMA = 1  # PRAGMA user_version
 REOPEN_EVERY = 1.0  # seconds between two attempts to reopen a failed ledger
 BUSY_TIMEOUT_MS = 5000  # another gateway process holding the write lock
 
@@ -44,8 +45,16 @@ class LedgerUnavailable(Exception):
     """The ledger cannot answer or record right now (503, retry)."""
 
 
+def holder(repository: str) -> str:
+    """The `tenant` column value under which a repository's own digests are kept: what that
+    repository references, which callers granted pull on it may read. A tenant is one name
+    component, so a leading '/' never clashes with one."""
+    return "/" + repository
+
+
 class Ledger:
-    """(tenant, digest) pairs; positive answers cached in memory (the hot path is a HEAD)."""
+    """(tenant, digest) pairs, and (/repository, digest) pairs: what a repository holds.
+    Positive answers cached in memory (the hot path is a HEAD)."""
 
     CACHE = 100_000
 
@@ -80,6 +89,13 @@ class Ledger:
             db.execute("CREATE TABLE IF NOT EXISTS walked (repository TEXT PRIMARY KEY, at REAL)")
             # Repositories that hold a manifest (for the catalog), by name.
             db.execute("CREATE TABLE IF NOT EXISTS repos (repository TEXT PRIMARY KEY)")
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
+                # Version 1 adds repositories' own records (`/<repository>` rows): walk
+                # everything again once to fill them in.
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute("DELETE FROM walked")
+                    db.execute(f"PRAGMA user_version={SCHEMA}")
             st = os.stat(self.path)
         except BaseException:
             db.close()
@@ -184,18 +200,29 @@ class Ledger:
                 self._remember(key)
         return row is not None
 
-    def add(self, tenant: str, digests: Iterable[str], repository: str | None = None) -> None:
+    def add(
+        self,
+        tenant: str,
+        digests: Iterable[str],
+        repository: str | None = None,
+        listed: bool = False,
+    ) -> None:
         """Record durably, all of them or none (one transaction); raises LedgerUnavailable.
-        `repository`: the repository a manifest was pushed to (listed in the catalog)."""
-        rows = [(tenant, d) for d in dict.fromkeys(digests)]
-        if not rows and repository is None:
+        `repository`: where they were pushed (recorded for it too); `listed`: it now holds a
+        manifest (the catalog lists it)."""
+        unique = list(dict.fromkeys(digests))
+        rows = [(tenant, d) for d in unique]
+        if repository is not None:
+            rows += [(holder(repository), d) for d in unique]
+        listed = listed and repository is not None
+        if not rows and not listed:
             return
 
         def insert(db: sqlite3.Connection) -> None:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
-                if repository is not None:
+                if listed:
                     # Pushed through the gateway: listed, and nothing in it for a walk to find.
                     db.execute("INSERT OR IGNORE INTO repos VALUES (?)", (repository,))
                     db.execute(
@@ -214,7 +241,7 @@ class Ledger:
 
     def count(self, tenant: str | None = None) -> int:
         if tenant is None:
-            sql, args = "SELECT COUNT(*) FROM seen", ()
+            sql, args = "SELECT COUNT(*) FROM seen WHERE tenant NOT LIKE '/%'", ()
         else:
             sql, args = "SELECT COUNT(*) FROM seen WHERE tenant = ?", (tenant,)
         return int(self._run(False, lambda db: db.execute(sql, args).fetchone()[0]))  # type: ignore[arg-type]

@@ -4,10 +4,12 @@
   or ignores `n` and `last` and does not sort (Distribution 2.8): the gateway sorts and pages
   every answer itself.
 - The catalog (`/v2/_catalog?n=&last=`): with tenants, the gateway answers it from the
-  ledger's list of repositories, and only with names the caller may pull (its own namespace).
-  It is never the backend's (unfiltered) catalog filtered: the answer is one index range
-  scan over the caller's own names, so neither its content nor its timing depends on what
-  other tenants hold. Anonymous mode has no tenants: the backend's catalog is passed on.
+  ledger's list of repositories, and only with names the caller may pull under the current
+  policy. It is never the backend's (unfiltered) catalog filtered: the answer is index range
+  scans over the ranges the caller can pull from at all (its own namespace, each pull
+  grant's literal prefix), each name checked against the policy, at most MAX_SCANNED names
+  per page (then the page links on from where the scan stopped). Anonymous mode has no
+  tenants: the backend's catalog is passed on.
 
 Both answer `Link: </v2/…?n=<n>&last=<last>>; rel="next"` (relative) while more remain.
 """
@@ -16,17 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from mitmproxy import ctx, http
 
 from addons import oci, target
 from addons.gate import answered, fail_closed, respond
 from addons.ledger import LedgerUnavailable
+from addons.policy_store import PolicyFile
 from addons.record import record
 
 logger = logging.getLogger(__name__)
 
 CATALOG_PAGE = 1000  # without `n`: the spec lets a registry choose, and link to the rest
+SCAN_BATCH = 1000  # names read from the ledger at once
+MAX_SCANNED = 20_000  # names looked at for one catalog page, whatever the policy
 MAX_TAGS_BODY = 32 * 1024 * 1024  # larger tag lists are streamed as the backend sent them
 _PAGE_TAGS = "tabbify.page-tags"
 
@@ -52,8 +58,43 @@ def json_answer(method: str, payload: dict[str, object], link: str | None) -> ht
     return response
 
 
+def catalog_page(
+    names_after: Callable[[str, str, int], list[str]],
+    prefixes: list[str],
+    pullable: Callable[[str], bool],
+    last: str,
+    n: int,
+) -> tuple[list[str], str | None]:
+    """Up to `n` names the caller may pull, after `last`, in order; and where the next page
+    starts (None: nothing more). `prefixes` do not nest, so their ranges follow each other
+    in sorted order; `names_after(prefix, after, limit)` is one range scan."""
+    found: list[str] = []
+    scanned = 0
+    for prefix in prefixes:
+        if last and prefix + "\x7f" <= last:
+            continue  # the whole range is before this page
+        after = last
+        while True:
+            batch = names_after(prefix, after, SCAN_BATCH)
+            scanned += len(batch)
+            for name in batch:
+                if pullable(name):
+                    found.append(name)
+                    if len(found) > n:
+                        return found[:n], found[n - 1]
+            if len(batch) < SCAN_BATCH:
+                break
+            after = batch[-1]
+            if scanned >= MAX_SCANNED:
+                return found, after  # bounded work: the next page goes on from here
+    return found, None
+
+
 class Listing:
     """Runs after TenantIsolation (whose ledger it reads), before the gate."""
+
+    def __init__(self, policies: PolicyFile) -> None:
+        self.policies = policies
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -68,8 +109,19 @@ class Listing:
             return
         n = int(rec.params.get("n", CATALOG_PAGE))
         last = rec.params.get("last", "")
+        policy = self.policies.current()
         try:
-            names = ledger.repositories(rec.tenant + "/", last, n + 1) if n else []
+            names, after = (
+                catalog_page(
+                    ledger.repositories,
+                    policy.pull_prefixes(rec.tenant, rec.subject),
+                    policy.pullable(rec.tenant, rec.subject),
+                    last,
+                    n,
+                )
+                if n
+                else ([], None)
+            )
         except LedgerUnavailable:
             rec.decision = "deny:ledger"
             respond(
@@ -77,9 +129,7 @@ class Listing:
                 oci.error_response(503, "UNAVAILABLE", "catalog unavailable; retry", method=method),
             )
             return
-        more = len(names) > n
-        names = names[:n]
-        link = next_link("/v2/_catalog", n, names[-1]) if more and names else None
+        link = next_link("/v2/_catalog", n, after) if after else None
         respond(flow, json_answer(method, {"repositories": names}, link))
 
     @fail_closed

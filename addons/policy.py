@@ -778,6 +778,18 @@ class Policy:
         view = self._view(tenant, subject)
         return lambda repository: view.decide(repository, "pull").allowed
 
+    def pull_prefixes(self, tenant: str, subject: str | None) -> list[str]:
+        """Name prefixes outside which this caller can pull nothing: its own namespace and
+        each pull grant's leading literal segments ('' = anywhere). The catalog scans only
+        these ranges (then filters each name with `pullable`)."""
+        prefixes = {tenant + "/"}
+        for grant in self.grant_callers.applying(tenant, subject):
+            if "pull" in grant.actions:
+                prefixes.update(_literal_prefix(glob) for glob in grant.repositories)
+        ordered = sorted(prefixes)
+        # Keep the widest: a prefix inside another one's range adds nothing.
+        return [p for i, p in enumerate(ordered) if not any(p.startswith(q) for q in ordered[:i])]
+
     def is_immutable(self, repository: str, tag: str) -> str | None:
         """The name of the first [[immutable]] rule covering this tag, or None."""
         for rule in self._immutable.matching(repository):
@@ -811,6 +823,19 @@ class Policy:
             if ANY in rule.tenants:
                 fallback = rule
         return fallback
+
+
+def _literal_prefix(glob: str) -> str:
+    """`acme/base/**` → `acme/base/`, `acme/app` → `acme/app`, `*/public/**` → ``."""
+    segments = glob.split("/")
+    lead = []
+    for segment in segments:
+        if segment in ("*", "**"):
+            break
+        lead.append(segment)
+    if not lead:
+        return ""
+    return "/".join(lead) + ("/" if len(lead) < len(segments) else "")
 
 
 class _CallerIndex[R: (Grant, Restrict)]:

@@ -13,12 +13,16 @@ disappears means the default rule, like a file that never existed (CONTRACTS §7
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
 
 from addons.policy import EMPTY, Policy, PolicyError, PolicyFileAbsent, load
 
@@ -127,3 +131,55 @@ def describe(path: Path, policy: Policy) -> str:
         return f"{path}: no policy file: default rule"
     counts = ", ".join(f"{n} {kind}" for kind, n in policy.counts().items())
     return f"{path}: ok ({counts})"
+
+
+class PolicyFile:
+    """The addon holding the gateway's PolicyStore (`registry_policy_file`; empty = the
+    default rule alone). The deciding addons get it at construction and ask `current()` on
+    every request, so an edit applies to tokens already issued. The file is checked by a
+    task of its own, not by requests: an edit that revokes a right applies on time even if
+    no request comes in between (a check driven by requests would let the first one after
+    a quiet hour pass on the old policy)."""
+
+    def __init__(self) -> None:
+        self.store: PolicyStore | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_policy_file", str, "", "Access policy (TOML); absent file = default rule."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "registry_policy_file" not in updated:
+            return
+        path = ctx.options.registry_policy_file
+        if not path:
+            self.store = None
+            return
+        store = PolicyStore(Path(path))
+        try:
+            store.load_initial()
+        except PolicyError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self.store = store
+
+    async def running(self) -> None:
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            store = self.store
+            await asyncio.sleep(store.interval if store is not None else 1.0)
+            if store is not None:
+                try:  # in a thread: a slow disk never stalls the event loop
+                    await asyncio.to_thread(store.current)
+                except Exception:  # the store logs its own errors; keep following
+                    logger.exception("access policy: check failed")
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def current(self) -> Policy:
+        return self.store.policy if self.store is not None else EMPTY

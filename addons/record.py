@@ -26,6 +26,7 @@ class FlowRecord:
     route: str | None = None  # routes.Route.kind once decided: blob, upload, manifest, ...
     params: dict[str, str] = field(default_factory=dict)  # query parameters to forward
     decision: str = "deny"  # allow[:<note>] | deny:<reason>; deny until someone allows
+    rule: str | None = None  # the policy rule that allowed it: owner, grant <file>:<line>
     # Checks that must complete (in the `request` hook, body read) before the flow may be
     # forwarded; the gate refuses a flow that still has one.
     holds: set[str] = field(default_factory=set)

@@ -12,7 +12,8 @@ simply has no such thing), and is 403 DENIED anywhere else, whatever exists ther
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 # distribution-spec grammar (distribution/reference): lower-case components joined by '/'.
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -62,6 +63,24 @@ class Decision:
 
 ALLOW_BASE = Decision(True, route=Route("base"))
 
+# May the caller do `action` (pull, push, delete) on a repository? Decision(True, reason=<the
+# rule that allows it>) or the refusal. The gateway's comes from the access policy.
+Rights = Callable[[str, str], Decision]
+
+# The action each request needs on its repository (policy actions, CONTRACTS §7).
+_ACTIONS = {
+    ("blob", "GET"): "pull", ("blob", "HEAD"): "pull", ("blob", "DELETE"): "delete",
+    ("manifest", "GET"): "pull", ("manifest", "HEAD"): "pull",
+    ("manifest", "PUT"): "push", ("manifest", "DELETE"): "delete",
+    ("tags", "GET"): "pull", ("tags", "HEAD"): "pull",
+    ("referrers", "GET"): "pull", ("referrers", "HEAD"): "pull",
+}  # fmt: skip
+
+
+def action(route: Route, method: str) -> str:
+    """What `method` on `route` does to its repository: uploads are all `push`."""
+    return "push" if route.kind == "upload" else _ACTIONS[(route.kind, method)]
+
 
 def is_component(value: str) -> bool:
     """A valid single repository path component (what a tenant must be)."""
@@ -76,6 +95,15 @@ def owns(tenant: str | None, name: str) -> bool:
     """The tenant prefix is a whole segment: `acme` owns `acme/app`, not `acmex/app` or `acme`.
     No tenant (anonymous dev mode) owns everything."""
     return tenant is None or name.startswith(tenant + "/")
+
+
+def owner_rights(tenant: str | None) -> Rights:
+    """The default rule alone (no policy file): everything in the own namespace."""
+
+    def rights(name: str, _action: str) -> Decision:
+        return Decision(True, reason="owner") if owns(tenant, name) else foreign(tenant, name)
+
+    return rights
 
 
 def parse(path: str, method: str = "GET") -> Route | Decision:
@@ -99,16 +127,21 @@ def parse(path: str, method: str = "GET") -> Route | Decision:
     return Decision(False, 403, "DENIED", "not a repository endpoint")
 
 
-def check(tenant: str | None, path: str, method: str = "GET") -> Decision:
-    """May `tenant` (None = anonymous dev mode) send `method path`? `path` is raw, no query."""
+def check(
+    tenant: str | None, path: str, method: str = "GET", rights: Rights | None = None
+) -> Decision:
+    """May `tenant` (None = anonymous dev mode) send `method path`? `path` is raw, no query.
+    `rights` decides on the repository (default: the owner rule); an allowed decision's
+    `reason` names the rule that allowed it."""
     route = parse(path, method)
     if isinstance(route, Decision):
         if route.status == 405:  # a real endpoint, the wrong method
             return route
         return in_namespace(tenant, path, method) or route
-    if route.name is not None and not owns(tenant, route.name):
-        return foreign(tenant, route.name, route)
-    return Decision(True, route=route)
+    if route.name is None or tenant is None:
+        return Decision(True, route=route)
+    decided = (rights or owner_rights(tenant))(route.name, action(route, method))
+    return replace(decided, route=route)
 
 
 def foreign(tenant: str | None, name: str, route: Route | None = None) -> Decision:
@@ -199,13 +232,18 @@ class Params:
 
 
 def decide_params(
-    tenant: str | None, route: Route, method: str, received: tuple[tuple[str, str], ...]
+    tenant: str | None,
+    route: Route,
+    method: str,
+    received: tuple[tuple[str, str], ...],
+    rights: Rights | None = None,
 ) -> Params:
     """Keep the route's own parameters, each exactly once and in its grammar.
 
     A repeated parameter is refused (parsers disagree on which one counts). A mount whose
-    source the tenant does not own, or that is malformed, is dropped: the upload then starts
-    as a plain one (202), which every client handles, where a 403 would abort a containerd push.
+    source the caller may not pull (`rights`, default the owner rule), or that is malformed,
+    is dropped: the upload then starts as a plain one (202), which every client handles,
+    where a 403 would abort a containerd push.
     """
     grammar = _PARAM_RES.get((route.kind, method), {})
     values: dict[str, str] = {}
@@ -221,7 +259,10 @@ def decide_params(
     if "mount" not in values and "from" not in values:
         return Params(values)
     mount, source = values.get("mount", ""), values.get("from", "")
-    if grammar["mount"].fullmatch(mount) and is_name(source) and owns(tenant, source):
+    readable = is_name(source) and (
+        tenant is None or (rights or owner_rights(tenant))(source, "pull").allowed
+    )
+    if grammar["mount"].fullmatch(mount) and readable:
         return Params(values)
     kept = {k: v for k, v in values.items() if k not in ("mount", "from")}
     return Params(kept, note="mount dropped")

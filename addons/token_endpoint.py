@@ -22,16 +22,16 @@ from mitmproxy.addonmanager import Loader
 from addons import oci
 from addons.authservice import AuthClient, Verdict
 from addons.gate import answered, fail_closed, has_large_body, respond
+from addons.policy import CATALOG_SCOPE, ScopeError, granted_scopes, parse_scope
+from addons.policy_store import PolicyFile
 from addons.record import record
-from addons.routes import NAME
 from addons.target import Target
-from addons.tokens import LIFETIME, TokenSigner
+from addons.tokens import LIFETIME, MAX_SCOPES, TokenSigner
 
 SERVICE = "tabbify-registry"
 # A JWT is three base64url parts; anything else is not worth asking auth about.
 _CREDENTIAL = re.compile(r"[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]*){0,4}")
 _MAX_CREDENTIAL = 16 * 1024
-_SCOPE = re.compile(rf"repository:(?P<name>{NAME}):(?P<actions>[a-z*]+(?:,[a-z*]+)*)")
 
 
 def credential_from_header(value: str) -> str | None:
@@ -70,17 +70,6 @@ def plausible(credential: str) -> bool:
     return len(credential) <= _MAX_CREDENTIAL and _CREDENTIAL.fullmatch(credential) is not None
 
 
-def granted_scopes(tenant: str, requested: list[str]) -> list[str]:
-    """The requested repository scopes inside the tenant's namespace (informational: every
-    request is checked against the namespace anyway)."""
-    granted = []
-    for scope in requested:
-        m = _SCOPE.fullmatch(scope)
-        if m and m["name"].startswith(tenant + "/"):
-            granted.append(scope)
-    return granted
-
-
 def token_payload(token: str, issued: int, scopes: list[str] | None) -> dict[str, object]:
     payload: dict[str, object] = {
         "token": token,
@@ -103,9 +92,23 @@ class Answer:
     auth_seconds: float | None = None  # how long Tabbify auth took, when it was asked
 
 
+def scope_refusal(scopes: list[str]) -> str | None:
+    """Why the requested scopes are refused before auth is asked, or None."""
+    if len(scopes) > MAX_SCOPES:
+        return f"at most {MAX_SCOPES} scopes per token"
+    for scope in scopes:
+        if scope != CATALOG_SCOPE:
+            try:
+                parse_scope(scope)
+            except ScopeError as e:
+                return str(e)
+    return None
+
+
 class TokenEndpoint:
-    def __init__(self, signer: TokenSigner) -> None:
+    def __init__(self, signer: TokenSigner, policies: PolicyFile) -> None:
         self.signer = signer
+        self.policies = policies
         self.client: AuthClient | None = None
 
     def load(self, loader: Loader) -> None:
@@ -190,6 +193,8 @@ class TokenEndpoint:
             return fail(400, "UNSUPPORTED", f"unknown service; this is {SERVICE}", "service")
         if credential is None or not plausible(credential):
             return fail(401, "UNAUTHORIZED", "a Tabbify token is required", "no-credential")
+        if (refusal := scope_refusal(scopes)) is not None:
+            return fail(400, "UNSUPPORTED", refusal, "scope")
 
         verdict = await self.validate(credential)
         timed = functools.partial(dataclasses.replace, auth_seconds=verdict.seconds)
@@ -204,9 +209,14 @@ class TokenEndpoint:
         if verdict.outcome != "granted" or verdict.tenant is None:
             return timed(fail(403, "DENIED", verdict.reason or "no tenant", "tenant"))
 
-        token, issued = self.signer.mint(verdict.tenant)
-        scope = granted_scopes(verdict.tenant, scopes) if method == "POST" else None
-        payload = token_payload(token, issued, scope)
+        # Least privilege: a token asked for scopes carries only those the policy grants
+        # (Distribution's token servers do the same). One asked for none (`docker login`)
+        # carries the caller's rights under the policy, checked again on every request.
+        granted = granted_scopes(self.policies.current(), verdict.tenant, verdict.subject, scopes)
+        token, issued = self.signer.mint(
+            verdict.tenant, subject=verdict.subject, scopes=granted if scopes else None
+        )
+        payload = token_payload(token, issued, granted if method == "POST" else None)
         return Answer(oci.json_response(200, payload), "allow", verdict.tenant, verdict.seconds)
 
     async def validate(self, credential: str) -> Verdict:

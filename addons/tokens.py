@@ -12,8 +12,11 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 
 import jwt
+
+from addons.policy import ScopeError, scope_actions
 
 ISSUER = "tabbify-registry"
 AUDIENCE = "tabbify-registry"
@@ -22,8 +25,26 @@ _ALGORITHMS = ["HS256"]  # pinned: `none`, RS/ES confusion and friends are refus
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
 
 
+MAX_SCOPES = 32  # per token: a token stays far below the 8 KiB a bearer value may have
+
+
 class InvalidToken(Exception):
     """Any reason a bearer value is not a live registry token; never shown in detail."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token speaks for, and what it was issued for."""
+
+    tenant: str
+    subject: str | None = None  # the Tabbify JWT's `sub` (policy rules may name it)
+    # Repository → actions the token was issued for (the granted scopes), or None: a token
+    # asked for without scopes carries every right the policy gives (docker login, then
+    # per-repository tokens). Each request is checked against the policy *and* this.
+    access: dict[str, frozenset[str]] | None = None
+
+    def token_allows(self, repository: str, action: str) -> bool:
+        return self.access is None or action in self.access.get(repository, ())
 
 
 class TokenSigner:
@@ -31,14 +52,21 @@ class TokenSigner:
 
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
-        # token → (tenant, exp): a client sends the same token for minutes; verifying it once
-        # is enough until it expires. Only tokens that passed full verification get here.
-        self._verified: dict[str, tuple[str, int]] = {}
+        # token → (identity, exp): a client sends the same token for minutes; verifying it
+        # once is enough until it expires. Only tokens that passed full verification get here.
+        self._verified: dict[str, tuple[Identity, int]] = {}
 
-    def mint(self, tenant: str, now: float | None = None) -> tuple[str, int]:
-        """A token for `tenant` and its issue time (epoch seconds)."""
+    def mint(
+        self,
+        tenant: str,
+        now: float | None = None,
+        subject: str | None = None,
+        scopes: list[str] | None = None,
+    ) -> tuple[str, int]:
+        """A token for `tenant` (and `subject`), limited to `scopes` when given, and its issue
+        time (epoch seconds)."""
         issued = int(now if now is not None else time.time())
-        claims = {
+        claims: dict[str, object] = {
             "iss": ISSUER,
             "aud": AUDIENCE,
             "sub": tenant,
@@ -47,10 +75,14 @@ class TokenSigner:
             "exp": issued + LIFETIME,
             "jti": uuid.uuid4().hex,
         }
+        if subject is not None:
+            claims["subject"] = subject
+        if scopes is not None:
+            claims["access"] = scopes
         return jwt.encode(claims, self._secret, algorithm="HS256"), issued
 
-    def verify(self, token: str) -> str:
-        """The tenant inside a valid, unexpired token of ours; InvalidToken otherwise."""
+    def verify(self, token: str) -> Identity:
+        """Who a valid, unexpired token of ours speaks for; InvalidToken otherwise."""
         hit = self._verified.get(token)
         if hit is not None and time.time() < hit[1]:
             return hit[0]
@@ -65,10 +97,27 @@ class TokenSigner:
             )
         except (jwt.PyJWTError, ValueError, TypeError) as e:
             raise InvalidToken(type(e).__name__) from None
-        tenant = claims.get("sub")
-        if not isinstance(tenant, str) or not tenant:
-            raise InvalidToken("no tenant")
+        identity = _identity(claims)
         if len(self._verified) >= self.CACHE:
             self._verified.clear()
-        self._verified[token] = (tenant, int(claims["exp"]))
-        return tenant
+        self._verified[token] = (identity, int(claims["exp"]))
+        return identity
+
+
+def _identity(claims: dict[str, object]) -> Identity:
+    """Our own claims, still checked: a signed token is only as good as its shape."""
+    tenant, subject, scopes = claims.get("sub"), claims.get("subject"), claims.get("access")
+    if not isinstance(tenant, str) or not tenant:
+        raise InvalidToken("no tenant")
+    if subject is not None and not isinstance(subject, str):
+        raise InvalidToken("bad subject")
+    if scopes is None:
+        return Identity(tenant, subject)
+    if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
+        raise InvalidToken("bad access")
+    if not all(isinstance(s, str) for s in scopes):
+        raise InvalidToken("bad access")
+    try:
+        return Identity(tenant, subject, scope_actions(scopes))
+    except ScopeError:
+        raise InvalidToken("bad access") from None

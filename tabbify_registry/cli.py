@@ -62,6 +62,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_anonymous={'true' if s.anonymous else 'false'}",
         "--set", f"registry_realm={s.realm}",
         "--set", f"registry_auth_url={s.auth_url or ''}",
+        "--set", f"registry_policy_file={'' if s.anonymous else s.policy_file}",
         # Tenant isolation by digest: only with tenants (auth on).
         "--set", f"registry_ledger={'' if s.anonymous else s.data_dir / 'ledger' / 'ledger.db'}",
         "--set", f"registry_backend={upstream}",

@@ -25,6 +25,7 @@ from addons.accesslog import AccessLog
 from addons.authservice import Verdict
 from addons.gate import SMALL_BODY, Gate
 from addons.intake import Intake
+from addons.policy_store import PolicyFile
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import LIFETIME, TokenSigner
 
@@ -102,9 +103,11 @@ class Gateway:
 def gw() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
-    intake, tokens, access = Intake(), TokenEndpoint(signer), RegistryAccess(signer)
+    policies = PolicyFile()
+    intake = Intake()
+    tokens, access = TokenEndpoint(signer, policies), RegistryAccess(signer, policies)
     gate, log = Gate(), AccessLog(out=out)
-    with taddons.context(intake, tokens, access, gate, log) as tctx:
+    with taddons.context(policies, intake, tokens, access, gate, log) as tctx:
         tctx.configure(access, registry_anonymous=False, registry_realm=REALM)
         tctx.configure(tokens, registry_auth_url="http://127.0.0.1:9/")
         yield Gateway(tctx, signer, intake, tokens, access, gate, log, out)
@@ -114,9 +117,11 @@ def gw() -> Iterator[Gateway]:
 def anon() -> Iterator[Gateway]:
     signer = TokenSigner(SECRET)
     out = io.StringIO()
-    intake, tokens, access = Intake(), TokenEndpoint(signer), RegistryAccess(signer)
+    policies = PolicyFile()
+    intake = Intake()
+    tokens, access = TokenEndpoint(signer, policies), RegistryAccess(signer, policies)
     gate, log = Gate(), AccessLog(out=out)
-    with taddons.context(intake, tokens, access, gate, log) as tctx:
+    with taddons.context(policies, intake, tokens, access, gate, log) as tctx:
         tctx.configure(access, registry_anonymous=True, registry_realm="")
         yield Gateway(tctx, signer, intake, tokens, access, gate, log, out)
 
@@ -622,7 +627,7 @@ def check_token_reply(gw: Gateway, f: http.HTTPFlow) -> dict[str, object]:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", reply["issued_at"])
     issued = datetime.datetime.fromisoformat(reply["issued_at"])
     assert abs(issued.timestamp() - time.time()) < 5
-    assert gw.signer.verify(reply["token"]) == "acme"
+    assert gw.signer.verify(reply["token"]).tenant == "acme"
     return reply
 
 

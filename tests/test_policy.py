@@ -674,3 +674,26 @@ def test_the_example_policy_is_valid_and_means_what_its_comments_say():
     assert p.signature_rules("acme/releases/app")
     assert p.quota("acme").bytes == 500 * 2**30  # type: ignore[union-attr]
     assert p.quota("globex").bytes == 10 * 2**30  # type: ignore[union-attr]
+
+
+def test_pull_prefixes_are_the_ranges_a_caller_can_pull_from():
+    p = parse(
+        """
+[[grant]]
+repositories = ["acme/base/**", "acme/base/x/**", "shared/tools"]
+tenants = ["globex"]
+actions = ["pull"]
+
+[[grant]]
+repositories = ["initech/**"]
+tenants = ["globex"]
+actions = ["push"]
+""",
+        "p.toml",
+    )
+    assert p.pull_prefixes("globex", None) == ["acme/base/", "globex/", "shared/tools"]
+    assert p.pull_prefixes("acme", None) == ["acme/"]
+    anywhere = parse(
+        '[[grant]]\nrepositories = ["*/public/**"]\ntenants = ["*"]\nactions = ["pull"]\n', "p.toml"
+    )
+    assert anywhere.pull_prefixes("globex", None) == [""]

@@ -448,3 +448,36 @@ def test_valid_components(value):
 )
 def test_invalid_components(value):
     assert not is_component(value)
+
+
+def test_the_policy_decides_on_the_action_each_route_needs():
+    asked = []
+
+    def rights(name: str, action: str) -> routes.Decision:
+        asked.append((name, action))
+        return routes.Decision(name == "acme/base/img" and action == "pull", 403, "DENIED", "r")
+
+    for path, method, action in [
+        ("/v2/acme/base/img/manifests/v1", "GET", "pull"),
+        ("/v2/acme/base/img/manifests/v1", "PUT", "push"),
+        ("/v2/acme/base/img/manifests/v1", "DELETE", "delete"),
+        (f"/v2/acme/base/img/blobs/{SHA256}", "HEAD", "pull"),
+        ("/v2/acme/base/img/blobs/uploads/", "POST", "push"),
+        ("/v2/acme/base/img/tags/list", "GET", "pull"),
+    ]:
+        asked.clear()
+        d = check("globex", path, method, rights)
+        assert asked == [("acme/base/img", action)]
+        assert d.allowed == (action == "pull") and d.route is not None
+
+
+def test_a_mount_survives_only_from_a_repository_the_caller_may_pull():
+    def rights(name: str, action: str) -> routes.Decision:
+        return routes.Decision(name.startswith(("globex/", "acme/base/")), reason="grant")
+
+    query = (("mount", SHA256), ("from", "acme/base/img"))
+    kept = decide_params("globex", UPLOAD_START, "POST", query, rights)
+    assert kept.values == dict(query)
+    query = (("mount", SHA256), ("from", "acme/private"))
+    dropped = decide_params("globex", UPLOAD_START, "POST", query, rights)
+    assert dropped.values == {} and dropped.note == "mount dropped"

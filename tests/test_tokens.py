@@ -59,7 +59,7 @@ def signed(payload: dict[str, object], key: bytes = SECRET, algorithm: str = "HS
 
 def test_mint_then_verify_gives_the_tenant(signer):
     token, issued = signer.mint("acme")
-    assert signer.verify(token) == "acme"
+    assert signer.verify(token).tenant == "acme"
     assert abs(issued - time.time()) < 5
 
 
@@ -78,12 +78,12 @@ def test_each_token_is_unique(signer):
 
 def test_hand_signed_token_with_all_claims_verifies(signer):
     """Control for the refusals below: the crafted claims are right when nothing is removed."""
-    assert signer.verify(signed(claims())) == "acme"
+    assert signer.verify(signed(claims())).tenant == "acme"
 
 
 def test_token_just_before_expiry_is_valid(signer):
     token, _ = signer.mint("acme", now=time.time() - LIFETIME + 30)
-    assert signer.verify(token) == "acme"
+    assert signer.verify(token).tenant == "acme"
 
 
 def test_default_signers_have_different_secrets():
@@ -234,3 +234,23 @@ def test_undecodable_header_bytes_are_refused(signer):
     does to the gateway)."""
     with pytest.raises(InvalidToken):
         signer.verify("\udce9")
+
+
+def test_subject_and_granted_scopes_travel_in_the_token():
+    signer = TokenSigner(SECRET)
+    token, _ = signer.mint("acme", subject="ci@acme", scopes=["repository:acme/app:pull"])
+    identity = signer.verify(token)
+    assert identity.tenant == "acme" and identity.subject == "ci@acme"
+    assert identity.token_allows("acme/app", "pull")
+    assert not identity.token_allows("acme/app", "push")
+    assert not identity.token_allows("acme/other", "pull")
+    unscoped = signer.verify(signer.mint("acme")[0])
+    assert unscoped.access is None and unscoped.token_allows("acme/other", "delete")
+
+
+@pytest.mark.parametrize(
+    "access", ["repository:acme/app:pull", ["repository:acme/app:steal"], [1], ["x"] * 33]
+)
+def test_a_signed_token_with_a_malformed_access_claim_is_refused(access):
+    with pytest.raises(InvalidToken):
+        TokenSigner(SECRET).verify(signed(claims(access=access)))

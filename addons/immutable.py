@@ -1,0 +1,152 @@
+"""Immutable tags (CONTRACTS §7 `[[immutable]]`): a tag a rule covers is pushed once, then
+never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIsolation.
+
+- PUT of a manifest to a covered tag: the backend is asked whether the tag exists (HEAD);
+  if it does, 403 DENIED "tag is immutable". The first push goes through.
+- DELETE of a covered tag: 403.
+- DELETE of a manifest by digest removes every tag pointing at it (Distribution), so it is
+  refused when a covered tag of the repository points at that digest.
+
+The backend's answers decide, so a backend that cannot answer fails the request closed
+(503), never open. Two first pushes of one tag racing each other can both pass the check:
+the later one wins, as without the rule (README, known limits).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import httpx
+from mitmproxy import ctx, http
+
+from addons import oci
+from addons.gate import answered, fail_closed, respond
+from addons.policy import Policy
+from addons.policy_store import PolicyFile
+from addons.record import record
+from addons.routes import DIGEST
+
+logger = logging.getLogger(__name__)
+
+_DIGEST = re.compile(DIGEST)
+TIMEOUT = 10.0  # seconds for one backend answer
+MAX_TAG_LIST = 32 * 1024 * 1024  # bytes of a tag list read to protect a digest delete
+MAX_CHECKED = 256  # covered tags resolved for one delete by digest
+_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
+
+
+class BackendUnsure(Exception):
+    """The backend did not say whether a tag exists: fail closed."""
+
+
+class ImmutableTags:
+    def __init__(self, policies: PolicyFile) -> None:
+        self.policies = policies
+        self.client: httpx.AsyncClient | None = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient(
+                base_url=ctx.options.registry_backend, timeout=TIMEOUT, follow_redirects=False
+            )
+        return self.client
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if rec.route != "manifest" or not rec.allowed or answered(flow) or not rec.repository:
+            return
+        method, reference = flow.request.method, rec.reference or ""
+        if method not in ("PUT", "DELETE") or not ctx.options.registry_backend:
+            return
+        policy, repository = self.policies.current(), rec.repository
+        try:
+            if _DIGEST.fullmatch(reference):
+                rule = (
+                    await self._protects(policy, repository, reference)
+                    if method == "DELETE"
+                    else None
+                )
+            else:
+                rule = policy.is_immutable(repository, reference)
+                if (
+                    rule
+                    and method == "PUT"
+                    and await self._digest_of(repository, reference) is None
+                ):
+                    rule = None  # the first push of the tag
+        except (BackendUnsure, httpx.HTTPError) as e:
+            logger.warning("immutable tags: cannot check %s: %s", repository, e)
+            rec.decision = "deny:immutable-unchecked"
+            respond(
+                flow,
+                oci.error_response(
+                    503, "UNAVAILABLE", "cannot check immutable tags now; retry", method=method
+                ),
+            )
+            return
+        if rule:
+            rec.decision = f"deny:tag is immutable ({rule})"
+            respond(
+                flow,
+                oci.error_response(
+                    403, "DENIED", f"tag is immutable ({rule})", method=method, detail=reference
+                ),
+            )
+
+    async def _digest_of(self, repository: str, tag: str) -> str | None:
+        """The digest a tag points at in the backend, None if there is no such tag."""
+        response = await self._client().head(
+            f"/v2/{repository}/manifests/{tag}", headers={"Accept": _ACCEPT}
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise BackendUnsure(f"HEAD of a tag answered {response.status_code}")
+        return response.headers.get("docker-content-digest", "") or "unknown"
+
+    async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
+        """The rule of a covered tag pointing at `digest`, or None."""
+        if not policy.immutables:
+            return None
+        covered: list[tuple[str, str]] = []
+        for tag in await self._tags(repository):
+            rule = policy.is_immutable(repository, tag)
+            if rule:
+                covered.append((tag, rule))
+        if len(covered) > MAX_CHECKED:
+            return f"{covered[0][1]}; more than {MAX_CHECKED} immutable tags to check"
+        for tag, rule in covered:
+            if await self._digest_of(repository, tag) == digest:
+                return rule
+        return None
+
+    async def _tags(self, repository: str) -> list[str]:
+        async with self._client().stream("GET", f"/v2/{repository}/tags/list") as response:
+            if response.status_code == 404:
+                return []
+            if response.status_code != 200:
+                raise BackendUnsure(f"tag list answered {response.status_code}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_TAG_LIST:
+                    raise BackendUnsure("tag list too large")
+        try:
+            tags = json.loads(body).get("tags") or []
+        except (ValueError, AttributeError, RecursionError):
+            raise BackendUnsure("tag list unreadable") from None
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+    async def done(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()

@@ -1,0 +1,245 @@
+"""The access policy (CONTRACTS §7) end to end: the four stories with real clients.
+
+One stack with a policy file: acme shares `acme/base/**` read-only with globex, acme's CI
+identity may push to `acme/ci/**` only, acme's viewer may only pull, and `v*` tags under
+`acme/releases/**` are immutable. Then: edits apply to tokens already issued, a bad edit keeps
+the last good policy, least-privilege tokens, and the catalog follows the grants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import skopeo, skopeo_copy
+from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.stack import Stack, wait_for
+from tests.standins.auth import AuthStandin, tabbify_jwt
+from tests.test_e2e_gateway import bearer, push_blob, sha256, token
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """
+[[grant]]
+repositories = ["acme/base/**"]
+tenants = ["globex"]
+actions = ["pull"]
+
+[[restrict]]
+subjects = ["ci@acme"]
+repositories = ["acme/ci/**"]
+actions = ["pull", "push"]
+
+[[restrict]]
+subjects = ["viewer@acme"]
+actions = ["pull"]
+
+[[immutable]]
+repositories = ["acme/releases/**"]
+tags = ["v*"]
+"""
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+CI = tabbify_jwt({"sub": "ci@acme", "network": "acme"})
+VIEWER = tabbify_jwt({"sub": "viewer@acme", "network": "acme"})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, auth: AuthStandin) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("policy") / "data"
+    data.mkdir()
+    (data / "policy.toml").write_text(POLICY)
+    s = Stack(data, auth.url).start()
+    yield s
+    s.stop()
+
+
+def ref(stack: Stack, repo: str) -> str:
+    return f"docker://{stack.host}/{repo}"
+
+
+def small_image(stack: Stack, repo: str, tag: str, h: dict[str, str]) -> requests.Response:
+    """Push a config and a layer, then a manifest under `tag`; the manifest PUT's answer."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
+    layer = b"layer " + os.urandom(64)
+    push_blob(stack, repo, config.encode(), h)
+    push_blob(stack, repo, layer, h)
+    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+    return requests.put(
+        f"{stack.url}/v2/{repo}/manifests/{tag}",
+        data=body,
+        headers={**h, "Content-Type": OCI_MANIFEST},
+        timeout=10,
+    )
+
+
+def test_a_shared_base_image_is_pulled_and_built_on_with_layers_mounted(
+    stack: Stack, acme_jwt: str, globex_jwt: str, tmp_path: Path
+) -> None:
+    pushed = oci_layout(tmp_path / "base", "v1", layer_sizes=(200_000, 300_000))
+    r = skopeo_copy(f"oci:{tmp_path / 'base'}:v1", ref(stack, "acme/base/img:v1"), acme_jwt)
+    assert r.returncode == 0, r.stderr
+
+    # globex pulls acme's base image as it is: every blob, byte for byte.
+    r = skopeo_copy(ref(stack, "acme/base/img:v1"), f"oci:{tmp_path / 'pulled'}:v1", globex_jwt)
+    assert r.returncode == 0, r.stderr
+    assert layout_blobs(tmp_path / "pulled").keys() >= pushed["blobs"].keys()
+
+    # …and pushes it into its own namespace: the layers are mounted, not uploaded again.
+    before = len(stack.access_log())
+    r = skopeo_copy(ref(stack, "acme/base/img:v1"), ref(stack, "globex/app:v1"), globex_jwt)
+    assert r.returncode == 0, r.stderr
+    new = stack.access_log()[before:]
+    mine = [e for e in new if e["tenant"] == "globex" and e["repository"] == "globex/app"]
+    mounts = [e for e in mine if e["method"] == "POST" and e["status"] == 201]
+    assert len(mounts) == 2, mine  # the two layers (500 kB), by mount
+    sent = sum(e["bytes_in"] for e in mine if e["method"] in ("PATCH", "PUT"))
+    assert sent < 10_000  # the config and the manifest only
+    r = skopeo("inspect", "--tls-verify=false", "--creds", f"x:{globex_jwt}", "--raw",
+               ref(stack, "globex/app:v1"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == pushed["manifest"]
+
+    # Read-only: globex cannot push to or delete in acme/base, nor read elsewhere in acme.
+    g = bearer(token(stack, globex_jwt))
+    denied = small_image_attempt(stack, "acme/base/img", g)
+    assert denied.status_code == 403
+    assert "no rule grants push" in denied.json()["errors"][0]["message"]
+    r = requests.get(f"{stack.url}/v2/acme/private/manifests/v1", headers=g, timeout=10)
+    assert r.status_code == 403
+    # A digest acme holds elsewhere is not readable through the shared repository.
+    a = bearer(token(stack, acme_jwt))
+    secret = push_blob(stack, "acme/private", b"acme only " + os.urandom(8), a)
+    r = requests.get(f"{stack.url}/v2/acme/base/img/blobs/{secret}", headers=g, timeout=10)
+    assert r.status_code == 404
+    # The access log names the rule behind each grant.
+    rules = {e.get("rule") for e in stack.access_log() if e["tenant"] == "globex"}
+    assert any(r and r.startswith("grant ") and r.endswith("policy.toml:2") for r in rules)
+    assert "owner" in rules
+
+
+def test_the_ci_identity_pushes_to_its_path_only(stack: Stack) -> None:
+    ci = bearer(token(stack, CI))
+    assert small_image(stack, "acme/ci/app", "1", ci).status_code == 201
+    r = small_image_attempt(stack, "acme/app", ci)
+    assert r.status_code == 403
+    assert "denied by restrict" in r.json()["errors"][0]["message"]
+
+
+def small_image_attempt(stack: Stack, repo: str, h: dict[str, str]) -> requests.Response:
+    return requests.post(f"{stack.url}/v2/{repo}/blobs/uploads/", headers=h, timeout=10)
+
+
+def test_the_viewer_pulls_and_never_pushes(stack: Stack, acme_jwt: str, tmp_path: Path) -> None:
+    oci_layout(tmp_path / "src", "v1")
+    assert (
+        skopeo_copy(
+            f"oci:{tmp_path / 'src'}:v1", ref(stack, "acme/team/app:v1"), acme_jwt
+        ).returncode
+        == 0
+    )
+    r = skopeo_copy(ref(stack, "acme/team/app:v1"), f"oci:{tmp_path / 'out'}:v1", VIEWER)
+    assert r.returncode == 0, r.stderr
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref(stack, "acme/team/app:v2"), VIEWER)
+    assert r.returncode != 0
+    assert "denied" in r.stderr.lower()
+
+
+def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jwt: str) -> None:
+    a = bearer(token(stack, acme_jwt))
+    first = small_image(stack, "acme/releases/app", "v1.0", a)
+    assert first.status_code == 201, first.text
+    again = small_image(stack, "acme/releases/app", "v1.0", a)
+    assert again.status_code == 403
+    assert "tag is immutable" in again.json()["errors"][0]["message"]
+    digest = first.headers["Docker-Content-Digest"]
+    r = requests.delete(
+        f"{stack.url}/v2/acme/releases/app/manifests/{digest}", headers=a, timeout=10
+    )
+    assert r.status_code == 403 and "tag is immutable" in r.text
+    r = requests.delete(f"{stack.url}/v2/acme/releases/app/manifests/v1.0", headers=a, timeout=10)
+    assert r.status_code == 403
+    # Tags the rule does not cover move freely.
+    assert small_image(stack, "acme/releases/app", "latest", a).status_code == 201
+    assert small_image(stack, "acme/releases/app", "latest", a).status_code == 201
+    # The tag still names the first push.
+    r = requests.head(f"{stack.url}/v2/acme/releases/app/manifests/v1.0",
+                      headers={**a, "Accept": OCI_MANIFEST}, timeout=10)  # fmt: skip
+    assert r.headers["Docker-Content-Digest"] == digest
+
+
+def test_a_pull_only_token_cannot_push_and_the_answer_lists_what_was_granted(
+    stack: Stack, acme_jwt: str, globex_jwt: str
+) -> None:
+    r = requests.post(
+        f"{stack.url}/auth/token",
+        data={
+            "grant_type": "password",
+            "service": "tabbify-registry",
+            "username": "x",
+            "password": globex_jwt,
+            "scope": "repository:acme/base/img:pull,push repository:globex/app:pull "
+            "repository:acme/private:pull",
+        },
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["scope"] == "repository:acme/base/img:pull repository:globex/app:pull"
+
+    pull_only = bearer(token(stack, acme_jwt, "repository:acme/ci/app:pull"))
+    r = small_image_attempt(stack, "acme/ci/app", pull_only)
+    assert r.status_code == 401
+    challenge = r.headers["WWW-Authenticate"]
+    assert 'scope="repository:acme/ci/app:pull,push"' in challenge
+    assert 'error="insufficient_scope"' in challenge
+    r = requests.get(f"{stack.url}/v2/acme/ci/app/tags/list", headers=pull_only, timeout=10)
+    assert r.status_code in (200, 404)  # allowed: the token was issued for pull
+    bad = requests.get(
+        f"{stack.url}/auth/token",
+        params={"service": "tabbify-registry", "scope": "repository:acme/app:steal"},
+        auth=("x", acme_jwt),
+        timeout=10,
+    )
+    assert bad.status_code == 400
+
+
+def test_the_catalog_lists_what_the_caller_may_pull(
+    stack: Stack, globex_jwt: str, acme_jwt: str
+) -> None:
+    a, g = bearer(token(stack, acme_jwt)), bearer(token(stack, globex_jwt))
+    assert small_image(stack, "acme/base/tools", "v1", a).status_code == 201
+    assert small_image(stack, "acme/hidden", "v1", a).status_code == 201
+    assert small_image(stack, "globex/own", "v1", g).status_code == 201
+    r = requests.get(f"{stack.url}/v2/_catalog", headers=g, timeout=10)
+    names = r.json()["repositories"]
+    assert "acme/base/tools" in names and "globex/own" in names
+    assert all(n.startswith(("globex/", "acme/base/")) for n in names), names
+    assert names == sorted(names)
+
+
+def test_policy_edits_apply_to_issued_tokens_and_bad_edits_keep_the_last_good(
+    stack: Stack, acme_jwt: str, globex_jwt: str
+) -> None:
+    a, g = bearer(token(stack, acme_jwt)), bearer(token(stack, globex_jwt))
+    assert small_image(stack, "acme/base/edit", "v1", a).status_code == 201
+    url = f"{stack.url}/v2/acme/base/edit/manifests/v1"
+    head = {**g, "Accept": OCI_MANIFEST}
+    assert requests.head(url, headers=head, timeout=10).status_code == 200
+    policy = stack.data_dir / "policy.toml"
+    try:
+        policy.write_text(POLICY + "\n[[grant\nbroken")  # a bad edit: the last good stays
+        time.sleep(3)
+        assert requests.head(url, headers=head, timeout=10).status_code == 200
+        assert "keeping the last good policy" in stack.log.read_text()
+        started = time.monotonic()
+        policy.write_text(POLICY.replace('tenants = ["globex"]', 'tenants = ["initech"]'))
+        wait_for(lambda: requests.head(url, headers=head, timeout=10).status_code == 403, 10)
+        assert time.monotonic() - started < 5  # with the token issued before the edit
+    finally:
+        policy.write_text(POLICY)
+    wait_for(lambda: requests.head(url, headers=head, timeout=10).status_code == 200, 10)
