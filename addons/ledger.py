@@ -107,7 +107,9 @@ class Ledger:
         """The open connection; reopened after a failure (at most once a second), and, when
         `verify`, after the file was deleted or replaced under it."""
         if self._db is None:
-            if self._clock() < self._retry_at:
+            # Writes wait for the next attempt; reads try at once (a read-only or full
+            # file still answers them, and a miss must not become a 503 for a second).
+            if verify and self._clock() < self._retry_at:
                 raise LedgerUnavailable(self.reason)
             try:
                 self._open()
@@ -285,8 +287,12 @@ class Ledger:
     def check(self) -> None:
         """For the health check, without a request: notice a deleted or replaced file, and
         try to reopen a failed ledger."""
+        if self.state == "ok":
+            probe = "SELECT 1"
+        else:  # up again only once a write succeeds: a read works on a read-only file too
+            probe = "INSERT OR REPLACE INTO walked VALUES ('/health', 0)"
         with contextlib.suppress(LedgerUnavailable):
-            self._run(True, lambda db: db.execute("SELECT 1").fetchone())
+            self._run(True, lambda db: db.execute(probe).fetchone())
 
     def status(self) -> dict[str, object]:
         out: dict[str, object] = {"state": self.state, "since": self.since}

@@ -153,7 +153,8 @@ def raise_fd_limit() -> int:
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return max(256, min(target - 64, 65536))
+    # The run's key sits at minfds + 8 (token_key), which must stay below the limit.
+    return max(16, min(target - 64, 65536))
 
 
 def start_log_relay(s: Settings) -> LogRelay:
