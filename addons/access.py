@@ -3,11 +3,11 @@
 In order: no valid registry token → 401 with the Bearer challenge (realm from configuration,
 never from Host); not a registry API route → 403/405; the action on the repository (pull,
 push, delete) refused by the current access policy → 403 naming the rule, or not covered by
-the scopes the token was issued for → 401 with a challenge for that scope (routes.check with
-`rights`); the route's query parameters kept, each once and in its grammar
-(routes.decide_params; a mount from a repository the caller may not pull is dropped); client
-forwarding and auth headers scrubbed, body streamed both ways, backend addresses removed from
-the answer. The gate then forwards exactly that.
+the scopes the token was issued for → 403 with a challenge for that scope (RFC 6750
+insufficient_scope; routes.check with `rights`); the route's query parameters kept, each once
+and in its grammar (routes.decide_params; a mount from a repository the caller may not pull
+is dropped); client forwarding and auth headers scrubbed, body streamed both ways, backend
+addresses removed from the answer. The gate then forwards exactly that.
 """
 
 from __future__ import annotations
@@ -181,12 +181,12 @@ class RegistryAccess:
             rec.repository, rec.reference = decision.route.name, decision.route.reference
             rec.route = decision.route.kind
         if decision.status == 401 and decision.route is not None:
-            # The policy allows it, the token was not issued for it: ask for one that is
-            # (Distribution's insufficient_scope), which clients do by themselves.
+            # The policy allows it, the token was not issued for it. RFC 6750's answer:
+            # 403 with a challenge naming the scope needed (error="insufficient_scope"); a
+            # client that reuses one token across operations (oras-py) asks for a new one on
+            # a 403, and retries with the same token on a 401.
             value = challenge(realm, decision.route, method) + ',error="insufficient_scope"'
-            return deny(
-                401, "UNAUTHORIZED", decision.reason, "scope", **{"WWW-Authenticate": value}
-            )
+            return deny(403, "DENIED", decision.reason, "scope", **{"WWW-Authenticate": value})
         if not decision.allowed or decision.route is None:
             return deny(decision.status, decision.code, decision.reason)
         rec.rule = decision.reason or None

@@ -193,7 +193,8 @@ def test_a_pull_only_token_cannot_push_and_the_answer_lists_what_was_granted(
 
     pull_only = bearer(token(stack, acme_jwt, "repository:acme/ci/app:pull"))
     r = small_image_attempt(stack, "acme/ci/app", pull_only)
-    assert r.status_code == 401
+    assert r.status_code == 403
+    assert "token not issued for push" in r.json()["errors"][0]["message"]
     challenge = r.headers["WWW-Authenticate"]
     assert 'scope="repository:acme/ci/app:pull,push"' in challenge
     assert 'error="insufficient_scope"' in challenge
