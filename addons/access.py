@@ -44,10 +44,23 @@ def bearer_token(headers: http.Headers) -> str | None:
     return token
 
 
-def challenge(realm: str, route: routes.Route | routes.Decision, method: str) -> str:
+def challenge(
+    realm: str,
+    route: routes.Route | routes.Decision,
+    method: str,
+    params: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """The Bearer challenge, with the scopes the request needs: its repository's, and for a
+    mount the source's pull too (as Distribution asks), so that a client that takes the
+    challenge's scope for its token (reggie, oras-py) gets one the mount can use."""
     value = f'Bearer realm="{realm}",service="{SERVICE}"'
     if isinstance(route, routes.Route) and route.name:
-        value += f',scope="repository:{route.name}:{scope_actions(route, method)}"'
+        scopes = [f"repository:{route.name}:{scope_actions(route, method)}"]
+        source = dict(params).get("from", "")
+        mount = route.kind == "upload" and method == "POST"
+        if mount and routes.is_name(source) and source != route.name:
+            scopes.append(f"repository:{source}:pull")
+        value += f',scope="{" ".join(scopes)}"'
     return value
 
 
@@ -171,7 +184,7 @@ class RegistryAccess:
                     "UNAUTHORIZED",
                     f"authentication required: log in to {registry_host(realm)} first",
                     "unauthenticated",
-                    **{"WWW-Authenticate": challenge(realm, route, method)},
+                    **{"WWW-Authenticate": challenge(realm, route, method, rec.target.params)},
                 )
             rec.tenant, rec.subject = identity.tenant, identity.subject
         caller = rights(self.policies.current(), identity) if identity else None
@@ -185,7 +198,8 @@ class RegistryAccess:
             # 403 with a challenge naming the scope needed (error="insufficient_scope"); a
             # client that reuses one token across operations (oras-py) asks for a new one on
             # a 403, and retries with the same token on a 401.
-            value = challenge(realm, decision.route, method) + ',error="insufficient_scope"'
+            value = challenge(realm, decision.route, method, rec.target.params)
+            value += ',error="insufficient_scope"'
             return deny(403, "DENIED", decision.reason, "scope", **{"WWW-Authenticate": value})
         if not decision.allowed or decision.route is None:
             return deny(decision.status, decision.code, decision.reason)

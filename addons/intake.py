@@ -28,7 +28,9 @@ class Intake:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec, method = record(flow), flow.request.method
         try:
-            rec.target = target.parse(flow.request.data.path)
+            raw = flow.request.data.path
+            # The token endpoint's query is the gateway's own (form-decoded, never forwarded).
+            rec.target = target.parse(raw, form=raw.split(b"?", 1)[0] == TOKEN_PATH.encode())
         except target.TargetError as e:
             rec.decision = "deny:malformed-target"
             # Whatever follows a malformed request on this connection is not trusted either.

@@ -19,6 +19,10 @@ Grammar of what passes (origin-form; absolute-form is reduced to its path and qu
     pct-encoded = "%" HEXDIG HEXDIG   (decoded bytes must be UTF-8)
 
 Which keys a route takes, and the grammar of their values, is routes.py's business.
+
+One exception: the token endpoint's query is answered by the gateway and never forwarded, so
+there (`form=True`) a `+` is taken as a space, as clients that encode with Go's url.Values
+send several scopes in one `scope` value.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from urllib.parse import quote
 MAX_TARGET = 16 * 1024  # Go's default header limit is 1 MiB; no registry URL is near 16 KiB
 _PATH = re.compile(r"/[A-Za-z0-9\-._~/:=]*")
 _QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~/:,@!$'()*%&=]*")
+_FORM_QUERY_CHARS = re.compile(r"[A-Za-z0-9\-._~/:,@!$'()*%&=+]*")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # What `canonical` leaves unescaped in values: unreserved plus `/` and `:` (names, digests).
@@ -49,7 +54,9 @@ class Target:
         return [v for k, v in self.params if k == key]
 
 
-def _decode(component: str) -> str:
+def _decode(component: str, form: bool = False) -> str:
+    if form:
+        component = component.replace("+", " ")
     if _BAD_ESCAPE.search(component):
         raise TargetError("malformed percent-escape in the query")
     raw = _ESCAPE.sub(lambda m: chr(int(m[1], 16)), component).encode("latin-1")
@@ -59,8 +66,9 @@ def _decode(component: str) -> str:
         raise TargetError("query parameter is not UTF-8") from None
 
 
-def parse(raw: bytes) -> Target:
-    """Parse a raw origin-form target (`path?query`). Raises TargetError."""
+def parse(raw: bytes, form: bool = False) -> Target:
+    """Parse a raw origin-form target (`path?query`); `form`: `+` is a space (a query the
+    gateway answers itself, never forwarded). Raises TargetError."""
     if len(raw) > MAX_TARGET:
         raise TargetError("request target too long")
     try:
@@ -72,14 +80,14 @@ def parse(raw: bytes) -> Target:
         raise TargetError("request path has characters outside the registry grammar")
     if not sep or not query:
         return Target(path, ())
-    if not _QUERY_CHARS.fullmatch(query):
+    if not (_FORM_QUERY_CHARS if form else _QUERY_CHARS).fullmatch(query):
         raise TargetError("request query has characters that parsers read differently")
     params = []
     for pair in query.split("&"):
         key, _, value = pair.partition("=")
         if not key:
             raise TargetError("empty query parameter")
-        params.append((_decode(key), _decode(value)))
+        params.append((_decode(key, form), _decode(value, form)))
     return Target(path, tuple(params))
 
 

@@ -1036,3 +1036,16 @@ def test_access_log_never_contains_credentials(gw):
         assert secret not in text
         assert secret.split(".")[2] not in text  # not even the signature part
     assert "Basic " not in text and "Bearer" not in text
+
+
+def test_the_challenge_of_a_mount_asks_for_the_source_too():
+    from addons.access import challenge
+    from addons.routes import Route
+
+    route = Route("upload", "acme/app", None)
+    params = (("mount", "sha256:" + "a" * 64), ("from", "acme/base"))
+    value = challenge("http://r/auth/token", route, "POST", params)
+    assert 'scope="repository:acme/app:pull,push repository:acme/base:pull"' in value
+    assert 'scope="repository:acme/app:pull"' in challenge(
+        "http://r/auth/token", Route("manifest", "acme/app", "v1"), "GET"
+    )

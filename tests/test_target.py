@@ -69,3 +69,12 @@ def test_the_forwarded_target_is_rebuilt_from_the_decision():
     assert target.canonical("/u", {"_state": state}) == "/u?_state=YWJj%2B/%3D%3D"
     again = target.parse(target.canonical("/u", {"_state": state, "q": "a&b=c#d"}).encode())
     assert dict(again.params) == {"_state": state, "q": "a&b=c#d"}
+
+
+def test_a_plus_is_a_space_only_where_the_gateway_answers_itself():
+    raw = b"/auth/token?service=x&scope=repository:a/b:pull+repository:a/c:pull"
+    assert target.parse(raw, form=True).get_all("scope") == [
+        "repository:a/b:pull repository:a/c:pull"
+    ]
+    with pytest.raises(target.TargetError):
+        target.parse(b"/v2/a/b/tags/list?last=a+b")
