@@ -168,6 +168,17 @@ class Ledger:
 
     # --- records ----------------------------------------------------------------------------
 
+    def cached(self, tenant: str, digest: str) -> bool:
+        """Known from memory (never blocks): the hot path of a HEAD or GET by digest."""
+        # No lock: a writer may hold it through an fsync or a PUT, and the event loop must
+        # not wait for that. Single dict operations are atomic; an entry evicted meanwhile
+        # is simply a miss.
+        try:
+            self._cache.move_to_end((tenant, digest))
+        except KeyError:
+            return False
+        return True
+
     def has(self, tenant: str, digest: str) -> bool:
         key = (tenant, digest)
         if key in self._cache:

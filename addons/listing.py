@@ -14,6 +14,7 @@ Both answer `Link: </v2/…?n=<n>&last=<last>>; rel="next"` (relative) while mor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -56,7 +57,7 @@ class Listing:
     """Runs after TenantIsolation (whose ledger it reads), before the gate."""
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
         if rec.route != "catalog" or not rec.allowed or answered(flow) or rec.tenant is None:
             return  # anonymous mode: the backend's own catalog
@@ -69,7 +70,12 @@ class Listing:
         n = int(rec.params.get("n", CATALOG_PAGE))
         last = rec.params.get("last", "")
         try:
-            names = ledger.repositories(rec.tenant + "/", last, n + 1) if n else []
+            # Off the event loop: one index scan, or one LIST on a shared S3 ledger.
+            names = (
+                await asyncio.to_thread(ledger.repositories, rec.tenant + "/", last, n + 1)
+                if n
+                else []
+            )
         except LedgerUnavailable:
             rec.decision = "deny:ledger"
             respond(
