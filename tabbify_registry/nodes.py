@@ -109,9 +109,6 @@ def parse_members(value: str) -> tuple[str, ...]:
         raise NodesError(
             "REGISTRY_CLUSTER_MEMBERS: one member is no cluster; list every node, or unset it"
         )
-    if len({m.rsplit(":", 1)[1] for m in members}) > 1:
-        # Zot finds itself among the members by its own addresses and its one http.port.
-        raise NodesError("REGISTRY_CLUSTER_MEMBERS: every member must use the same port")
     return members
 
 
@@ -161,6 +158,9 @@ def refuse_split_state(nodes: Nodes, storage: str, backend: str) -> None:
             "tenant's push through one node would be unknown (404) on the others"
         )
     if backend == "zot":
+        if len({m.rsplit(":", 1)[1] for m in nodes.cluster_members}) > 1:
+            # Zot finds itself among the members by its own addresses and its one http.port.
+            raise NodesError("REGISTRY_CLUSTER_MEMBERS: every Zot member must use the same port")
         if nodes.cache_url is None:
             raise NodesError(
                 "REGISTRY_CLUSTER_MEMBERS: Zot on several nodes needs a shared dedupe cache, "
