@@ -25,6 +25,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 from addons import policy_store, token_keys
 from addons.policy import PolicyError
@@ -251,6 +252,21 @@ def write_backend_config(s: Settings) -> Path:
     return path
 
 
+def printable_config(s: Settings) -> dict[str, object]:
+    """What `config` prints: the rendered config without its secrets (the upload secret and
+    a password inside REGISTRY_CACHE_URL are named, not shown)."""
+    if s.nodes.http_secret_file is not None:
+        config = backend_config.render(
+            s, f"<from REGISTRY_HTTP_SECRET_FILE={s.nodes.http_secret_file}>"
+        )
+    else:
+        config = backend_config.render(s)
+    cache = config.get("storage", {}).get("cacheDriver")
+    if isinstance(cache, dict) and urlsplit(cache.get("url", "")).password:
+        cache["url"] = "<REGISTRY_CACHE_URL: it holds a password>"
+    return config
+
+
 def wait_reaping(pid: int) -> int:
     """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
     inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
@@ -327,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":
-            print(json.dumps(backend_config.render(settings_mod.load(env)), indent=2))
+            print(json.dumps(printable_config(settings_mod.load(env)), indent=2))
         else:
             s = settings_mod.load(env)
             if s.mesh_coordinator_url is None:

@@ -275,3 +275,13 @@ def test_a_gateway_follows_its_key_file(tmp_path: Path) -> None:
     path.unlink()
     assert not watcher.reload()
     assert signer.verify(old) == "acme"
+
+
+def test_config_prints_no_secret_of_several_nodes(tmp_path: Path) -> None:
+    env = {**ZOT, "REGISTRY_CACHE_URL": "redis://zot:hunter2hunter2@redis.mesh:6379"}
+    printed = str(cli.printable_config(load(env)))
+    assert "hunter2" not in printed and "REGISTRY_CACHE_URL" in printed
+    plain = cli.printable_config(load(ZOT))
+    assert plain["storage"]["cacheDriver"]["url"] == "redis://redis.mesh:6379"  # type: ignore[index]
+    shown = cli.printable_config(load({**DISTRIBUTION, "REGISTRY_DATA_DIR": str(tmp_path)}))
+    assert shown["http"]["secret"] == "<from REGISTRY_HTTP_SECRET_FILE=/run/secrets/http-secret>"  # type: ignore[index]
