@@ -204,11 +204,23 @@ def kill_node(stack: Stack) -> None:
     stack.proc.wait()
 
 
-def test_node_lost_mid_pull_the_retry_on_the_other_node_succeeds(nodes, acme_jwt):
+def test_node_lost_mid_transfer_pull_retried_and_upload_resumed_on_the_other_node(nodes, acme_jwt):
     a, b = nodes
     blob = os.urandom(64 << 20)
     h = bearer(token(a, acme_jwt))
     digest = push_blob(a, "acme/big", blob, h)
+    # An upload with its first chunk acknowledged by A, to be finished after A is gone.
+    first, second = os.urandom(6 << 20), os.urandom(1 << 20)
+    r = requests.post(f"{a.url}/v2/acme/resumed/blobs/uploads/", headers=h, timeout=10)
+    assert r.status_code == 202, r.text
+    r = requests.patch(
+        a.url + r.headers["Location"],
+        data=first,
+        headers={**h, "Content-Type": "application/octet-stream"},
+        timeout=60,
+    )
+    assert r.status_code == 202, r.text
+    upload = r.headers["Location"]
     received, failed = 0, False
     with requests.get(
         f"{a.url}/v2/acme/big/blobs/{digest}", headers=h, stream=True, timeout=30
@@ -228,3 +240,18 @@ def test_node_lost_mid_pull_the_retry_on_the_other_node_succeeds(nodes, acme_jwt
     assert r.status_code == 200
     assert hashlib.sha256(r.content).hexdigest() == digest.removeprefix("sha256:")
     assert time.monotonic() - start < 60
+    # The upload resumes on B from the last offset A acknowledged.
+    r = requests.patch(
+        b.url + upload,
+        data=second,
+        headers={
+            **h,
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{len(first)}-{len(first) + len(second) - 1}",
+        },
+        timeout=60,
+    )
+    assert r.status_code == 202, r.text
+    whole = sha256(first + second)
+    r = requests.put(b.url + r.headers["Location"], params={"digest": whole}, headers=h, timeout=60)
+    assert r.status_code == 201, r.text
