@@ -61,6 +61,7 @@ class Ledger:
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.recovered = 0  # times the file was found deleted or replaced
+        self.hits = self.misses = 0  # lookups answered from memory / that asked the file
         with self._lock:
             self._open()
 
@@ -177,6 +178,7 @@ class Ledger:
             self._cache.move_to_end((tenant, digest))
         except KeyError:
             return False
+        self.hits += 1
         return True
 
     def has(self, tenant: str, digest: str) -> bool:
@@ -184,6 +186,7 @@ class Ledger:
         if key in self._cache:
             self._cache.move_to_end(key)
             return True
+        self.misses += 1
         row = self._run(
             False,
             lambda db: db.execute(

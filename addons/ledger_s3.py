@@ -139,6 +139,7 @@ class S3Ledger:
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.recovered = 0  # nothing to recreate: the bucket is the record
+        self.hits = self.misses = 0  # lookups answered from memory / that asked the bucket
         self.check()  # a bucket that cannot be reached at start: down, retried, not fatal
 
     # --- S3 calls, each turning any failure into LedgerUnavailable -------------------------
@@ -215,6 +216,12 @@ class S3Ledger:
         # No lock: a writer may hold it through an fsync or a PUT, and the event loop must
         # not wait for that. Single dict operations are atomic; an entry evicted meanwhile
         # is simply a miss.
+        if not self._known(tenant, digest):
+            return False
+        self.hits += 1
+        return True
+
+    def _known(self, tenant: str, digest: str) -> bool:
         try:
             self._cache.move_to_end((tenant, digest))
         except KeyError:
@@ -222,8 +229,9 @@ class S3Ledger:
         return True
 
     def has(self, tenant: str, digest: str) -> bool:
-        if self.cached(tenant, digest):
+        if self._known(tenant, digest):
             return True
+        self.misses += 1
         found = self._exists(self._seen_key(tenant, digest))
         self._up()
         if found:
@@ -235,7 +243,7 @@ class S3Ledger:
         """Record durably (each PUT is durable when answered); raises LedgerUnavailable if any
         failed. Idempotent, so a retried push writes the same objects again; a partial record
         only names content the backend already confirmed for this tenant."""
-        pairs = [(tenant, d) for d in dict.fromkeys(digests) if not self.cached(tenant, d)]
+        pairs = [(tenant, d) for d in dict.fromkeys(digests) if not self._known(tenant, d)]
         keys = [self._seen_key(t, d) for t, d in pairs]
         new_repo = repository is not None and repository not in self._repos_known
         if repository is not None and new_repo:

@@ -6,7 +6,8 @@
 
 Both ledgers answer the same calls: `cached` (memory only), `has`, `add`, `walked`,
 `mark_walked`, `repositories`, `count`, `check`, `status`, `close`, and carry `state`,
-`errors`, `recovered`. Every call but `cached`, `status` and `close` may block on I/O.
+`errors`, `recovered`, `hits` and `misses` (lookups from memory / from the store). Every
+call but `cached`, `status` and `close` may block on I/O.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class AnyLedger(Protocol):
     state: str
     errors: int
     recovered: int
+    hits: int
+    misses: int
 
     def cached(self, tenant: str, digest: str) -> bool: ...
     def has(self, tenant: str, digest: str) -> bool: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ import requests
 
 from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
-from tests.stack import CLI, Stack
+from tests.stack import CLI, Stack, wait_for
 from tests.standins.seaweed import SeaweedS3
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 from tests.test_e2e_storage import s3_env
@@ -116,6 +117,15 @@ def test_isolation_holds_across_nodes(nodes, acme_jwt, globex_jwt):
     r = requests.head(f"{b.url}/v2/acme/other/blobs/{digest}", headers=acme_b, timeout=10)
     assert r.status_code in (200, 404)  # isolation lets it through; the backend answers
     assert r.headers.get("Docker-Content-Digest", digest) == digest
+    # B's operator sees the lookups its ledger made in the bucket, and the ones from memory.
+    admin = f"http://{b.env['REGISTRY_ADMIN_ADDR']}/metrics"
+    wait_for(lambda: lookups(requests.get(admin, timeout=5).text)["hit"] >= 1, 10)
+    assert lookups(requests.get(admin, timeout=5).text)["miss"] >= 2
+
+
+def lookups(metrics: str) -> dict[str, int]:
+    found = dict(re.findall(r'tabbify_ledger_lookups_total\{result="(\w+)"\} (\d+)', metrics))
+    return {k: int(v) for k, v in found.items()} | {"hit": int(found.get("hit", 0))}
 
 
 def test_a_chunked_upload_started_on_one_node_finishes_on_the_other(nodes, acme_jwt):

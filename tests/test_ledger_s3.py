@@ -131,6 +131,9 @@ def test_costs_hit_miss_and_confirmation(s3: SeaweedS3) -> None:
     assert counting.calls == {"put_object": 1}  # the repository is known now
     counting.calls.clear()
     assert ledger.walked("acme/app") and not counting.calls
+    assert (ledger.hits, ledger.misses) == (0, 1)  # `has` on a cached digest: not a lookup
+    assert ledger.cached("acme", D[0]) and not ledger.cached("acme", D[8])
+    assert (ledger.hits, ledger.misses) == (1, 1)  # what isolation's hot path counts
 
 
 @pytest.fixture(params=["sqlite", "s3"])
