@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from addons import manifest
-from addons.ledger import Ledger
+from addons.ledgers import AnyLedger
 from addons.routes import TAG, is_name
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ _TAG = re.compile(TAG)
 
 
 class Walker:
-    def __init__(self, base: str, ledger: Ledger) -> None:
+    def __init__(self, base: str, ledger: AnyLedger) -> None:
         self.base = base.rstrip("/")
         self.ledger = ledger
         self._local = threading.local()  # one HTTP session per thread (walks run in several)

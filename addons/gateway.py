@@ -30,6 +30,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import exceptions, master, options
@@ -58,15 +59,19 @@ from addons.metrics import Metrics
 from addons.policy_store import PolicyFile
 from addons.publish import Publisher
 from addons.token_endpoint import TokenEndpoint
+from addons.token_keys import TokenKeyFile
 from addons.tokens import TokenSigner
 
 
-def gateway_addons(secret: bytes | None = None) -> list[Any]:
+def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) -> list[Any]:
     """`secret`: the registry-token key `run` made for this run (shared by every worker);
-    None makes one for this process alone (a gateway run on its own, tests)."""
+    None makes one for this process alone (a gateway run on its own, tests). `key_file`:
+    REGISTRY_TOKEN_KEY_FILE, keys shared by several nodes (addons/token_keys.py), instead."""
     signer = TokenSigner(secret)
     metrics, capture, policies = Metrics(), Capture(), PolicyFile()
+    keys = [TokenKeyFile(signer, key_file)] if key_file else []
     return [
+        *keys,
         policies,
         Intake(),
         TokenEndpoint(signer, policies),
@@ -83,7 +88,11 @@ def gateway_addons(secret: bytes | None = None) -> list[Any]:
 
 
 def make_master(
-    opts: options.Options, mode: list[str], settings: list[str], secret: bytes | None = None
+    opts: options.Options,
+    mode: list[str],
+    settings: list[str],
+    secret: bytes | None = None,
+    key_file: Path | None = None,
 ) -> master.Master:
     """The master with its addons, then the options: every addon's `configure` sees them."""
     m = master.Master(opts, with_termlog=False)
@@ -97,7 +106,7 @@ def make_master(
         next_layer.NextLayer(),
         block.Block(),
         disable_h2c.DisableH2C(),
-        *gateway_addons(secret),
+        *gateway_addons(secret, key_file),
     )
     opts.update(mode=mode)
     opts.set(*settings)
@@ -120,12 +129,16 @@ async def run(argv: list[str]) -> None:
     parser.add_argument(
         "--token-fd", type=int, help="descriptor of the run's registry-token key (memfd)"
     )
+    parser.add_argument(
+        "--token-key-file", type=Path, help="REGISTRY_TOKEN_KEY_FILE: shared keys (wins)"
+    )
     args = parser.parse_args(argv)
 
     hardening.apply()  # mitmproxy engine patches: see addons/hardening.py
     try:
-        secret = read_secret(args.token_fd) if args.token_fd is not None else None
-        m = make_master(options.Options(), args.mode, args.set, secret)
+        key_file = args.token_key_file
+        secret = read_secret(args.token_fd) if args.token_fd is not None and not key_file else None
+        m = make_master(options.Options(), args.mode, args.set, secret, key_file)
     except (exceptions.OptionsError, OSError, ValueError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         sys.exit(1)

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
@@ -23,7 +22,8 @@ from mitmproxy.addonmanager import Loader
 from addons import manifest, oci
 from addons.backfill import Walker
 from addons.gate import answered, fail_closed, has_large_body, respond
-from addons.ledger import Ledger, LedgerUnavailable, holder
+from addons.ledger import LedgerUnavailable, holder
+from addons.ledgers import AnyLedger, open_ledger
 from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -43,7 +43,7 @@ class Unresolved(Exception):
 
 class TenantIsolation:
     def __init__(self) -> None:
-        self.ledger: Ledger | None = None
+        self.ledger: AnyLedger | None = None
         self.walker: Walker | None = None
         self.walk_done = False  # this process has walked everything it had not seen
         self._resolving: dict[str, asyncio.Future[int]] = {}
@@ -51,7 +51,9 @@ class TenantIsolation:
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("registry_ledger", str, "", "Ledger database path; empty = off.")
+        loader.add_option(
+            "registry_ledger", str, "", "Ledger: a SQLite path or s3://bucket/prefix; empty = off."
+        )
         loader.add_option("registry_run", str, "", "This run's id (the start-up walk's marker).")
         loader.add_option(
             "registry_backend", str, "", "Backend base URL, walked at start to backfill."
@@ -62,7 +64,7 @@ class TenantIsolation:
             if self.ledger:
                 self.ledger.close()
             path = ctx.options.registry_ledger
-            self.ledger = Ledger(Path(path)) if path else None
+            self.ledger = open_ledger(path) if path else None
 
     async def running(self) -> None:
         if self.ledger is None or not ctx.options.registry_backend:
@@ -116,31 +118,38 @@ class TenantIsolation:
         except Exception as e:  # the backend failed the walk
             raise Unresolved(f"cannot index {arg}: {type(e).__name__}") from None
 
-    def _readable(self, tenant: str, digest: str, repository: str | None) -> bool:
-        assert self.ledger is not None
-        if self.ledger.has(tenant, digest):
+    async def _readable(self, tenant: str, digest: str, repository: str | None) -> bool:
+        if await self._lookup(tenant, digest):
             return True
-        return repository is not None and self.ledger.has(holder(repository), digest)
+        return repository is not None and await self._lookup(holder(repository), digest)
 
     async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
         """May the tenant read `digest` in `repository` (it holds it, or the repository
         does)? While the start-up walk is unfinished, a miss walks the repository first,
         then the tenant's other repositories (once). Raises LedgerUnavailable / Unresolved
         (both 503)."""
-        if self._readable(tenant, digest, repository):
+        if await self._readable(tenant, digest, repository):
             return True
         if self.walker is None or self.walk_done:
             return False  # walked: whatever exists came in through the gateway since
         assert self.ledger is not None
-        if repository and not self.ledger.walked(repository):
+        if repository and not await asyncio.to_thread(self.ledger.walked, repository):
             await self._resolve(repository, self.walker.repository, repository)
-            if self._readable(tenant, digest, repository):
+            if await self._readable(tenant, digest, repository):
                 return True
         if tenant not in self._tenants_resolved:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
             self._tenants_resolved.add(tenant)
-            return self.ledger.has(tenant, digest)
+            return await self._lookup(tenant, digest)
         return False
+
+    async def _lookup(self, tenant: str, digest: str) -> bool:
+        """A hit is answered from memory; a miss asks the ledger off the event loop (one
+        SQLite lookup, or one HEAD on a shared S3 ledger)."""
+        assert self.ledger is not None
+        if self.ledger.cached(tenant, digest):
+            return True
+        return await asyncio.to_thread(self.ledger.has, tenant, digest)
 
     def _active(self, rec: FlowRecord) -> bool:
         return self.ledger is not None and rec.allowed and rec.tenant is not None
@@ -242,7 +251,7 @@ class TenantIsolation:
             flow.response.stream = False
 
     @fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         pending = flow.metadata.pop(_PENDING, None)
         rec = record(flow)
         if not pending or self.ledger is None or rec.tenant is None or flow.response is None:
@@ -254,7 +263,9 @@ class TenantIsolation:
             return  # the backend stored something else than what was named: record nothing
         # A manifest pushed makes its repository one the catalog lists.
         try:
-            self.ledger.add(rec.tenant, pending, rec.repository, listed=rec.route == "manifest")
+            # Off the event loop: an fsync, or PUTs to a shared ledger.
+            listed = rec.route == "manifest"
+            await asyncio.to_thread(self.ledger.add, rec.tenant, pending, rec.repository, listed)
         except LedgerUnavailable:
             logger.error("ledger: could not record a confirmed push; answering 503")
             rec.decision = "deny:ledger-unavailable"

@@ -70,6 +70,7 @@ class Ledger:
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.recovered = 0  # times the file was found deleted or replaced
+        self.hits = self.misses = 0  # lookups answered from memory / that asked the file
         with self._lock:
             self._open()
 
@@ -186,11 +187,24 @@ class Ledger:
 
     # --- records ----------------------------------------------------------------------------
 
+    def cached(self, tenant: str, digest: str) -> bool:
+        """Known from memory (never blocks): the hot path of a HEAD or GET by digest."""
+        # No lock: a writer may hold it through an fsync or a PUT, and the event loop must
+        # not wait for that. Single dict operations are atomic; an entry evicted meanwhile
+        # is simply a miss.
+        try:
+            self._cache.move_to_end((tenant, digest))
+        except KeyError:
+            return False
+        self.hits += 1
+        return True
+
     def has(self, tenant: str, digest: str) -> bool:
         key = (tenant, digest)
         if key in self._cache:
             self._cache.move_to_end(key)
             return True
+        self.misses += 1
         row = self._run(
             False,
             lambda db: db.execute(

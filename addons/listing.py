@@ -16,6 +16,7 @@ Both answer `Link: </v2/…?n=<n>&last=<last>>; rel="next"` (relative) while mor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class Listing:
         self.policies = policies
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
         if rec.route != "catalog" or not rec.allowed or answered(flow) or rec.tenant is None:
             return  # anonymous mode: the backend's own catalog
@@ -111,8 +112,10 @@ class Listing:
         last = rec.params.get("last", "")
         policy = self.policies.current()
         try:
+            # Off the event loop: index scans, or LISTs on a shared S3 ledger.
             names, after = (
-                catalog_page(
+                await asyncio.to_thread(
+                    catalog_page,
                     ledger.repositories,
                     policy.pull_prefixes(rec.tenant, rec.subject),
                     policy.pullable(rec.tenant, rec.subject),

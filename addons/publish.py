@@ -89,7 +89,13 @@ class Publisher:
             "connections": connections.state(),
             "ledger": None
             if ledger is None
-            else {**ledger.status(), "errors": ledger.errors, "recreated": ledger.recovered},
+            else {
+                **ledger.status(),
+                "errors": ledger.errors,
+                "recreated": ledger.recovered,
+                "hits": ledger.hits,
+                "misses": ledger.misses,
+            },
             "access_log_dropped": access_log.dropped if access_log is not None else 0,
             "capture": self.capture.status(),
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jwt
@@ -52,9 +53,18 @@ class TokenSigner:
 
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
+        self._also_verify: tuple[bytes, ...] = ()  # REGISTRY_TOKEN_KEY_FILE: rotation
         # token → (identity, exp): a client sends the same token for minutes; verifying it
         # once is enough until it expires. Only tokens that passed full verification get here.
         self._verified: dict[str, tuple[Identity, int]] = {}
+
+    def use_keys(self, keys: Sequence[bytes]) -> None:
+        """Shared keys (REGISTRY_TOKEN_KEY_FILE, addons/token_keys.py): the first signs, every
+        one verifies. Forgets what was verified, so a key taken out stops at once."""
+        if not keys:
+            raise ValueError("no token key")
+        self._secret, self._also_verify = keys[0], tuple(keys[1:])
+        self._verified = {}
 
     def mint(
         self,
@@ -86,17 +96,22 @@ class TokenSigner:
         hit = self._verified.get(token)
         if hit is not None and time.time() < hit[1]:
             return hit[0]
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=_ALGORITHMS,
-                audience=AUDIENCE,
-                issuer=ISSUER,
-                options={"require": _REQUIRED},
-            )
-        except (jwt.PyJWTError, ValueError, TypeError) as e:
-            raise InvalidToken(type(e).__name__) from None
+        for n, key in enumerate((self._secret, *self._also_verify)):
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=_ALGORITHMS,
+                    audience=AUDIENCE,
+                    issuer=ISSUER,
+                    options={"require": _REQUIRED},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                if n == len(self._also_verify):
+                    raise InvalidToken("InvalidSignatureError") from None
+            except (jwt.PyJWTError, ValueError, TypeError) as e:
+                raise InvalidToken(type(e).__name__) from None
         identity = _identity(claims)
         if len(self._verified) >= self.CACHE:
             self._verified.clear()

@@ -183,7 +183,13 @@ class Admin:
                 " replaced and reopened.",
                 "# TYPE tabbify_ledger_recreated_total counter",
                 f"tabbify_ledger_recreated_total {recreated}",
+                "# HELP tabbify_ledger_lookups_total Tenant-digest checks: answered from memory"
+                " (hit) or by asking the ledger's store (miss: SQLite, or one S3 HEAD).",
+                "# TYPE tabbify_ledger_lookups_total counter",
             ]
+            for result, key in (("hit", "hits"), ("miss", "misses")):
+                total = sum(int(ledger.get(key, 0)) for ledger in ledgers)
+                lines.append(f'tabbify_ledger_lookups_total{{result="{result}"}} {total}')
         return "\n".join(lines) + "\n"
 
     def log_metrics(self) -> list[str]:

@@ -25,12 +25,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
-from addons import policy_store
+from addons import policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
-from tabbify_registry import policy_cmd
+from tabbify_registry import nodes, policy_cmd
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.logrelay import LogRelay
 from tabbify_registry.settings import ConfigError, Settings
@@ -64,7 +65,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_auth_url={s.auth_url or ''}",
         "--set", f"registry_policy_file={'' if s.anonymous else s.policy_file}",
         # Tenant isolation by digest: only with tenants (auth on).
-        "--set", f"registry_ledger={'' if s.anonymous else s.data_dir / 'ledger' / 'ledger.db'}",
+        "--set", f"registry_ledger={'' if s.anonymous else ledger_spec(s)}",
         "--set", f"registry_backend={upstream}",
         "--set", f"registry_mesh_state={mesh_dir / 'state.json' if mesh_dir and follow else ''}",
         "--set", f"registry_mesh_realm={'true' if follow and s.external_url_derived else 'false'}",
@@ -76,7 +77,21 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_max_client_connections={-(-s.max_client_connections // s.workers)}",
         "--set", f"registry_access_log={s.log_dir / 'access.fifo'}",
         "--set", f"registry_state_dir={s.state_dir}",
+        # Shared registry-token keys (several nodes): instead of the run's own key.
+        *(["--token-key-file", str(s.nodes.token_key_file)] if s.nodes.token_key_file else []),
     ]  # fmt: skip
+
+
+def ledger_spec(s: Settings) -> str:
+    """The gateway's `registry_ledger`: SQLite under the data dir, or the shared S3 ledger
+    with the storage's region and endpoint (addons/ledgers.py)."""
+    if s.nodes.ledger_url is None:
+        return str(s.data_dir / "ledger" / "ledger.db")
+    from addons.ledger_s3 import S3Location  # boto3: only where an S3 ledger is used
+
+    assert s.s3_region is not None  # settings refuse an S3 ledger without a region
+    bucket, prefix = s.nodes.ledger_bucket or "", s.nodes.ledger_prefix
+    return S3Location(bucket, prefix, s.s3_region, s.s3_endpoint).url()
 
 
 def admin_command(s: Settings) -> list[str]:
@@ -216,7 +231,14 @@ def lock_data_dir(s: Settings) -> IO[str]:
 
 
 def http_secret(s: Settings) -> str:
-    """The backend's upload-state secret, made once per data dir (0600) and kept."""
+    """The backend's upload-state secret: REGISTRY_HTTP_SECRET_FILE's (the same on every
+    node, so an upload started on one node finishes on another), else made once per data
+    dir (0600) and kept."""
+    if s.nodes.http_secret_file is not None:
+        try:
+            return nodes.read_http_secret(s.nodes.http_secret_file)
+        except nodes.NodesError as e:
+            raise ConfigError(str(e)) from None
     path = s.data_dir / "secrets" / "http-secret"
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -232,6 +254,21 @@ def write_backend_config(s: Settings) -> Path:
     return path
 
 
+def printable_config(s: Settings) -> dict[str, object]:
+    """What `config` prints: the rendered config without its secrets (the upload secret and
+    a password inside REGISTRY_CACHE_URL are named, not shown)."""
+    if s.nodes.http_secret_file is not None:
+        config = backend_config.render(
+            s, f"<from REGISTRY_HTTP_SECRET_FILE={s.nodes.http_secret_file}>"
+        )
+    else:
+        config = backend_config.render(s)
+    cache = config.get("storage", {}).get("cacheDriver")
+    if isinstance(cache, dict) and urlsplit(cache.get("url", "")).password:
+        cache["url"] = "<REGISTRY_CACHE_URL: it holds a password>"
+    return config
+
+
 def wait_reaping(pid: int) -> int:
     """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
     inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
@@ -244,6 +281,11 @@ def wait_reaping(pid: int) -> int:
 def run(env: Mapping[str, str]) -> int:
     s = settings_mod.load(env)
     policy_store.read(s.policy_file)  # a bad policy refuses start-up (file:line on stderr)
+    if s.nodes.token_key_file is not None:
+        try:
+            token_keys.read_keys(s.nodes.token_key_file)  # the workers would refuse it too
+        except token_keys.KeyFileError as e:
+            raise ConfigError(f"REGISTRY_TOKEN_KEY_FILE: {e}") from None
     require_backend(s)  # before the mesh: a node that cannot serve should not join
     if s.mesh_coordinator_url:
         # With a mesh, the gateway listens on [ULA]:5000 and the realm names that address.
@@ -303,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":
-            print(json.dumps(backend_config.render(settings_mod.load(env)), indent=2))
+            print(json.dumps(printable_config(settings_mod.load(env)), indent=2))
         else:
             s = settings_mod.load(env)
             if s.mesh_coordinator_url is None:

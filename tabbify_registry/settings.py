@@ -11,9 +11,12 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from tabbify_registry import nodes as nodes_mod
+from tabbify_registry.nodes import Nodes
 
 
 class ConfigError(Exception):
@@ -64,6 +67,8 @@ class Settings:
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
     external_url_derived: bool = True
+    # Several nodes on one bucket (tabbify_registry/nodes.py); the default is one node.
+    nodes: Nodes = field(default_factory=Nodes)
 
     @property
     def anonymous(self) -> bool:
@@ -187,19 +192,30 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     if ipaddress.ip_address(listen.host).is_unspecified:
         raise ConfigError(f"REGISTRY_LISTEN={listen.hostport}: bind one address, not all")
 
-    backend_addr = parse_address(
-        "REGISTRY_BACKEND_ADDR", env.get("REGISTRY_BACKEND_ADDR") or "127.0.0.1:5001"
-    )
-    if not backend_addr.is_loopback:
-        raise ConfigError(f"REGISTRY_BACKEND_ADDR={backend_addr.hostport} must be loopback")
-    if backend_addr == listen:
-        raise ConfigError("REGISTRY_BACKEND_ADDR must differ from REGISTRY_LISTEN")
-
     backend = env.get("REGISTRY_BACKEND") or default_backend()
     if backend not in ("zot", "distribution", "external"):
         raise ConfigError(
             f"REGISTRY_BACKEND={backend!r}: expected 'zot', 'distribution' or 'external'"
         )
+    try:
+        nodes = nodes_mod.parse(env, storage, bucket, region, backend)
+    except nodes_mod.NodesError as e:
+        raise ConfigError(str(e)) from None
+
+    backend_addr = parse_address(
+        "REGISTRY_BACKEND_ADDR", env.get("REGISTRY_BACKEND_ADDR") or "127.0.0.1:5001"
+    )
+    zot_cluster = backend == "zot" and nodes.several
+    if zot_cluster and backend_addr.hostport not in nodes.cluster_members:
+        # Zot members proxy each repository's requests to its owner at the member address.
+        raise ConfigError(
+            f"REGISTRY_BACKEND_ADDR={backend_addr.hostport}: in a Zot cluster, this node's "
+            "own entry of REGISTRY_CLUSTER_MEMBERS (the other members connect to it there)"
+        )
+    if not backend_addr.is_loopback and not zot_cluster:
+        raise ConfigError(f"REGISTRY_BACKEND_ADDR={backend_addr.hostport} must be loopback")
+    if backend_addr == listen:
+        raise ConfigError("REGISTRY_BACKEND_ADDR must differ from REGISTRY_LISTEN")
 
     if backend == "distribution" and storage == "s3" and _opt(env, "AWS_CA_BUNDLE"):
         # Distribution 2.8 always wraps the AWS SDK's HTTP transport (to set its User-Agent),
@@ -257,4 +273,5 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         ),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
+        nodes=nodes,
     )

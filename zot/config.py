@@ -42,6 +42,13 @@ def render_zot(settings: Settings) -> dict[str, Any]:
         "remoteCache": False,
         "gc": True,
     }
+    nodes = settings.nodes
+    if nodes.cache_url:
+        # One dedupe cache for every node on the bucket: with each node's own boltdb, a blob
+        # deduplicated by one node would be unknown to the others' caches (Zot's docs: no
+        # local caching in scale-out replicas). Keys from Zot's examples/config-redis.json.
+        storage["remoteCache"] = True
+        storage["cacheDriver"] = {"name": "redis", "url": nodes.cache_url, "keyprefix": "zot"}
     if settings.storage == "s3":
         driver: dict[str, Any] = {
             "name": "s3",
@@ -57,7 +64,7 @@ def render_zot(settings: Settings) -> dict[str, Any]:
         if settings.s3_endpoint:
             driver["regionendpoint"] = settings.s3_endpoint
         storage["storageDriver"] = driver
-    return {
+    config: dict[str, Any] = {
         "distSpecVersion": "1.1.1",
         "storage": storage,
         "http": {
@@ -71,6 +78,16 @@ def render_zot(settings: Settings) -> dict[str, Any]:
         # flood the operator's log. No "output": stdout, collected by supervisord.
         "log": {"level": "warn"},
     }
+    if nodes.several:
+        # Scale-out (Zot >= 2.1): each repository is served by one member, chosen by siphash
+        # of its name; the others proxy its requests there, so a repository has one writer.
+        # Zot finds itself among the members by its own addresses and http.port, which is
+        # why the backend listens on this node's member address (settings.py).
+        config["cluster"] = {
+            "members": list(nodes.cluster_members),
+            "hashKey": nodes.cluster_hash_key,
+        }
+    return config
 
 
 # What `tabbify-registry config` prints in place of the real upload-state secret.
@@ -98,6 +115,9 @@ def render_distribution(
         backend: dict[str, Any] = {"s3": s3}
     else:
         backend = {"filesystem": {"rootdirectory": storage_root(settings)}}
+    # Several nodes: no per-node descriptor cache, which would keep describing a blob another
+    # node deleted (Distribution's docs name Redis for that; reading the bucket is enough).
+    cache = {} if settings.nodes.several else {"cache": {"blobdescriptor": "inmemory"}}
     return {
         "version": "0.1",
         # The gateway logs requests; Distribution's own access log would duplicate them, and
@@ -106,7 +126,7 @@ def render_distribution(
         "storage": {
             **backend,
             "delete": {"enabled": True},  # deleting manifests/blobs by digest is part of the API
-            "cache": {"blobdescriptor": "inmemory"},
+            **cache,
             # Serve blobs through the registry (as Zot does) instead of redirecting clients to
             # presigned bucket URLs they may not be able to reach; a no-op on filesystem.
             "redirect": {"disable": True},

@@ -4,8 +4,8 @@ Zot (v2.1.x) reads one JSON (or YAML) file, fails to start on a key it does not 
 takes no overrides from the environment. So `zot/config.py` may only emit the keys listed here,
 each with the JSON type given. The key names and types are facts from Zot's documentation and
 its example configurations (project-zot/zot `examples/`, v2.1.20); the comments say what each
-one is for and where it shows up. Anything else Zot offers (auth, TLS, extensions, cluster,
-cache drivers, sub-paths, ...) stays outside on purpose: the gateway does those jobs, or the
+one is for and where it shows up. Anything else Zot offers (auth, TLS, extensions, DynamoDB,
+sub-paths, ...) stays outside on purpose: the gateway does those jobs, or the
 deployment does not use them.
 
 A key path is dotted (`storage.storageDriver.bucket`); the items of an array are `path[]`.
@@ -57,6 +57,26 @@ KEYS: dict[str, str] = {
     "http.writeTimeout": "string",
     "log": "object",
     "log.level": "string",  # debug, info, warn, error; no "output" = stdout
+    # Several nodes on one bucket (README "Running several nodes"). The shared dedupe cache:
+    # Redis, by URL, with a key prefix (examples: redis, redis-cluster; cluster member shows
+    # cacheDriver.name with dynamodb).
+    "storage.cacheDriver": "object",
+    "storage.cacheDriver.name": "string",  # "redis"
+    "storage.cacheDriver.url": "string",  # redis://[user:password@]host:port[/db][?…]
+    "storage.cacheDriver.keyprefix": "string",
+    # Scale-out cluster: every member's host:port (same port on each) and the 16-character
+    # siphash key that maps a repository to its member (example: cluster member 0).
+    "cluster": "object",
+    "cluster.members": "array",
+    "cluster.members[]": "string",
+    "cluster.hashKey": "string",
+}
+
+# The example configuration (Zot's examples/) each key was taken from, where it is not one of
+# the files kept in the reference copy the schema test reads by default.
+SOURCES: dict[str, str] = {
+    "storage.cacheDriver.url": "config-redis.json",
+    "storage.cacheDriver.keyprefix": "config-redis.json",
 }
 
 # Keys without which Zot does not start the way the gateway needs it.
@@ -65,6 +85,7 @@ REQUIRED = ("distSpecVersion", "storage.rootDirectory", "http.address", "http.po
 # Values Zot gives a meaning to, where the project uses a fixed one.
 ALLOWED_VALUES: dict[str, frozenset[Any]] = {
     "storage.storageDriver.name": frozenset({"s3"}),
+    "storage.cacheDriver.name": frozenset({"redis"}),
     "http.compat[]": frozenset({"docker2s2"}),
     "log.level": frozenset({"debug", "info", "warn", "error"}),
 }
@@ -113,4 +134,11 @@ def violations(config: dict[str, Any]) -> list[str]:
         elif path in DURATIONS and not GO_DURATION.fullmatch(value):
             found.append(f"{path}: {value!r} is not a Go duration")
     found.extend(f"{path}: missing" for path in REQUIRED if path not in present)
+    # Zot refuses these at start (pkg/cli/server/root.go: validateClusterConfig).
+    cluster = config.get("cluster")
+    if isinstance(cluster, dict):
+        if not cluster.get("members"):
+            found.append("cluster.members: a cluster needs members")
+        if len(str(cluster.get("hashKey", ""))) != 16:
+            found.append("cluster.hashKey: exactly 16 characters")
     return found

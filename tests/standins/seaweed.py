@@ -80,7 +80,7 @@ class SeaweedS3:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(5)  # what it holds is thrown away with the test
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -1,0 +1,61 @@
+"""Which isolation ledger a gateway opens, from its `registry_ledger` option.
+
+- a file path: SQLite (`ledger.Ledger`), the single-node default under $REGISTRY_DATA_DIR;
+- `s3://bucket/prefix?region=…[&endpoint=…]`: shared by several nodes (`ledger_s3.S3Ledger`);
+- `postgresql://…`: refused (not implemented; `run` refuses it first, naming the variable).
+
+Both ledgers answer the same calls: `cached` (memory only), `has`, `add`, `walked`,
+`mark_walked`, `repositories`, `count`, `check`, `status`, `close`, and carry `state`,
+`errors`, `recovered`, `hits` and `misses` (lookups from memory / from the store). Every
+call but `cached`, `status` and `close` may block on I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from addons.ledger import Ledger
+
+
+class AnyLedger(Protocol):
+    state: str
+    errors: int
+    recovered: int
+    hits: int
+    misses: int
+
+    def cached(self, tenant: str, digest: str) -> bool: ...
+    def has(self, tenant: str, digest: str) -> bool: ...
+    def add(
+        self,
+        tenant: str,
+        digests: Iterable[str],
+        repository: str | None = None,
+        listed: bool = False,
+    ) -> None: ...
+    def walked(self, repository: str) -> bool: ...
+    def mark_walked(self, repository: str) -> None: ...
+    def repositories(self, prefix: str, after: str, limit: int) -> list[str]: ...
+    def count(self, tenant: str | None = None) -> int: ...
+    def check(self) -> None: ...
+    def status(self) -> dict[str, object]: ...
+    def close(self) -> None: ...
+
+
+def is_shared(spec: str) -> bool:
+    """A ledger every node sees (not a node-local file)."""
+    return spec.startswith(("s3://", "postgresql://", "postgres://"))
+
+
+def open_ledger(spec: str) -> AnyLedger:
+    if spec.startswith("s3://"):
+        from addons.ledger_s3 import S3Ledger, S3Location  # boto3 only where it is used
+
+        return S3Ledger(S3Location.parse(spec))
+    if spec.startswith(("postgresql://", "postgres://")):
+        raise ValueError("a PostgreSQL ledger is not implemented; use s3://<bucket>/<prefix>")
+    if "://" in spec:
+        raise ValueError(f"unknown ledger {spec.split('://')[0]}://")
+    return Ledger(Path(spec))
