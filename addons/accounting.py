@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
 TIMEOUT = 10.0
-USAGE_EVERY = 15.0
+USAGE_EVERY = 5.0
 
 
 class Accounting:
