@@ -56,8 +56,7 @@ def metrics(usage: Mapping[str, int], quotas: Mapping[str, int | None]) -> str:
         "# TYPE tabbify_tenant_usage_bytes gauge",
     ]
     lines += [
-        f'tabbify_tenant_usage_bytes{{tenant="{_label(t)}"}} {n}'
-        for t, n in sorted(usage.items())
+        f'tabbify_tenant_usage_bytes{{tenant="{_label(t)}"}} {n}' for t, n in sorted(usage.items())
     ]
     limited = sorted((t, q) for t, q in quotas.items() if q is not None)
     if limited:
