@@ -210,3 +210,32 @@ def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path
         elif not pulls_completely(stack, acme_jwt, ref, image, tmp_path / f"check-{n}"):
             broken.append(ref)
     assert not broken, broken
+
+
+def test_the_freeze_holds_writes_on_every_worker_and_lets_reads_through(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    from tabbify_registry.gc import Freeze, live_workers
+
+    h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
+    image = push(stack, acme_jwt, tmp_path, "acme/frozen/app:v1")
+    state_dir = stack.data_dir / "run" / "workers"
+    with Freeze(state_dir, wait=10) as frozen:
+        workers = live_workers(state_dir, time.time())
+        assert len(workers) == 2
+        assert all(w["freeze"] == {"seen": frozen.id, "in_flight": 0} for w in workers.values())
+        for _ in range(4):  # new connections: both workers
+            r = requests.post(
+                f"{stack.url}/v2/acme/frozen/app/blobs/uploads/",
+                headers={**h, "Connection": "close"},
+            )
+            assert r.status_code == 503 and r.headers["Retry-After"] == "10"
+            assert "garbage collection" in r.json()["errors"][0]["message"]
+            r = requests.get(f"{stack.url}/v2/acme/frozen/app/manifests/v1", headers=h)
+            assert r.status_code == 200 and r.headers["docker-content-digest"] == image["digest"]
+        r = skopeo_copy(f"oci:{tmp_path / 'acme_frozen_app_v1'}:x",
+                        f"docker://{stack.host}/acme/frozen/app:v2", acme_jwt)  # fmt: skip
+        assert r.returncode != 0
+    r = requests.post(f"{stack.url}/v2/acme/frozen/app/blobs/uploads/", headers=h)
+    assert r.status_code == 202
+    assert not (state_dir / "freeze.json").exists()
