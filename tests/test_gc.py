@@ -106,3 +106,45 @@ def test_with_zot_gc_is_zots_own(tmp_path):
     settings = report["settings"]
     assert settings["gc"] is True and settings["gcInterval"] == "12h"
     assert settings["retention"]["policies"][0]["repositories"] == ["acme/**"]
+
+
+def test_the_periodic_run_goes_on_after_a_failure(tmp_path, monkeypatch, capsys):
+    s = load({"REGISTRY_DATA_DIR": str(tmp_path), "REGISTRY_BACKEND": "distribution"})
+    runs, sleeps = [], []
+
+    def run_once(settings, dry_run, freeze_wait):
+        runs.append(dry_run)
+        if len(runs) == 1:
+            raise gc.GcError("writes still in flight")
+        return {"backend": "distribution", "dry_run": False, "totals": {"manifests": 2}}
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) > 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gc, "run_once", run_once)
+    monkeypatch.setattr(gc.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        gc.periodic(s, 3600, 10)
+    assert sleeps == [3600] * 3 and runs == [False, False]
+    err = capsys.readouterr().err.splitlines()
+    assert "failed: writes still in flight" in err[0] and "removed 2 manifests" in err[1]
+    assert list((tmp_path / "gc").glob("report-*.json"))
+
+
+def test_run_starts_the_gc_program_only_with_an_interval_and_distribution():
+    from tabbify_registry.cli import gc_command, supervisor_env
+
+    env = {"REGISTRY_DATA_DIR": "/d", "REGISTRY_BACKEND": "distribution",
+           "REGISTRY_GC_INTERVAL": "2h"}  # fmt: skip
+    s = load(env)
+    child = supervisor_env(env, s, Path("/d/run/c.json"))
+    assert child["TBF_GC_AUTOSTART"] == "true"
+    assert not any(k.startswith("REGISTRY_") for k in child)  # only on gc's own command line
+    command = gc_command(env, s)
+    assert command[:4] == ["env", "REGISTRY_BACKEND=distribution", "REGISTRY_DATA_DIR=/d",
+                           "REGISTRY_GC_INTERVAL=2h"]  # fmt: skip
+    assert command[-3:] == ["gc", "--every", "7200"]
+    for other in ({**env, "REGISTRY_BACKEND": "zot"}, {"REGISTRY_DATA_DIR": "/d"}):
+        assert supervisor_env(other, load(other), Path("/x"))["TBF_GC_AUTOSTART"] == "false"
