@@ -49,7 +49,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from addons import freeze, gc_plan, manifest, signed
-from addons.ledger import Ledger, holder
+from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
 from tabbify_registry.settings import ConfigError, Settings
@@ -335,7 +335,7 @@ def garbage_collect(config: Path) -> set[str]:
         text=True,
         timeout=3600,
     )
-    if out.returncode != 0:
+    if out.returncode != 0:  # what it deleted before failing is swept again next time
         raise GcError(f"docker-registry garbage-collect failed: {out.stderr.strip()[-500:]}")
     prefix = "blob eligible for deletion: "
     return {ln[len(prefix) :].strip() for ln in out.stdout.splitlines() if ln.startswith(prefix)}
@@ -464,7 +464,7 @@ def main(s: Settings, args: argparse.Namespace) -> int:
         return periodic(s, args.every, args.freeze_wait)
     try:
         report = run_once(s, args.dry_run, args.freeze_wait)
-    except (GcError, requests.RequestException) as e:
+    except (GcError, LedgerUnavailable, OSError, requests.RequestException) as e:
         print(f"tabbify-registry gc: {e}", file=sys.stderr)
         return 1
     if report.get("backend") != "zot":
