@@ -174,3 +174,19 @@ def test_a_policy_edit_adding_the_rule_takes_effect(
     assert time.monotonic() - started < 6
     policy.write_text(POLICY)
     wait_for(lambda: all(get(stack, h, repo, "v1").status_code == 200 for _ in range(4)))
+
+
+def test_fails_closed_when_the_backend_cannot_answer(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    h = bearer(token(stack, acme_jwt))
+    repo = "acme/signed/down"
+    push_image(stack, acme_jwt, tmp_path, repo, "v1")
+    assert "stopped" in stack.supervisorctl("stop", "backend")
+    try:
+        r = get(stack, h, repo, "v1")
+        assert r.status_code == 503 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert "cannot check signatures now" in r.json()["errors"][0]["message"]
+    finally:
+        assert "started" in stack.supervisorctl("start", "backend")
+    wait_for(lambda: denied(get(stack, h, repo, "v1")))
