@@ -285,3 +285,49 @@ def test_debian_docker_rejects_ipv6_literals_but_takes_a_host_name(
     assert r.returncode == 0, r.stdout + r.stderr
     r = dockerd.docker("manifest", "inspect", "--insecure", ref)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_shared_base_image_builds_into_another_tenants_image_with_layers_mounted(
+    logged_in, image, registry, acme_jwt, globex_jwt, tmp_path
+):
+    """Issue 13's first story with Docker itself: acme shares `acme/base/**` read-only with
+    globex (a policy edit on the running stack); globex builds `FROM acme/base/img` and pushes
+    into its own namespace: Docker mounts the base layers from acme/base/img."""
+    policy = registry.data_dir / "policy.toml"
+    policy.write_text(
+        '[[grant]]\nrepositories = ["acme/base/**"]\ntenants = ["globex"]\nactions = ["pull"]\n'
+    )
+    try:
+        base = f"{registry.host}/acme/base/img:v1"
+        assert logged_in.docker("tag", image, base).returncode == 0
+        r = logged_in.docker("push", base)
+        assert r.returncode == 0, r.stdout + r.stderr
+        time.sleep(3)  # the policy edit is in force within ~2 s
+        r = logged_in.docker(
+            "login", registry.host, "--username", "x", "--password-stdin", stdin=globex_jwt
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert logged_in.docker("rmi", base).returncode == 0
+        r = logged_in.docker("pull", base)  # globex pulls acme's base image
+        assert r.returncode == 0, r.stdout + r.stderr
+        (tmp_path / "Dockerfile").write_text(f"FROM {base}\nLABEL built.by=globex\n")
+        app = f"{registry.host}/globex/app:v1"
+        r = logged_in.docker("build", "-t", app, str(tmp_path))
+        assert r.returncode == 0, r.stdout + r.stderr
+        before = len(registry.access_log())
+        r = logged_in.docker("push", app)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Mounted from acme/base/img" in r.stdout, r.stdout
+        pushed = [e for e in registry.access_log()[before:] if e["repository"] == "globex/app"]
+        mounts = [e for e in pushed if e["method"] == "POST" and e["status"] == 201]
+        assert mounts and all(e["tenant"] == "globex" for e in mounts)
+        # Read-only: globex cannot push into acme/base.
+        r = logged_in.docker("tag", app, f"{registry.host}/acme/base/img:globex")
+        r = logged_in.docker("push", f"{registry.host}/acme/base/img:globex")
+        assert r.returncode != 0 and "denied" in r.stderr.lower(), r.stdout + r.stderr
+    finally:
+        policy.unlink()
+        r = logged_in.docker(
+            "login", registry.host, "--username", "x", "--password-stdin", stdin=acme_jwt
+        )
+        assert r.returncode == 0
