@@ -39,6 +39,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ TIMEOUT = 30
 PAGE = 1000
 STALE = 5.0  # a worker that has not published for this long is not waited for
 FREEZE_WAIT = 120.0  # seconds to wait for the workers to stop writing
-FREEZE_MAX = 1800.0  # a freeze marker expires by itself after this (a GC that died)
+FREEZE_MAX = 300.0  # a marker not renewed for this long expires (a GC that was killed)
+FREEZE_RENEW = 30.0  # the running GC renews its marker this often
 ACCEPT = ", ".join(
     [
         "application/vnd.oci.image.index.v1+json",
@@ -268,14 +270,28 @@ class Freeze:
         self.state_dir, self.wait = state_dir, wait
         self.id = secrets.token_hex(6)
         self.started = 0.0
+        self._done = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _write(self) -> None:
+        marker = {"id": self.id, "until": time.time() + FREEZE_MAX, "reason": "garbage collection"}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(marker))
+        tmp.replace(self.path)
+
+    def _renew(self) -> None:
+        while not self._done.wait(FREEZE_RENEW):
+            try:
+                self._write()
+            except OSError as e:
+                logger.warning("gc: cannot renew the freeze marker: %s", e)
 
     def __enter__(self) -> Freeze:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
-        marker = {"id": self.id, "until": self.started + FREEZE_MAX, "reason": "garbage collection"}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(marker))
-        tmp.replace(self.path)
+        self._write()
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
         deadline = time.monotonic() + self.wait
         while True:
             pending = self.pending()
@@ -302,6 +318,9 @@ class Freeze:
         return out
 
     def lift(self) -> None:
+        self._done.set()
+        if self._renewer is not None:
+            self._renewer.join()
         try:
             current = json.loads(self.path.read_text())
         except (OSError, ValueError):
