@@ -12,8 +12,12 @@ Our addons, in hook order:
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
 3. RegistryAccess  `/v2…`: token, policy rights (and token scopes), route parameters,
                    header hygiene, streaming
+   WriteFreeze     writes answered 503 + Retry-After while GC holds the freeze marker
+   Accounting      sizes and push times of confirmed pushes; [[quota]] (before the ledger
+                   records: a refused push is never recorded)
 4. TenantIsolation digests the caller may not read never reach the backend
    ImmutableTags   a tag an [[immutable]] rule covers is never overwritten nor deleted
+   SignedOnly      [[require_signature]]: manifests served only when signed by a trusted key
    Listing         the catalog (from the ledger, what the caller may pull); tag list pages
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
@@ -47,8 +51,10 @@ from mitmproxy.addons import (
 from addons import hardening
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
+from addons.accounting import Accounting
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
+from addons.freeze import WriteFreeze
 from addons.gate import Gate
 from addons.immutable import ImmutableTags
 from addons.intake import Intake
@@ -58,6 +64,7 @@ from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
 from addons.policy_store import PolicyFile
 from addons.publish import Publisher
+from addons.signed import SignedOnly
 from addons.token_endpoint import TokenEndpoint
 from addons.token_keys import TokenKeyFile
 from addons.tokens import TokenSigner
@@ -70,14 +77,18 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
     signer = TokenSigner(secret)
     metrics, capture, policies = Metrics(), Capture(), PolicyFile()
     keys = [TokenKeyFile(signer, key_file)] if key_file else []
+    isolation = TenantIsolation()
     return [
         *keys,
         policies,
         Intake(),
         TokenEndpoint(signer, policies),
         RegistryAccess(signer, policies),
-        TenantIsolation(),
+        WriteFreeze(),
+        Accounting(policies, isolation),
+        isolation,
         ImmutableTags(policies),
+        SignedOnly(policies),
         Listing(policies),
         Gate(),
         AccessLog(metrics),

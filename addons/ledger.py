@@ -52,6 +52,20 @@ def holder(repository: str) -> str:
     return "/" + repository
 
 
+def _accounting_schema(db: sqlite3.Connection) -> None:
+    """Tables of phase 3 (additive): the size of each confirmed digest (quotas, GC report),
+    and when the gateway saw a manifest or a tag pushed (retention's `keep_last` and
+    `untagged_after`). `ref` is a tag, or the manifest's digest for its own push time."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS sizes (digest TEXT PRIMARY KEY, size INTEGER NOT NULL)"
+        " WITHOUT ROWID"
+    )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS pushes (repository TEXT NOT NULL, ref TEXT NOT NULL,"
+        " digest TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (repository, ref)) WITHOUT ROWID"
+    )
+
+
 class Ledger:
     """(tenant, digest) pairs, and (/repository, digest) pairs: what a repository holds.
     Positive answers cached in memory (the hot path is a HEAD)."""
@@ -90,6 +104,7 @@ class Ledger:
             db.execute("CREATE TABLE IF NOT EXISTS walked (repository TEXT PRIMARY KEY, at REAL)")
             # Repositories that hold a manifest (for the catalog), by name.
             db.execute("CREATE TABLE IF NOT EXISTS repos (repository TEXT PRIMARY KEY)")
+            _accounting_schema(db)
             if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
                 # Version 1 adds repositories' own records (`/<repository>` rows): walk
                 # everything again once to fill them in.
@@ -275,6 +290,132 @@ class Ledger:
             False, lambda db: db.execute(sql, (start, prefix + "\x7f", limit)).fetchall()
         )
         return [r[0] for r in rows]  # type: ignore[union-attr]
+
+    # --- sizes, push times, forgetting (quotas, retention, GC) ------------------------------
+
+    def record_sizes(self, sizes: dict[str, int]) -> None:
+        """The size of each digest (content-addressed: one size per digest, ever)."""
+        rows = [(d, int(n)) for d, n in sizes.items() if n >= 0]
+        if rows:
+            self._run(
+                True,
+                lambda db: db.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)", rows),
+            )
+
+    def sizes(self, digests: Iterable[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(digests))
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT digest, size FROM sizes WHERE digest IN ({marks})"
+            rows = self._run(
+                False, lambda db, sql=sql, chunk=chunk: db.execute(sql, chunk).fetchall()
+            )
+            out.update({d: int(n) for d, n in rows})  # type: ignore[union-attr]
+        return out
+
+    def usage(self, tenant: str) -> int:
+        """Bytes of the distinct digests the tenant holds whose size is known (quota.py's
+        rule: a blob shared with another tenant counts in full for each)."""
+        sql = (
+            "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
+            " WHERE seen.tenant = ?"
+        )
+        return int(self._run(False, lambda db: db.execute(sql, (tenant,)).fetchone()[0]))  # type: ignore[index]
+
+    def usage_all(self) -> dict[str, int]:
+        """Usage of every tenant (not of repositories' own `/…` records)."""
+        sql = (
+            "SELECT seen.tenant, SUM(s.size) FROM seen JOIN sizes s ON s.digest = seen.digest"
+            " WHERE seen.tenant NOT LIKE '/%' GROUP BY seen.tenant"
+        )
+        rows = self._run(False, lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}  # type: ignore[union-attr]
+
+    def record_push(
+        self, repository: str, digest: str, tag: str | None = None, at: float | None = None
+    ) -> None:
+        """A manifest pushed through the gateway (and the tag it was pushed to): when."""
+        when = time.time() if at is None else at
+        rows = [(repository, digest, digest, when)]
+        if tag is not None:
+            rows.append((repository, tag, digest, when))
+
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                # A manifest's first push counts (a re-push does not make it young again).
+                db.execute("INSERT OR IGNORE INTO pushes VALUES (?, ?, ?, ?)", rows[0])
+                db.executemany("INSERT OR REPLACE INTO pushes VALUES (?, ?, ?, ?)", rows[1:])
+
+        self._run(True, write)
+
+    def pushes(self, repository: str) -> dict[str, tuple[str, float]]:
+        """ref (a tag, or a manifest digest) → (digest, when it was pushed)."""
+        rows = self._run(
+            False,
+            lambda db: db.execute(
+                "SELECT ref, digest, at FROM pushes WHERE repository = ?", (repository,)
+            ).fetchall(),
+        )
+        return {r: (d, float(at)) for r, d, at in rows}  # type: ignore[union-attr]
+
+    def holdings(self, holder_name: str) -> list[str]:
+        """Every digest recorded under one tenant or `holder(repository)`."""
+        rows = self._run(
+            False,
+            lambda db: db.execute(
+                "SELECT digest FROM seen WHERE tenant = ?", (holder_name,)
+            ).fetchall(),
+        )
+        return [r[0] for r in rows]  # type: ignore[union-attr]
+
+    def forget(self, digests: Iterable[str]) -> int:
+        """Garbage collection removed this content from storage: nobody holds it any more.
+        Returns the number of (holder, digest) records dropped. Other worker processes keep
+        positive answers in their caches until they evict them; the backend then answers
+        for what is gone (404, MANIFEST_BLOB_UNKNOWN)."""
+        gone = list(dict.fromkeys(digests))
+
+        def delete(db: sqlite3.Connection) -> int:
+            dropped = 0
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                for i in range(0, len(gone), 500):
+                    chunk = gone[i : i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    dropped += db.execute(
+                        f"DELETE FROM seen WHERE digest IN ({marks})", chunk
+                    ).rowcount
+                    db.execute(f"DELETE FROM sizes WHERE digest IN ({marks})", chunk)
+                    db.execute(f"DELETE FROM pushes WHERE digest IN ({marks})", chunk)
+            return dropped
+
+        with self._lock:
+            dropped = int(self._run(True, delete))  # type: ignore[call-overload]
+            gone_set = set(gone)
+            for key in [k for k in self._cache if k[1] in gone_set]:
+                del self._cache[key]
+        return dropped
+
+    def forget_manifests(self, repository: str, digests: Iterable[str]) -> None:
+        """Manifests deleted from one repository (their content may live on elsewhere)."""
+        rows = [(holder(repository), d) for d in dict.fromkeys(digests)]
+
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("DELETE FROM seen WHERE tenant = ? AND digest = ?", rows)
+                db.executemany(
+                    "DELETE FROM pushes WHERE repository = ? AND digest = ?",
+                    [(repository, d) for _, d in rows],
+                )
+
+        with self._lock:
+            self._run(True, delete)
+            for key in rows:
+                self._cache.pop(key, None)
 
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 

@@ -47,6 +47,19 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def extra_state() -> dict[str, Any]:
+    """Phase 3: the write freeze this worker has seen and its writes in flight (the GC waits
+    for them), and the usage per tenant (worker 0 computes it)."""
+    out: dict[str, Any] = {}
+    freeze = ctx.master.addons.get("writefreeze")
+    if freeze is not None:
+        out["freeze"] = freeze.state()
+    accounting = ctx.master.addons.get("accounting")
+    if accounting is not None and (usage := accounting.state()) is not None:
+        out["tenant_usage"] = usage
+    return out
+
+
 class Publisher:
     def __init__(self, metrics: Metrics, capture: Capture) -> None:
         self.metrics = metrics
@@ -98,6 +111,7 @@ class Publisher:
             },
             "access_log_dropped": access_log.dropped if access_log is not None else 0,
             "capture": self.capture.status(),
+            **extra_state(),
         }
 
     def publish(self) -> None:

@@ -51,13 +51,12 @@ def _label(value: str) -> str:
 def metrics(usage: Mapping[str, int], quotas: Mapping[str, int | None]) -> str:
     """Prometheus text for /metrics: usage per tenant, and the quota where one is set."""
     lines = [
-        "# HELP tabbify_tenant_storage_bytes Bytes of the blobs and manifests a tenant "
+        "# HELP tabbify_tenant_usage_bytes Bytes of the blobs and manifests a tenant "
         "references (a blob shared by mount counts for each tenant).",
-        "# TYPE tabbify_tenant_storage_bytes gauge",
+        "# TYPE tabbify_tenant_usage_bytes gauge",
     ]
     lines += [
-        f'tabbify_tenant_storage_bytes{{tenant="{_label(t)}"}} {n}'
-        for t, n in sorted(usage.items())
+        f'tabbify_tenant_usage_bytes{{tenant="{_label(t)}"}} {n}' for t, n in sorted(usage.items())
     ]
     limited = sorted((t, q) for t, q in quotas.items() if q is not None)
     if limited:

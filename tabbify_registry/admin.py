@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from addons import connections
+from addons import connections, quota
 from addons.metrics import Metrics
 from addons.publish import read_request, write_json
 from mesh import status as mesh_status
@@ -167,6 +167,7 @@ class Admin:
             "# TYPE tabbify_gateway_workers gauge",
             f"tabbify_gateway_workers {len(live)}",
         ]
+        lines += self.usage_lines()
         ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
         if ledgers:
             up = all(ledger.get("state") == "ok" for ledger in ledgers)
@@ -191,6 +192,22 @@ class Admin:
                 total = sum(int(ledger.get(key, 0)) for ledger in ledgers)
                 lines.append(f'tabbify_ledger_lookups_total{{result="{result}"}} {total}')
         return "\n".join(lines) + "\n"
+
+    def usage_lines(self) -> list[str]:
+        """Storage per tenant (CONTRACTS §8 asks for it: the one place with a tenant label),
+        as the newest worker state that carries it says (worker 0 computes it)."""
+        found = [
+            s["tenant_usage"]
+            for s in self.workers.current.values()
+            if isinstance(s.get("tenant_usage"), dict)
+        ]
+        if not found:
+            return []
+        newest = max(found, key=lambda u: float(u.get("time", 0)))
+        usage, quotas = newest.get("usage"), newest.get("quotas")
+        if not isinstance(usage, dict) or not isinstance(quotas, dict):
+            return []
+        return quota.metrics(usage, quotas).rstrip("\n").splitlines()
 
     def log_metrics(self) -> list[str]:
         """Lines dropped instead of blocking: by the gateway workers (access log queue full)

@@ -31,6 +31,7 @@ from addons import policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
+from tabbify_registry import gc as gc_cmd
 from tabbify_registry import nodes, policy_cmd
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.logrelay import LogRelay
@@ -183,7 +184,7 @@ def start_log_relay(s: Settings) -> LogRelay:
     return relay
 
 
-LOGGED_PROGRAMS = ("backend", "admin", "mesh", "fatal")
+LOGGED_PROGRAMS = ("backend", "admin", "mesh", "fatal", "gc")
 
 
 def per_request_line(line: bytes) -> bool:
@@ -212,8 +213,25 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_BACKEND_AUTOSTART="false" if external else "true",
         TBF_MESH_COMMAND=shlex.join([sys.executable, "-m", "mesh.follow", str(s.data_dir)]),
         TBF_MESH_AUTOSTART="true" if s.mesh_coordinator_url else "false",
+        TBF_GC_COMMAND=shlex.join(gc_command(env, s)),
+        TBF_GC_AUTOSTART="true" if s.gc_interval and s.backend == "distribution" else "false",
     )
     return child
+
+
+def gc_command(env: Mapping[str, str], s: Settings) -> list[str]:
+    """The periodic GC (REGISTRY_GC_INTERVAL, Distribution only: Zot collects by itself):
+    `tabbify-registry gc --every N` with the REGISTRY_* settings given back on its command
+    line (supervisord's environment has none of them, see supervisor_env)."""
+    settings = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("REGISTRY_")]
+    return [
+        "env",
+        *settings,
+        str(BIN / "tabbify-registry"),
+        "gc",
+        "--every",
+        str(s.gc_interval or 0),
+    ]
 
 
 def lock_data_dir(s: Settings) -> IO[str]:
@@ -249,20 +267,22 @@ def http_secret(s: Settings) -> str:
 def write_backend_config(s: Settings) -> Path:
     path = s.runtime_dir / f"{s.backend}-config.json"
     if s.backend != "external":
-        config = backend_config.render(s, http_secret(s))
+        policy = None if s.anonymous else policy_store.read(s.policy_file)  # Zot's retention
+        config = backend_config.render(s, http_secret(s), policy)
         write_atomic(path, (json.dumps(config, indent=2) + "\n").encode(), mode=0o600)
     return path
 
 
 def printable_config(s: Settings) -> dict[str, object]:
     """What `config` prints: the rendered config without its secrets (the upload secret and
-    a password inside REGISTRY_CACHE_URL are named, not shown)."""
+    a password inside REGISTRY_CACHE_URL are named, not shown). The policy's retention rules
+    are part of Zot's config."""
+    policy = None if s.anonymous else policy_store.read(s.policy_file)
     if s.nodes.http_secret_file is not None:
-        config = backend_config.render(
-            s, f"<from REGISTRY_HTTP_SECRET_FILE={s.nodes.http_secret_file}>"
-        )
+        secret = f"<from REGISTRY_HTTP_SECRET_FILE={s.nodes.http_secret_file}>"
+        config = backend_config.render(s, secret, policy=policy)
     else:
-        config = backend_config.render(s)
+        config = backend_config.render(s, policy=policy)
     cache = config.get("storage", {}).get("cacheDriver")
     if isinstance(cache, dict) and urlsplit(cache.get("url", "")).password:
         cache["url"] = "<REGISTRY_CACHE_URL: it holds a password>"
@@ -337,11 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     mesh = sub.add_parser("mesh", help="mesh bootstrap only")
     mesh.add_argument("action", choices=["up"])
     policy_cmd.add_parser(sub)
+    gc_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     env = os.environ
     try:
         if args.command == "policy":
             sys.exit(policy_cmd.main(env, args))
+        elif args.command == "gc":
+            sys.exit(gc_cmd.main(settings_mod.load(env), args))
         elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":

@@ -63,6 +63,7 @@ class Settings:
     idle_timeout: int = 75
     max_connections: int = 0  # 0: as many as file descriptors allow
     max_client_connections: int = 256
+    gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
@@ -155,6 +156,26 @@ def parse_policy_file(env: Mapping[str, str]) -> Path:
     if not Path(value).is_absolute():
         raise ConfigError(f"REGISTRY_POLICY_FILE={value!r} must be an absolute path")
     return Path(value)
+
+
+_DURATION = re.compile(r"([0-9]{1,9})([smhdw])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_gc_interval(env: Mapping[str, str]) -> int | None:
+    """REGISTRY_GC_INTERVAL: a duration such as `30m`, `24h`, `7d` (the policy file's
+    grammar), at least a minute; unset or empty: no periodic GC."""
+    value = _opt(env, "REGISTRY_GC_INTERVAL")
+    if value is None:
+        return None
+    m = _DURATION.fullmatch(value)
+    seconds = int(m[1]) * _DURATION_UNITS[m[2]] if m else 0
+    if seconds < 60:
+        raise ConfigError(
+            f"REGISTRY_GC_INTERVAL={value!r}: expected a duration of at least a minute, "
+            "such as '30m', '24h' or '7d'"
+        )
+    return seconds
 
 
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
@@ -271,6 +292,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         max_client_connections=int(
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
+        gc_interval=parse_gc_interval(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,

@@ -34,6 +34,7 @@ from urllib.parse import urljoin
 
 import pytest
 
+from addons.policy import parse as parse_policy
 from tabbify_registry.settings import Settings, load
 from zot import schema
 from zot.config import SECRET_PLACEHOLDER, render, render_distribution, render_zot
@@ -225,7 +226,8 @@ def test_distribution_config() -> None:
     )
     assert local["storage"]["filesystem"] == {"rootdirectory": f"{DATA_DIR}/zot-cache"}
     assert local["storage"]["delete"] == {"enabled": True}
-    assert local["storage"]["cache"] == {"blobdescriptor": "inmemory"}
+    # No blob-descriptor cache: it serves blobs garbage-collect deleted (see zot/config.py).
+    assert "cache" not in local["storage"]
     assert "s3" not in local["storage"]
 
     s3 = render_distribution(settings(S3, "distribution"))["storage"]
@@ -312,3 +314,54 @@ def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
     assert location and location.startswith("/v2/probe/blobs/uploads/"), location
     # and the blob landed under <data_dir>/zot-cache
     assert list((tmp_path / "zot-cache").rglob(hashlib.sha256(BLOB).hexdigest())), output
+
+
+RETENTION_POLICY = """
+[[retention]]
+repositories = ["acme/releases/**"]
+keep_last = 5
+protected_tags = ["v*", "latest"]
+
+[[retention]]
+repositories = ["acme/ci/*"]
+keep_last = 0
+untagged_after = "30m"
+
+[[retention]]
+repositories = ["**"]
+untagged_after = "7d"
+"""
+
+
+def gc_settings() -> Settings:
+    return settings({**LOCAL, "REGISTRY_GC_INTERVAL": "24h"})
+
+
+def test_zot_gc_and_retention_match_golden() -> None:
+    policy = parse_policy(RETENTION_POLICY, "policy.toml")
+    config = render_zot(gc_settings(), policy)
+    expected = json.loads((GOLDEN / "zot-gc-retention.json").read_text())
+    assert config == expected
+    assert schema.violations(config) == []
+    # Without retention rules nor an interval, the configs stay as before.
+    assert render_zot(settings(LOCAL), parse_policy("", "p.toml")) == render_zot(settings(LOCAL))
+
+
+def test_zot_retention_tag_patterns_are_anchored_regexes() -> None:
+    from zot.config import ATTACHMENT_TAGS, tag_regex
+
+    assert tag_regex("v*") == "^v[A-Za-z0-9._-]*$"
+    assert tag_regex("1.2*-rc") == "^1\\.2[A-Za-z0-9._-]*\\-rc$"
+    assert re.fullmatch(tag_regex("v*"), "v1.2.3") and not re.search(tag_regex("v*"), "xv1")
+    assert re.fullmatch(ATTACHMENT_TAGS, "sha256-" + "a" * 64 + ".sig")
+
+
+def test_gc_interval_setting() -> None:
+    from tabbify_registry.settings import ConfigError
+
+    assert gc_settings().gc_interval == 86400
+    assert settings(LOCAL).gc_interval is None
+    assert settings({**LOCAL, "REGISTRY_GC_INTERVAL": "90m"}).gc_interval == 5400
+    for bad in ("24", "1s", "59s", "0m", "1.5h", "-1h", "1y"):
+        with pytest.raises(ConfigError, match="REGISTRY_GC_INTERVAL"):
+            settings({**LOCAL, "REGISTRY_GC_INTERVAL": bad})

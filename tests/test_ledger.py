@@ -149,3 +149,30 @@ def test_walk_progress_is_recorded(tmp_path):
     assert ledger.walked("acme/app")
     ledger.close()
     assert Ledger(tmp_path / "ledger.db").walked("acme/app")
+
+
+def test_sizes_usage_pushes_and_forgetting(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add("acme", [D[0], D[1]], repository="acme/app")
+    ledger.add("globex", [D[0]], repository="globex/app")
+    ledger.record_sizes({D[0]: 100, D[1]: 30, D[2]: 7})
+    assert ledger.sizes([D[0], D[2], D[3]]) == {D[0]: 100, D[2]: 7}
+    # A shared blob counts in full for each tenant; repositories' own records never count.
+    assert ledger.usage("acme") == 130 and ledger.usage("globex") == 100
+    assert ledger.usage_all() == {"acme": 130, "globex": 100}
+    assert ledger.usage("nobody") == 0
+
+    ledger.record_push("acme/app", D[1], "v1", at=10.0)
+    ledger.record_push("acme/app", D[1], "v2", at=20.0)
+    ledger.record_push("acme/app", D[1], None, at=30.0)  # a re-push keeps the first time
+    assert ledger.pushes("acme/app") == {D[1]: (D[1], 10.0), "v1": (D[1], 10.0), "v2": (D[1], 20.0)}
+    assert sorted(ledger.holdings("/acme/app")) == [D[0], D[1]]
+
+    ledger.forget_manifests("acme/app", [D[1]])
+    assert not ledger.has("/acme/app", D[1]) and ledger.has("acme", D[1])
+    assert ledger.pushes("acme/app") == {}
+
+    assert ledger.forget([D[0]]) == 4  # acme, globex and both repositories
+    assert not ledger.has("acme", D[0]) and not ledger.has("globex", D[0])
+    assert ledger.usage_all() == {"acme": 30}
+    ledger.close()

@@ -47,9 +47,9 @@ def test_quota_for():
 def test_metrics_text():
     text = quota.metrics({"globex": 100, "acme": 130, 'x"\\\n': 1}, {"acme": 1000, "globex": None})
     lines = text.splitlines()
-    assert 'tabbify_tenant_storage_bytes{tenant="acme"} 130' in lines
-    assert 'tabbify_tenant_storage_bytes{tenant="globex"} 100' in lines
-    assert 'tabbify_tenant_storage_bytes{tenant="x\\"\\\\\\n"} 1' in lines
+    assert 'tabbify_tenant_usage_bytes{tenant="acme"} 130' in lines
+    assert 'tabbify_tenant_usage_bytes{tenant="globex"} 100' in lines
+    assert 'tabbify_tenant_usage_bytes{tenant="x\\"\\\\\\n"} 1' in lines
     assert 'tabbify_tenant_quota_bytes{tenant="acme"} 1000' in lines
     assert not any("quota_bytes" in line and "globex" in line for line in lines)
     assert text.endswith("\n")

@@ -8,8 +8,10 @@ chain (instance/task role, env, profile).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from addons.policy import Policy
 from tabbify_registry.settings import Settings
 
 # Zot's default read/write timeout (since v2.1.17) is 60 s for the *whole* request, which cuts
@@ -32,8 +34,67 @@ def _endpoint_is_plain_http(settings: Settings) -> bool:
     return bool(settings.s3_endpoint and settings.s3_endpoint.startswith("http://"))
 
 
-def render_zot(settings: Settings) -> dict[str, Any]:
-    """Zot v2.1.20 config."""
+# GC (CONTRACTS §8) with Zot is Zot's own: blobs younger than this stay (a push in flight),
+# and so do untagged manifests where no [[retention]] rule says otherwise (as
+# addons/gc_plan.py's DEFAULT_GRACE does with Distribution).
+GC_GRACE_SECONDS = 3600
+# cosign's attachment tags never count for keep_last and stay while their subject does
+# (Zot's GC removes orphaned ones with deleteReferrers).
+ATTACHMENT_TAGS = r"^sha256-[0-9a-f]{64}\.(sig|att|sbom)$"
+
+
+def go_duration(seconds: int) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def tag_regex(pattern: str) -> str:
+    """A policy tag pattern (`*` = any run of tag characters) as an anchored Go regex."""
+    return "^" + "[A-Za-z0-9._-]*".join(re.escape(part) for part in pattern.split("*")) + "$"
+
+
+def render_retention(policy: Policy) -> dict[str, Any]:
+    """[[retention]] rules as Zot's `storage.retention` (schema.RETENTION_KEYS says how Zot
+    reads it). One Zot policy per rule, in file order, then a default for every other
+    repository (tags kept, untagged manifests after GC_GRACE_SECONDS). Zot applies the first
+    policy that matches a repository, where the policy file combines every matching rule:
+    with overlapping rules, put the one that should decide first (README, GC)."""
+    policies = []
+    graces = [GC_GRACE_SECONDS]
+    for rule in policy.retentions:
+        protected = [ATTACHMENT_TAGS, *(tag_regex(p) for p in rule.protected_tags)]
+        keep_tags: list[dict[str, Any]] = [{"patterns": protected}]
+        if rule.keep_last is None:
+            keep_tags.append({"patterns": [".*"]})  # every tag stays
+        elif rule.keep_last > 0:
+            keep_tags.append({"patterns": [".*"], "mostRecentlyPushedCount": rule.keep_last})
+        entry: dict[str, Any] = {
+            "repositories": list(rule.repositories),
+            "deleteReferrers": True,
+            "deleteUntagged": True,
+            "keepTags": keep_tags,
+        }
+        grace = int(rule.untagged_after.total_seconds()) if rule.untagged_after else None
+        entry["keepUntagged"] = {"pushedWithin": go_duration(grace or GC_GRACE_SECONDS)}
+        graces.append(grace or GC_GRACE_SECONDS)
+        policies.append(entry)
+    policies.append(
+        {
+            "repositories": ["**"],
+            "deleteReferrers": True,
+            "deleteUntagged": True,
+            "keepTags": [{"patterns": [".*"]}],
+            "keepUntagged": {"pushedWithin": go_duration(GC_GRACE_SECONDS)},
+        }
+    )
+    # `delay` is global: the shortest grace, so that each policy's own keepUntagged decides.
+    return {"dryRun": False, "delay": go_duration(min(graces)), "policies": policies}
+
+
+def render_zot(settings: Settings, policy: Policy | None = None) -> dict[str, Any]:
+    """Zot v2.1.20 config. `policy`: its [[retention]] rules become Zot's retention."""
     storage: dict[str, Any] = {
         "rootDirectory": storage_root(settings),  # on S3 it still holds cache.db
         "dedupe": True,
@@ -64,6 +125,11 @@ def render_zot(settings: Settings) -> dict[str, Any]:
         if settings.s3_endpoint:
             driver["regionendpoint"] = settings.s3_endpoint
         storage["storageDriver"] = driver
+    if settings.gc_interval is not None:
+        storage["gcDelay"] = go_duration(GC_GRACE_SECONDS)
+        storage["gcInterval"] = go_duration(settings.gc_interval)
+    if policy is not None and policy.retentions:
+        storage["retention"] = render_retention(policy)
     config: dict[str, Any] = {
         "distSpecVersion": "1.1.1",
         "storage": storage,
@@ -115,9 +181,6 @@ def render_distribution(
         backend: dict[str, Any] = {"s3": s3}
     else:
         backend = {"filesystem": {"rootdirectory": storage_root(settings)}}
-    # Several nodes: no per-node descriptor cache, which would keep describing a blob another
-    # node deleted (Distribution's docs name Redis for that; reading the bucket is enough).
-    cache = {} if settings.nodes.several else {"cache": {"blobdescriptor": "inmemory"}}
     return {
         "version": "0.1",
         # The gateway logs requests; Distribution's own access log would duplicate them, and
@@ -126,7 +189,11 @@ def render_distribution(
         "storage": {
             **backend,
             "delete": {"enabled": True},  # deleting manifests/blobs by digest is part of the API
-            **cache,
+            # No blob-descriptor cache: after `garbage-collect` the in-memory one keeps
+            # answering HEAD 200 for deleted blobs and accepts manifests that reference them,
+            # i.e. broken images (tests/test_e2e_distribution_gc.py pins that); with several
+            # nodes it would keep describing a blob another node deleted. Without it every
+            # check reads storage, and such a push is refused (MANIFEST_BLOB_UNKNOWN).
             # Serve blobs through the registry (as Zot does) instead of redirecting clients to
             # presigned bucket URLs they may not be able to reach; a no-op on filesystem.
             "redirect": {"disable": True},
@@ -141,10 +208,12 @@ def render_distribution(
     }
 
 
-def render(settings: Settings, http_secret: str = SECRET_PLACEHOLDER) -> dict[str, Any]:
-    """The config of the backend settings.backend selects."""
+def render(
+    settings: Settings, http_secret: str = SECRET_PLACEHOLDER, policy: Policy | None = None
+) -> dict[str, Any]:
+    """The config of the backend settings.backend selects (`policy`: for Zot's retention)."""
     if settings.backend == "zot":
-        return render_zot(settings)
+        return render_zot(settings, policy)
     if settings.backend == "distribution":
         return render_distribution(settings, http_secret)
     raise ValueError(

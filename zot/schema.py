@@ -33,6 +33,9 @@ KEYS: dict[str, str] = {
     "storage.remoteCache": "boolean",
     # Garbage collection of untagged manifests and unreferenced blobs (example: gc).
     "storage.gc": "boolean",
+    # Blobs younger than gcDelay stay (a push in flight); GC runs every gcInterval (example: gc).
+    "storage.gcDelay": "string",
+    "storage.gcInterval": "string",
     # The S3 driver (Distribution's s3-aws driver inside Zot); lower-case keys, as that driver
     # reads them (examples: s3, cluster member).
     "storage.storageDriver": "object",
@@ -79,6 +82,36 @@ SOURCES: dict[str, str] = {
     "storage.cacheDriver.keyprefix": "config-redis.json",
 }
 
+# Tag retention (§8 `[[retention]]`): from Zot v2.1.20's examples/config-retention.json and
+# pkg/api/config/config.go (ImageRetention, RetentionPolicy, KeepTagsPolicy,
+# KeepUntaggedPolicy). Kept apart from KEYS because the copy of Zot's examples this project
+# checks KEYS against has no retention example. Semantics (pkg/retention/retention.go): the
+# first policy whose `repositories` (doublestar globs) match a repository applies; a tag is
+# kept by the first `keepTags` entry whose `patterns` (unanchored Go regexes) match it, when
+# that entry has no rule or one of its rules keeps it; a tag no entry matches is deleted once
+# a policy has any `keepTags`; `deleteUntagged` defaults to true; `delay` is the minimum age
+# of an untagged manifest or orphan referrer before it goes.
+RETENTION_KEYS: dict[str, str] = {
+    "storage.retention": "object",
+    "storage.retention.dryRun": "boolean",
+    "storage.retention.delay": "string",
+    "storage.retention.policies": "array",
+    "storage.retention.policies[]": "object",
+    "storage.retention.policies[].repositories": "array",
+    "storage.retention.policies[].repositories[]": "string",
+    "storage.retention.policies[].deleteReferrers": "boolean",
+    "storage.retention.policies[].deleteUntagged": "boolean",
+    "storage.retention.policies[].keepTags": "array",
+    "storage.retention.policies[].keepTags[]": "object",
+    "storage.retention.policies[].keepTags[].patterns": "array",
+    "storage.retention.policies[].keepTags[].patterns[]": "string",
+    "storage.retention.policies[].keepTags[].mostRecentlyPushedCount": "number",
+    "storage.retention.policies[].keepTags[].pushedWithin": "string",
+    "storage.retention.policies[].keepUntagged": "object",
+    "storage.retention.policies[].keepUntagged.pushedWithin": "string",
+}
+ALL_KEYS = {**KEYS, **RETENTION_KEYS}
+
 # Keys without which Zot does not start the way the gateway needs it.
 REQUIRED = ("distSpecVersion", "storage.rootDirectory", "http.address", "http.port")
 
@@ -92,7 +125,15 @@ ALLOWED_VALUES: dict[str, frozenset[Any]] = {
 
 # Go's time.ParseDuration syntax, which Zot uses for durations ("24h", "1h30m", "2m").
 GO_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+")
-DURATIONS = ("http.readTimeout", "http.writeTimeout")
+DURATIONS = (
+    "http.readTimeout",
+    "http.writeTimeout",
+    "storage.gcDelay",
+    "storage.gcInterval",
+    "storage.retention.delay",
+    "storage.retention.policies[].keepTags[].pushedWithin",
+    "storage.retention.policies[].keepUntagged.pushedWithin",
+)
 
 
 def json_type(value: Any) -> str:
@@ -125,10 +166,10 @@ def violations(config: dict[str, Any]) -> list[str]:
     for path, value in key_paths(config):
         present.add(path)
         kind = json_type(value)
-        if path not in KEYS:
+        if path not in ALL_KEYS:
             found.append(f"{path}: not a key this project may emit")
-        elif KEYS[path] != kind:
-            found.append(f"{path}: {kind}, Zot expects {KEYS[path]}")
+        elif ALL_KEYS[path] != kind:
+            found.append(f"{path}: {kind}, Zot expects {ALL_KEYS[path]}")
         elif path in ALLOWED_VALUES and value not in ALLOWED_VALUES[path]:
             found.append(f"{path}: {value!r} is none of {sorted(ALLOWED_VALUES[path])}")
         elif path in DURATIONS and not GO_DURATION.fullmatch(value):

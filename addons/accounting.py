@@ -1,0 +1,238 @@
+"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (CONTRACTS §8).
+
+Runs before TenantIsolation in the addon list, so that its `response` hook decides before
+the isolation ledger records a confirmed push (a refused one is never recorded: the tenant
+cannot see it, and it counts for nobody).
+
+- **Sizes.** After a confirmed blob upload or mount (201), the blob's size is asked from
+  the backend (HEAD in the repository: its Content-Length), which is right for monolithic,
+  chunked and streamed uploads and for mounts alike, and recorded in the ledger per digest.
+  A manifest's size is its body's length. Usage per tenant is the sum over the distinct
+  digests the ledger says it holds (addons/quota.py: a blob shared by mount counts in full
+  for each tenant, as Harbor counts).
+- **Quotas.** A push that adds bytes the tenant does not hold yet and would take it over its
+  quota is refused with 403 DENIED "quota exceeded": a monolithic upload already when its
+  head declares a Content-Length that cannot fit (before the body is sent), a manifest
+  before it is forwarded, and every upload at the latest when the backend confirms it. Then
+  the 201 becomes the 403, nothing is recorded, and the blob's link in that repository is
+  deleted in the backend (unless the repository already held the digest); GC takes the
+  bytes later. Re-pushing what the tenant holds never counts (quota.would_exceed).
+- **Push times** (retention's `keep_last` and `untagged_after`): when a manifest PUT is
+  confirmed, the ledger records when, for the manifest and the tag it was pushed to.
+- **Usage for /metrics**: worker 0 computes every tenant's usage every USAGE_EVERY seconds
+  and publishes it (addons/publish.py); the admin endpoint serves it as
+  `tabbify_tenant_usage_bytes{tenant=…}`.
+
+Concurrent uploads of one tenant are checked one by one against the recorded usage, so
+several racing uploads can overshoot the quota by what is in flight (README, known limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from typing import Any
+
+import httpx
+from mitmproxy import ctx, http
+
+from addons import oci, quota
+from addons.gate import answered, fail_closed, respond
+from addons.isolation import TenantIsolation
+from addons.ledger import LedgerUnavailable, holder
+from addons.policy_store import PolicyFile
+from addons.record import FlowRecord, record
+from addons.routes import DIGEST
+
+logger = logging.getLogger(__name__)
+
+_DIGEST = re.compile(DIGEST)
+_PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
+TIMEOUT = 10.0
+USAGE_EVERY = 5.0
+
+
+class Accounting:
+    def __init__(self, policies: PolicyFile, isolation: TenantIsolation) -> None:
+        self.policies = policies
+        self.isolation = isolation
+        self.client: httpx.AsyncClient | None = None
+        self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
+        self.quotas: dict[str, int | None] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient(
+                base_url=ctx.options.registry_backend, timeout=TIMEOUT, follow_redirects=False
+            )
+        return self.client
+
+    async def running(self) -> None:
+        if self.isolation.ledger is not None and ctx.options.registry_worker == 0:
+            self._task = asyncio.create_task(self._publish_usage())
+
+    async def _publish_usage(self) -> None:
+        while True:
+            ledger = self.isolation.ledger
+            if ledger is not None:
+                try:
+                    usage = await asyncio.to_thread(ledger.usage_all)
+                    policy = self.policies.current()
+                    tenants = set(usage) | {t for q in policy.quotas for t in q.tenants if t != "*"}
+                    self.quotas = {
+                        t: (q.bytes if (q := policy.quota(t)) else None) for t in sorted(tenants)
+                    }
+                    self.usage = {t: usage.get(t, 0) for t in sorted(tenants)}
+                except LedgerUnavailable:
+                    pass
+                except Exception:
+                    logger.exception("usage per tenant: cannot compute")
+            await asyncio.sleep(USAGE_EVERY)
+
+    def state(self) -> dict[str, Any] | None:
+        if self.usage is None:
+            return None
+        return {"usage": self.usage, "quotas": self.quotas, "time": time.time()}
+
+    # --- quota decisions ------------------------------------------------------------------
+
+    def _quota(self, rec: FlowRecord) -> int | None:
+        if rec.tenant is None or self.isolation.ledger is None:
+            return None
+        rule = self.policies.current().quota(rec.tenant)
+        return rule.bytes if rule else None
+
+    def _exceeds(self, rec: FlowRecord, limit: int, digests: dict[str, int]) -> bool:
+        """Would adding these digests (digest → size) take the tenant over `limit`?"""
+        ledger, tenant = self.isolation.ledger, rec.tenant
+        assert ledger is not None and tenant is not None
+        adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
+        return quota.would_exceed(tenant, {tenant: ledger.usage(tenant)}, limit, adding)
+
+    def _refuse(self, flow: http.HTTPFlow, limit: int) -> http.Response:
+        rec = record(flow)
+        rec.decision = "deny:quota exceeded"
+        return oci.error_response(
+            403,
+            "DENIED",
+            "quota exceeded",
+            method=flow.request.method,
+            detail={"tenant": rec.tenant, "quota_bytes": limit},
+        )
+
+    def _unavailable(self, flow: http.HTTPFlow) -> http.Response:
+        record(flow).decision = "deny:quota-unchecked"
+        return oci.error_response(
+            503, "UNAVAILABLE", "cannot check the quota now; retry", method=flow.request.method
+        )
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Early refusal of a monolithic upload whose declared size cannot fit."""
+        rec = record(flow)
+        if rec.route != "upload" or not rec.allowed or answered(flow):
+            return
+        if flow.request.method not in ("PUT", "POST"):
+            return
+        digest, length = rec.params.get("digest"), flow.request.headers.get("content-length")
+        if not digest or not length or not length.isdigit() or int(length) == 0:
+            return
+        limit = self._quota(rec)
+        if limit is None:
+            return
+        try:
+            if self._exceeds(rec, limit, {digest: int(length)}):
+                respond(flow, self._refuse(flow, limit))
+        except LedgerUnavailable:
+            respond(flow, self._unavailable(flow))
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        """A manifest (body read and checked by TenantIsolation's hold): its own bytes."""
+        rec = record(flow)
+        if rec.route != "manifest" or flow.request.method != "PUT" or flow.response is not None:
+            return
+        if answered(flow) or not rec.allowed or flow.request.stream:
+            return
+        limit = self._quota(rec)
+        if limit is None:
+            return
+        body = flow.request.raw_content or b""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        try:
+            if self._exceeds(rec, limit, {digest: len(body)}):
+                flow.response = self._refuse(flow, limit)
+        except LedgerUnavailable:
+            flow.response = self._unavailable(flow)
+
+    @fail_closed
+    async def response(self, flow: http.HTTPFlow) -> None:
+        rec, response = record(flow), flow.response
+        if response is None or rec.tenant is None or not rec.allowed or answered(flow):
+            return
+        ledger = self.isolation.ledger
+        if ledger is None or not ctx.options.registry_backend:
+            return
+        method = flow.request.method
+        if rec.route == "manifest" and method == "PUT" and response.status_code == 201:
+            await self._manifest_pushed(flow, rec)
+            return
+        pending = flow.metadata.get(_PENDING)
+        if rec.route != "upload" or response.status_code != 201 or not pending:
+            return
+        digest = response.headers.get("docker-content-digest") or pending[0]
+        if digest not in pending or not _DIGEST.fullmatch(digest) or not rec.repository:
+            return  # isolation records nothing either
+        try:
+            size = await self._size(rec.repository, digest)
+            ledger.record_sizes({digest: size})
+            limit = self._quota(rec)
+            if limit is not None and self._exceeds(rec, limit, {digest: size}):
+                flow.response = self._refuse(flow, limit)
+                flow.metadata.pop(_PENDING, None)  # isolation records nothing
+                if not ledger.has(holder(rec.repository), digest):
+                    await self._unlink(rec.repository, digest)
+        except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
+            logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
+            if self._quota(rec) is not None:
+                flow.metadata.pop(_PENDING, None)
+                flow.response = self._unavailable(flow)
+
+    async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
+        ledger = self.isolation.ledger
+        assert ledger is not None and rec.repository is not None
+        body = None if flow.request.stream else flow.request.raw_content
+        if body is None:
+            return
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        tag = rec.reference if rec.reference and not _DIGEST.fullmatch(rec.reference) else None
+        try:
+            ledger.record_sizes({digest: len(body)})
+            ledger.record_push(rec.repository, digest, tag)
+        except LedgerUnavailable as e:  # push times are best effort: unknown = kept by GC
+            logger.warning("could not record a push time for %s: %s", rec.repository, e)
+
+    async def _size(self, repository: str, digest: str) -> int:
+        r = await self._client().head(f"/v2/{repository}/blobs/{digest}")
+        length = r.headers.get("content-length", "")
+        if r.status_code != 200 or not length.isdigit():
+            raise ValueError(f"HEAD of a confirmed blob answered {r.status_code}")
+        return int(length)
+
+    async def _unlink(self, repository: str, digest: str) -> None:
+        try:
+            r = await self._client().delete(f"/v2/{repository}/blobs/{digest}")
+            if r.status_code not in (202, 404):
+                logger.warning("quota: unlinking a refused blob answered %d", r.status_code)
+        except httpx.HTTPError as e:
+            logger.warning("quota: cannot unlink a refused blob: %s", e)
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.client is not None:
+            await self.client.aclose()

@@ -1,0 +1,351 @@
+"""Signed images only where the policy says so (`[[require_signature]]`, CONTRACTS §8).
+
+A manifest GET/HEAD (by tag or digest) in a repository a rule covers is served only when
+each matching rule is satisfied by a cosign signature made with one of its keys, found
+through the backend in the same repository: the `sha256-<hex>.sig` tag and, where the
+backend has the referrers API (Zot), OCI 1.1 referrers (addons/signatures.py verifies; it
+also decides which manifests are exempt: signatures, attestations, SBOMs, i.e. manifests
+whose layers no runtime unpacks). Otherwise 403 DENIED "not signed by a trusted key"; 503
+when the backend cannot answer (fail closed). Runs after TenantIsolation, before the Gate.
+
+- A tag is resolved by fetching the manifest from the backend, and the request is then
+  forwarded **by digest**: a tag moved between the check and the answer never serves
+  something unchecked.
+- An image inside a signed index (a multi-arch pull fetches the children by digest) is
+  served as part of it: cosign signs the index digest. A child without a signature of its
+  own is looked up among the indexes the repository's tags point at (at most MAX_TAGS tags);
+  a verified index also vouches for its children in this worker's cache at once.
+- Verdicts are cached per (digest, repository, key set), bounded (LRU), for CACHE_TTL seconds
+  (NEGATIVE_TTL for "not signed"); failures of the backend are never cached.
+- Invalidation across worker processes: a manifest push that is a signature (the
+  `sha256-<hex>.sig` tag, or a manifest with a `subject`) or any manifest DELETE through
+  any worker rewrites `<registry_state_dir>/signatures.generation`; every worker stats that
+  file before using its cache and drops the cache when it changed. Pushes and deletes that
+  bypass the gateway (none should: the backend is on loopback) and GC are covered by the TTLs
+  (GC rewrites the file too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+from mitmproxy import ctx, http
+
+from addons import oci, signatures
+from addons.gate import answered, fail_closed, respond
+from addons.manifest import MAX_MANIFEST
+from addons.policy import Policy, RequireSignature
+from addons.policy_store import PolicyFile
+from addons.record import record
+from addons.routes import DIGEST
+from addons.signatures import Verdict, VerdictCache
+from addons.target import Target
+
+logger = logging.getLogger(__name__)
+
+_DIGEST = re.compile(DIGEST)
+TIMEOUT = 10.0
+CACHE_TTL = 60.0
+NEGATIVE_TTL = 10.0
+MAX_TAGS = 256  # tags examined to find a signed index holding an image
+MAX_TAG_LIST = 4 * 1024 * 1024
+GENERATION = "signatures.generation"
+ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
+_INVALIDATE = "tabbify.signed.invalidate"
+
+
+class BackendUnsure(Exception):
+    """The backend did not answer a question the verdict needs: 503."""
+
+
+def bump_generation(state_dir: str | Path) -> None:
+    """Tell every worker to drop its cached verdicts (atomic rename of a fresh token)."""
+    path = Path(state_dir) / GENERATION
+    tmp = path.with_name(f".{GENERATION}.{os.getpid()}")
+    tmp.write_text(secrets.token_hex(8))
+    tmp.replace(path)
+
+
+def _children(body: bytes) -> tuple[str, ...]:
+    try:
+        doc = signatures.strict_json(body, MAX_MANIFEST, "manifest")
+    except signatures.Refused:
+        return ()
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list):
+        return ()
+    return tuple(
+        d["digest"]
+        for d in manifests
+        if isinstance(d, dict)
+        and isinstance(d.get("digest"), str)
+        and _DIGEST.fullmatch(d["digest"])
+    )
+
+
+class Backend:
+    """Blocking reads of the backend for one verdict (run in a worker thread)."""
+
+    def __init__(self, client: httpx.Client, repository: str) -> None:
+        self.client, self.repository = client, repository
+
+    def _get(self, path: str, limit: int, accept: str | None = None) -> bytes | None:
+        headers = {"Accept": accept} if accept else {}
+        with self.client.stream("GET", f"/v2/{self.repository}/{path}", headers=headers) as r:
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise BackendUnsure(f"GET {path.split('/')[0]} answered {r.status_code}")
+            body = bytearray()
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise BackendUnsure(f"{path.split('/')[0]} answer too large")
+        return bytes(body)
+
+    def manifest(self, reference: str) -> bytes | None:
+        return self._get(f"manifests/{reference}", MAX_MANIFEST, ACCEPT)
+
+    def referrers(self, digest: str) -> bytes | None:
+        # Distribution 2.8 has no referrers API: 404, like "nothing refers to it".
+        path = f"referrers/{digest}?artifactType={signatures.SIG_ARTIFACT_TYPE}"
+        return self._get(path, MAX_MANIFEST)
+
+    def blob(self, digest: str) -> bytes:
+        body = self._get(f"blobs/{digest}", signatures.MAX_PAYLOAD + 1)
+        if body is None:
+            raise BackendUnsure("signature payload missing")
+        return body
+
+    def tags(self) -> list[str]:
+        body = self._get("tags/list", MAX_TAG_LIST)
+        if body is None:
+            return []
+        try:
+            tags = json.loads(body).get("tags") or []
+        except (ValueError, AttributeError, RecursionError):
+            raise BackendUnsure("tag list unreadable") from None
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+def _p256(rule: RequireSignature) -> tuple[ec.EllipticCurvePublicKey, ...]:
+    return tuple(
+        k
+        for k in rule.public_keys
+        if isinstance(k, ec.EllipticCurvePublicKey) and isinstance(k.curve, ec.SECP256R1)
+    )
+
+
+class SignedOnly:
+    def __init__(self, policies: PolicyFile) -> None:
+        self.policies = policies
+        self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
+        self.client: httpx.Client | None = None
+        self._generation: tuple[int, int, int] | None = None
+        # Index digest → its children (content-addressed: never stale), bounded.
+        self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+
+    def _client(self) -> httpx.Client:
+        if self.client is None:
+            self.client = httpx.Client(
+                base_url=ctx.options.registry_backend, timeout=TIMEOUT, follow_redirects=False
+            )
+        return self.client
+
+    # --- invalidation ---------------------------------------------------------------------
+
+    def _generation_path(self) -> Path | None:
+        directory = ctx.options.registry_state_dir
+        return Path(directory) / GENERATION if directory else None
+
+    def _follow_generation(self) -> None:
+        path = self._generation_path()
+        if path is None:
+            return
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._generation:
+            if self._generation is not None or stamp is not None:
+                self.cache.clear()
+            self._generation = stamp
+
+    def _invalidate(self, subjects: set[str] | None) -> None:
+        """This worker at once; the others through the generation file."""
+        if subjects is None:
+            self.cache.clear()
+        else:
+            for digest in subjects:
+                self.cache.invalidate(digest)
+        path = self._generation_path()
+        if path is not None:
+            try:
+                bump_generation(path.parent)
+            except OSError as e:
+                logger.error("signatures: cannot tell the other workers (%s)", e)
+            self._follow_generation()
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if rec.route != "manifest" or not rec.allowed or answered(flow) or not rec.repository:
+            return
+        method, reference = flow.request.method, rec.reference or ""
+        if method in ("PUT", "DELETE"):
+            flow.metadata[_INVALIDATE] = True
+            return
+        if method not in ("GET", "HEAD") or not ctx.options.registry_backend:
+            return
+        policy = self.policies.current()
+        rules = policy.signature_rules(rec.repository)
+        if not rules:
+            return
+        self._follow_generation()
+        try:
+            digest, verdict = await asyncio.to_thread(
+                self.decide, policy, rules, rec.repository, reference
+            )
+        except (BackendUnsure, httpx.HTTPError) as e:
+            logger.warning("signatures: cannot check %s: %s", rec.repository, e)
+            verdict, digest = Verdict(False, str(e), transient=True), None
+        if verdict is None:  # no such manifest: the backend answers that
+            return
+        if not verdict.signed:
+            transient = verdict.transient
+            rec.decision = "deny:signature-unchecked" if transient else "deny:not signed"
+            status, code = (503, "UNAVAILABLE") if transient else (403, "DENIED")
+            message = (
+                "cannot check signatures now; retry" if transient else "not signed by a trusted key"
+            )
+            respond(
+                flow,
+                oci.error_response(
+                    status, code, message, method=method, detail=verdict.reason[:300]
+                ),
+            )
+            return
+        assert digest is not None and rec.target is not None
+        # Serve exactly what was checked, even if the tag moves meanwhile.
+        rec.target = Target(f"/v2/{rec.repository}/manifests/{digest}", rec.target.params)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.pop(_INVALIDATE, None) or flow.response is None:
+            return
+        status, method = flow.response.status_code, flow.request.method
+        if method == "DELETE" and status == 202:
+            self._invalidate(None)  # no body at hand: whatever it was
+        elif method == "PUT" and status == 201:
+            body = None if flow.request.stream else flow.request.raw_content
+            subjects = signatures.affected_subjects(record(flow).reference or "", body)
+            if body is None:
+                self._invalidate(None)
+            elif subjects:
+                self._invalidate(subjects)
+
+    def done(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    # --- the verdict (blocking; in a worker thread) -------------------------------------------
+
+    def decide(
+        self, policy: Policy, rules: tuple[RequireSignature, ...], repository: str, reference: str
+    ) -> tuple[str | None, Verdict | None]:
+        """(digest, verdict); (None, None) when the backend has no such manifest."""
+        backend = Backend(self._client(), repository)
+        scope: Hashable = (repository, tuple(rule.keys for rule in rules))
+        if _DIGEST.fullmatch(reference):
+            cached = self.cache.get(reference, scope)
+            if cached is not None:
+                return reference, cached
+        body = backend.manifest(reference)
+        if body is None:
+            return None, None
+        digest = reference if _DIGEST.fullmatch(reference) else None
+        if digest is None:
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            cached = self.cache.get(digest, scope)
+            if cached is not None:
+                return digest, cached
+        if signatures.exempt_from_signature(body):
+            verdict = Verdict(True, "exempt: a signature or artifact, not a runnable image")
+        else:
+            verdict = self._verify(policy, rules, backend, digest, body)
+        self.cache.put(digest, verdict, scope)
+        if verdict.signed:
+            for child in _children(body):
+                self.cache.put(child, Verdict(True, f"in the signed index {digest}"), scope)
+        return digest, verdict
+
+    def _verify(
+        self,
+        policy: Policy,
+        rules: tuple[RequireSignature, ...],
+        backend: Backend,
+        digest: str,
+        body: bytes,
+    ) -> Verdict:
+        for rule in rules:
+            keys = _p256(rule)
+            if not keys:
+                return Verdict(
+                    False,
+                    f"{policy.name(rule)} has no ECDSA P-256 key: only those are verified",
+                )
+            verdict = self._signed(backend, digest, keys)
+            if not verdict.signed and not verdict.transient:
+                parent = self._signed_parent(backend, digest, keys)
+                if parent is not None:
+                    verdict = Verdict(True, f"in the signed index {parent}")
+            if not verdict.signed:
+                return Verdict(
+                    False, f"{policy.name(rule)}: {verdict.reason}", transient=verdict.transient
+                )
+        return Verdict(True, "signed by a trusted key")
+
+    @staticmethod
+    def _signed(backend: Backend, digest: str, keys: tuple[Any, ...]) -> Verdict:
+        return signatures.verify_subject(
+            digest, backend.manifest, backend.referrers, backend.blob, keys
+        )
+
+    def _signed_parent(self, backend: Backend, digest: str, keys: tuple[Any, ...]) -> str | None:
+        """A signed index the repository's tags point at that holds `digest`, or None."""
+        tags = [t for t in backend.tags() if signatures.signature_tag_subject(t) is None]
+        for tag in tags[:MAX_TAGS]:
+            body = backend.manifest(tag)
+            if body is None:
+                continue
+            index = "sha256:" + hashlib.sha256(body).hexdigest()
+            children = self._index_children.get(index)
+            if children is None:
+                children = self._index_children[index] = _children(body)
+                while len(self._index_children) > 4096:
+                    self._index_children.popitem(last=False)
+            if digest in children and self._signed(backend, index, keys).signed:
+                return index
+        return None

@@ -1,0 +1,506 @@
+"""`tabbify-registry gc [--dry-run]` and the periodic run (CONTRACTS §8).
+
+With Distribution (the local and test backend) this program does the whole job:
+
+1. **Snapshot** over HTTP: catalog → tags → manifests (index children, referrers where the
+   backend has the API), plus the manifests the isolation ledger knows each repository holds
+   (Distribution cannot list untagged manifests; those pushed before the ledger existed stay
+   invisible, hence kept). Push times come from the ledger (the gateway records each
+   confirmed manifest and tag push); a tag whose push time is unknown is kept, a manifest
+   whose push time is unknown counts as just pushed.
+2. **Plan** with addons/gc_plan.py under the policy's `[[retention]]` rules: `keep_last`
+   tags by push time, `protected_tags`, `untagged_after` (default, and without a rule: 1 h).
+   `--dry-run` stops here and prints the plan.
+3. **Freeze writes**: a marker in the workers' state directory (addons/freeze.py); every
+   gateway worker answers writes 503 + Retry-After, reads go on. Nothing is removed until
+   every live worker reports the freeze with no write in flight (else the run is abandoned).
+4. **Delete** the planned manifests by digest through the backend API, after re-reading the
+   tags of their repositories inside the freeze (a digest tagged again since the snapshot
+   stays). Distribution removes a manifest's tags with it and cannot delete a tag alone: a
+   planned tag deletion whose manifest stays is reported as skipped.
+5. **`docker-registry garbage-collect <config>`** (never `--delete-untagged`: it breaks
+   multi-arch indexes and referrers) sweeps the blobs no manifest references. The rendered
+   config has no blob-descriptor cache, so nothing serves a deleted blob afterwards.
+6. The **ledger forgets** what is gone, every worker drops its cached signature verdicts,
+   the freeze ends, and a JSON **report** (per tenant: tags, manifests, blobs, bytes) is
+   printed and written to `$REGISTRY_DATA_DIR/gc/`.
+
+With Zot, GC and retention are Zot's own (`storage.gc`, `gcDelay`, `gcInterval`,
+`retention` rendered by zot/config.py from REGISTRY_GC_INTERVAL and `[[retention]]`): the
+command prints those settings and triggers nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from addons import freeze, gc_plan, manifest, signed
+from addons.ledger import Ledger, LedgerUnavailable, holder
+from addons.policy import EMPTY, Policy
+from addons.policy_store import read as read_policy
+from tabbify_registry.settings import ConfigError, Settings
+from zot import config as backend_config
+
+logger = logging.getLogger("gc")
+
+TIMEOUT = 30
+PAGE = 1000
+STALE = 5.0  # a worker that has not published for this long is not waited for
+FREEZE_WAIT = 120.0  # seconds to wait for the workers to stop writing
+FREEZE_MAX = 300.0  # a marker not renewed for this long expires (a GC that was killed)
+FREEZE_RENEW = 30.0  # the running GC renews its marker this often
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+
+class GcError(Exception):
+    """The run was abandoned (nothing, or only what the report says, was removed)."""
+
+
+# --- the snapshot ------------------------------------------------------------------------------
+
+
+def descriptor_sizes(body: bytes) -> dict[str, int]:
+    """digest → size of the descriptors a manifest names (config, layers, blobs, children)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    out: dict[str, int] = {}
+    if not isinstance(doc, dict):
+        return out
+    for key in ("config", "layers", "blobs", "manifests"):
+        items = doc.get(key)
+        for d in items if isinstance(items, list) else [items]:
+            if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                size = d.get("size")
+                if type(size) is int and size >= 0:
+                    out[d["digest"]] = size
+    return out
+
+
+@dataclass
+class Walk:
+    snapshot: gc_plan.Snapshot
+    unknown_tags: dict[str, set[str]] = field(default_factory=dict)  # repo → tags kept as unknown
+
+
+class Backend:
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def pages(self, url: str, key: str) -> Iterator[Any]:
+        origin = urlsplit(self.base)[:2]
+        while url:
+            r = self.session.get(url, timeout=TIMEOUT)
+            if r.status_code == 404:
+                return
+            r.raise_for_status()
+            yield from r.json().get(key) or []
+            nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
+            url = nxt if urlsplit(nxt)[:2] == origin else ""
+
+    def catalog(self) -> list[str]:
+        return [r for r in self.pages(f"{self.base}/v2/_catalog?n={PAGE}", "repositories")]
+
+    def tags(self, repo: str) -> list[str]:
+        return [t for t in self.pages(f"{self.base}/v2/{repo}/tags/list?n={PAGE}", "tags")]
+
+    def manifest(self, repo: str, ref: str) -> bytes | None:
+        r = self.session.get(
+            f"{self.base}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT}, timeout=TIMEOUT
+        )
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return r.content
+
+    def referrers(self, repo: str, digest: str) -> list[str]:
+        r = self.session.get(f"{self.base}/v2/{repo}/referrers/{digest}", timeout=TIMEOUT)
+        if r.status_code != 200:  # Distribution 2.8: no referrers API (404)
+            return []
+        try:
+            return list(manifest.children(manifest.parse(r.content)))
+        except manifest.ManifestError:
+            return []
+
+    def delete_manifest(self, repo: str, digest: str) -> int:
+        return self.session.delete(
+            f"{self.base}/v2/{repo}/manifests/{digest}", timeout=TIMEOUT
+        ).status_code
+
+
+def walk_repository(
+    backend: Backend,
+    repo: str,
+    now: float,
+    ledger: Ledger | None,
+    sizes: dict[str, int],
+    blobs: set[str],
+) -> tuple[gc_plan.Repository, set[str]]:
+    """One repository as gc_plan sees it, and its tags whose push time is unknown. `sizes`
+    and `blobs` (digests known as some manifest's config, layer or blob) are filled in."""
+    pushes = ledger.pushes(repo) if ledger else {}
+    tags: dict[str, gc_plan.Tag] = {}
+    unknown: set[str] = set()
+    manifests: dict[str, gc_plan.Manifest] = {}
+    seen: set[str] = set()
+
+    def walk(todo: list[str]) -> None:
+        while todo:
+            digest = todo.pop()
+            if digest in seen or digest in blobs:
+                continue
+            seen.add(digest)
+            body = backend.manifest(repo, digest)
+            if body is None or manifest.digest_of(body) != digest:
+                continue
+            pushed = pushes[digest][1] if digest in pushes else now  # unknown: young, kept
+            try:
+                described = gc_plan.describe_manifest(body, pushed)
+            except gc_plan.Refused as e:
+                logger.warning("gc: keeping %s@%s, unreadable: %s", repo, digest, e)
+                continue  # not in the snapshot: never deleted
+            manifests[digest] = described
+            sizes.update(descriptor_sizes(body))
+            sizes[digest] = len(body)
+            blobs.update(described.blobs)
+            todo += [d for d in described.children if d not in seen]
+            todo += [d for d in backend.referrers(repo, digest) if d not in seen]
+
+    for tag in backend.tags(repo):
+        if not isinstance(tag, str):
+            continue
+        body = backend.manifest(repo, tag)
+        if body is None:
+            continue
+        digest = manifest.digest_of(body)
+        known = pushes.get(tag)
+        if known is None or known[0] != digest:
+            unknown.add(tag)  # pushed outside the gateway's records: kept
+        tags[tag] = gc_plan.Tag(digest, known[1] if known and known[0] == digest else now)
+        walk([digest])
+    if ledger is not None:
+        # Untagged manifests: only the ledger knows them, those pushed through the gateway
+        # (a push time under their own digest) that the repository still holds.
+        held = set(ledger.holdings(holder(repo)))
+        walk([ref for ref, (d, _) in pushes.items() if ref == d and d in held and d not in seen])
+    return gc_plan.Repository(tags, manifests), unknown
+
+
+def snapshot(backend: Backend, ledger: Ledger | None, now: float) -> Walk:
+    repos: dict[str, gc_plan.Repository] = {}
+    unknown: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    blobs: set[str] = set()
+    for repo in backend.catalog():
+        if not isinstance(repo, str):
+            continue
+        repos[repo], unknown[repo] = walk_repository(backend, repo, now, ledger, sizes, blobs)
+    if ledger is not None:
+        sizes.update(ledger.sizes(sizes))  # sizes the gateway measured win over descriptors
+    blobs = {d: gc_plan.Blob(n, None) for d, n in sizes.items()}
+    return Walk(gc_plan.Snapshot(repos, blobs), unknown)
+
+
+def retention_for(policy: Policy, unknown: Mapping[str, set[str]]) -> Any:
+    """gc_plan retention per repository from the policy's [[retention]] rules."""
+
+    def rules(repo: str) -> gc_plan.Retention:
+        plan = policy.retention(repo)
+        kept = unknown.get(repo, set())
+        grace = (
+            plan.untagged_after.total_seconds()
+            if plan is not None and plan.untagged_after is not None
+            else gc_plan.DEFAULT_GRACE
+        )
+        return gc_plan.Retention(
+            keep_last=plan.keep_last if plan is not None else None,
+            untagged_after=grace,
+            protected=lambda tag: tag in kept or (plan is not None and plan.protects(tag)),
+        )
+
+    return rules
+
+
+# --- the freeze --------------------------------------------------------------------------------
+
+
+def live_workers(state_dir: Path, now: float) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(state_dir.glob("worker-*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and now - float(state.get("time", 0)) < STALE:
+            out[path.stem] = state
+    return out
+
+
+class Freeze:
+    """The write freeze as a context manager: entered once every live worker has stopped
+    writing, always lifted on the way out."""
+
+    def __init__(self, state_dir: Path, wait: float = FREEZE_WAIT) -> None:
+        self.path = state_dir / freeze.MARKER
+        self.state_dir, self.wait = state_dir, wait
+        self.id = secrets.token_hex(6)
+        self.started = 0.0
+        self._done = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _write(self) -> None:
+        marker = {"id": self.id, "until": time.time() + FREEZE_MAX, "reason": "garbage collection"}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(marker))
+        tmp.replace(self.path)
+
+    def _renew(self) -> None:
+        while not self._done.wait(FREEZE_RENEW):
+            try:
+                self._write()
+            except OSError as e:
+                logger.warning("gc: cannot renew the freeze marker: %s", e)
+
+    def __enter__(self) -> Freeze:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self._write()
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
+        deadline = time.monotonic() + self.wait
+        while True:
+            pending = self.pending()
+            if not pending:
+                return self
+            if time.monotonic() > deadline:
+                self.lift()
+                raise GcError(
+                    f"writes still in flight after {self.wait:.0f} s ({', '.join(pending)}); "
+                    "nothing was removed"
+                )
+            time.sleep(0.2)
+
+    def pending(self) -> list[str]:
+        """Live workers that have not yet seen the freeze, or still have writes in flight."""
+        out = []
+        for name, state in live_workers(self.state_dir, time.time()).items():
+            seen = state.get("freeze") or {}
+            fresh = float(state.get("time", 0)) > self.started
+            if not fresh or seen.get("seen") != self.id:
+                out.append(f"{name}: not frozen yet")
+            elif int(seen.get("in_flight", 0)) > 0:
+                out.append(f"{name}: {seen['in_flight']} writes in flight")
+        return out
+
+    def lift(self) -> None:
+        self._done.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            current = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if current.get("id") == self.id:
+            self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.lift()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def distribution_config(s: Settings) -> Path:
+    """The config the backend runs with (rendered by `run`); rendered here if absent."""
+    path = s.runtime_dir / "distribution-config.json"
+    if not path.exists():
+        s.runtime_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(backend_config.render_distribution(s), indent=2))
+    return path
+
+
+def garbage_collect(config: Path) -> set[str]:
+    """Distribution's sweep (never --delete-untagged); the digests it deleted."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}  # no REGISTRY_*
+    out = subprocess.run(
+        ["docker-registry", "garbage-collect", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if out.returncode != 0:  # what it deleted before failing is swept again next time
+        raise GcError(f"docker-registry garbage-collect failed: {out.stderr.strip()[-500:]}")
+    prefix = "blob eligible for deletion: "
+    return {ln[len(prefix) :].strip() for ln in out.stdout.splitlines() if ln.startswith(prefix)}
+
+
+def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> dict[str, Any]:
+    if s.backend == "zot":
+        return zot_report(s)
+    if s.backend != "distribution":
+        raise ConfigError("REGISTRY_BACKEND=external: garbage collection is the backend's own")
+    policy = EMPTY if s.anonymous else read_policy(s.policy_file)
+    ledger_path = s.data_dir / "ledger" / "ledger.db"
+    ledger = Ledger(ledger_path) if not s.anonymous and ledger_path.exists() else None
+    backend = Backend(f"http://{s.backend_addr.hostport}")
+    try:
+        started, now = time.monotonic(), time.time()
+        walk = snapshot(backend, ledger, now)
+        plan = gc_plan.plan(walk.snapshot, retention_for(policy, walk.unknown_tags), now)
+        report: dict[str, Any] = {
+            "backend": "distribution",
+            "dry_run": dry_run,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            **plan.report(),
+        }
+        deleted_by_digest = {(r, d) for r, d in plan.manifests}
+        report["tags_skipped"] = [
+            {"repository": r, "tag": t, "reason": "Distribution cannot delete a tag alone"}
+            for r, t in plan.tags
+            if (r, walk.snapshot.repositories[r].tags[t].manifest) not in deleted_by_digest
+        ]
+        if dry_run:
+            report["seconds"] = round(time.monotonic() - started, 3)
+            return report
+        with Freeze(s.state_dir, freeze_wait) as frozen:
+            deleted = delete_manifests(backend, plan, ledger, now, policy)
+            collected = garbage_collect(distribution_config(s))
+            if ledger is not None:
+                for repo in {r for r, _ in deleted}:
+                    ledger.forget_manifests(repo, [d for r, d in deleted if r == repo])
+                ledger.forget(collected)
+            if s.state_dir.exists():
+                signed.bump_generation(s.state_dir)
+            report["freeze_seconds"] = round(time.time() - frozen.started, 3)
+        sizes = walk.snapshot.blobs
+        report["deleted_manifests"] = [{"repository": r, "digest": d} for r, d in deleted]
+        report["collected"] = {
+            "blobs": len(collected),
+            "bytes": sum(
+                b.size if isinstance(b, gc_plan.Blob) else int(b)
+                for d, b in sizes.items()
+                if d in collected
+            ),
+        }
+        report["seconds"] = round(time.monotonic() - started, 3)
+        return report
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def delete_manifests(
+    backend: Backend, plan: gc_plan.Plan, ledger: Ledger | None, now: float, policy: Policy
+) -> list[tuple[str, str]]:
+    """Inside the freeze: re-read each affected repository, re-plan it, and delete only what
+    both plans remove (a digest tagged again since the snapshot stays)."""
+    deleted = []
+    for repo in sorted({r for r, _ in plan.manifests}):
+        fresh, unknown = walk_repository(backend, repo, now, ledger, {}, set())
+        again = gc_plan.plan(
+            gc_plan.Snapshot({repo: fresh}), retention_for(policy, {repo: unknown}), now
+        )
+        still = {d for _, d in again.manifests}
+        for r, digest in plan.manifests:
+            if r != repo or digest not in still:
+                continue
+            status = backend.delete_manifest(repo, digest)
+            if status in (202, 404):
+                deleted.append((repo, digest))
+            else:
+                logger.warning("gc: deleting %s@%s answered %d", repo, digest, status)
+    return deleted
+
+
+def zot_report(s: Settings) -> dict[str, Any]:
+    policy = None if s.anonymous else read_policy(s.policy_file)
+    storage = backend_config.render_zot(s, policy)["storage"]
+    keys = ("gc", "gcDelay", "gcInterval", "retention")
+    return {
+        "backend": "zot",
+        "message": "garbage collection and retention are Zot's own, as rendered into its "
+        "config (storage.gc, gcDelay, gcInterval, retention); nothing was triggered",
+        "settings": {k: storage[k] for k in keys if k in storage},
+    }
+
+
+def write_report(s: Settings, report: dict[str, Any]) -> Path:
+    directory = s.data_dir / "gc"
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = directory / f"report-{stamp}{'-dry-run' if report.get('dry_run') else ''}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def summary(report: dict[str, Any]) -> str:
+    totals = report.get("totals") or {}
+    return (
+        f"gc: {'would remove' if report.get('dry_run') else 'removed'} "
+        f"{totals.get('manifests', 0)} manifests, {totals.get('tags', 0)} tags, "
+        f"{totals.get('blobs', 0)} blobs ({totals.get('bytes', 0)} bytes)"
+    )
+
+
+def add_parser(sub: Any) -> None:
+    gc = sub.add_parser("gc", help="garbage collection and retention (CONTRACTS §8)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    gc.add_argument(
+        "--every", type=float, default=0, help=argparse.SUPPRESS
+    )  # the periodic run (supervisord program `gc`), in seconds
+    gc.add_argument("--freeze-wait", type=float, default=FREEZE_WAIT, help=argparse.SUPPRESS)
+
+
+def main(s: Settings, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    if args.every > 0:
+        return periodic(s, args.every, args.freeze_wait)
+    try:
+        report = run_once(s, args.dry_run, args.freeze_wait)
+    except (GcError, LedgerUnavailable, OSError, requests.RequestException) as e:
+        print(f"tabbify-registry gc: {e}", file=sys.stderr)
+        return 1
+    if report.get("backend") != "zot":
+        report["report_file"] = str(write_report(s, report))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def periodic(s: Settings, every: float, freeze_wait: float) -> int:
+    """The supervisord program `gc` (REGISTRY_GC_INTERVAL): one run per interval, the first
+    one interval after start; a failed run is logged and tried again next time."""
+    while True:
+        time.sleep(every)
+        try:
+            report = run_once(s, False, freeze_wait)
+            path = write_report(s, report) if report.get("backend") != "zot" else None
+            print(json.dumps({"gc": summary(report), "report": str(path)}), file=sys.stderr)
+        except Exception as e:  # the next interval tries again
+            print(json.dumps({"gc": f"failed: {e}"}), file=sys.stderr)
+        sys.stderr.flush()

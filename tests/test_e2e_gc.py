@@ -1,0 +1,241 @@
+"""`tabbify-registry gc` end to end (CONTRACTS §8) against the running stack (Distribution,
+two gateway workers): retention decides what goes (`keep_last` by the push times the gateway
+recorded, protected tags, `untagged_after`), `--dry-run` changes nothing, a real run removes
+manifests and blobs, the isolation ledger forgets them, the report counts per tenant; and
+pushes running while GC runs are never broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from addons import signatures
+from tests import cosign
+from tests.conftest import skopeo_copy
+from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.stack import CLI, Stack
+from tests.standins.auth import AuthStandin
+from tests.test_e2e_gateway import bearer, push_blob, sha256, token
+from tests.test_e2e_signatures import push_signature
+
+pytestmark = pytest.mark.e2e
+OCI = "application/vnd.oci.image.manifest.v1+json"
+POLICY = """
+[[retention]]
+repositories = ["acme/gc/**"]
+keep_last = 2
+protected_tags = ["stable"]
+untagged_after = "1s"
+
+[[retention]]
+repositories = ["acme/busy/**", "acme/junk/**"]
+untagged_after = "1s"
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, auth: AuthStandin) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("gc") / "data"
+    data.mkdir()
+    (data / "policy.toml").write_text(POLICY)
+    s = Stack(data, auth.url, REGISTRY_WORKERS="2").start()
+    yield s
+    s.stop()
+
+
+def gc(stack: Stack, *args: str) -> dict:
+    out = subprocess.run(
+        [CLI, "gc", *args], env=stack.env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def push(stack: Stack, jwt: str, tmp: Path, ref: str, size: int = 20_000) -> dict:
+    name = ref.replace("/", "_").replace(":", "_")
+    image = oci_layout(tmp / name, "x", layer_sizes=(size,))
+    r = skopeo_copy(f"oci:{tmp / name}:x", f"docker://{stack.host}/{ref}", jwt)
+    assert r.returncode == 0, r.stderr
+    return image
+
+
+def pulls_completely(stack: Stack, jwt: str, ref: str, image: dict, out: Path) -> bool:
+    r = skopeo_copy(f"docker://{stack.host}/{ref}", f"oci:{out}:x", jwt)
+    return r.returncode == 0 and layout_blobs(out).items() >= image["blobs"].items()
+
+
+def test_retention_dry_run_then_collection(stack: Stack, acme_jwt: str, tmp_path: Path) -> None:
+    h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
+    repo = "acme/gc/app"
+    images = {tag: push(stack, acme_jwt, tmp_path, f"{repo}:{tag}") for tag in ("v1", "v2", "v3")}
+    images["stable"] = push(stack, acme_jwt, tmp_path, f"{repo}:stable")
+    old_moving = push(stack, acme_jwt, tmp_path / "a", f"{repo}:moving")
+    images["moving"] = push(stack, acme_jwt, tmp_path / "b", f"{repo}:moving")
+    signer = cosign.Signer()
+    for tag in ("v1", "v3"):
+        d = images[tag]["digest"]
+        push_signature(stack, h, repo, d, cosign.sign(signer, d))
+    time.sleep(1.5)  # untagged_after = 1s
+
+    plan = gc(stack, "--dry-run")
+    sig = {t: signatures.signature_tag(images[t]["digest"]) for t in ("v1", "v3")}
+    planned_tags = {t["tag"] for t in plan["tags"] if t["repository"] == repo}
+    # keep_last = 2 keeps the two newest ordinary tags (moving, v3); stable is protected.
+    assert planned_tags == {"v1", "v2", sig["v1"]}
+    planned = {m["digest"] for m in plan["manifests"] if m["repository"] == repo}
+    goes = {images["v1"]["digest"], images["v2"]["digest"], old_moving["digest"]}
+    assert goes <= planned
+    assert not planned & {images[t]["digest"] for t in ("v3", "stable", "moving")}
+    assert plan["dry_run"] and plan["tenants"]["acme"]["manifests"] >= 4
+    assert requests.get(f"{stack.url}/v2/{repo}/manifests/v1", headers=h).status_code == 200
+
+    report = gc(stack)
+    assert not report["dry_run"]
+    acme = report["tenants"]["acme"]
+    assert acme["manifests"] >= 4 and acme["blobs"] > 0 and acme["bytes"] > 20_000
+    assert report["collected"]["blobs"] > 0 and report["freeze_seconds"] < 60
+    assert Path(report["report_file"]).exists()
+
+    for tag in ("v1", "v2"):
+        r = requests.get(f"{stack.url}/v2/{repo}/manifests/{tag}", headers=h)
+        assert r.status_code == 404
+    gone_layer = images["v1"]["manifest"]["layers"][0]["digest"]
+    assert requests.head(f"{stack.backend_url}/v2/{repo}/blobs/{gone_layer}").status_code == 404
+    assert requests.head(f"{stack.url}/v2/{repo}/blobs/{gone_layer}", headers=h).status_code == 404
+    r = requests.get(f"{stack.url}/v2/{repo}/manifests/{old_moving['digest']}", headers=h)
+    assert r.status_code == 404
+    for tag in ("v3", "stable", "moving"):
+        out = tmp_path / f"pulled-{tag}"
+        assert pulls_completely(stack, acme_jwt, f"{repo}:{tag}", images[tag], out), tag
+    assert requests.get(f"{stack.url}/v2/{repo}/manifests/{sig['v3']}", headers=h).ok
+    # Nothing more to do: a second run plans nothing for this repository.
+    again = gc(stack, "--dry-run")
+    assert not [m for m in again["manifests"] if m["repository"] == repo]
+
+
+def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path: Path) -> None:
+    """skopeo and raw-HTTP pushes in loops (blobs first, the manifest a moment later, as a
+    slow client does) while GC runs again and again on garbage made meanwhile."""
+    stop = threading.Event()
+    pushed: list[tuple[str, dict]] = []  # (reference, image) of every push that succeeded
+    failures: list[str] = []
+
+    def skopeo_loop(name: str) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            ref = f"acme/busy/{name}:t{i}"
+            src = tmp_path / f"{name}-{i}"
+            image = oci_layout(src, "x", layer_sizes=(30_000,))
+            r = skopeo_copy(f"oci:{src}:x", f"docker://{stack.host}/{ref}", acme_jwt)
+            if r.returncode == 0:
+                pushed.append((ref, image))
+            else:
+                failures.append(r.stderr[-300:])
+
+    def raw_loop() -> None:
+        h = bearer(token(stack, acme_jwt))
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+                layer = os.urandom(10_000)
+                push_blob(stack, "acme/busy/raw", config, h)
+                push_blob(stack, "acme/busy/raw", layer, h)
+                time.sleep(0.5)
+                body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
+                r = requests.put(
+                    f"{stack.url}/v2/acme/busy/raw/manifests/r{i}",
+                    data=body,
+                    headers={**h, "Content-Type": OCI},
+                    timeout=30,
+                )
+            except (AssertionError, requests.RequestException) as e:
+                failures.append(str(e)[:300])
+                continue
+            if r.status_code == 201:
+                image = {"digest": sha256(body), "blobs": {sha256(config): config}}
+                image["blobs"][sha256(layer)] = layer
+                image["blobs"][sha256(body)] = body
+                pushed.append((f"acme/busy/raw:r{i}", image))
+            else:
+                failures.append(f"{r.status_code} {r.text[:200]}")
+
+    def junk_loop() -> None:  # a tag pushed over and over: untagged garbage for every run
+        i = 0
+        while not stop.is_set():
+            i += 1
+            src = tmp_path / f"junk-{i}"
+            oci_layout(src, "x", layer_sizes=(15_000,))
+            skopeo_copy(f"oci:{src}:x", f"docker://{stack.host}/acme/junk/app:latest", acme_jwt)
+
+    threads = [
+        threading.Thread(target=skopeo_loop, args=("a",)),
+        threading.Thread(target=raw_loop),
+        threading.Thread(target=junk_loop),
+    ]
+    for t in threads:
+        t.start()
+    reports = []
+    try:
+        time.sleep(3)
+        for _ in range(3):
+            reports.append(gc(stack))
+            time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert sum(r["collected"]["blobs"] for r in reports) > 0, reports
+    assert len(pushed) >= 5, failures
+    broken = []
+    for n, (ref, image) in enumerate(pushed):
+        repo = ref.partition(":")[0]
+        if repo == "acme/busy/raw":
+            h = bearer(token(stack, acme_jwt))
+            for d, data in image["blobs"].items():
+                kind = "manifests" if d == image["digest"] else "blobs"
+                r = requests.get(f"{stack.url}/v2/{repo}/{kind}/{d}", headers={**h, "Accept": OCI})
+                if r.status_code != 200 or r.content != data:
+                    broken.append(f"{ref} {kind} {d}: {r.status_code}")
+        elif not pulls_completely(stack, acme_jwt, ref, image, tmp_path / f"check-{n}"):
+            broken.append(ref)
+    assert not broken, broken
+
+
+def test_the_freeze_holds_writes_on_every_worker_and_lets_reads_through(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    from tabbify_registry.gc import Freeze, live_workers
+
+    h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
+    image = push(stack, acme_jwt, tmp_path, "acme/frozen/app:v1")
+    state_dir = stack.data_dir / "run" / "workers"
+    with Freeze(state_dir, wait=10) as frozen:
+        workers = live_workers(state_dir, time.time())
+        assert len(workers) == 2
+        assert all(w["freeze"] == {"seen": frozen.id, "in_flight": 0} for w in workers.values())
+        for _ in range(4):  # new connections: both workers
+            r = requests.post(
+                f"{stack.url}/v2/acme/frozen/app/blobs/uploads/",
+                headers={**h, "Connection": "close"},
+            )
+            assert r.status_code == 503 and r.headers["Retry-After"] == "10"
+            assert "garbage collection" in r.json()["errors"][0]["message"]
+            r = requests.get(f"{stack.url}/v2/acme/frozen/app/manifests/v1", headers=h)
+            assert r.status_code == 200 and r.headers["docker-content-digest"] == image["digest"]
+        r = skopeo_copy(f"oci:{tmp_path / 'acme_frozen_app_v1'}:x",
+                        f"docker://{stack.host}/acme/frozen/app:v2", acme_jwt)  # fmt: skip
+        assert r.returncode != 0
+    r = requests.post(f"{stack.url}/v2/acme/frozen/app/blobs/uploads/", headers=h)
+    assert r.status_code == 202
+    assert not (state_dir / "freeze.json").exists()
