@@ -467,11 +467,17 @@ def verify_subject(
     return Verdict(False, "; ".join(dict.fromkeys(reasons))[:500], transient=transient)
 
 
-# Layer media types a container runtime unpacks into a root filesystem (OCI image-spec
-# layer types incl. non-distributable ones; Docker's rootfs and foreign layers). Matched
-# case-insensitively so an odd spelling errs towards "runnable".
-FILESYSTEM_LAYER = re.compile(
-    r"application/vnd\.(?:oci\.image\.layer\.|docker\.image\.rootfs\.)", re.IGNORECASE
+# Layer media types of what is attached to an image rather than run: cosign signatures and
+# attachments, Sigstore bundles, DSSE/in-toto attestations, SPDX and CycloneDX SBOMs. An
+# allow-list: anything else (a filesystem layer, a Wasm component, a type nobody knows yet)
+# is content a `[[require_signature]]` rule must cover, not an exempt attachment.
+ATTACHMENT_LAYER = re.compile(
+    r"application/vnd\.dev\.cosign\.[a-z0-9.+-]+"
+    r"|application/vnd\.dev\.sigstore\.bundle(?:\.v[0-9.]+)?\+json(?:;version=[0-9.]+)?"
+    r"|application/vnd\.dsse\.envelope\.v1\+json"
+    r"|application/vnd\.in-toto\+json"
+    r"|application/spdx\+json|text/spdx"
+    r"|application/vnd\.cyclonedx(?:\+json|\+xml)?"
 )
 
 
@@ -480,8 +486,9 @@ def exempt_from_signature(manifest: bytes) -> bool:
 
     Decided on content, never on the tag name or the presence of `subject`: anyone who may
     push could tag a runnable image `sha256-<hex>.sig` or give it a subject. Exempt only an
-    image manifest with at least one layer and no layer a runtime would unpack (cosign
-    signatures, attestations, SBOMs). Indexes, images and anything unreadable are not exempt.
+    image manifest with at least one layer and every layer an attachment type (cosign
+    signatures, attestations, SBOMs: ATTACHMENT_LAYER). Indexes, images, other artifacts
+    (a Wasm component) and anything unreadable are not exempt.
     """
     try:
         doc = strict_json(manifest, MAX_MANIFEST, "manifest")
@@ -497,7 +504,7 @@ def exempt_from_signature(manifest: bytes) -> bool:
     return all(
         isinstance(layer, dict)
         and isinstance(layer.get("mediaType"), str)
-        and not FILESYSTEM_LAYER.match(layer["mediaType"])
+        and ATTACHMENT_LAYER.fullmatch(layer["mediaType"]) is not None
         for layer in layers
     )
 

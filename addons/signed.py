@@ -5,7 +5,7 @@ each matching rule is satisfied by a cosign signature made with one of its keys,
 through the backend in the same repository: the `sha256-<hex>.sig` tag and, where the
 backend has the referrers API (Zot), OCI 1.1 referrers (addons/signatures.py verifies; it
 also decides which manifests are exempt: signatures, attestations, SBOMs, i.e. manifests
-whose layers no runtime unpacks). Otherwise 403 DENIED "not signed by a trusted key"; 503
+whose layers are all attachment types). Otherwise 403 DENIED "not signed by a trusted key"; 503
 when the backend cannot answer (fail closed). Runs after TenantIsolation, before the Gate.
 
 - A tag is resolved by fetching the manifest from the backend, and the request is then
@@ -292,7 +292,7 @@ class SignedOnly:
             if cached is not None:
                 return digest, cached
         if signatures.exempt_from_signature(body):
-            verdict = Verdict(True, "exempt: a signature or artifact, not a runnable image")
+            verdict = Verdict(True, "exempt: a signature, attestation or SBOM")
         else:
             verdict = self._verify(policy, rules, backend, digest, body)
         self.cache.put(digest, verdict, scope)

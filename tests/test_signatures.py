@@ -677,6 +677,18 @@ def test_a_runnable_image_is_never_exempt(signer, layer_type):
     assert not sig.exempt_from_signature(cosign.go_json(doc))
 
 
+def test_an_artifact_that_is_not_an_attachment_is_not_exempt(signer):
+    """A Wasm component pushed as an OCI artifact is content: a signature rule covers it."""
+    wasm = {
+        "schemaVersion": 2,
+        "mediaType": cosign.OCI_MANIFEST,
+        "artifactType": "application/vnd.tabbify.wasm.component.v1",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
+        "layers": [{"mediaType": "application/wasm", "digest": OTHER, "size": 9}],
+    }
+    assert not sig.exempt_from_signature(cosign.go_json(wasm))
+
+
 def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
     from tests.images import oci_index_layout, oci_layout
 
