@@ -42,7 +42,7 @@ from mitmproxy import ctx, http
 from addons import oci, quota
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
-from addons.ledger import LedgerUnavailable, holder
+from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy_store import PolicyFile
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -55,6 +55,10 @@ TIMEOUT = 10.0
 USAGE_EVERY = 5.0
 
 
+class Unaccountable(LedgerUnavailable):
+    """A quota applies but this ledger keeps no sizes: refuse the push (fail closed)."""
+
+
 class Accounting:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation) -> None:
         self.policies = policies
@@ -64,6 +68,13 @@ class Accounting:
         self.quotas: dict[str, int | None] = {}
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def ledger(self) -> Ledger | None:
+        """The ledger sizes, usage and push times are kept in: the SQLite one. A shared S3
+        ledger has no accounting yet (README, known limits): quotas then refuse pushes."""
+        ledger = self.isolation.ledger
+        return ledger if isinstance(ledger, Ledger) else None
+
     def _client(self) -> httpx.AsyncClient:
         if self.client is None:
             self.client = httpx.AsyncClient(
@@ -72,12 +83,12 @@ class Accounting:
         return self.client
 
     async def running(self) -> None:
-        if self.isolation.ledger is not None and ctx.options.registry_worker == 0:
+        if self.ledger is not None and ctx.options.registry_worker == 0:
             self._task = asyncio.create_task(self._publish_usage())
 
     async def _publish_usage(self) -> None:
         while True:
-            ledger = self.isolation.ledger
+            ledger = self.ledger
             if ledger is not None:
                 try:
                     usage = await asyncio.to_thread(ledger.usage_all)
@@ -104,11 +115,13 @@ class Accounting:
         if rec.tenant is None or self.isolation.ledger is None:
             return None
         rule = self.policies.current().quota(rec.tenant)
+        if rule is not None and self.ledger is None:
+            raise Unaccountable("quotas need the single-node ledger; this node's is shared")
         return rule.bytes if rule else None
 
     def _exceeds(self, rec: FlowRecord, limit: int, digests: dict[str, int]) -> bool:
         """Would adding these digests (digest → size) take the tenant over `limit`?"""
-        ledger, tenant = self.isolation.ledger, rec.tenant
+        ledger, tenant = self.ledger, rec.tenant
         assert ledger is not None and tenant is not None
         adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
         return quota.would_exceed(tenant, {tenant: ledger.usage(tenant)}, limit, adding)
@@ -132,20 +145,26 @@ class Accounting:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Early refusal of a monolithic upload whose declared size cannot fit."""
+        """Early refusal of a monolithic upload whose declared size cannot fit, and of every
+        write under a quota this node cannot account for (fail closed)."""
         rec = record(flow)
-        if rec.route != "upload" or not rec.allowed or answered(flow):
+        if not rec.allowed or answered(flow) or rec.tenant is None:
             return
-        if flow.request.method not in ("PUT", "POST"):
+        method = flow.request.method
+        writes = rec.route == "upload" or (rec.route == "manifest" and method == "PUT")
+        shared = self.ledger is None and self.isolation.ledger is not None
+        if writes and shared and self.policies.current().quota(rec.tenant) is not None:
+            logger.warning("quota for %s: this node's ledger keeps no sizes", rec.tenant)
+            respond(flow, self._unavailable(flow))
+            return
+        if rec.route != "upload" or method not in ("PUT", "POST"):
             return
         digest, length = rec.params.get("digest"), flow.request.headers.get("content-length")
         if not digest or not length or not length.isdigit() or int(length) == 0:
             return
-        limit = self._quota(rec)
-        if limit is None:
-            return
         try:
-            if self._exceeds(rec, limit, {digest: int(length)}):
+            limit = self._quota(rec)
+            if limit is not None and self._exceeds(rec, limit, {digest: int(length)}):
                 respond(flow, self._refuse(flow, limit))
         except LedgerUnavailable:
             respond(flow, self._unavailable(flow))
@@ -158,13 +177,11 @@ class Accounting:
             return
         if answered(flow) or not rec.allowed or flow.request.stream:
             return
-        limit = self._quota(rec)
-        if limit is None:
-            return
         body = flow.request.raw_content or b""
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         try:
-            if self._exceeds(rec, limit, {digest: len(body)}):
+            limit = self._quota(rec)
+            if limit is not None and self._exceeds(rec, limit, {digest: len(body)}):
                 flow.response = self._refuse(flow, limit)
         except LedgerUnavailable:
             flow.response = self._unavailable(flow)
@@ -174,7 +191,7 @@ class Accounting:
         rec, response = record(flow), flow.response
         if response is None or rec.tenant is None or not rec.allowed or answered(flow):
             return
-        ledger = self.isolation.ledger
+        ledger = self.ledger
         if ledger is None or not ctx.options.registry_backend:
             return
         method = flow.request.method
@@ -203,7 +220,7 @@ class Accounting:
                 flow.response = self._unavailable(flow)
 
     async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
-        ledger = self.isolation.ledger
+        ledger = self.ledger
         assert ledger is not None and rec.repository is not None
         body = None if flow.request.stream else flow.request.raw_content
         if body is None:

@@ -479,6 +479,15 @@ def add_parser(sub: Any) -> None:
 
 def main(s: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    if s.nodes.ledger_url is not None and s.backend != "zot":
+        # Push times and sizes live in the single-node ledger; several nodes would also have
+        # to freeze each other's writes. Not built yet (README, known limits).
+        print(
+            "tabbify-registry gc: not available with a shared ledger (REGISTRY_LEDGER_URL); "
+            "with several nodes, run Zot and its own GC",
+            file=sys.stderr,
+        )
+        return 2
     if args.every > 0:
         return periodic(s, args.every, args.freeze_wait)
     try:

@@ -169,21 +169,37 @@ def test_a_token_of_a_node_on_another_key_is_challenged(nodes, acme_jwt):
     assert f'realm="http://{a.host}/auth/token"' in r.headers["WWW-Authenticate"]
 
 
-def test_both_nodes_read_the_one_policy_file(nodes, shared, tmp_path):
-    """The policy reloader (addons/policy_store.py) is not wired into the gateway on this
-    branch: what holds is that every node reads the same REGISTRY_POLICY_FILE. A broken file
-    there refuses the start of either node, naming it."""
+def test_a_policy_change_reaches_both_nodes(nodes, acme_jwt, globex_jwt, tmp_path):
+    """One REGISTRY_POLICY_FILE every node sees: an edit is in force on both within seconds,
+    for tokens issued before it. A broken file there refuses the start of either node."""
     a, b = nodes
     assert a.env["REGISTRY_POLICY_FILE"] == b.env["REGISTRY_POLICY_FILE"]
     policy = Path(b.env["REGISTRY_POLICY_FILE"])
-    policy.write_text("[[grant\nbroken = \n")
+    push_blob(a, "acme/base/img", b"shared base " + os.urandom(8), bearer(token(a, acme_jwt)))
+    tags = {s: f"{s.url}/v2/acme/base/img/tags/list" for s in (a, b)}
+    globex = {s: bearer(token(s, globex_jwt)) for s in (a, b)}
+    for s in (a, b):
+        assert requests.get(tags[s], headers=globex[s], timeout=10).status_code == 403
+    policy.write_text(
+        '[[grant]]\nrepositories = ["acme/base/**"]\ntenants = ["globex"]\nactions = ["pull"]\n'
+    )
     try:
+        for s in (a, b):  # the same tokens, now allowed (no manifest yet: 404 from the backend)
+            wait_for(lambda s=s: requests.get(tags[s], headers=globex[s], timeout=10).status_code
+                     in (200, 404), 10)  # fmt: skip
+        policy.write_text("[[grant\nbroken = \n")
         for stack in (a, b):
             env = {**stack.env, "REGISTRY_DATA_DIR": str(tmp_path / stack.data_dir.name)}
             r = subprocess.run([CLI, "run"], env=env, capture_output=True, text=True, timeout=60)
             assert r.returncode != 0 and str(policy) in r.stderr, r.stderr
+        # The running nodes keep the last good policy.
+        for s in (a, b):
+            assert requests.get(tags[s], headers=globex[s], timeout=10).status_code in (200, 404)
     finally:
         policy.unlink()
+    for s in (a, b):  # no file: the owner rule alone again
+        wait_for(lambda s=s: requests.get(tags[s], headers=globex[s], timeout=10).status_code
+                 == 403, 10)  # fmt: skip
 
 
 def descendants(pid: int) -> list[int]:
