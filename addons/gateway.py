@@ -15,8 +15,11 @@ Our addons, in hook order:
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
-7. Capture         this worker's part of a debug capture
-   Publisher       this worker's counters and states for the admin endpoint (once a second)
+7. FlowFeed        a bounded ring of redacted flow snapshots for the live view, sent to the
+                   admin program only while a viewer is connected
+   Capture         this worker's part of a debug capture
+   Publisher       this worker's counters and states for the admin endpoint (once a second),
+                   and the capture and live view the admin endpoint asks for
 8. MeshAddress     follows the node's ULA when the mesh coordinator moves it (no request hooks)
 """
 
@@ -45,6 +48,7 @@ from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
+from addons.flowfeed import FlowFeed
 from addons.gate import Gate
 from addons.intake import Intake
 from addons.isolation import TenantIsolation
@@ -60,7 +64,7 @@ def gateway_addons(secret: bytes | None = None) -> list[Any]:
     """`secret`: the registry-token key `run` made for this run (shared by every worker);
     None makes one for this process alone (a gateway run on its own, tests)."""
     signer = TokenSigner(secret)
-    metrics, capture = Metrics(), Capture()
+    metrics, capture, feed = Metrics(), Capture(), FlowFeed()
     return [
         Intake(),
         TokenEndpoint(signer),
@@ -69,8 +73,9 @@ def gateway_addons(secret: bytes | None = None) -> list[Any]:
         Listing(),
         Gate(),
         AccessLog(metrics),
+        feed,  # after AccessLog: it takes the line the log wrote
         capture,
-        Publisher(metrics, capture),
+        Publisher(metrics, capture, feed),
         MeshAddress(),
     ]
 

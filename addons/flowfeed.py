@@ -1,0 +1,253 @@
+"""This worker's feed of the live view (the admin program's `GET /`, tabbify_registry/liveview.py).
+
+The view must cost the hot path next to nothing, and nothing at all beyond that while nobody
+looks. So:
+
+- Every finished flow leaves a snapshot in a bounded ring (BACKLOG flows): one tuple of what
+  the access log already computed (its line), the request target and the header fields,
+  redacted as captures are (addons/redact.py: one scan that finds nothing in the common case)
+  and bounded in size. Nothing is copied, serialised or sent. The ring is what a viewer sees
+  of the time before it connected.
+- Only while a viewer is connected (the admin program says so in
+  `<registry_state_dir>/liveview.json`, which the publisher reads once a second with the
+  capture request), a task on the event loop sends every SEND_EVERY s the snapshots not yet
+  sent, as JSON datagrams to the admin program's unix socket `<registry_state_dir>/
+  liveview.sock`. Sends never block: a datagram the socket does not take at once (the admin
+  program lags) is dropped and its flows counted, as are snapshots the ring let go before
+  they were sent; at most MAX_PER_TICK flows are encoded per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import http
+
+from addons import redact
+from addons.accesslog import backend_seconds
+from addons.record import record
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2000  # flows kept per worker
+SEND_EVERY = 0.2  # seconds between two sends while a viewer is connected
+MAX_PER_TICK = 2000  # flows encoded in one tick at most: the event loop stays responsive
+MAX_DATAGRAM = 60_000  # bytes; a unix datagram socket takes up to its send buffer (~208 KiB)
+MAX_HEADER_BYTES = 8192  # per message: a 1 MiB request head must not become 1 MiB per flow
+MAX_TARGET = 2048
+SOCKET_NAME, CONTROL_NAME = "liveview.sock", "liveview.json"
+
+# seq, end (epoch s), access-log line, target, client address, backend seconds,
+# request fields, response fields (None: no response), headers cut to the bound
+Snapshot = tuple[
+    int,
+    float,
+    dict[str, object],
+    str,
+    str,
+    float | None,
+    redact.Fields,
+    redact.Fields | None,
+    bool,
+]
+
+
+def bounded(fields: redact.Fields) -> tuple[redact.Fields, bool]:
+    """The first fields that fit MAX_HEADER_BYTES, and whether any were cut off."""
+    total = 0
+    for i, (name, value) in enumerate(fields):
+        total += len(name) + len(value)
+        if total > MAX_HEADER_BYTES:
+            return fields[:i], True
+    return fields, False
+
+
+def snapshot(seq: int, flow: http.HTTPFlow, line: dict[str, object]) -> Snapshot:
+    request, response = flow.request, flow.response
+    req, cut_req = bounded(redact.fields(request.headers.fields))
+    resp, cut_resp = (None, False)
+    if response is not None:
+        resp, cut_resp = bounded(redact.fields(response.headers.fields))
+    peer = flow.client_conn.peername
+    return (
+        seq,
+        time.time(),
+        line,
+        redact.text(request.path[:MAX_TARGET]),
+        str(peer[0]) if peer else "",
+        backend_seconds(flow),
+        req,
+        resp,
+        cut_req or cut_resp,
+    )
+
+
+def _text(fields: redact.Fields | None) -> list[list[str]] | None:
+    if fields is None:
+        return None
+    return [[n.decode("utf-8", "replace"), v.decode("utf-8", "replace")] for n, v in fields]
+
+
+def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
+    """What a snapshot becomes on the wire: the access-log line and what only the view shows."""
+    seq, end, line, target, client, backend, req, resp, truncated = snap
+    out: dict[str, Any] = dict(line)
+    out.update(
+        seq=seq,
+        worker=worker,
+        end=round(end, 3),
+        target=target,
+        client=client,
+        backend_ms=None if backend is None else round(backend * 1000, 1),
+        request_headers=_text(req),
+        response_headers=_text(resp),
+    )
+    if truncated:
+        out["truncated"] = True
+    return out
+
+
+def datagrams(head: dict[str, Any], items: list[bytes]) -> list[tuple[bytes, int]]:
+    """JSON datagrams `{…head, "flows": [...]}` of at most MAX_DATAGRAM bytes, each with the
+    number of flows in it. A single item larger than that (it cannot be: headers and target
+    are bounded) would be sent alone."""
+    prefix = json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"flows":['
+    out: list[tuple[bytes, int]] = []
+    batch: list[bytes] = []
+    size = len(prefix) + 2
+    for item in items:
+        if batch and size + len(item) + 1 > MAX_DATAGRAM:
+            out.append((prefix + b",".join(batch) + b"]}", len(batch)))
+            batch, size = [], len(prefix) + 2
+        batch.append(item)
+        size += len(item) + 1
+    if batch:
+        out.append((prefix + b",".join(batch) + b"]}", len(batch)))
+    return out
+
+
+class FlowFeed:
+    def __init__(self, backlog: int = BACKLOG) -> None:
+        self.ring: deque[Snapshot] = deque(maxlen=backlog)
+        self.seq = 0  # of the last snapshot kept
+        self.cursor = 0  # the last seq sent (or given up) while streaming
+        self.streaming = False
+        self.sent = 0
+        self.dropped = 0  # flows a viewer should have had but did not get
+        self.worker = 0  # this worker's index (registry_worker)
+        self.target: str | None = None  # the admin program's socket
+        self.sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the hot path: one snapshot per finished flow -------------------------------------------
+
+    def _keep(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        line = rec.line
+        if line is None:  # not logged (yet), or already kept (response, then error)
+            return
+        rec.line = None
+        ring = self.ring
+        if self.streaming and len(ring) == ring.maxlen and ring[0][0] > self.cursor:
+            self.dropped += 1  # the oldest was never sent: the sender fell behind
+        self.seq += 1
+        ring.append(snapshot(self.seq, flow, line))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._keep(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._keep(flow)
+
+    # --- following the admin program ------------------------------------------------------------
+
+    def follow(self, request: dict[str, Any] | None, state_dir: Path, worker: int) -> None:
+        """Stream while the admin program asks for it (its `until` is in the future); called
+        by the publisher once a second. `seen` names, per worker pid, the last flow the admin
+        program already holds: a new stream starts after it (a restarted admin program has
+        none: it gets the whole backlog)."""
+        self.worker = worker
+        until = (request or {}).get("until", 0)
+        wanted = isinstance(until, int | float) and until > time.time()
+        if wanted and not self.streaming:
+            seen = (request or {}).get("seen")
+            last = seen.get(str(os.getpid()), 0) if isinstance(seen, dict) else 0
+            self.start(str(state_dir / SOCKET_NAME), int(last) if isinstance(last, int) else 0)
+        elif not wanted and self.streaming:
+            self.stop()
+
+    def start(self, target: str, seen: int = 0) -> None:
+        self.stop()
+        self.target = target
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        self.cursor = min(max(seen, 0), self.seq)
+        self.streaming = True
+        with contextlib.suppress(RuntimeError):  # no running loop: a test drives send_pending
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        self.streaming = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def done(self) -> None:
+        self.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.send_pending()
+            except Exception:  # a bug here must not stop the stream for good
+                logger.exception("live view feed: sending failed")
+            await asyncio.sleep(SEND_EVERY)
+
+    def pending(self) -> list[Snapshot]:
+        """Snapshots after the cursor, oldest first, at most MAX_PER_TICK; those the ring let
+        go before they were sent are counted as dropped and skipped."""
+        ring = self.ring
+        if not ring or self.seq <= self.cursor:
+            return []
+        oldest = ring[0][0]
+        if oldest > self.cursor + 1:
+            self.cursor = oldest - 1
+        count = self.seq - self.cursor
+        return list(itertools.islice(ring, len(ring) - count, len(ring) - count + MAX_PER_TICK))
+
+    def send_pending(self) -> int:
+        """Send what is pending; returns the flows sent. Never blocks."""
+        if not self.streaming or self.sock is None or self.target is None:
+            return 0
+        snaps = self.pending()
+        if not snaps:
+            return 0
+        self.cursor = snaps[-1][0]
+        items = [json.dumps(summary(s, self.worker), separators=(",", ":")).encode() for s in snaps]
+        head = {"pid": os.getpid(), "worker": self.worker, "dropped": self.dropped}
+        sent = 0
+        for data, n in datagrams(head, items):
+            try:
+                self.sock.sendto(data, self.target)
+            except OSError:  # EAGAIN: the admin program lags; ENOENT/ECONNREFUSED: it is gone
+                self.dropped += n
+                continue
+            sent += n
+        self.sent += sent
+        return sent
+
+    def status(self) -> dict[str, object]:
+        return {"streaming": self.streaming, "sent": self.sent, "dropped": self.dropped}
