@@ -119,14 +119,19 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
-        """Poll until the expression is truthy; returns its value."""
+        """Poll until the expression is truthy (an exception counts as not yet: the page may
+        still be loading); returns its value."""
         deadline = time.monotonic() + timeout
+        error: BrowserError | None = None
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except BrowserError as e:
+                value, error = None, e
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {expression}")
+                raise TimeoutError(f"timed out waiting for {expression} (last: {error})")
             time.sleep(0.2)
 
     def console_errors(self) -> list[str]:
