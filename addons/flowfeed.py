@@ -72,12 +72,19 @@ def bounded(fields: redact.Fields) -> tuple[redact.Fields, bool]:
     return fields, False
 
 
+def compact(fields: redact.Fields) -> tuple[redact.Fields, bool]:
+    """Redacted as captures are, cut to MAX_HEADER_BYTES; the same tuple in the common case
+    (one scan finds neither a credential nor too many bytes)."""
+    suspect, size = redact.scan(fields)
+    if suspect:
+        fields = redact.replaced(fields)
+    return bounded(fields) if size > MAX_HEADER_BYTES else (fields, False)
+
+
 def snapshot(seq: int, flow: http.HTTPFlow, line: dict[str, object]) -> Snapshot:
     request, response = flow.request, flow.response
-    req, cut_req = bounded(redact.fields(request.headers.fields))
-    resp, cut_resp = (None, False)
-    if response is not None:
-        resp, cut_resp = bounded(redact.fields(response.headers.fields))
+    req, cut_req = compact(request.headers.fields)
+    resp, cut_resp = compact(response.headers.fields) if response is not None else (None, False)
     peer = flow.client_conn.peername
     return (
         seq,

@@ -9,6 +9,7 @@ request target. Bodies never leave at all (tokens, JWT forms and layers stay out
 from __future__ import annotations
 
 import re
+from itertools import chain
 
 REDACTED = "REDACTED"
 SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
@@ -24,14 +25,27 @@ def text(value: str) -> str:
     return JWT.sub(REDACTED, value) if "eyJ" in value else value
 
 
+def scan(headers: Fields) -> tuple[bool, int]:
+    """(may hold a credential, bytes of names and values), in one pass done in C: header
+    names and values joined, then substring searches. A false alarm (a value that happens to
+    end in "cookie") only costs the exact pass of `fields`; a credential is never missed, since
+    each secret header's name appears as `\0name\0` (lower-cased) in the joined bytes."""
+    if not headers:
+        return False, 0
+    joined = b"\0" + b"\0".join(chain.from_iterable(headers)) + b"\0"
+    lower = joined.lower()
+    suspect = b"eyJ" in joined or b"authorization\0" in lower or b"cookie\0" in lower
+    return suspect, len(joined) - len(headers) * 2 - 1
+
+
 def fields(headers: Fields) -> Fields:
-    """Header fields with every credential replaced. The common case (nothing to replace) is
-    one scan that returns the same tuple: this runs for every flow the live view keeps."""
-    for name, value in headers:
-        if name.lower() in SECRET_HEADERS or b"eyJ" in value:
-            break
-    else:
-        return headers
+    """Header fields with every credential replaced; the same tuple when there is none (the
+    common case allocates nothing: this runs for every flow the live view keeps)."""
+    return replaced(headers) if scan(headers)[0] else headers
+
+
+def replaced(headers: Fields) -> Fields:
+    """The exact pass: every credential replaced (after `scan` found one may be there)."""
     return tuple(
         (name, _REDACTED_BYTES)
         if name.lower() in SECRET_HEADERS

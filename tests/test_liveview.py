@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy import io as mitmio
 from mitmproxy.test import tflow, tutils
@@ -83,6 +85,25 @@ def test_a_snapshot_is_redacted_exactly_as_a_capture():
 def test_headers_without_secrets_are_kept_as_they_are():
     fields = ((b"host", b"x"), (b"accept", b"*/*"))
     assert redact.fields(fields) is fields  # the common case allocates nothing
+
+
+NAMES = st.sampled_from(
+    [b"Authorization", b"cookie", b"Set-Cookie", b"PROXY-AUTHORIZATION", b"accept", b"x-cookie",
+     b"user-agent", b"authorization-x", b"host"]
+) | st.binary(min_size=1, max_size=12)  # fmt: skip
+VALUES = st.sampled_from([b"", b"eyJ", JWT.encode(), b"cookie", b"x\x00cookie"]) | st.binary(
+    max_size=40
+)
+
+
+@given(st.lists(st.tuples(NAMES, VALUES), max_size=8))
+def test_the_one_pass_scan_never_misses_a_credential(headers):
+    fields = tuple(headers)
+    suspect, size = redact.scan(fields)
+    assert size == sum(len(n) + len(v) for n, v in fields)
+    if redact.replaced(fields) != fields:
+        assert suspect
+    assert redact.fields(fields) == redact.replaced(fields)
 
 
 def test_a_huge_head_becomes_a_bounded_snapshot():
