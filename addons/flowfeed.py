@@ -12,9 +12,10 @@ looks. So:
   `<registry_state_dir>/liveview.json`, which the publisher reads once a second with the
   capture request), a task on the event loop sends every SEND_EVERY s the snapshots not yet
   sent, as JSON datagrams to the admin program's unix socket `<registry_state_dir>/
-  liveview.sock`. Sends never block: a datagram the socket does not take at once (the admin
-  program lags) is dropped and its flows counted, as are snapshots the ring let go before
-  they were sent; at most MAX_PER_TICK flows are encoded per tick.
+  liveview.sock`. Sends never block: when the socket takes no more (the admin program has not
+  read yet), the rest waits for the next tick; a snapshot the ring lets go before it was sent
+  (the admin program lags for good, or traffic outruns MAX_PER_TICK flows a tick) is dropped
+  and counted. At most MAX_PER_TICK flows are encoded per tick.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 BACKLOG = 2000  # flows kept per worker
 SEND_EVERY = 0.2  # seconds between two sends while a viewer is connected
-MAX_PER_TICK = 2000  # flows encoded in one tick at most: the event loop stays responsive
+MAX_PER_TICK = 500  # flows encoded in one tick at most (~10 ms): the event loop stays responsive
+SEND_BUFFER = 1 << 20  # bytes the socket holds until the admin program reads
 MAX_DATAGRAM = 60_000  # bytes; a unix datagram socket takes up to its send buffer (~208 KiB)
 MAX_HEADER_BYTES = 8192  # per message: a 1 MiB request head must not become 1 MiB per flow
 MAX_TARGET = 2048
@@ -124,25 +126,6 @@ def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
     return out
 
 
-def datagrams(head: dict[str, Any], items: list[bytes]) -> list[tuple[bytes, int]]:
-    """JSON datagrams `{…head, "flows": [...]}` of at most MAX_DATAGRAM bytes, each with the
-    number of flows in it. A single item larger than that (it cannot be: headers and target
-    are bounded) would be sent alone."""
-    prefix = json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"flows":['
-    out: list[tuple[bytes, int]] = []
-    batch: list[bytes] = []
-    size = len(prefix) + 2
-    for item in items:
-        if batch and size + len(item) + 1 > MAX_DATAGRAM:
-            out.append((prefix + b",".join(batch) + b"]}", len(batch)))
-            batch, size = [], len(prefix) + 2
-        batch.append(item)
-        size += len(item) + 1
-    if batch:
-        out.append((prefix + b",".join(batch) + b"]}", len(batch)))
-    return out
-
-
 class FlowFeed:
     def __init__(self, backlog: int = BACKLOG) -> None:
         self.ring: deque[Snapshot] = deque(maxlen=backlog)
@@ -198,6 +181,13 @@ class FlowFeed:
         self.target = target
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
+        # A unix datagram counts against its sender's buffer until it is read: the default
+        # (~208 KiB) is three full datagrams. FORCE passes net.core.wmem_max where allowed.
+        for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if option is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+                    break
         self.cursor = min(max(seen, 0), self.seq)
         self.streaming = True
         with contextlib.suppress(RuntimeError):  # no running loop: a test drives send_pending
@@ -236,25 +226,42 @@ class FlowFeed:
         return list(itertools.islice(ring, len(ring) - count, len(ring) - count + MAX_PER_TICK))
 
     def send_pending(self) -> int:
-        """Send what is pending; returns the flows sent. Never blocks."""
+        """Send what is pending, in JSON datagrams of at most MAX_DATAGRAM bytes; returns the
+        flows sent. Never blocks: when the socket takes no more (the admin program has not
+        read yet), the rest waits for the next tick, and what the ring lets go meanwhile is
+        counted as dropped."""
         if not self.streaming or self.sock is None or self.target is None:
             return 0
         snaps = self.pending()
         if not snaps:
             return 0
-        self.cursor = snaps[-1][0]
-        items = [json.dumps(summary(s, self.worker), separators=(",", ":")).encode() for s in snaps]
         head = {"pid": os.getpid(), "worker": self.worker, "dropped": self.dropped}
-        sent = 0
-        for data, n in datagrams(head, items):
-            try:
-                self.sock.sendto(data, self.target)
-            except OSError:  # EAGAIN: the admin program lags; ENOENT/ECONNREFUSED: it is gone
-                self.dropped += n
-                continue
-            sent += n
-        self.sent += sent
+        prefix = json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"flows":['
+        batch: list[bytes] = []
+        size, sent = len(prefix) + 2, 0
+        for i, snap in enumerate(snaps):
+            item = json.dumps(summary(snap, self.worker), separators=(",", ":")).encode()
+            if batch and size + len(item) + 1 > MAX_DATAGRAM:
+                if not self._send(prefix + b",".join(batch) + b"]}"):
+                    return sent
+                self.cursor = snaps[i - 1][0]
+                sent += len(batch)
+                self.sent += len(batch)
+                batch, size = [], len(prefix) + 2
+            batch.append(item)
+            size += len(item) + 1
+        if self._send(prefix + b",".join(batch) + b"]}"):
+            self.cursor = snaps[-1][0]
+            sent += len(batch)
+            self.sent += len(batch)
         return sent
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self.sock.sendto(data, self.target)  # type: ignore[union-attr, arg-type]
+        except OSError:  # EAGAIN: the admin program lags; ENOENT, ECONNREFUSED: it is gone
+            return False
+        return True
 
     def status(self) -> dict[str, object]:
         return {"streaming": self.streaming, "sent": self.sent, "dropped": self.dropped}
