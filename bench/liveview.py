@@ -7,6 +7,9 @@ Starts a full stack (`tabbify-registry run`, Distribution backend, auth on with 
 pushes a small image, then runs wrk (as bench.compare does: 2 threads, 16 keep-alive
 connections, authenticated manifest GET) `--rounds` times with the view closed and open,
 interleaved (closed, open, closed, open, …) so that drift on this noisy machine hits both.
+Besides the rate, each round reports the CPU time the gateway workers and the admin program
+spent per request (/proc/<pid>/stat): other load on the machine moves the rate a lot, the
+CPU per request much less.
 "Open" is a viewer as the browser is one: an EventSource-like client reading
 `/live/events` all the time (no rendering: an operator's browser runs on the operator's
 machine, at the other end of the ssh tunnel). Before an open round the bench waits until
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import socket
 import statistics
 import sys
@@ -83,6 +87,16 @@ class Viewer:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(35)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU time of these processes so far (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def streaming_workers(admin: str) -> int:
@@ -177,6 +191,8 @@ def measure(args: argparse.Namespace, tmp: Path, wrk_bin: str) -> dict[str, Any]
 
         push_small_image(stack.url, bearer())
         wrk = Wrk(wrk_bin, tmp, args.duration)
+        gateway = list(stack.gateway_pids().values())
+        admin_pid = [int(stack.supervisorctl("pid", "admin").strip())]
         url = f"{stack.url}/v2/{SMALL_REPO}/manifests/{SMALL_TAG}"
         for i in range(args.rounds * 2):
             view = "open" if i % 2 else "closed"
@@ -187,10 +203,17 @@ def measure(args: argparse.Namespace, tmp: Path, wrk_bin: str) -> dict[str, Any]
             else:  # the workers stop within CONTROL_TTL + their publishing second
                 wait_for(lambda: streaming_workers(admin) == 0, 15)
             log(f"round {i // 2 + 1}: view {view}, wrk manifest GET ({args.duration} s)")
-            r = wrk.run(url, wrk_script("GET", {**bearer(), "Accept": OCI_MANIFEST}))
-            row = {"view": view, **r.__dict__}
+            script = wrk_script("GET", {**bearer(), "Accept": OCI_MANIFEST})
+            before = cpu_seconds(gateway), cpu_seconds(admin_pid)
+            r = wrk.run(url, script)
             if viewer is not None:
                 time.sleep(1)  # the last tick's flows
+            after = cpu_seconds(gateway), cpu_seconds(admin_pid)
+            row = {"view": view, **r.__dict__}
+            # CPU per request: what the view costs, whatever else runs on the machine.
+            row["gateway_cpu_us_per_req"] = (after[0] - before[0]) / r.requests * 1e6
+            row["admin_cpu_us_per_req"] = (after[1] - before[1]) / r.requests * 1e6
+            if viewer is not None:
                 viewer.stop()
                 row["viewer_flows"] = viewer.flows
             rounds.append(row)
@@ -204,6 +227,8 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for view in ("closed", "open"):
         rows = [r for r in rounds if r["view"] == view]
         out[view] = {
+            "gateway_cpu_us_median": statistics.median(r["gateway_cpu_us_per_req"] for r in rows),
+            "admin_cpu_us_median": statistics.median(r["admin_cpu_us_per_req"] for r in rows),
             "req_s_median": statistics.median(r["requests_per_s"] for r in rows),
             "p50_ms_median": statistics.median(r["p50_ms"] for r in rows),
             "p99_ms_median": statistics.median(r["p99_ms"] for r in rows),
@@ -225,18 +250,20 @@ def main() -> None:
         measured = measure(args, Path(tmp), wrk_bin)
     rounds = measured["rounds"]
     table = summary(rounds)
-    print("view    req/s    p50 ms   p99 ms   flows the viewer got")
+    print("view    req/s    p50 ms   p99 ms   gateway µs CPU/req  admin µs CPU/req  viewer got")
     for r in rounds:
         got = r.get("viewer_flows", "")
         print(
             f"{r['view']:7} {r['requests_per_s']:7.0f}  {r['p50_ms']:7.1f}  {r['p99_ms']:7.1f}  "
-            f"{got}"
+            f"{r['gateway_cpu_us_per_req']:18.0f}  {r['admin_cpu_us_per_req']:16.0f}  {got}"
         )
     closed, opened = table["closed"], table["open"]
     ratio = opened["req_s_median"] / closed["req_s_median"]
     print(
         f"median: closed {closed['req_s_median']:.0f} req/s, open {opened['req_s_median']:.0f}"
-        f" req/s: open/closed {ratio:.3f}"
+        f" req/s: open/closed {ratio:.3f}; gateway CPU per request closed"
+        f" {closed['gateway_cpu_us_median']:.0f} µs, open {opened['gateway_cpu_us_median']:.0f} µs;"
+        f" admin CPU per request open {opened['admin_cpu_us_median']:.0f} µs"
     )
     print(
         f"per flow, in-process: closed {cost['closed_us_per_flow']:.1f} µs,"
