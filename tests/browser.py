@@ -74,6 +74,14 @@ class Browser:
         self.call("Runtime.enable", session=True)
         self.call("Page.enable", session=True)
         self.call("Log.enable", session=True)  # CSP violations are reported here
+        self.call(  # the viewport itself, whatever the headless window's frame takes
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def call(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
         self._next_id += 1

@@ -54,6 +54,14 @@
     return text(flow.decision).split(":")[0];
   }
 
+  function short(reference) {
+    // A digest is 71+ characters: its algorithm and first 12 hex digits identify it here;
+    // the whole one is in the flow's details.
+    const value = text(reference);
+    const m = /^(sha256|sha512):([0-9a-f]{12})[0-9a-f]+$/.exec(value);
+    return m ? `${m[1]}:${m[2]}…` : value;
+  }
+
   function reason(flow) {
     const parts = [];
     if (flow.rule) parts.push("rule " + text(flow.rule));
@@ -99,8 +107,11 @@
       el("td", "c-time", text(flow.time).slice(11, 23)),
       el("td", "c-tenant", flow.tenant || "-"),
       el("td", "c-method", flow.method),
-      el("td", "c-repository", flow.repository),
-      el("td", "c-reference", flow.reference),
+      // No repository (the token endpoint, /v2/, a refused target): the path instead.
+      flow.repository
+        ? el("td", "c-repository", flow.repository)
+        : el("td", "c-repository path", text(flow.target).split("?")[0]),
+      el("td", "c-reference", short(flow.reference)),
       el("td", "c-status", flow.status === null ? "—" : flow.status),
       el("td", "c-decision", verdict(flow)),
       el("td", "c-rule", reason(flow)),
@@ -116,7 +127,6 @@
   }
 
   function render() {
-    renderQueued = false;
     const f = filters();
     const rows = [];
     let matching = 0;
@@ -135,7 +145,12 @@
   function queueRender() {
     if (paused || renderQueued) return;
     renderQueued = true;
-    setTimeout(render, 200);
+    // The first flows at once, then at most five redraws a second under load.
+    const delay = $("flows").tBodies[0].rows.length ? 200 : 0;
+    setTimeout(() => {
+      renderQueued = false;
+      if (!paused) render(); // paused meanwhile: the table stays as it is
+    }, delay);
   }
 
   function insert(flow) {
