@@ -58,6 +58,7 @@ CONTROL_TTL = 5.0  # seconds the workers keep streaming without a renewal
 POLL_WAIT = 25.0  # seconds a long poll waits for a flow at most
 WRITE_TIMEOUT = 10.0  # a viewer that reads nothing for this long is let go
 RECV_BUFFER = 4 << 20
+FORGET_AFTER = 3600.0  # seconds after which a silent worker pid is forgotten
 MAX_SUN_PATH = 107
 HEADERS = ("request_headers", "response_headers")
 STATIC = {
@@ -269,6 +270,7 @@ class LiveView:
         self.seen: dict[int, int] = {}  # worker pid -> last sequence number received
         self.heard: dict[int, float] = {}  # worker pid -> when
         self.worker_dropped: dict[int, int] = {}  # worker pid -> its count
+        self.retired_dropped = 0  # the counts of workers gone for an hour
         self.bad_datagrams = 0
         self.polled_until = 0.0  # a long poll keeps the workers streaming until then
         self.control_on = False
@@ -342,6 +344,14 @@ class LiveView:
             self.arrived = asyncio.Event()
         return kept
 
+    def forget_gone(self, now: float) -> None:
+        """Workers not heard of for an hour are gone (restarted): their entries go, their
+        drop counts stay in the sum."""
+        for pid in [p for p, t in self.heard.items() if now - t > FORGET_AFTER]:
+            self.retired_dropped += self.worker_dropped.pop(pid, 0)
+            self.heard.pop(pid)
+            self.seen.pop(pid, None)
+
     def wanted(self) -> bool:
         return bool(self.viewers) or time.monotonic() < self.polled_until
 
@@ -360,6 +370,7 @@ class LiveView:
     async def _control_loop(self) -> None:
         while True:
             await asyncio.sleep(CONTROL_EVERY)
+            self.forget_gone(time.time())
             try:
                 self.write_control()
             except OSError:
@@ -372,7 +383,7 @@ class LiveView:
             "ring": len(self.ring.entries),
             "capacity": self.ring.entries.maxlen,
             "evicted": self.ring.evicted,
-            "dropped_by_workers": sum(self.worker_dropped.values()),
+            "dropped_by_workers": sum(self.worker_dropped.values()) + self.retired_dropped,
             "dropped_for_viewer": viewer.dropped if viewer is not None else 0,
             "bad_datagrams": self.bad_datagrams,
             "workers_streaming": self.workers_streaming(),
@@ -409,13 +420,17 @@ class LiveView:
             if entry is None:
                 return _json(404, {"error": "no such flow in the ring (any more)"})
             return _json(200, entry.flow)
-        if path == "/live/flows.mitm":
-            filters = Filters.from_query(request.query)
-            flows = [e.flow for e in self.ring.entries if filters.match(e.flow)]
-            name = time.strftime("live-%Y%m%dT%H%M%SZ.flows", time.gmtime())
-            disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
-            return 200, "application/octet-stream", flow_file(flows), disposition
         return None
+
+    async def download(self, request: adminhttp.Request) -> Answer:
+        """`GET /live/flows.mitm?<filters>`: the ring's matching flows as a mitmproxy flow
+        file, built in a thread (10 000 flows take a while; /healthz must not wait)."""
+        filters = Filters.from_query(request.query)
+        flows = [e.flow for e in self.ring.entries if filters.match(e.flow)]
+        data = await asyncio.to_thread(flow_file, flows)
+        name = time.strftime("live-%Y%m%dT%H%M%SZ.flows", time.gmtime())
+        disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return 200, "application/octet-stream", data, disposition
 
     async def poll(self, request: adminhttp.Request) -> Answer:
         """`GET /live/flows?since=<event id>&wait=<s>`: the flows after `since` (the newest

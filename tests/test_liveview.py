@@ -270,6 +270,8 @@ def test_repeats_are_dropped_and_garbage_is_counted(tmp_path):
     assert live.bad_datagrams == 4
     assert len(live.ring.entries) == 5 and live.stats()["dropped_by_workers"] == 7
     assert live.seen == {10: 4, 11: 1}
+    live.forget_gone(now + 7200)  # both restarted long ago: forgotten, their drops counted
+    assert live.seen == {} and live.stats()["dropped_by_workers"] == 7
 
 
 def test_the_admin_ring_holds_the_last_flows_only(tmp_path):
