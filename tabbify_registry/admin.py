@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -391,7 +392,8 @@ async def main(argv: list[str]) -> None:
     finally:
         admin.live.close()  # the workers stop streaming; open event streams end
         server.close()
-        await asyncio.wait_for(server.wait_closed(), 5)
+        with contextlib.suppress(TimeoutError):  # a long poll may still wait: not for long
+            await asyncio.wait_for(server.wait_closed(), 5)
 
 
 if __name__ == "__main__":
