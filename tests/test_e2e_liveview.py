@@ -4,8 +4,12 @@ the page, and what clients sent is shown as text, never as markup."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import re
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -162,11 +166,13 @@ def test_flows_appear_live_redacted_and_as_text(registry, acme_jwt, tmp_path: Pa
         )
 
         # Nothing secret: not the Tabbify JWT, not a registry token, not a credential header.
+        basic = base64.b64encode(f"x:{acme_jwt}".encode()).decode()  # skopeo's Basic auth
         for secret in (
             acme_jwt,
             registry_token,
             *acme_jwt.split(".")[1:],
             registry_token.split(".")[2],
+            basic[:40],
         ):
             assert secret not in dom
         assert not re.search(r"eyJ[\w-]+\.[\w-]+\.", dom)  # nothing JWT-shaped
@@ -188,6 +194,23 @@ def test_flows_appear_live_redacted_and_as_text(registry, acme_jwt, tmp_path: Pa
         page.wait_for("document.getElementById('capture-status').textContent.includes('writing')")
         page.evaluate("document.getElementById('capture-stop').click()")
         page.wait_for("document.getElementById('capture-status').textContent.includes('last')")
+
+        # A `rule` in the access-log line (the access policy's) is shown beside the reason.
+        page.evaluate("document.getElementById('pause').click()")  # resume
+        feed = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        rule = {
+            "seq": 1, "end": time.time(), "time": "2026-01-01T00:00:00.000Z", "tenant": "acme",
+            "method": "GET", "repository": "acme/ruled", "reference": "v1", "status": 403,
+            "decision": "deny:policy", "rule": "no-<i>pulls</i>", "request_headers": [],
+        }  # fmt: skip
+        feed.sendto(
+            json.dumps({"pid": 1, "worker": 0, "dropped": 0, "flows": [rule]}).encode(),
+            str(registry.data_dir / "run" / "workers" / "liveview.sock"),
+        )
+        feed.close()
+        ruled = page.wait_for(f"{ROWS}.find(r => r.repository === 'acme/ruled')")
+        assert ruled["reason"] == "rule no-<i>pulls</i> · policy"
+        assert page.evaluate("document.querySelector('main i') === null")
 
         assert page.console_errors() == []  # no CSP violation, no script error
 
