@@ -11,11 +11,12 @@ looks. So:
 - Only while a viewer is connected (the admin program says so in
   `<registry_state_dir>/liveview.json`, which the publisher reads once a second with the
   capture request), a task on the event loop sends every SEND_EVERY s the snapshots not yet
-  sent, as JSON datagrams to the admin program's unix socket `<registry_state_dir>/
-  liveview.sock`. Sends never block: when the socket takes no more (the admin program has not
-  read yet), the rest waits for the next tick; a snapshot the ring lets go before it was sent
-  (the admin program lags for good, or traffic outruns MAX_PER_TICK flows a tick) is dropped
-  and counted. At most MAX_PER_TICK flows are encoded per tick.
+  sent, as datagrams to the admin program's unix socket `<registry_state_dir>/liveview.sock`
+  (a JSON head line, then one line per flow: its brief and its headers, see `encode`). Sends
+  never block: when the socket takes no more (the admin program has not read yet), the rest
+  waits for the next tick; a snapshot the ring lets go before it was sent (the admin program
+  lags for good, or traffic outruns MAX_PER_TICK flows a tick) is dropped and counted. At
+  most MAX_PER_TICK flows are encoded per tick.
 """
 
 from __future__ import annotations
@@ -107,23 +108,41 @@ def _text(fields: redact.Fields | None) -> list[list[str]] | None:
     return [[n.decode("utf-8", "replace"), v.decode("utf-8", "replace")] for n, v in fields]
 
 
-def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
-    """What a snapshot becomes on the wire: the access-log line and what only the view shows."""
-    seq, end, line, target, client, backend, req, resp, truncated = snap
-    out: dict[str, Any] = dict(line)
-    out.update(
-        seq=seq,
-        worker=worker,
-        end=round(end, 3),
-        target=target,
-        client=client,
-        backend_ms=None if backend is None else round(backend * 1000, 1),
-        request_headers=_text(req),
-        response_headers=_text(resp),
-    )
+def brief(snap: Snapshot, worker: int) -> dict[str, Any]:
+    """The flow without its headers: the access-log line and what only the view shows."""
+    seq, end, line, target, client, backend, _, _, truncated = snap
+    out: dict[str, Any] = {
+        **line,
+        "seq": seq,
+        "worker": worker,
+        "end": round(end, 3),
+        "target": target,
+        "client": client,
+        "backend_ms": None if backend is None else round(backend * 1000, 1),
+    }
     if truncated:
         out["truncated"] = True
     return out
+
+
+def headers(snap: Snapshot) -> dict[str, Any]:
+    return {"request_headers": _text(snap[6]), "response_headers": _text(snap[7])}
+
+
+def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
+    """The whole flow as the view knows it: brief and headers."""
+    return {**brief(snap, worker), **headers(snap)}
+
+
+def encode(snap: Snapshot, worker: int) -> bytes:
+    """One flow on the wire: `<brief JSON> TAB <headers JSON>` (JSON text holds no raw tab or
+    newline). The admin program reads the brief for its table and overview and keeps the
+    headers as text until someone opens the flow."""
+    return (
+        json.dumps(brief(snap, worker), separators=(",", ":"))
+        + "\t"
+        + json.dumps(headers(snap), separators=(",", ":"))
+    ).encode()
 
 
 class FlowFeed:
@@ -226,7 +245,7 @@ class FlowFeed:
         return list(itertools.islice(ring, len(ring) - count, len(ring) - count + MAX_PER_TICK))
 
     def send_pending(self) -> int:
-        """Send what is pending, in JSON datagrams of at most MAX_DATAGRAM bytes; returns the
+        """Send what is pending, in datagrams of at most MAX_DATAGRAM bytes; returns the
         flows sent. Never blocks: when the socket takes no more (the admin program has not
         read yet), the rest waits for the next tick, and what the ring lets go meanwhile is
         counted as dropped."""
@@ -236,21 +255,21 @@ class FlowFeed:
         if not snaps:
             return 0
         head = {"pid": os.getpid(), "worker": self.worker, "dropped": self.dropped}
-        prefix = json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"flows":['
+        prefix = json.dumps(head, separators=(",", ":")).encode() + b"\n"
         batch: list[bytes] = []
-        size, sent = len(prefix) + 2, 0
+        size, sent = len(prefix), 0
         for i, snap in enumerate(snaps):
-            item = json.dumps(summary(snap, self.worker), separators=(",", ":")).encode()
+            item = encode(snap, self.worker)
             if batch and size + len(item) + 1 > MAX_DATAGRAM:
-                if not self._send(prefix + b",".join(batch) + b"]}"):
+                if not self._send(prefix + b"\n".join(batch)):
                     return sent
                 self.cursor = snaps[i - 1][0]
                 sent += len(batch)
                 self.sent += len(batch)
-                batch, size = [], len(prefix) + 2
+                batch, size = [], len(prefix)
             batch.append(item)
             size += len(item) + 1
-        if self._send(prefix + b",".join(batch) + b"]}"):
+        if self._send(prefix + b"\n".join(batch)):
             self.cursor = snaps[-1][0]
             sent += len(batch)
             self.sent += len(batch)

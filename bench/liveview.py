@@ -222,8 +222,19 @@ def measure(args: argparse.Namespace, tmp: Path, wrk_bin: str) -> dict[str, Any]
     return {"rounds": rounds, "worker_feeds": feeds, "admin": overview}
 
 
+def paired(rounds: list[dict[str, Any]], key: str) -> float:
+    """The median over (closed, open) neighbours of open/closed: drift between pairs cancels."""
+    pairs = zip(rounds[0::2], rounds[1::2], strict=False)
+    return statistics.median(o[key] / c[key] for c, o in pairs)
+
+
 def summary(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
+    out: dict[str, dict[str, float]] = {
+        "paired_open_over_closed": {
+            "req_s": paired(rounds, "requests_per_s"),
+            "gateway_cpu_per_req": paired(rounds, "gateway_cpu_us_per_req"),
+        }
+    }
     for view in ("closed", "open"):
         rows = [r for r in rounds if r["view"] == view]
         out[view] = {
@@ -268,6 +279,11 @@ def main() -> None:
     print(
         f"per flow, in-process: closed {cost['closed_us_per_flow']:.1f} µs,"
         f" open {cost['open_us_per_flow']:.1f} µs"
+    )
+    pairs = table["paired_open_over_closed"]
+    print(
+        f"paired open/closed (median over neighbouring rounds): req/s {pairs['req_s']:.3f},"
+        f" gateway CPU per request {pairs['gateway_cpu_per_req']:.3f}"
     )
     print(f"worker feeds: {measured['worker_feeds']}")
     print(f"admin: {measured['admin']}")

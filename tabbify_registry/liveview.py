@@ -78,8 +78,18 @@ def _json(status: int, payload: Any) -> Answer:
 @dataclass(slots=True)
 class Entry:
     id: int
-    flow: dict[str, Any]  # the summary as a worker sent it, with `id`
-    brief: str  # JSON of the summary without its headers: what the table needs
+    flow: dict[str, Any]  # the flow without its headers, with `id`: table, filters, overview
+    brief: str  # its JSON, as pages get it
+    headers: str | None = None  # JSON {"request_headers", "response_headers"}, as sent
+
+    def full(self) -> dict[str, Any]:
+        """The flow with its headers, parsed only when someone opens it or downloads it."""
+        extra: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(self.headers) if self.headers else None
+            if isinstance(parsed, dict):
+                extra = {k: parsed.get(k) for k in HEADERS}
+        return {**self.flow, **extra}
 
 
 class FlowRing:
@@ -90,13 +100,24 @@ class FlowRing:
         self.last_id = 0
         self.evicted = 0
 
-    def add(self, summary: dict[str, Any]) -> Entry:
+    def add(
+        self, flow: dict[str, Any], brief: str | None = None, headers: str | None = None
+    ) -> Entry:
+        """`brief`: the JSON text `flow` was read from, reused as it is (the id spliced in);
+        without it, the headers in `flow` are split off and the rest encoded here."""
         self.last_id += 1
-        summary["id"] = self.last_id
-        brief = {k: v for k, v in summary.items() if k not in HEADERS}
+        if brief is None or "id" in flow or not brief.startswith("{"):
+            found = {k: flow.pop(k) for k in HEADERS if k in flow}
+            if headers is None and found:
+                headers = json.dumps(found, separators=(",", ":"))
+            flow["id"] = self.last_id
+            brief = json.dumps(flow, separators=(",", ":"))
+        else:
+            flow["id"] = self.last_id
+            brief = f'{{"id":{self.last_id},' + brief[1:]
         if len(self.entries) == self.entries.maxlen:
             self.evicted += 1
-        entry = Entry(self.last_id, summary, json.dumps(brief, separators=(",", ":")))
+        entry = Entry(self.last_id, flow, brief, headers)
         self.entries.append(entry)
         return entry
 
@@ -271,7 +292,7 @@ class LiveView:
         self.heard: dict[int, float] = {}  # worker pid -> when
         self.worker_dropped: dict[int, int] = {}  # worker pid -> its count
         self.retired_dropped = 0  # the counts of workers gone for an hour
-        self.bad_datagrams = 0
+        self.bad_input = 0  # datagrams or flow lines that could not be read
         self.polled_until = 0.0  # a long poll keeps the workers streaming until then
         self.control_on = False
         self.arrived = asyncio.Event()  # set, and replaced, whenever flows arrive
@@ -315,26 +336,39 @@ class LiveView:
             write_json(self.state_dir / CONTROL_NAME, {"until": 0})
 
     def receive(self, data: bytes, now: float) -> int:
-        """One datagram of a worker; returns the flows kept."""
+        """One datagram of a worker (addons/flowfeed.py: a JSON head line, then one line per
+        flow, `<brief JSON> TAB <headers JSON>`); returns the flows kept. What cannot be read
+        is counted in `bad_input`."""
+        head_line, _, body = data.partition(b"\n")
         try:
-            batch = json.loads(data)
-            pid, flows = batch["pid"], batch["flows"]
-            if not isinstance(pid, int) or not isinstance(flows, list):
-                raise ValueError("pid, flows")
+            head = json.loads(head_line)
+            pid = head["pid"]
+            if not isinstance(pid, int):
+                raise TypeError("pid")
         except (ValueError, KeyError, TypeError):
-            self.bad_datagrams += 1
+            self.bad_input += 1
             return 0
-        dropped = batch.get("dropped")
+        dropped = head.get("dropped")
         self.worker_dropped[pid] = dropped if isinstance(dropped, int) else 0
         self.heard[pid] = now
         last, kept = self.seen.get(pid, 0), 0
-        for summary in flows:
-            seq = summary.get("seq") if isinstance(summary, dict) else None
+        for line in body.split(b"\n"):
+            if not line:
+                continue
+            brief, _, headers = line.partition(b"\t")
+            try:
+                flow = json.loads(brief)
+            except ValueError:
+                self.bad_input += 1
+                continue
+            seq = flow.get("seq") if isinstance(flow, dict) else None
             if not isinstance(seq, int) or seq <= last:
                 continue  # sent again after a restart of this program, or not a flow
             last = seq
-            entry = self.ring.add(summary)
-            self.overview.add(summary, now)
+            entry = self.ring.add(
+                flow, brief.decode("utf-8", "replace"), headers.decode("utf-8", "replace") or None
+            )
+            self.overview.add(flow, now)
             for viewer in self.viewers:
                 viewer.push(entry)
             kept += 1
@@ -385,7 +419,7 @@ class LiveView:
             "evicted": self.ring.evicted,
             "dropped_by_workers": sum(self.worker_dropped.values()) + self.retired_dropped,
             "dropped_for_viewer": viewer.dropped if viewer is not None else 0,
-            "bad_datagrams": self.bad_datagrams,
+            "bad_input": self.bad_input,
             "workers_streaming": self.workers_streaming(),
             "viewers": len(self.viewers),
             "feed_error": self.feed_error,
@@ -419,15 +453,15 @@ class LiveView:
             entry = self.ring.get(int(number)) if number.isdigit() else None
             if entry is None:
                 return _json(404, {"error": "no such flow in the ring (any more)"})
-            return _json(200, entry.flow)
+            return _json(200, entry.full())
         return None
 
     async def download(self, request: adminhttp.Request) -> Answer:
         """`GET /live/flows.mitm?<filters>`: the ring's matching flows as a mitmproxy flow
         file, built in a thread (10 000 flows take a while; /healthz must not wait)."""
         filters = Filters.from_query(request.query)
-        flows = [e.flow for e in self.ring.entries if filters.match(e.flow)]
-        data = await asyncio.to_thread(flow_file, flows)
+        entries = [e for e in self.ring.entries if filters.match(e.flow)]
+        data = await asyncio.to_thread(lambda: flow_file([e.full() for e in entries]))
         name = time.strftime("live-%Y%m%dT%H%M%SZ.flows", time.gmtime())
         disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
         return 200, "application/octet-stream", data, disposition
@@ -455,7 +489,7 @@ class LiveView:
             {
                 "last": self.event_id(self.ring.last_id),
                 "reset": since is None,
-                "flows": [json.loads(e.brief) for e in entries if filters.match(e.flow)],
+                "flows": [e.flow for e in entries if filters.match(e.flow)],
                 "stats": self.stats(),
             },
         )

@@ -201,10 +201,13 @@ def test_flows_appear_live_redacted_and_as_text(registry, acme_jwt, tmp_path: Pa
         rule = {
             "seq": 1, "end": time.time(), "time": "2026-01-01T00:00:00.000Z", "tenant": "acme",
             "method": "GET", "repository": "acme/ruled", "reference": "v1", "status": 403,
-            "decision": "deny:policy", "rule": "no-<i>pulls</i>", "request_headers": [],
+            "decision": "deny:policy", "rule": "no-<i>pulls</i>",
         }  # fmt: skip
-        feed.sendto(
-            json.dumps({"pid": 1, "worker": 0, "dropped": 0, "flows": [rule]}).encode(),
+        feed.sendto(  # as a worker sends it (addons/flowfeed.py `encode`)
+            json.dumps({"pid": 1, "worker": 0, "dropped": 0}).encode()
+            + b"\n"
+            + json.dumps(rule).encode()
+            + b"\t{}",
             str(registry.data_dir / "run" / "workers" / "liveview.sock"),
         )
         feed.close()

@@ -144,12 +144,18 @@ def receiver(path: Path, rcvbuf: int | None = None) -> socket.socket:
 
 
 def received(sock: socket.socket) -> list[dict]:
+    """The flows of every datagram waiting: a head line, then `brief TAB headers` lines."""
     flows = []
     while True:
         try:
-            flows += json.loads(sock.recv(1 << 20))["flows"]
+            data = sock.recv(1 << 20)
         except BlockingIOError:
             return flows
+        head, *lines = data.split(b"\n")
+        assert isinstance(json.loads(head)["pid"], int)
+        for line in lines:
+            brief, headers = line.split(b"\t")
+            flows.append({**json.loads(brief), **json.loads(headers)})
 
 
 def test_a_viewer_gets_the_backlog_after_what_it_has_then_each_new_flow(tmp_path):
@@ -251,8 +257,13 @@ def test_a_slow_viewer_loses_flows_and_is_told_how_many():
 
 
 def datagram(pid: int, seqs: list[int], dropped: int = 0, **fields: object) -> bytes:
-    flows = [{"seq": s, "end": time.time(), "status": 200, **fields} for s in seqs]
-    return json.dumps({"pid": pid, "worker": 0, "dropped": dropped, "flows": flows}).encode()
+    """As a worker sends flows (addons/flowfeed.py `encode`)."""
+    lines = [json.dumps({"pid": pid, "worker": 0, "dropped": dropped})]
+    headers = {"request_headers": fields.pop("request_headers", []), "response_headers": None}
+    for seq in seqs:
+        flow = {"seq": seq, "end": time.time(), "status": 200, **fields}
+        lines.append(json.dumps(flow) + "\t" + json.dumps(headers))
+    return "\n".join(lines).encode()
 
 
 def live_view(tmp_path: Path, ring_size: int = 100) -> LiveView:
@@ -265,11 +276,12 @@ def test_repeats_are_dropped_and_garbage_is_counted(tmp_path):
     assert live.receive(datagram(10, [1, 2, 3]), now) == 3
     assert live.receive(datagram(10, [2, 3, 4]), now) == 1  # sent again: only 4 is new
     assert live.receive(datagram(11, [1], dropped=7), now) == 1  # another worker
-    for garbage in (b"not json", b"[]", b'{"pid": "x", "flows": []}', b'{"pid": 1}'):
+    for garbage in (b"not json", b"[]", b'{"pid": "x"}', b'{"pid": 2}\nnot json\t{}'):
         assert live.receive(garbage, now) == 0
-    assert live.bad_datagrams == 4
+    assert live.receive(b'{"pid": 2}\n[1]\t{}\n"x"', now) == 0  # not flows: skipped
+    assert live.bad_input == 4
     assert len(live.ring.entries) == 5 and live.stats()["dropped_by_workers"] == 7
-    assert live.seen == {10: 4, 11: 1}
+    assert live.seen == {10: 4, 11: 1, 2: 0}
     live.forget_gone(now + 7200)  # both restarted long ago: forgotten, their drops counted
     assert live.seen == {} and live.stats()["dropped_by_workers"] == 7
 

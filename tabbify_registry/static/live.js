@@ -332,7 +332,7 @@
       `${st.workers_streaming} worker${st.workers_streaming === 1 ? "" : "s"} streaming`,
       `${st.viewers} viewer${st.viewers === 1 ? "" : "s"}`,
     ];
-    const lost = st.dropped_by_workers + st.dropped_for_viewer + st.bad_datagrams;
+    const lost = st.dropped_by_workers + st.dropped_for_viewer + st.bad_input;
     if (lost) parts.push(`${lost} flows lost (workers ${st.dropped_by_workers}, this page ${st.dropped_for_viewer})`);
     if (st.feed_error) parts.push("no feed: " + st.feed_error);
     $("stats").textContent = parts.join(" · ");
