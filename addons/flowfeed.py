@@ -93,7 +93,7 @@ def snapshot(seq: int, flow: http.HTTPFlow, line: dict[str, object]) -> Snapshot
         seq,
         time.time(),
         line,
-        redact.text(request.path[:MAX_TARGET]),
+        redact.text(request.path)[:MAX_TARGET],  # redacted whole: no JWT cut in two
         str(peer[0]) if peer else "",
         backend_seconds(flow),
         req,
