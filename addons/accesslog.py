@@ -170,7 +170,7 @@ class AccessLog:
         if rec.logged:
             return
         rec.logged = True
-        line = entry(flow, time.time())
+        line = rec.line = entry(flow, time.time())
         text = json.dumps(line, separators=(",", ":")) + "\n"
         if self.writer is not None:
             self.writer.put(text.encode())

@@ -4,13 +4,13 @@ Started from the admin endpoint (`POST /capture?seconds=60&max_mb=64`), written 
 gateway worker to `<registry_capture_dir>/capture-<id>.w<n>.flows` and joined into
 `capture-<id>.flows`, readable with `mitmproxy -r` / `mitmdump -nr`.
 What is written is a copy of each flow with no bodies at all and every credential replaced:
-Authorization/Cookie headers, and anything shaped like a JWT in headers or the URL.
+Authorization/Cookie headers, and anything shaped like a JWT in headers or the URL (the rules
+are addons/redact.py's, shared with the live view).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import IO
@@ -18,24 +18,20 @@ from typing import IO
 from mitmproxy import ctx, http, io
 from mitmproxy.addonmanager import Loader
 
+from addons import redact
+
 logger = logging.getLogger(__name__)
-REDACTED = "REDACTED"
-_SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie")
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
 
 
 def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A copy of the flow with no bodies and every credential replaced (addons/redact.py)."""
     copy = flow.copy()
     for message in (copy.request, copy.response):
         if message is None:
             continue
-        for name in list(message.headers.keys()):
-            if name.lower() in _SECRET_HEADERS:
-                message.headers[name] = REDACTED
-            else:
-                message.headers[name] = _JWT.sub(REDACTED, message.headers[name])
+        message.headers.fields = redact.fields(message.headers.fields)
         message.content = None  # no bodies: tokens, JWT forms and layers stay out
-    copy.request.path = _JWT.sub(REDACTED, copy.request.path)
+    copy.request.path = redact.text(copy.request.path)
     copy.metadata.clear()
     return copy
 

@@ -22,8 +22,11 @@ Our addons, in hook order:
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
-7. Capture         this worker's part of a debug capture
-   Publisher       this worker's counters and states for the admin endpoint (once a second)
+7. FlowFeed        a bounded ring of redacted flow snapshots for the live view, sent to the
+                   admin program only while a viewer is connected
+   Capture         this worker's part of a debug capture
+   Publisher       this worker's counters and states for the admin endpoint (once a second),
+                   and the capture and live view the admin endpoint asks for
 8. MeshAddress     follows the node's ULA when the mesh coordinator moves it (no request hooks)
 """
 
@@ -54,6 +57,7 @@ from addons.accesslog import AccessLog
 from addons.accounting import Accounting
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
+from addons.flowfeed import FlowFeed
 from addons.freeze import WriteFreeze
 from addons.gate import Gate
 from addons.immutable import ImmutableTags
@@ -75,7 +79,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
     None makes one for this process alone (a gateway run on its own, tests). `key_file`:
     REGISTRY_TOKEN_KEY_FILE, keys shared by several nodes (addons/token_keys.py), instead."""
     signer = TokenSigner(secret)
-    metrics, capture, policies = Metrics(), Capture(), PolicyFile()
+    metrics, capture, feed, policies = Metrics(), Capture(), FlowFeed(), PolicyFile()
     keys = [TokenKeyFile(signer, key_file)] if key_file else []
     isolation = TenantIsolation()
     return [
@@ -92,8 +96,9 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
         Listing(policies),
         Gate(),
         AccessLog(metrics),
+        feed,  # after AccessLog: it takes the line the log wrote
         capture,
-        Publisher(metrics, capture),
+        Publisher(metrics, capture, feed),
         MeshAddress(),
     ]
 

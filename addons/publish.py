@@ -3,8 +3,9 @@
 Several worker processes serve the port; the operator's view (tabbify_registry/admin.py) is
 one. Each worker writes its counters and states into `<registry_state_dir>/worker-<n>.json`
 (atomic rename: the admin endpoint never reads half a file) and follows the debug capture the
-admin endpoint requests in `<registry_state_dir>/capture.json`. Nothing here is on a
-request's path: a timer on the event loop, one small file write per second.
+admin endpoint requests in `<registry_state_dir>/capture.json`, and the live view's in
+`liveview.json` (addons/flowfeed.py). Nothing here is on a request's path: a timer on the
+event loop, one small file write per second.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import connections
 from addons.capture import Capture
+from addons.flowfeed import CONTROL_NAME, FlowFeed
 from addons.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -61,9 +63,10 @@ def extra_state() -> dict[str, Any]:
 
 
 class Publisher:
-    def __init__(self, metrics: Metrics, capture: Capture) -> None:
+    def __init__(self, metrics: Metrics, capture: Capture, feed: FlowFeed | None = None) -> None:
         self.metrics = metrics
         self.capture = capture
+        self.feed = feed
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
@@ -111,6 +114,7 @@ class Publisher:
             },
             "access_log_dropped": access_log.dropped if access_log is not None else 0,
             "capture": self.capture.status(),
+            "liveview": self.feed.status() if self.feed is not None else None,
             **extra_state(),
         }
 
@@ -118,4 +122,6 @@ class Publisher:
         directory = Path(ctx.options.registry_state_dir)
         worker = ctx.options.registry_worker
         self.capture.follow(read_request(directory / "capture.json"), worker)
+        if self.feed is not None:
+            self.feed.follow(read_request(directory / CONTROL_NAME), directory, worker)
         write_json(directory / f"worker-{worker}.json", self.state())

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
 # Tests: nginx and wrk for the benchmarks, docker.io for tests/test_e2e_docker.py (which starts
 # its own dockerd), Go for the differential tests' recorder (tests/standins/recorder) and the
-# OCI conformance suite.
-[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman)
+# OCI conformance suite, Chromium for the live view's browser test (tests/test_e2e_liveview.py).
+[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman chromium)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

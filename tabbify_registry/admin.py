@@ -1,21 +1,25 @@
-"""The operator's loopback endpoint (CONTRACTS §6): /healthz, /metrics and /capture.
+"""The operator's loopback endpoint (CONTRACTS §6): /healthz, /metrics, /capture and the live
+view of traffic (`GET /`, tabbify_registry/liveview.py).
 
 A program of its own under supervisord (`python -m tabbify_registry.admin …`), beside the
 gateway workers and never on the mesh: it answers whatever load the gateway carries, and one
 view covers every worker. The workers publish their counters and states once a second
 (addons/publish.py); this program sums them, probes the backend itself, and reads the mesh
 follower's and the log relay's status files. REGISTRY_ADMIN_ADDR is refused at start-up
-unless it is loopback (settings.py).
+unless it is loopback (settings.py), and every request must name this endpoint in `Host`
+and, from a browser, come from its own page (adminhttp.py: DNS rebinding, cross-site use).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
+import secrets
 import signal
 import sys
 import time
@@ -28,6 +32,8 @@ from addons import connections, quota
 from addons.metrics import Metrics
 from addons.publish import read_request, write_json
 from mesh import status as mesh_status
+from tabbify_registry import adminhttp
+from tabbify_registry.liveview import LiveView
 
 logger = logging.getLogger("admin")
 PROBE_TIMEOUT = 2.0
@@ -119,6 +125,17 @@ class Admin:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.workers = Workers(Path(args.state_dir))
+        # Made per run of this program, never written anywhere: the page carries it, and
+        # only the page (same origin) can read it.
+        csrf_token = secrets.token_urlsafe(32)
+        self.guard = adminhttp.Guard(args.listen, csrf_token)
+        self.live = LiveView(Path(args.state_dir), csrf_token, self.workers_streaming)
+
+    def workers_streaming(self) -> int:
+        """Live workers that say they stream to the live view (addons/flowfeed.py)."""
+        self.workers.refresh()
+        live = self.workers.live(time.time())
+        return sum(1 for s in live if (s.get("liveview") or {}).get("streaming"))
 
     # --- health -----------------------------------------------------------------------------
 
@@ -329,21 +346,38 @@ class Admin:
             return 200, "application/json", json.dumps(self.capture_status()).encode()
         return 404, "text/plain", b"not found\n"
 
+    async def handle(self, request: adminhttp.Request) -> tuple[int, str, bytes, dict[str, str]]:
+        refusal = self.guard.refusal(request) or self.guard.state_change_refusal(request)
+        if refusal:
+            return 403, "text/plain", f"forbidden: {refusal}\n".encode(), {}
+        if request.method == "GET" and request.path == "/live/flows":
+            return await self.live.poll(request)
+        if request.method == "GET" and request.path == "/live/flows.mitm":
+            return await self.live.download(request)
+        answer = self.live.route(request)
+        if answer is not None:
+            return answer
+        status, content_type, body = await self.route(request.method, request.target)
+        return status, content_type, body, {}
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        extra: dict[str, str] = {}
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, target = head.split(b" ", 2)[:2]
-            status, content_type, body = await self.route(method.decode(), target.decode())
+            request = adminhttp.parse_head(head)
+            if (
+                request.method == "GET"
+                and request.path == "/live/events"
+                and self.guard.refusal(request) is None
+            ):
+                return await self.live.stream(request, reader, writer)  # closes the writer
+            status, content_type, body, extra = await self.handle(request)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
         except Exception:
             logger.exception("admin endpoint error")
             status, content_type, body = 500, "text/plain", b"internal error\n"
-        writer.write(
-            f"HTTP/1.0 {status} X\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+        writer.write(adminhttp.head(status, content_type, len(body), extra) + body)
         try:
             await writer.drain()
         except OSError:
@@ -369,14 +403,20 @@ async def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     os.makedirs(args.state_dir, exist_ok=True)
     admin = Admin(args)
+    await admin.live.start()
     host, _, port = args.listen.rpartition(":")
     server = await asyncio.start_server(admin.serve, host.strip("[]"), int(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
+    try:
         await stop.wait()
+    finally:
+        admin.live.close()  # the workers stop streaming; open event streams end
+        server.close()
+        with contextlib.suppress(TimeoutError):  # a long poll may still wait: not for long
+            await asyncio.wait_for(server.wait_closed(), 5)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,286 @@
+"""This worker's feed of the live view (the admin program's `GET /`, tabbify_registry/liveview.py).
+
+The view must cost the hot path next to nothing, and nothing at all beyond that while nobody
+looks. So:
+
+- Every finished flow leaves a snapshot in a bounded ring (BACKLOG flows): one tuple of what
+  the access log already computed (its line), the request target and the header fields,
+  redacted as captures are (addons/redact.py: one scan that finds nothing in the common case)
+  and bounded in size. Nothing is copied, serialised or sent. The ring is what a viewer sees
+  of the time before it connected.
+- Only while a viewer is connected (the admin program says so in
+  `<registry_state_dir>/liveview.json`, which the publisher reads once a second with the
+  capture request), a task on the event loop sends every SEND_EVERY s the snapshots not yet
+  sent, as datagrams to the admin program's unix socket `<registry_state_dir>/liveview.sock`
+  (a JSON head line, then one line per flow: its brief and its headers, see `encode`). Sends
+  never block: when the socket takes no more (the admin program has not read yet), the rest
+  waits for the next tick; a snapshot the ring lets go before it was sent (the admin program
+  lags for good, or traffic outruns MAX_PER_TICK flows a tick) is dropped and counted. At
+  most MAX_PER_TICK flows are encoded per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import http
+
+from addons import redact
+from addons.accesslog import backend_seconds
+from addons.record import record
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2000  # flows kept per worker
+SEND_EVERY = 0.2  # seconds between two sends while a viewer is connected
+MAX_PER_TICK = 500  # flows encoded in one tick at most (~10 ms): the event loop stays responsive
+SEND_BUFFER = 1 << 20  # bytes the socket holds until the admin program reads
+MAX_DATAGRAM = 60_000  # bytes; a unix datagram socket takes up to its send buffer (~208 KiB)
+MAX_HEADER_BYTES = 8192  # per message: a 1 MiB request head must not become 1 MiB per flow
+MAX_TARGET = 2048
+SOCKET_NAME, CONTROL_NAME = "liveview.sock", "liveview.json"
+
+# seq, end (epoch s), access-log line, target, client address, backend seconds,
+# request fields, response fields (None: no response), headers cut to the bound
+Snapshot = tuple[
+    int,
+    float,
+    dict[str, object],
+    str,
+    str,
+    float | None,
+    redact.Fields,
+    redact.Fields | None,
+    bool,
+]
+
+
+def bounded(fields: redact.Fields) -> tuple[redact.Fields, bool]:
+    """The first fields that fit MAX_HEADER_BYTES, and whether any were cut off."""
+    total = 0
+    for i, (name, value) in enumerate(fields):
+        total += len(name) + len(value)
+        if total > MAX_HEADER_BYTES:
+            return fields[:i], True
+    return fields, False
+
+
+def compact(fields: redact.Fields) -> tuple[redact.Fields, bool]:
+    """Redacted as captures are, cut to MAX_HEADER_BYTES; the same tuple in the common case
+    (one scan finds neither a credential nor too many bytes)."""
+    suspect, size = redact.scan(fields)
+    if suspect:
+        fields = redact.replaced(fields)
+    return bounded(fields) if size > MAX_HEADER_BYTES else (fields, False)
+
+
+def snapshot(seq: int, flow: http.HTTPFlow, line: dict[str, object]) -> Snapshot:
+    request, response = flow.request, flow.response
+    req, cut_req = compact(request.headers.fields)
+    resp, cut_resp = compact(response.headers.fields) if response is not None else (None, False)
+    peer = flow.client_conn.peername
+    return (
+        seq,
+        time.time(),
+        line,
+        redact.text(request.path)[:MAX_TARGET],  # redacted whole: no JWT cut in two
+        str(peer[0]) if peer else "",
+        backend_seconds(flow),
+        req,
+        resp,
+        cut_req or cut_resp,
+    )
+
+
+def _text(fields: redact.Fields | None) -> list[list[str]] | None:
+    if fields is None:
+        return None
+    return [[n.decode("utf-8", "replace"), v.decode("utf-8", "replace")] for n, v in fields]
+
+
+def brief(snap: Snapshot, worker: int) -> dict[str, Any]:
+    """The flow without its headers: the access-log line and what only the view shows."""
+    seq, end, line, target, client, backend, _, _, truncated = snap
+    out: dict[str, Any] = {
+        **line,
+        "seq": seq,
+        "worker": worker,
+        "end": round(end, 3),
+        "target": target,
+        "client": client,
+        "backend_ms": None if backend is None else round(backend * 1000, 1),
+    }
+    if truncated:
+        out["truncated"] = True
+    return out
+
+
+def headers(snap: Snapshot) -> dict[str, Any]:
+    return {"request_headers": _text(snap[6]), "response_headers": _text(snap[7])}
+
+
+def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
+    """The whole flow as the view knows it: brief and headers."""
+    return {**brief(snap, worker), **headers(snap)}
+
+
+def encode(snap: Snapshot, worker: int) -> bytes:
+    """One flow on the wire: `<brief JSON> TAB <headers JSON>` (JSON text holds no raw tab or
+    newline). The admin program reads the brief for its table and overview and keeps the
+    headers as text until someone opens the flow."""
+    return (
+        json.dumps(brief(snap, worker), separators=(",", ":"))
+        + "\t"
+        + json.dumps(headers(snap), separators=(",", ":"))
+    ).encode()
+
+
+class FlowFeed:
+    def __init__(self, backlog: int = BACKLOG) -> None:
+        self.ring: deque[Snapshot] = deque(maxlen=backlog)
+        self.seq = 0  # of the last snapshot kept
+        self.cursor = 0  # the last seq sent (or given up) while streaming
+        self.streaming = False
+        self.sent = 0
+        self.dropped = 0  # flows a viewer should have had but did not get
+        self.worker = 0  # this worker's index (registry_worker)
+        self.target: str | None = None  # the admin program's socket
+        self.sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- the hot path: one snapshot per finished flow -------------------------------------------
+
+    def _keep(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        line = rec.line
+        if line is None:  # not logged (yet), or already kept (response, then error)
+            return
+        rec.line = None
+        ring = self.ring
+        if self.streaming and len(ring) == ring.maxlen and ring[0][0] > self.cursor:
+            self.dropped += 1  # the oldest was never sent: the sender fell behind
+        self.seq += 1
+        ring.append(snapshot(self.seq, flow, line))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._keep(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._keep(flow)
+
+    # --- following the admin program ------------------------------------------------------------
+
+    def follow(self, request: dict[str, Any] | None, state_dir: Path, worker: int) -> None:
+        """Stream while the admin program asks for it (its `until` is in the future); called
+        by the publisher once a second. `seen` names, per worker pid, the last flow the admin
+        program already holds: a new stream starts after it (a restarted admin program has
+        none: it gets the whole backlog)."""
+        self.worker = worker
+        until = (request or {}).get("until", 0)
+        wanted = isinstance(until, int | float) and until > time.time()
+        if wanted and not self.streaming:
+            seen = (request or {}).get("seen")
+            last = seen.get(str(os.getpid()), 0) if isinstance(seen, dict) else 0
+            self.start(str(state_dir / SOCKET_NAME), int(last) if isinstance(last, int) else 0)
+        elif not wanted and self.streaming:
+            self.stop()
+
+    def start(self, target: str, seen: int = 0) -> None:
+        self.stop()
+        self.target = target
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        # A unix datagram counts against its sender's buffer until it is read: the default
+        # (~208 KiB) is three full datagrams. FORCE passes net.core.wmem_max where allowed.
+        for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if option is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+                    break
+        self.cursor = min(max(seen, 0), self.seq)
+        self.streaming = True
+        with contextlib.suppress(RuntimeError):  # no running loop: a test drives send_pending
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        self.streaming = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def done(self) -> None:
+        self.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.send_pending()
+            except Exception:  # a bug here must not stop the stream for good
+                logger.exception("live view feed: sending failed")
+            await asyncio.sleep(SEND_EVERY)
+
+    def pending(self) -> list[Snapshot]:
+        """Snapshots after the cursor, oldest first, at most MAX_PER_TICK; those the ring let
+        go before they were sent are counted as dropped and skipped."""
+        ring = self.ring
+        if not ring or self.seq <= self.cursor:
+            return []
+        oldest = ring[0][0]
+        if oldest > self.cursor + 1:
+            self.cursor = oldest - 1
+        count = self.seq - self.cursor
+        return list(itertools.islice(ring, len(ring) - count, len(ring) - count + MAX_PER_TICK))
+
+    def send_pending(self) -> int:
+        """Send what is pending, in datagrams of at most MAX_DATAGRAM bytes; returns the
+        flows sent. Never blocks: when the socket takes no more (the admin program has not
+        read yet), the rest waits for the next tick, and what the ring lets go meanwhile is
+        counted as dropped."""
+        if not self.streaming or self.sock is None or self.target is None:
+            return 0
+        snaps = self.pending()
+        if not snaps:
+            return 0
+        head = {"pid": os.getpid(), "worker": self.worker, "dropped": self.dropped}
+        prefix = json.dumps(head, separators=(",", ":")).encode() + b"\n"
+        batch: list[bytes] = []
+        size, sent = len(prefix), 0
+        for i, snap in enumerate(snaps):
+            item = encode(snap, self.worker)
+            if batch and size + len(item) + 1 > MAX_DATAGRAM:
+                if not self._send(prefix + b"\n".join(batch)):
+                    return sent
+                self.cursor = snaps[i - 1][0]
+                sent += len(batch)
+                self.sent += len(batch)
+                batch, size = [], len(prefix)
+            batch.append(item)
+            size += len(item) + 1
+        if self._send(prefix + b"\n".join(batch)):
+            self.cursor = snaps[-1][0]
+            sent += len(batch)
+            self.sent += len(batch)
+        return sent
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self.sock.sendto(data, self.target)  # type: ignore[union-attr, arg-type]
+        except OSError:  # EAGAIN: the admin program lags; ENOENT, ECONNREFUSED: it is gone
+            return False
+        return True
+
+    def status(self) -> dict[str, object]:
+        return {"streaming": self.streaming, "sent": self.sent, "dropped": self.dropped}
