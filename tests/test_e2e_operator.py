@@ -55,10 +55,14 @@ def test_metrics_count_requests_bytes_and_token_exchanges(registry, acme_jwt):
     def value(prefix: str) -> float:
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
-    def published() -> bool:  # workers publish their counters once a second
+    def published() -> bool:  # each worker publishes its counters once a second
         nonlocal text
         text = requests.get(f"{admin(registry)}/metrics", timeout=10).text
-        return value('tabbify_token_exchanges_total{outcome="rejected"}') >= 1
+        return (
+            value('tabbify_token_exchanges_total{outcome="rejected"}') >= 1
+            and value("tabbify_backend_latency_seconds_count") >= 2
+            and value('tabbify_bytes_total{direction="in"}') >= 10_000
+        )
 
     wait_for(published, 10)
     assert value('tabbify_requests_total{status_class="2xx",decision="allow"}') >= 2
