@@ -14,27 +14,34 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from addons import manifest
+from addons import manifest, oci
 from addons.ledgers import AnyLedger
 from addons.routes import TAG, is_name
 
 logger = logging.getLogger(__name__)
 
-ACCEPT = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
 TIMEOUT = 30
 PAGE = 1000
 _TAG = re.compile(TAG)
+
+
+def pages(session: requests.Session, base: str, url: str, key: str) -> Iterator[Any]:
+    """The items under `key` of every page of a backend listing (_catalog, tags/list),
+    following `Link: <…>; rel="next"` on the backend only (a link elsewhere ends the walk)."""
+    origin = urlsplit(base)[:2]
+    while url:
+        r = session.get(url, timeout=TIMEOUT)
+        if r.status_code == 404:
+            return
+        r.raise_for_status()
+        yield from r.json().get(key) or []
+        nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
+        url = nxt if urlsplit(nxt)[:2] == origin else ""
 
 
 class Walker:
@@ -52,17 +59,7 @@ class Walker:
         return session
 
     def _pages(self, url: str, key: str) -> Iterator[object]:
-        """Follow `Link: <…>; rel="next"` pagination of _catalog and tags/list, on the
-        backend only (a link elsewhere ends the walk)."""
-        origin = urlsplit(self.base)[:2]
-        while url:
-            r = self.session.get(url, timeout=TIMEOUT)
-            if r.status_code == 404:
-                return
-            r.raise_for_status()
-            yield from r.json().get(key) or []
-            nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
-            url = nxt if urlsplit(nxt)[:2] == origin else ""
+        return pages(self.session, self.base, url, key)
 
     def catalog(self, last: str = "") -> Iterator[str]:
         """Repository names from `last` on (exclusive), in the backend's (sorted) order."""
@@ -123,7 +120,7 @@ class Walker:
         while todo:
             r = self.session.get(
                 f"{self.base}/v2/{repo}/manifests/{todo.pop()}",
-                headers={"Accept": ACCEPT},
+                headers={"Accept": oci.MANIFEST_ACCEPT},
                 timeout=TIMEOUT,
             )
             if r.status_code != 200:

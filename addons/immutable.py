@@ -34,14 +34,6 @@ _DIGEST = re.compile(DIGEST)
 TIMEOUT = 10.0  # seconds for one backend answer
 MAX_TAG_LIST = 32 * 1024 * 1024  # bytes of a tag list read to protect a digest delete
 MAX_CHECKED = 256  # covered tags resolved for one delete by digest
-_ACCEPT = ", ".join(
-    (
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    )
-)
 
 
 class BackendUnsure(Exception):
@@ -106,7 +98,7 @@ class ImmutableTags:
     async def _digest_of(self, repository: str, tag: str) -> str | None:
         """The digest a tag points at in the backend, None if there is no such tag."""
         response = await self._client().head(
-            f"/v2/{repository}/manifests/{tag}", headers={"Accept": _ACCEPT}
+            f"/v2/{repository}/manifests/{tag}", headers={"Accept": oci.MANIFEST_ACCEPT}
         )
         if response.status_code == 404:
             return None

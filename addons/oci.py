@@ -9,6 +9,16 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+# What the gateway's own backend reads of a manifest accept (walk, GC, tag and signature
+# checks): every image and index type, so the backend never converts or refuses one.
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
 
 
 def error_body(code: str, message: str, detail: Any = None) -> bytes:

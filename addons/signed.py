@@ -62,14 +62,6 @@ NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
 MAX_TAG_LIST = 4 * 1024 * 1024
 GENERATION = "signatures.generation"
-ACCEPT = ", ".join(
-    (
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    )
-)
 _INVALIDATE = "tabbify.signed.invalidate"
 
 
@@ -123,7 +115,7 @@ class Backend:
         return bytes(body)
 
     def manifest(self, reference: str) -> bytes | None:
-        return self._get(f"manifests/{reference}", MAX_MANIFEST, ACCEPT)
+        return self._get(f"manifests/{reference}", MAX_MANIFEST, oci.MANIFEST_ACCEPT)
 
     def referrers(self, digest: str) -> bytes | None:
         # Distribution 2.8 has no referrers API: 404, like "nothing refers to it".

@@ -45,11 +45,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from addons import freeze, gc_plan, manifest, signed
+from addons import backfill, freeze, gc_plan, manifest, oci, signed
 from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
@@ -64,14 +63,6 @@ STALE = 5.0  # a worker that has not published for this long is not waited for
 FREEZE_WAIT = 120.0  # seconds to wait for the workers to stop writing
 FREEZE_MAX = 300.0  # a marker not renewed for this long expires (a GC that was killed)
 FREEZE_RENEW = 30.0  # the running GC renews its marker this often
-ACCEPT = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
 
 
 class GcError(Exception):
@@ -113,15 +104,7 @@ class Backend:
         self.session.trust_env = False
 
     def pages(self, url: str, key: str) -> Iterator[Any]:
-        origin = urlsplit(self.base)[:2]
-        while url:
-            r = self.session.get(url, timeout=TIMEOUT)
-            if r.status_code == 404:
-                return
-            r.raise_for_status()
-            yield from r.json().get(key) or []
-            nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
-            url = nxt if urlsplit(nxt)[:2] == origin else ""
+        return backfill.pages(self.session, self.base, url, key)
 
     def catalog(self) -> list[str]:
         return [r for r in self.pages(f"{self.base}/v2/_catalog?n={PAGE}", "repositories")]
@@ -131,7 +114,9 @@ class Backend:
 
     def manifest(self, repo: str, ref: str) -> bytes | None:
         r = self.session.get(
-            f"{self.base}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT}, timeout=TIMEOUT
+            f"{self.base}/v2/{repo}/manifests/{ref}",
+            headers={"Accept": oci.MANIFEST_ACCEPT},
+            timeout=TIMEOUT,
         )
         if r.status_code == 404:
             return None
