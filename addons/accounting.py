@@ -206,12 +206,16 @@ class Accounting:
             return  # isolation records nothing either
         try:
             size = await self._size(rec.repository, digest)
-            ledger.record_sizes({digest: size})
+            # Off the event loop: a durable write (fsync), and the usage sums below.
+            await asyncio.to_thread(ledger.record_sizes, {digest: size})
             limit = self._quota(rec)
-            if limit is not None and self._exceeds(rec, limit, {digest: size}):
+            over = limit is not None and await asyncio.to_thread(
+                self._exceeds, rec, limit, {digest: size}
+            )
+            if over and limit is not None:
                 flow.response = self._refuse(flow, limit)
                 flow.metadata.pop(_PENDING, None)  # isolation records nothing
-                if not ledger.has(holder(rec.repository), digest):
+                if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
         except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
             logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
@@ -228,8 +232,8 @@ class Accounting:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         tag = rec.reference if rec.reference and not _DIGEST.fullmatch(rec.reference) else None
         try:
-            ledger.record_sizes({digest: len(body)})
-            ledger.record_push(rec.repository, digest, tag)
+            await asyncio.to_thread(ledger.record_sizes, {digest: len(body)})
+            await asyncio.to_thread(ledger.record_push, rec.repository, digest, tag)
         except LedgerUnavailable as e:  # push times are best effort: unknown = kept by GC
             logger.warning("could not record a push time for %s: %s", rec.repository, e)
 
