@@ -9,7 +9,8 @@ realm was derived from the mesh too, `registry_realm` to `http://[<new ULA>]:<po
 mitmproxy re-binds on a `mode` change: the old listening socket closes (new connections to the
 old address are refused), connections already accepted run to their end, and the follower keeps
 the old address on the interface until they are gone. Each gateway process follows on its own,
-so several workers sharing the port need nothing more.
+so several workers sharing the port need nothing more; for up to CHECK_EVERY seconds after the
+first worker moved, another may still accept on the old address (it still routes here).
 
 Only configured by `run` when the listen address comes from the mesh (no REGISTRY_LISTEN), and
 the realm only when REGISTRY_EXTERNAL_URL is not set either. A restarted gateway still carries

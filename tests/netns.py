@@ -228,15 +228,15 @@ class Host:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    def listeners(self, addr: str, port: int) -> int:
+        """How many TCP sockets listen on addr:port inside the namespace (one per worker)."""
+        out = self.run(["ss", "-Hltn"], timeout=5).stdout
+        want = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        return sum(want in line.split() for line in out.splitlines())
+
     def wait_port(self, addr: str, port: int, timeout: float = 10.0) -> None:
         """Wait until something listens on addr:port (TCP) inside the namespace."""
-
-        def listening() -> bool:
-            out = self.run(["ss", "-Hltn"], timeout=5).stdout
-            want = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-            return any(want in line.split() for line in out.splitlines())
-
-        poll(listening, timeout, 0.05)
+        poll(lambda: self.listeners(addr, port), timeout, 0.05)
 
     def wait_link(self, ifname: str, timeout: float = 10.0) -> None:
         """Wait until the interface exists inside the namespace."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from addons.meshaddress import CHECK_EVERY
 from mesh.follow import REJOIN_EVERY
 from tests.netns import Underlay, _ns_pids, netns_usable, poll, sh
 from tests.standins.auth import tabbify_jwt
@@ -280,6 +281,10 @@ def test_a_ula_move_is_followed_without_a_restart_and_an_upload_in_flight_comple
     started = time.monotonic()
     mesh.reg_host.wait_port(new, 5000, timeout=REJOIN_EVERY * POLL + 15)
     TIMINGS["ULA move: listening on the new address"] = time.monotonic() - started
+    # Each worker re-binds on its own state.json check (once a second): the last one within
+    # CHECK_EVERY (+ slack for a loaded machine) of the first.
+    poll(lambda: not mesh.reg_host.listeners(old, 5000), CHECK_EVERY + 5, 0.05)
+    TIMINGS["ULA move: every worker off the old address"] = time.monotonic() - started
 
     # The new address: the challenge names it, and a token fetched from it works there.
     r = curl(mesh.client_host, f"http://[{new}]:5000/v2/")
