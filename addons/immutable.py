@@ -8,8 +8,10 @@ never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIs
   refused when a covered tag of the repository points at that digest.
 
 The backend's answers decide, so a backend that cannot answer fails the request closed
-(503), never open. Two first pushes of one tag racing each other can both pass the check:
-the later one wins, as without the rule (README, known limits).
+(503), never open. Two first pushes of one tag racing each other would both pass that check,
+so a push of a covered tag first claims it on the node (addons/tag_claims.py) until the
+backend has answered it: a second push meanwhile gets 403 too. Nodes sharing a bucket do not
+share claims (README, known limits).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import httpx
 from mitmproxy import ctx, http
@@ -27,6 +32,7 @@ from addons.policy import Policy
 from addons.policy_store import PolicyFile
 from addons.record import record
 from addons.routes import DIGEST
+from addons.tag_claims import Claim, take
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,26 @@ class ImmutableTags:
     def __init__(self, policies: PolicyFile) -> None:
         self.policies = policies
         self.client: httpx.AsyncClient | None = None
+        self.claims: dict[str, tuple[http.HTTPFlow, Claim]] = {}  # by flow id
+        self._claims_dir: Path | None = None
+        self._own_dir: Path | None = None  # made here when there is no state directory
+
+    def configure(self, updated: set[str]) -> None:
+        if "registry_state_dir" in updated:
+            self._claims_dir = None  # made at the first claim, where the workers share it
+
+    def claims_dir(self) -> Path:
+        if self._claims_dir is None:
+            state = ctx.options.registry_state_dir
+            if state:
+                directory = Path(state) / "claims"
+            else:  # a gateway on its own (tests): claims are this process's alone
+                if self._own_dir is None:
+                    self._own_dir = Path(tempfile.mkdtemp(prefix="tbf-claims-"))
+                directory = self._own_dir
+            directory.mkdir(mode=0o700, exist_ok=True)
+            self._claims_dir = directory
+        return self._claims_dir
 
     def _client(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -70,13 +96,14 @@ class ImmutableTags:
                 )
             else:
                 rule = policy.is_immutable(repository, reference)
-                if (
-                    rule
-                    and method == "PUT"
-                    and await self._digest_of(repository, reference) is None
-                ):
-                    rule = None  # the first push of the tag
-        except (BackendUnsure, httpx.HTTPError) as e:
+                if rule and method == "PUT":
+                    claim = self._claim(flow, repository, reference)
+                    if claim is None:
+                        rule = f"{rule}; a push of this tag is in progress"
+                    elif await self._digest_of(repository, reference) is None:
+                        rule = None  # the first push of the tag: it keeps its claim
+        except (BackendUnsure, httpx.HTTPError, OSError) as e:
+            self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
             rec.decision = "deny:immutable-unchecked"
             respond(
@@ -87,6 +114,7 @@ class ImmutableTags:
             )
             return
         if rule:
+            self._release(flow)
             rec.decision = f"deny:tag is immutable ({rule})"
             respond(
                 flow,
@@ -94,6 +122,25 @@ class ImmutableTags:
                     403, "DENIED", f"tag is immutable ({rule})", method=method, detail=reference
                 ),
             )
+
+    def _claim(self, flow: http.HTTPFlow, repository: str, tag: str) -> Claim | None:
+        for key in [k for k, (f, _) in self.claims.items() if not f.live]:
+            self.claims.pop(key)[1].release()  # a flow that ended without a hook we saw
+        claim = take(self.claims_dir(), repository, tag)
+        if claim is not None:
+            self.claims[flow.id] = (flow, claim)
+        return claim
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        held = self.claims.pop(flow.id, None)
+        if held is not None:
+            held[1].release()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)  # the backend answered the PUT: the tag exists or the push failed
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
 
     async def _digest_of(self, repository: str, tag: str) -> str | None:
         """The digest a tag points at in the backend, None if there is no such tag."""
@@ -142,3 +189,8 @@ class ImmutableTags:
     async def done(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+        for _, claim in self.claims.values():
+            claim.release()
+        self.claims.clear()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)

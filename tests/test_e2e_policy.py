@@ -19,6 +19,7 @@ import requests
 
 from tests.conftest import skopeo, skopeo_copy
 from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
@@ -171,6 +172,40 @@ def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jw
     r = requests.head(f"{stack.url}/v2/acme/releases/app/manifests/v1.0",
                       headers={**a, "Accept": OCI_MANIFEST}, timeout=10)  # fmt: skip
     assert r.headers["Docker-Content-Digest"] == digest
+
+
+def test_two_first_pushes_of_an_immutable_tag_racing_store_only_one(
+    stack: Stack, acme_jwt: str
+) -> None:
+    """The second push arrives while the first is between its check and its store."""
+    a = bearer(token(stack, acme_jwt))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
+    layer = b"layer " + os.urandom(64)
+    push_blob(stack, "acme/releases/race", config.encode(), a)
+    push_blob(stack, "acme/releases/race", layer, a)
+    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+    first = Conn(stack.port)
+    try:
+        first.send(
+            f"PUT /v2/acme/releases/race/manifests/v2.0 HTTP/1.1\r\nHost: {stack.host}\r\n"
+            f"Authorization: {a['Authorization']}\r\nContent-Type: {OCI_MANIFEST}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        interim = first.read_answer("PUT")  # sent once the gateway's checks have run
+        assert interim is not None and interim.status == 100, interim
+        second = small_image(stack, "acme/releases/race", "v2.0", a)
+        assert second.status_code == 403, second.text
+        assert "a push of this tag is in progress" in second.json()["errors"][0]["message"]
+        assert first.send(body)
+        stored = first.read_answer("PUT")
+        assert stored is not None and stored.status == 201, stored
+    finally:
+        first.close()
+    r = requests.head(f"{stack.url}/v2/acme/releases/race/manifests/v2.0",
+                      headers={**a, "Accept": OCI_MANIFEST}, timeout=10)  # fmt: skip
+    assert r.headers["Docker-Content-Digest"] == stored.header("docker-content-digest")
+    third = small_image(stack, "acme/releases/race", "v2.0", a)
+    assert third.status_code == 403 and "in progress" not in third.text  # stored: immutable
 
 
 def test_a_pull_only_token_cannot_push_and_the_answer_lists_what_was_granted(
