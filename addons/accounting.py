@@ -144,7 +144,7 @@ class Accounting:
         )
 
     @fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Early refusal of a monolithic upload whose declared size cannot fit, and of every
         write under a quota this node cannot account for (fail closed)."""
         rec = record(flow)
@@ -164,13 +164,17 @@ class Accounting:
             return
         try:
             limit = self._quota(rec)
-            if limit is not None and self._exceeds(rec, limit, {digest: int(length)}):
+            # Off the event loop: the usage sum grows with the tenant's blobs, and a writer
+            # may hold the ledger through an fsync.
+            if limit is not None and await asyncio.to_thread(
+                self._exceeds, rec, limit, {digest: int(length)}
+            ):
                 respond(flow, self._refuse(flow, limit))
         except LedgerUnavailable:
             respond(flow, self._unavailable(flow))
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         """A manifest (body read and checked by TenantIsolation's hold): its own bytes."""
         rec = record(flow)
         if rec.route != "manifest" or flow.request.method != "PUT" or flow.response is not None:
@@ -181,7 +185,9 @@ class Accounting:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         try:
             limit = self._quota(rec)
-            if limit is not None and self._exceeds(rec, limit, {digest: len(body)}):
+            if limit is not None and await asyncio.to_thread(
+                self._exceeds, rec, limit, {digest: len(body)}
+            ):
                 flow.response = self._refuse(flow, limit)
         except LedgerUnavailable:
             flow.response = self._unavailable(flow)
