@@ -212,13 +212,13 @@ class Accounting:
             return  # isolation records nothing either
         try:
             size = await self._size(rec.repository, digest)
-            # Off the event loop: a durable write (fsync), and the usage sums below.
-            await asyncio.to_thread(ledger.record_sizes, {digest: size})
             limit = self._quota(rec)
-            over = limit is not None and await asyncio.to_thread(
-                self._exceeds, rec, limit, {digest: size}
-            )
-            if over and limit is not None:
+            # Off the event loop: a durable write (fsync), and the usage sum. Under a quota,
+            # the decision and the tenant's record are one transaction (Ledger.admit), so
+            # uploads confirmed at the same time are counted one after the other.
+            if limit is None:
+                await asyncio.to_thread(ledger.record_sizes, {digest: size})
+            elif not await asyncio.to_thread(ledger.admit, rec.tenant, digest, size, limit):
                 flow.response = self._refuse(flow, limit)
                 flow.metadata.pop(_PENDING, None)  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):

@@ -30,6 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from addons import quota
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1  # PRAGMA user_version
@@ -64,6 +66,12 @@ def _accounting_schema(db: sqlite3.Connection) -> None:
         "CREATE TABLE IF NOT EXISTS pushes (repository TEXT NOT NULL, ref TEXT NOT NULL,"
         " digest TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (repository, ref)) WITHOUT ROWID"
     )
+
+
+_USAGE = (
+    "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
+    " WHERE seen.tenant = ?"
+)
 
 
 class Ledger:
@@ -315,14 +323,37 @@ class Ledger:
             out.update({d: int(n) for d, n in rows})  # type: ignore[union-attr]
         return out
 
+    def admit(self, tenant: str, digest: str, size: int, limit: int) -> bool:
+        """A confirmed upload under a quota, decided and recorded in one write transaction:
+        its size is recorded; then, unless the tenant holds it already, either the tenant's
+        usage plus `size` fits `limit` and the tenant holds it from now on (True), or it does
+        not fit and nothing is added (False). The transaction takes the write lock first, so
+        uploads confirmed at once by several workers are decided one after the other and
+        cannot overshoot together."""
+        key = (tenant, digest)
+
+        def decide(db: sqlite3.Connection) -> bool:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT OR REPLACE INTO sizes VALUES (?, ?)", (digest, max(size, 0)))
+                if db.execute("SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key).fetchone():
+                    return True
+                used = db.execute(_USAGE, (tenant,)).fetchone()[0]
+                if quota.would_exceed(tenant, {tenant: int(used)}, limit, size):
+                    return False
+                db.execute("INSERT INTO seen VALUES (?, ?)", key)
+                return True
+
+        with self._lock:
+            admitted = bool(self._run(True, decide))
+            if admitted:
+                self._remember(key)
+        return admitted
+
     def usage(self, tenant: str) -> int:
         """Bytes of the distinct digests the tenant holds whose size is known (quota.py's
         rule: a blob shared with another tenant counts in full for each)."""
-        sql = (
-            "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
-            " WHERE seen.tenant = ?"
-        )
-        return int(self._run(False, lambda db: db.execute(sql, (tenant,)).fetchone()[0]))  # type: ignore[index]
+        return int(self._run(False, lambda db: db.execute(_USAGE, (tenant,)).fetchone()[0]))  # type: ignore[index]
 
     def usage_all(self) -> dict[str, int]:
         """Usage of every tenant (not of repositories' own `/…` records)."""

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import requests
 from tests.conftest import skopeo_copy
 from tests.images import oci_layout
 from tests.stack import Stack, wait_for
-from tests.standins.auth import AuthStandin
+from tests.standins.auth import AuthStandin, tabbify_jwt
 from tests.test_e2e_gateway import bearer, push_blob, token
 
 pytestmark = pytest.mark.e2e
@@ -25,6 +26,10 @@ POLICY = """
 [[quota]]
 tenants = ["acme"]
 bytes = "{limit}"
+
+[[quota]]
+tenants = ["initech"]
+bytes = "100kB"
 """
 
 
@@ -108,3 +113,15 @@ def test_quota_refuses_what_does_not_fit_and_usage_is_in_metrics(
     assert metrics(stack).get("globex") == len(big)
     log = [e for e in stack.access_log() if e["decision"] == "deny:quota exceeded"]
     assert len(log) >= 2 and all(e["tenant"] == "acme" for e in log)
+
+
+def test_uploads_racing_to_the_quota_cannot_overshoot_it(stack: Stack) -> None:
+    """Twelve 20 kB uploads at once, confirmed by both workers at about the same time, for a
+    tenant with 100 kB: exactly five fit, and usage ends at the quota."""
+    h = bearer(token(stack, tabbify_jwt({"network": "initech"})))
+    blobs = [os.urandom(20_000) for _ in range(12)]
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        answers = list(pool.map(lambda b: chunked_upload(stack, "initech/app", b, h), blobs))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 5 + [403] * 7, [r.text for r in answers]
+    wait_for(lambda: metrics(stack).get("initech") == 100_000, timeout=20)

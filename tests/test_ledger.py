@@ -176,3 +176,39 @@ def test_sizes_usage_pushes_and_forgetting(tmp_path):
     assert not ledger.has("acme", D[0]) and not ledger.has("globex", D[0])
     assert ledger.usage_all() == {"acme": 30}
     ledger.close()
+
+
+def test_admit_decides_and_records_in_one_step(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    assert ledger.admit("acme", D[0], 60, limit=100)
+    assert ledger.has("acme", D[0]) and ledger.usage("acme") == 60
+    assert not ledger.admit("acme", D[1], 41, limit=100)  # 101 > 100: nothing added
+    assert not ledger.has("acme", D[1]) and ledger.sizes([D[1]]) == {D[1]: 41}
+    assert ledger.admit("acme", D[0], 60, limit=10)  # held already: a re-push never counts
+    assert ledger.admit("acme", D[2], 40, limit=100)  # reaching the quota exactly is allowed
+    assert ledger.usage("acme") == 100
+    assert ledger.admit("globex", D[0], 60, limit=60)  # a shared blob counts for each tenant
+
+
+def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path):
+    """Each thread has its own Ledger on one file, as each worker process does."""
+    path = tmp_path / "l.db"
+    Ledger(path).count()  # the schema, once
+    digests = [f"sha256:{i:064x}" for i in range(40)]
+    admitted: list[str] = []
+    start = threading.Barrier(4)
+
+    def worker(mine: list[str]) -> None:
+        ledger = Ledger(path)
+        start.wait()
+        for d in mine:
+            if ledger.admit("acme", d, 10, limit=100):
+                admitted.append(d)
+        ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(digests[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 10 and Ledger(path).usage("acme") == 100
