@@ -147,7 +147,7 @@ class TenantIsolation:
         """A hit is answered from memory; a miss asks the ledger off the event loop (one
         SQLite lookup, or one HEAD on a shared S3 ledger)."""
         assert self.ledger is not None
-        if self.ledger.cached(tenant, digest):
+        if self.ledger.known.cached((tenant, digest)):
             return True
         return await asyncio.to_thread(self.ledger.has, tenant, digest)
 

@@ -26,11 +26,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from addons import quota
+from addons.known import KnownRecords
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +76,22 @@ _USAGE = (
 
 class Ledger:
     """(tenant, digest) pairs, and (/repository, digest) pairs: what a repository holds.
-    Positive answers cached in memory (the hot path is a HEAD)."""
+    Positive answers cached in memory (`known.KnownRecords`: the hot path is a HEAD)."""
 
-    CACHE = 100_000
-
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.monotonic, cache: int = 100_000
+    ) -> None:
         self.path = path
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
-        self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.known = KnownRecords(cache)
         # One connection, used from the event loop and from worker threads: serialise.
         self._lock = threading.RLock()
         self._retry_at = 0.0
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.recovered = 0  # times the file was found deleted or replaced
-        self.hits = self.misses = 0  # lookups answered from memory / that asked the file
         with self._lock:
             self._open()
 
@@ -163,7 +162,7 @@ class Ledger:
             db = self._open()
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", list(self._cache))
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", list(self.known))
         except (sqlite3.Error, OSError) as e:
             self._failed(f"cannot reopen the ledger: {e}")
             raise LedgerUnavailable(self.reason) from None
@@ -210,24 +209,11 @@ class Ledger:
 
     # --- records ----------------------------------------------------------------------------
 
-    def cached(self, tenant: str, digest: str) -> bool:
-        """Known from memory (never blocks): the hot path of a HEAD or GET by digest."""
-        # No lock: a writer may hold it through an fsync or a PUT, and the event loop must
-        # not wait for that. Single dict operations are atomic; an entry evicted meanwhile
-        # is simply a miss.
-        try:
-            self._cache.move_to_end((tenant, digest))
-        except KeyError:
-            return False
-        self.hits += 1
-        return True
-
     def has(self, tenant: str, digest: str) -> bool:
         key = (tenant, digest)
-        if key in self._cache:
-            self._cache.move_to_end(key)
+        if self.known.known(key):
             return True
-        self.misses += 1
+        self.known.misses += 1
         row = self._run(
             False,
             lambda db: db.execute(
@@ -236,7 +222,7 @@ class Ledger:
         )
         if row is not None:
             with self._lock:
-                self._remember(key)
+                self.known.remember(key)
         return row is not None
 
     def add(
@@ -271,12 +257,7 @@ class Ledger:
         with self._lock:
             self._run(True, insert)
             for key in rows:
-                self._remember(key)
-
-    def _remember(self, key: tuple[str, str]) -> None:
-        self._cache[key] = None
-        if len(self._cache) > self.CACHE:
-            self._cache.popitem(last=False)
+                self.known.remember(key)
 
     def count(self, tenant: str | None = None) -> int:
         if tenant is None:
@@ -347,7 +328,7 @@ class Ledger:
         with self._lock:
             admitted = bool(self._run(True, decide))
             if admitted:
-                self._remember(key)
+                self.known.remember(key)
         return admitted
 
     def usage(self, tenant: str) -> int:
@@ -425,9 +406,7 @@ class Ledger:
 
         with self._lock:
             dropped = int(self._run(True, delete))  # type: ignore[call-overload]
-            gone_set = set(gone)
-            for key in [k for k in self._cache if k[1] in gone_set]:
-                del self._cache[key]
+            self.known.discard_digests(gone)
         return dropped
 
     def forget_manifests(self, repository: str, digests: Iterable[str]) -> None:
@@ -445,8 +424,7 @@ class Ledger:
 
         with self._lock:
             self._run(True, delete)
-            for key in rows:
-                self._cache.pop(key, None)
+            self.known.discard(rows)
 
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 

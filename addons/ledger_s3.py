@@ -42,7 +42,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from addons.known import KnownRecords
 from addons.ledger import LedgerUnavailable, holder
 
 logger = logging.getLogger(__name__)
@@ -101,15 +101,15 @@ def name_from_key(key: str) -> str:
 
 
 class S3Ledger:
-    """(tenant, digest) pairs in a bucket; positive answers cached in memory."""
-
-    CACHE = 100_000
+    """(tenant, digest) pairs in a bucket; positive answers cached in memory
+    (`known.KnownRecords`)."""
 
     def __init__(
         self,
         where: S3Location,
         client: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        cache: int = 100_000,
     ) -> None:
         self.where = where
         self.path = where.url()  # what operators see in logs (no credentials in it)
@@ -130,7 +130,7 @@ class S3Ledger:
         base = f"{where.prefix}/" if where.prefix else ""
         self._seen, self._repos, self._walked = f"{base}seen/", f"{base}repos/", f"{base}walked/"
         self._format = f"{base}format"
-        self._cache: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.known = KnownRecords(cache)
         self._repos_known: set[str] = set()  # catalog and walk records this process wrote
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="ledger-s3")
@@ -139,7 +139,6 @@ class S3Ledger:
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.recovered = 0  # nothing to recreate: the bucket is the record
-        self.hits = self.misses = 0  # lookups answered from memory / that asked the bucket
         self.check()  # a bucket that cannot be reached at start: down, retried, not fatal
 
     # --- S3 calls, each turning any failure into LedgerUnavailable -------------------------
@@ -211,32 +210,15 @@ class S3Ledger:
 
     # --- records ------------------------------------------------------------------------------
 
-    def cached(self, tenant: str, digest: str) -> bool:
-        """Known from memory (never blocks): the hot path of a HEAD or GET by digest."""
-        # No lock: a writer may hold it through an fsync or a PUT, and the event loop must
-        # not wait for that. Single dict operations are atomic; an entry evicted meanwhile
-        # is simply a miss.
-        if not self._known(tenant, digest):
-            return False
-        self.hits += 1
-        return True
-
-    def _known(self, tenant: str, digest: str) -> bool:
-        try:
-            self._cache.move_to_end((tenant, digest))
-        except KeyError:
-            return False
-        return True
-
     def has(self, tenant: str, digest: str) -> bool:
-        if self._known(tenant, digest):
+        if self.known.known((tenant, digest)):
             return True
-        self.misses += 1
+        self.known.misses += 1
         found = self._exists(self._seen_key(tenant, digest))
         self._up()
         if found:
             with self._lock:
-                self._remember((tenant, digest))
+                self.known.remember((tenant, digest))
         return found
 
     def add(
@@ -253,7 +235,7 @@ class S3Ledger:
         manifest (the catalog lists it)."""
         unique = list(dict.fromkeys(digests))
         holders = [tenant] if repository is None else [tenant, holder(repository)]
-        pairs = [(h, d) for h in holders for d in unique if not self._known(h, d)]
+        pairs = [(h, d) for h in holders for d in unique if not self.known.known((h, d))]
         keys = [self._seen_key(t, d) for t, d in pairs]
         new_repo = listed and repository is not None and repository not in self._repos_known
         if repository is not None and new_repo:
@@ -274,17 +256,12 @@ class S3Ledger:
         self._up()
         with self._lock:
             for pair in pairs:
-                self._remember(pair)
+                self.known.remember(pair)
             if repository is not None and listed:
                 self._repos_known.add(repository)
 
     def _seen_key(self, tenant: str, digest: str) -> str:
         return f"{self._seen}{quote(tenant, safe='')}/{quote(digest, safe=':')}"
-
-    def _remember(self, key: tuple[str, str]) -> None:
-        self._cache[key] = None
-        if len(self._cache) > self.CACHE:
-            self._cache.popitem(last=False)
 
     def _list(self, prefix: str, start_after: str = "", limit: int = 0) -> list[str]:
         """Keys under `prefix` in byte order, after `start_after`, at most `limit` (0: all)."""

@@ -4,10 +4,11 @@
 - `s3://bucket/prefix?region=…[&endpoint=…]`: shared by several nodes (`ledger_s3.S3Ledger`);
 - `postgresql://…`: refused (not implemented; `run` refuses it first, naming the variable).
 
-Both ledgers answer the same calls: `cached` (memory only), `has`, `add`, `walked`,
-`mark_walked`, `repositories`, `count`, `check`, `status`, `close`, and carry `state`,
-`errors`, `recovered`, `hits` and `misses` (lookups from memory / from the store). Every
-call but `cached`, `status` and `close` may block on I/O.
+Both ledgers answer the same calls: `has`, `add`, `walked`, `mark_walked`, `repositories`,
+`count`, `check`, `status`, `close`, and carry `state`, `errors`, `recovered` and `known`
+(what this process knows is recorded, `known.KnownRecords`: `known.cached` answers from
+memory, with its hit and miss counts). Every call but `known`'s, `status` and `close` may
+block on I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from addons.known import KnownRecords
 from addons.ledger import Ledger
 
 
@@ -23,10 +25,8 @@ class AnyLedger(Protocol):
     state: str
     errors: int
     recovered: int
-    hits: int
-    misses: int
+    known: KnownRecords
 
-    def cached(self, tenant: str, digest: str) -> bool: ...
     def has(self, tenant: str, digest: str) -> bool: ...
     def add(
         self,

@@ -5,7 +5,7 @@ calls them.
     .venv/bin/python -m bench.ledger_lookup [--digests 300]
 
 Per lookup, p50 / p99:
-- hit: the digest is in this process's memory (`cached`, on the event loop): every request
+- hit: the digest is in this process's memory (`known.cached`, on the event loop): every request
   after the first for a digest on a gateway process;
 - miss, recorded: a fresh process (or another node) asks the store once (`has` in a thread,
   as isolation does): SQLite SELECT or S3 HEAD 200;
@@ -87,8 +87,8 @@ def measure(name: str, make: Callable[[], Any], n: int) -> None:
     miss_found = asyncio.run(
         timed_in_thread([lambda d=d: reader.has("acme", d) for d in held])  # type: ignore[misc]
     )
-    assert all(reader.cached("acme", d) for d in held)
-    hit = timed([lambda d=d: reader.cached("acme", d) for d in held] * 20)  # type: ignore[misc]
+    assert all(reader.known.cached(("acme", d)) for d in held)
+    hit = timed([lambda d=d: reader.known.cached(("acme", d)) for d in held] * 20)  # type: ignore[misc]
     miss_absent = asyncio.run(
         timed_in_thread([lambda i=i: reader.has("globex", digest(i, "held")) for i in range(n)])  # type: ignore[misc]
     )

@@ -41,10 +41,9 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_the_cache_is_bounded(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
-    ledger.CACHE = 10
+    ledger = Ledger(tmp_path / "l.db", cache=10)
     ledger.add("acme", [f"sha256:{i:064x}" for i in range(50)])
-    assert len(ledger._cache) == 10
+    assert len(ledger.known) == 10
     assert ledger.has("acme", "sha256:" + "0" * 64)  # evicted from the cache, still recorded
 
 

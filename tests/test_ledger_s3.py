@@ -105,7 +105,7 @@ def test_a_record_made_on_one_node_is_seen_on_another(s3: SeaweedS3) -> None:
     a.add("acme", [D[0], D[1], D[0]])
     assert b.has("acme", D[0]) and b.has("acme", D[1])  # ... so B sees A's push at once
     assert not b.has("globex", D[0])  # per tenant
-    assert b.cached("acme", D[0]) and not b.cached("globex", D[0])
+    assert b.known.cached(("acme", D[0])) and not b.known.cached(("globex", D[0]))
     assert a.count("acme") == 2 and a.count() == 2
 
 
@@ -132,9 +132,10 @@ def test_costs_hit_miss_and_confirmation(s3: SeaweedS3) -> None:
     assert counting.calls == {"put_object": 2}  # the repository is known now
     counting.calls.clear()
     assert ledger.walked("acme/app") and not counting.calls
-    assert (ledger.hits, ledger.misses) == (0, 1)  # `has` on a cached digest: not a lookup
-    assert ledger.cached("acme", D[0]) and not ledger.cached("acme", D[8])
-    assert (ledger.hits, ledger.misses) == (1, 1)  # what isolation's hot path counts
+    known = ledger.known
+    assert (known.hits, known.misses) == (0, 1)  # `has` on a cached digest: not a lookup
+    assert ledger.known.cached(("acme", D[0])) and not ledger.known.cached(("acme", D[8]))
+    assert (known.hits, known.misses) == (1, 1)  # what isolation's hot path counts
 
 
 @pytest.fixture(params=["sqlite", "s3"])
