@@ -440,19 +440,24 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def start_stack(running: contextlib.ExitStack, tmp: Path, workers: int | None) -> Stack:
+    """The auth stand-in and a registry stack (`workers` gateway processes; None = the
+    default), both stopped when `running` closes."""
+    auth = AuthStandin().start()
+    running.callback(auth.stop)
+    env = {"REGISTRY_WORKERS": str(workers)} if workers else {}
+    stack = Stack(tmp / "data", auth.url, **env)
+    running.callback(lambda: stack.proc is not None and stack.stop())
+    log(f"starting the stack (gateway {stack.url}, backend {stack.backend_url})")
+    return stack.start()
+
+
 def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -> dict[str, Any]:
     results: Results = {}
     raw: dict[str, dict[str, Any]] = {}
     credential = tabbify_jwt({"sub": TENANT})
     with contextlib.ExitStack() as running:
-        auth = AuthStandin().start()
-        running.callback(auth.stop)
-
-        workers = {"REGISTRY_WORKERS": str(args.workers)} if args.workers else {}
-        stack = Stack(tmp / "data", auth.url, **workers)
-        running.callback(lambda: stack.proc is not None and stack.stop())
-        log(f"starting the stack (gateway {stack.url}, backend {stack.backend_url})")
-        stack.start()
+        stack = start_stack(running, tmp, args.workers)
 
         nginx = Nginx(nginx_bin, tmp / "nginx", stack.backend_url.removeprefix("http://"))
         running.callback(nginx.stop)
@@ -529,7 +534,7 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
         raw["token_gateway"] = asdict(r)
         log(f"wrk POST /v1/validate on the auth stand-in ({args.duration} s)")
         r = wrk.run(
-            f"{auth.url}/v1/validate",
+            f"{stack.env['REGISTRY_AUTH_URL']}/v1/validate",
             wrk_script(
                 "POST",
                 {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"},

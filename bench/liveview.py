@@ -50,10 +50,11 @@ from bench.compare import (
     log,
     push_small_image,
     registry_token,
+    start_stack,
     wrk_script,
 )
 from tests.stack import Stack, wait_for
-from tests.standins.auth import AuthStandin, tabbify_jwt
+from tests.standins.auth import tabbify_jwt
 
 TENANT = "bench"
 
@@ -177,13 +178,7 @@ def measure(args: argparse.Namespace, tmp: Path, wrk_bin: str) -> dict[str, Any]
     credential = tabbify_jwt({"sub": TENANT})
     rounds: list[dict[str, Any]] = []
     with contextlib.ExitStack() as running:
-        auth = AuthStandin().start()
-        running.callback(auth.stop)
-        workers = {"REGISTRY_WORKERS": str(args.workers)} if args.workers else {}
-        stack = Stack(tmp / "data", auth.url, **workers)
-        running.callback(lambda: stack.proc is not None and stack.stop())
-        log(f"starting the stack (gateway {stack.url})")
-        stack.start()
+        stack = start_stack(running, tmp, args.workers)
         admin = stack.env["REGISTRY_ADMIN_ADDR"]
 
         def bearer() -> dict[str, str]:
