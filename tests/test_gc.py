@@ -12,6 +12,7 @@ import pytest
 
 from addons import freeze, gc_plan
 from addons.policy import parse
+from addons.publish import write_json
 from tabbify_registry import gc
 from tabbify_registry.settings import load
 
@@ -48,7 +49,7 @@ def test_descriptor_sizes():
 
 def write_worker(directory: Path, n: int, seen: str | None, in_flight: int) -> None:
     state = {"time": time.time(), "freeze": {"seen": seen, "in_flight": in_flight}}
-    (directory / f"worker-{n}.json").write_text(json.dumps(state))
+    write_json(directory / f"worker-{n}.json", state)  # atomic, as workers publish it
 
 
 def test_the_freeze_waits_for_every_worker_and_is_always_lifted(tmp_path):
