@@ -2,9 +2,9 @@
 
 - a file path: SQLite (`ledger.Ledger`), the single-node default under $REGISTRY_DATA_DIR;
 - `s3://bucket/prefix?region=…[&endpoint=…]`: shared by several nodes (`ledger_s3.S3Ledger`);
-- `postgresql://…`: refused (not implemented; `run` refuses it first, naming the variable).
+- `postgresql://…`: shared by several nodes, in PostgreSQL (`ledger_pg.PgLedger`).
 
-Both ledgers answer the same calls: `has`, `add`, `walked`, `mark_walked`, `repositories`,
+All three answer the same calls: `has`, `add`, `walked`, `mark_walked`, `repositories`,
 `count`, `check`, `status`, `close`, and carry `state`, `errors`, `recovered` and `known`
 (what this process knows is recorded, `known.KnownRecords`: `known.cached` answers from
 memory, with its hit and miss counts). Every call but `known`'s, `status` and `close` may
@@ -55,7 +55,9 @@ def open_ledger(spec: str) -> AnyLedger:
 
         return S3Ledger(S3Location.parse(spec))
     if spec.startswith(("postgresql://", "postgres://")):
-        raise ValueError("a PostgreSQL ledger is not implemented; use s3://<bucket>/<prefix>")
+        from addons.ledger_pg import PgLedger  # psycopg only where it is used
+
+        return PgLedger(spec)
     if "://" in spec:
         raise ValueError(f"unknown ledger {spec.split('://')[0]}://")
     return Ledger(Path(spec))

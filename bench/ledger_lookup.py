@@ -1,6 +1,6 @@
 """What one isolation-ledger lookup and one record cost: SQLite (one node) against the shared
-S3 ledger (several nodes), on a real S3 server (SeaweedFS on loopback), called as the gateway
-calls them.
+S3 ledger and the PostgreSQL ledger (several nodes), on real servers (SeaweedFS, PostgreSQL on
+loopback), called as the gateway calls them.
 
     .venv/bin/python -m bench.ledger_lookup [--digests 300]
 
@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from addons.ledger import Ledger
+from addons.ledger_pg import PgLedger
 from addons.ledger_s3 import S3Ledger, S3Location
 from bench.httpload import percentile
+from tests.postgres import PASSWORD, Postgres
 from tests.standins.seaweed import SeaweedS3
 
 BUCKET = "tbf-bench"
@@ -118,6 +120,14 @@ def main() -> None:
             where = S3Location(BUCKET, "ledger", "us-east-1", s3.url)
             measure("SQLite (one node)", lambda: Ledger(Path(tmp) / "ledger.db"), args.digests)
             measure("S3 (shared, SeaweedFS on loopback)", lambda: S3Ledger(where), args.digests)
+            pg = Postgres(durable=True).start()
+            try:
+                os.environ["PGPASSWORD"] = PASSWORD
+                url = pg.database()
+                name = "PostgreSQL (shared, loopback, fsync on)"
+                measure(name, lambda: PgLedger(url), args.digests)
+            finally:
+                pg.remove()
         finally:
             s3.stop()
 

@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
 # Tests: nginx and wrk for the benchmarks, docker.io for tests/test_e2e_docker.py (which starts
 # its own dockerd), Go for the differential tests' recorder (tests/standins/recorder) and the
-# OCI conformance suite, Chromium for the live view's browser test (tests/test_e2e_liveview.py).
-[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman chromium)
+# OCI conformance suite, Chromium for the live view's browser test (tests/test_e2e_liveview.py),
+# PostgreSQL for the shared ledger's tests (tests/postgres.py starts its own throwaway cluster).
+[[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman chromium
+    postgresql)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -40,6 +42,10 @@ if ((${#missing[@]})); then
     if [[ -n "$guard" ]]; then $SUDO rm -f "$guard"; trap - EXIT; fi
     # Debian starts its own docker-registry service where systemd runs; we run ours.
     $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    # Debian's postgresql starts a system cluster; the tests start their own.
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
     ((${#units[@]})) && { $SUDO systemctl disable --now "${units[@]}" >/dev/null 2>&1 || true; }
 fi
 

@@ -84,10 +84,12 @@ def mitmdump_command(s: Settings) -> list[str]:
 
 
 def ledger_spec(s: Settings) -> str:
-    """The gateway's `registry_ledger`: SQLite under the data dir, or the shared S3 ledger
-    with the storage's region and endpoint (addons/ledgers.py)."""
+    """The gateway's `registry_ledger`: SQLite under the data dir, the shared S3 ledger with
+    the storage's region and endpoint, or PostgreSQL (addons/ledgers.py)."""
     if s.nodes.ledger_url is None:
         return str(s.data_dir / "ledger" / "ledger.db")
+    if not s.nodes.ledger_in_s3:
+        return s.nodes.ledger_url  # PostgreSQL: the URL as given (no password in it)
     from addons.ledger_s3 import S3Location  # boto3: only where an S3 ledger is used
 
     assert s.s3_region is not None  # settings refuse an S3 ledger without a region

@@ -4,7 +4,8 @@ refuse a configuration which would split state between them.
 Every node runs its own gateway and backend; what they must share, and where it lives then:
 
 - images: one S3 bucket (REGISTRY_STORAGE=s3), never local disk;
-- the isolation ledger: REGISTRY_LEDGER_URL=s3://…, not SQLite in the data dir;
+- the isolation ledger: REGISTRY_LEDGER_URL=s3://… or postgresql://…, not SQLite in the
+  data dir;
 - Zot's dedupe cache: REGISTRY_CACHE_URL=redis://…, not boltdb in the data dir;
 - which Zot owns a repository: REGISTRY_CLUSTER_MEMBERS + REGISTRY_CLUSTER_HASH_KEY;
 - Distribution's upload-state secret: REGISTRY_HTTP_SECRET_FILE, not one per data dir;
@@ -21,7 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 # Zot's and Distribution's key prefix in the bucket (zot/config.py S3_PREFIX, without "/").
 STORAGE_PREFIX = "zot"
@@ -29,6 +30,12 @@ HASH_KEY_LENGTH = 16  # Zot: siphash needs a 128-bit key, given as 16 characters
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _MEMBER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+_DATABASE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+# libpq parameters a PostgreSQL ledger URL may carry: TLS and naming, nothing that changes
+# what the statements do (`options` is the ledger's own: its statement timeout).
+PG_PARAMETERS = frozenset(
+    {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "target_session_attrs"}
+)
 
 
 class NodesError(ValueError):
@@ -37,7 +44,7 @@ class NodesError(ValueError):
 
 @dataclass(frozen=True)
 class Nodes:
-    ledger_url: str | None = None  # s3://bucket/prefix; None = SQLite under the data dir
+    ledger_url: str | None = None  # s3://bucket/prefix, postgresql://…; None = SQLite
     token_key_file: Path | None = None
     http_secret_file: Path | None = None
     cluster_members: tuple[str, ...] = ()
@@ -49,8 +56,12 @@ class Nodes:
         return len(self.cluster_members) >= 2
 
     @property
+    def ledger_in_s3(self) -> bool:
+        return bool(self.ledger_url and self.ledger_url.startswith("s3://"))
+
+    @property
     def ledger_bucket(self) -> str | None:
-        return urlsplit(self.ledger_url).netloc if self.ledger_url else None
+        return urlsplit(self.ledger_url).netloc if self.ledger_in_s3 and self.ledger_url else None
 
     @property
     def ledger_prefix(self) -> str:
@@ -66,15 +77,51 @@ def _absolute(env: Mapping[str, str], name: str) -> Path | None:
     return Path(value)
 
 
+def parse_pg_url(value: str) -> str:
+    """postgresql://[user@]host[:port]/database[?sslmode=…]: no password (the URL is on the
+    gateway's command line; libpq reads PGPASSFILE or PGPASSWORD), one host, a database."""
+    parts = urlsplit(value)
+    try:
+        host, user = parts.hostname, parts.username
+        parts.port  # noqa: B018 - a port that is no number in 0-65535 raises ValueError
+    except ValueError:
+        raise NodesError(
+            f"REGISTRY_LEDGER_URL: {parts.netloc!r} is not [user@]host[:port]"
+        ) from None
+    if parts.password is not None or (parts.netloc.count("@") and not user):
+        raise NodesError(
+            "REGISTRY_LEDGER_URL: no password in the URL (it would be on the gateway's command "
+            "line); give it in PGPASSFILE or PGPASSWORD"
+        )
+    if not host or "," in parts.netloc or parts.fragment:
+        raise NodesError(
+            "REGISTRY_LEDGER_URL: expected postgresql://[user@]host[:port]/database (one host)"
+        )
+    database = parts.path.removeprefix("/")
+    if not _DATABASE.fullmatch(database):
+        raise NodesError(f"REGISTRY_LEDGER_URL: {database!r} is not a database name")
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise NodesError(f"REGISTRY_LEDGER_URL: the query {parts.query!r} is malformed") from None
+    unknown = sorted({k for k, _ in query} - PG_PARAMETERS)
+    if unknown:
+        raise NodesError(
+            f"REGISTRY_LEDGER_URL: parameter {unknown[0]!r} is not taken (only "
+            f"{', '.join(sorted(PG_PARAMETERS))})"
+        )
+    return "postgresql://" + parts.netloc + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def parse_ledger_url(value: str, storage_bucket: str | None) -> str:
     parts = urlsplit(value)
     if parts.scheme in ("postgresql", "postgres"):
-        raise NodesError(
-            "REGISTRY_LEDGER_URL: a PostgreSQL ledger is not implemented in this version; "
-            "use s3://<bucket>/<prefix>"
-        )
+        return parse_pg_url(value)
     if parts.scheme != "s3":
-        raise NodesError(f"REGISTRY_LEDGER_URL={value!r}: expected s3://<bucket>/<prefix>")
+        raise NodesError(
+            f"REGISTRY_LEDGER_URL={value!r}: expected s3://<bucket>/<prefix> or "
+            "postgresql://[user@]host[:port]/database"
+        )
     if parts.query or parts.fragment or "@" in parts.netloc:
         raise NodesError(
             f"REGISTRY_LEDGER_URL={value!r}: only s3://<bucket>/<prefix> (no credentials, no "
@@ -118,7 +165,7 @@ def parse(
     """The several-nodes settings, and the refusal of anything that would split state."""
     ledger_value = env.get("REGISTRY_LEDGER_URL", "").strip()
     ledger_url = parse_ledger_url(ledger_value, bucket) if ledger_value else None
-    if ledger_url and not region:
+    if ledger_url and ledger_url.startswith("s3://") and not region:
         raise NodesError("REGISTRY_LEDGER_URL=s3://… needs REGISTRY_S3_REGION (request signing)")
 
     members = parse_members(env.get("REGISTRY_CLUSTER_MEMBERS", ""))
@@ -153,8 +200,8 @@ def refuse_split_state(nodes: Nodes, storage: str, backend: str) -> None:
         )
     if nodes.ledger_url is None:
         raise NodesError(
-            "REGISTRY_CLUSTER_MEMBERS: several nodes need a shared ledger, "
-            "REGISTRY_LEDGER_URL=s3://<bucket>/<prefix>; with each node's own SQLite ledger a "
+            "REGISTRY_CLUSTER_MEMBERS: several nodes need a shared ledger, REGISTRY_LEDGER_URL="
+            "s3://<bucket>/<prefix> or postgresql://…; with each node's own SQLite ledger a "
             "tenant's push through one node would be unknown (404) on the others"
         )
     if backend == "zot":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import Postgres
 from tests.stack import Stack
 from tests.standins.auth import AuthStandin, tabbify_jwt
 
@@ -23,6 +24,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory, auth: AuthStandin) -> Ite
     stack = Stack(tmp_path_factory.mktemp("reg") / "data", auth.url).start()
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL server for the session; `postgres.database()` for a fresh database."""
+    server = Postgres().start()
+    yield server
+    server.remove()
 
 
 @pytest.fixture(scope="session")

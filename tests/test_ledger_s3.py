@@ -1,5 +1,5 @@
 """The shared ledger in S3 (addons/ledger_s3.py) against a real S3 server (SeaweedFS), and the
-contract both ledgers keep (the same answers from SQLite and from S3)."""
+contract every ledger keeps (the same answers from SQLite, S3 and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 
 from addons import ledger_s3
 from addons.ledger import Ledger, LedgerUnavailable
+from addons.ledger_pg import PgLedger
 from addons.ledger_s3 import S3Ledger, S3Location, name_from_key, name_key
 from addons.ledgers import is_shared, open_ledger
+from tests.postgres import PASSWORD
 from tests.standins.seaweed import SeaweedS3
 
 BUCKET = "tbf-ledger"
@@ -91,8 +93,6 @@ def test_the_factory_picks_the_ledger(tmp_path: Path, s3: SeaweedS3) -> None:
     assert isinstance(open_ledger(str(tmp_path / "l.db")), Ledger)
     shared = open_ledger(location(s3, "factory").url())
     assert isinstance(shared, S3Ledger) and shared.state == "ok"
-    with pytest.raises(ValueError, match="PostgreSQL"):
-        open_ledger("postgresql://db/ledger")
     with pytest.raises(ValueError, match="unknown"):
         open_ledger("ftp://x/y")
     assert is_shared("s3://b/p") and not is_shared("/var/lib/x/ledger.db")
@@ -138,15 +138,20 @@ def test_costs_hit_miss_and_confirmation(s3: SeaweedS3) -> None:
     assert (known.hits, known.misses) == (1, 1)  # what isolation's hot path counts
 
 
-@pytest.fixture(params=["sqlite", "s3"])
-def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+@pytest.fixture(params=["sqlite", "s3", "postgresql"])
+def any_ledger(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Any:
     if request.param == "sqlite":
         return Ledger(tmp_path / "ledger.db")
+    if request.param == "postgresql":
+        monkeypatch.setenv("PGPASSWORD", PASSWORD)
+        return PgLedger(request.getfixturevalue("postgres").database())
     s3 = request.getfixturevalue("s3")
     return S3Ledger(location(s3, "contract"))
 
 
-def test_both_ledgers_list_the_catalog_alike(any_ledger: Any) -> None:
+def test_every_ledger_list_the_catalog_alike(any_ledger: Any) -> None:
     names = ["acme/a-c", "acme/a/b", "acme/a", "acme/b", "acme0/x", "acm/y", "globex/a"]
     for i, name in enumerate(names):
         any_ledger.add(name.split("/")[0], [D[i]], repository=name, listed=True)
@@ -158,7 +163,7 @@ def test_both_ledgers_list_the_catalog_alike(any_ledger: Any) -> None:
     assert any_ledger.repositories("nobody/", "", 10) == []
 
 
-def test_both_ledgers_record_walks_alike(any_ledger: Any) -> None:
+def test_every_ledger_record_walks_alike(any_ledger: Any) -> None:
     assert not any_ledger.walked("acme/app")
     any_ledger.mark_walked("acme/app")
     assert any_ledger.walked("acme/app")

@@ -133,8 +133,16 @@ def test_host_names_are_members_too() -> None:
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        ("postgresql://db.mesh/ledger", "not implemented"),
-        ("postgres://db.mesh/ledger", "not implemented"),
+        ("postgresql://registry:hunter2@db.mesh/ledger", "no password"),
+        ("postgresql://registry:@db.mesh/ledger", "no password"),
+        ("postgresql://db.mesh/", "database name"),
+        ("postgresql://db.mesh/a/b", "database name"),
+        ("postgresql:///ledger", "one host"),
+        ("postgresql://db1.mesh,db2.mesh/ledger", "one host"),
+        ("postgresql://db.mesh:99999/ledger", "host[:port]"),
+        ("postgresql://db.mesh/ledger?options=-c%20x=1", "'options' is not taken"),
+        ("postgresql://db.mesh/ledger?password=x", "'password' is not taken"),
+        ("postgresql://db.mesh/ledger?sslmode", "malformed"),
         ("sqlite:///d/l.db", "expected s3://"),
         ("s3://tbf-registry", "prefix of its own"),
         ("s3://tbf-registry/", "prefix of its own"),
@@ -148,6 +156,19 @@ def test_host_names_are_members_too() -> None:
 )
 def test_bad_ledger_urls(url: str, why: str) -> None:
     refused({**S3, "REGISTRY_LEDGER_URL": url}, "REGISTRY_LEDGER_URL", why)
+
+
+def test_a_postgresql_ledger_is_shared_and_handed_to_the_gateway_as_given() -> None:
+    url = "postgresql://registry@db.mesh:5433/ledger?sslmode=verify-full"
+    env = {**without(DISTRIBUTION, "REGISTRY_S3_REGION"), "REGISTRY_LEDGER_URL": url}
+    env["REGISTRY_STORAGE"], env["REGISTRY_S3_REGION"] = "s3", "eu-central-1"
+    nodes = load(env).nodes
+    assert nodes.several and nodes.ledger_url == url and not nodes.ledger_in_s3
+    assert nodes.ledger_bucket is None
+    assert options(env)[0]["registry_ledger"] == url
+    # No region needed on its own (no request signing); postgres:// is the same scheme.
+    alone = {"REGISTRY_DATA_DIR": "/d", "REGISTRY_LEDGER_URL": "postgres://db.mesh/ledger"}
+    assert load(alone).nodes.ledger_url == "postgresql://db.mesh/ledger"
 
 
 def test_the_ledger_may_live_under_zot_in_another_bucket() -> None:

@@ -1,0 +1,257 @@
+"""The isolation ledger in PostgreSQL, shared by several registry nodes (CONTRACTS §9), for
+operators who run a database rather than give the nodes a ledger prefix in the bucket.
+
+Same interface as the SQLite `Ledger` and the S3 ledger (isolation, listing and the start-up
+walk use any of them), three tables that the first node to connect creates:
+
+    registry_ledger_seen    (holder, digest)   the tenant (or "/<repository>") may see it
+    registry_ledger_repos   (repository)       holds a manifest: the catalog lists it
+    registry_ledger_walked  (repository, at)   the start-up walk has seen it
+
+Names are compared in byte order (COLLATE "C"), as the other ledgers page the catalog.
+Records are only ever inserted here (ON CONFLICT DO NOTHING: idempotent, no lost update
+between nodes); a positive answer is cached in memory (`known.KnownRecords`), a miss asks the
+database, so no node holds a stale "no". Cost: a hit is a dict lookup; a miss is one SELECT;
+a confirmation one transaction.
+
+Bounded: connecting waits at most CONNECT_TIMEOUT seconds and every statement
+STATEMENT_TIMEOUT; any database error marks the ledger down (LedgerUnavailable: 503, never a
+201 or a false 404), the connection is dropped, and for FAIL_FAST seconds calls fail at once;
+then the next call connects again, and a success brings the ledger up.
+
+Credentials: never in the URL (it is on the gateway's command line, `run` refuses one there):
+libpq's own PGPASSFILE or PGPASSWORD, or certificates (sslcert/sslkey in the URL's query).
+Blocking (psycopg): callers on the event loop run these methods in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from addons.known import KnownRecords
+from addons.ledger import LedgerUnavailable, holder
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
+STATEMENT_TIMEOUT_MS = 5000
+FAIL_FAST = 1.0  # seconds after a failure during which calls fail at once
+SCHEMA_LOCK = 0x7462665F6C656467  # pg_advisory_xact_lock key: nodes create the tables in turn
+
+SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS registry_ledger_seen (holder text COLLATE "C" NOT NULL,'
+    ' digest text COLLATE "C" NOT NULL, PRIMARY KEY (holder, digest))',
+    'CREATE TABLE IF NOT EXISTS registry_ledger_repos (repository text COLLATE "C" PRIMARY KEY)',
+    'CREATE TABLE IF NOT EXISTS registry_ledger_walked (repository text COLLATE "C" PRIMARY KEY,'
+    " at double precision NOT NULL)",
+)
+
+
+def redacted(url: str) -> str:
+    """The URL as operators see it in logs and status: no password, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class PgLedger:
+    """(holder, digest) pairs in PostgreSQL; positive answers cached in memory."""
+
+    def __init__(
+        self,
+        url: str,
+        connect: Callable[..., Any] = psycopg.connect,
+        clock: Callable[[], float] = time.monotonic,
+        cache: int = 100_000,
+    ) -> None:
+        self.url = url
+        self.path = redacted(url)  # what operators see (no credentials in it)
+        self._connect = connect
+        self._clock = clock
+        self._conn: Any = None
+        self._lock = threading.RLock()  # one connection, used from worker threads: serialise
+        self._retry_at = 0.0
+        self.known = KnownRecords(cache)
+        self._repos_known: set[str] = set()  # catalog and walk records this process wrote
+        self.state, self.reason, self.since = "ok", "", time.time()
+        self.errors = 0
+        self.recovered = 0  # nothing to recreate: the database is the record
+        self.check()  # a database that cannot be reached at start: down, retried, not fatal
+
+    # --- one connection, every failure a LedgerUnavailable ------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            conn = self._connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                application_name="tabbify-registry",
+            )
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _run(self, what: str, action: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            if self.state == "down" and self._clock() < self._retry_at:
+                raise LedgerUnavailable(self.reason)
+            try:
+                result = action(self._connection())
+            except psycopg.Error as e:
+                self._failed(f"{what}: {type(e).__name__}: {str(e).strip()}")
+                raise LedgerUnavailable(self.reason) from None
+            self._up()
+            return result
+
+    def _failed(self, reason: str) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None  # the next try connects again
+        if self.state != "down":
+            logger.error("ledger down: %s", reason)
+            self.since = time.time()
+        self.state, self.reason = "down", reason
+        self.errors += 1
+        self._retry_at = self._clock() + FAIL_FAST
+
+    def _up(self) -> None:
+        if self.state != "ok":
+            logger.warning("ledger up again (%s)", self.path)
+            self.state, self.reason, self.since = "ok", "", time.time()
+
+    # --- records ------------------------------------------------------------------------------
+
+    def has(self, tenant: str, digest: str) -> bool:
+        key = (tenant, digest)
+        if self.known.known(key):
+            return True
+        self.known.misses += 1
+        row = self._run(
+            "SELECT",
+            lambda db: db.execute(
+                "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s", key
+            ).fetchone(),
+        )
+        if row is not None:
+            self.known.remember(key)
+        return row is not None
+
+    def add(
+        self,
+        tenant: str,
+        digests: Iterable[str],
+        repository: str | None = None,
+        listed: bool = False,
+    ) -> None:
+        """Record durably, all of them or none (one transaction); raises LedgerUnavailable.
+        `repository`: where they were pushed (recorded for it too); `listed`: it now holds a
+        manifest (the catalog lists it)."""
+        unique = list(dict.fromkeys(digests))
+        holders = [tenant] if repository is None else [tenant, holder(repository)]
+        pairs = [(h, d) for h in holders for d in unique if not self.known.known((h, d))]
+        new_repo = listed and repository is not None and repository not in self._repos_known
+        if not pairs and not new_repo:
+            return
+
+        def insert(db: Any) -> None:
+            with db.transaction(), db.cursor() as cur:
+                if pairs:
+                    cur.executemany(
+                        "INSERT INTO registry_ledger_seen VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        pairs,
+                    )
+                if new_repo:
+                    # Pushed through the gateway: listed, and nothing in it for a walk to find.
+                    cur.execute(
+                        "INSERT INTO registry_ledger_repos VALUES (%s) ON CONFLICT DO NOTHING",
+                        (repository,),
+                    )
+                    cur.execute(
+                        "INSERT INTO registry_ledger_walked VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        (repository, time.time()),
+                    )
+
+        with self._lock:
+            self._run("INSERT", insert)
+            for pair in pairs:
+                self.known.remember(pair)
+            if new_repo and repository is not None:
+                self._repos_known.add(repository)
+
+    def count(self, tenant: str | None = None) -> int:
+        sql = "SELECT count(*) FROM registry_ledger_seen WHERE "
+        if tenant is None:  # tenants' records, not repositories' (`ledger.holder`)
+            sql, args = sql + "holder NOT LIKE %s", ("/%",)
+        else:
+            sql, args = sql + "holder = %s", (tenant,)
+        return int(self._run("SELECT", lambda db: db.execute(sql, args).fetchone()[0]))
+
+    def repositories(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` names starting with `prefix` and sorting after `after`, in byte order:
+        one index range scan."""
+        if limit <= 0:
+            return []
+        sql = (
+            "SELECT repository FROM registry_ledger_repos WHERE starts_with(repository, %s)"
+            " AND repository > %s ORDER BY repository LIMIT %s"
+        )
+        rows = self._run("SELECT", lambda db: db.execute(sql, (prefix, after, limit)).fetchall())
+        return [r[0] for r in rows]
+
+    # --- the start-up walk's progress (backfill.py) -------------------------------------------
+
+    def walked(self, repository: str) -> bool:
+        if repository in self._repos_known:
+            return True
+        sql = "SELECT 1 FROM registry_ledger_walked WHERE repository = %s"
+        return self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchone()) is not None
+
+    def mark_walked(self, repository: str) -> None:
+        sql = (
+            "INSERT INTO registry_ledger_walked VALUES (%s, %s)"
+            " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
+        )
+        self._run("INSERT", lambda db: db.execute(sql, (repository, time.time())))
+
+    # --- health -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """For the health check: can the database be reached (a failure is recorded)?"""
+        with contextlib.suppress(LedgerUnavailable):
+            self._run("SELECT", lambda db: db.execute("SELECT 1").fetchone())
+
+    def status(self) -> dict[str, object]:
+        out: dict[str, object] = {"state": self.state, "since": self.since}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None

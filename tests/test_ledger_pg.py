@@ -1,0 +1,121 @@
+"""The shared ledger in PostgreSQL (addons/ledger_pg.py) against a real server (Debian's
+postgresql, a throwaway cluster): records across nodes, credentials, failures and recovery.
+The answers it shares with the other ledgers are in tests/test_ledger_s3.py (`any_ledger`)."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from addons import ledger_pg
+from addons.ledger import LedgerUnavailable
+from addons.ledger_pg import PgLedger, redacted
+from addons.ledgers import is_shared, open_ledger
+from tests.postgres import PASSWORD, Postgres
+
+D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
+
+
+@pytest.fixture(autouse=True)
+def password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq's own variable, as a node gets it (never in the URL)."""
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+
+
+def test_the_factory_opens_it_and_logs_show_no_secret(postgres: Postgres) -> None:
+    url = postgres.database()
+    ledger = open_ledger(url)
+    assert isinstance(ledger, PgLedger) and ledger.state == "ok" and is_shared(url)
+    ledger.close()
+    assert redacted("postgresql://u:secret@[::1]:5433/db?sslmode=require") == (
+        "postgresql://u@[::1]:5433/db"
+    )
+
+
+def test_a_record_made_on_one_node_is_seen_on_another(postgres: Postgres) -> None:
+    url = postgres.database()
+    a, b = PgLedger(url), PgLedger(url)  # the first creates the tables, the second finds them
+    assert not b.has("acme", D[0])  # a miss is never cached ...
+    a.add("acme", [D[0], D[1], D[0]])
+    assert b.has("acme", D[0]) and b.has("acme", D[1])  # ... so B sees A's push at once
+    assert not b.has("globex", D[0])  # per tenant
+    assert b.known.cached(("acme", D[0])) and (b.known.hits, b.known.misses) == (1, 4)
+    a.add("acme", [D[2]], repository="acme/app", listed=True)
+    a.add("acme", [D[2]], repository="acme/app", listed=True)  # idempotent
+    assert b.has("/acme/app", D[2]) and b.walked("acme/app")
+    assert b.repositories("acme/", "", 10) == ["acme/app"]
+    assert a.count("acme") == 3 and a.count() == 3  # repositories' own records not counted
+    a.close()
+    b.close()
+
+
+def test_names_are_matched_literally_and_in_byte_order(postgres: Postgres) -> None:
+    ledger = PgLedger(postgres.database())
+    names = ["acme/a_b", "acme/a%b", "acme/aXb", "acme/B", "acme/a", "acmeX/a", "acme_/a"]
+    for i, name in enumerate(names):
+        ledger.add(name.split("/")[0], [D[i]], repository=name, listed=True)
+    # LIKE's wildcards in a prefix match nothing but themselves; "B" sorts before "a" (bytes).
+    assert ledger.repositories("acme/", "", 100) == [
+        "acme/B", "acme/a", "acme/a%b", "acme/aXb", "acme/a_b"
+    ]  # fmt: skip
+    assert ledger.repositories("acme/a_", "", 100) == ["acme/a_b"]
+    assert ledger.repositories("acme_/", "", 100) == ["acme_/a"]
+    ledger.close()
+
+
+def test_a_wrong_password_is_down_not_fatal(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres.database()
+    monkeypatch.setenv("PGPASSWORD", "wrong")
+    ledger = PgLedger(url)
+    assert ledger.state == "down" and "password authentication failed" in ledger.reason
+    with pytest.raises(LedgerUnavailable):
+        ledger.has("acme", D[0])
+    assert PASSWORD not in ledger.reason and "wrong" not in ledger.reason
+    ledger.close()
+
+
+def test_a_database_that_goes_away_refuses_then_recovers_by_itself(postgres: Postgres) -> None:
+    ledger = PgLedger(postgres.database())
+    ledger.add("acme", [D[0]])
+    postgres.stop()
+    try:
+        assert ledger.has("acme", D[0])  # held in memory: hits need no database
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable):
+            ledger.has("acme", D[1])
+        with pytest.raises(LedgerUnavailable):
+            ledger.add("acme", [D[1]])  # never a false confirmation
+        assert time.monotonic() - started < ledger_pg.CONNECT_TIMEOUT + 1
+        assert ledger.state == "down" and ledger.status()["state"] == "down"
+    finally:
+        postgres.restart()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            ledger.add("acme", [D[1]])
+            break
+        except LedgerUnavailable:
+            time.sleep(0.2)  # fails fast for a second after each failure, then tries again
+    assert ledger.state == "ok" and ledger.has("acme", D[1]) and ledger.errors >= 1
+    ledger.close()
+
+
+def test_a_statement_stuck_behind_a_lock_gives_up(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded: a held lock turns into a 503 the client retries, not a hang."""
+    monkeypatch.setattr(ledger_pg, "STATEMENT_TIMEOUT_MS", 300)
+    url = postgres.database()
+    ledger = PgLedger(url)
+    with psycopg.connect(url) as other:
+        other.execute("LOCK TABLE registry_ledger_seen IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable):
+            ledger.add("acme", [D[0]])
+        assert time.monotonic() - started < 3
+        assert "QueryCanceled" in ledger.reason
+    ledger.close()
