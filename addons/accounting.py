@@ -23,8 +23,8 @@ cannot see it, and it counts for nobody).
   and publishes it (addons/publish.py); the admin endpoint serves it as
   `tabbify_tenant_usage_bytes{tenant=…}`.
 
-Concurrent uploads of one tenant are checked one by one against the recorded usage, so
-several racing uploads can overshoot the quota by what is in flight (README, known limits).
+A confirmed upload under a quota is decided and recorded in one ledger transaction
+(`admit`), so uploads of one tenant confirmed at the same time cannot overshoot together.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import hashlib
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from mitmproxy import ctx, http
@@ -42,7 +42,8 @@ from mitmproxy import ctx, http
 from addons import oci, quota
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
-from addons.ledger import Ledger, LedgerUnavailable, holder
+from addons.ledger import LedgerUnavailable, holder
+from addons.ledgers import Accounts
 from addons.policy_store import PolicyFile
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -69,11 +70,12 @@ class Accounting:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def ledger(self) -> Ledger | None:
-        """The ledger sizes, usage and push times are kept in: the SQLite one. A shared S3
-        ledger has no accounting yet (README, known limits): quotas then refuse pushes."""
+    def ledger(self) -> Accounts | None:
+        """The ledger sizes, usage and push times are kept in: SQLite, or PostgreSQL shared by
+        several nodes. The shared S3 ledger keeps none (README, known limits): quotas then
+        refuse pushes."""
         ledger = self.isolation.ledger
-        return ledger if isinstance(ledger, Ledger) else None
+        return cast(Accounts, ledger) if ledger is not None and ledger.accounts else None
 
     def _client(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -116,7 +118,7 @@ class Accounting:
             return None
         rule = self.policies.current().quota(rec.tenant)
         if rule is not None and self.ledger is None:
-            raise Unaccountable("quotas need the single-node ledger; this node's is shared")
+            raise Unaccountable("quotas need a ledger that keeps sizes; an S3 ledger does not")
         return rule.bytes if rule else None
 
     def _exceeds(self, rec: FlowRecord, limit: int, digests: dict[str, int]) -> bool:

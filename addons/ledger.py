@@ -78,6 +78,8 @@ class Ledger:
     """(tenant, digest) pairs, and (/repository, digest) pairs: what a repository holds.
     Positive answers cached in memory (`known.KnownRecords`: the hot path is a HEAD)."""
 
+    accounts = True  # sizes, usage and push times (addons/accounting.py, gc)
+
     def __init__(
         self, path: Path, clock: Callable[[], float] = time.monotonic, cache: int = 100_000
     ) -> None:

@@ -2,11 +2,18 @@
 operators who run a database rather than give the nodes a ledger prefix in the bucket.
 
 Same interface as the SQLite `Ledger` and the S3 ledger (isolation, listing and the start-up
-walk use any of them), three tables that the first node to connect creates:
+walk use any of them), tables that the first node to connect creates:
 
     registry_ledger_seen    (holder, digest)   the tenant (or "/<repository>") may see it
     registry_ledger_repos   (repository)       holds a manifest: the catalog lists it
     registry_ledger_walked  (repository, at)   the start-up walk has seen it
+    registry_ledger_sizes   (digest, size)     for quotas (addons/accounting.py)
+    registry_ledger_pushes  (repository, ref, digest, at)   when a manifest or tag was pushed
+
+Unlike the S3 ledger it keeps accounts as the SQLite one does (`accounts`): sizes, usage and
+push times, so `[[quota]]` holds across nodes. A confirmed upload under a quota is decided
+and recorded in one transaction holding a per-tenant advisory lock (`admit`): uploads of one
+tenant confirmed at once on any nodes are counted one after the other.
 
 Names are compared in byte order (COLLATE "C"), as the other ledgers page the catalog.
 Records are only ever inserted here (ON CONFLICT DO NOTHING: idempotent, no lost update
@@ -36,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from addons import quota
 from addons.known import KnownRecords
 from addons.ledger import LedgerUnavailable, holder
 
@@ -52,6 +60,15 @@ SCHEMA = (
     'CREATE TABLE IF NOT EXISTS registry_ledger_repos (repository text COLLATE "C" PRIMARY KEY)',
     'CREATE TABLE IF NOT EXISTS registry_ledger_walked (repository text COLLATE "C" PRIMARY KEY,'
     " at double precision NOT NULL)",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_sizes (digest text COLLATE "C" PRIMARY KEY,'
+    " size bigint NOT NULL)",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_pushes (repository text COLLATE "C" NOT NULL,'
+    ' ref text COLLATE "C" NOT NULL, digest text NOT NULL, at double precision NOT NULL,'
+    " PRIMARY KEY (repository, ref))",
+)
+USAGE = (
+    "SELECT COALESCE(sum(s.size), 0) FROM registry_ledger_seen h"
+    " JOIN registry_ledger_sizes s ON s.digest = h.digest WHERE h.holder = %s"
 )
 
 
@@ -69,6 +86,8 @@ def redacted(url: str) -> str:
 
 class PgLedger:
     """(holder, digest) pairs in PostgreSQL; positive answers cached in memory."""
+
+    accounts = True  # sizes, usage and push times: quotas work (addons/accounting.py)
 
     def __init__(
         self,
@@ -220,6 +239,101 @@ class PgLedger:
         )
         rows = self._run("SELECT", lambda db: db.execute(sql, (prefix, after, limit)).fetchall())
         return [r[0] for r in rows]
+
+    # --- accounts: sizes, usage, push times (addons/accounting.py) ----------------------------
+
+    def record_sizes(self, sizes: dict[str, int]) -> None:
+        """The size of each digest (content-addressed: one size per digest, ever)."""
+        rows = [(d, int(n)) for d, n in sizes.items() if n >= 0]
+        if not rows:
+            return
+        sql = (
+            "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
+            " ON CONFLICT (digest) DO UPDATE SET size = excluded.size"
+        )
+
+        def write(db: Any) -> None:
+            with db.transaction(), db.cursor() as cur:
+                cur.executemany(sql, rows)
+
+        self._run("INSERT", write)
+
+    def usage(self, tenant: str) -> int:
+        """Bytes of the distinct digests the tenant holds whose size is known."""
+        return int(self._run("SELECT", lambda db: db.execute(USAGE, (tenant,)).fetchone()[0]))
+
+    def usage_all(self) -> dict[str, int]:
+        """Usage of every tenant (not of repositories' own `/…` records)."""
+        sql = (
+            "SELECT h.holder, sum(s.size) FROM registry_ledger_seen h JOIN registry_ledger_sizes"
+            " s ON s.digest = h.digest WHERE h.holder NOT LIKE %s GROUP BY h.holder"
+        )
+        rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall())
+        return {t: int(n) for t, n in rows}
+
+    def admit(self, tenant: str, digest: str, size: int, limit: int) -> bool:
+        """As `Ledger.admit`: the size recorded; then, unless the tenant holds the digest
+        already, it fits `limit` and the tenant holds it from now on (True), or nothing is
+        added (False). One transaction under the tenant's advisory lock: every node's
+        confirmations for one tenant are decided one after the other."""
+        key = (tenant, digest)
+
+        def decide(db: Any) -> bool:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (tenant,))
+                db.execute(
+                    "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
+                    " ON CONFLICT (digest) DO UPDATE SET size = excluded.size",
+                    (digest, max(size, 0)),
+                )
+                held = db.execute(
+                    "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s", key
+                ).fetchone()
+                if held:
+                    return True
+                used = int(db.execute(USAGE, (tenant,)).fetchone()[0])
+                if quota.would_exceed(tenant, {tenant: used}, limit, size):
+                    return False
+                db.execute(
+                    "INSERT INTO registry_ledger_seen VALUES (%s, %s) ON CONFLICT DO NOTHING", key
+                )
+                return True
+
+        with self._lock:
+            admitted = bool(self._run("INSERT", decide))
+            if admitted:
+                self.known.remember(key)
+        return admitted
+
+    def record_push(
+        self, repository: str, digest: str, tag: str | None = None, at: float | None = None
+    ) -> None:
+        """A manifest pushed through the gateway (and the tag it was pushed to): when. A
+        manifest's first push counts; a tag points at its latest."""
+        when = time.time() if at is None else at
+
+        def write(db: Any) -> None:
+            with db.transaction():
+                db.execute(
+                    "INSERT INTO registry_ledger_pushes VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (repository, digest, digest, when),
+                )
+                if tag is not None:
+                    db.execute(
+                        "INSERT INTO registry_ledger_pushes VALUES (%s, %s, %s, %s)"
+                        " ON CONFLICT (repository, ref)"
+                        " DO UPDATE SET digest = excluded.digest, at = excluded.at",
+                        (repository, tag, digest, when),
+                    )
+
+        self._run("INSERT", write)
+
+    def pushes(self, repository: str) -> dict[str, tuple[str, float]]:
+        """ref (a tag, or a manifest digest) → (digest, when it was pushed)."""
+        sql = "SELECT ref, digest, at FROM registry_ledger_pushes WHERE repository = %s"
+        rows = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchall())
+        return {r: (d, float(at)) for r, d, at in rows}
 
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 

@@ -104,6 +104,8 @@ class S3Ledger:
     """(tenant, digest) pairs in a bucket; positive answers cached in memory
     (`known.KnownRecords`)."""
 
+    accounts = False  # no sizes nor push times here: quotas refuse pushes (README, known limits)
+
     def __init__(
         self,
         where: S3Location,

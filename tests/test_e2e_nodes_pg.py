@@ -16,6 +16,7 @@ from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
 from tests.postgres import PASSWORD, Postgres
 from tests.stack import Stack, wait_for
+from tests.standins.auth import tabbify_jwt
 from tests.standins.seaweed import SeaweedS3
 from tests.test_e2e_gateway import bearer, push_blob, token
 from tests.test_e2e_nodes import BUCKET, node_env
@@ -41,6 +42,7 @@ def nodes(
     (shared / "http-secret").write_text(os.urandom(24).hex() + "\n")
     (shared / "token-keys").write_text(os.urandom(24).hex() + "\n")
     (shared / "token-keys").chmod(0o600)
+    (shared / "policy.toml").write_text('[[quota]]\ntenants = ["initech"]\nbytes = "100kB"\n')
     ledger = postgres.database()
     a, b = Stack(root / "a", auth.url), Stack(root / "b", auth.url)
     members = f"127.0.0.1:{a.backend_port},127.0.0.1:{b.backend_port}"
@@ -122,3 +124,30 @@ def test_the_password_is_nowhere_on_a_command_line(nodes) -> None:
             except OSError:
                 continue
             assert PASSWORD.encode() not in cmdline
+
+
+def test_a_quota_holds_across_nodes(nodes) -> None:
+    """The PostgreSQL ledger keeps sizes: what initech stored through A counts on B."""
+    a, b = nodes
+    jwt = tabbify_jwt({"network": "initech"})
+    push_blob(a, "initech/app", os.urandom(60_000), bearer(token(a, jwt)))
+    h = bearer(token(b, jwt))
+    blob = os.urandom(60_000)
+    r = requests.post(f"{b.url}/v2/initech/app/blobs/uploads/", headers=h, timeout=10)
+    r = requests.put(
+        b.url + r.headers["Location"],
+        params={"digest": "sha256:" + hashlib.sha256(blob).hexdigest()},
+        data=blob,
+        headers={**h, "Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert r.status_code == 403 and r.json()["errors"][0]["message"] == "quota exceeded"
+    push_blob(b, "initech/app", os.urandom(40_000), h)  # what still fits, fits
+    metrics = f"http://{b.env['REGISTRY_ADMIN_ADDR']}/metrics"
+    wait_for(
+        lambda: (
+            'tabbify_tenant_usage_bytes{tenant="initech"} 100000'
+            in requests.get(metrics, timeout=5).text
+        ),
+        timeout=20,
+    )

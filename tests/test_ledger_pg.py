@@ -4,6 +4,7 @@ The answers it shares with the other ledgers are in tests/test_ledger_s3.py (`an
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -119,3 +120,48 @@ def test_a_statement_stuck_behind_a_lock_gives_up(
         assert time.monotonic() - started < 3
         assert "QueryCanceled" in ledger.reason
     ledger.close()
+
+
+def test_accounts_sizes_usage_and_push_times(postgres: Postgres) -> None:
+    ledger = PgLedger(postgres.database())
+    ledger.add("acme", [D[0], D[1]], repository="acme/app")
+    ledger.add("globex", [D[0]], repository="globex/app")
+    ledger.record_sizes({D[0]: 100, D[1]: 30, D[2]: 7})
+    # A shared blob counts in full for each tenant; repositories' own records never count.
+    assert ledger.usage("acme") == 130 and ledger.usage("globex") == 100
+    assert ledger.usage_all() == {"acme": 130, "globex": 100} and ledger.usage("nobody") == 0
+    ledger.record_push("acme/app", D[1], "v1", at=10.0)
+    ledger.record_push("acme/app", D[1], None, at=30.0)  # a re-push keeps the first time
+    ledger.record_push("acme/app", D[2], "v1", at=40.0)  # the tag moves
+    assert ledger.pushes("acme/app") == {
+        D[1]: (D[1], 10.0), D[2]: (D[2], 40.0), "v1": (D[2], 40.0)
+    }  # fmt: skip
+    ledger.close()
+
+
+def test_admit_counts_confirmations_of_every_node_one_after_the_other(postgres: Postgres) -> None:
+    """Four nodes confirming a tenant's uploads at the same moment: exactly the quota."""
+    url = postgres.database()
+    PgLedger(url).close()  # the tables, once
+    digests = [f"sha256:{i:064x}" for i in range(40)]
+    admitted: list[str] = []
+    start = threading.Barrier(4)
+
+    def node(mine: list[str]) -> None:
+        ledger = PgLedger(url)
+        start.wait()
+        for d in mine:
+            if ledger.admit("acme", d, 10, limit=100):
+                admitted.append(d)
+        ledger.close()
+
+    threads = [threading.Thread(target=node, args=(digests[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check = PgLedger(url)
+    assert len(admitted) == 10 and check.usage("acme") == 100
+    assert check.admit("acme", admitted[0], 10, limit=100)  # held already: never counts again
+    assert not check.admit("acme", D[5], 1, limit=100)  # full: one byte more is refused
+    check.close()
