@@ -21,8 +21,9 @@ between nodes); a positive answer is cached in memory (`known.KnownRecords`), a 
 database, so no node holds a stale "no". Cost: a hit is a dict lookup; a miss is one SELECT;
 a confirmation one transaction.
 
-Bounded: connecting waits at most CONNECT_TIMEOUT seconds and every statement
-STATEMENT_TIMEOUT; any database error marks the ledger down (LedgerUnavailable: 503, never a
+Bounded: connecting waits at most CONNECT_TIMEOUT seconds, every statement
+STATEMENT_TIMEOUT_MS, and a server that stops answering is dropped after ~5 s of TCP
+keepalives; any database error marks the ledger down (LedgerUnavailable: 503, never a
 201 or a false 404), the connection is dropped, and for FAIL_FAST seconds calls fail at once;
 then the next call connects again, and a success brings the ledger up.
 
@@ -120,6 +121,14 @@ class PgLedger:
                 connect_timeout=CONNECT_TIMEOUT,
                 options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
                 application_name="tabbify-registry",
+                # A server gone silent (a partition, not a refusal) is noticed in seconds,
+                # not after the kernel's TCP timeouts: keepalives while waiting for an
+                # answer, and a bound on unacknowledged data while sending.
+                keepalives=1,
+                keepalives_idle=2,
+                keepalives_interval=1,
+                keepalives_count=3,
+                tcp_user_timeout=STATEMENT_TIMEOUT_MS,
             )
             try:
                 with conn.transaction():
