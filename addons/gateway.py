@@ -91,7 +91,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
         WriteFreeze(),
         Accounting(policies, isolation),
         isolation,
-        ImmutableTags(policies),
+        ImmutableTags(policies, isolation),
         SignedOnly(policies),
         Listing(policies),
         Gate(),

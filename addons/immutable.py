@@ -10,24 +10,30 @@ never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIs
 The backend's answers decide, so a backend that cannot answer fails the request closed
 (503), never open. Two first pushes of one tag racing each other would both pass that check,
 so a push of a covered tag first claims it on the node (addons/tag_claims.py) until the
-backend has answered it: a second push meanwhile gets 403 too. Nodes sharing a bucket do not
-share claims (README, known limits).
+backend has answered it: a second push meanwhile gets 403 too. With the PostgreSQL ledger the
+claim is also taken there (an advisory lock), so it holds across nodes; with the S3 ledger
+nodes do not share claims (README, known limits).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from mitmproxy import ctx, http
 
 from addons import oci
 from addons.gate import answered, fail_closed, respond
+from addons.isolation import TenantIsolation
+from addons.ledger import LedgerUnavailable
 from addons.policy import Policy
 from addons.policy_store import PolicyFile
 from addons.record import record
@@ -46,11 +52,21 @@ class BackendUnsure(Exception):
     """The backend did not say whether a tag exists: fail closed."""
 
 
+@dataclass
+class Held:
+    """A push's claim of its tag: on the node, and in the shared ledger where it can."""
+
+    flow: http.HTTPFlow
+    claim: Claim
+    cluster_key: int | None = None
+
+
 class ImmutableTags:
-    def __init__(self, policies: PolicyFile) -> None:
+    def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:
         self.policies = policies
+        self.isolation = isolation
         self.client: httpx.AsyncClient | None = None
-        self.claims: dict[str, tuple[http.HTTPFlow, Claim]] = {}  # by flow id
+        self.claims: dict[str, Held] = {}  # by flow id
         self._claims_dir: Path | None = None
         self._own_dir: Path | None = None  # made here when there is no state directory
 
@@ -97,13 +113,12 @@ class ImmutableTags:
             else:
                 rule = policy.is_immutable(repository, reference)
                 if rule and method == "PUT":
-                    claim = self._claim(flow, repository, reference)
-                    if claim is None:
+                    if not await self._claim(flow, repository, reference):
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
-        except (BackendUnsure, httpx.HTTPError, OSError) as e:
-            self._release(flow)
+        except (BackendUnsure, httpx.HTTPError, OSError, LedgerUnavailable) as e:
+            await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
             rec.decision = "deny:immutable-unchecked"
             respond(
@@ -114,7 +129,7 @@ class ImmutableTags:
             )
             return
         if rule:
-            self._release(flow)
+            await self._release(flow)
             rec.decision = f"deny:tag is immutable ({rule})"
             respond(
                 flow,
@@ -123,24 +138,45 @@ class ImmutableTags:
                 ),
             )
 
-    def _claim(self, flow: http.HTTPFlow, repository: str, tag: str) -> Claim | None:
-        for key in [k for k, (f, _) in self.claims.items() if not f.live]:
-            self.claims.pop(key)[1].release()  # a flow that ended without a hook we saw
+    def _cluster(self) -> Any:
+        """The shared ledger, when it takes claims (PostgreSQL), else None."""
+        ledger = self.isolation.ledger if self.isolation is not None else None
+        return ledger if hasattr(ledger, "claim_tag") else None
+
+    async def _claim(self, flow: http.HTTPFlow, repository: str, tag: str) -> bool:
+        """Claim the tag for this push: on the node first, then across nodes where the ledger
+        can. False when another push holds it; LedgerUnavailable / OSError fail closed."""
+        for fid in [k for k, held in self.claims.items() if not held.flow.live]:
+            await self._release(self.claims[fid].flow)  # ended without a hook we saw
         claim = take(self.claims_dir(), repository, tag)
-        if claim is not None:
-            self.claims[flow.id] = (flow, claim)
-        return claim
+        if claim is None:
+            return False
+        held = self.claims[flow.id] = Held(flow, claim)
+        cluster = self._cluster()
+        if cluster is not None:
+            held.cluster_key = await asyncio.to_thread(cluster.claim_tag, repository, tag)
+            if held.cluster_key is None:  # another node's push holds it
+                await self._release(flow)
+                return False
+        return True
 
-    def _release(self, flow: http.HTTPFlow) -> None:
+    async def _release(self, flow: http.HTTPFlow) -> None:
         held = self.claims.pop(flow.id, None)
-        if held is not None:
-            held[1].release()
+        if held is None:
+            return
+        try:
+            if held.cluster_key is not None and (cluster := self._cluster()) is not None:
+                await asyncio.to_thread(cluster.release_tag, held.cluster_key)
+        except LedgerUnavailable as e:  # its session is gone, and its locks with it
+            logger.warning("immutable tags: releasing a shared claim: %s", e)
+        finally:
+            held.claim.release()
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._release(flow)  # the backend answered the PUT: the tag exists or the push failed
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._release(flow)  # the backend answered the PUT: the tag exists or it failed
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._release(flow)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._release(flow)
 
     async def _digest_of(self, repository: str, tag: str) -> str | None:
         """The digest a tag points at in the backend, None if there is no such tag."""
@@ -189,8 +225,8 @@ class ImmutableTags:
     async def done(self) -> None:
         if self.client is not None:
             await self.client.aclose()
-        for _, claim in self.claims.values():
-            claim.release()
+        for held in self.claims.values():
+            held.claim.release()  # the ledger's session closes with the process
         self.claims.clear()
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)

@@ -344,6 +344,21 @@ class PgLedger:
         rows = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchall())
         return {r: (d, float(at)) for r, d, at in rows}
 
+    # --- claims of immutable tags across nodes (addons/immutable.py) ------------------------
+
+    def claim_tag(self, repository: str, tag: str) -> int | None:
+        """A session advisory lock for (repository, tag), held until `release_tag`: the key,
+        or None when a session (another node's) holds it. Within one process the caller's
+        node-local claim comes first, as these locks are re-entrant per session. A dropped
+        connection drops its locks: a claim is then only the node's until released."""
+        sql = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0)), hashtextextended(%s, 0)"
+        name = f"tag:{repository}:{tag}"
+        got, key = self._run("SELECT", lambda db: db.execute(sql, (name, name)).fetchone())
+        return int(key) if got else None
+
+    def release_tag(self, key: int) -> None:
+        self._run("SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,)))
+
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 
     def walked(self, repository: str) -> bool:

@@ -5,6 +5,7 @@ real PostgreSQL server, the password from PGPASSWORD (never in the URL)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,15 +14,26 @@ import pytest
 import requests
 
 from tests.conftest import skopeo_copy
-from tests.images import layout_blobs, oci_layout
+from tests.images import image_manifest, layout_blobs, oci_layout
 from tests.postgres import PASSWORD, Postgres
+from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import tabbify_jwt
 from tests.standins.seaweed import SeaweedS3
-from tests.test_e2e_gateway import bearer, push_blob, token
+from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 from tests.test_e2e_nodes import BUCKET, node_env
 
 pytestmark = pytest.mark.e2e
+POLICY = """
+[[quota]]
+tenants = ["initech"]
+bytes = "100kB"
+
+[[immutable]]
+repositories = ["acme/releases/**"]
+tags = ["v*"]
+"""
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +54,7 @@ def nodes(
     (shared / "http-secret").write_text(os.urandom(24).hex() + "\n")
     (shared / "token-keys").write_text(os.urandom(24).hex() + "\n")
     (shared / "token-keys").chmod(0o600)
-    (shared / "policy.toml").write_text('[[quota]]\ntenants = ["initech"]\nbytes = "100kB"\n')
+    (shared / "policy.toml").write_text(POLICY)
     ledger = postgres.database()
     a, b = Stack(root / "a", auth.url), Stack(root / "b", auth.url)
     members = f"127.0.0.1:{a.backend_port},127.0.0.1:{b.backend_port}"
@@ -151,3 +163,36 @@ def test_a_quota_holds_across_nodes(nodes) -> None:
         ),
         timeout=20,
     )
+
+
+def test_two_first_pushes_of_an_immutable_tag_on_two_nodes_store_only_one(nodes, acme_jwt):
+    """The claim is taken in PostgreSQL too: node B refuses while node A's push is between
+    its check and its store."""
+    a, b = nodes
+    h = bearer(token(a, acme_jwt))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
+    layer = os.urandom(64)
+    push_blob(a, "acme/releases/app", config.encode(), h)
+    push_blob(a, "acme/releases/app", layer, h)
+    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+    first = Conn(a.port)
+    try:
+        first.send(
+            f"PUT /v2/acme/releases/app/manifests/v1.0 HTTP/1.1\r\nHost: {a.host}\r\n"
+            f"Authorization: {h['Authorization']}\r\nContent-Type: {OCI_MANIFEST}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        interim = first.read_answer("PUT")  # A's checks ran: its claim is held
+        assert interim is not None and interim.status == 100, interim
+        url = f"{b.url}/v2/acme/releases/app/manifests/v1.0"
+        second = requests.put(url, data=body, headers={**h, "Content-Type": OCI_MANIFEST},
+                              timeout=10)  # fmt: skip
+        assert second.status_code == 403, second.text
+        assert "a push of this tag is in progress" in second.text
+        assert first.send(body)
+        stored = first.read_answer("PUT")
+        assert stored is not None and stored.status == 201, stored
+    finally:
+        first.close()
+    again = requests.put(url, data=body, headers={**h, "Content-Type": OCI_MANIFEST}, timeout=10)
+    assert again.status_code == 403 and "in progress" not in again.text  # stored: immutable

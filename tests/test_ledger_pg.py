@@ -165,3 +165,22 @@ def test_admit_counts_confirmations_of_every_node_one_after_the_other(postgres: 
     assert check.admit("acme", admitted[0], 10, limit=100)  # held already: never counts again
     assert not check.admit("acme", D[5], 1, limit=100)  # full: one byte more is refused
     check.close()
+
+
+def test_a_tag_claimed_on_one_node_is_refused_on_another_until_released(
+    postgres: Postgres,
+) -> None:
+    url = postgres.database()
+    a, b = PgLedger(url), PgLedger(url)
+    key = a.claim_tag("acme/releases/app", "v1")
+    assert key is not None
+    assert b.claim_tag("acme/releases/app", "v1") is None
+    other = b.claim_tag("acme/releases/app", "v2")  # another tag is free
+    assert other is not None
+    b.release_tag(other)
+    a.release_tag(key)
+    again = b.claim_tag("acme/releases/app", "v1")
+    assert again is not None
+    b.close()  # a node gone: its session, and its claims, with it
+    assert a.claim_tag("acme/releases/app", "v1") is not None
+    a.close()
