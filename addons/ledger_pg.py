@@ -27,8 +27,9 @@ keepalives; any database error marks the ledger down (LedgerUnavailable: 503, ne
 201 or a false 404), the connection is dropped, and for FAIL_FAST seconds calls fail at once;
 then the next call connects again, and a success brings the ledger up.
 
-Credentials: never in the URL (it is on the gateway's command line, `run` refuses one there):
-libpq's own PGPASSFILE or PGPASSWORD, or certificates (sslcert/sslkey in the URL's query).
+Credentials: never in the URL this gets (it is on the gateway's command line): `run` moves a
+password given in REGISTRY_LEDGER_URL into PGPASSWORD; libpq reads that, or PGPASSFILE, or
+certificates (sslcert/sslkey in the URL's query).
 Blocking (psycopg): callers on the event loop run these methods in a thread.
 """
 

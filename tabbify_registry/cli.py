@@ -89,7 +89,7 @@ def ledger_spec(s: Settings) -> str:
     if s.nodes.ledger_url is None:
         return str(s.data_dir / "ledger" / "ledger.db")
     if not s.nodes.ledger_in_s3:
-        return s.nodes.ledger_url  # PostgreSQL: the URL as given (no password in it)
+        return s.nodes.ledger_url  # PostgreSQL, without its password (see supervisor_env)
     from addons.ledger_s3 import S3Location  # boto3: only where an S3 ledger is used
 
     assert s.s3_region is not None  # settings refuse an S3 ledger without a region
@@ -218,6 +218,9 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_GC_COMMAND=shlex.join(gc_command(env, s)),
         TBF_GC_AUTOSTART="true" if s.gc_interval and s.backend == "distribution" else "false",
     )
+    if s.nodes.ledger_password is not None:
+        # Given in REGISTRY_LEDGER_URL: libpq's own variable, never a command line.
+        child["PGPASSWORD"] = s.nodes.ledger_password
     return child
 
 
@@ -225,7 +228,10 @@ def gc_command(env: Mapping[str, str], s: Settings) -> list[str]:
     """The periodic GC (REGISTRY_GC_INTERVAL, Distribution only: Zot collects by itself):
     `tabbify-registry gc --every N` with the REGISTRY_* settings given back on its command
     line (supervisord's environment has none of them, see supervisor_env)."""
-    settings = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("REGISTRY_")]
+    given = {k: v for k, v in env.items() if k.startswith("REGISTRY_")}
+    if s.nodes.ledger_url is not None:  # without its password (PGPASSWORD carries that)
+        given["REGISTRY_LEDGER_URL"] = s.nodes.ledger_url
+    settings = [f"{k}={v}" for k, v in sorted(given.items())]
     return [
         "env",
         *settings,

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 # Zot's and Distribution's key prefix in the bucket (zot/config.py S3_PREFIX, without "/").
 STORAGE_PREFIX = "zot"
@@ -45,6 +45,8 @@ class NodesError(ValueError):
 @dataclass(frozen=True)
 class Nodes:
     ledger_url: str | None = None  # s3://bucket/prefix, postgresql://…; None = SQLite
+    # A password given in a postgresql:// URL, kept out of `ledger_url` and out of repr().
+    ledger_password: str | None = field(default=None, repr=False)
     token_key_file: Path | None = None
     http_secret_file: Path | None = None
     cluster_members: tuple[str, ...] = ()
@@ -77,25 +79,29 @@ def _absolute(env: Mapping[str, str], name: str) -> Path | None:
     return Path(value)
 
 
-def parse_pg_url(value: str) -> str:
-    """postgresql://[user@]host[:port]/database[?sslmode=…]: no password (the URL is on the
-    gateway's command line; libpq reads PGPASSFILE or PGPASSWORD), one host, a database."""
+def shown(value: str) -> str:
+    """A URL as error messages may print it: without user information (a password)."""
     parts = urlsplit(value)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def parse_pg_url(value: str) -> tuple[str, str | None]:
+    """postgresql://[user[:password]@]host[:port]/database[?sslmode=…], one host: the URL
+    without its password, and the password. The URL goes on the gateway's command line, so
+    the password travels apart (PGPASSWORD in the programs' environment, which libpq reads,
+    as it reads PGPASSFILE)."""
+    parts = urlsplit(value)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
     try:
-        host, user = parts.hostname, parts.username
+        host = parts.hostname
         parts.port  # noqa: B018 - a port that is no number in 0-65535 raises ValueError
     except ValueError:
+        raise NodesError(f"REGISTRY_LEDGER_URL: {hostport!r} is not host[:port]") from None
+    if not host or "," in hostport or parts.fragment or (userinfo and not user):
         raise NodesError(
-            f"REGISTRY_LEDGER_URL: {parts.netloc!r} is not [user@]host[:port]"
-        ) from None
-    if parts.password is not None or (parts.netloc.count("@") and not user):
-        raise NodesError(
-            "REGISTRY_LEDGER_URL: no password in the URL (it would be on the gateway's command "
-            "line); give it in PGPASSFILE or PGPASSWORD"
-        )
-    if not host or "," in parts.netloc or parts.fragment:
-        raise NodesError(
-            "REGISTRY_LEDGER_URL: expected postgresql://[user@]host[:port]/database (one host)"
+            "REGISTRY_LEDGER_URL: expected postgresql://[user[:password]@]host[:port]/database "
+            "(one host)"
         )
     database = parts.path.removeprefix("/")
     if not _DATABASE.fullmatch(database):
@@ -103,29 +109,32 @@ def parse_pg_url(value: str) -> str:
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
-        raise NodesError(f"REGISTRY_LEDGER_URL: the query {parts.query!r} is malformed") from None
+        raise NodesError("REGISTRY_LEDGER_URL: its query is malformed") from None
     unknown = sorted({k for k, _ in query} - PG_PARAMETERS)
     if unknown:
         raise NodesError(
             f"REGISTRY_LEDGER_URL: parameter {unknown[0]!r} is not taken (only "
             f"{', '.join(sorted(PG_PARAMETERS))})"
         )
-    return "postgresql://" + parts.netloc + parts.path + (f"?{parts.query}" if parts.query else "")
+    netloc = f"{user}@{hostport}" if user else hostport
+    url = f"postgresql://{netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    return url, (unquote(password) if colon else None)
 
 
-def parse_ledger_url(value: str, storage_bucket: str | None) -> str:
+def parse_ledger_url(value: str, storage_bucket: str | None) -> tuple[str, str | None]:
+    """The ledger URL (never with a password in it), and a PostgreSQL password if it had one."""
     parts = urlsplit(value)
     if parts.scheme in ("postgresql", "postgres"):
         return parse_pg_url(value)
     if parts.scheme != "s3":
         raise NodesError(
-            f"REGISTRY_LEDGER_URL={value!r}: expected s3://<bucket>/<prefix> or "
-            "postgresql://[user@]host[:port]/database"
+            f"REGISTRY_LEDGER_URL={shown(value)!r}: expected s3://<bucket>/<prefix> or "
+            "postgresql://[user[:password]@]host[:port]/database"
         )
     if parts.query or parts.fragment or "@" in parts.netloc:
         raise NodesError(
-            f"REGISTRY_LEDGER_URL={value!r}: only s3://<bucket>/<prefix> (no credentials, no "
-            "query: region and endpoint are REGISTRY_S3_REGION and REGISTRY_S3_ENDPOINT)"
+            f"REGISTRY_LEDGER_URL={shown(value)!r}: only s3://<bucket>/<prefix> (no credentials, "
+            "no query: region and endpoint are REGISTRY_S3_REGION and REGISTRY_S3_ENDPOINT)"
         )
     if not _BUCKET.fullmatch(parts.netloc):
         raise NodesError(f"REGISTRY_LEDGER_URL={value!r}: {parts.netloc!r} is not a bucket name")
@@ -141,7 +150,7 @@ def parse_ledger_url(value: str, storage_bucket: str | None) -> str:
             f"REGISTRY_LEDGER_URL={value!r}: the prefix {STORAGE_PREFIX}/ of the bucket is the "
             "backend's storage; choose another"
         )
-    return f"s3://{parts.netloc}/{prefix}"
+    return f"s3://{parts.netloc}/{prefix}", None
 
 
 def parse_members(value: str) -> tuple[str, ...]:
@@ -164,7 +173,9 @@ def parse(
 ) -> Nodes:
     """The several-nodes settings, and the refusal of anything that would split state."""
     ledger_value = env.get("REGISTRY_LEDGER_URL", "").strip()
-    ledger_url = parse_ledger_url(ledger_value, bucket) if ledger_value else None
+    ledger_url, ledger_password = (
+        parse_ledger_url(ledger_value, bucket) if ledger_value else (None, None)
+    )
     if ledger_url and ledger_url.startswith("s3://") and not region:
         raise NodesError("REGISTRY_LEDGER_URL=s3://… needs REGISTRY_S3_REGION (request signing)")
 
@@ -180,6 +191,7 @@ def parse(
 
     nodes = Nodes(
         ledger_url=ledger_url,
+        ledger_password=ledger_password,
         token_key_file=_absolute(env, "REGISTRY_TOKEN_KEY_FILE"),
         http_secret_file=_absolute(env, "REGISTRY_HTTP_SECRET_FILE"),
         cluster_members=members,

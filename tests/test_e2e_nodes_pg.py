@@ -1,6 +1,7 @@
 """Two nodes on one bucket with the isolation ledger in PostgreSQL (REGISTRY_LEDGER_URL=
 postgresql://…) instead of the bucket: the same promises as tests/test_e2e_nodes.py, on a
-real PostgreSQL server, the password from PGPASSWORD (never in the URL)."""
+real PostgreSQL server; node A gets the password from PGPASSWORD, node B in the URL (and
+it is on no command line)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def nodes(
     members = f"127.0.0.1:{a.backend_port},127.0.0.1:{b.backend_port}"
     for stack in (a, b):
         stack.env.update(node_env(s3, shared, members))
-        stack.env.update(REGISTRY_LEDGER_URL=ledger, PGPASSWORD=PASSWORD)
+    # The two ways to give the password: libpq's variable (A), or in the URL (B).
+    a.env.update(REGISTRY_LEDGER_URL=ledger, PGPASSWORD=PASSWORD)
+    b.env["REGISTRY_LEDGER_URL"] = ledger.replace("registry@", f"registry:{PASSWORD}@")
     a.start(wait=False)
     b.start(wait=False)
     try:

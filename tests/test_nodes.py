@@ -133,13 +133,12 @@ def test_host_names_are_members_too() -> None:
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        ("postgresql://registry:hunter2@db.mesh/ledger", "no password"),
-        ("postgresql://registry:@db.mesh/ledger", "no password"),
+        ("postgresql://:hunter2@db.mesh/ledger", "[user[:password]@]"),
         ("postgresql://db.mesh/", "database name"),
         ("postgresql://db.mesh/a/b", "database name"),
         ("postgresql:///ledger", "one host"),
         ("postgresql://db1.mesh,db2.mesh/ledger", "one host"),
-        ("postgresql://db.mesh:99999/ledger", "host[:port]"),
+        ("postgresql://u:hunter2@db.mesh:99999/ledger", "host[:port]"),
         ("postgresql://db.mesh/ledger?options=-c%20x=1", "'options' is not taken"),
         ("postgresql://db.mesh/ledger?password=x", "'password' is not taken"),
         ("postgresql://db.mesh/ledger?sslmode", "malformed"),
@@ -155,7 +154,23 @@ def test_host_names_are_members_too() -> None:
     ],
 )
 def test_bad_ledger_urls(url: str, why: str) -> None:
-    refused({**S3, "REGISTRY_LEDGER_URL": url}, "REGISTRY_LEDGER_URL", why)
+    message = refused({**S3, "REGISTRY_LEDGER_URL": url}, "REGISTRY_LEDGER_URL", why)
+    assert "hunter2" not in message and "secret" not in message  # never echoed
+
+
+def test_a_password_in_a_postgresql_url_travels_apart_from_every_command_line() -> None:
+    url = "postgresql://registry:hunter%2F2@db.mesh/ledger?sslmode=require"
+    env = {**S3, "REGISTRY_LEDGER_URL": url, "REGISTRY_GC_INTERVAL": "1h"}
+    s = load(env)
+    assert s.nodes.ledger_url == "postgresql://registry@db.mesh/ledger?sslmode=require"
+    assert s.nodes.ledger_password == "hunter/2" and "hunter" not in repr(s)
+    child = cli.supervisor_env(env, s, Path("/d/backend.yml"))
+    assert child["PGPASSWORD"] == "hunter/2"
+    commands = [cli.mitmdump_command(s), cli.gc_command(env, s), cli.admin_command(s)]
+    assert all("hunter" not in " ".join(c) for c in commands)
+    assert all("hunter" not in v for k, v in child.items() if k != "PGPASSWORD")
+    assert f"REGISTRY_LEDGER_URL={s.nodes.ledger_url}" in cli.gc_command(env, s)
+    assert "PGPASSWORD" not in cli.supervisor_env(S3, load(S3), Path("/d/backend.yml"))
 
 
 def test_a_postgresql_ledger_is_shared_and_handed_to_the_gateway_as_given() -> None:
