@@ -18,6 +18,15 @@ import jwt
 _KEY = "tabbify-auth-standin-signing-key-0123456789"
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Every validation is a new connection (HTTP/1.0): the standard library's backlog of 5
+    # drops SYNs when dozens of logins arrive at once, and a retransmitted SYN waits 1-3 s,
+    # which a loaded machine turns into the gateway's 5 s auth deadline. A real service's
+    # backlog is in the hundreds.
+    request_queue_size = 256
+
+
 def tabbify_jwt(claims: dict[str, Any]) -> str:
     return jwt.encode({"iat": int(time.time()), **claims}, _KEY, algorithm="HS256")
 
@@ -82,8 +91,7 @@ class AuthStandin:
                 with contextlib.suppress(BrokenPipeError):
                     self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
+        self.server = Server((host, 0), Handler)
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
