@@ -68,13 +68,55 @@ def _accounting_schema(db: sqlite3.Connection) -> None:
     )
 
 
+class LedgerState:
+    """Up or down: what every ledger (SQLite, S3, PostgreSQL) reports to /healthz, and how it
+    goes down and comes back. A ledger calls `_init_state` in its constructor; it has `path`
+    (named in logs), `_clock` and a re-entrant `_lock`."""
+
+    path: object
+    _clock: Callable[[], float]
+    _lock: threading.RLock
+
+    def _init_state(self) -> None:
+        self._retry_at = 0.0  # until then, calls that need the store fail at once
+        self.state, self.reason, self.since = "ok", "", time.time()
+        self.errors = 0
+
+    def _down(self, reason: str, retry_after: float | None) -> None:
+        """Down, saying why; for `retry_after` seconds the store is not tried again (None:
+        tried at the next call)."""
+        with self._lock:
+            if self.state != "down":
+                logger.error("ledger down: %s", reason)
+                self.since = time.time()
+            self.state, self.reason = "down", reason
+            self.errors += 1
+            if retry_after is not None:
+                self._retry_at = self._clock() + retry_after
+
+    def _failing_fast(self) -> bool:
+        return self.state == "down" and self._clock() < self._retry_at
+
+    def _up(self) -> None:
+        with self._lock:
+            if self.state != "ok":
+                logger.warning("ledger up again (%s)", self.path)
+                self.state, self.reason, self.since = "ok", "", time.time()
+
+    def status(self) -> dict[str, object]:
+        out: dict[str, object] = {"state": self.state, "since": self.since}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
 _USAGE = (
     "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
     " WHERE seen.tenant = ?"
 )
 
 
-class Ledger:
+class Ledger(LedgerState):
     """(tenant, digest) pairs, and (/repository, digest) pairs: what a repository holds.
     Positive answers cached in memory (`known.KnownRecords`: the hot path is a HEAD)."""
 
@@ -90,9 +132,7 @@ class Ledger:
         self.known = KnownRecords(cache)
         # One connection, used from the event loop and from worker threads: serialise.
         self._lock = threading.RLock()
-        self._retry_at = 0.0
-        self.state, self.reason, self.since = "ok", "", time.time()
-        self.errors = 0
+        self._init_state()
         self.recovered = 0  # times the file was found deleted or replaced
         with self._lock:
             self._open()
@@ -174,19 +214,9 @@ class Ledger:
         """Down: no confirmation until a write succeeds again. `keep_open` for a statement
         that failed on a sound connection (a full disk, a read-only file, a lock held too
         long): reads go on; otherwise the connection is closed and reopened later."""
-        if self.state != "down":
-            logger.error("ledger down: %s", reason)
-            self.since = time.time()
-        self.state, self.reason = "down", reason
-        self.errors += 1
+        self._down(reason, None if keep_open else REOPEN_EVERY)
         if not keep_open:
-            self._retry_at = self._clock() + REOPEN_EVERY
             self._close()
-
-    def _up(self) -> None:
-        if self.state != "ok":
-            logger.warning("ledger up again (%s)", self.path)
-            self.state, self.reason, self.since = "ok", "", time.time()
 
     def _close(self) -> None:
         if self._db is not None:
@@ -459,12 +489,6 @@ class Ledger:
             probe = "INSERT OR REPLACE INTO walked VALUES ('/health', 0)"
         with contextlib.suppress(LedgerUnavailable):
             self._run(True, lambda db: db.execute(probe).fetchone())
-
-    def status(self) -> dict[str, object]:
-        out: dict[str, object] = {"state": self.state, "since": self.since}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
 
     def close(self) -> None:
         with self._lock:

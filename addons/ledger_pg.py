@@ -36,7 +36,6 @@ Blocking (psycopg): callers on the event loop run these methods in a thread.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,9 +46,7 @@ import psycopg
 
 from addons import quota
 from addons.known import KnownRecords
-from addons.ledger import LedgerUnavailable, holder
-
-logger = logging.getLogger(__name__)
+from addons.ledger import LedgerState, LedgerUnavailable, holder
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
 STATEMENT_TIMEOUT_MS = 5000
@@ -86,7 +83,7 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class PgLedger:
+class PgLedger(LedgerState):
     """(holder, digest) pairs in PostgreSQL; positive answers cached in memory."""
 
     accounts = True  # sizes, usage and push times: quotas work (addons/accounting.py)
@@ -104,11 +101,9 @@ class PgLedger:
         self._clock = clock
         self._conn: Any = None
         self._lock = threading.RLock()  # one connection, used from worker threads: serialise
-        self._retry_at = 0.0
         self.known = KnownRecords(cache)
         self._repos_known: set[str] = set()  # catalog and walk records this process wrote
-        self.state, self.reason, self.since = "ok", "", time.time()
-        self.errors = 0
+        self._init_state()
         self.recovered = 0  # nothing to recreate: the database is the record
         self.check()  # a database that cannot be reached at start: down, retried, not fatal
 
@@ -144,7 +139,7 @@ class PgLedger:
 
     def _run(self, what: str, action: Callable[[Any], Any]) -> Any:
         with self._lock:
-            if self.state == "down" and self._clock() < self._retry_at:
+            if self._failing_fast():
                 raise LedgerUnavailable(self.reason)
             try:
                 result = action(self._connection())
@@ -155,21 +150,8 @@ class PgLedger:
             return result
 
     def _failed(self, reason: str) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None  # the next try connects again
-        if self.state != "down":
-            logger.error("ledger down: %s", reason)
-            self.since = time.time()
-        self.state, self.reason = "down", reason
-        self.errors += 1
-        self._retry_at = self._clock() + FAIL_FAST
-
-    def _up(self) -> None:
-        if self.state != "ok":
-            logger.warning("ledger up again (%s)", self.path)
-            self.state, self.reason, self.since = "ok", "", time.time()
+        self.close()  # the next try connects again
+        self._down(reason, FAIL_FAST)
 
     # --- records ------------------------------------------------------------------------------
 
@@ -381,12 +363,6 @@ class PgLedger:
         """For the health check: can the database be reached (a failure is recorded)?"""
         with contextlib.suppress(LedgerUnavailable):
             self._run("SELECT", lambda db: db.execute("SELECT 1").fetchone())
-
-    def status(self) -> dict[str, object]:
-        out: dict[str, object] = {"state": self.state, "since": self.since}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
 
     def close(self) -> None:
         with self._lock:

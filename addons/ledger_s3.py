@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -53,9 +52,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from addons.known import KnownRecords
-from addons.ledger import LedgerUnavailable, holder
-
-logger = logging.getLogger(__name__)
+from addons.ledger import LedgerState, LedgerUnavailable, holder
 
 FORMAT = {"format": "tabbify-ledger", "version": 1}
 FAIL_FAST = 1.0  # seconds after a failure during which calls fail at once
@@ -100,7 +97,7 @@ def name_from_key(key: str) -> str:
     return bytes.fromhex(key).decode()
 
 
-class S3Ledger:
+class S3Ledger(LedgerState):
     """(tenant, digest) pairs in a bucket; positive answers cached in memory
     (`known.KnownRecords`)."""
 
@@ -134,24 +131,22 @@ class S3Ledger:
         self._format = f"{base}format"
         self.known = KnownRecords(cache)
         self._repos_known: set[str] = set()  # catalog and walk records this process wrote
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="ledger-s3")
-        self._retry_at = 0.0
         self._formatted = False
-        self.state, self.reason, self.since = "ok", "", time.time()
-        self.errors = 0
+        self._init_state()
         self.recovered = 0  # nothing to recreate: the bucket is the record
         self.check()  # a bucket that cannot be reached at start: down, retried, not fatal
 
     # --- S3 calls, each turning any failure into LedgerUnavailable -------------------------
 
     def _call(self, what: str, action: Callable[[], Any]) -> Any:
-        if self.state == "down" and self._clock() < self._retry_at:
+        if self._failing_fast():
             raise LedgerUnavailable(self.reason)
         try:
             result = action()
         except (BotoCoreError, ClientError) as e:
-            self._failed(f"{what}: {_describe(e)}")
+            self._down(f"{what}: {_describe(e)}", FAIL_FAST)
             raise LedgerUnavailable(self.reason) from None
         return result
 
@@ -169,21 +164,6 @@ class S3Ledger:
 
     def _put(self, key: str, body: bytes = b"") -> None:
         self._s3.put_object(Bucket=self.where.bucket, Key=key, Body=body)
-
-    def _failed(self, reason: str) -> None:
-        with self._lock:
-            if self.state != "down":
-                logger.error("ledger down: %s", reason)
-                self.since = time.time()
-            self.state, self.reason = "down", reason
-            self.errors += 1
-            self._retry_at = self._clock() + FAIL_FAST
-
-    def _up(self) -> None:
-        with self._lock:
-            if self.state != "ok":
-                logger.warning("ledger up again (%s)", self.path)
-                self.state, self.reason, self.since = "ok", "", time.time()
 
     def _ensure_format(self) -> None:
         """The prefix is ours (or empty): never mix records into another layout."""
@@ -328,12 +308,6 @@ class S3Ledger:
             self._formatted = False
             self._ensure_format()
             self._up()
-
-    def status(self) -> dict[str, object]:
-        out: dict[str, object] = {"state": self.state, "since": self.since}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
