@@ -31,22 +31,31 @@ pytestmark = pytest.mark.e2e
 BUCKET = "tbf-registry"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed-nodes")).start()
+def bucket_server(folder: Path) -> Iterator[SeaweedS3]:
+    """SeaweedFS with the nodes' bucket, for a module's fixture."""
+    server = SeaweedS3(folder).start()
     server.create_bucket(BUCKET)
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What an operator distributes to every node (a secret store, a config map)."""
-    folder = tmp_path_factory.mktemp("shared")
+def shared_files(folder: Path) -> Path:
+    """What an operator distributes to every node (a secret store, a config map): the
+    upload secret and the registry-token keys; the policy file goes here too."""
     (folder / "http-secret").write_text(os.urandom(24).hex() + "\n")
     (folder / "token-keys").write_text(os.urandom(24).hex() + "\n")
     (folder / "token-keys").chmod(0o600)
     return folder
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    yield from bucket_server(tmp_path_factory.mktemp("seaweed-nodes"))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_files(tmp_path_factory.mktemp("shared"))
 
 
 def node_env(s3: SeaweedS3, shared: Path, members: str) -> dict[str, str]:
@@ -61,15 +70,21 @@ def node_env(s3: SeaweedS3, shared: Path, members: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def nodes(
-    tmp_path_factory: pytest.TempPathFactory, s3: SeaweedS3, shared: Path, auth
+@contextlib.contextmanager
+def two_nodes(
+    root: Path,
+    auth_url: str,
+    s3: SeaweedS3,
+    shared: Path,
+    env_a: dict[str, str] | None = None,
+    env_b: dict[str, str] | None = None,
 ) -> Iterator[tuple[Stack, Stack]]:
-    root = tmp_path_factory.mktemp("nodes")
-    a, b = Stack(root / "a", auth.url), Stack(root / "b", auth.url)
+    """Nodes A and B on the bucket and the shared files (each node's own `env_*` on top),
+    started side by side, stopped on the way out."""
+    a, b = Stack(root / "a", auth_url), Stack(root / "b", auth_url)
     members = f"127.0.0.1:{a.backend_port},127.0.0.1:{b.backend_port}"
-    for stack in (a, b):
-        stack.env.update(node_env(s3, shared, members))
+    for stack, own in ((a, env_a), (b, env_b)):
+        stack.env.update(node_env(s3, shared, members), **(own or {}))
     a.start(wait=False)
     b.start(wait=False)
     try:
@@ -82,18 +97,31 @@ def nodes(
                 stack.stop()
 
 
+@pytest.fixture(scope="module")
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, s3: SeaweedS3, shared: Path, auth
+) -> Iterator[tuple[Stack, Stack]]:
+    with two_nodes(tmp_path_factory.mktemp("nodes"), auth.url, s3, shared) as both:
+        yield both
+
+
+def push_here_pull_there(a: Stack, b: Stack, jwt: str, tmp_path: Path) -> list[str]:
+    """skopeo pushes an image through A and pulls it through B, byte-identical (manifest
+    too); B's catalog, as the tenant sees it."""
+    pushed = oci_layout(tmp_path / "src", "v1")
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", f"docker://{a.host}/acme/app:v1", jwt)
+    assert r.returncode == 0, r.stderr
+    r = skopeo_copy(f"docker://{b.host}/acme/app:v1", f"oci:{tmp_path / 'out'}:v1", jwt)
+    assert r.returncode == 0, r.stderr
+    assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+    h = bearer(token(b, jwt))
+    return requests.get(f"{b.url}/v2/_catalog", headers=h, timeout=10).json()["repositories"]
+
+
 def test_push_through_one_node_pull_through_the_other(nodes, acme_jwt, tmp_path):
     a, b = nodes
-    pushed = oci_layout(tmp_path / "src", "v1")
-    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", f"docker://{a.host}/acme/app:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    r = skopeo_copy(f"docker://{b.host}/acme/app:v1", f"oci:{tmp_path / 'out'}:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    assert layout_blobs(tmp_path / "out") == pushed["blobs"]  # byte-identical, manifest too
     # B's catalog lists what was pushed through A (the shared ledger's repository records).
-    h = bearer(token(b, acme_jwt))
-    listed = requests.get(f"{b.url}/v2/_catalog", headers=h, timeout=10).json()["repositories"]
-    assert "acme/app" in listed
+    assert "acme/app" in push_here_pull_there(a, b, acme_jwt, tmp_path)
 
 
 def test_isolation_holds_across_nodes(nodes, acme_jwt, globex_jwt):

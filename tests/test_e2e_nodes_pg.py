@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import skopeo_copy
-from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.images import image_manifest
 from tests.postgres import PASSWORD, Postgres
 from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import tabbify_jwt
 from tests.standins.seaweed import SeaweedS3
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
-from tests.test_e2e_nodes import BUCKET, node_env
+from tests.test_e2e_nodes import bucket_server, push_here_pull_there, shared_files, two_nodes
 
 pytestmark = pytest.mark.e2e
 POLICY = """
@@ -39,10 +38,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed-nodes-pg")).start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+    yield from bucket_server(tmp_path_factory.mktemp("seaweed-nodes-pg"))
 
 
 @pytest.fixture(scope="module")
@@ -50,43 +46,20 @@ def nodes(
     tmp_path_factory: pytest.TempPathFactory, s3: SeaweedS3, postgres: Postgres, auth
 ) -> Iterator[tuple[Stack, Stack]]:
     root = tmp_path_factory.mktemp("nodes-pg")
-    shared = root / "shared"
-    shared.mkdir()
-    (shared / "http-secret").write_text(os.urandom(24).hex() + "\n")
-    (shared / "token-keys").write_text(os.urandom(24).hex() + "\n")
-    (shared / "token-keys").chmod(0o600)
+    (root / "shared").mkdir()
+    shared = shared_files(root / "shared")
     (shared / "policy.toml").write_text(POLICY)
     ledger = postgres.database()
-    a, b = Stack(root / "a", auth.url), Stack(root / "b", auth.url)
-    members = f"127.0.0.1:{a.backend_port},127.0.0.1:{b.backend_port}"
-    for stack in (a, b):
-        stack.env.update(node_env(s3, shared, members))
     # The two ways to give the password: libpq's variable (A), or in the URL (B).
-    a.env.update(REGISTRY_LEDGER_URL=ledger, PGPASSWORD=PASSWORD)
-    b.env["REGISTRY_LEDGER_URL"] = ledger.replace("registry@", f"registry:{PASSWORD}@")
-    a.start(wait=False)
-    b.start(wait=False)
-    try:
-        a.wait_ready(60)
-        b.wait_ready(60)
-        yield a, b
-    finally:
-        for stack in (a, b):
-            if stack.proc is not None:
-                stack.stop()
+    env_a = {"REGISTRY_LEDGER_URL": ledger, "PGPASSWORD": PASSWORD}
+    env_b = {"REGISTRY_LEDGER_URL": ledger.replace("registry@", f"registry:{PASSWORD}@")}
+    with two_nodes(root, auth.url, s3, shared, env_a, env_b) as both:
+        yield both
 
 
 def test_push_through_one_node_pull_through_the_other(nodes, acme_jwt, tmp_path):
     a, b = nodes
-    pushed = oci_layout(tmp_path / "src", "v1")
-    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", f"docker://{a.host}/acme/app:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    r = skopeo_copy(f"docker://{b.host}/acme/app:v1", f"oci:{tmp_path / 'out'}:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    assert layout_blobs(tmp_path / "out") == pushed["blobs"]
-    h = bearer(token(b, acme_jwt))
-    listed = requests.get(f"{b.url}/v2/_catalog", headers=h, timeout=10).json()["repositories"]
-    assert listed == ["acme/app"]
+    assert push_here_pull_there(a, b, acme_jwt, tmp_path) == ["acme/app"]
 
 
 def test_isolation_holds_across_nodes(nodes, acme_jwt, globex_jwt):
