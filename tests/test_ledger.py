@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -189,16 +191,15 @@ def test_admit_decides_and_records_in_one_step(tmp_path):
     assert ledger.admit("globex", D[0], 60, limit=60)  # a shared blob counts for each tenant
 
 
-def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path):
-    """Each thread has its own Ledger on one file, as each worker process does."""
-    path = tmp_path / "l.db"
-    Ledger(path).count()  # the schema, once
+def racing_admits(open_ledger: Callable[[], Any]) -> list[str]:
+    """Four workers (or nodes), each with its own ledger on one store, confirm 40 uploads of
+    10 bytes for a tenant with a quota of 100, all at once: the digests admitted."""
     digests = [f"sha256:{i:064x}" for i in range(40)]
     admitted: list[str] = []
     start = threading.Barrier(4)
 
     def worker(mine: list[str]) -> None:
-        ledger = Ledger(path)
+        ledger = open_ledger()
         start.wait()
         for d in mine:
             if ledger.admit("acme", d, 10, limit=100):
@@ -210,4 +211,11 @@ def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path)
         t.start()
     for t in threads:
         t.join()
-    assert len(admitted) == 10 and Ledger(path).usage("acme") == 100
+    return admitted
+
+
+def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path):
+    """Each thread has its own Ledger on one file, as each worker process does."""
+    path = tmp_path / "l.db"
+    Ledger(path).count()  # the schema, once
+    assert len(racing_admits(lambda: Ledger(path))) == 10 and Ledger(path).usage("acme") == 100

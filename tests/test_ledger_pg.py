@@ -4,7 +4,6 @@ The answers it shares with the other ledgers are in tests/test_ledger_s3.py (`an
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -15,6 +14,7 @@ from addons.ledger import LedgerUnavailable
 from addons.ledger_pg import PgLedger, redacted
 from addons.ledgers import is_shared, open_ledger
 from tests.postgres import PASSWORD, Postgres
+from tests.test_ledger import racing_admits
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 
@@ -143,23 +143,7 @@ def test_admit_counts_confirmations_of_every_node_one_after_the_other(postgres: 
     """Four nodes confirming a tenant's uploads at the same moment: exactly the quota."""
     url = postgres.database()
     PgLedger(url).close()  # the tables, once
-    digests = [f"sha256:{i:064x}" for i in range(40)]
-    admitted: list[str] = []
-    start = threading.Barrier(4)
-
-    def node(mine: list[str]) -> None:
-        ledger = PgLedger(url)
-        start.wait()
-        for d in mine:
-            if ledger.admit("acme", d, 10, limit=100):
-                admitted.append(d)
-        ledger.close()
-
-    threads = [threading.Thread(target=node, args=(digests[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    admitted = racing_admits(lambda: PgLedger(url))
     check = PgLedger(url)
     assert len(admitted) == 10 and check.usage("acme") == 100
     assert check.admit("acme", admitted[0], 10, limit=100)  # held already: never counts again
