@@ -6,7 +6,6 @@ it is on no command line)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.images import image_manifest
 from tests.postgres import PASSWORD, Postgres
-from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import tabbify_jwt
 from tests.standins.seaweed import SeaweedS3
-from tests.test_e2e_gateway import bearer, push_blob, sha256, token
+from tests.test_e2e_gateway import bearer, push_blob, token
 from tests.test_e2e_nodes import bucket_server, push_here_pull_there, shared_files, two_nodes
+from tests.test_e2e_policy import held_manifest_put, put_manifest, small_manifest
 
 pytestmark = pytest.mark.e2e
 POLICY = """
@@ -33,7 +31,6 @@ bytes = "100kB"
 repositories = ["acme/releases/**"]
 tags = ["v*"]
 """
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture(scope="module")
@@ -146,23 +143,10 @@ def test_two_first_pushes_of_an_immutable_tag_on_two_nodes_store_only_one(nodes,
     its check and its store."""
     a, b = nodes
     h = bearer(token(a, acme_jwt))
-    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
-    layer = os.urandom(64)
-    push_blob(a, "acme/releases/app", config.encode(), h)
-    push_blob(a, "acme/releases/app", layer, h)
-    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
-    first = Conn(a.port)
+    body = small_manifest(a, "acme/releases/app", h)
+    first = held_manifest_put(a, "acme/releases/app", "v1.0", body, h)  # A's claim is held
     try:
-        first.send(
-            f"PUT /v2/acme/releases/app/manifests/v1.0 HTTP/1.1\r\nHost: {a.host}\r\n"
-            f"Authorization: {h['Authorization']}\r\nContent-Type: {OCI_MANIFEST}\r\n"
-            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
-        )
-        interim = first.read_answer("PUT")  # A's checks ran: its claim is held
-        assert interim is not None and interim.status == 100, interim
-        url = f"{b.url}/v2/acme/releases/app/manifests/v1.0"
-        second = requests.put(url, data=body, headers={**h, "Content-Type": OCI_MANIFEST},
-                              timeout=10)  # fmt: skip
+        second = put_manifest(b, "acme/releases/app", "v1.0", body, h)
         assert second.status_code == 403, second.text
         assert "a push of this tag is in progress" in second.text
         assert first.send(body)
@@ -170,5 +154,5 @@ def test_two_first_pushes_of_an_immutable_tag_on_two_nodes_store_only_one(nodes,
         assert stored is not None and stored.status == 201, stored
     finally:
         first.close()
-    again = requests.put(url, data=body, headers={**h, "Content-Type": OCI_MANIFEST}, timeout=10)
+    again = put_manifest(b, "acme/releases/app", "v1.0", body, h)
     assert again.status_code == 403 and "in progress" not in again.text  # stored: immutable

@@ -64,19 +64,43 @@ def ref(stack: Stack, repo: str) -> str:
     return f"docker://{stack.host}/{repo}"
 
 
-def small_image(stack: Stack, repo: str, tag: str, h: dict[str, str]) -> requests.Response:
-    """Push a config and a layer, then a manifest under `tag`; the manifest PUT's answer."""
+def small_manifest(stack: Stack, repo: str, h: dict[str, str]) -> bytes:
+    """Push a config and a layer of a new small image; its manifest (not pushed)."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
     layer = b"layer " + os.urandom(64)
     push_blob(stack, repo, config.encode(), h)
     push_blob(stack, repo, layer, h)
-    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+    return image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
+
+
+def put_manifest(
+    stack: Stack, repo: str, tag: str, body: bytes, h: dict[str, str]
+) -> requests.Response:
     return requests.put(
         f"{stack.url}/v2/{repo}/manifests/{tag}",
         data=body,
         headers={**h, "Content-Type": OCI_MANIFEST},
         timeout=10,
     )
+
+
+def small_image(stack: Stack, repo: str, tag: str, h: dict[str, str]) -> requests.Response:
+    """Push a config and a layer, then a manifest under `tag`; the manifest PUT's answer."""
+    return put_manifest(stack, repo, tag, small_manifest(stack, repo, h), h)
+
+
+def held_manifest_put(stack: Stack, repo: str, tag: str, body: bytes, h: dict[str, str]) -> Conn:
+    """A manifest PUT stopped after its head, once the gateway's checks have run (the 100
+    Continue it sends after them has come): the body waits for `conn.send(body)`."""
+    conn = Conn(stack.port)
+    conn.send(
+        f"PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: {stack.host}\r\n"
+        f"Authorization: {h['Authorization']}\r\nContent-Type: {OCI_MANIFEST}\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    interim = conn.read_answer("PUT")
+    assert interim is not None and interim.status == 100, interim
+    return conn
 
 
 def test_a_shared_base_image_is_pulled_and_built_on_with_layers_mounted(
@@ -179,20 +203,9 @@ def test_two_first_pushes_of_an_immutable_tag_racing_store_only_one(
 ) -> None:
     """The second push arrives while the first is between its check and its store."""
     a = bearer(token(stack, acme_jwt))
-    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(4).hex()})
-    layer = b"layer " + os.urandom(64)
-    push_blob(stack, "acme/releases/race", config.encode(), a)
-    push_blob(stack, "acme/releases/race", layer, a)
-    body = image_manifest((sha256(config.encode()), len(config)), [(sha256(layer), len(layer))])
-    first = Conn(stack.port)
+    body = small_manifest(stack, "acme/releases/race", a)
+    first = held_manifest_put(stack, "acme/releases/race", "v2.0", body, a)
     try:
-        first.send(
-            f"PUT /v2/acme/releases/race/manifests/v2.0 HTTP/1.1\r\nHost: {stack.host}\r\n"
-            f"Authorization: {a['Authorization']}\r\nContent-Type: {OCI_MANIFEST}\r\n"
-            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
-        )
-        interim = first.read_answer("PUT")  # sent once the gateway's checks have run
-        assert interim is not None and interim.status == 100, interim
         second = small_image(stack, "acme/releases/race", "v2.0", a)
         assert second.status_code == 403, second.text
         assert "a push of this tag is in progress" in second.json()["errors"][0]["message"]
