@@ -110,6 +110,8 @@ class LedgerState:
         return out
 
 
+_HELD = "SELECT 1 FROM seen WHERE tenant = ? AND digest = ?"
+_SIZE = "INSERT OR REPLACE INTO sizes VALUES (?, ?)"  # content-addressed: one size, ever
 _USAGE = (
     "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
     " WHERE seen.tenant = ?"
@@ -248,9 +250,7 @@ class Ledger(LedgerState):
         self.known.misses += 1
         row = self._run(
             False,
-            lambda db: db.execute(
-                "SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key
-            ).fetchone(),
+            lambda db: db.execute(_HELD, key).fetchone(),
         )
         if row is not None:
             with self._lock:
@@ -320,7 +320,7 @@ class Ledger(LedgerState):
         if rows:
             self._run(
                 True,
-                lambda db: db.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)", rows),
+                lambda db: db.executemany(_SIZE, rows),
             )
 
     def sizes(self, digests: Iterable[str]) -> dict[str, int]:
@@ -348,8 +348,8 @@ class Ledger(LedgerState):
         def decide(db: sqlite3.Connection) -> bool:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.execute("INSERT OR REPLACE INTO sizes VALUES (?, ?)", (digest, max(size, 0)))
-                if db.execute("SELECT 1 FROM seen WHERE tenant = ? AND digest = ?", key).fetchone():
+                db.execute(_SIZE, (digest, max(size, 0)))
+                if db.execute(_HELD, key).fetchone():
                     return True
                 used = db.execute(_USAGE, (tenant,)).fetchone()[0]
                 if quota.would_exceed(tenant, {tenant: int(used)}, limit, size):

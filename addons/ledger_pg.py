@@ -65,6 +65,11 @@ SCHEMA = (
     ' ref text COLLATE "C" NOT NULL, digest text NOT NULL, at double precision NOT NULL,'
     " PRIMARY KEY (repository, ref))",
 )
+HELD = "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s"
+SIZE = (  # content-addressed: one size per digest, ever
+    "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
+    " ON CONFLICT (digest) DO UPDATE SET size = excluded.size"
+)
 USAGE = (
     "SELECT COALESCE(sum(s.size), 0) FROM registry_ledger_seen h"
     " JOIN registry_ledger_sizes s ON s.digest = h.digest WHERE h.holder = %s"
@@ -162,9 +167,7 @@ class PgLedger(LedgerState):
         self.known.misses += 1
         row = self._run(
             "SELECT",
-            lambda db: db.execute(
-                "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s", key
-            ).fetchone(),
+            lambda db: db.execute(HELD, key).fetchone(),
         )
         if row is not None:
             self.known.remember(key)
@@ -239,14 +242,10 @@ class PgLedger(LedgerState):
         rows = [(d, int(n)) for d, n in sizes.items() if n >= 0]
         if not rows:
             return
-        sql = (
-            "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
-            " ON CONFLICT (digest) DO UPDATE SET size = excluded.size"
-        )
 
         def write(db: Any) -> None:
             with db.transaction(), db.cursor() as cur:
-                cur.executemany(sql, rows)
+                cur.executemany(SIZE, rows)
 
         self._run("INSERT", write)
 
@@ -273,15 +272,8 @@ class PgLedger(LedgerState):
         def decide(db: Any) -> bool:
             with db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (tenant,))
-                db.execute(
-                    "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
-                    " ON CONFLICT (digest) DO UPDATE SET size = excluded.size",
-                    (digest, max(size, 0)),
-                )
-                held = db.execute(
-                    "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s", key
-                ).fetchone()
-                if held:
+                db.execute(SIZE, (digest, max(size, 0)))
+                if db.execute(HELD, key).fetchone():
                     return True
                 used = int(db.execute(USAGE, (tenant,)).fetchone()[0])
                 if quota.would_exceed(tenant, {tenant: used}, limit, size):
