@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import tarfile
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from addons import signatures as sig
 from addons.signatures import Verdict, VerdictCache
-from tests import cosign
+from tests import cosign, images
 from tests.images import digest
 
 SUBJECT = digest(b"an image manifest")
@@ -640,62 +642,203 @@ def test_key_scope_is_order_independent(signer):
 # --- which manifests stay readable without a signature -----------------------------------------
 
 
-def test_signatures_and_artifacts_are_exempt(signer, tmp_path):
-    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT).manifest)
-    assert sig.exempt_from_signature(
-        cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC).manifest
-    )
-    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT, docker=True).manifest)
-    sbom = {
+def blob_store(*signatures: cosign.Signature, extra: dict[str, bytes] | None = None):
+    """fetch(digest, size) as the backend answers: None when absent or larger than `size`."""
+    blobs: dict[str, bytes] = {}
+    for s in signatures:
+        blobs |= s.blobs
+    blobs |= extra or {}
+
+    def fetch(d: str, size: int) -> bytes | None:
+        data = blobs.get(d)
+        return None if data is None or len(data) > size else data
+
+    return fetch
+
+
+def exempt(s: cosign.Signature) -> bool:
+    return sig.exempt_from_signature(s.manifest, blob_store(s))
+
+
+def artifact(layers: list[tuple[str, bytes]], *, config_type="application/vnd.oci.empty.v1+json",
+             docker=False, **extra) -> cosign.Signature:  # fmt: skip
+    """An attachment manifest (e.g. what `oras attach` or `cosign attach sbom` push)."""
+    config = b"{}"
+    doc = {
         "schemaVersion": 2,
-        "mediaType": cosign.OCI_MANIFEST,
-        "artifactType": "application/spdx+json",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
-        "layers": [{"mediaType": "application/spdx+json", "digest": OTHER, "size": 9}],
-        "subject": SUBJECT_DESC,
+        "mediaType": cosign.DOCKER_MANIFEST if docker else cosign.OCI_MANIFEST,
+        "config": {"mediaType": config_type, "digest": digest(config), "size": len(config)},
+        "layers": [{"mediaType": t, "digest": digest(b), "size": len(b)} for t, b in layers],
+        **extra,
     }
-    assert sig.exempt_from_signature(cosign.go_json(sbom))
+    blobs = {digest(config): config} | {digest(b): b for _, b in layers}
+    return cosign.Signature(cosign.go_json(doc), blobs, doc["mediaType"])
 
 
-@pytest.mark.parametrize(
-    "layer_type",
-    [
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        "application/vnd.oci.image.layer.v1.tar+zstd",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-        "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
-    ],
-)
+SPDX_JSON = cosign.go_json({"spdxVersion": "SPDX-2.3", "SPDXID": "SPDXRef-DOCUMENT"})
+DSSE = cosign.go_json({"payloadType": "application/vnd.in-toto+json", "payload": "e30=",
+                       "signatures": [{"sig": "MEUCIQ=="}]})  # fmt: skip
+SPDX_TEXT = b"SPDXVersion: SPDX-2.3\nDataLicense: CC0-1.0\nSPDXID: SPDXRef-DOCUMENT\n"
+CYCLONEDX_XML = b'<?xml version="1.0"?>\n<bom xmlns="http://cyclonedx.org/schema/bom/1.5"/>\n'
+
+
+def test_signatures_and_attachments_are_exempt(signer):
+    assert exempt(cosign.sign(signer, SUBJECT))
+    assert exempt(cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC))
+    assert exempt(cosign.sign(signer, SUBJECT, docker=True))
+    # Several signatures in one manifest (cosign appends a layer per signature).
+    p1, p2 = cosign.payload(SUBJECT), cosign.payload(SUBJECT, optional={"by": "ci"})
+    two = cosign.signature_manifest([(p, cosign.layer(p, signer.sign(p))) for p in (p1, p2)])
+    assert exempt(two)
+    # An unsigned signature manifest is still readable: cosign verify tells it apart.
+    assert exempt(cosign.signature_manifest([(p1, cosign.layer(p1, "AAAA"))]))
+    sbom = artifact([("application/spdx+json", SPDX_JSON)], artifactType="application/spdx+json",
+                    subject=SUBJECT_DESC)  # fmt: skip
+    assert exempt(sbom)
+    assert exempt(artifact([("application/vnd.dsse.envelope.v1+json", DSSE)],
+                           config_type="application/vnd.oci.image.config.v1+json"))  # fmt: skip
+    assert exempt(artifact([("text/spdx", SPDX_TEXT)]))
+    assert exempt(artifact([("application/vnd.cyclonedx+xml", CYCLONEDX_XML)]))
+
+
+RUNTIME_LAYERS = [
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
+    "application/octet-stream",
+    "application/json",
+    "",
+]
+
+
+@pytest.mark.parametrize("layer_type", RUNTIME_LAYERS)
 def test_a_runnable_image_is_never_exempt(signer, layer_type):
     """Not even tagged `sha256-<hex>.sig`, mixed with a signature layer, or with a subject."""
     s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    gz, _ = images.layer({"bin/sh": b"#!/bin/sh"})
     doc = json.loads(s.manifest)
-    doc["layers"].append({"mediaType": layer_type, "digest": OTHER, "size": 1})
-    assert not sig.exempt_from_signature(cosign.go_json(doc))
+    doc["layers"].append({"mediaType": layer_type, "digest": digest(gz), "size": len(gz)})
+    s = cosign.Signature(cosign.go_json(doc), s.blobs | {digest(gz): gz}, s.media_type)
+    assert not exempt(s)
 
 
-def test_an_artifact_that_is_not_an_attachment_is_not_exempt(signer):
-    """A Wasm component pushed as an OCI artifact is content: a signature rule covers it."""
-    wasm = {
-        "schemaVersion": 2,
-        "mediaType": cosign.OCI_MANIFEST,
-        "artifactType": "application/vnd.tabbify.wasm.component.v1",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
-        "layers": [{"mediaType": "application/wasm", "digest": OTHER, "size": 9}],
-    }
-    assert not sig.exempt_from_signature(cosign.go_json(wasm))
+def _zstd_frame(data: bytes) -> bytes:
+    return b"\x28\xb5\x2f\xfd" + data  # the magic is what runtimes look at
 
 
-def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
+ATTACHMENT_LABELS = [
+    cosign.SIMPLESIGNING,
+    "application/vnd.dev.cosign.attestation.v1+json",
+    "application/vnd.dsse.envelope.v1+json",
+    "application/vnd.in-toto+json",
+    "application/vnd.dev.sigstore.bundle.v0.3+json",
+    "application/spdx+json",
+    "text/spdx",
+    "application/vnd.cyclonedx+xml",
+]
+
+
+@pytest.mark.parametrize("label", ATTACHMENT_LABELS)
+@pytest.mark.parametrize("content", ["tar+gzip", "tar", "zstd", "bzip2", "xz", "polyglot"])
+def test_a_layer_labelled_an_attachment_is_read_not_believed(label, content):
+    """What podman pulled and ran: a filesystem layer labelled a signature. The label says
+    attachment; the bytes say layer, and the bytes decide."""
+    gz, tar = images.layer({"hello": b"unsigned and runnable"})
+    data = {
+        "tar+gzip": gz,
+        "tar": tar,
+        "zstd": _zstd_frame(tar),
+        "bzip2": b"BZh91AY&SY" + tar,
+        "xz": b"\xfd7zXZ\x00" + tar,
+        "polyglot": cosign.tar_polyglot(SUBJECT),
+    }[content]
+    s = artifact([(label, data)], config_type="application/vnd.oci.image.config.v1+json")
+    assert not exempt(s)
+    s = artifact([(label, data)], subject=SUBJECT_DESC)
+    assert not exempt(s)
+
+
+def test_a_polyglot_signature_is_valid_json_and_a_tar():
+    """The test above is not vacuous: the polyglot passes every check but the tar one."""
+    p = cosign.tar_polyglot(SUBJECT)
+    assert json.loads(p)["critical"]["image"]["docker-manifest-digest"] == SUBJECT
+    with tarfile.open(fileobj=io.BytesIO(p), mode="r:") as tar:
+        assert [m.size for m in tar.getmembers()] == [len(p) - 512]
+    assert sig.tar_header(p) and not sig.tar_header(cosign.payload(SUBJECT) + b" " * 600)
+
+
+def test_payloads_that_are_not_what_they_claim_are_not_exempt(signer):
+    p = cosign.payload(SUBJECT)
+    for bad in (
+        b"",
+        b" " + p,  # JSON, but not starting where a signature payload starts
+        p.replace(b"cosign container image signature", b"something else"),
+        p.replace(SUBJECT.encode(), b"latest"),
+        b'{"critical": 1}',
+        b"[]",
+        b"\xff" * 40,
+        b"x" * (sig.MAX_PAYLOAD + 1),
+    ):
+        assert not exempt(cosign.signature_manifest([(bad, cosign.layer(bad, "AAAA"))])), bad
+    for label, bad in (
+        ("application/spdx+json", b"[1, 2]"),
+        ("application/spdx+json", b"not json"),
+        ("text/spdx", b"SPDX\x00\x01binary"),
+        ("text/spdx", b"\xff\xfe"),
+    ):
+        assert not exempt(artifact([(label, bad)])), (label, bad)
+
+
+def test_what_cannot_be_read_needs_a_signature(signer):
+    s = cosign.sign(signer, SUBJECT)
+    assert not sig.exempt_from_signature(s.manifest, lambda d, n: None)  # absent
+    payload = next(b for d, b in s.blobs.items() if b.startswith(b'{"critical"'))
+    swapped = {d: (b"X" * len(b) if b == payload else b) for d, b in s.blobs.items()}
+    assert not sig.exempt_from_signature(s.manifest, blob_store(extra=swapped))
+    big = b'{"k":"' + b"a" * sig.MAX_ATTACHMENT + b'"}'
+    assert not exempt(artifact([("application/spdx+json", big)]))  # larger than we read
+    many = [("application/spdx+json", cosign.go_json({"n": i})) for i in range(sig.MAX_LAYERS + 1)]
+    assert not exempt(artifact(many))
+
+    def down(d: str, n: int) -> bytes:
+        raise OSError("backend down")
+
+    with pytest.raises(OSError):  # the caller answers 503: neither exempt nor refused
+        sig.exempt_from_signature(s.manifest, down)
+
+
+def test_indexes_and_manifests_read_two_ways_are_not_exempt(signer, tmp_path):
     from tests.images import oci_index_layout, oci_layout
 
     image = oci_layout(tmp_path / "a", "v1")
     index = oci_index_layout(tmp_path / "i", "multi")
-    assert not sig.exempt_from_signature(image["blobs"][image["digest"]])
-    assert not sig.exempt_from_signature(index["blobs"][index["digest"]])
+    assert not sig.exempt_from_signature(image["blobs"][image["digest"]], blob_store())
+    assert not sig.exempt_from_signature(index["blobs"][index["digest"]], blob_store())
+    s = cosign.sign(signer, SUBJECT)
+    doc = json.loads(s.manifest)
+    for change in (
+        {"manifests": []},  # also an index: its children are what a client runs
+        {"fsLayers": [{"blobSum": OTHER}]},  # also schema 1
+        {"mediaType": "application/vnd.oci.image.index.v1+json"},
+        {"mediaType": "application/vnd.docker.distribution.manifest.list.v2+json"},
+        {"mediaType": "application/vnd.docker.distribution.manifest.v1+json"},
+        {"schemaVersion": 1},
+        {"schemaVersion": True},
+        {"config": None},
+        {"layers": []},
+    ):
+        changed = cosign.Signature(cosign.go_json(doc | change), s.blobs, s.media_type)
+        assert not exempt(changed), change
+    no_type = {k: v for k, v in doc.items() if k != "mediaType"}
+    assert not exempt(cosign.Signature(cosign.go_json(no_type), s.blobs, s.media_type))
+    for key, value in (("urls", ["http://elsewhere/layer"]), ("data", "e30=")):
+        layers = [doc["layers"][0] | {key: value}]
+        changed = cosign.Signature(cosign.go_json(doc | {"layers": layers}), s.blobs, s.media_type)
+        assert not exempt(changed), key
     for body in (
         b"",
         b"\xff",
@@ -703,8 +846,6 @@ def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
         b'{"layers": []}',
         b'{"layers": [{"mediaType": 5}]}',
         b'{"layers": [1]}',
-        b'{"mediaType": "application/vnd.oci.image.index.v1+json", "layers": [{"mediaType": "x"}]}',
-        b'{"manifests": [], "layers": [{"mediaType": "x"}]}',
         b'{"layers": [{"mediaType": "x"}], "layers": [{"mediaType": "x"}]}',
     ):
-        assert not sig.exempt_from_signature(body), body
+        assert not sig.exempt_from_signature(body, blob_store()), body
