@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from addons import signatures as sig
@@ -849,3 +849,167 @@ def test_indexes_and_manifests_read_two_ways_are_not_exempt(signer, tmp_path):
         b'{"layers": [{"mediaType": "x"}], "layers": [{"mediaType": "x"}]}',
     ):
         assert not sig.exempt_from_signature(body, blob_store()), body
+
+
+# --- property: nothing a runtime would run is exempt ---------------------------------------------
+#
+# The oracle is written from the runtimes, not imported from addons.signatures:
+# - containerd unpacks layers whose type is an OCI layer or a Docker rootfs type
+#   (images.IsLayerType); moby pulls layers whose type starts `application/vnd.oci.image` or
+#   `application/vnd.docker`, or is application/octet-stream, application/json, text/html or
+#   empty (distribution/pull_v2.go supportedMediaTypes, case-insensitive);
+# - containers/image (podman, CRI-O) unpacks every layer of an image whatever its type
+#   (tested end to end), so there the bytes decide: empty (an empty archive), compressed by
+#   the magic numbers runtimes detect, or readable as a tar archive.
+
+
+def runtime_layer_type(media_type: str) -> bool:
+    mt = media_type.lower()
+    return (
+        mt.startswith(("application/vnd.oci.image", "application/vnd.docker"))
+        or mt in ("application/octet-stream", "application/json", "text/html", "")
+        or "tar" in mt
+    )
+
+
+def runtime_unpacks(data: bytes) -> bool:
+    if not data or data[:2] == b"\x1f\x8b" or data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00":
+        return True
+    if data[:4] == b"\x28\xb5\x2f\xfd" or (
+        data[:1] and 0x50 <= data[0] <= 0x5F and data[1:4] == b"\x2a\x4d\x18"
+    ):
+        return True
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            tar.getmembers()
+        return True
+    except (tarfile.TarError, EOFError, ValueError):
+        return False
+
+
+def _contents() -> st.SearchStrategy[bytes]:
+    gz, tar = images.layer({"bin/app": b"\x7fELF run me"})
+    fixed = [
+        cosign.payload(SUBJECT),
+        cosign.payload(OTHER, optional={"k": "v" * 600}),
+        cosign.tar_polyglot(SUBJECT),
+        SPDX_JSON,
+        DSSE,
+        SPDX_TEXT,
+        CYCLONEDX_XML,
+        gz,
+        tar,
+        _zstd_frame(tar),
+        b"BZh91AY&SY",
+        b"",
+        b"{}",
+    ]
+    return st.sampled_from(fixed) | st.binary(max_size=700) | st.text(max_size=700).map(str.encode)
+
+
+CONFIG_TYPES = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.empty.v1+json",
+    cosign.SIG_ARTIFACT,
+]
+MANIFEST_TYPES = [
+    cosign.OCI_MANIFEST,
+    cosign.DOCKER_MANIFEST,
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+json",
+]
+EXTRA_KEYS = {
+    "subject": st.just(SUBJECT_DESC),
+    "artifactType": st.sampled_from([cosign.SIG_ARTIFACT, "application/spdx+json"]),
+    "annotations": st.just({"k": "v"}),
+    "manifests": st.just([SUBJECT_DESC]),
+    "fsLayers": st.just([{"blobSum": SUBJECT}]),
+}
+
+
+COHERENT = [  # (label, bytes) an attachment really is
+    (cosign.SIMPLESIGNING, cosign.payload(SUBJECT)),
+    (cosign.SIMPLESIGNING, cosign.payload(OTHER, optional={"k": "v" * 600})),
+    ("application/vnd.dsse.envelope.v1+json", DSSE),
+    ("application/spdx+json", SPDX_JSON),
+    ("text/spdx", SPDX_TEXT),
+    ("application/vnd.cyclonedx+xml", CYCLONEDX_XML),
+]
+LABELS = ATTACHMENT_LABELS + RUNTIME_LAYERS + ["application/wasm"]
+
+
+@st.composite
+def manifests(draw) -> tuple[dict, dict[str, bytes]]:
+    """Mostly attachment-shaped (so that many are exempt), each part mutated now and then:
+    a label over other bytes, a wrong size, extra keys, another manifest type."""
+    blobs: dict[str, bytes] = {}
+    layers = []
+    for _ in range(draw(st.integers(1, 3) | st.just(0))):
+        label, data = draw(
+            st.sampled_from(COHERENT)
+            if draw(st.integers(0, 4))
+            else st.tuples(st.sampled_from(LABELS) | st.text(max_size=30), _contents())
+            | st.tuples(st.sampled_from(ATTACHMENT_LABELS), _contents())
+        )
+        blobs[digest(data)] = data
+        layer = {"mediaType": label, "digest": digest(data), "size": len(data)}
+        if draw(st.integers(0, 9)) == 0:
+            layer["size"] += draw(st.sampled_from([-1, 1]))
+        if draw(st.booleans()):
+            layer["annotations"] = {cosign.ANNOTATION: "AAAA"}
+        if draw(st.integers(0, 9)) == 0:
+            layer[draw(st.sampled_from(["urls", "data"]))] = ["x"]
+        layers.append(layer)
+    doc: dict = {"schemaVersion": 2 if draw(st.integers(0, 9)) else 1}
+    media_type = draw(
+        st.sampled_from([cosign.OCI_MANIFEST, cosign.DOCKER_MANIFEST])
+        | st.sampled_from([*MANIFEST_TYPES, None])
+        | st.text(max_size=20)
+    )
+    if media_type is not None:
+        doc["mediaType"] = media_type
+    config_type = draw(st.sampled_from(CONFIG_TYPES) | st.text(max_size=20))
+    doc["config"] = {"mediaType": config_type, "digest": OTHER, "size": 2}
+    doc["layers"] = layers
+    if draw(st.integers(0, 2)) == 0:
+        for key in draw(st.lists(st.sampled_from(sorted(EXTRA_KEYS)), max_size=2, unique=True)):
+            doc[key] = draw(EXTRA_KEYS[key])
+    return doc, blobs
+
+
+@settings(FUZZ, max_examples=400)
+@given(case=manifests())
+def test_no_manifest_a_runtime_would_run_is_exempt(case):
+    doc, blobs = case
+    body = cosign.go_json(doc)
+    fetch = blob_store(extra=blobs)
+    if not sig.exempt_from_signature(body, fetch):
+        return
+    event("exempt")  # the statistics show the property is not vacuous
+    # Exempt: an image manifest read one way only, with layers, none of which a runtime
+    # would take (by its type for containerd and moby, by its bytes for containers/image).
+    assert doc.get("mediaType") in (cosign.OCI_MANIFEST, cosign.DOCKER_MANIFEST)
+    assert doc["schemaVersion"] == 2 and "manifests" not in doc and "fsLayers" not in doc
+    assert doc["layers"]
+    for layer in doc["layers"]:
+        assert not runtime_layer_type(layer["mediaType"]), layer
+        assert "urls" not in layer and "data" not in layer
+        data = blobs[layer["digest"]]
+        assert len(data) == layer["size"] and not runtime_unpacks(data), data[:80]
+
+
+@settings(FUZZ, max_examples=100)
+@given(case=manifests(), runnable=st.sampled_from(["gz", "tar", "polyglot"]))
+def test_an_exempt_manifest_with_any_layer_made_runnable_is_not(case, runnable):
+    """The label is kept, only the bytes change: the verdict must follow the bytes."""
+    doc, blobs = case
+    if not sig.exempt_from_signature(cosign.go_json(doc), blob_store(extra=blobs)):
+        return
+    gz, tar = images.layer({"bin/app": b"\x7fELF run me"})
+    data = {"gz": gz, "tar": tar, "polyglot": cosign.tar_polyglot(SUBJECT)}[runnable]
+    doc["layers"][-1] |= {"digest": digest(data), "size": len(data)}
+    event("exempt, then made runnable")
+    blobs[digest(data)] = data
+    assert not sig.exempt_from_signature(cosign.go_json(doc), blob_store(extra=blobs))
