@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -355,3 +357,47 @@ def test_a_tag_moved_after_the_check_serves_what_was_checked(
     r = requests.get(f"{gw.url}/v2/{repo}/manifests/v1", headers=h, timeout=20)
     assert r.status_code == 200 and r.content == signed_body
     assert r.headers["docker-content-digest"] == signed != unsigned
+
+
+def test_an_answer_naming_another_digest_than_the_checked_one_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """Held to content addressing: a backend that answers a checked digest with another
+    manifest (here a scripted one) gets nothing through."""
+    sig = cosign.sign(SIGNER, images.digest(b"an image"))  # exempt: readable unsigned
+    served = {"digest": sig.digest}
+
+    class Lying(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.partition("?")[0]
+            blob = path.rsplit("/blobs/", 1)[-1] if "/blobs/" in path else None
+            body = sig.blobs.get(blob, b"") if blob else sig.manifest
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", cosign.OCI_MANIFEST)
+            self.send_header("Docker-Content-Digest", served["digest"])
+            self.end_headers()
+            self.wfile.write(body)
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Lying)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{backend.server_address[1]}"
+    (tmp_path / "cosign.pub").write_text(SIGNER.public_pem)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    extra = (f"registry_backend={url}", f"registry_policy_file={tmp_path / 'policy.toml'}")
+    try:
+        with InProcessGateway(url, ledger=tmp_path / "ledger.db", extra=extra) as gw:
+            h = {"Authorization": f"Bearer {gw.token('acme')}", "Accept": ACCEPT}
+            manifest = f"{gw.url}/v2/acme/signed/lying/manifests/v1"
+            r = requests.get(manifest, headers=h, timeout=10)
+            assert r.status_code == 200 and r.content == sig.manifest  # honest: served
+            served["digest"] = images.digest(b"something else")
+            with pytest.raises(requests.ConnectionError):  # no status line, nothing
+                requests.get(manifest, headers=h, timeout=10)
+    finally:
+        backend.shutdown()
