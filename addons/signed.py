@@ -326,9 +326,11 @@ class SignedOnly:
             if cached is not None:
                 return digest, cached
         if signatures.exempt_from_signature(body, backend.attachment):
+            # Never an index (its keys are checked): it vouches for nothing but itself.
             verdict = Verdict(True, "exempt: a signature, attestation or SBOM (read)")
-        else:
-            verdict = self._verify(policy, rules, backend, digest, body)
+            self.cache.put(digest, verdict, scope)
+            return digest, verdict
+        verdict = self._verify(policy, rules, backend, digest, body)
         self.cache.put(digest, verdict, scope)
         if verdict.signed:
             for child in _children(body):

@@ -223,10 +223,15 @@ def push_manifest(stack: Stack, h: dict, repo: str, tag: str, manifest: dict) ->
     return images.digest(body)
 
 
-def labelled_image(stack: Stack, h: dict, repo: str, tag: str, layer_type: str) -> str:
+def labelled_image(
+    stack: Stack, h: dict, repo: str, tag: str, layer_type: str, polyglot: bool = False
+) -> str:
     """A runnable image (OCI config, a tar+gzip filesystem layer) whose layer is labelled
-    `layer_type`: containers/image unpacks a layer whatever its label says."""
+    `layer_type`: containers/image unpacks a layer whatever its label says. `polyglot`: the
+    layer is a valid cosign payload that is also a tar archive (tests/cosign.py)."""
     gz, raw = images.layer({"hello.txt": b"unsigned and runnable\n"})
+    if polyglot:
+        gz = raw = cosign.tar_polyglot(images.digest(tag.encode()))
     config = json.dumps(
         {
             "architecture": "amd64",
@@ -251,17 +256,23 @@ def labelled_image(stack: Stack, h: dict, repo: str, tag: str, layer_type: str) 
 
 
 @pytest.mark.parametrize(
-    "layer_type", [cosign.SIMPLESIGNING, "application/vnd.dsse.envelope.v1+json", "text/spdx"]
+    ("layer_type", "polyglot"),
+    [
+        (cosign.SIMPLESIGNING, False),
+        ("application/vnd.dsse.envelope.v1+json", False),
+        ("text/spdx", False),
+        (cosign.SIMPLESIGNING, True),  # a valid signature payload, and a tar podman unpacks
+    ],
 )
 def test_a_runnable_image_labelled_as_a_signature_is_not_pulled(
-    stack: Stack, acme_jwt: str, layer_type: str
+    stack: Stack, acme_jwt: str, layer_type: str, polyglot: bool
 ) -> None:
     h = bearer(token(stack, acme_jwt))
-    repo = "acme/signed/labelled"
-    image = labelled_image(stack, h, repo, "v1", layer_type)
+    repo = f"acme/signed/labelled{'-polyglot' if polyglot else ''}"
+    image = labelled_image(stack, h, repo, "v1", layer_type, polyglot)
     # Even under its own signature tag, where cosign would look for a signature.
     sig_tag = signatures.signature_tag(images.digest(b"some image" + layer_type.encode()))
-    labelled_image(stack, h, repo, sig_tag, layer_type)
+    labelled_image(stack, h, repo, sig_tag, layer_type, polyglot)
     for ref in ("v1", sig_tag, image):
         at = f"{stack.host}/{repo}{'@' if ref == image else ':'}{ref}"
         pulled = podman_pull(acme_jwt, at)
