@@ -471,9 +471,11 @@ def verify_subject(
 # attachments, Sigstore bundles, DSSE/in-toto attestations, SPDX and CycloneDX SBOMs. An
 # allow-list: anything else (a filesystem layer, a Wasm component, a type nobody knows yet)
 # is content a `[[require_signature]]` rule must cover, not an exempt attachment. A label
-# only narrows the candidates: runtimes unpack a layer whatever it says (podman pulls and
-# unpacks an OCI image whose tar+gzip layer is labelled a cosign signature, tested), so
-# exemption also needs the bytes (attachment_document).
+# only narrows the candidates: podman 4.3 unpacks every layer of an OCI manifest with the
+# image config type whatever the layer's type (a tar+gzip labelled a cosign signature, or
+# `application/x-anything`; tested), and cosign's own tag-form signatures carry that config
+# type, so neither the config nor the layer types can tell: the bytes do
+# (attachment_document). containerd and moby refuse or skip these layer types.
 ATTACHMENT_LAYER = re.compile(
     r"application/vnd\.dev\.cosign\.[a-z0-9.+-]+"
     r"|application/vnd\.dev\.sigstore\.bundle(?:\.v[0-9.]+)?\+json(?:;version=[0-9.]+)?"

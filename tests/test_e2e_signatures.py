@@ -412,3 +412,29 @@ def test_an_answer_naming_another_digest_than_the_checked_one_is_cut_off(
                 requests.get(manifest, headers=h, timeout=10)
     finally:
         backend.shutdown()
+
+
+def test_what_stays_readable_unsigned_cannot_be_run(stack: Stack, acme_jwt: str) -> None:
+    """The other half of the rule: the gateway serves a cosign signature and an attestation
+    unsigned (cosign reads them), and podman, which would unpack any layer of a manifest with
+    an image config, cannot make an image of them (their bytes are no archive)."""
+    h = bearer(token(stack, acme_jwt))
+    repo = "acme/signed/attachments"
+    subject, other = images.digest(b"an image"), images.digest(b"another image")
+    envelope = cosign.go_json({"payloadType": "application/vnd.in-toto+json", "payload": "e30=",
+                               "signatures": [{"sig": "MEUCIQ==", "pad": " " * 600}]})  # fmt: skip
+    layer = {"mediaType": "application/vnd.dsse.envelope.v1+json", "size": len(envelope),
+             "digest": images.digest(envelope)}  # fmt: skip
+    attestation = json.loads(cosign.sign(SIGNER, other).manifest) | {"layers": [layer]}
+    attached = cosign.Signature(
+        cosign.go_json(attestation),
+        {**cosign.sign(SIGNER, other).blobs, layer["digest"]: envelope},
+        cosign.OCI_MANIFEST,
+    )
+    for digest_, sig in ((subject, cosign.sign(SIGNER, subject)), (other, attached)):
+        push_signature(stack, h, repo, digest_, sig)
+        tag = signatures.signature_tag(digest_)
+        assert get(stack, h, repo, tag).status_code == 200  # cosign reads it
+        pulled = podman_pull(acme_jwt, f"{stack.host}/{repo}:{tag}")
+        assert pulled.returncode != 0
+        assert "ApplyLayer" in pulled.stderr and "not signed" not in pulled.stderr, pulled.stderr
