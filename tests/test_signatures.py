@@ -869,6 +869,7 @@ def runtime_layer_type(media_type: str) -> bool:
         mt.startswith(("application/vnd.oci.image", "application/vnd.docker"))
         or mt in ("application/octet-stream", "application/json", "text/html", "")
         or "tar" in mt
+        or "erofs" in mt  # containerd 2 (images.MediaTypeErofsLayer)
     )
 
 
