@@ -438,3 +438,18 @@ def test_what_stays_readable_unsigned_cannot_be_run(stack: Stack, acme_jwt: str)
         pulled = podman_pull(acme_jwt, f"{stack.host}/{repo}:{tag}")
         assert pulled.returncode != 0
         assert "ApplyLayer" in pulled.stderr and "not signed" not in pulled.stderr, pulled.stderr
+
+
+def test_without_a_backend_to_check_with_nothing_covered_is_served(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """A gateway whose signature check has no backend address answers 503, never the
+    manifest unchecked."""
+    repo = "acme/signed/nobackend"
+    push_image(stack, acme_jwt, tmp_path, repo, "v1")
+    extra = (f"registry_policy_file={stack.data_dir / 'policy.toml'}",)
+    with InProcessGateway(stack.backend_url, ledger=tmp_path / "ledger.db", extra=extra) as gw:
+        h = {"Authorization": f"Bearer {gw.token('acme')}", "Accept": ACCEPT}
+        for method in ("GET", "HEAD"):
+            r = requests.request(method, f"{gw.url}/v2/{repo}/manifests/v1", headers=h, timeout=10)
+            assert r.status_code == 503, r.status_code
