@@ -470,7 +470,12 @@ def verify_subject(
 # Layer media types of what is attached to an image rather than run: cosign signatures and
 # attachments, Sigstore bundles, DSSE/in-toto attestations, SPDX and CycloneDX SBOMs. An
 # allow-list: anything else (a filesystem layer, a Wasm component, a type nobody knows yet)
-# is content a `[[require_signature]]` rule must cover, not an exempt attachment.
+# is content a `[[require_signature]]` rule must cover, not an exempt attachment. A label
+# only narrows the candidates: podman 4.3 unpacks every layer of an OCI manifest with the
+# image config type whatever the layer's type (a tar+gzip labelled a cosign signature, or
+# `application/x-anything`; tested), and cosign's own tag-form signatures carry that config
+# type, so neither the config nor the layer types can tell: the bytes do
+# (attachment_document). containerd and moby refuse or skip these layer types.
 ATTACHMENT_LAYER = re.compile(
     r"application/vnd\.dev\.cosign\.[a-z0-9.+-]+"
     r"|application/vnd\.dev\.sigstore\.bundle(?:\.v[0-9.]+)?\+json(?:;version=[0-9.]+)?"
@@ -479,34 +484,178 @@ ATTACHMENT_LAYER = re.compile(
     r"|application/spdx\+json|text/spdx"
     r"|application/vnd\.cyclonedx(?:\+json|\+xml)?"
 )
+MAX_ATTACHMENT = 1024 * 1024  # one attachment layer read to decide an exemption
+MAX_ATTACHMENTS = 4 * 1024 * 1024  # all the layers of one manifest
+# The keys of an attachment manifest (OCI image manifest, Docker v2 schema 2) and of its layer
+# descriptors. Anything else is refused rather than interpreted: `manifests` (an index: its
+# children are what a client runs), `fsLayers` (a schema 1 reading of the same bytes),
+# `urls` (a layer fetched from elsewhere), `data` (a layer embedded in the descriptor).
+_MANIFEST_KEYS = frozenset(
+    {"schemaVersion", "mediaType", "artifactType", "config", "layers", "subject", "annotations"}
+)
+_LAYER_KEYS = frozenset({"mediaType", "digest", "size", "annotations", "artifactType"})
+# What containers/storage, containerd and moby detect and decompress before untarring, by
+# magic number (containers/image pkg/compression): gzip, bzip2, xz, zstd (and its skippable
+# frames). A document starting with one of these is taken for a compressed layer.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_TAR_BLOCK = 512
 
 
-def exempt_from_signature(manifest: bytes) -> bool:
-    """May this manifest be served without a signature, as a signature or other artifact?
+def _go_octal(field: bytes) -> int | None:
+    """Go's archive/tar parseOctal: trimmed of spaces and NULs, cut at a NUL, octal or ""."""
+    text = field.strip(b" \x00").split(b"\x00", 1)[0]
+    if not text:
+        return 0
+    return int(text, 8) if re.fullmatch(rb"[0-7]{1,22}", text) else None
 
-    Decided on content, never on the tag name or the presence of `subject`: anyone who may
-    push could tag a runnable image `sha256-<hex>.sig` or give it a subject. Exempt only an
-    image manifest with at least one layer and every layer an attachment type (cosign
-    signatures, attestations, SBOMs: ATTACHMENT_LAYER). Indexes, images, other artifacts
-    (a Wasm component) and anything unreadable are not exempt.
-    """
+
+def _python_octal(field: bytes) -> int | None:
+    """Python's tarfile nti (more lenient: any whitespace, `+`, `_`): a second opinion."""
+    try:
+        return int(field.split(b"\x00", 1)[0].decode("ascii").strip() or "0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def tar_header(block: bytes) -> bool:
+    """Could a tar reader take the first 512 bytes of `block` for a header? Go's archive/tar
+    (podman, containerd and moby all unpack with it) does when the checksum field holds the
+    unsigned or signed byte sum of the block, that field counted as spaces. Read as Go and as
+    Python read it, and a base-256 field is taken for a match: when in doubt, it is a tar.
+    Fewer than 512 bytes are no header (Go reads a whole block first; a short one is an
+    error; zero bytes are an empty archive, see unpackable)."""
+    if len(block) < _TAR_BLOCK:
+        return False
+    b = block[:_TAR_BLOCK]
+    field = b[148:156]
+    if field[0] in (0x80, 0xFF):
+        return True
+    rest = b[:148] + b" " * 8 + b[156:]
+    sums = {sum(rest), sum(x - 256 if x > 127 else x for x in rest)}
+    return bool({_go_octal(field), _python_octal(field)} & sums)
+
+
+def unpackable(data: bytes) -> bool:
+    """Could a container runtime unpack these bytes as a layer? Empty (an empty archive),
+    compressed (by magic number, whatever the label) or a tar header: yes."""
+    if not data or data.startswith(_COMPRESSED):
+        return True
+    if data[0] & 0xF0 == 0x50 and data[1:4] == b"\x2a\x4d\x18":  # zstd skippable frame
+        return True
+    return tar_header(data)
+
+
+def _json_type(media_type: str) -> bool:
+    base = media_type.split(";", 1)[0]
+    return base.endswith("+json") or base.startswith("application/vnd.dev.cosign.")
+
+
+def _simple_signing(payload: bytes) -> None:
+    """A cosign simple-signing payload, or Refused (checked before any signature is)."""
+    doc = strict_json(payload, MAX_PAYLOAD, "payload")
+    critical = _field(doc, "critical", "payload")
+    if _field(critical, "type", "critical") != PAYLOAD_TYPE:
+        raise Refused("payload is not a cosign container image signature")
+    image = _field(critical, "image", "critical")
+    claimed = _field(image, "docker-manifest-digest", "critical.image")
+    if not isinstance(claimed, str) or not DIGEST.fullmatch(claimed):
+        raise Refused("payload names no sha256 digest")
+
+
+def attachment_document(media_type: str, data: bytes) -> bool:
+    """Are these bytes the document their attachment label claims, and nothing a runtime can
+    unpack? A cosign simple-signing payload (small, the simple-signing JSON), another JSON
+    attachment (a JSON object), or text (SPDX tag-value, CycloneDX XML: UTF-8, no control
+    characters but tab and newlines); never empty, compressed or a tar archive."""
+    if unpackable(data):
+        return False
+    try:
+        if media_type == SIMPLESIGNING_MEDIA_TYPE:
+            if data[:1] != b"{":
+                return False
+            _simple_signing(data)
+        elif _json_type(media_type):
+            if data[:1] != b"{" or not isinstance(
+                strict_json(data, MAX_ATTACHMENT, "attachment"), dict
+            ):
+                return False
+        else:
+            text = data.decode("utf-8")
+            if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", text):
+                return False
+    except (Refused, UnicodeDecodeError):
+        return False
+    return True
+
+
+def attachment_layers(manifest: bytes) -> list[tuple[str, str, int]] | None:
+    """(mediaType, digest, size) of each layer of a manifest shaped like an attachment (a
+    signature, attestation or SBOM), or None: the manifest needs a signature.
+
+    Only labels and shape, which the bytes must then confirm (exempt_from_signature): an image
+    manifest (OCI or Docker v2 schema 2, `mediaType` present: no guessing) with known keys
+    only, 1..MAX_LAYERS layers, each of an ATTACHMENT_LAYER type, a sha256 digest and a size
+    the payloads' limits allow. Indexes and manifest lists are never exempt: their children
+    are what a client runs."""
     try:
         doc = strict_json(manifest, MAX_MANIFEST, "manifest")
     except Refused:
+        return None
+    if not isinstance(doc, dict) or not doc.keys() <= _MANIFEST_KEYS:
+        return None
+    if type(doc.get("schemaVersion")) is not int or doc["schemaVersion"] != 2:
+        return None
+    if doc.get("mediaType") not in IMAGE_MANIFEST_TYPES:
+        return None
+    config, layers = doc.get("config"), doc.get("layers")
+    if not isinstance(config, dict) or not isinstance(layers, list):
+        return None
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        return None
+    found, total = [], 0
+    for layer in layers:
+        if not isinstance(layer, dict) or not layer.keys() <= _LAYER_KEYS:
+            return None
+        media_type, digest, size = layer.get("mediaType"), layer.get("digest"), layer.get("size")
+        if not isinstance(media_type, str) or not ATTACHMENT_LAYER.fullmatch(media_type):
+            return None
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            return None
+        limit = MAX_PAYLOAD if media_type == SIMPLESIGNING_MEDIA_TYPE else MAX_ATTACHMENT
+        if type(size) is not int or not 0 < size <= limit:
+            return None
+        total += size
+        found.append((media_type, digest, size))
+    return found if total <= MAX_ATTACHMENTS else None
+
+
+def exempt_from_signature(manifest: bytes, fetch_blob: Callable[[str, int], bytes | None]) -> bool:
+    """May this manifest be served without a signature, as a signature or other attachment?
+
+    Decided on content, never on a label alone: not the tag name, not `subject`, not
+    `artifactType`, not the config's or the layers' media types (a runtime unpacks any layer
+    it can, whatever it is called). Exempt only when attachment_layers accepts the shape and
+    every layer's bytes, read through `fetch_blob(digest, size)` (None: absent or larger than
+    `size`), match their digest and are the document their type claims and nothing a
+    runtime can unpack (attachment_document). Where the bytes cannot be had, the answer is
+    no: the manifest needs a signature. `fetch_blob` may raise for a backend failure; that
+    propagates (the caller answers 503 rather than guess).
+    """
+    layers = attachment_layers(manifest)
+    if layers is None:
         return False
-    if not isinstance(doc, dict) or "manifests" in doc:
-        return False
-    if doc.get("mediaType") is not None and doc.get("mediaType") not in IMAGE_MANIFEST_TYPES:
-        return False
-    layers = doc.get("layers")
-    if not isinstance(layers, list) or not layers:
-        return False
-    return all(
-        isinstance(layer, dict)
-        and isinstance(layer.get("mediaType"), str)
-        and ATTACHMENT_LAYER.fullmatch(layer["mediaType"]) is not None
-        for layer in layers
-    )
+    seen: dict[str, bytes | None] = {}
+    for media_type, digest, size in layers:
+        if digest not in seen:
+            seen[digest] = fetch_blob(digest, size)
+        data = seen[digest]
+        if data is None or len(data) != size:
+            return False
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return False
+        if not attachment_document(media_type, data):
+            return False
+    return True
 
 
 def affected_subjects(reference: str, manifest: bytes | None) -> set[str]:

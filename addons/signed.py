@@ -1,16 +1,21 @@
-"""Signed images only where the policy says so (`[[require_signature]]`, CONTRACTS §8).
+"""Signed images only where the policy says so (`[[require_signature]]`).
 
 A manifest GET/HEAD (by tag or digest) in a repository a rule covers is served only when
 each matching rule is satisfied by a cosign signature made with one of its keys, found
 through the backend in the same repository: the `sha256-<hex>.sig` tag and, where the
-backend has the referrers API (Zot), OCI 1.1 referrers (addons/signatures.py verifies; it
-also decides which manifests are exempt: signatures, attestations, SBOMs, i.e. manifests
-whose layers are all attachment types). Otherwise 403 DENIED "not signed by a trusted key"; 503
-when the backend cannot answer (fail closed). Runs after TenantIsolation, before the Gate.
+backend has the referrers API (Zot), OCI 1.1 referrers (addons/signatures.py verifies).
+Otherwise 403 DENIED "not signed by a trusted key"; 503 when the backend cannot answer (fail
+closed). Runs after TenantIsolation, before the Gate.
 
-- A tag is resolved by fetching the manifest from the backend, and the request is then
-  forwarded **by digest**: a tag moved between the check and the answer never serves
-  something unchecked.
+- Exempt (served unsigned, so that cosign can read them): signatures, attestations and SBOMs,
+  decided on their bytes (signatures.exempt_from_signature reads every layer: each must be
+  the small JSON or text document its attachment type claims, and nothing a runtime can
+  unpack). A label is never enough: podman unpacks a tar+gzip layer labelled a signature.
+- Served is exactly what was checked, never a name resolved again: a tag is resolved by
+  fetching the manifest from the backend, and the request is then forwarded **by that
+  digest** (the response must carry it); when the check finds no manifest the gateway
+  answers 404 MANIFEST_UNKNOWN itself rather than let the request go on by tag (a tag pushed
+  in between would be served unchecked); and without a backend to check with, 503.
 - An image inside a signed index (a multi-arch pull fetches the children by digest) is
   served as part of it: cosign signs the index digest. A child without a signature of its
   own is looked up among the indexes the repository's tags point at (at most MAX_TAGS tags);
@@ -63,10 +68,16 @@ MAX_TAGS = 256  # tags examined to find a signed index holding an image
 MAX_TAG_LIST = 4 * 1024 * 1024
 GENERATION = "signatures.generation"
 _INVALIDATE = "tabbify.signed.invalidate"
+_CHECKED = "tabbify.signed.checked"
+_UNSURE = "cannot check signatures now; retry"
 
 
 class BackendUnsure(Exception):
     """The backend did not answer a question the verdict needs: 503."""
+
+
+class _TooLarge(BackendUnsure):
+    """An answer over its limit."""
 
 
 def bump_generation(state_dir: str | Path) -> None:
@@ -111,7 +122,7 @@ class Backend:
             for chunk in r.iter_bytes():
                 body += chunk
                 if len(body) > limit:
-                    raise BackendUnsure(f"{path.split('/')[0]} answer too large")
+                    raise _TooLarge(f"{path.split('/')[0]} answer too large")
         return bytes(body)
 
     def manifest(self, reference: str) -> bytes | None:
@@ -127,6 +138,13 @@ class Backend:
         if body is None:
             raise BackendUnsure("signature payload missing")
         return body
+
+    def attachment(self, digest: str, size: int) -> bytes | None:
+        """A layer of a would-be attachment, or None when absent or larger than declared."""
+        try:
+            return self._get(f"blobs/{digest}", size)
+        except _TooLarge:
+            return None
 
     def tags(self) -> list[str]:
         body = self._get("tags/list", MAX_TAG_LIST)
@@ -209,11 +227,15 @@ class SignedOnly:
         if method in ("PUT", "DELETE"):
             flow.metadata[_INVALIDATE] = True
             return
-        if method not in ("GET", "HEAD") or not ctx.options.registry_backend:
+        if method not in ("GET", "HEAD"):
             return
         policy = self.policies.current()
         rules = policy.signature_rules(rec.repository)
         if not rules:
+            return
+        if not ctx.options.registry_backend:  # nothing to check with: never serve unchecked
+            rec.decision = "deny:signature-unchecked"
+            respond(flow, oci.error_response(503, "UNAVAILABLE", _UNSURE, method=method))
             return
         self._follow_generation()
         try:
@@ -223,15 +245,19 @@ class SignedOnly:
         except (BackendUnsure, httpx.HTTPError) as e:
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
-        if verdict is None:  # no such manifest: the backend answers that
+        if verdict is None:
+            # No such manifest when checked. Answer that here: forwarded, the request would be
+            # resolved again by name, and a tag pushed in between would be served unchecked.
+            rec.decision = "deny:manifest-unknown"
+            respond(
+                flow, oci.error_response(404, "MANIFEST_UNKNOWN", "manifest unknown", method=method)
+            )
             return
         if not verdict.signed:
             transient = verdict.transient
             rec.decision = "deny:signature-unchecked" if transient else "deny:not signed"
             status, code = (503, "UNAVAILABLE") if transient else (403, "DENIED")
-            message = (
-                "cannot check signatures now; retry" if transient else "not signed by a trusted key"
-            )
+            message = _UNSURE if transient else "not signed by a trusted key"
             respond(
                 flow,
                 oci.error_response(
@@ -242,6 +268,22 @@ class SignedOnly:
         assert digest is not None and rec.target is not None
         # Serve exactly what was checked, even if the tag moves meanwhile.
         rec.target = Target(f"/v2/{rec.repository}/manifests/{digest}", rec.target.params)
+        flow.metadata[_CHECKED] = digest
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The answer to a checked request must name the checked digest. The backend is
+        content-addressed, so it always does; should it not, nothing of it is passed on
+        (the body streams from here on, so the connection is cut)."""
+        checked = flow.metadata.pop(_CHECKED, None)
+        response = flow.response
+        if checked is None or response is None or response.status_code != 200:
+            return
+        named = response.headers.get("docker-content-digest")
+        if named is not None and named != checked:
+            logger.error("signatures: asked for %s, the backend answered %s", checked, named)
+            record(flow).decision = "deny:signature-unchecked"
+            flow.kill()
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -283,10 +325,12 @@ class SignedOnly:
             cached = self.cache.get(digest, scope)
             if cached is not None:
                 return digest, cached
-        if signatures.exempt_from_signature(body):
-            verdict = Verdict(True, "exempt: a signature, attestation or SBOM")
-        else:
-            verdict = self._verify(policy, rules, backend, digest, body)
+        if signatures.exempt_from_signature(body, backend.attachment):
+            # Never an index (its keys are checked): it vouches for nothing but itself.
+            verdict = Verdict(True, "exempt: a signature, attestation or SBOM (read)")
+            self.cache.put(digest, verdict, scope)
+            return digest, verdict
+        verdict = self._verify(policy, rules, backend, digest, body)
         self.cache.put(digest, verdict, scope)
         if verdict.signed:
             for child in _children(body):

@@ -138,3 +138,21 @@ def sign(
     whose value is the subject's descriptor {mediaType, size, digest})."""
     p = payload(subject)
     return signature_manifest([(p, layer(p, signer.sign(p)))], subject=referrer_of, docker=docker)
+
+
+def tar_polyglot(subject: str) -> bytes:
+    """A hostile simple-signing payload that is also a tar archive: its first 512 bytes are a
+    v7 tar header (the name is the JSON's start, the numeric fields sit inside the
+    docker-reference string) for one file holding the rest of the JSON. Valid JSON, valid
+    claim, and a layer Go's archive/tar (and Python's tarfile) unpacks."""
+    head = b'{"critical":{"identity":{"docker-reference":"'
+    block = bytearray(head + b"a" * (512 - len(head)))
+    block[100:156] = b"0000755 0000000 0000000 SIZE_HERE__ 00000000000         "
+    block[156:157] = b"0"
+    block[329:345] = b"0000000 0000000 "  # devmajor, devminor: Python's tarfile parses them
+    tail = payload(subject).split(b'"},', 1)[1]  # "image": … to the end
+    doc = bytes(block) + b'"},' + tail
+    doc += b" " * (-len(doc) % 512)
+    block[124:136] = b"%011o " % (len(doc) - 512)
+    block[148:156] = b"%06o\x20\x20" % sum(bytes(block[:148]) + b" " * 8 + bytes(block[156:]))
+    return bytes(block) + doc[512:]

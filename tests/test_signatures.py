@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import tarfile
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from addons import signatures as sig
 from addons.signatures import Verdict, VerdictCache
-from tests import cosign
+from tests import cosign, images
 from tests.images import digest
 
 SUBJECT = digest(b"an image manifest")
@@ -640,62 +642,203 @@ def test_key_scope_is_order_independent(signer):
 # --- which manifests stay readable without a signature -----------------------------------------
 
 
-def test_signatures_and_artifacts_are_exempt(signer, tmp_path):
-    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT).manifest)
-    assert sig.exempt_from_signature(
-        cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC).manifest
-    )
-    assert sig.exempt_from_signature(cosign.sign(signer, SUBJECT, docker=True).manifest)
-    sbom = {
+def blob_store(*signatures: cosign.Signature, extra: dict[str, bytes] | None = None):
+    """fetch(digest, size) as the backend answers: None when absent or larger than `size`."""
+    blobs: dict[str, bytes] = {}
+    for s in signatures:
+        blobs |= s.blobs
+    blobs |= extra or {}
+
+    def fetch(d: str, size: int) -> bytes | None:
+        data = blobs.get(d)
+        return None if data is None or len(data) > size else data
+
+    return fetch
+
+
+def exempt(s: cosign.Signature) -> bool:
+    return sig.exempt_from_signature(s.manifest, blob_store(s))
+
+
+def artifact(layers: list[tuple[str, bytes]], *, config_type="application/vnd.oci.empty.v1+json",
+             docker=False, **extra) -> cosign.Signature:  # fmt: skip
+    """An attachment manifest (e.g. what `oras attach` or `cosign attach sbom` push)."""
+    config = b"{}"
+    doc = {
         "schemaVersion": 2,
-        "mediaType": cosign.OCI_MANIFEST,
-        "artifactType": "application/spdx+json",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
-        "layers": [{"mediaType": "application/spdx+json", "digest": OTHER, "size": 9}],
-        "subject": SUBJECT_DESC,
+        "mediaType": cosign.DOCKER_MANIFEST if docker else cosign.OCI_MANIFEST,
+        "config": {"mediaType": config_type, "digest": digest(config), "size": len(config)},
+        "layers": [{"mediaType": t, "digest": digest(b), "size": len(b)} for t, b in layers],
+        **extra,
     }
-    assert sig.exempt_from_signature(cosign.go_json(sbom))
+    blobs = {digest(config): config} | {digest(b): b for _, b in layers}
+    return cosign.Signature(cosign.go_json(doc), blobs, doc["mediaType"])
 
 
-@pytest.mark.parametrize(
-    "layer_type",
-    [
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.v1.tar+gzip",
-        "application/vnd.oci.image.layer.v1.tar+zstd",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-        "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
-    ],
-)
+SPDX_JSON = cosign.go_json({"spdxVersion": "SPDX-2.3", "SPDXID": "SPDXRef-DOCUMENT"})
+DSSE = cosign.go_json({"payloadType": "application/vnd.in-toto+json", "payload": "e30=",
+                       "signatures": [{"sig": "MEUCIQ=="}]})  # fmt: skip
+SPDX_TEXT = b"SPDXVersion: SPDX-2.3\nDataLicense: CC0-1.0\nSPDXID: SPDXRef-DOCUMENT\n"
+CYCLONEDX_XML = b'<?xml version="1.0"?>\n<bom xmlns="http://cyclonedx.org/schema/bom/1.5"/>\n'
+
+
+def test_signatures_and_attachments_are_exempt(signer):
+    assert exempt(cosign.sign(signer, SUBJECT))
+    assert exempt(cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC))
+    assert exempt(cosign.sign(signer, SUBJECT, docker=True))
+    # Several signatures in one manifest (cosign appends a layer per signature).
+    p1, p2 = cosign.payload(SUBJECT), cosign.payload(SUBJECT, optional={"by": "ci"})
+    two = cosign.signature_manifest([(p, cosign.layer(p, signer.sign(p))) for p in (p1, p2)])
+    assert exempt(two)
+    # An unsigned signature manifest is still readable: cosign verify tells it apart.
+    assert exempt(cosign.signature_manifest([(p1, cosign.layer(p1, "AAAA"))]))
+    sbom = artifact([("application/spdx+json", SPDX_JSON)], artifactType="application/spdx+json",
+                    subject=SUBJECT_DESC)  # fmt: skip
+    assert exempt(sbom)
+    assert exempt(artifact([("application/vnd.dsse.envelope.v1+json", DSSE)],
+                           config_type="application/vnd.oci.image.config.v1+json"))  # fmt: skip
+    assert exempt(artifact([("text/spdx", SPDX_TEXT)]))
+    assert exempt(artifact([("application/vnd.cyclonedx+xml", CYCLONEDX_XML)]))
+
+
+RUNTIME_LAYERS = [
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "APPLICATION/VND.OCI.IMAGE.LAYER.V1.TAR",
+    "application/octet-stream",
+    "application/json",
+    "",
+]
+
+
+@pytest.mark.parametrize("layer_type", RUNTIME_LAYERS)
 def test_a_runnable_image_is_never_exempt(signer, layer_type):
     """Not even tagged `sha256-<hex>.sig`, mixed with a signature layer, or with a subject."""
     s = cosign.sign(signer, SUBJECT, referrer_of=SUBJECT_DESC)
+    gz, _ = images.layer({"bin/sh": b"#!/bin/sh"})
     doc = json.loads(s.manifest)
-    doc["layers"].append({"mediaType": layer_type, "digest": OTHER, "size": 1})
-    assert not sig.exempt_from_signature(cosign.go_json(doc))
+    doc["layers"].append({"mediaType": layer_type, "digest": digest(gz), "size": len(gz)})
+    s = cosign.Signature(cosign.go_json(doc), s.blobs | {digest(gz): gz}, s.media_type)
+    assert not exempt(s)
 
 
-def test_an_artifact_that_is_not_an_attachment_is_not_exempt(signer):
-    """A Wasm component pushed as an OCI artifact is content: a signature rule covers it."""
-    wasm = {
-        "schemaVersion": 2,
-        "mediaType": cosign.OCI_MANIFEST,
-        "artifactType": "application/vnd.tabbify.wasm.component.v1",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": OTHER, "size": 2},
-        "layers": [{"mediaType": "application/wasm", "digest": OTHER, "size": 9}],
-    }
-    assert not sig.exempt_from_signature(cosign.go_json(wasm))
+def _zstd_frame(data: bytes) -> bytes:
+    return b"\x28\xb5\x2f\xfd" + data  # the magic is what runtimes look at
 
 
-def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
+ATTACHMENT_LABELS = [
+    cosign.SIMPLESIGNING,
+    "application/vnd.dev.cosign.attestation.v1+json",
+    "application/vnd.dsse.envelope.v1+json",
+    "application/vnd.in-toto+json",
+    "application/vnd.dev.sigstore.bundle.v0.3+json",
+    "application/spdx+json",
+    "text/spdx",
+    "application/vnd.cyclonedx+xml",
+]
+
+
+@pytest.mark.parametrize("label", ATTACHMENT_LABELS)
+@pytest.mark.parametrize("content", ["tar+gzip", "tar", "zstd", "bzip2", "xz", "polyglot"])
+def test_a_layer_labelled_an_attachment_is_read_not_believed(label, content):
+    """What podman pulled and ran: a filesystem layer labelled a signature. The label says
+    attachment; the bytes say layer, and the bytes decide."""
+    gz, tar = images.layer({"hello": b"unsigned and runnable"})
+    data = {
+        "tar+gzip": gz,
+        "tar": tar,
+        "zstd": _zstd_frame(tar),
+        "bzip2": b"BZh91AY&SY" + tar,
+        "xz": b"\xfd7zXZ\x00" + tar,
+        "polyglot": cosign.tar_polyglot(SUBJECT),
+    }[content]
+    s = artifact([(label, data)], config_type="application/vnd.oci.image.config.v1+json")
+    assert not exempt(s)
+    s = artifact([(label, data)], subject=SUBJECT_DESC)
+    assert not exempt(s)
+
+
+def test_a_polyglot_signature_is_valid_json_and_a_tar():
+    """The test above is not vacuous: the polyglot passes every check but the tar one."""
+    p = cosign.tar_polyglot(SUBJECT)
+    assert json.loads(p)["critical"]["image"]["docker-manifest-digest"] == SUBJECT
+    with tarfile.open(fileobj=io.BytesIO(p), mode="r:") as tar:
+        assert [m.size for m in tar.getmembers()] == [len(p) - 512]
+    assert sig.tar_header(p) and not sig.tar_header(cosign.payload(SUBJECT) + b" " * 600)
+
+
+def test_payloads_that_are_not_what_they_claim_are_not_exempt(signer):
+    p = cosign.payload(SUBJECT)
+    for bad in (
+        b"",
+        b" " + p,  # JSON, but not starting where a signature payload starts
+        p.replace(b"cosign container image signature", b"something else"),
+        p.replace(SUBJECT.encode(), b"latest"),
+        b'{"critical": 1}',
+        b"[]",
+        b"\xff" * 40,
+        b"x" * (sig.MAX_PAYLOAD + 1),
+    ):
+        assert not exempt(cosign.signature_manifest([(bad, cosign.layer(bad, "AAAA"))])), bad
+    for label, bad in (
+        ("application/spdx+json", b"[1, 2]"),
+        ("application/spdx+json", b"not json"),
+        ("text/spdx", b"SPDX\x00\x01binary"),
+        ("text/spdx", b"\xff\xfe"),
+    ):
+        assert not exempt(artifact([(label, bad)])), (label, bad)
+
+
+def test_what_cannot_be_read_needs_a_signature(signer):
+    s = cosign.sign(signer, SUBJECT)
+    assert not sig.exempt_from_signature(s.manifest, lambda d, n: None)  # absent
+    payload = next(b for d, b in s.blobs.items() if b.startswith(b'{"critical"'))
+    swapped = {d: (b"X" * len(b) if b == payload else b) for d, b in s.blobs.items()}
+    assert not sig.exempt_from_signature(s.manifest, blob_store(extra=swapped))
+    big = b'{"k":"' + b"a" * sig.MAX_ATTACHMENT + b'"}'
+    assert not exempt(artifact([("application/spdx+json", big)]))  # larger than we read
+    many = [("application/spdx+json", cosign.go_json({"n": i})) for i in range(sig.MAX_LAYERS + 1)]
+    assert not exempt(artifact(many))
+
+    def down(d: str, n: int) -> bytes:
+        raise OSError("backend down")
+
+    with pytest.raises(OSError):  # the caller answers 503: neither exempt nor refused
+        sig.exempt_from_signature(s.manifest, down)
+
+
+def test_indexes_and_manifests_read_two_ways_are_not_exempt(signer, tmp_path):
     from tests.images import oci_index_layout, oci_layout
 
     image = oci_layout(tmp_path / "a", "v1")
     index = oci_index_layout(tmp_path / "i", "multi")
-    assert not sig.exempt_from_signature(image["blobs"][image["digest"]])
-    assert not sig.exempt_from_signature(index["blobs"][index["digest"]])
+    assert not sig.exempt_from_signature(image["blobs"][image["digest"]], blob_store())
+    assert not sig.exempt_from_signature(index["blobs"][index["digest"]], blob_store())
+    s = cosign.sign(signer, SUBJECT)
+    doc = json.loads(s.manifest)
+    for change in (
+        {"manifests": []},  # also an index: its children are what a client runs
+        {"fsLayers": [{"blobSum": OTHER}]},  # also schema 1
+        {"mediaType": "application/vnd.oci.image.index.v1+json"},
+        {"mediaType": "application/vnd.docker.distribution.manifest.list.v2+json"},
+        {"mediaType": "application/vnd.docker.distribution.manifest.v1+json"},
+        {"schemaVersion": 1},
+        {"schemaVersion": True},
+        {"config": None},
+        {"layers": []},
+    ):
+        changed = cosign.Signature(cosign.go_json(doc | change), s.blobs, s.media_type)
+        assert not exempt(changed), change
+    no_type = {k: v for k, v in doc.items() if k != "mediaType"}
+    assert not exempt(cosign.Signature(cosign.go_json(no_type), s.blobs, s.media_type))
+    for key, value in (("urls", ["http://elsewhere/layer"]), ("data", "e30=")):
+        layers = [doc["layers"][0] | {key: value}]
+        changed = cosign.Signature(cosign.go_json(doc | {"layers": layers}), s.blobs, s.media_type)
+        assert not exempt(changed), key
     for body in (
         b"",
         b"\xff",
@@ -703,8 +846,171 @@ def test_indexes_empty_and_garbage_are_not_exempt(tmp_path):
         b'{"layers": []}',
         b'{"layers": [{"mediaType": 5}]}',
         b'{"layers": [1]}',
-        b'{"mediaType": "application/vnd.oci.image.index.v1+json", "layers": [{"mediaType": "x"}]}',
-        b'{"manifests": [], "layers": [{"mediaType": "x"}]}',
         b'{"layers": [{"mediaType": "x"}], "layers": [{"mediaType": "x"}]}',
     ):
-        assert not sig.exempt_from_signature(body), body
+        assert not sig.exempt_from_signature(body, blob_store()), body
+
+
+# --- property: nothing a runtime would run is exempt ---------------------------------------------
+#
+# The oracle is written from the runtimes, not imported from addons.signatures:
+# - containerd unpacks layers whose type is an OCI layer or a Docker rootfs type
+#   (images.IsLayerType); moby pulls layers whose type starts `application/vnd.oci.image` or
+#   `application/vnd.docker`, or is application/octet-stream, application/json, text/html or
+#   empty (distribution/pull_v2.go supportedMediaTypes, case-insensitive);
+# - containers/image (podman, CRI-O) unpacks every layer of an image whatever its type
+#   (tested end to end), so there the bytes decide: empty (an empty archive), compressed by
+#   the magic numbers runtimes detect, or readable as a tar archive.
+
+
+def runtime_layer_type(media_type: str) -> bool:
+    mt = media_type.lower()
+    return (
+        mt.startswith(("application/vnd.oci.image", "application/vnd.docker"))
+        or mt in ("application/octet-stream", "application/json", "text/html", "")
+        or "tar" in mt
+        or "erofs" in mt  # containerd 2 (images.MediaTypeErofsLayer)
+    )
+
+
+def runtime_unpacks(data: bytes) -> bool:
+    if not data or data[:2] == b"\x1f\x8b" or data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00":
+        return True
+    if data[:4] == b"\x28\xb5\x2f\xfd" or (
+        data[:1] and 0x50 <= data[0] <= 0x5F and data[1:4] == b"\x2a\x4d\x18"
+    ):
+        return True
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            tar.getmembers()
+        return True
+    except (tarfile.TarError, EOFError, ValueError):
+        return False
+
+
+def _contents() -> st.SearchStrategy[bytes]:
+    gz, tar = images.layer({"bin/app": b"\x7fELF run me"})
+    fixed = [
+        cosign.payload(SUBJECT),
+        cosign.payload(OTHER, optional={"k": "v" * 600}),
+        cosign.tar_polyglot(SUBJECT),
+        SPDX_JSON,
+        DSSE,
+        SPDX_TEXT,
+        CYCLONEDX_XML,
+        gz,
+        tar,
+        _zstd_frame(tar),
+        b"BZh91AY&SY",
+        b"",
+        b"{}",
+    ]
+    return st.sampled_from(fixed) | st.binary(max_size=700) | st.text(max_size=700).map(str.encode)
+
+
+CONFIG_TYPES = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.empty.v1+json",
+    cosign.SIG_ARTIFACT,
+]
+MANIFEST_TYPES = [
+    cosign.OCI_MANIFEST,
+    cosign.DOCKER_MANIFEST,
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+json",
+]
+EXTRA_KEYS = {
+    "subject": st.just(SUBJECT_DESC),
+    "artifactType": st.sampled_from([cosign.SIG_ARTIFACT, "application/spdx+json"]),
+    "annotations": st.just({"k": "v"}),
+    "manifests": st.just([SUBJECT_DESC]),
+    "fsLayers": st.just([{"blobSum": SUBJECT}]),
+}
+
+
+COHERENT = [  # (label, bytes) an attachment really is
+    (cosign.SIMPLESIGNING, cosign.payload(SUBJECT)),
+    (cosign.SIMPLESIGNING, cosign.payload(OTHER, optional={"k": "v" * 600})),
+    ("application/vnd.dsse.envelope.v1+json", DSSE),
+    ("application/spdx+json", SPDX_JSON),
+    ("text/spdx", SPDX_TEXT),
+    ("application/vnd.cyclonedx+xml", CYCLONEDX_XML),
+]
+LABELS = ATTACHMENT_LABELS + RUNTIME_LAYERS + ["application/wasm"]
+
+
+@st.composite
+def manifests(draw) -> tuple[dict, dict[str, bytes]]:
+    """Mostly attachment-shaped (so that many are exempt), each part mutated now and then:
+    a label over other bytes, a wrong size, extra keys, another manifest type."""
+    blobs: dict[str, bytes] = {}
+    layers = []
+    for _ in range(draw(st.integers(1, 3) | st.just(0))):
+        label, data = draw(
+            st.sampled_from(COHERENT)
+            if draw(st.integers(0, 4))
+            else st.tuples(st.sampled_from(LABELS) | st.text(max_size=30), _contents())
+            | st.tuples(st.sampled_from(ATTACHMENT_LABELS), _contents())
+        )
+        blobs[digest(data)] = data
+        layer = {"mediaType": label, "digest": digest(data), "size": len(data)}
+        if draw(st.integers(0, 9)) == 0:
+            layer["size"] += draw(st.sampled_from([-1, 1]))
+        if draw(st.booleans()):
+            layer["annotations"] = {cosign.ANNOTATION: "AAAA"}
+        if draw(st.integers(0, 9)) == 0:
+            layer[draw(st.sampled_from(["urls", "data"]))] = ["x"]
+        layers.append(layer)
+    doc: dict = {"schemaVersion": 2 if draw(st.integers(0, 9)) else 1}
+    media_type = draw(
+        st.sampled_from([cosign.OCI_MANIFEST, cosign.DOCKER_MANIFEST])
+        | st.sampled_from([*MANIFEST_TYPES, None])
+        | st.text(max_size=20)
+    )
+    if media_type is not None:
+        doc["mediaType"] = media_type
+    config_type = draw(st.sampled_from(CONFIG_TYPES) | st.text(max_size=20))
+    doc["config"] = {"mediaType": config_type, "digest": OTHER, "size": 2}
+    doc["layers"] = layers
+    if draw(st.integers(0, 2)) == 0:
+        for key in draw(st.lists(st.sampled_from(sorted(EXTRA_KEYS)), max_size=2, unique=True)):
+            doc[key] = draw(EXTRA_KEYS[key])
+    return doc, blobs
+
+
+@settings(FUZZ, max_examples=400)
+@given(case=manifests())
+def test_no_manifest_a_runtime_would_run_is_exempt(case):
+    doc, blobs = case
+    body = cosign.go_json(doc)
+    fetch = blob_store(extra=blobs)
+    if not sig.exempt_from_signature(body, fetch):
+        return
+    event("exempt")  # the statistics show the property is not vacuous
+    # Exempt: an image manifest read one way only, with layers, none of which a runtime
+    # would take (by its type for containerd and moby, by its bytes for containers/image).
+    assert doc.get("mediaType") in (cosign.OCI_MANIFEST, cosign.DOCKER_MANIFEST)
+    assert doc["schemaVersion"] == 2 and "manifests" not in doc and "fsLayers" not in doc
+    assert doc["layers"]
+    for layer in doc["layers"]:
+        assert not runtime_layer_type(layer["mediaType"]), layer
+        assert "urls" not in layer and "data" not in layer
+        data = blobs[layer["digest"]]
+        assert len(data) == layer["size"] and not runtime_unpacks(data), data[:80]
+
+
+@settings(FUZZ, max_examples=100)
+@given(case=manifests(), runnable=st.sampled_from(["gz", "tar", "polyglot"]))
+def test_an_exempt_manifest_with_any_layer_made_runnable_is_not(case, runnable):
+    """The label is kept, only the bytes change: the verdict must follow the bytes."""
+    doc, blobs = case
+    if not sig.exempt_from_signature(cosign.go_json(doc), blob_store(extra=blobs)):
+        return
+    gz, tar = images.layer({"bin/app": b"\x7fELF run me"})
+    data = {"gz": gz, "tar": tar, "polyglot": cosign.tar_polyglot(SUBJECT)}[runnable]
+    doc["layers"][-1] |= {"digest": digest(data), "size": len(data)}
+    event("exempt, then made runnable")
+    blobs[digest(data)] = data
+    assert not sig.exempt_from_signature(cosign.go_json(doc), blob_store(extra=blobs))
