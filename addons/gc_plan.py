@@ -212,9 +212,7 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
 
     tagged = {tag.manifest for tag in repo.tags.values()}
     stack = [ordinary[t].manifest for t in kept_ordinary]
-    stack += [
-        d for d, m in repo.manifests.items() if d not in tagged and now - m.pushed < grace
-    ]
+    stack += [d for d, m in repo.manifests.items() if d not in tagged and now - m.pushed < grace]
     reached: set[str] = set()
     while stack:
         d = stack.pop()
@@ -231,9 +229,7 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
     unkept |= {t for t in repo.tags if (s := attachment_subject(t)) and s not in reached}
     # A tag goes only with its manifest (Distribution deletes tags that way alone).
     deleted = {t for t in unkept if _goes(repo, reached, repo.tags[t].manifest)}
-    blocked = {
-        t: _why_kept(repo, reached, t, unkept, attached) for t in sorted(unkept - deleted)
-    }
+    blocked = {t: _why_kept(repo, reached, t, unkept, attached) for t in sorted(unkept - deleted)}
     return _RepoDecision(frozenset(deleted), frozenset(reached), blocked)
 
 

@@ -208,7 +208,9 @@ def test_a_tag_that_cannot_go_without_what_stays_is_reported():
     assert f"child of index {D['i']}" in why["arm"]
     assert "could not be read" in why["lost"]
     assert p.report()["tags_not_removed"][0] == {
-        "repository": "acme/app", "tag": "arm", "reason": why["arm"]
+        "repository": "acme/app",
+        "tag": "arm",
+        "reason": why["arm"],
     }
     assert p.tenants["acme"].tags == 1
     # Nothing the kept tags reach is planned away.
