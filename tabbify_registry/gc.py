@@ -486,7 +486,11 @@ def distribution_config(s: Settings) -> Path:
 def mark(config: Path, timeout: float) -> set[str] | None:
     """Distribution's own mark (`garbage-collect --dry-run`, never --delete-untagged): the
     blobs no manifest of any repository references; None if it took longer than `timeout`."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}  # no REGISTRY_*
+    # The environment the backend itself runs with (cli.supervisor_env): REGISTRY_* removed
+    # (Distribution reads them as config overrides), the rest kept, among it the S3 SDK's
+    # default credential chain (AWS_*), which the mark needs to read the bucket.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.setdefault("PATH", "/usr/bin:/bin")
     try:
         out = subprocess.run(
             ["docker-registry", "garbage-collect", "--dry-run", str(config)],
