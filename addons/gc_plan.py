@@ -11,10 +11,10 @@ index's children before the index, and a blob before its manifest). A manifest s
 is decided by its tags: one whose every tag retention removes is not a root, however young.
 From the roots, within the repository: index children; referrers (manifests whose `subject` is
 reached: signatures, SBOMs, attestations); and the manifests of cosign attachment tags
-`sha256-<hex>.{sig,att,sbom}` whose subject is reached. Attachment tags are kept exactly when
-their subject is reached and never count for `keep_last`. Sweep: every unreached manifest;
-every blob (manifest contents included) that no remaining manifest in any repository is or
-references, unless the blob is younger than `blob_grace`.
+`sha256-<hex>.{sig,att,sbom}` whose subject is reached. Attachment tags are kept when their
+subject is reached (or a protected pattern names them) and never count for `keep_last`.
+Sweep: every unreached manifest; every blob (manifest contents included) that no remaining
+manifest in any repository is or references, unless the blob is younger than `blob_grace`.
 
 Tags go with their manifest: a backend such as Distribution cannot remove a tag alone (it
 deletes a manifest by digest, with every tag on it). A tag retention would remove whose
@@ -210,8 +210,11 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
         if subject is not None:
             attached[subject].append(tag.manifest)
 
+    # Attachment tags a protected pattern names (an [[immutable]] `sha256-*` tag) stay too.
+    kept_attachments = {t for t in repo.tags if t not in ordinary and retention.is_protected(t)}
     tagged = {tag.manifest for tag in repo.tags.values()}
     stack = [ordinary[t].manifest for t in kept_ordinary]
+    stack += [repo.tags[t].manifest for t in kept_attachments]
     stack += [d for d, m in repo.manifests.items() if d not in tagged and now - m.pushed < grace]
     reached: set[str] = set()
     while stack:
@@ -226,7 +229,11 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
         stack.extend(attached.get(d, ()))
 
     unkept = {t for t in ordinary if t not in kept_ordinary}
-    unkept |= {t for t in repo.tags if (s := attachment_subject(t)) and s not in reached}
+    unkept |= {
+        t
+        for t in repo.tags
+        if (s := attachment_subject(t)) and s not in reached and t not in kept_attachments
+    }
     # A tag goes only with its manifest (Distribution deletes tags that way alone).
     deleted = {t for t in unkept if _goes(repo, reached, repo.tags[t].manifest)}
     blocked = {t: _why_kept(repo, reached, t, unkept, attached) for t in sorted(unkept - deleted)}

@@ -227,6 +227,19 @@ def test_protected_tag_keeps_every_tag_on_its_manifest():
     assert [(t, "also tagged v1.0" in why) for _, t, why in p.blocked] == [("ci-1", True)]
 
 
+def test_a_protected_attachment_tag_stays_with_its_subject_gone():
+    """An [[immutable]] rule can name cosign tags (`sha256-*`): such a tag is never removed,
+    even when the image it signs goes."""
+    gone = D["a"]
+    repo = Repository(
+        tags={"old": Tag(gone, 1.0), signature_tag(gone): Tag(D["s"], 2.0)},
+        manifests={gone: image(D["x"]), D["s"]: image(D["y"])},
+    )
+    p = plan(Snapshot({"acme/app": repo}), Retention(keep_last=0, protected=["sha256-*"]), NOW)
+    assert p.tags == (("acme/app", "old"),) and p.manifests == (("acme/app", gone),)
+    assert D["y"] not in p.blobs
+
+
 def test_report_is_json_and_sums_up():
     acme = Repository(tags={"old": Tag(D["a"], 1.0)}, manifests={D["a"]: image(D["x"])})
     globex = Repository(manifests={D["b"]: image(D["x"], D["y"])})
@@ -345,7 +358,7 @@ retentions = st.builds(
     Retention,
     keep_last=st.none() | st.integers(0, 4),
     untagged_after=st.floats(0, 10_000),
-    protected=st.lists(st.sampled_from(["v*", "latest", "rc?", "nothing"]), max_size=2),
+    protected=st.lists(st.sampled_from(["v*", "latest", "rc?", "nothing", "sha256-*"]), max_size=2),
 )
 
 
@@ -370,6 +383,7 @@ def reach(repo: Repository, kept_tags: set[str], r: Retention) -> set[str]:
     """Manifests reachable in one repository, by breadth-first search with a fixed point."""
     tagged = {tag.manifest for tag in repo.tags.values()}
     reached = {repo.tags[t].manifest for t in kept_tags}
+    reached |= {tag.manifest for t, tag in repo.tags.items() if attachment(t) and r.is_protected(t)}
     reached |= {
         d
         for d, m in repo.manifests.items()
@@ -413,6 +427,7 @@ def test_properties(snap, r, blob_grace):
         for t in {t for n, t in deleted_tags if n == name}:
             assert t in repo.tags
             assert attachment(t) not in reached if attachment(t) else t not in keep
+            assert not r.is_protected(t)
         # A tag goes only with its manifest; one that would go but whose manifest stays is
         # reported, and stays.
         blocked = {t for n, t, _ in p.blocked if n == name}
