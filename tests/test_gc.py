@@ -35,6 +35,12 @@ def test_retention_keeps_tags_of_unknown_push_time_and_protected_ones():
     assert not default.is_protected("v1")
 
 
+def test_retention_never_takes_an_immutable_tag():
+    policy = parse(POLICY + '[[immutable]]\nrepositories = ["acme/**"]\ntags = ["v*"]\n', "p.toml")
+    r = gc.retention_for(policy, {})("acme/app")
+    assert r.is_protected("v1") and not r.is_protected("dev")
+
+
 def test_descriptor_sizes():
     body = json.dumps(
         {
