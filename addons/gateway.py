@@ -12,7 +12,7 @@ Our addons, in hook order:
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
 3. RegistryAccess  `/v2…`: token, policy rights (and token scopes), route parameters,
                    header hygiene, streaming
-   WriteFreeze     writes answered 503 + Retry-After while GC holds the freeze marker
+   WriteFreeze     while GC marks and sweeps, the writes that could revive a blob wait
    Accounting      sizes and push times of confirmed pushes; [[quota]] (before the ledger
                    records: a refused push is never recorded)
 4. TenantIsolation digests the caller may not read never reach the backend

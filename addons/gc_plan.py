@@ -5,15 +5,21 @@ store's blobs, which Distribution shares across repositories), retention paramet
 repository, and `now`. Output: a Plan (sorted, deterministic) and a per-tenant report. The
 caller walks the backend to build the snapshot and executes the plan; nothing here does I/O.
 
-Mark: the roots of a repository are the manifests of its kept tags and every manifest younger
-than the repository's `untagged_after` grace (a push in flight uploads an index's children
-before the index, and a blob before its manifest). From the roots, within the repository:
-index children; referrers (manifests whose `subject` is reached: signatures, SBOMs,
-attestations); and the manifests of cosign attachment tags `sha256-<hex>.{sig,att,sbom}` whose
-subject is reached. Attachment tags are kept exactly when their subject is reached and never
-count for `keep_last`. Sweep: every unreached manifest; every tag not kept; every blob (manifest
-contents included) that no remaining manifest in any repository is or references, unless the
-blob is younger than `blob_grace`.
+Mark: the roots of a repository are the manifests of its kept tags and every *untagged*
+manifest younger than the repository's `untagged_after` grace (a push in flight uploads an
+index's children before the index, and a blob before its manifest). A manifest some tag names
+is decided by its tags: one whose every tag retention removes is not a root, however young.
+From the roots, within the repository: index children; referrers (manifests whose `subject` is
+reached: signatures, SBOMs, attestations); and the manifests of cosign attachment tags
+`sha256-<hex>.{sig,att,sbom}` whose subject is reached. Attachment tags are kept when their
+subject is reached (or a protected pattern names them) and never count for `keep_last`.
+Sweep: every unreached manifest; every blob (manifest contents included) that no remaining
+manifest in any repository is or references, unless the blob is younger than `blob_grace`.
+
+Tags go with their manifest: a backend such as Distribution cannot remove a tag alone (it
+deletes a manifest by digest, with every tag on it). A tag retention would remove whose
+manifest stays (also tagged by a kept tag, the child of an index that stays, a referrer of a
+subject that stays, or not read) is kept and listed in `Plan.blocked` with the reason.
 """
 
 from __future__ import annotations
@@ -187,6 +193,7 @@ def _kept_tags(tags: Mapping[str, Tag], retention: Retention) -> set[str]:
 class _RepoDecision:
     deleted_tags: frozenset[str]
     reached: frozenset[str]  # manifest digests that stay (and digests they name)
+    blocked: Mapping[str, str] = field(default_factory=dict)  # tag → why it stays
 
 
 def _mark_repository(repo: Repository, retention: Retention, now: float) -> _RepoDecision:
@@ -203,8 +210,12 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
         if subject is not None:
             attached[subject].append(tag.manifest)
 
+    # Attachment tags a protected pattern names (an [[immutable]] `sha256-*` tag) stay too.
+    kept_attachments = {t for t in repo.tags if t not in ordinary and retention.is_protected(t)}
+    tagged = {tag.manifest for tag in repo.tags.values()}
     stack = [ordinary[t].manifest for t in kept_ordinary]
-    stack += [d for d, m in repo.manifests.items() if now - m.pushed < grace]
+    stack += [repo.tags[t].manifest for t in kept_attachments]
+    stack += [d for d, m in repo.manifests.items() if d not in tagged and now - m.pushed < grace]
     reached: set[str] = set()
     while stack:
         d = stack.pop()
@@ -217,9 +228,44 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
         stack.extend(referrers.get(d, ()))
         stack.extend(attached.get(d, ()))
 
-    deleted = {t for t in ordinary if t not in kept_ordinary}
-    deleted |= {t for t in repo.tags if (s := attachment_subject(t)) and s not in reached}
-    return _RepoDecision(frozenset(deleted), frozenset(reached))
+    unkept = {t for t in ordinary if t not in kept_ordinary}
+    unkept |= {
+        t
+        for t in repo.tags
+        if (s := attachment_subject(t)) and s not in reached and t not in kept_attachments
+    }
+    # A tag goes only with its manifest (Distribution deletes tags that way alone).
+    deleted = {t for t in unkept if _goes(repo, reached, repo.tags[t].manifest)}
+    blocked = {t: _why_kept(repo, reached, t, unkept, attached) for t in sorted(unkept - deleted)}
+    return _RepoDecision(frozenset(deleted), frozenset(reached), blocked)
+
+
+def _goes(repo: Repository, reached: set[str], digest: str) -> bool:
+    return digest in repo.manifests and digest not in reached
+
+
+def _why_kept(
+    repo: Repository,
+    reached: set[str],
+    tag: str,
+    unkept: set[str],
+    attached: Mapping[str, list[str]],
+) -> str:
+    """Why a tag retention would remove stays: its manifest stays, and it cannot go alone."""
+    d = repo.tags[tag].manifest
+    alone = "; a tag cannot be removed alone (only with its manifest, and every tag on it)"
+    if d not in repo.manifests:
+        return f"its manifest {d} could not be read, so it is kept{alone}"
+    sharing = sorted(t for t, v in repo.tags.items() if v.manifest == d and t not in unkept)
+    if sharing:
+        return f"its manifest {d} is also tagged {', '.join(sharing)}, which stays{alone}"
+    parents = sorted(p for p in reached if d in (repo.manifests.get(p) or Manifest()).children)
+    if parents:
+        return f"its manifest {d} is a child of index {parents[0]}, which stays{alone}"
+    subject = repo.manifests[d].subject
+    if subject in reached or any(d in attached.get(s, ()) for s in reached):
+        return f"its manifest {d} is a signature or referrer of an image that stays{alone}"
+    return f"its manifest {d} stays (reached from content that stays){alone}"
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -248,6 +294,8 @@ class Plan:
     blobs: tuple[str, ...]  # content digests (manifest contents included)
     bytes: int  # reclaimed by the blobs
     tenants: Mapping[str, Reclaimed]
+    # (repository, tag, reason): tags retention would remove that stay with their manifest
+    blocked: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -264,6 +312,9 @@ class Plan:
             "tags": [{"repository": r, "tag": t} for r, t in self.tags],
             "manifests": [{"repository": r, "digest": d} for r, d in self.manifests],
             "blobs": list(self.blobs),
+            "tags_not_removed": [
+                {"repository": r, "tag": t, "reason": why} for r, t, why in self.blocked
+            ],
         }
 
 
@@ -296,12 +347,13 @@ def plan(
         name: _mark_repository(repo, _retention(retention, name), now)
         for name, repo in sorted(snapshot.repositories.items())
     }
-    tags, manifests = [], []
+    tags, manifests, blocked = [], [], []
     marked: set[str] = set()
     named_by_deleted: dict[str, set[str]] = defaultdict(set)  # content → tenants
     for name, repo in sorted(snapshot.repositories.items()):
         decision = decisions[name]
         tags += [(name, t) for t in sorted(decision.deleted_tags)]
+        blocked += [(name, t, why) for t, why in sorted(decision.blocked.items())]
         # Kept tags point at reached digests; a dangling one still names its digest.
         for t, tag in repo.tags.items():
             if t not in decision.deleted_tags:
@@ -328,6 +380,7 @@ def plan(
         blobs=tuple(sorted(blobs)),
         bytes=sum(content[d].size for d in blobs),
         tenants=_per_tenant(content, tags, manifests, blobs, named_by_deleted),
+        blocked=tuple(blocked),
     )
 
 

@@ -11,16 +11,27 @@ With Distribution (the local and test backend) this program does the whole job:
 2. **Plan** with addons/gc_plan.py under the policy's `[[retention]]` rules: `keep_last`
    tags by push time, `protected_tags`, `untagged_after` (default, and without a rule: 1 h).
    `--dry-run` stops here and prints the plan.
-3. **Freeze writes**: a marker in the workers' state directory (addons/freeze.py); every
-   gateway worker answers writes 503 + Retry-After, reads go on. Nothing is removed until
-   every live worker reports the freeze with no write in flight (else the run is abandoned).
+3. **Hold the writes that could revive a blob** (addons/freeze.py): a marker in the workers'
+   state directory; every gateway worker holds (does not refuse) manifest PUTs, mounts,
+   upload-completing requests and DELETEs until the marker goes; uploads, reads and
+   everything else go on. Marking starts once every live worker reports the freeze with no
+   such write in flight (else the run is abandoned, nothing removed). The marker is a short
+   lease the GC renews, never past FREEZE_MAX after it was first written: a GC that died
+   releases the held writes within LEASE seconds, and no write waits longer than FREEZE_MAX.
 4. **Delete** the planned manifests by digest through the backend API, after re-reading the
    tags of their repositories inside the freeze (a digest tagged again since the snapshot
-   stays). Distribution removes a manifest's tags with it and cannot delete a tag alone: a
-   planned tag deletion whose manifest stays is reported as skipped.
-5. **`docker-registry garbage-collect <config>`** (never `--delete-untagged`: it breaks
-   multi-arch indexes and referrers) sweeps the blobs no manifest references. The rendered
-   config has no blob-descriptor cache, so nothing serves a deleted blob afterwards.
+   stays). Distribution removes a manifest's tags with it and cannot delete a tag alone: the
+   plan removes a tag only with its manifest and reports the tags it had to keep
+   (`tags_not_removed`, with why).
+5. **Mark** with `docker-registry garbage-collect --dry-run <config>` (never
+   `--delete-untagged`: it breaks multi-arch indexes and referrers): the blobs no manifest
+   of any repository references. **Sweep** those whose stored data, and every repository
+   link to them, are older than BLOB_GRACE (Zot's gcDelay): a blob uploaded, or mounted or
+   re-uploaded into a repository, within the grace stays even when no manifest references it
+   yet (a push sends its layers first, its manifest last). A blob is removed as
+   Distribution's own sweep removes it (vacuum.RemoveBlob: the blob's directory
+   `blobs/sha256/<xx>/<hex>`, on S3 every key under that prefix). The rendered config has no
+   blob-descriptor cache, so nothing serves a deleted blob afterwards.
 6. The **ledger forgets** what is gone, every worker drops its cached signature verdicts,
    the freeze ends, and a JSON **report** (per tenant: tags, manifests, blobs, bytes) is
    printed and written to `$REGISTRY_DATA_DIR/gc/`.
@@ -37,11 +48,12 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +72,12 @@ logger = logging.getLogger("gc")
 TIMEOUT = 30
 PAGE = 1000
 STALE = 5.0  # a worker that has not published for this long is not waited for
-FREEZE_WAIT = 120.0  # seconds to wait for the workers to stop writing
-FREEZE_MAX = 300.0  # a marker not renewed for this long expires (a GC that was killed)
-FREEZE_RENEW = 30.0  # the running GC renews its marker this often
+FREEZE_WAIT = 30.0  # seconds to wait for the held-kind writes in flight to end
+FREEZE_MAX = 120.0  # no write is held longer: the freeze never lasts past this
+LEASE = 15.0  # a marker not renewed for this long expires (a GC that was killed)
+FREEZE_RENEW = 3.0  # the running GC renews its marker this often
+MARGIN = 5.0  # nothing is removed with less than this left on the marker
+BLOB_GRACE = gc_plan.DEFAULT_GRACE  # blobs stored or linked more recently are never swept
 
 
 class GcError(Exception):
@@ -225,7 +240,11 @@ def retention_for(policy: Policy, unknown: Mapping[str, set[str]]) -> Any:
         return gc_plan.Retention(
             keep_last=plan.keep_last if plan is not None else None,
             untagged_after=grace,
-            protected=lambda tag: tag in kept or (plan is not None and plan.protects(tag)),
+            protected=lambda tag: (
+                tag in kept
+                or (plan is not None and plan.protects(tag))
+                or policy.is_immutable(repo, tag) is not None
+            ),
         )
 
     return rules
@@ -248,21 +267,25 @@ def live_workers(state_dir: Path, now: float) -> dict[str, dict[str, Any]]:
 
 class Freeze:
     """The write freeze as a context manager: entered once every live worker has stopped
-    writing, always lifted on the way out."""
+    letting held-kind writes through, always lifted on the way out. Its marker is a lease of
+    LEASE seconds, renewed, and never extended past FREEZE_MAX after it was first written."""
 
     def __init__(self, state_dir: Path, wait: float = FREEZE_WAIT) -> None:
         self.path = state_dir / freeze.MARKER
         self.state_dir, self.wait = state_dir, wait
         self.id = secrets.token_hex(6)
         self.started = 0.0
+        self.until = 0.0  # what the workers were last told
         self._done = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def _write(self) -> None:
-        marker = {"id": self.id, "until": time.time() + FREEZE_MAX, "reason": "garbage collection"}
+        until = min(time.time() + LEASE, self.started + FREEZE_MAX)
+        marker = {"id": self.id, "until": until, "reason": "garbage collection"}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(marker))
         tmp.replace(self.path)
+        self.until = until
 
     def _renew(self) -> None:
         while not self._done.wait(FREEZE_RENEW):
@@ -271,13 +294,21 @@ class Freeze:
             except OSError as e:
                 logger.warning("gc: cannot renew the freeze marker: %s", e)
 
+    def left(self) -> float:
+        """Seconds the workers still hold writes for, as far as this GC can count on."""
+        return self.until - time.time()
+
+    def holding(self) -> bool:
+        """Whether something may still be removed: held writes stay held past MARGIN."""
+        return self.left() > MARGIN
+
     def __enter__(self) -> Freeze:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self._write()
         self._renewer = threading.Thread(target=self._renew, daemon=True)
         self._renewer.start()
-        deadline = time.monotonic() + self.wait
+        deadline = time.monotonic() + min(self.wait, FREEZE_MAX / 2)
         while True:
             pending = self.pending()
             if not pending:
@@ -317,6 +348,129 @@ class Freeze:
         self.lift()
 
 
+# --- the sweep ---------------------------------------------------------------------------------
+
+V2 = "docker/registry/v2"  # Distribution's layout under its storage root
+
+
+def blob_hex(digest: str) -> str | None:
+    algorithm, _, hexpart = digest.partition(":")
+    if (
+        algorithm != "sha256"
+        or len(hexpart) != 64
+        or not all(c in "0123456789abcdef" for c in hexpart)
+    ):
+        return None
+    return hexpart
+
+
+class LocalBlobs:
+    """Distribution's filesystem storage: ages from mtimes, removal as vacuum.RemoveBlob."""
+
+    def __init__(self, root: Path) -> None:
+        self.v2 = root / V2
+
+    def stored(self, digests: Iterable[str]) -> dict[str, float]:
+        """digest → the newest time its data was written or a repository linked it."""
+        wanted = {h: d for d in digests if (h := blob_hex(d))}
+        newest: dict[str, float] = {}
+        for h, d in wanted.items():
+            try:
+                newest[d] = (self.v2 / "blobs/sha256" / h[:2] / h / "data").stat().st_mtime
+            except OSError:
+                continue  # already gone
+        # `_layers/sha256/<hex>/link` is rewritten by every upload and mount of the blob into
+        # a repository, even when its data was already stored (and not rewritten).
+        for top, _, files in os.walk(self.v2 / "repositories"):
+            if "link" not in files:
+                continue
+            here = Path(top)
+            d = wanted.get(here.name) if here.parent.name == "sha256" else None
+            if d is None:
+                continue
+            try:
+                mtime = (here / "link").stat().st_mtime
+            except OSError:
+                continue
+            newest[d] = max(newest.get(d, 0.0), mtime)
+        return newest
+
+    def remove(self, digest: str) -> None:
+        h = blob_hex(digest)
+        if h is not None:
+            shutil.rmtree(self.v2 / "blobs/sha256" / h[:2] / h, ignore_errors=True)
+
+
+class S3Blobs:
+    """Distribution's S3 storage: ages from LastModified, removal of the blob's prefix."""
+
+    def __init__(self, client: Any, bucket: str, root: str) -> None:
+        self.s3, self.bucket = client, bucket
+        self.v2 = f"{root.strip('/')}/{V2}/" if root.strip("/") else f"{V2}/"
+
+    @classmethod
+    def for_settings(cls, s: Settings) -> S3Blobs:
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            region_name=s.s3_region,
+            endpoint_url=s.s3_endpoint,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 3},
+                s3={"addressing_style": "path" if s.s3_endpoint else "auto"},
+            ),
+        )
+        return cls(client, str(s.s3_bucket), backend_config.S3_PREFIX)
+
+    def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
+            yield from page.get("Contents", [])
+
+    def _blob_prefix(self, h: str) -> str:
+        return f"{self.v2}blobs/sha256/{h[:2]}/{h}/"
+
+    def stored(self, digests: Iterable[str]) -> dict[str, float]:
+        wanted = {h: d for d in digests if (h := blob_hex(d))}
+        newest: dict[str, float] = {}
+        for h, d in wanted.items():
+            for obj in self._objects(self._blob_prefix(h)):
+                t = obj["LastModified"].timestamp()
+                newest[d] = max(newest.get(d, 0.0), t)
+        for obj in self._objects(f"{self.v2}repositories/"):
+            parts = obj["Key"].rsplit("/", 3)
+            if len(parts) == 4 and parts[3] == "link" and parts[1] == "sha256":
+                d = wanted.get(parts[2])
+                if d is not None:
+                    newest[d] = max(newest.get(d, 0.0), obj["LastModified"].timestamp())
+        return newest
+
+    def remove(self, digest: str) -> None:
+        h = blob_hex(digest)
+        if h is None:
+            return
+        keys = [{"Key": o["Key"]} for o in self._objects(self._blob_prefix(h))]
+        for i in range(0, len(keys), 1000):
+            self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+
+
+def blob_store(s: Settings) -> LocalBlobs | S3Blobs:
+    if s.storage == "s3":
+        return S3Blobs.for_settings(s)
+    return LocalBlobs(Path(backend_config.storage_root(s)))
+
+
+def sweepable(
+    eligible: set[str], stored: Mapping[str, float], now: float, grace: float
+) -> set[str]:
+    """The eligible blobs stored and last linked at least `grace` seconds ago (a blob whose
+    data is already gone has nothing to sweep)."""
+    return {d for d in eligible if d in stored and now - stored[d] >= grace}
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -329,20 +483,45 @@ def distribution_config(s: Settings) -> Path:
     return path
 
 
-def garbage_collect(config: Path) -> set[str]:
-    """Distribution's sweep (never --delete-untagged); the digests it deleted."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}  # no REGISTRY_*
-    out = subprocess.run(
-        ["docker-registry", "garbage-collect", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if out.returncode != 0:  # what it deleted before failing is swept again next time
+def mark(config: Path, timeout: float) -> set[str] | None:
+    """Distribution's own mark (`garbage-collect --dry-run`, never --delete-untagged): the
+    blobs no manifest of any repository references; None if it took longer than `timeout`."""
+    # The environment the backend itself runs with (cli.supervisor_env): REGISTRY_* removed
+    # (Distribution reads them as config overrides), the rest kept, among it the S3 SDK's
+    # default credential chain (AWS_*), which the mark needs to read the bucket.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.setdefault("PATH", "/usr/bin:/bin")
+    try:
+        out = subprocess.run(
+            ["docker-registry", "garbage-collect", "--dry-run", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(timeout, 1.0),
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
         raise GcError(f"docker-registry garbage-collect failed: {out.stderr.strip()[-500:]}")
     prefix = "blob eligible for deletion: "
     return {ln[len(prefix) :].strip() for ln in out.stdout.splitlines() if ln.startswith(prefix)}
+
+
+def sweep(
+    store: LocalBlobs | S3Blobs, eligible: set[str], frozen: Freeze, grace: float
+) -> tuple[set[str], set[str], bool]:
+    """Remove the eligible blobs older than `grace` while the freeze holds: (removed, kept as
+    young, whether the freeze ran out first)."""
+    stored = store.stored(eligible)
+    old = sweepable(eligible, stored, time.time(), grace)
+    young = {d for d in eligible - old if d in stored}
+    removed: set[str] = set()
+    for d in sorted(old):
+        if not frozen.holding():
+            return removed, young, True
+        store.remove(d)
+        removed.add(d)
+    return removed, young, False
 
 
 def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> dict[str, Any]:
@@ -364,18 +543,21 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             **plan.report(),
         }
-        deleted_by_digest = {(r, d) for r, d in plan.manifests}
-        report["tags_skipped"] = [
-            {"repository": r, "tag": t, "reason": "Distribution cannot delete a tag alone"}
-            for r, t in plan.tags
-            if (r, walk.snapshot.repositories[r].tags[t].manifest) not in deleted_by_digest
-        ]
         if dry_run:
             report["seconds"] = round(time.monotonic() - started, 3)
             return report
+        store = blob_store(s)
+        config = distribution_config(s)
         with Freeze(s.state_dir, freeze_wait) as frozen:
-            deleted = delete_manifests(backend, plan, ledger, now, policy)
-            collected = garbage_collect(distribution_config(s))
+            deleted = delete_manifests(backend, plan, ledger, now, policy, frozen)
+            eligible = mark(config, frozen.left() - MARGIN) if frozen.holding() else None
+            collected, young, cut = set(), set(), eligible is None
+            if eligible is not None:
+                collected, young, cut = sweep(store, eligible, frozen, BLOB_GRACE)
+            report["kept_young_blobs"] = len(young)
+            report["blob_grace_seconds"] = BLOB_GRACE
+            if cut:
+                report["sweep_cut_short"] = "the freeze ran out; the rest goes next run"
             if ledger is not None:
                 for repo in {r for r, _ in deleted}:
                     ledger.forget_manifests(repo, [d for r, d in deleted if r == repo])
@@ -401,12 +583,21 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
 
 
 def delete_manifests(
-    backend: Backend, plan: gc_plan.Plan, ledger: Ledger | None, now: float, policy: Policy
+    backend: Backend,
+    plan: gc_plan.Plan,
+    ledger: Ledger | None,
+    now: float,
+    policy: Policy,
+    frozen: Freeze | None = None,
 ) -> list[tuple[str, str]]:
     """Inside the freeze: re-read each affected repository, re-plan it, and delete only what
-    both plans remove (a digest tagged again since the snapshot stays)."""
+    both plans remove (a digest tagged again since the snapshot stays). Deleting a manifest
+    by digest takes every tag on it: the plan removes a manifest only when none of its tags
+    stays."""
     deleted = []
     for repo in sorted({r for r, _ in plan.manifests}):
+        if frozen is not None and not frozen.holding():
+            break  # the rest goes next run
         fresh, unknown = walk_repository(backend, repo, now, ledger, {}, set())
         again = gc_plan.plan(
             gc_plan.Snapshot({repo: fresh}), retention_for(policy, {repo: unknown}), now
@@ -415,6 +606,8 @@ def delete_manifests(
         for r, digest in plan.manifests:
             if r != repo or digest not in still:
                 continue
+            if frozen is not None and not frozen.holding():
+                break
             status = backend.delete_manifest(repo, digest)
             if status in (202, 404):
                 deleted.append((repo, digest))

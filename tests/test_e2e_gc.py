@@ -1,8 +1,13 @@
 """`tabbify-registry gc` end to end (CONTRACTS §8) against the running stack (Distribution,
 two gateway workers): retention decides what goes (`keep_last` by the push times the gateway
-recorded, protected tags, `untagged_after`), `--dry-run` changes nothing, a real run removes
-manifests and blobs, the isolation ledger forgets them, the report counts per tenant; and
-pushes running while GC runs are never broken."""
+recorded, protected tags, `[[immutable]]` tags, `untagged_after`), `--dry-run` changes
+nothing, a real run removes manifests and blobs, the isolation ledger forgets them, the report
+counts per tenant and says which tags could not go and why; and pushes running while GC runs
+are held, never refused (no 503) and never broken.
+
+GC sweeps only blobs stored and linked more than an hour ago (gc.BLOB_GRACE): tests that
+expect blobs to be collected make the storage that old first (`age_storage`), as if it had
+been pushed two hours earlier."""
 
 from __future__ import annotations
 
@@ -38,6 +43,14 @@ untagged_after = "1s"
 [[retention]]
 repositories = ["acme/busy/**", "acme/junk/**"]
 untagged_after = "1s"
+
+[[retention]]
+repositories = ["acme/keep/**"]
+keep_last = 1
+
+[[immutable]]
+repositories = ["acme/keep/**"]
+tags = ["v*"]
 """
 
 
@@ -57,6 +70,15 @@ def gc(stack: Stack, *args: str) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def age_storage(stack: Stack, seconds: float = 7200) -> None:
+    """Everything stored so far as if written `seconds` ago (blob data and repository links):
+    the blob grace (one hour) is then over for it."""
+    then = time.time() - seconds
+    for top, _, files in os.walk(stack.data_dir / "zot-cache"):
+        for name in files:
+            os.utime(os.path.join(top, name), (then, then))
 
 
 def push(stack: Stack, jwt: str, tmp: Path, ref: str, size: int = 20_000) -> dict:
@@ -97,6 +119,7 @@ def test_retention_dry_run_then_collection(stack: Stack, acme_jwt: str, tmp_path
     assert plan["dry_run"] and plan["tenants"]["acme"]["manifests"] >= 4
     assert requests.get(f"{stack.url}/v2/{repo}/manifests/v1", headers=h).status_code == 200
 
+    age_storage(stack)
     report = gc(stack)
     assert not report["dry_run"]
     acme = report["tenants"]["acme"]
@@ -121,12 +144,20 @@ def test_retention_dry_run_then_collection(stack: Stack, acme_jwt: str, tmp_path
     assert not [m for m in again["manifests"] if m["repository"] == repo]
 
 
-def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path: Path) -> None:
+def test_pushes_during_gc_are_held_never_refused_nor_broken(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
     """skopeo and raw-HTTP pushes in loops (blobs first, the manifest a moment later, as a
-    slow client does) while GC runs again and again on garbage made meanwhile."""
+    slow client does) while GC runs again and again on old garbage and garbage made meanwhile:
+    no request is answered 503, every push succeeds, every pushed image pulls completely."""
+    for i in range(3):  # old garbage: a tag pushed over and over, two hours ago
+        push(stack, acme_jwt, tmp_path / f"old-{i}", "acme/junk/app:latest")
+    age_storage(stack)
+    before = len(stack.access_log())
     stop = threading.Event()
     pushed: list[tuple[str, dict]] = []  # (reference, image) of every push that succeeded
     failures: list[str] = []
+    statuses: list[int] = []  # every answer the raw client got
 
     def skopeo_loop(name: str) -> None:
         i = 0
@@ -146,20 +177,32 @@ def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path
         i = 0
         while not stop.is_set():
             i += 1
+            config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+            layer = os.urandom(10_000)
+            body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
             try:
-                config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
-                layer = os.urandom(10_000)
-                push_blob(stack, "acme/busy/raw", config, h)
-                push_blob(stack, "acme/busy/raw", layer, h)
+                for blob in (config, layer):
+                    r = requests.post(
+                        f"{stack.url}/v2/acme/busy/raw/blobs/uploads/", headers=h, timeout=60
+                    )
+                    statuses.append(r.status_code)
+                    r = requests.put(
+                        stack.url + r.headers["Location"],
+                        params={"digest": sha256(blob)},
+                        data=blob,
+                        headers={**h, "Content-Type": "application/octet-stream"},
+                        timeout=200,
+                    )
+                    statuses.append(r.status_code)
                 time.sleep(0.5)
-                body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
                 r = requests.put(
                     f"{stack.url}/v2/acme/busy/raw/manifests/r{i}",
                     data=body,
                     headers={**h, "Content-Type": OCI},
-                    timeout=30,
+                    timeout=200,
                 )
-            except (AssertionError, requests.RequestException) as e:
+                statuses.append(r.status_code)
+            except (KeyError, requests.RequestException) as e:
                 failures.append(str(e)[:300])
                 continue
             if r.status_code == 201:
@@ -176,7 +219,9 @@ def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path
             i += 1
             src = tmp_path / f"junk-{i}"
             oci_layout(src, "x", layer_sizes=(15_000,))
-            skopeo_copy(f"oci:{src}:x", f"docker://{stack.host}/acme/junk/app:latest", acme_jwt)
+            r = skopeo_copy(f"oci:{src}:x", f"docker://{stack.host}/acme/junk/app:latest", acme_jwt)
+            if r.returncode != 0:
+                failures.append(r.stderr[-300:])
 
     threads = [
         threading.Thread(target=skopeo_loop, args=("a",)),
@@ -194,9 +239,15 @@ def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path
     finally:
         stop.set()
         for t in threads:
-            t.join(120)
+            t.join(300)
     assert sum(r["collected"]["blobs"] for r in reports) > 0, reports
-    assert len(pushed) >= 5, failures
+    assert not failures, failures
+    assert len(pushed) >= 5
+    assert statuses and 503 not in statuses
+    lines = stack.access_log()[before:]
+    assert not [ln for ln in lines if ln["status"] == 503], "a write was refused during GC"
+    # The collections overlapped the pushes: some writes waited for a freeze to end.
+    assert any("held" in str(ln.get("decision")) for ln in lines), "no write met a freeze"
     broken = []
     for n, (ref, image) in enumerate(pushed):
         repo = ref.partition(":")[0]
@@ -212,7 +263,78 @@ def test_pushes_during_gc_are_never_broken(stack: Stack, acme_jwt: str, tmp_path
     assert not broken, broken
 
 
-def test_the_freeze_holds_writes_on_every_worker_and_lets_reads_through(
+def test_blobs_uploaded_before_a_collection_serve_a_manifest_pushed_after_it(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """A docker push uploads its layers first and its manifest last: GC between the two must
+    not sweep the layers, neither fresh ones nor ones whose data was stored long ago (garbage
+    then) that the push uploaded again, which Distribution only links, not rewrites."""
+    h = bearer(token(stack, acme_jwt))
+    repo = "acme/slow/app"
+    old_layer = os.urandom(20_000)
+    push_blob(stack, "acme/slow/earlier", old_layer, h)  # stored, never referenced: garbage
+    age_storage(stack)
+    config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+    fresh_layer = os.urandom(20_000)
+    for blob in (config, fresh_layer, old_layer):  # the push: its blobs first...
+        push_blob(stack, repo, blob, h)
+    report = gc(stack)
+    layers = [(sha256(fresh_layer), len(fresh_layer)), (sha256(old_layer), len(old_layer))]
+    body = image_manifest((sha256(config), len(config)), layers)
+    r = requests.put(  # ... its manifest after the collection
+        f"{stack.url}/v2/{repo}/manifests/v1",
+        data=body,
+        headers={**h, "Content-Type": OCI},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    for blob in (config, fresh_layer, old_layer):
+        r = requests.get(f"{stack.url}/v2/{repo}/blobs/{sha256(blob)}", headers=h, timeout=30)
+        assert r.status_code == 200 and r.content == blob
+    assert report["kept_young_blobs"] >= 3, report
+
+
+def test_keep_last_removes_tags_with_their_manifests_and_says_what_it_could_not(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """keep_last = 1 on Distribution: single-named tags go (with their manifest); a tag on the
+    same manifest as the kept tag cannot go alone and the report says so; an immutable tag
+    and what it reaches stay."""
+    h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
+    one = {t: push(stack, acme_jwt, tmp_path / "one", f"acme/keep/one:{t}") for t in "abc"}
+    shared = push(stack, acme_jwt, tmp_path / "shared", "acme/keep/shared:first")
+    push(stack, acme_jwt, tmp_path / "mid", "acme/keep/shared:mid")
+    r = skopeo_copy(
+        f"oci:{tmp_path / 'shared' / 'acme_keep_shared_first'}:x",
+        f"docker://{stack.host}/acme/keep/shared:last",
+        acme_jwt,
+    )
+    assert r.returncode == 0, r.stderr
+    imm = push(stack, acme_jwt, tmp_path / "imm", "acme/keep/imm:v1")
+    push(stack, acme_jwt, tmp_path / "imm1", "acme/keep/imm:x1")
+    push(stack, acme_jwt, tmp_path / "imm2", "acme/keep/imm:x2")
+
+    report = gc(stack)
+    for repo, tag in [("acme/keep/one", "a"), ("acme/keep/one", "b"), ("acme/keep/imm", "x1")]:
+        r = requests.get(f"{stack.url}/v2/{repo}/manifests/{tag}", headers=h)
+        assert r.status_code == 404, (repo, tag)
+    assert pulls_completely(stack, acme_jwt, "acme/keep/one:c", one["c"], tmp_path / "pc")
+    assert pulls_completely(stack, acme_jwt, "acme/keep/imm:v1", imm, tmp_path / "pimm")
+    removed = {(t["repository"], t["tag"]) for t in report["tags"]}
+    assert {("acme/keep/one", "a"), ("acme/keep/one", "b")} <= removed
+    assert {("acme/keep/shared", "mid"), ("acme/keep/imm", "x1")} <= removed
+    assert not {("acme/keep/one", "c"), ("acme/keep/imm", "v1")} & removed
+    not_removed = {(t["repository"], t["tag"]): t["reason"] for t in report["tags_not_removed"]}
+    reason = not_removed[("acme/keep/shared", "first")]
+    assert "also tagged last" in reason and "cannot be removed alone" in reason
+    assert ("acme/keep/shared", "first") not in removed
+    for tag in ("first", "last"):
+        assert pulls_completely(
+            stack, acme_jwt, f"acme/keep/shared:{tag}", shared, tmp_path / f"ps-{tag}"
+        )
+
+
+def test_the_freeze_holds_manifest_writes_on_every_worker_and_lets_the_rest_through(
     stack: Stack, acme_jwt: str, tmp_path: Path
 ) -> None:
     from tabbify_registry.gc import Freeze, live_workers
@@ -220,22 +342,40 @@ def test_the_freeze_holds_writes_on_every_worker_and_lets_reads_through(
     h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
     image = push(stack, acme_jwt, tmp_path, "acme/frozen/app:v1")
     state_dir = stack.data_dir / "run" / "workers"
+    body = image["blobs"][image["digest"]]
+    answers: list[tuple[int, float]] = []
+
+    def put_manifest(tag: str) -> None:
+        started = time.monotonic()
+        r = requests.put(
+            f"{stack.url}/v2/acme/frozen/app/manifests/{tag}",
+            data=body,
+            headers={**h, "Content-Type": OCI, "Connection": "close"},
+            timeout=60,
+        )
+        answers.append((r.status_code, time.monotonic() - started))
+
     with Freeze(state_dir, wait=10) as frozen:
         workers = live_workers(state_dir, time.time())
         assert len(workers) == 2
         assert all(w["freeze"] == {"seen": frozen.id, "in_flight": 0} for w in workers.values())
-        for _ in range(4):  # new connections: both workers
+        puts = [threading.Thread(target=put_manifest, args=(f"held{i}",)) for i in range(4)]
+        for t in puts:  # new connections: both workers
+            t.start()
+        for _ in range(4):
             r = requests.post(
                 f"{stack.url}/v2/acme/frozen/app/blobs/uploads/",
                 headers={**h, "Connection": "close"},
             )
-            assert r.status_code == 503 and r.headers["Retry-After"] == "10"
-            assert "garbage collection" in r.json()["errors"][0]["message"]
+            assert r.status_code == 202  # an upload starts: not held
             r = requests.get(f"{stack.url}/v2/acme/frozen/app/manifests/v1", headers=h)
             assert r.status_code == 200 and r.headers["docker-content-digest"] == image["digest"]
-        r = skopeo_copy(f"oci:{tmp_path / 'acme_frozen_app_v1'}:x",
-                        f"docker://{stack.host}/acme/frozen/app:v2", acme_jwt)  # fmt: skip
-        assert r.returncode != 0
-    r = requests.post(f"{stack.url}/v2/acme/frozen/app/blobs/uploads/", headers=h)
-    assert r.status_code == 202
+        time.sleep(1.5)
+        assert answers == []  # the manifest PUTs wait
+    for t in puts:
+        t.join(60)
+    assert [status for status, _ in answers] == [201] * 4
+    assert all(waited >= 1.5 for _, waited in answers)
     assert not (state_dir / "freeze.json").exists()
+    r = requests.get(f"{stack.url}/v2/acme/frozen/app/manifests/held0", headers=h)
+    assert r.status_code == 200

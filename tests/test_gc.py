@@ -35,6 +35,12 @@ def test_retention_keeps_tags_of_unknown_push_time_and_protected_ones():
     assert not default.is_protected("v1")
 
 
+def test_retention_never_takes_an_immutable_tag():
+    policy = parse(POLICY + '[[immutable]]\nrepositories = ["acme/**"]\ntags = ["v*"]\n', "p.toml")
+    r = gc.retention_for(policy, {})("acme/app")
+    assert r.is_protected("v1") and not r.is_protected("dev")
+
+
 def test_descriptor_sizes():
     body = json.dumps(
         {
@@ -154,3 +160,132 @@ def test_run_starts_the_gc_program_only_with_an_interval_and_distribution():
     assert command[-3:] == ["gc", "--every", "7200"]
     for other in ({**env, "REGISTRY_BACKEND": "zot"}, {"REGISTRY_DATA_DIR": "/d"}):
         assert supervisor_env(other, load(other), Path("/x"))["TBF_GC_AUTOSTART"] == "false"
+
+
+# --- holding instead of refusing -----------------------------------------------------------------
+
+
+def test_which_writes_are_held():
+    held = freeze.held
+    assert held("PUT", "manifest", {}) and held("DELETE", "manifest", {})
+    assert held("DELETE", "blob", {}) and held("DELETE", "upload", {})
+    assert held("PUT", "upload", {"digest": "sha256:" + "a" * 64})  # completes: may only link
+    assert held("POST", "upload", {"mount": "sha256:" + "a" * 64, "from": "acme/x"})
+    assert held("POST", "upload", {"digest": "sha256:" + "a" * 64})  # monolithic, one request
+    assert not held("POST", "upload", {})  # a plain upload start
+    assert not held("PATCH", "upload", {})  # upload data: the upload's own area only
+    assert not held("GET", "manifest", {}) and not held("HEAD", "blob", {})
+
+
+def held_flow(method: str, route: str, path: str):
+    from mitmproxy.test import tflow, tutils
+
+    from addons.record import record
+
+    flow = tflow.tflow(req=tutils.treq(method=method.encode(), path=path.encode()))
+    rec = record(flow)
+    rec.kind, rec.decision, rec.route = "registry", "allow", route
+    return flow
+
+
+def test_a_held_write_waits_for_the_freeze_to_end_and_is_never_refused(tmp_path):
+    """A manifest PUT during the freeze waits (no 503) and goes on when the marker goes; an
+    upload PATCH is not held at all."""
+    import asyncio
+
+    from mitmproxy.test import taddons
+
+    addon = freeze.WriteFreeze()
+    marker = tmp_path / freeze.MARKER
+    marker.write_text(json.dumps({"id": "x", "until": time.time() + 60, "reason": "gc"}))
+
+    async def scenario() -> tuple[float, float]:
+        put = held_flow("PUT", "manifest", "/v2/acme/app/manifests/v1")
+        patch = held_flow("PATCH", "upload", "/v2/acme/app/blobs/uploads/abc")
+        started = time.monotonic()
+        await addon.requestheaders(patch)
+        patch_wait = time.monotonic() - started
+        asyncio.get_running_loop().call_later(0.6, marker.unlink)
+        started = time.monotonic()
+        await addon.requestheaders(put)
+        assert put.response is None and patch.response is None
+        assert addon.in_flight() == 1  # only the held kind is counted
+        return patch_wait, time.monotonic() - started
+
+    with taddons.context(addon) as tctx:
+        tctx.options.add_option("registry_state_dir", str, str(tmp_path), "")
+        patch_wait, put_wait = asyncio.run(scenario())
+    assert patch_wait < 0.1 and 0.5 < put_wait < 5
+
+
+def test_a_dead_gcs_marker_releases_held_writes_when_its_lease_ends(tmp_path):
+    import asyncio
+
+    from mitmproxy.test import taddons
+
+    addon = freeze.WriteFreeze()
+    marker = tmp_path / freeze.MARKER
+    marker.write_text(json.dumps({"id": "x", "until": time.time() + 0.5, "reason": "gc"}))
+    flow = held_flow("PUT", "manifest", "/v2/acme/app/manifests/v1")
+    with taddons.context(addon) as tctx:
+        tctx.options.add_option("registry_state_dir", str, str(tmp_path), "")
+        started = time.monotonic()
+        asyncio.run(addon.requestheaders(flow))
+    assert flow.response is None and 0.3 < time.monotonic() - started < 5
+    assert marker.exists()  # nobody removed it: its `until` passed
+
+
+def test_the_freeze_is_a_short_lease_never_renewed_past_its_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(gc, "FREEZE_MAX", 1.5)
+    monkeypatch.setattr(gc, "FREEZE_RENEW", 0.2)
+    monkeypatch.setattr(gc, "MARGIN", 0.3)
+    with gc.Freeze(tmp_path, wait=5) as f:
+        marker = freeze.read_marker(tmp_path / freeze.MARKER)
+        assert marker["until"] <= f.started + gc.LEASE and marker["until"] <= f.started + 1.5
+        assert f.holding()
+        time.sleep(1.5)
+        assert not f.holding()  # the GC stops removing before the workers stop holding
+        assert freeze.read_marker(tmp_path / freeze.MARKER) is None  # expired: writes go on
+    assert not (tmp_path / freeze.MARKER).exists()
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+def fake_blob(root: Path, data: bytes, age: float, repos: dict[str, float] | None = None) -> str:
+    """A blob as Distribution stores it, written `age` seconds ago, linked into `repos`
+    (repository → age of its link)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256(data).hexdigest()
+    path = root / gc.V2 / "blobs/sha256" / h[:2] / h / "data"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    os.utime(path, (time.time() - age, time.time() - age))
+    for repo, link_age in (repos or {}).items():
+        link = root / gc.V2 / "repositories" / repo / "_layers/sha256" / h / "link"
+        link.parent.mkdir(parents=True)
+        link.write_text(f"sha256:{h}")
+        os.utime(link, (time.time() - link_age, time.time() - link_age))
+    return f"sha256:{h}"
+
+
+def test_the_sweep_spares_blobs_stored_or_linked_within_the_grace(tmp_path):
+    old = fake_blob(tmp_path, b"old", 7200, {"acme/a": 7200})
+    linked_again = fake_blob(tmp_path, b"relinked", 7200, {"acme/a": 7200, "acme/b": 10})
+    fresh = fake_blob(tmp_path, b"fresh", 10, {"acme/a": 10})
+    store = gc.LocalBlobs(tmp_path)
+    eligible = {old, linked_again, fresh, "sha256:" + "0" * 64}  # the last: already gone
+    stored = store.stored(eligible)
+    assert gc.sweepable(eligible, stored, time.time(), 3600) == {old}
+    frozen = gc.Freeze(tmp_path / "state")
+    frozen.until = time.time() + 60
+    removed, young, cut = gc.sweep(store, eligible, frozen, 3600)
+    assert (removed, young, cut) == ({old}, {linked_again, fresh}, False)
+    h = old.removeprefix("sha256:")
+    assert not (tmp_path / gc.V2 / "blobs/sha256" / h[:2] / h).exists()  # as vacuum.RemoveBlob
+    assert (tmp_path / gc.V2 / "blobs/sha256" / h[:2]).is_dir()
+    frozen.until = time.time()  # the freeze ran out: nothing more is removed
+    other = fake_blob(tmp_path, b"other", 7200)
+    assert gc.sweep(store, {other}, frozen, 3600) == (set(), set(), True)

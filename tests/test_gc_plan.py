@@ -118,7 +118,10 @@ def test_keep_last_by_push_time_with_protected_tags():
 
 
 def test_protected_predicate_and_keep_zero():
-    repo = Repository({"keep": Tag(D["a"], 1.0), "drop": Tag(D["b"], 2.0)}, {})
+    repo = Repository(
+        {"keep": Tag(D["a"], 1.0), "drop": Tag(D["b"], 2.0)},
+        {D["a"]: image(D["x"]), D["b"]: image(D["y"])},
+    )
     r = Retention(keep_last=0, protected=lambda t: t == "keep")
     assert plan(Snapshot({"acme/x": repo}), r, NOW).tags == (("acme/x", "drop"),)
 
@@ -164,6 +167,79 @@ def test_dangling_tag_still_protects_its_digest():
     assert p.empty
 
 
+def test_keep_last_removes_young_tags_with_their_manifests():
+    """Three images pushed a minute ago, one tag each: keep_last = 1 removes two, even though
+    their manifests are younger than untagged_after (that grace is for untagged manifests)."""
+    young = NOW - 60
+    repo = Repository(
+        tags={"a": Tag(D["a"], young), "b": Tag(D["b"], young + 1), "c": Tag(D["c"], young + 2)},
+        manifests={D[n]: image(D["x"], pushed=young) for n in "abc"},
+    )
+    p = plan(Snapshot({"acme/app": repo}), Retention(keep_last=1), NOW)
+    assert p.tags == (("acme/app", "a"), ("acme/app", "b"))
+    assert set(p.manifests) == {("acme/app", D["a"]), ("acme/app", D["b"])}
+    assert p.blocked == ()
+
+
+def test_a_tag_that_cannot_go_without_what_stays_is_reported():
+    """Distribution removes a tag only with its manifest: a tag sharing its digest with a kept
+    tag, or naming a child of an index that stays, or a manifest not read, stays, with why."""
+    repo = Repository(
+        tags={
+            "old": Tag(D["a"], 1.0),  # same manifest as the kept "new"
+            "arm": Tag(D["c"], 2.0),  # a child of the kept index
+            "lost": Tag(D["z"], 3.0),  # manifest not in the snapshot (unreadable)
+            "gone": Tag(D["b"], 4.0),
+            "multi": Tag(D["i"], 5.0),
+            "new": Tag(D["a"], 6.0),
+        },
+        manifests={
+            D["a"]: image(D["x"]),
+            D["b"]: image(D["y"]),
+            D["c"]: image(D["w"]),
+            D["i"]: index(D["c"]),
+        },
+    )
+    p = plan(Snapshot({"acme/app": repo}), Retention(keep_last=2), NOW)
+    assert p.tags == (("acme/app", "gone"),) and p.manifests == (("acme/app", D["b"]),)
+    why = {t: reason for _, t, reason in p.blocked}
+    assert set(why) == {"old", "arm", "lost"}
+    assert "also tagged new" in why["old"] and "cannot be removed alone" in why["old"]
+    assert f"child of index {D['i']}" in why["arm"]
+    assert "could not be read" in why["lost"]
+    assert p.report()["tags_not_removed"][0] == {
+        "repository": "acme/app",
+        "tag": "arm",
+        "reason": why["arm"],
+    }
+    assert p.tenants["acme"].tags == 1
+    # Nothing the kept tags reach is planned away.
+    assert {D["x"], D["w"], D["a"], D["c"], D["i"]}.isdisjoint(p.blobs)
+
+
+def test_protected_tag_keeps_every_tag_on_its_manifest():
+    repo = Repository(
+        tags={"v1.0": Tag(D["a"], 1.0), "ci-1": Tag(D["a"], 2.0), "ci-2": Tag(D["b"], 3.0)},
+        manifests={D["a"]: image(D["x"]), D["b"]: image(D["y"])},
+    )
+    p = plan(Snapshot({"acme/app": repo}), Retention(keep_last=0, protected=["v*"]), NOW)
+    assert p.tags == (("acme/app", "ci-2"),)
+    assert [(t, "also tagged v1.0" in why) for _, t, why in p.blocked] == [("ci-1", True)]
+
+
+def test_a_protected_attachment_tag_stays_with_its_subject_gone():
+    """An [[immutable]] rule can name cosign tags (`sha256-*`): such a tag is never removed,
+    even when the image it signs goes."""
+    gone = D["a"]
+    repo = Repository(
+        tags={"old": Tag(gone, 1.0), signature_tag(gone): Tag(D["s"], 2.0)},
+        manifests={gone: image(D["x"]), D["s"]: image(D["y"])},
+    )
+    p = plan(Snapshot({"acme/app": repo}), Retention(keep_last=0, protected=["sha256-*"]), NOW)
+    assert p.tags == (("acme/app", "old"),) and p.manifests == (("acme/app", gone),)
+    assert D["y"] not in p.blobs
+
+
 def test_report_is_json_and_sums_up():
     acme = Repository(tags={"old": Tag(D["a"], 1.0)}, manifests={D["a"]: image(D["x"])})
     globex = Repository(manifests={D["b"]: image(D["x"], D["y"])})
@@ -178,7 +254,10 @@ def test_report_is_json_and_sums_up():
 
 
 def test_retention_for_each_repository():
-    repo = Repository({"a": Tag(D["a"], 1.0), "b": Tag(D["b"], 2.0)}, {})
+    repo = Repository(
+        {"a": Tag(D["a"], 1.0), "b": Tag(D["b"], 2.0)},
+        {D["a"]: image(D["x"]), D["b"]: image(D["y"])},
+    )
     snap = Snapshot({"acme/one": repo, "acme/two": repo})
     by_callable = plan(snap, lambda r: Retention(keep_last=1 if r == "acme/one" else None), NOW)
     by_mapping = plan(snap, {"acme/one": Retention(keep_last=1)}, NOW)
@@ -279,7 +358,7 @@ retentions = st.builds(
     Retention,
     keep_last=st.none() | st.integers(0, 4),
     untagged_after=st.floats(0, 10_000),
-    protected=st.lists(st.sampled_from(["v*", "latest", "rc?", "nothing"]), max_size=2),
+    protected=st.lists(st.sampled_from(["v*", "latest", "rc?", "nothing", "sha256-*"]), max_size=2),
 )
 
 
@@ -302,8 +381,14 @@ def must_keep(repo: Repository, r: Retention) -> set[str]:
 
 def reach(repo: Repository, kept_tags: set[str], r: Retention) -> set[str]:
     """Manifests reachable in one repository, by breadth-first search with a fixed point."""
+    tagged = {tag.manifest for tag in repo.tags.values()}
     reached = {repo.tags[t].manifest for t in kept_tags}
-    reached |= {d for d, m in repo.manifests.items() if NOW - m.pushed < r.untagged_after}
+    reached |= {tag.manifest for t, tag in repo.tags.items() if attachment(t) and r.is_protected(t)}
+    reached |= {
+        d
+        for d, m in repo.manifests.items()
+        if d not in tagged and NOW - m.pushed < r.untagged_after
+    }
     while True:
         grown = set(reached)
         for d in reached:
@@ -342,9 +427,22 @@ def test_properties(snap, r, blob_grace):
         for t in {t for n, t in deleted_tags if n == name}:
             assert t in repo.tags
             assert attachment(t) not in reached if attachment(t) else t not in keep
+            assert not r.is_protected(t)
+        # A tag goes only with its manifest; one that would go but whose manifest stays is
+        # reported, and stays.
+        blocked = {t for n, t, _ in p.blocked if n == name}
+        assert not blocked & {t for n, t in deleted_tags if n == name}
+        for t in {t for n, t in deleted_tags if n == name} | blocked:
+            goes = repo.tags[t].manifest in repo.manifests.keys() - reached
+            assert goes == ((name, t) in deleted_tags)
+            if goes:
+                assert (name, repo.tags[t].manifest) in deleted
         for d in {d for n, d in deleted if n == name}:
             assert d in repo.manifests and d not in reached
-            assert NOW - repo.manifests[d].pushed >= r.untagged_after
+            tagged = any(tag.manifest == d for tag in repo.tags.values())
+            assert tagged or NOW - repo.manifests[d].pushed >= r.untagged_after
+            # a tagged manifest goes only with every one of its tags
+            assert all((name, t) in deleted_tags for t, v in repo.tags.items() if v.manifest == d)
         # ... and everything unreachable and old goes (the collector is complete).
         assert {(name, d) for d in repo.manifests.keys() - reached} <= deleted
     assert protected_content.isdisjoint(p.blobs)
