@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -107,6 +108,14 @@ class Stack:
             return None
         user, _, password = self.backend_credential_file.read_text().strip().partition(":")
         return user, password
+
+    def backend_headers(self) -> dict[str, str]:
+        """The `Authorization` header of the run's backend credential ({} without one)."""
+        auth = self.backend_auth
+        if auth is None:
+            return {}
+        basic = base64.b64encode(":".join(auth).encode()).decode()
+        return {"Authorization": f"Basic {basic}"}
 
     def backend_get(self, path: str, method: str = "GET", **kw) -> requests.Response:
         """A request straight to the backend with the run's credential (around the gateway)."""

@@ -98,9 +98,7 @@ def test_a_zot_cluster_needs_its_hash_key() -> None:
 def test_a_zot_cluster_needs_one_backend_credential() -> None:
     """Members forward each other's requests with the credential they got: a per-run one,
     different on each node, would be refused by the member that owns the repository."""
-    refused(
-        without(ZOT, "REGISTRY_BACKEND_CREDENTIAL_FILE"), "REGISTRY_BACKEND_CREDENTIAL_FILE"
-    )
+    refused(without(ZOT, "REGISTRY_BACKEND_CREDENTIAL_FILE"), "REGISTRY_BACKEND_CREDENTIAL_FILE")
     refused({**ZOT, "REGISTRY_BACKEND_CREDENTIAL_FILE": "relative"}, "absolute path")
     assert load(ZOT).nodes.backend_credential_file == Path("/run/secrets/backend-credential")
     # Distribution nodes never talk to each other's backend: each run's own is enough.
