@@ -16,6 +16,7 @@ import pytest
 import requests
 from mitmproxy import io
 
+from addons import backend_auth
 from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
 from tests.stack import CLI, Stack, wait_for
@@ -131,3 +132,43 @@ def test_gc_goes_through_the_credential(registry, acme_jwt):
     finally:
         moved.rename(registry.backend_credential_file)
     assert out.returncode == 1 and "backend credential" in out.stderr
+
+
+def test_each_run_has_its_own_credential_and_a_refused_one_is_a_gateway_fault(
+    tmp_path, auth, acme_jwt
+):
+    stack = Stack(tmp_path / "data", auth.url, REGISTRY_WORKERS="1").start()
+    try:
+        first = stack.backend_auth
+        h = bearer(token(stack, acme_jwt))
+        digest = push_blob(stack, "acme/refused", os.urandom(512), h)
+        # The backend stops taking the gateway's credential (here: its htpasswd file is
+        # replaced, which Distribution re-reads): every forwarded request is the gateway's
+        # fault, 502, never a login prompt naming the backend's realm.
+        htpasswd = stack.data_dir / "run" / "backend-htpasswd"
+        kept = htpasswd.read_bytes()
+        htpasswd.write_text(backend_auth.htpasswd(backend_auth.make()))
+        try:
+            url = f"{stack.url}/v2/acme/refused/blobs/{digest}"
+            wait_for(lambda: requests.head(url, headers=h, timeout=10).status_code == 502)
+            r = requests.get(url, headers=h, timeout=10)
+            assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+            assert "www-authenticate" not in r.headers
+            assert "tabbify-registry-backend" not in r.text
+            health = requests.get(f"{admin(stack)}/healthz", timeout=10)
+            assert health.status_code == 503 and health.json()["backend"] == "down"
+            wait_for(lambda: b"refused the gateway's credential" in stack.log.read_bytes())
+        finally:
+            htpasswd.write_bytes(kept)
+        wait_for(lambda: requests.head(url, headers=h, timeout=10).status_code == 200)
+        stack.stop()
+
+        stack.start()  # a new run: a new credential; the last one opens nothing any more
+        assert stack.backend_auth != first
+        r = requests.get(f"{stack.backend_url}/v2/_catalog", auth=first, timeout=10)
+        assert r.status_code == 401
+        h = bearer(token(stack, acme_jwt))
+        url = f"{stack.url}/v2/acme/refused/blobs/{digest}"
+        assert requests.head(url, headers=h, timeout=10).status_code == 200
+    finally:
+        stack.stop()
