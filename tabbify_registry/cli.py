@@ -119,7 +119,8 @@ def write_backend_credential(s: Settings) -> None:
     except backend_auth.CredentialError as e:
         raise ConfigError(f"REGISTRY_BACKEND_CREDENTIAL_FILE={e}") from None
     if backend_credential_file(s) is None:
-        path.unlink(missing_ok=True)  # an earlier run's: nobody reads it any more
+        path.unlink(missing_ok=True)  # an earlier run's: nobody reads them any more
+        htpasswd.unlink(missing_ok=True)
         return
     write_atomic(path, f"{credential}\n".encode(), mode=0o600)
     if s.backend != "external":

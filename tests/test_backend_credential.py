@@ -79,6 +79,7 @@ def test_an_external_registry_gets_no_credential_unless_one_is_given(tmp_path):
     s = settings(tmp_path, REGISTRY_BACKEND="external")
     stale = s.runtime_dir / "backend-credential"
     stale.write_text("tabbify-registry:of-an-earlier-run\n")
+    (s.runtime_dir / "backend-htpasswd").write_text("tabbify-registry:$2b$04$x\n")
     cli.write_backend_credential(s)
     assert not stale.exists() and not (s.runtime_dir / "backend-htpasswd").exists()
     assert "registry_backend_credential=" in cli.mitmdump_command(s)
