@@ -129,7 +129,7 @@ _REFUSED_LOGGED = [0.0]  # when a refused backend credential was last logged (on
 def credential_refused(method: str) -> http.Response:
     """The answer to a backend 401: the backend refused the gateway's own credential."""
     now = time.monotonic()
-    if now - _REFUSED_LOGGED[0] > 60 or not _REFUSED_LOGGED[0]:
+    if not _REFUSED_LOGGED[0] or now - _REFUSED_LOGGED[0] > 60:
         _REFUSED_LOGGED[0] = now
         logger.error(
             "the backend refused the gateway's credential (401): is the backend the one this "
@@ -253,7 +253,8 @@ class RegistryAccess:
             headers["link"] = relative_links(headers["link"])
         # Clients (Docker's `login`) look for it on /v2/; every backend answer carries it here.
         headers.setdefault(*oci.API_VERSION_HEADER)
-        if flow.response.status_code >= 500 or flow.response.status_code == 401:  # type: ignore[union-attr]
+        status = flow.response.status_code  # type: ignore[union-attr]
+        if status >= 500 or status == 401:
             return  # small, and rewritten in `response`: not streamed
         flow.response.stream = rec.count_out  # type: ignore[union-attr]
 
