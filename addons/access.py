@@ -7,14 +7,18 @@ the scopes the token was issued for → 403 with a challenge for that scope (RFC
 insufficient_scope; routes.check with `rights`); the route's query parameters kept, each once
 and in its grammar (routes.decide_params; a mount from a repository the caller may not pull
 is dropped); client forwarding and auth headers scrubbed, body streamed both ways, backend
-addresses removed from the answer. The gate then forwards exactly that.
+addresses removed from the answer. The gate then forwards exactly that, with the run's backend
+credential. A backend that refuses that credential (401) is the gateway's fault, answered 502:
+its challenge (realm) never reaches a client, who could do nothing about it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
+import time
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
@@ -116,6 +120,24 @@ def backend_error_code(body: bytes) -> str:
     except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         return "UNKNOWN"
     return code if isinstance(code, str) and re.fullmatch(r"[A-Z_]{1,40}", code) else "UNKNOWN"
+
+
+logger = logging.getLogger(__name__)
+_REFUSED_LOGGED = [0.0]  # when a refused backend credential was last logged (once a minute)
+
+
+def credential_refused(method: str) -> http.Response:
+    """The answer to a backend 401: the backend refused the gateway's own credential."""
+    now = time.monotonic()
+    if not _REFUSED_LOGGED[0] or now - _REFUSED_LOGGED[0] > 60:
+        _REFUSED_LOGGED[0] = now
+        logger.error(
+            "the backend refused the gateway's credential (401): is the backend the one this "
+            "run started, with its htpasswd file (README, threat model)?"
+        )
+    return oci.error_response(
+        502, "UNAVAILABLE", "the registry backend refused the gateway; retry later", method=method
+    )
 
 
 _SCRUBBED = frozenset({b"authorization", b"forwarded", b"x-real-ip", b"upgrade", b"http2-settings"})
@@ -224,13 +246,15 @@ class RegistryAccess:
         if rec.kind != "registry" or not rec.allowed or answered(flow):
             return
         headers = flow.response.headers  # type: ignore[union-attr]
+        headers.pop("www-authenticate", None)  # the backend's challenge is never the client's
         if "location" in headers:
             headers["location"] = relative(headers["location"])
         if "link" in headers:
             headers["link"] = relative_links(headers["link"])
         # Clients (Docker's `login`) look for it on /v2/; every backend answer carries it here.
         headers.setdefault(*oci.API_VERSION_HEADER)
-        if flow.response.status_code >= 500:  # type: ignore[union-attr]
+        status = flow.response.status_code  # type: ignore[union-attr]
+        if status >= 500 or status == 401:
             return  # small, and rewritten in `response`: not streamed
         flow.response.stream = rec.count_out  # type: ignore[union-attr]
 
@@ -240,6 +264,9 @@ class RegistryAccess:
         they carry storage paths and internal addresses (e.g. on a full disk)."""
         rec, response = record(flow), flow.response
         if rec.kind != "registry" or not rec.allowed or response is None or answered(flow):
+            return
+        if response.status_code == 401 and not response.stream:
+            flow.response = credential_refused(flow.request.method)
             return
         if response.status_code < 500 or response.stream:
             return

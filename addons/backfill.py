@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from addons import manifest, oci
+from addons import backend_auth, manifest, oci
 from addons.ledgers import AnyLedger
 from addons.routes import TAG, is_name
 
@@ -56,6 +56,7 @@ class Walker:
         if session is None:
             session = self._local.session = requests.Session()
             session.trust_env = False
+            session.headers.update(backend_auth.headers())  # the run's credential
         return session
 
     def _pages(self, url: str, key: str) -> Iterator[object]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons import oci, target
+from addons import backend_auth, oci, target
 from addons.record import record
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,13 @@ class Gate:
             raise RuntimeError("a request with checks pending must be buffered")
         flow.request.authority = ""  # origin-form: a host named by the client is never used
         flow.request.path = target.canonical(rec.target.path, rec.params)
+        # The run's backend credential, in place of anything the client sent (RegistryAccess
+        # already removed that): the backend answers nobody else.
+        credential = backend_auth.header()
+        if credential is not None:
+            flow.request.headers["authorization"] = credential
+        else:
+            flow.request.headers.pop("authorization", None)
 
     @fail_closed(kill=True)
     def request(self, flow: http.HTTPFlow) -> None:

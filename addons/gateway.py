@@ -7,6 +7,7 @@ server, layer selection, client blocking and h2c refusal, and nothing else (no T
 port is plain HTTP, see hardening.PlainHttpOnly).
 
 Our addons, in hook order:
+   BackendCredential the run's backend credential (addons/backend_auth.py; no hooks)
 0. PolicyFile      the current access policy (reloaded when its file changes; no hooks)
 1. Intake          the request target parsed once, strictly; what kind of request it is
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
@@ -55,6 +56,7 @@ from addons import hardening
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.accounting import Accounting
+from addons.backend_auth import BackendCredential
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
 from addons.flowfeed import FlowFeed
@@ -83,6 +85,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
     keys = [TokenKeyFile(signer, key_file)] if key_file else []
     isolation = TenantIsolation()
     return [
+        BackendCredential(),  # first: every other addon's backend client carries it
         *keys,
         policies,
         Intake(),

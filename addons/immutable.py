@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from mitmproxy import ctx, http
 
-from addons import oci
+from addons import backend_auth, oci
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -90,7 +90,10 @@ class ImmutableTags:
     def _client(self) -> httpx.AsyncClient:
         if self.client is None:
             self.client = httpx.AsyncClient(
-                base_url=ctx.options.registry_backend, timeout=TIMEOUT, follow_redirects=False
+                base_url=ctx.options.registry_backend,
+                headers=backend_auth.headers(),  # the run's credential
+                timeout=TIMEOUT,
+                follow_redirects=False,
             )
         return self.client
 

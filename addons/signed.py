@@ -48,7 +48,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import oci, signatures
+from addons import backend_auth, oci, signatures
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
 from addons.policy import Policy, RequireSignature
@@ -177,7 +177,10 @@ class SignedOnly:
     def _client(self) -> httpx.Client:
         if self.client is None:
             self.client = httpx.Client(
-                base_url=ctx.options.registry_backend, timeout=TIMEOUT, follow_redirects=False
+                base_url=ctx.options.registry_backend,
+                headers=backend_auth.headers(),  # the run's credential
+                timeout=TIMEOUT,
+                follow_redirects=False,
             )
         return self.client
 

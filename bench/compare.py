@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -318,12 +319,12 @@ def push_small_image(base: str, headers: dict[str, str]) -> None:
         raise RuntimeError(f"manifest push: {r.status_code} {r.text}")
 
 
-def check_manifest(urls: dict[str, str], headers: dict[str, str]) -> None:
+def check_manifest(urls: dict[str, str], headers: Callable[[str], dict[str, str]]) -> None:
     """HEAD and GET of the small manifest answer 200 on every path, or stop here."""
     for path, base in urls.items():
         for method in ("HEAD", "GET"):
             url = f"{base}/v2/{SMALL_REPO}/manifests/{SMALL_TAG}"
-            r = requests.request(method, url, headers=headers, timeout=10)
+            r = requests.request(method, url, headers=headers(path), timeout=10)
             if r.status_code != 200:
                 raise RuntimeError(f"{method} manifest via {path}: {r.status_code} {r.text}")
 
@@ -468,9 +469,13 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
         wrk = Wrk(wrk_bin, tmp, args.duration)
 
         def bearer() -> dict[str, str]:
-            """A fresh registry token (they live LIFETIME s): the gateway needs it, and the
-            other two paths ignore it, so request-rate runs send the same headers everywhere."""
+            """A fresh registry token (they live LIFETIME s), for the gateway."""
             return {"Authorization": f"Bearer {registry_token(stack, credential)}"}
+
+        def auth_for(path: str) -> dict[str, str]:
+            """The gateway takes a registry token; the backend (direct, and through nginx,
+            which passes the header on) only the run's credential."""
+            return bearer() if path == "gateway" else stack.backend_headers()
 
         # Blobs, and mitmdump's peak RSS over them: the large blob first (mitmdump has served
         # only a few small requests yet), then the small one after a restart of mitmdump.
@@ -488,7 +493,7 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
                     urls[path],
                     f"{TENANT}/{path}-{mib}",
                     mib * MIB,
-                    bearer() if path == "gateway" else {},
+                    auth_for(path),
                 )
                 for k, v in speeds.items():
                     record(results, f"blob_{mib}MiB_{k}", path, v)
@@ -499,11 +504,11 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
         log(f"pushing {SMALL_REPO}:{SMALL_TAG} through the gateway")
         push_small_image(stack.url, bearer())
         accept = {"Accept": OCI_MANIFEST}
-        check_manifest(urls, {**bearer(), **accept})
+        check_manifest(urls, lambda path: {**auth_for(path), **accept})
         manifest = f"/v2/{SMALL_REPO}/manifests/{SMALL_TAG}"
         for path in PATHS:
             log(f"wrk manifest GET via {path} ({args.duration} s)")
-            script = wrk_script("GET", {**bearer(), **accept})
+            script = wrk_script("GET", {**auth_for(path), **accept})
             r = wrk.run(urls[path] + manifest, script)
             record_load(results, "manifest_get", path, r)
             raw[f"manifest_get_wrk_{path}"] = asdict(r)
@@ -515,7 +520,7 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
                 r = load(
                     urls[path] + manifest,
                     method,
-                    {**bearer(), **accept},
+                    {**auth_for(path), **accept},
                     WRK_CONNECTIONS,
                     args.duration,
                 )

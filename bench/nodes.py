@@ -257,7 +257,11 @@ def main() -> None:
 
             direct = asyncio.run(
                 _load(
-                    f"{stacks[0].backend_url}{blob_head}", "HEAD", {}, args.clients, args.duration
+                    f"{stacks[0].backend_url}{blob_head}",
+                    "HEAD",
+                    stacks[0].backend_headers(),
+                    args.clients,
+                    args.duration,
                 )
             )
             print(

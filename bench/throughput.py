@@ -122,7 +122,7 @@ def main() -> None:
             gw_headers = {"Authorization": f"Bearer {r.json()['token']}"}
             results = {}
             for path, base, headers in (
-                ("direct", stack.backend_url, {}),
+                ("direct", stack.backend_url, stack.backend_headers()),
                 ("gateway", stack.url, gw_headers),
             ):
                 body = Body(size, path.encode())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from addons import connections, quota
+from addons import backend_auth, connections, quota
 from addons.metrics import Metrics
 from addons.publish import read_request, write_json
 from mesh import status as mesh_status
@@ -42,8 +42,9 @@ MAX_SECONDS, MAX_MB = 3600.0, 1024.0
 MAX_STATE = 1 << 20
 
 
-async def backend_ok(url: str) -> bool:
-    """The backend answers `GET /v2/` with anything but a 5xx."""
+async def backend_ok(url: str, authorization: str | None = None) -> bool:
+    """The backend answers `GET /v2/`, with the run's credential, with anything but a 5xx or
+    a 401 (a backend that refuses the gateway's credential serves nobody)."""
     parts = urlsplit(url)
     try:
         reader, writer = await asyncio.wait_for(
@@ -52,10 +53,12 @@ async def backend_ok(url: str) -> bool:
     except (OSError, TimeoutError):
         return False
     try:
-        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        auth = f"Authorization: {authorization}\r\n" if authorization else ""
+        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n{auth}\r\n".encode())
         status_line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
         fields = status_line.split()
-        return len(fields) >= 2 and fields[1].isdigit() and int(fields[1]) < 500
+        status = int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else 500
+        return status < 500 and status != 401
     except (OSError, TimeoutError):
         return False
     finally:
@@ -125,6 +128,10 @@ class Admin:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.workers = Workers(Path(args.state_dir))
+        credential = getattr(args, "backend_credential", "")  # the run's (cli.py)
+        self.backend_authorization = (
+            backend_auth.authorization(backend_auth.read(Path(credential))) if credential else None
+        )
         # Made per run of this program, never written anywhere: the page carries it, and
         # only the page (same origin) can read it.
         csrf_token = secrets.token_urlsafe(32)
@@ -143,7 +150,8 @@ class Admin:
         """503 when something is down (backend, gateway workers, mesh interface, ledger). A
         degraded mesh (the node serves its current peers but cannot follow the coordinator) is
         200, status "degraded", with `mesh_reason`."""
-        backend = "ok" if await backend_ok(self.args.backend) else "down"
+        ok = await backend_ok(self.args.backend, self.backend_authorization)
+        backend = "ok" if ok else "down"
         self.workers.refresh()
         live = self.workers.live(time.time())
         gateway = "ok" if live else "down"
@@ -390,6 +398,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tabbify_registry.admin")
     parser.add_argument("--listen", required=True, help="host:port, loopback")
     parser.add_argument("--backend", required=True, help="backend base URL")
+    parser.add_argument("--backend-credential", default="", help="user:password file")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--capture-dir", required=True)
     parser.add_argument("--log-dir", default="")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from addons import policy_store, token_keys
+from addons import backend_auth, policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
@@ -68,6 +68,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         # Tenant isolation by digest: only with tenants (auth on).
         "--set", f"registry_ledger={'' if s.anonymous else ledger_spec(s)}",
         "--set", f"registry_backend={upstream}",
+        "--set", f"registry_backend_credential={backend_credential_file(s) or ''}",
         "--set", f"registry_mesh_state={mesh_dir / 'state.json' if mesh_dir and follow else ''}",
         "--set", f"registry_mesh_realm={'true' if follow and s.external_url_derived else 'false'}",
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
@@ -97,6 +98,35 @@ def ledger_spec(s: Settings) -> str:
     return S3Location(bucket, prefix, s.s3_region, s.s3_endpoint).url()
 
 
+def backend_credential_file(s: Settings) -> Path | None:
+    """Where the run's backend credential is (a path on command lines, never the secret):
+    always for the backend `run` starts; for an external one only when the operator gave
+    one (REGISTRY_BACKEND_CREDENTIAL_FILE), else the gateway sends none."""
+    if s.backend == "external" and s.nodes.backend_credential_file is None:
+        return None
+    return s.runtime_dir / backend_auth.FILE_NAME
+
+
+def write_backend_credential(s: Settings) -> None:
+    """The run's backend credential (0600) and the backend's htpasswd file of it (0600):
+    made anew each run, or REGISTRY_BACKEND_CREDENTIAL_FILE's (a Zot cluster's, an external
+    registry's)."""
+    path = s.runtime_dir / backend_auth.FILE_NAME
+    htpasswd = s.runtime_dir / backend_auth.HTPASSWD_NAME
+    given = s.nodes.backend_credential_file
+    try:
+        credential = backend_auth.read(given) if given else backend_auth.make()
+    except backend_auth.CredentialError as e:
+        raise ConfigError(f"REGISTRY_BACKEND_CREDENTIAL_FILE={e}") from None
+    if backend_credential_file(s) is None:
+        path.unlink(missing_ok=True)  # an earlier run's: nobody reads them any more
+        htpasswd.unlink(missing_ok=True)
+        return
+    write_atomic(path, f"{credential}\n".encode(), mode=0o600)
+    if s.backend != "external":
+        write_atomic(htpasswd, backend_auth.htpasswd(credential).encode(), mode=0o600)
+
+
 def admin_command(s: Settings) -> list[str]:
     """The operator's loopback endpoint, a program of its own (tabbify_registry/admin.py)."""
     mesh_dir = s.data_dir / "mesh" if s.mesh_coordinator_url else None
@@ -104,6 +134,7 @@ def admin_command(s: Settings) -> list[str]:
         sys.executable, "-m", "tabbify_registry.admin",
         "--listen", s.admin_addr.hostport,
         "--backend", f"http://{s.backend_addr.hostport}",
+        "--backend-credential", str(backend_credential_file(s) or ""),
         "--state-dir", str(s.state_dir),
         "--capture-dir", str(s.data_dir / "captures"),
         "--log-dir", str(s.log_dir),
@@ -323,6 +354,7 @@ def run(env: Mapping[str, str]) -> int:
     _lock = lock_data_dir(s)
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
+    write_backend_credential(s)
     config_file = write_backend_config(s)
     listen_free(s)
     migrate_requests()

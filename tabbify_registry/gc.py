@@ -60,7 +60,7 @@ from typing import Any
 
 import requests
 
-from addons import backfill, freeze, gc_plan, manifest, oci, signed
+from addons import backend_auth, backfill, freeze, gc_plan, manifest, oci, signed
 from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
@@ -113,10 +113,12 @@ class Walk:
 
 
 class Backend:
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, credential: str | None = None) -> None:
         self.base = base.rstrip("/")
         self.session = requests.Session()
         self.session.trust_env = False
+        if credential is not None:  # the run's (addons/backend_auth.py)
+            self.session.auth = backend_auth.basic(credential)
 
     def pages(self, url: str, key: str) -> Iterator[Any]:
         return backfill.pages(self.session, self.base, url, key)
@@ -532,7 +534,7 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
     policy = EMPTY if s.anonymous else read_policy(s.policy_file)
     ledger_path = s.data_dir / "ledger" / "ledger.db"
     ledger = Ledger(ledger_path) if not s.anonymous and ledger_path.exists() else None
-    backend = Backend(f"http://{s.backend_addr.hostport}")
+    backend = Backend(f"http://{s.backend_addr.hostport}", run_credential(s))
     try:
         started, now = time.monotonic(), time.time()
         walk = snapshot(backend, ledger, now)
@@ -614,6 +616,19 @@ def delete_manifests(
             else:
                 logger.warning("gc: deleting %s@%s answered %d", repo, digest, status)
     return deleted
+
+
+def run_credential(s: Settings) -> str:
+    """The running stack's backend credential: readable by the registry's user alone (0600),
+    which is who may run `gc`."""
+    path = s.runtime_dir / backend_auth.FILE_NAME
+    try:
+        return backend_auth.read(path)
+    except backend_auth.CredentialError as e:
+        raise GcError(
+            f"cannot read the backend credential ({e}): is `tabbify-registry run` running on "
+            f"REGISTRY_DATA_DIR={s.data_dir}, and is this its user?"
+        ) from None
 
 
 def zot_report(s: Settings) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Every node runs its own gateway and backend; what they must share, and where it 
 - Zot's dedupe cache: REGISTRY_CACHE_URL=redis://…, not boltdb in the data dir;
 - which Zot owns a repository: REGISTRY_CLUSTER_MEMBERS + REGISTRY_CLUSTER_HASH_KEY;
 - Distribution's upload-state secret: REGISTRY_HTTP_SECRET_FILE, not one per data dir;
+- Zot's backend credential: REGISTRY_BACKEND_CREDENTIAL_FILE, not one per run (members
+  forward requests to each other with it);
 - the registry-token key: per run (clients log in again when they move), or
   REGISTRY_TOKEN_KEY_FILE for tokens every node accepts.
 
@@ -49,6 +51,9 @@ class Nodes:
     ledger_password: str | None = field(default=None, repr=False)
     token_key_file: Path | None = None
     http_secret_file: Path | None = None
+    # The backend's credential (`user:password`) instead of one made per run: the same on
+    # every Zot member, which forward each other's requests with the credential they got.
+    backend_credential_file: Path | None = None
     cluster_members: tuple[str, ...] = ()
     cluster_hash_key: str | None = None
     cache_url: str | None = None  # Zot's remote dedupe cache (Redis)
@@ -194,6 +199,7 @@ def parse(
         ledger_password=ledger_password,
         token_key_file=_absolute(env, "REGISTRY_TOKEN_KEY_FILE"),
         http_secret_file=_absolute(env, "REGISTRY_HTTP_SECRET_FILE"),
+        backend_credential_file=_absolute(env, "REGISTRY_BACKEND_CREDENTIAL_FILE"),
         cluster_members=members,
         cluster_hash_key=hash_key,
         cache_url=cache_url,
@@ -229,6 +235,14 @@ def refuse_split_state(nodes: Nodes, storage: str, backend: str) -> None:
             raise NodesError(
                 "REGISTRY_CLUSTER_MEMBERS: Zot on several nodes needs REGISTRY_CLUSTER_HASH_KEY "
                 f"({HASH_KEY_LENGTH} characters, the same on every node)"
+            )
+        if nodes.backend_credential_file is None:
+            # A member forwards a request for a repository it does not own with the
+            # Authorization header it got: each node's own per-run credential would be refused.
+            raise NodesError(
+                "REGISTRY_CLUSTER_MEMBERS: Zot on several nodes needs one backend credential, "
+                "REGISTRY_BACKEND_CREDENTIAL_FILE (one line `user:password`, the same file "
+                "content on every node)"
             )
     if backend == "distribution" and nodes.http_secret_file is None:
         raise NodesError(

@@ -389,6 +389,7 @@ def run_all(binary: Path, workdir: Path) -> dict[str, Run]:
                 workdir / "direct",
                 f"{NAMESPACE}-direct",
                 f"{CROSSMOUNT}-direct",
+                *(with_auth.backend_auth or ("", "")),  # the backend takes the run's alone
             ),
             "gateway-anonymous": run_suite(
                 binary,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -89,10 +90,36 @@ class Stack:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stack exited {self.proc.returncode}:\n{self.log.read_text()}")
             gateway = requests.get(f"{self.url}/v2/", timeout=2).status_code in (200, 401)
-            backend = requests.get(f"{self.backend_url}/v2/", timeout=2).status_code == 200
+            backend = self.backend_get("/v2/", timeout=2).status_code == 200
             return gateway and backend
 
         wait_for(ready, timeout)
+
+    @property
+    def backend_credential_file(self) -> Path:
+        """Where `run` leaves the backend's credential (user:password, 0600)."""
+        return self.data_dir / "run" / "backend-credential"
+
+    @property
+    def backend_auth(self) -> tuple[str, str] | None:
+        """(user, password) of the run's backend credential, as `requests` takes it: the
+        backend refuses anonymous requests. None for an external backend (no credential)."""
+        if not self.backend_credential_file.exists():
+            return None
+        user, _, password = self.backend_credential_file.read_text().strip().partition(":")
+        return user, password
+
+    def backend_headers(self) -> dict[str, str]:
+        """The `Authorization` header of the run's backend credential ({} without one)."""
+        auth = self.backend_auth
+        if auth is None:
+            return {}
+        basic = base64.b64encode(":".join(auth).encode()).decode()
+        return {"Authorization": f"Basic {basic}"}
+
+    def backend_get(self, path: str, method: str = "GET", **kw) -> requests.Response:
+        """A request straight to the backend with the run's credential (around the gateway)."""
+        return requests.request(method, f"{self.backend_url}{path}", auth=self.backend_auth, **kw)
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.proc is not None

@@ -20,6 +20,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons import backend_auth
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.authservice import Verdict
@@ -1049,3 +1050,76 @@ def test_the_challenge_of_a_mount_asks_for_the_source_too():
     assert 'scope="repository:acme/app:pull"' in challenge(
         "http://r/auth/token", Route("manifest", "acme/app", "v1"), "GET"
     )
+
+
+# --- the backend's credential -------------------------------------------------------------
+
+
+@pytest.fixture
+def run_credential(gw, tmp_path) -> Iterator[str]:
+    """The gateway configured with a run's backend credential file (as `run` hands it)."""
+    credential = backend_auth.make()
+    path = tmp_path / "backend-credential"
+    path.write_text(credential + "\n")
+    addon = backend_auth.BackendCredential()
+    gw.tctx.master.addons.add(addon)
+    gw.tctx.configure(addon, registry_backend_credential=str(path))
+    yield credential
+    gw.tctx.configure(addon, registry_backend_credential="")
+
+
+def test_forwarded_requests_carry_the_runs_credential_not_the_clients(gw, run_credential):
+    f = gw.send(make_flow("GET", "/v2/acme/app/manifests/v1", [bearer(token_for(gw))]))
+    assert f.response is None  # forwarded
+    assert f.request.headers.get_all("authorization") == [
+        backend_auth.authorization(run_credential)
+    ]
+    # A client that sends the backend's Basic credential itself gets nothing from it: the
+    # gateway's own decision (here: no registry token) stands.
+    f = gw.send(make_flow("GET", "/v2/acme/app/manifests/v1", [("Authorization", "Basic eDp5")]))
+    gw.finish(f)
+    assert f.response.status_code == 401 and "Bearer" in f.response.headers["WWW-Authenticate"]
+
+
+def test_a_bad_credential_file_stops_the_gateway(gw, tmp_path):
+    addon = backend_auth.BackendCredential()
+    gw.tctx.master.addons.add(addon)
+    (tmp_path / "empty").write_text("")
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(exceptions.OptionsError, match="registry_backend_credential"):
+            gw.tctx.configure(addon, registry_backend_credential=str(path))
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_backend_401_is_a_gateway_fault_without_the_backends_challenge(gw, method):
+    """The backend refusing the gateway's credential: 502, never a login prompt naming the
+    backend's realm (the client could do nothing with it)."""
+    f = gw.send(make_flow(method, "/v2/acme/app/manifests/v1", [bearer(token_for(gw))]))
+    body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+    response = tutils.tresp(
+        status_code=401,
+        headers=http.Headers(
+            [(b"WWW-Authenticate", b'Basic realm="tabbify-registry-backend"'),
+             (b"Content-Type", b"application/json")]
+        ),
+        content=body,
+    )  # fmt: skip
+    gw.backend_answers(f, response)
+    assert not f.response.stream  # small: replaced once read
+    gw.access.response(f)
+    gw.finish(f)
+    assert f.response.status_code == 502
+    assert "www-authenticate" not in f.response.headers
+    assert b"tabbify-registry-backend" not in bytes(f.response.headers) + f.response.raw_content
+    if method == "GET":
+        assert f.response.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert gw.log_lines()[-1]["status"] == 502
+
+
+def test_no_backend_challenge_reaches_a_client(gw):
+    f = gw.send(make_flow("GET", "/v2/acme/app/manifests/v1", [bearer(token_for(gw))]))
+    response = tutils.tresp(
+        status_code=404, headers=http.Headers([(b"WWW-Authenticate", b'Basic realm="x"')])
+    )
+    gw.backend_answers(f, response)
+    assert "www-authenticate" not in f.response.headers

@@ -34,6 +34,7 @@ from urllib.parse import urljoin
 
 import pytest
 
+from addons import backend_auth
 from addons.policy import parse as parse_policy
 from tabbify_registry.settings import Settings, load
 from zot import schema
@@ -66,6 +67,7 @@ CLUSTER = {
     "REGISTRY_LEDGER_URL": "s3://tbf-registry/ledger",
     "REGISTRY_AUTH_URL": "http://auth.mesh:8080",
     "REGISTRY_LISTEN": "[fd5a:1f02::1]:5000",
+    "REGISTRY_BACKEND_CREDENTIAL_FILE": "/run/secrets/backend-credential",
 }
 ALL_MODES = {**MODES, "cluster": CLUSTER}
 
@@ -199,6 +201,19 @@ def test_zot_timeouts_fit_multi_gb_layers(name: str) -> None:
         assert go_duration_seconds(http[key]) >= 3600, key
 
 
+@pytest.mark.parametrize("name", ALL_MODES)
+def test_zot_takes_only_the_runs_credential(name: str) -> None:
+    """Zot answers only the registry's own programs: Basic auth against the htpasswd file of
+    the run's credential, and no accessControl (with none, an authenticated user has every
+    right, and nobody else any)."""
+    config = render_zot(settings(ALL_MODES[name]))
+    assert config["http"]["auth"] == {"htpasswd": {"path": f"{DATA_DIR}/run/backend-htpasswd"}}
+    assert "accessControl" not in config["http"] and "accessControl" not in config
+    without = json.loads(json.dumps(config))
+    del without["http"]["auth"]
+    assert "http.auth.htpasswd.path: missing" in schema.violations(without)
+
+
 def test_zot_listens_on_backend_addr() -> None:
     http = render_zot(settings({**LOCAL, "REGISTRY_BACKEND_ADDR": "127.0.0.1:6001"}))["http"]
     assert (http["address"], http["port"]) == ("127.0.0.1", "6001")
@@ -224,6 +239,13 @@ def test_distribution_config() -> None:
     assert render_distribution(settings(LOCAL, "distribution"), "s3cr3t")["http"]["secret"] == (
         "s3cr3t"
     )
+    # Basic auth on every request, against the htpasswd file `run` writes of its credential.
+    assert local["auth"] == {
+        "htpasswd": {
+            "realm": "tabbify-registry-backend",
+            "path": f"{DATA_DIR}/run/backend-htpasswd",
+        }
+    }
     assert local["storage"]["filesystem"] == {"rootdirectory": f"{DATA_DIR}/zot-cache"}
     assert local["storage"]["delete"] == {"enabled": True}
     # No blob-descriptor cache: it serves blobs garbage-collect deleted (see zot/config.py).
@@ -263,10 +285,11 @@ def free_port() -> int:
 BLOB = b"tabbify"
 
 
-def upload_blob(port: int, repo: str, blob: bytes) -> str:
+def upload_blob(port: int, repo: str, blob: bytes, credential: str) -> str:
     """Monolithic push (POST then PUT ?digest=); returns the Location the POST handed out."""
     base = f"http://127.0.0.1:{port}"
-    post = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST")
+    auth = {"Authorization": backend_auth.authorization(credential)}
+    post = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST", headers=auth)
     with urllib.request.urlopen(post, timeout=5) as resp:
         location = resp.headers["Location"]
     sep = "&" if "?" in location else "?"
@@ -274,20 +297,35 @@ def upload_blob(port: int, repo: str, blob: bytes) -> str:
         urljoin(f"{base}/", location) + f"{sep}digest=sha256:{hashlib.sha256(blob).hexdigest()}",
         data=blob,
         method="PUT",
-        headers={"Content-Type": "application/octet-stream"},
+        headers={"Content-Type": "application/octet-stream", **auth},
     )
     with urllib.request.urlopen(put, timeout=5) as resp:
         assert resp.status == 201
     return location
 
 
+def anonymous_status(url: str, credential: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if credential:
+        request.add_header("Authorization", backend_auth.authorization(credential))
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     env = {
         "REGISTRY_DATA_DIR": str(tmp_path),
         "REGISTRY_BACKEND": "distribution",
         "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{port}",
     }
+    credential = backend_auth.make()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "backend-htpasswd").write_text(backend_auth.htpasswd(credential))
     path = tmp_path / "distribution.json"
     path.write_text(json.dumps(render_distribution(load(env))))
     # Scrubbed environment: it reads REGISTRY_* variables as config overrides.
@@ -301,15 +339,25 @@ def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
         deadline, status = time.monotonic() + 10, None
         while status is None and time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as resp:
+                with urllib.request.urlopen(
+                    urllib.request.Request(
+                        f"{base}/v2/",
+                        headers={"Authorization": backend_auth.authorization(credential)},
+                    ),
+                    timeout=1,
+                ) as resp:
                     status = resp.status
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.1)
-        location = upload_blob(port, "probe", BLOB) if status == 200 else None
+        location = upload_blob(port, "probe", BLOB, credential) if status == 200 else None
+        refused = [anonymous_status(f"{base}{p}") for p in ("/v2/", "/v2/_catalog")]
+        wrong = anonymous_status(f"{base}/v2/_catalog", backend_auth.make())
     finally:
         proc.terminate()
         output = proc.communicate(timeout=10)[0].decode(errors="replace")
     assert status == 200, f"GET /v2/ never answered 200:\n{output}"
+    # Without the run's credential, or with another one, the backend answers nobody.
+    assert refused == [401, 401] and wrong == 401
     # relativeurls: the upload session handed out is a path, not an absolute URL
     assert location and location.startswith("/v2/probe/blobs/uploads/"), location
     # and the blob landed under <data_dir>/zot-cache

@@ -259,7 +259,7 @@ def test_a_chunked_upload_resumes_after_the_backend_is_killed(stack, acme_jwt):
     os.kill(backend, signal.SIGKILL)
     started = time.monotonic()
     wait_for(lambda: stack.supervisorctl("pid", "backend").strip() not in ("0", str(backend)), 30)
-    wait_for(lambda: requests.get(f"{stack.backend_url}/v2/", timeout=2).status_code == 200, 30)
+    wait_for(lambda: stack.backend_get("/v2/", timeout=2).status_code == 200, 30)
     print(f"backend killed mid-upload: back in {time.monotonic() - started:.1f} s")
     # The same upload goes on where it was: its state is signed with the kept secret.
     r = requests.patch(

@@ -263,7 +263,7 @@ def test_backend_killed_mid_push_fails_cleanly_and_the_retry_succeeds(stack, acm
     assert r.status_code == 404
     r = requests.get(f"{stack.url}/v2/{repo}/blobs/{digest}", headers=h, timeout=10)
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
-    r = requests.head(f"{stack.backend_url}/v2/{repo}/blobs/{digest}", timeout=10)
+    r = stack.backend_get(f"/v2/{repo}/blobs/{digest}", "HEAD", timeout=10)
     assert r.status_code == 404
 
     # A new upload session of the same blob succeeds and pulls back byte-identical.

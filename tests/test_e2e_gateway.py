@@ -120,7 +120,7 @@ def test_nothing_under_another_tenant_can_be_touched(registry, acme_jwt, globex_
     assert r.status_code == 200
     assert not [n for n in r.json()["repositories"] if not n.startswith("globex/")]
     # Nothing of globex's landed anywhere.
-    r = requests.get(f"{registry.backend_url}/v2/_catalog", timeout=10)
+    r = registry.backend_get("/v2/_catalog", timeout=10)
     assert not [name for name in r.json()["repositories"] if name.startswith("globex/")]
 
 

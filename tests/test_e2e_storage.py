@@ -173,7 +173,7 @@ def test_s3_behind_a_private_ca_works_with_ssl_cert_file(
         stack.stop()
         # and the CA is what makes it work: without it, x509 errors (500 from the backend)
         stack = Stack(tmp_path / "data2", auth.url, **env).start()
-        r = requests.get(f"{stack.backend_url}/v2/acme/private-ca/tags/list", timeout=30)
+        r = stack.backend_get("/v2/acme/private-ca/tags/list", timeout=30)
         assert r.status_code == 500, r.text
         wait_for(lambda: "x509" in stack.log.read_text(), timeout=10)  # Distribution's log
     finally:

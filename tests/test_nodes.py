@@ -39,6 +39,7 @@ ZOT = {
     "REGISTRY_LEDGER_URL": "s3://tbf-registry/ledger",
     "REGISTRY_CACHE_URL": "redis://redis.mesh:6379",
     "REGISTRY_CLUSTER_HASH_KEY": "0123456789abcdef",
+    "REGISTRY_BACKEND_CREDENTIAL_FILE": "/run/secrets/backend-credential",
 }
 
 
@@ -92,6 +93,16 @@ def test_a_zot_cluster_with_node_local_caches_is_refused() -> None:
 def test_a_zot_cluster_needs_its_hash_key() -> None:
     refused(without(ZOT, "REGISTRY_CLUSTER_HASH_KEY"), "REGISTRY_CLUSTER_HASH_KEY")
     refused({**ZOT, "REGISTRY_CLUSTER_HASH_KEY": "short"}, "REGISTRY_CLUSTER_HASH_KEY", "16")
+
+
+def test_a_zot_cluster_needs_one_backend_credential() -> None:
+    """Members forward each other's requests with the credential they got: a per-run one,
+    different on each node, would be refused by the member that owns the repository."""
+    refused(without(ZOT, "REGISTRY_BACKEND_CREDENTIAL_FILE"), "REGISTRY_BACKEND_CREDENTIAL_FILE")
+    refused({**ZOT, "REGISTRY_BACKEND_CREDENTIAL_FILE": "relative"}, "absolute path")
+    assert load(ZOT).nodes.backend_credential_file == Path("/run/secrets/backend-credential")
+    # Distribution nodes never talk to each other's backend: each run's own is enough.
+    assert load(DISTRIBUTION).nodes.backend_credential_file is None
 
 
 def test_a_zot_member_listens_on_its_own_member_address() -> None:

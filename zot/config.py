@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from addons import backend_auth
 from addons.policy import Policy
 from tabbify_registry.settings import Settings
 
@@ -28,6 +29,12 @@ S3_PREFIX = "/zot"
 def storage_root(settings: Settings) -> str:
     """Local storage (and, on S3, Zot's boltdb dedupe cache) lives here (CONTRACTS §2)."""
     return str(settings.data_dir / "zot-cache")
+
+
+def htpasswd_path(settings: Settings) -> str:
+    """The backend's htpasswd file, written by `run` with the run's credential
+    (addons/backend_auth.py): no anonymous request reaches either backend."""
+    return str(settings.runtime_dir / backend_auth.HTPASSWD_NAME)
 
 
 def _endpoint_is_plain_http(settings: Settings) -> bool:
@@ -139,6 +146,9 @@ def render_zot(settings: Settings, policy: Policy | None = None) -> dict[str, An
             "compat": ["docker2s2"],  # accept Docker v2 schema 2 manifests, not only OCI
             "readTimeout": HTTP_TIMEOUT,
             "writeTimeout": HTTP_TIMEOUT,
+            # Basic auth against the run's credential. Without `accessControl` an
+            # authenticated user has every right (Zot's routes.go installs no authz handler).
+            "auth": {"htpasswd": {"path": htpasswd_path(settings)}},
         },
         # Per-request lines are the gateway's job (the access log); Zot's own at info would
         # flood the operator's log. No "output": stdout, collected by supervisord.
@@ -204,6 +214,11 @@ def render_distribution(
             "addr": settings.backend_addr.hostport,
             "relativeurls": True,  # upload Location headers relative, as with Zot
             "secret": http_secret,
+        },
+        # Basic auth against the run's credential on every request (the realm is never seen
+        # by clients: the gateway answers a backend 401 itself, addons/access.py).
+        "auth": {
+            "htpasswd": {"realm": "tabbify-registry-backend", "path": htpasswd_path(settings)}
         },
     }
 

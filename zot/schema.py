@@ -4,9 +4,10 @@ Zot (v2.1.x) reads one JSON (or YAML) file, fails to start on a key it does not 
 takes no overrides from the environment. So `zot/config.py` may only emit the keys listed here,
 each with the JSON type given. The key names and types are facts from Zot's documentation and
 its example configurations (project-zot/zot `examples/`, v2.1.20); the comments say what each
-one is for and where it shows up. Anything else Zot offers (auth, TLS, extensions, DynamoDB,
-sub-paths, ...) stays outside on purpose: the gateway does those jobs, or the
-deployment does not use them.
+one is for and where it shows up. Anything else Zot offers (LDAP, OpenID, access control,
+TLS, extensions, DynamoDB, sub-paths, ...) stays outside on purpose: the gateway does those
+jobs, or the deployment does not use them. Of Zot's authentication, only htpasswd: the run's
+own credential, so that nothing but the registry's programs reaches Zot.
 
 A key path is dotted (`storage.storageDriver.bucket`); the items of an array are `path[]`.
 `violations(config)` lists what a rendered config does wrong; tests run it on every config
@@ -58,6 +59,12 @@ KEYS: dict[str, str] = {
     # multi-GB layers (example: bench).
     "http.readTimeout": "string",
     "http.writeTimeout": "string",
+    # Basic auth of every request against an htpasswd file (bcrypt lines): only the
+    # registry's own programs, which hold the run's credential, reach Zot (example: config
+    # example, `http.auth.htpasswd.path`).
+    "http.auth": "object",
+    "http.auth.htpasswd": "object",
+    "http.auth.htpasswd.path": "string",
     "log": "object",
     "log.level": "string",  # debug, info, warn, error; no "output" = stdout
     # Several nodes on one bucket (README "Running several nodes"). The shared dedupe cache:
@@ -113,7 +120,13 @@ RETENTION_KEYS: dict[str, str] = {
 ALL_KEYS = {**KEYS, **RETENTION_KEYS}
 
 # Keys without which Zot does not start the way the gateway needs it.
-REQUIRED = ("distSpecVersion", "storage.rootDirectory", "http.address", "http.port")
+REQUIRED = (
+    "distSpecVersion",
+    "storage.rootDirectory",
+    "http.address",
+    "http.port",
+    "http.auth.htpasswd.path",  # never an anonymous backend
+)
 
 # Values Zot gives a meaning to, where the project uses a fixed one.
 ALLOWED_VALUES: dict[str, frozenset[Any]] = {
