@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import cosign
 from tests.conftest import skopeo, skopeo_copy
-from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.images import image_manifest, layout_blobs, oci_index_layout, oci_layout
 from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
@@ -196,6 +197,66 @@ def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jw
     r = requests.head(f"{stack.url}/v2/acme/releases/app/manifests/v1.0",
                       headers={**a, "Accept": OCI_MANIFEST}, timeout=10)  # fmt: skip
     assert r.headers["Docker-Content-Digest"] == digest
+
+
+def delete(stack: Stack, repo: str, what: str, digest: str, h: dict[str, str]) -> requests.Response:
+    return requests.delete(f"{stack.url}/v2/{repo}/{what}/{digest}", headers=h, timeout=10)
+
+
+def test_what_an_immutable_index_reaches_cannot_be_deleted(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """An index under a covered tag: its child manifests and their blobs stay, whoever asks,
+    so the tag keeps naming an image that pulls whole. Something it does not reach (another,
+    untagged image of the same repository) is still deleted."""
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/multi"
+    index = oci_index_layout(tmp_path / "src", "v1")
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref(stack, f"{repo}:v1"), acme_jwt, "--all")
+    assert r.returncode == 0, r.stderr
+    children = json.loads(index["blobs"][index["digest"]])["manifests"]
+    for child in children:
+        r = delete(stack, repo, "manifests", child["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    child = json.loads(index["blobs"][children[0]["digest"]])
+    for blob in [child["config"], *child["layers"]]:
+        r = delete(stack, repo, "blobs", blob["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    r = delete(stack, repo, "manifests", index["digest"], a)
+    assert r.status_code == 403
+    pulled = skopeo_copy(ref(stack, f"{repo}:v1"), f"oci:{tmp_path / 'out'}:v1", acme_jwt, "--all")
+    assert pulled.returncode == 0, pulled.stderr
+    # Control: an image no covered tag reaches goes.
+    other = put_manifest(stack, repo, "scratch", small_manifest(stack, repo, a), a)
+    assert other.status_code == 201, other.text
+    r = delete(stack, repo, "manifests", other.headers["Docker-Content-Digest"], a)
+    assert r.status_code == 202, r.text
+
+
+def test_the_blobs_of_an_immutable_image_cannot_be_deleted_but_its_signature_can(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/single"
+    body = small_manifest(stack, repo, a)
+    pushed = put_manifest(stack, repo, "v2", body, a)
+    assert pushed.status_code == 201, pushed.text
+    doc = json.loads(body)
+    for blob in (doc["config"], doc["layers"][0]):
+        r = delete(stack, repo, "blobs", blob["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    # A signature refers to the image (`subject`); the image does not need it.
+    subject = {"mediaType": OCI_MANIFEST, "digest": sha256(body), "size": len(body)}
+    sig = cosign.sign(cosign.Signer(), sha256(body), referrer_of=subject)
+    for data in sig.blobs.values():
+        push_blob(stack, repo, data, a)
+    r = put_manifest(stack, repo, sig.digest, sig.manifest, a)
+    assert r.status_code == 201, r.text
+    assert delete(stack, repo, "manifests", sig.digest, a).status_code == 202
+    # A blob of the repository that no covered tag reaches goes.
+    loose = b"loose " + os.urandom(32)
+    push_blob(stack, repo, loose, a)
+    assert delete(stack, repo, "blobs", sha256(loose), a).status_code == 202
+    r = skopeo_copy(ref(stack, f"{repo}:v2"), f"oci:{tmp_path / 'out'}:v2", acme_jwt)
+    assert r.returncode == 0, r.stderr
 
 
 def test_two_first_pushes_of_an_immutable_tag_racing_store_only_one(
