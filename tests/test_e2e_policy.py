@@ -259,6 +259,57 @@ def test_the_blobs_of_an_immutable_image_cannot_be_deleted_but_its_signature_can
     assert r.returncode == 0, r.stderr
 
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def nested_indexes(stack: Stack, repo: str, levels: int, h: dict[str, str]) -> list[str]:
+    """An image under `levels` indexes each naming the one below, all pushed by digest; the
+    digests from the image up (the last is the top index, not yet tagged)."""
+    body, media = small_manifest(stack, repo, h), OCI_MANIFEST
+    digests = []
+    for level in range(levels + 1):
+        r = requests.put(
+            f"{stack.url}/v2/{repo}/manifests/{sha256(body)}",
+            data=body, headers={**h, "Content-Type": media}, timeout=10,
+        )  # fmt: skip
+        assert r.status_code == 201, (level, r.text)
+        digests.append(sha256(body))
+        child = {"mediaType": media, "digest": sha256(body), "size": len(body)}
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [child]})
+        body, media = body.encode(), OCI_INDEX
+    return digests
+
+
+def test_nesting_past_the_bound_refuses_deletes_rather_than_guess(
+    stack: Stack, acme_jwt: str
+) -> None:
+    """Eight levels of indexes under a covered tag are followed; nine are not: every delete
+    by digest in that repository is then refused (403, naming the bound), never allowed."""
+    a = bearer(token(stack, acme_jwt))
+    for levels, repo in ((8, "acme/releases/deep8"), (9, "acme/releases/deep9")):
+        chain = nested_indexes(stack, repo, levels, a)
+        top = requests.get(
+            f"{stack.url}/v2/{repo}/manifests/{chain[-1]}",
+            headers={**a, "Accept": OCI_INDEX}, timeout=10,
+        ).content  # fmt: skip
+        r = requests.put(
+            f"{stack.url}/v2/{repo}/manifests/v1",
+            data=top, headers={**a, "Content-Type": OCI_INDEX}, timeout=10,
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        loose = put_manifest(stack, repo, "scratch", small_manifest(stack, repo, a), a)
+        assert loose.status_code == 201, loose.text
+        image = delete(stack, repo, "manifests", chain[0], a)
+        assert image.status_code == 403 and "tag is immutable" in image.text, image.text
+        other = delete(stack, repo, "manifests", loose.headers["Docker-Content-Digest"], a)
+        if levels == 8:
+            assert "nested" not in image.text
+            assert other.status_code == 202, other.text
+        else:
+            assert "nested more than 8 deep" in image.text
+            assert other.status_code == 403 and "nested more than 8 deep" in other.text
+
+
 def test_two_first_pushes_of_an_immutable_tag_racing_store_only_one(
     stack: Stack, acme_jwt: str
 ) -> None:
