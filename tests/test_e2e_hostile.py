@@ -24,7 +24,7 @@ import requests
 
 from tests.conftest import skopeo
 from tests.rawhttp import Answer, Conn, exchange
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -430,6 +430,14 @@ def test_a_method_not_spelled_exactly_is_refused_before_any_decision(
         assert_clean(answer, {405})
         assert answer is not None
         assert json.loads(answer.body)["errors"][0]["code"] == "UNSUPPORTED"
+    # The access log says what was sent, not mitmproxy's upper-cased reading of it.
+    shown = method.decode()
+    wait_for(
+        lambda: any(
+            line["method"] == shown and line["decision"] == "deny:method"
+            for line in registry.access_log()
+        )
+    )
     # Control: the exact method, same token, same path.
     answer = exchange(
         registry.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + auth(acme_token) + b"\r\n"
