@@ -113,6 +113,14 @@ def content_digests(body: bytes) -> set[str]:
 
 
 @dataclass
+class Walk:
+    """One delete's walk: its backend requests in flight, and how many manifests it read."""
+
+    gate: asyncio.Semaphore
+    fetches: int = 0
+
+
+@dataclass
 class Held:
     """A push's claim of its tag: on the node, and in the shared ledger where it can."""
 
@@ -265,10 +273,10 @@ class ImmutableTags:
                 covered.append((tag, rule))
         if len(covered) > MAX_CHECKED:
             return f"{covered[0][1]}; more than {MAX_CHECKED} immutable tags to check"
-        gate = asyncio.Semaphore(PARALLEL)
+        walk = Walk(asyncio.Semaphore(PARALLEL))
 
         async def resolve(tag: str) -> str | None:
-            async with gate:
+            async with walk.gate:
                 return await self._digest_of(repository, tag)
 
         heads = await asyncio.gather(*(resolve(tag) for tag, _ in covered))
@@ -280,43 +288,51 @@ class ImmutableTags:
                 raise BackendUnsure("a tag's digest was not given")
             if head == digest:
                 return rule
-        budget = [MAX_FETCHES]
         for head, rule in tagged:
             try:
-                reach = await self._reach(repository, head, 0, budget)
+                reach = await self._reach(repository, head, 0, walk)
             except TooMuch as e:
                 return f"{rule}; {e}"
             if digest in reach.digests:
                 return rule
         return None
 
-    async def _reach(self, repository: str, digest: str, depth: int, budget: list[int]) -> Reach:
+    async def _reach(self, repository: str, digest: str, depth: int, walk: Walk) -> Reach:
         """What the manifest `digest` reaches, from the cache or the backend. Raises TooMuch
-        past MAX_DEPTH / MAX_REACH, BackendUnsure past the delete's fetch budget."""
+        past MAX_DEPTH / MAX_REACH, BackendUnsure past the delete's fetch budget. An index's
+        children are read side by side (at most PARALLEL requests in flight)."""
         reach = self.reach.get(digest)
         if reach is not None:
             self.reach.move_to_end(digest)
         else:
-            if budget[0] <= 0:
+            if walk.fetches >= MAX_FETCHES:
                 raise BackendUnsure("too many manifests to read for one delete")
-            budget[0] -= 1
-            body = await self._manifest(repository, digest)
+            walk.fetches += 1
+            async with walk.gate:
+                body = await self._manifest(repository, digest)
             if body is None:  # a child that is not there: nothing of it to protect but itself
                 return Reach(frozenset({digest}), 1, 0)  # not cached: it may be pushed later
             try:
                 children, blobs = references(json.loads(body))
             except (ValueError, RecursionError):
                 raise BackendUnsure(f"manifest {digest} is not readable") from None
-            found, manifests, height, complete = (
-                {digest, *content_digests(body), *blobs},
-                1,
-                0,
-                True,
-            )
+            found = {digest, *content_digests(body), *blobs}
+            manifests, height, complete = 1, 0, True
+            children = list(dict.fromkeys(children))  # a child named twice is one child
             if children and depth >= MAX_DEPTH:
                 raise TooMuch(f"indexes nested more than {MAX_DEPTH} deep")
-            for child in children:
-                sub = await self._reach(repository, child, depth + 1, budget)
+            if len(children) >= MAX_REACH:
+                raise TooMuch(f"more than {MAX_REACH} manifests under one immutable tag")
+            subs = await asyncio.gather(
+                *(self._reach(repository, child, depth + 1, walk) for child in children),
+                return_exceptions=True,
+            )
+            failed = [e for e in subs if isinstance(e, BaseException)]
+            if failed:  # a bound hit (403) says more than a backend that failed (503)
+                raise next((e for e in failed if isinstance(e, TooMuch)), failed[0])
+            for child, sub in zip(children, subs, strict=True):
+                if not isinstance(sub, Reach):
+                    raise BackendUnsure("no answer for a child manifest")
                 found |= sub.digests
                 manifests, height = manifests + sub.manifests, max(height, sub.height + 1)
                 complete = complete and child in self.reach

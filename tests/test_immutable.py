@@ -147,3 +147,21 @@ def test_a_missing_child_is_protected_and_not_cached():
     assert sha(b) not in tags.reach and sha(index([a, b])) not in tags.reach
     backend.manifests[sha(b)] = b  # pushed later: its blobs are protected from then on
     assert protects(tags, blob(21)) is not None
+
+
+def test_a_wide_index_is_refused_before_its_children_are_read():
+    wide = json.dumps({"manifests": [{"digest": blob(i)} for i in range(5000)]}).encode()
+    backend = Backend([], {"v1": wide})
+    assert "more than 1000 manifests" in (protects(gateway(backend), blob(99_999)) or "")
+    assert len(backend.requests) == 3  # tag list, HEAD, the index: no child was asked for
+
+
+def test_a_child_named_many_times_is_read_and_counted_once():
+    a = image(10)
+    levels = [a]
+    for _ in range(6):  # each level names the one below 300 times: 300**6 paths, 7 manifests
+        child = {"digest": sha(levels[-1])}
+        levels.append(json.dumps({"manifests": [child] * 300}).encode())
+    backend = Backend(levels[:-1], {"v1": levels[-1]})
+    assert protects(gateway(backend), blob(11)) is not None
+    assert len(backend.requests) == 2 + len(levels)
