@@ -18,6 +18,7 @@ import requests
 
 from tests.images import image_manifest
 from tests.stack import Stack
+from tests.standins.auth import tabbify_jwt
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 
 pytestmark = pytest.mark.e2e
@@ -138,7 +139,13 @@ SHARED_POLICY = """
 repositories = ["acme/*/public"]
 tenants = ["globex"]
 actions = ["pull"]
+
+[[grant]]
+repositories = ["acme/a/public"]
+tenants = ["initech"]
+actions = ["pull"]
 """
+INITECH = tabbify_jwt({"sub": "ops", "network": "initech"})
 SCAN = 10  # REGISTRY_CATALOG_SCAN: names one catalog page looks at
 PUBLIC = ["acme/a/public", "acme/c/public", "acme/e/public"]
 SECRET = [f"acme/{x}{i:02d}/secret" for x in "bd" for i in range(SCAN + 2)]
@@ -156,6 +163,7 @@ def bounded(tmp_path_factory, auth, acme_jwt: str) -> Iterator[Stack]:
     a = bearer(token(stack, acme_jwt))
     for repo in PUBLIC + SECRET:
         push_image(stack, repo, ["v1"], a)
+    push_image(stack, "initech/app", ["v1"], bearer(token(stack, INITECH)))
     yield stack
     stack.stop()
 
@@ -208,3 +216,13 @@ def test_a_catalog_cursor_opens_for_its_caller_only(bounded, globex_jwt, acme_jw
         name for r in raw_pages(bounded, "/v2/_catalog?n=5", a) for name in r.json()["repositories"]
     ]
     assert mine == sorted(PUBLIC + SECRET)
+
+
+def test_a_grant_of_one_repository_pages_past_it(bounded):
+    """A grant naming one repository makes that name a scan range of its own: a page that
+    ends on it must not start the next page with it again (that paged forever)."""
+    i = bearer(token(bounded, INITECH))
+    listed = [
+        name for r in raw_pages(bounded, "/v2/_catalog?n=1", i) for name in r.json()["repositories"]
+    ]
+    assert listed == ["acme/a/public", "initech/app"]

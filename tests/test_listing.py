@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,6 +43,10 @@ def test_repositories_are_listed_by_prefix_in_order_and_after_last(tmp_path):
     assert ledger.repositories("acme/", "acme/b", 10) == []
     assert ledger.repositories("acme/", "aaa", 10) == ["acme/a", "acme/a/b", "acme/b"]
     assert ledger.repositories("acme/", "", 2) == ["acme/a", "acme/a/b"]
+    # A prefix that is a whole name (a grant of one repository): `after` stays exclusive,
+    # or a page ending on that name would start the next one with it again, forever.
+    assert ledger.repositories("acme/a", "", 10) == ["acme/a", "acme/a/b"]
+    assert ledger.repositories("acme/a", "acme/a", 10) == ["acme/a/b"]
 
 
 def _names_after(names: list[str]):
@@ -107,18 +114,24 @@ def test_a_cursor_opens_only_for_its_caller_and_its_keys():
 
 def _follow(names: list[str], listable: set[str], prefixes: list[str], n: int, bound: int):
     """Every page the gateway would answer, following its links as a client would, with
-    the plain `last` values it would show; sealed positions go through a real cursor."""
+    the plain `last` values it would show; sealed positions go through a real cursor, names
+    come from a real ledger's range scans."""
     cursor, caller = CatalogCursor(TokenSigner()), "globex\0"
-    scan, last, pages, shown = _names_after(names), "", [], []
-    for _ in range(len(names) + 2):
-        got = catalog_page(scan, prefixes, listable.__contains__, last, n, bound)
-        pages.append(got.names)
-        if got.after is None:
-            return pages, shown
-        value = cursor.seal(got.after, caller) if got.sealed else got.after
-        shown.append(value)
-        last = cursor.open(value, caller) if value.startswith("C") else value
-        assert last is not None
+    with tempfile.TemporaryDirectory() as directory:
+        ledger = Ledger(Path(directory) / "ledger.db")
+        for name in names:
+            ledger.add(name.split("/")[0], [], repository=name, listed=True)
+        scan = ledger.repositories
+        last, pages, shown = "", [], []
+        for _ in range(len(names) + 2):
+            got = catalog_page(scan, prefixes, listable.__contains__, last, n, bound)
+            pages.append(got.names)
+            if got.after is None:
+                return pages, shown
+            value = cursor.seal(got.after, caller) if got.sealed else got.after
+            shown.append(value)
+            last = cursor.open(value, caller) if value.startswith("C") else value
+            assert last is not None
     raise AssertionError("paging does not end")
 
 
