@@ -264,8 +264,8 @@ class ImmutableTags:
     async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
         """The rule of a covered tag that reaches `digest` (a manifest or a blob), or None.
         Raises BackendUnsure (and httpx errors) when the backend cannot tell: fail closed."""
-        if not policy.immutables:
-            return None
+        if not policy.has_immutable(repository):
+            return None  # no tag of it can be covered: no backend request at all
         covered: list[tuple[str, str]] = []
         for tag in await self._tags(repository):
             rule = policy.is_immutable(repository, tag)

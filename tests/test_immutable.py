@@ -165,3 +165,10 @@ def test_a_child_named_many_times_is_read_and_counted_once():
     backend = Backend(levels[:-1], {"v1": levels[-1]})
     assert protects(gateway(backend), blob(11)) is not None
     assert len(backend.requests) == 2 + len(levels)
+
+
+def test_a_repository_no_rule_covers_costs_no_backend_request():
+    backend = Backend([], {"v1": image(10)})
+    tags = gateway(backend)
+    assert asyncio.run(tags._protects(POLICY, "acme/other", blob(10))) is None
+    assert backend.requests == []
