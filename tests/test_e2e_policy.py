@@ -259,6 +259,25 @@ def test_the_blobs_of_an_immutable_image_cannot_be_deleted_but_its_signature_can
     assert r.returncode == 0, r.stderr
 
 
+def test_a_delete_the_backend_cannot_check_is_refused(stack: Stack, acme_jwt: str) -> None:
+    """The backend is down: whether a covered tag reaches the digest cannot be read, so the
+    delete is 503 (retry), never forwarded on a guess."""
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/down"
+    body = small_manifest(stack, repo, a)
+    assert put_manifest(stack, repo, "v1", body, a).status_code == 201
+    layer = json.loads(body)["layers"][0]["digest"]
+    stack.supervisorctl("stop", "backend")
+    try:
+        r = delete(stack, repo, "blobs", layer, a)
+        assert r.status_code == 503 and r.json()["errors"][0]["code"] == "UNAVAILABLE", r.text
+        r = delete(stack, repo, "manifests", sha256(body), a)
+        assert r.status_code == 503, r.text
+    finally:
+        stack.supervisorctl("start", "backend")
+    wait_for(lambda: requests.get(f"{stack.url}/v2/", headers=a, timeout=5).status_code == 200)
+    assert delete(stack, repo, "blobs", layer, a).status_code == 403
+
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
