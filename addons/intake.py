@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from addons import oci, target
+from addons import oci, routes, target
 from addons.gate import fail_closed, respond
 from addons.record import record
 
 TOKEN_PATH = "/auth/token"
-# Every method a route takes (routes.py, the token endpoint), exactly as RFC 9110 spells them.
-METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"})
+METHODS = routes.METHODS
 
 
 def kind_of(path: str) -> str:

@@ -22,6 +22,10 @@ TAG = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
 DIGEST = r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}"
 UPLOAD_ID = r"[A-Za-z0-9][A-Za-z0-9_=-]{0,255}"  # UUIDs, base64url session ids; no dots
 
+# Every method a route takes (and the token endpoint's GET/POST), exactly as RFC 9110 spells
+# them: methods are case-sensitive, so `get` is none of them.
+METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"})
+
 _COMPONENT_RE = re.compile(COMPONENT)
 _NAME_RE = re.compile(NAME)
 
