@@ -50,7 +50,8 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
         "tenant": _cut(rec.tenant),
-        "method": _cut(flow.request.method),
+        # As sent: mitmproxy's `method` upper-cases, and a refused `get` is not a GET.
+        "method": _cut(flow.request.data.method.decode("utf-8", "backslashreplace")),
         "kind": rec.kind,
         "repository": _cut(rec.repository),
         "reference": _cut(rec.reference),

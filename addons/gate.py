@@ -29,7 +29,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons import backend_auth, oci, target
+from addons import backend_auth, oci, routes, target
 from addons.record import record
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,8 @@ class Gate:
             raise RuntimeError("an allowed registry request without a parsed target")
         if rec.holds and flow.request.stream:
             raise RuntimeError("a request with checks pending must be buffered")
+        if flow.request.data.method not in routes.METHODS:  # intake refuses these first
+            raise RuntimeError("a method not spelled exactly as the API's reached the gate")
         flow.request.authority = ""  # origin-form: a host named by the client is never used
         flow.request.path = target.canonical(rec.target.path, rec.params)
         # The run's backend credential, in place of anything the client sent (RegistryAccess

@@ -96,7 +96,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
         isolation,
         ImmutableTags(policies, isolation),
         SignedOnly(policies),
-        Listing(policies),
+        Listing(policies, signer),
         Gate(),
         AccessLog(metrics),
         feed,  # after AccessLog: it takes the line the log wrote

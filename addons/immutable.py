@@ -4,8 +4,18 @@ never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIs
 - PUT of a manifest to a covered tag: the backend is asked whether the tag exists (HEAD);
   if it does, 403 DENIED "tag is immutable". The first push goes through.
 - DELETE of a covered tag: 403.
-- DELETE of a manifest by digest removes every tag pointing at it (Distribution), so it is
-  refused when a covered tag of the repository points at that digest.
+- DELETE of a manifest by digest, or of a blob, is refused when a covered tag of the
+  repository reaches that digest: the tag's manifest, an index's child manifests
+  (recursively), every config and layer blob. Deleting any of them would leave the tag
+  naming a broken image. What refers to a covered image (a signature, an SBOM: its referrers,
+  whose `subject` points at it) is not reached and may be deleted: the image still pulls.
+  The check reads the backend (tag list, each covered tag's digest, the manifests below it)
+  and is bounded: at most MAX_CHECKED covered tags, MAX_DEPTH levels of indexes and
+  MAX_REACH manifests below one tag (over a bound: 403, the delete is refused), and at most
+  MAX_FETCHES manifests read for one delete (over it: 503, retry). What a manifest reaches is
+  cached by its digest: content-addressed, it never changes, so a delete usually costs the
+  tag list and one HEAD per covered tag. The digest checked is the route's reference, parsed
+  from the target the gate forwards unchanged: exactly the digest the backend deletes.
 
 The backend's answers decide, so a backend that cannot answer fails the request closed
 (503), never open. Two first pushes of one tag racing each other would both pass that check,
@@ -18,11 +28,13 @@ nodes do not share claims (README, known limits).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +58,66 @@ _DIGEST = re.compile(DIGEST)
 TIMEOUT = 10.0  # seconds for one backend answer
 MAX_TAG_LIST = 32 * 1024 * 1024  # bytes of a tag list read to protect a digest delete
 MAX_CHECKED = 256  # covered tags resolved for one delete by digest
+MAX_DEPTH = 8  # levels of indexes below a covered tag
+MAX_REACH = 1000  # manifests below one covered tag (counted per path: shared ones count again)
+MAX_FETCHES = 2000  # manifests read from the backend for one delete (the rest: from cache)
+MAX_MANIFEST = 4 * 1024 * 1024  # bytes: what the gateway lets a manifest push be
+CACHE_DIGESTS = 500_000  # digests the reach cache holds in all (oldest entries go first)
+PARALLEL = 8  # backend requests in flight for one delete
 
 
 class BackendUnsure(Exception):
     """The backend did not say whether a tag exists: fail closed."""
+
+
+class TooMuch(Exception):
+    """What a covered tag reaches is over a bound: the delete is refused (403)."""
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What one manifest reaches: its own digests, its children's, their blobs."""
+
+    digests: frozenset[str]
+    manifests: int  # itself and every manifest below it
+    height: int  # levels of indexes below it
+
+
+def references(doc: object) -> tuple[list[str], list[str]]:
+    """(child manifests, blobs) a manifest names: an index's `manifests`; an image's `config`
+    and `layers`; an artifact's `blobs`; schema 1's `fsLayers`. Never `subject`: that is
+    what this manifest refers to, not what it is made of. Only digests in the registry's
+    grammar: nothing else can be deleted through the gateway anyway."""
+    if not isinstance(doc, dict):
+        raise ValueError("a manifest is a JSON object")
+
+    def digests(items: object, key: str = "digest") -> list[str]:
+        found = []
+        for item in items if isinstance(items, list) else []:
+            value = item.get(key) if isinstance(item, dict) else None
+            if isinstance(value, str) and _DIGEST.fullmatch(value):
+                found.append(value)
+        return found
+
+    blobs = digests([doc.get("config")]) + digests(doc.get("layers")) + digests(doc.get("blobs"))
+    blobs += digests(doc.get("fsLayers"), "blobSum")
+    return digests(doc.get("manifests")), blobs
+
+
+def content_digests(body: bytes) -> set[str]:
+    """A manifest's own names: the backend may know it by either algorithm."""
+    return {
+        f"sha256:{hashlib.sha256(body).hexdigest()}",
+        f"sha512:{hashlib.sha512(body).hexdigest()}",
+    }
+
+
+@dataclass
+class Walk:
+    """One delete's walk: its backend requests in flight, and how many manifests it read."""
+
+    gate: asyncio.Semaphore
+    fetches: int = 0
 
 
 @dataclass
@@ -69,6 +137,8 @@ class ImmutableTags:
         self.claims: dict[str, Held] = {}  # by flow id
         self._claims_dir: Path | None = None
         self._own_dir: Path | None = None  # made here when there is no state directory
+        self.reach: OrderedDict[str, Reach] = OrderedDict()  # by manifest digest
+        self._cached = 0  # digests held in `reach`
 
     def configure(self, updated: set[str]) -> None:
         if "registry_state_dir" in updated:
@@ -100,10 +170,12 @@ class ImmutableTags:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if rec.route != "manifest" or not rec.allowed or answered(flow) or not rec.repository:
+        if rec.route not in ("manifest", "blob") or not rec.allowed or answered(flow):
             return
         method, reference = flow.request.method, rec.reference or ""
         if method not in ("PUT", "DELETE") or not ctx.options.registry_backend:
+            return
+        if not rec.repository or (rec.route == "blob" and method != "DELETE"):
             return
         policy, repository = self.policies.current(), rec.repository
         try:
@@ -193,9 +265,10 @@ class ImmutableTags:
         return response.headers.get("docker-content-digest", "") or "unknown"
 
     async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
-        """The rule of a covered tag pointing at `digest`, or None."""
-        if not policy.immutables:
-            return None
+        """The rule of a covered tag that reaches `digest` (a manifest or a blob), or None.
+        Raises BackendUnsure (and httpx errors) when the backend cannot tell: fail closed."""
+        if not policy.has_immutable(repository):
+            return None  # no tag of it can be covered: no backend request at all
         covered: list[tuple[str, str]] = []
         for tag in await self._tags(repository):
             rule = policy.is_immutable(repository, tag)
@@ -203,10 +276,105 @@ class ImmutableTags:
                 covered.append((tag, rule))
         if len(covered) > MAX_CHECKED:
             return f"{covered[0][1]}; more than {MAX_CHECKED} immutable tags to check"
-        for tag, rule in covered:
-            if await self._digest_of(repository, tag) == digest:
+        walk = Walk(asyncio.Semaphore(PARALLEL))
+
+        async def resolve(tag: str) -> str | None:
+            async with walk.gate:
+                return await self._digest_of(repository, tag)
+
+        heads = await asyncio.gather(*(resolve(tag) for tag, _ in covered))
+        tagged = [
+            (head, rule) for head, (_, rule) in zip(heads, covered, strict=True) if head is not None
+        ]
+        for head, rule in tagged:
+            if head == "unknown":
+                raise BackendUnsure("a tag's digest was not given")
+            if head == digest:
+                return rule
+        for head, rule in tagged:
+            try:
+                reach = await self._reach(repository, head, 0, walk)
+            except TooMuch as e:
+                return f"{rule}; {e}"
+            if digest in reach.digests:
                 return rule
         return None
+
+    async def _reach(self, repository: str, digest: str, depth: int, walk: Walk) -> Reach:
+        """What the manifest `digest` reaches, from the cache or the backend. Raises TooMuch
+        past MAX_DEPTH / MAX_REACH, BackendUnsure past the delete's fetch budget. An index's
+        children are read side by side (at most PARALLEL requests in flight)."""
+        reach = self.reach.get(digest)
+        if reach is not None:
+            self.reach.move_to_end(digest)
+        else:
+            if walk.fetches >= MAX_FETCHES:
+                raise BackendUnsure("too many manifests to read for one delete")
+            walk.fetches += 1
+            async with walk.gate:
+                body = await self._manifest(repository, digest)
+            if body is None:  # a child that is not there: nothing of it to protect but itself
+                return Reach(frozenset({digest}), 1, 0)  # not cached: it may be pushed later
+            try:
+                children, blobs = references(json.loads(body))
+            except (ValueError, RecursionError):
+                raise BackendUnsure(f"manifest {digest} is not readable") from None
+            found = {digest, *content_digests(body), *blobs}
+            manifests, height, complete = 1, 0, True
+            children = list(dict.fromkeys(children))  # a child named twice is one child
+            if children and depth >= MAX_DEPTH:
+                raise TooMuch(f"indexes nested more than {MAX_DEPTH} deep")
+            if len(children) >= MAX_REACH:
+                raise TooMuch(f"more than {MAX_REACH} manifests under one immutable tag")
+            subs = await asyncio.gather(
+                *(self._reach(repository, child, depth + 1, walk) for child in children),
+                return_exceptions=True,
+            )
+            failed = [e for e in subs if isinstance(e, BaseException)]
+            if failed:  # a bound hit (403) says more than a backend that failed (503)
+                raise next((e for e in failed if isinstance(e, TooMuch)), failed[0])
+            for child, sub in zip(children, subs, strict=True):
+                if not isinstance(sub, Reach):
+                    raise BackendUnsure("no answer for a child manifest")
+                found |= sub.digests
+                manifests, height = manifests + sub.manifests, max(height, sub.height + 1)
+                complete = complete and child in self.reach
+                if manifests > MAX_REACH:
+                    raise TooMuch(f"more than {MAX_REACH} manifests under one immutable tag")
+            reach = Reach(frozenset(found), manifests, height)
+            if complete:
+                self._remember(digest, reach)
+        if depth + reach.height > MAX_DEPTH:
+            raise TooMuch(f"indexes nested more than {MAX_DEPTH} deep")
+        if reach.manifests > MAX_REACH:
+            raise TooMuch(f"more than {MAX_REACH} manifests under one immutable tag")
+        return reach
+
+    def _remember(self, digest: str, reach: Reach) -> None:
+        self.reach[digest] = reach
+        self._cached += len(reach.digests)
+        while self._cached > CACHE_DIGESTS and len(self.reach) > 1:
+            _, old = self.reach.popitem(last=False)
+            self._cached -= len(old.digests)
+
+    async def _manifest(self, repository: str, digest: str) -> bytes | None:
+        """The manifest's bytes as the backend holds them (checked against the digest), or
+        None when the repository has no such manifest."""
+        async with self._client().stream(
+            "GET", f"/v2/{repository}/manifests/{digest}", headers={"Accept": oci.MANIFEST_ACCEPT}
+        ) as response:
+            if response.status_code == 404:
+                return None
+            if response.status_code != 200:
+                raise BackendUnsure(f"GET of a manifest answered {response.status_code}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST:
+                    raise BackendUnsure("manifest too large")
+        if digest not in content_digests(bytes(body)):
+            raise BackendUnsure(f"the backend's manifest {digest} does not match its digest")
+        return bytes(body)
 
     async def _tags(self, repository: str) -> list[str]:
         async with self._client().stream("GET", f"/v2/{repository}/tags/list") as response:

@@ -302,7 +302,9 @@ class Ledger(LedgerState):
         """Up to `limit` repository names starting with `prefix` and sorting after `after`,
         in order: one index range scan, whatever else the registry holds. (Names are ASCII
         below DEL, so every name with the prefix sorts before `prefix + DEL`.)"""
-        op, start = (">", after) if after > prefix else (">=", prefix)
+        # `after` is exclusive, also when it is the prefix itself (a grant naming one
+        # repository: `acme/app` is both the prefix and the name the last page ended on).
+        op, start = (">", after) if after and after >= prefix else (">=", prefix)
         sql = (
             f"SELECT repository FROM repos WHERE repository {op} ? AND repository < ?"
             " ORDER BY repository LIMIT ?"

@@ -281,7 +281,8 @@ class S3Ledger(LedgerState):
         LIST (hex keys sort as the names do, and share their prefixes)."""
         if limit <= 0:
             return []
-        start = self._repos + name_key(after) if after > prefix else ""
+        # Start-after is exclusive, also when `after` is the prefix itself (one repository).
+        start = self._repos + name_key(after) if after and after >= prefix else ""
         keys = self._list(self._repos + name_key(prefix), start, limit)
         return [name_from_key(k.removeprefix(self._repos)) for k in keys]
 

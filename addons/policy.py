@@ -790,6 +790,10 @@ class Policy:
         # Keep the widest: a prefix inside another one's range adds nothing.
         return [p for i, p in enumerate(ordered) if not any(p.startswith(q) for q in ordered[:i])]
 
+    def has_immutable(self, repository: str) -> bool:
+        """Whether any [[immutable]] rule covers some tag of this repository."""
+        return any(True for _ in self._immutable.matching(repository))
+
     def is_immutable(self, repository: str, tag: str) -> str | None:
         """The name of the first [[immutable]] rule covering this tag, or None."""
         for rule in self._immutable.matching(repository):

@@ -22,6 +22,10 @@ TAG = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
 DIGEST = r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}"
 UPLOAD_ID = r"[A-Za-z0-9][A-Za-z0-9_=-]{0,255}"  # UUIDs, base64url session ids; no dots
 
+# Every method a route takes (and the token endpoint's GET/POST), exactly as RFC 9110 spells
+# them: methods are case-sensitive, so `get` is none of them.
+METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"})
+
 _COMPONENT_RE = re.compile(COMPONENT)
 _NAME_RE = re.compile(NAME)
 
@@ -199,6 +203,9 @@ STATE = r"[A-Za-z0-9_=-]{1,4096}"
 # A media type as RFC 6838 restricts its names (referrers' artifactType filter).
 MEDIA_TYPE = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 PAGE_SIZE = r"[0-9]{1,6}"
+# The catalog's sealed continuation (listing.CatalogCursor): base64url after an upper-case
+# `C`, so it can never be a repository name (names are lower-case).
+CURSOR = r"C[A-Za-z0-9_-]{38,2048}"
 
 # The parameters each route takes, with the grammar of their values. Anything else a client
 # adds is dropped: the backend never sees a parameter the gateway did not read.
@@ -210,8 +217,8 @@ _PARAMS: dict[tuple[str, str], dict[str, str]] = {
     ("upload", "DELETE"): {"_state": STATE},
     ("tags", "GET"): {"n": PAGE_SIZE, "last": TAG},
     ("tags", "HEAD"): {"n": PAGE_SIZE, "last": TAG},
-    ("catalog", "GET"): {"n": PAGE_SIZE, "last": NAME},
-    ("catalog", "HEAD"): {"n": PAGE_SIZE, "last": NAME},
+    ("catalog", "GET"): {"n": PAGE_SIZE, "last": f"(?:{NAME})|(?:{CURSOR})"},
+    ("catalog", "HEAD"): {"n": PAGE_SIZE, "last": f"(?:{NAME})|(?:{CURSOR})"},
     ("referrers", "GET"): {"artifactType": MEDIA_TYPE},
     ("referrers", "HEAD"): {"artifactType": MEDIA_TYPE},
 }

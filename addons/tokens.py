@@ -9,6 +9,8 @@ auth on the hot path.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -65,6 +67,14 @@ class TokenSigner:
             raise ValueError("no token key")
         self._secret, self._also_verify = keys[0], tuple(keys[1:])
         self._verified = {}
+
+    def derived_keys(self, label: bytes) -> list[bytes]:
+        """Keys for another use of the same secret(s) (the catalog's cursors): the first seals,
+        all open, so they follow the token keys' sharing and rotation."""
+        return [
+            hmac.new(key, label, hashlib.sha256).digest()
+            for key in (self._secret, *self._also_verify)
+        ]
 
     def mint(
         self,

@@ -74,6 +74,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
         "--set", f"registry_header_timeout={s.header_timeout}",
         "--set", f"registry_idle_timeout={s.idle_timeout}",
+        "--set", f"registry_catalog_scan={s.catalog_scan}",
         # The caps are the node's: each of the workers takes its share.
         "--set", f"registry_max_connections={-(-s.max_connections // s.workers)}",
         "--set", f"registry_max_client_connections={-(-s.max_client_connections // s.workers)}",

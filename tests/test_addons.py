@@ -27,6 +27,7 @@ from addons.authservice import Verdict
 from addons.gate import SMALL_BODY, Gate
 from addons.intake import Intake
 from addons.policy_store import PolicyFile
+from addons.record import record
 from addons.token_endpoint import TokenEndpoint
 from addons.tokens import LIFETIME, TokenSigner
 
@@ -168,6 +169,30 @@ def record_of(f: http.HTTPFlow):
 
 def token_for(gw: Gateway, tenant: str = "acme") -> str:
     return gw.signer.mint(tenant)[0]
+
+
+# --- methods ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "hEAD", "OPTIONS", "TRACE", "G(T"])
+def test_a_method_not_spelled_exactly_is_refused_first(anon, method):
+    """mitmproxy's `request.method` upper-cases; the request line is forwarded as sent."""
+    f = anon.send(make_flow(method, "/v2/"))
+    assert f.response.status_code == 405 and oci_code(f.response) == "UNSUPPORTED"
+    assert "GET" in f.response.headers["Allow"]
+    assert record(f).decision == "deny:method" and record(f).target is None
+
+
+def test_the_gate_never_forwards_a_method_the_intake_did_not_see(anon):
+    """Defence in depth: a flow whose method bytes changed after the intake is cut."""
+    f = make_flow("GET", "/v2/")
+    for addon in (anon.intake, anon.tokens, anon.access):
+        addon.requestheaders(f)
+    f.request.data.method = b"get"
+    anon.gate.requestheaders(f)
+    assert f.error is not None and f.error.msg == f.error.KILLED_MESSAGE
+    f = anon.send(make_flow("GET", "/v2/"))  # control: the exact method is forwarded
+    assert f.response is None and f.error is None
 
 
 # --- the Bearer challenge ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ import requests
 
 from tests.conftest import skopeo
 from tests.rawhttp import Answer, Conn, exchange
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -125,9 +125,9 @@ CASES = [
     case("http2-version-on-h1", b"GET /v2/ HTTP/2.0\r\n\r\n", {401}),
     # The HTTP/2 preface on a plain connection: mitmproxy closes without an answer.
     case("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", {None}),
-    # mitmproxy does not validate method tokens: `G(T` / `\xffGET` reach the addons, which
-    # want a token first (401) and then refuse the method (405).
-    case("method-invalid-chars", b"G(T /v2/ HTTP/1.1\r\n\r\n", {401}),
+    # mitmproxy does not validate method tokens: `G(T` / `\xffGET` reach the addons, whose
+    # first look (intake) refuses any method that is not exactly one the API uses (405).
+    case("method-invalid-chars", b"G(T /v2/ HTTP/1.1\r\n\r\n", {405}),
     case(
         "method-invalid-chars-token", lambda t: b"G(T /v2/ HTTP/1.1\r\n" + auth(t) + b"\r\n", {405}
     ),
@@ -144,8 +144,8 @@ CASES = [
     # CONNECT in reverse mode: mitmproxy's request validation ("not running in regular/upstream
     # mode") → 400, close. Our addons see it first and refuse it too (404, not /v2).
     case("connect", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", {400}),
-    # `OPTIONS *`: parsed by mitmproxy; not a path, so a malformed target for the gateway → 400.
-    case("options-asterisk", b"OPTIONS * HTTP/1.1\r\n\r\n", {400}),
+    # `OPTIONS *`: parsed by mitmproxy; no route takes OPTIONS → 405 before the target is read.
+    case("options-asterisk", b"OPTIONS * HTTP/1.1\r\n\r\n", {405}),
     # Sizes. mitmproxy itself has no limit on the request line, header count or header size
     # ("FIXME: protect against header size DoS" in its Http1Server). The gateway's: a target
     # over 16 KiB is malformed (target.py) → 400; more than 100 header fields → 431; a head
@@ -414,6 +414,35 @@ def test_valid_token_on_a_foreign_path_trick_is_denied(registry, acme_token, pat
     assert answer is not None
     code = json.loads(answer.body)["errors"][0]["code"]
     assert code == {403: "DENIED", 400: "UNSUPPORTED", 404: "NAME_UNKNOWN"}[answer.status]
+
+
+@pytest.mark.parametrize("method", [b"get", b"Get", b"gET", b"head", b"delete", b"OPTIONS"])
+@pytest.mark.parametrize("path", [b"/v2/", b"/v2/acme/hostile/tags/list", b"/v2/_catalog"])
+def test_a_method_not_spelled_exactly_is_refused_before_any_decision(
+    registry, acme_token, method, path
+):
+    """Methods are case-sensitive (RFC 9110): `get` is not GET. mitmproxy upper-cases the
+    method it shows the addons but forwards the request line as sent, so `get /v2/` was
+    decided as GET and answered by the backend. Refused with or without a token."""
+    for credentials in (auth(acme_token), b""):
+        request = method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + credentials + b"\r\n"
+        answer = exchange(registry.port, request)
+        assert_clean(answer, {405})
+        assert answer is not None
+        assert json.loads(answer.body)["errors"][0]["code"] == "UNSUPPORTED"
+    # The access log says what was sent, not mitmproxy's upper-cased reading of it.
+    shown = method.decode()
+    wait_for(
+        lambda: any(
+            line["method"] == shown and line["decision"] == "deny:method"
+            for line in registry.access_log()
+        )
+    )
+    # Control: the exact method, same token, same path.
+    answer = exchange(
+        registry.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + auth(acme_token) + b"\r\n"
+    )
+    assert answer is not None and answer.status == 200, answer
 
 
 def test_the_token_used_above_is_valid(registry, acme_token):

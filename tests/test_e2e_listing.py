@@ -18,6 +18,7 @@ import requests
 
 from tests.images import image_manifest
 from tests.stack import Stack
+from tests.standins.auth import tabbify_jwt
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 
 pytestmark = pytest.mark.e2e
@@ -129,3 +130,99 @@ def test_podman_search_lists_the_callers_repositories(listed, acme_jwt, tmp_path
     found = {line.split("/", 1)[1] for line in r.stdout.split()}
     assert set(ACME_REPOS) <= found
     assert not [name for name in found if not name.startswith("acme/")]
+
+
+# --- the catalog at its scan bound ----------------------------------------------------------
+
+SHARED_POLICY = """
+[[grant]]
+repositories = ["acme/*/public"]
+tenants = ["globex"]
+actions = ["pull"]
+
+[[grant]]
+repositories = ["acme/a/public"]
+tenants = ["initech"]
+actions = ["pull"]
+"""
+INITECH = tabbify_jwt({"sub": "ops", "network": "initech"})
+SCAN = 10  # REGISTRY_CATALOG_SCAN: names one catalog page looks at
+PUBLIC = ["acme/a/public", "acme/c/public", "acme/e/public"]
+SECRET = [f"acme/{x}{i:02d}/secret" for x in "bd" for i in range(SCAN + 2)]
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory, auth, acme_jwt: str) -> Iterator[Stack]:
+    """Globex may pull `acme/*/public`, whose literal prefix is `acme/`: its catalog scans
+    all of acme's names, and runs of acme's secret repositories longer than the scan bound
+    sit between the public ones."""
+    data = tmp_path_factory.mktemp("bounded") / "data"
+    data.mkdir()
+    (data / "policy.toml").write_text(SHARED_POLICY)
+    stack = Stack(data, auth.url, REGISTRY_CATALOG_SCAN=str(SCAN)).start()
+    a = bearer(token(stack, acme_jwt))
+    for repo in PUBLIC + SECRET:
+        push_image(stack, repo, ["v1"], a)
+    push_image(stack, "initech/app", ["v1"], bearer(token(stack, INITECH)))
+    yield stack
+    stack.stop()
+
+
+def raw_pages(stack: Stack, first: str, h: dict[str, str]) -> list[requests.Response]:
+    out, url = [], first
+    while url:
+        r = requests.get(stack.url + url, headers=h, timeout=10)
+        assert r.status_code == 200, r.text
+        out.append(r)
+        link = r.headers.get("Link")
+        if link is None:
+            break
+        assert link.startswith("</v2/_catalog?") and link.endswith('>; rel="next"'), link
+        url = link[1 : link.index(">")]
+        assert len(out) <= len(PUBLIC + SECRET) + 2, "paging does not end"
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 100])
+def test_a_catalog_page_at_its_scan_bound_names_nothing_the_caller_may_not_list(
+    bounded, globex_jwt, n
+):
+    """Every page, body and headers, over the whole paging: no secret name, not even as the
+    `last` of a Link; and the pages still reach every repository the caller may list."""
+    g = bearer(token(bounded, globex_jwt))
+    answers = raw_pages(bounded, f"/v2/_catalog?n={n}", g)
+    listed = [name for r in answers for name in r.json()["repositories"]]
+    assert listed == PUBLIC
+    for r in answers:
+        everything = r.content.decode() + "".join(f"{k}: {v}\n" for k, v in r.headers.items())
+        assert "secret" not in everything, everything
+        if "Link" in r.headers:  # `last` is a listed name, or sealed (no name in it at all)
+            last = r.headers["Link"].split("last=", 1)[1].split(">", 1)[0]
+            assert last in PUBLIC or (last.startswith("C") and "/" not in last), last
+    # A cursor is the caller's own: another caller gets nothing from it.
+    sealed = [r.headers["Link"] for r in answers if "last=C" in r.headers.get("Link", "")]
+    assert sealed, "the scan bound was never reached: the test proves nothing"
+
+
+def test_a_catalog_cursor_opens_for_its_caller_only(bounded, globex_jwt, acme_jwt):
+    g, a = bearer(token(bounded, globex_jwt)), bearer(token(bounded, acme_jwt))
+    link = requests.get(f"{bounded.url}/v2/_catalog?n=100", headers=g, timeout=10).headers["Link"]
+    url = link[1 : link.index(">")]
+    assert "last=C" in url
+    r = requests.get(bounded.url + url, headers=a, timeout=10)
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == "UNSUPPORTED"
+    # The owner sees everything of its own, in pages through the same bound.
+    mine = [
+        name for r in raw_pages(bounded, "/v2/_catalog?n=5", a) for name in r.json()["repositories"]
+    ]
+    assert mine == sorted(PUBLIC + SECRET)
+
+
+def test_a_grant_of_one_repository_pages_past_it(bounded):
+    """A grant naming one repository makes that name a scan range of its own: a page that
+    ends on it must not start the next page with it again (that paged forever)."""
+    i = bearer(token(bounded, INITECH))
+    listed = [
+        name for r in raw_pages(bounded, "/v2/_catalog?n=1", i) for name in r.json()["repositories"]
+    ]
+    assert listed == ["acme/a/public", "initech/app"]

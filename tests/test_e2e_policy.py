@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import cosign
 from tests.conftest import skopeo, skopeo_copy
-from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.images import image_manifest, layout_blobs, oci_index_layout, oci_layout
 from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
@@ -196,6 +197,136 @@ def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jw
     r = requests.head(f"{stack.url}/v2/acme/releases/app/manifests/v1.0",
                       headers={**a, "Accept": OCI_MANIFEST}, timeout=10)  # fmt: skip
     assert r.headers["Docker-Content-Digest"] == digest
+
+
+def delete(stack: Stack, repo: str, what: str, digest: str, h: dict[str, str]) -> requests.Response:
+    return requests.delete(f"{stack.url}/v2/{repo}/{what}/{digest}", headers=h, timeout=10)
+
+
+def test_what_an_immutable_index_reaches_cannot_be_deleted(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """An index under a covered tag: its child manifests and their blobs stay, whoever asks,
+    so the tag keeps naming an image that pulls whole. Something it does not reach (another,
+    untagged image of the same repository) is still deleted."""
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/multi"
+    index = oci_index_layout(tmp_path / "src", "v1")
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref(stack, f"{repo}:v1"), acme_jwt, "--all")
+    assert r.returncode == 0, r.stderr
+    children = json.loads(index["blobs"][index["digest"]])["manifests"]
+    for child in children:
+        r = delete(stack, repo, "manifests", child["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    child = json.loads(index["blobs"][children[0]["digest"]])
+    for blob in [child["config"], *child["layers"]]:
+        r = delete(stack, repo, "blobs", blob["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    r = delete(stack, repo, "manifests", index["digest"], a)
+    assert r.status_code == 403
+    pulled = skopeo_copy(ref(stack, f"{repo}:v1"), f"oci:{tmp_path / 'out'}:v1", acme_jwt, "--all")
+    assert pulled.returncode == 0, pulled.stderr
+    # Control: an image no covered tag reaches goes.
+    other = put_manifest(stack, repo, "scratch", small_manifest(stack, repo, a), a)
+    assert other.status_code == 201, other.text
+    r = delete(stack, repo, "manifests", other.headers["Docker-Content-Digest"], a)
+    assert r.status_code == 202, r.text
+
+
+def test_the_blobs_of_an_immutable_image_cannot_be_deleted_but_its_signature_can(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/single"
+    body = small_manifest(stack, repo, a)
+    pushed = put_manifest(stack, repo, "v2", body, a)
+    assert pushed.status_code == 201, pushed.text
+    doc = json.loads(body)
+    for blob in (doc["config"], doc["layers"][0]):
+        r = delete(stack, repo, "blobs", blob["digest"], a)
+        assert r.status_code == 403 and "tag is immutable" in r.text, (r.status_code, r.text)
+    # A signature refers to the image (`subject`); the image does not need it.
+    subject = {"mediaType": OCI_MANIFEST, "digest": sha256(body), "size": len(body)}
+    sig = cosign.sign(cosign.Signer(), sha256(body), referrer_of=subject)
+    for data in sig.blobs.values():
+        push_blob(stack, repo, data, a)
+    r = put_manifest(stack, repo, sig.digest, sig.manifest, a)
+    assert r.status_code == 201, r.text
+    assert delete(stack, repo, "manifests", sig.digest, a).status_code == 202
+    # A blob of the repository that no covered tag reaches goes.
+    loose = b"loose " + os.urandom(32)
+    push_blob(stack, repo, loose, a)
+    assert delete(stack, repo, "blobs", sha256(loose), a).status_code == 202
+    r = skopeo_copy(ref(stack, f"{repo}:v2"), f"oci:{tmp_path / 'out'}:v2", acme_jwt)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_delete_the_backend_cannot_check_is_refused(stack: Stack, acme_jwt: str) -> None:
+    """The backend is down: whether a covered tag reaches the digest cannot be read, so the
+    delete is 503 (retry), never forwarded on a guess."""
+    a, repo = bearer(token(stack, acme_jwt)), "acme/releases/down"
+    body = small_manifest(stack, repo, a)
+    assert put_manifest(stack, repo, "v1", body, a).status_code == 201
+    layer = json.loads(body)["layers"][0]["digest"]
+    stack.supervisorctl("stop", "backend")
+    try:
+        r = delete(stack, repo, "blobs", layer, a)
+        assert r.status_code == 503 and r.json()["errors"][0]["code"] == "UNAVAILABLE", r.text
+        r = delete(stack, repo, "manifests", sha256(body), a)
+        assert r.status_code == 503, r.text
+    finally:
+        stack.supervisorctl("start", "backend")
+    wait_for(lambda: requests.get(f"{stack.url}/v2/", headers=a, timeout=5).status_code == 200)
+    assert delete(stack, repo, "blobs", layer, a).status_code == 403
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def nested_indexes(stack: Stack, repo: str, levels: int, h: dict[str, str]) -> list[str]:
+    """An image under `levels` indexes each naming the one below, all pushed by digest; the
+    digests from the image up (the last is the top index, not yet tagged)."""
+    body, media = small_manifest(stack, repo, h), OCI_MANIFEST
+    digests = []
+    for level in range(levels + 1):
+        r = requests.put(
+            f"{stack.url}/v2/{repo}/manifests/{sha256(body)}",
+            data=body, headers={**h, "Content-Type": media}, timeout=10,
+        )  # fmt: skip
+        assert r.status_code == 201, (level, r.text)
+        digests.append(sha256(body))
+        child = {"mediaType": media, "digest": sha256(body), "size": len(body)}
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [child]})
+        body, media = body.encode(), OCI_INDEX
+    return digests
+
+
+def test_nesting_past_the_bound_refuses_deletes_rather_than_guess(
+    stack: Stack, acme_jwt: str
+) -> None:
+    """Eight levels of indexes under a covered tag are followed; nine are not: every delete
+    by digest in that repository is then refused (403, naming the bound), never allowed."""
+    a = bearer(token(stack, acme_jwt))
+    for levels, repo in ((8, "acme/releases/deep8"), (9, "acme/releases/deep9")):
+        chain = nested_indexes(stack, repo, levels, a)
+        top = requests.get(
+            f"{stack.url}/v2/{repo}/manifests/{chain[-1]}",
+            headers={**a, "Accept": OCI_INDEX}, timeout=10,
+        ).content  # fmt: skip
+        r = requests.put(
+            f"{stack.url}/v2/{repo}/manifests/v1",
+            data=top, headers={**a, "Content-Type": OCI_INDEX}, timeout=10,
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        loose = put_manifest(stack, repo, "scratch", small_manifest(stack, repo, a), a)
+        assert loose.status_code == 201, loose.text
+        image = delete(stack, repo, "manifests", chain[0], a)
+        assert image.status_code == 403 and "tag is immutable" in image.text, image.text
+        other = delete(stack, repo, "manifests", loose.headers["Docker-Content-Digest"], a)
+        if levels == 8:
+            assert "nested" not in image.text
+            assert other.status_code == 202, other.text
+        else:
+            assert "nested more than 8 deep" in image.text
+            assert other.status_code == 403 and "nested more than 8 deep" in other.text
 
 
 def test_two_first_pushes_of_an_immutable_tag_racing_store_only_one(

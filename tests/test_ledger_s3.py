@@ -181,6 +181,9 @@ def test_catalog_pages_past_one_list_page(s3: SeaweedS3, monkeypatch: pytest.Mon
         ledger.add("acme", [], repository=name, listed=True)
     assert ledger.repositories("acme/", "", 23) == names[:23]
     assert ledger.repositories("acme/", "acme/r0009", 5000) == names[10:]
+    # A prefix that is a whole name: `after` stays exclusive (else paging never ends).
+    assert ledger.repositories("acme/r0001", "acme/r0001", 10) == []
+    assert ledger.repositories("acme/r0001", "", 10) == ["acme/r0001"]
     assert ledger.count() == 0 and len(ledger.repositories("acme/", "", 0)) == 0
 
 
