@@ -80,6 +80,25 @@ def expired(server: Any, now: float, header_timeout: float, idle_timeout: float)
     return 0 if since is not None and now - since > limit else None
 
 
+# --- flows that ended without a hook saying so -------------------------------------------------
+
+CLOSED_GRACE = 10.0  # seconds a flow may still act after its client left (the backend finishes)
+MAX_FLOW_AGE = 3600.0  # seconds after which no per-flow hold outlives a flow, whatever it does
+
+
+def flow_over(flow: Any, now: float) -> bool:
+    """Whether a flow can no longer be doing anything, whatever hooks were (not) called: it is
+    done (not live), its client connection closed over CLOSED_GRACE ago, or it is older than
+    MAX_FLOW_AGE. For per-flow state that must not depend on every engine path ending in an
+    `error` or `response` hook (the freeze's writes in flight, tag claims). Pure."""
+    if not flow.live:
+        return True
+    closed = flow.client_conn.timestamp_end
+    if closed is not None and now - closed > CLOSED_GRACE:
+        return True
+    return now - flow.timestamp_created > MAX_FLOW_AGE
+
+
 # --- admission ---------------------------------------------------------------------------------
 
 
