@@ -6,10 +6,14 @@ Slow or idle clients must not hold the gateway's connections (and file descripto
   client_header_timeout) of its first byte, or of the connection's accept for the first
   request: a client dripping one byte a minute is answered 408 and closed.
 - A keep-alive connection with no request in progress is closed after `registry_idle_timeout`.
-- New connections are admitted under two caps, total and per client address, so that one
-  client cannot starve the others; beyond a cap the client gets a short 503 and a close. The
-  total cap is also bounded by the process's file-descriptor limit (each client connection
-  uses two: the client's and the backend's), so the admin endpoint always has some left.
+- New connections are admitted under three caps, so that one client cannot starve the
+  others: in total (DEFAULT_MAX_CONNECTIONS per worker unless set), per source (an IPv4
+  address or an IPv6 /64, `source_of`), and per source again for connections that have not
+  yet completed a request head, a lower cap: slow or silent heads from one source can hold
+  only that many places however many it opens. Beyond a cap the client gets a short 503 and
+  a close. The total cap is also bounded by the process's file-descriptor limit (each client
+  connection uses two: the client's and the backend's; the soft limit is raised to the hard
+  one first), so the admin endpoint always has some left.
 
 The HTTP/1 server layers report their state here (hardening.py patches them); the addon's
 sweeper checks them once a second. Stalled bodies and backend waits are left to mitmproxy's
@@ -19,6 +23,8 @@ inactivity timeout (`tcp_timeout`): a multi-GB layer over a slow link is not a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import resource
 import time
@@ -35,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
 FD_RESERVE = 64  # descriptors kept for the admin endpoint, the ledger, logs, the sink
+# Client connections per worker unless set: as a front door sizes its own (nginx: 512-1024
+# worker_connections per worker, several workers; HAProxy: maxconn in the thousands), and
+# never more than the descriptors allow.
+DEFAULT_MAX_CONNECTIONS = 4096
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about failing accepts
 
 # Live Http1Server layers by client connection id. A connection that has sent nothing has
@@ -59,7 +69,11 @@ def head_bytes(server: Any) -> None:
 
 def head_done(server: Any) -> None:
     server.tbf_head_since = server.tbf_waiting_since = None
-    server.tbf_first = False
+    if server.tbf_first:
+        server.tbf_first = False
+        peer = server.context.client.peername
+        if peer:
+            _limits.head_done((str(peer[0]), int(peer[1])))
 
 
 def waiting(server: Any) -> None:
@@ -102,28 +116,79 @@ def flow_over(flow: Any, now: float) -> bool:
 # --- admission ---------------------------------------------------------------------------------
 
 
-class Limits:
-    """Open client connections, in total and per client address."""
+def source_of(host: str) -> str:
+    """The client a connection counts against: its IPv4 address, or its IPv6 /64 (one host,
+    one site, gets a /64 and can pick any address in it). IPv4-mapped IPv6 is the IPv4
+    address. Every loopback address is its own source (tests connect from 127.0.0.x)."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    def __init__(self, total: int, per_client: int) -> None:
+
+Peer = tuple[str, int]
+
+
+class Limits:
+    """Open client connections: in total, per source, and per source those that have not yet
+    completed a request head (`pending`): slow heads from one source cannot take the places
+    other clients need, nor all of the source's own."""
+
+    def __init__(self, total: int, per_client: int, per_client_pending: int = 1 << 30) -> None:
         self.total, self.per_client = total, per_client
+        self.per_client_pending = per_client_pending
         self.open: Counter[str] = Counter()
+        self.pending: Counter[str] = Counter()
+        self._pending_peers: set[Peer] = set()
         self.count = 0
         self.refused = 0
 
-    def admit(self, client: str) -> bool:
-        if self.count >= self.total or self.open[client] >= self.per_client:
+    def admit(self, peer: Peer) -> bool:
+        source = source_of(peer[0])
+        if (
+            self.count >= self.total
+            or self.open[source] >= self.per_client
+            or self.pending[source] >= self.per_client_pending
+        ):
             self.refused += 1
             return False
-        self.open[client] += 1
+        self.open[source] += 1
+        self.pending[source] += 1
+        self._pending_peers.add(peer)
         self.count += 1
         return True
 
-    def release(self, client: str) -> None:
+    def head_done(self, peer: Peer) -> None:
+        """The connection completed a request head: no longer pending."""
+        if peer in self._pending_peers:
+            self._pending_peers.discard(peer)
+            _decrement(self.pending, source_of(peer[0]))
+
+    def release(self, peer: Peer) -> None:
+        self.head_done(peer)
         self.count -= 1
-        self.open[client] -= 1
-        if self.open[client] <= 0:
-            del self.open[client]
+        _decrement(self.open, source_of(peer[0]))
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def raise_fd_limit() -> None:
+    """Soft descriptor limit up to the hard one (`run` does it too; a gateway started on its
+    own may inherit a low soft limit, e.g. 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def fd_cap() -> int:
@@ -134,17 +199,17 @@ def fd_cap() -> int:
 _BUSY = oci.wire_error(
     503, "TOOMANYREQUESTS", "too many connections; retry", **{"Retry-After": "1"}
 )
-_limits = Limits(fd_cap(), 256)
+_limits = Limits(min(fd_cap(), DEFAULT_MAX_CONNECTIONS), 256, 32)
 timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408) or "idle"
 
 
-def _client(writer: Any) -> str:
+def _peer(writer: Any) -> Peer:
     peer = writer.get_extra_info("peername") if writer is not None else None
-    return str(peer[0]) if peer else "?"
+    return (str(peer[0]), int(peer[1])) if peer else ("?", 0)
 
 
 def admit(writer: Any) -> bool:
-    if _limits.admit(_client(writer)):
+    if _limits.admit(_peer(writer)):
         return True
     try:
         writer.write(_BUSY)
@@ -155,7 +220,7 @@ def admit(writer: Any) -> bool:
 
 
 def release(writer: Any) -> None:
-    _limits.release(_client(writer))
+    _limits.release(_peer(writer))
 
 
 def state() -> dict[str, object]:
@@ -201,22 +266,35 @@ class ConnectionGuard:
             "registry_max_connections",
             int,
             0,
-            "Open client connections at most (0 = as many as file descriptors allow).",
+            f"Open client connections at most (0 = {DEFAULT_MAX_CONNECTIONS}, or fewer if the"
+            " file descriptors do not allow as many).",
         )
         loader.add_option(
             "registry_max_client_connections", int, 256, "Open connections per client address."
+        )
+        loader.add_option(
+            "registry_max_client_pending",
+            int,
+            32,
+            "Open connections per client address that have not completed a request head.",
         )
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
         if not 0 < o.registry_header_timeout <= 3600 or not 0 < o.registry_idle_timeout <= 3600:
             raise exceptions.OptionsError("connection timeouts must be in (0, 3600] seconds")
-        if o.registry_max_connections < 0 or o.registry_max_client_connections < 1:
+        if (
+            o.registry_max_connections < 0
+            or o.registry_max_client_connections < 1
+            or o.registry_max_client_pending < 1
+        ):
             raise exceptions.OptionsError("connection caps must be positive")
-        total = fd_cap()
-        if o.registry_max_connections:
-            total = min(total, o.registry_max_connections)
+        raise_fd_limit()
+        total = min(fd_cap(), o.registry_max_connections or DEFAULT_MAX_CONNECTIONS)
         _limits.total, _limits.per_client = total, o.registry_max_client_connections
+        _limits.per_client_pending = min(
+            o.registry_max_client_pending, o.registry_max_client_connections
+        )
 
     async def running(self) -> None:
         loop = asyncio.get_running_loop()

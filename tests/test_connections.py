@@ -70,16 +70,60 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout_or_the_first_deadli
 
 def test_limits_per_client_and_in_total():
     limits = connections.Limits(total=3, per_client=2)
-    assert limits.admit("a") and limits.admit("a")
-    assert not limits.admit("a")
-    assert limits.admit("b")
-    assert not limits.admit("c")
+    a1, a2, a3, b, c = ("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)
+    assert limits.admit(a1) and limits.admit(a2)
+    assert not limits.admit(a3)
+    assert limits.admit(b)
+    assert not limits.admit(c)
     assert limits.refused == 2
-    limits.release("a")
-    assert limits.admit("c")
-    for client in ("a", "b", "c"):
-        limits.release(client)
-    assert limits.count == 0 and not limits.open
+    limits.release(a1)
+    assert limits.admit(c)
+    for peer in (a2, b, c):
+        limits.release(peer)
+    assert limits.count == 0 and not limits.open and not limits.pending
+
+
+def test_slow_heads_of_one_source_hold_only_its_pending_places():
+    """Connections without a complete request head: a lower cap per source. Once a head is
+    complete, the connection counts only against the source's open cap."""
+    limits = connections.Limits(total=100, per_client=10, per_client_pending=3)
+    slow = [("10.0.0.1", port) for port in range(1, 4)]
+    assert all(limits.admit(p) for p in slow)
+    assert not limits.admit(("10.0.0.1", 4))  # a fourth slow head: refused
+    assert limits.admit(("10.0.0.2", 1))  # another source: admitted
+    limits.head_done(slow[0])
+    limits.head_done(slow[0])  # reported once per connection, counted once
+    assert limits.admit(("10.0.0.1", 5))
+    assert not limits.admit(("10.0.0.1", 6))
+    for peer in (*slow, ("10.0.0.2", 1), ("10.0.0.1", 5)):
+        limits.release(peer)
+    assert limits.count == 0 and not limits.open and not limits.pending
+
+
+@pytest.mark.parametrize(
+    ("host", "source"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("127.0.0.2", "127.0.0.2"),  # every loopback address its own (tests)
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9%eth0", "2001:db8:1:2::/64"),  # one /64: one source
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4 on a dual-stack socket
+        ("::1", "::/64"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_the_source_of_a_connection(host, source):
+    assert connections.source_of(host) == source
+
+
+def test_a_worker_share_of_a_node_cap_leaves_room_for_an_uneven_spread():
+    from tabbify_registry.cli import worker_share
+
+    assert worker_share(256, 1) == 256 and worker_share(0, 4) == 0
+    assert 128 < worker_share(256, 2) < 256
+    assert 32 < worker_share(256, 8) < 64
+    assert worker_share(1, 8) == 1
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "1e999", "x", ""])
