@@ -8,12 +8,14 @@ Slow or idle clients must not hold the gateway's connections (and file descripto
 - A keep-alive connection with no request in progress is closed after `registry_idle_timeout`.
 - New connections are admitted under three caps, so that one client cannot starve the
   others: in total (DEFAULT_MAX_CONNECTIONS per worker unless set), per source (an IPv4
-  address or an IPv6 /64, `source_of`), and per source again for connections that have not
-  yet completed a request head, a lower cap: slow or silent heads from one source can hold
-  only that many places however many it opens. Beyond a cap the client gets a short 503 and
-  a close. The total cap is also bounded by the process's file-descriptor limit (each client
-  connection uses two: the client's and the backend's; the soft limit is raised to the hard
-  one first), so the admin endpoint always has some left.
+  address or an IPv6 /64, `source_of`), and per source again, a lower cap, for connections
+  whose first request head has been in progress for over SLOW_HEAD seconds: slow or silent
+  heads from one source can hold only that many places however many it opens (the sweeper
+  closes the rest), while a burst of new connections, whose heads arrive at once, is not
+  held back. Beyond a cap the client gets a short 503 and a close. The total cap is also
+  bounded by the process's file-descriptor limit (each client connection uses two: the
+  client's and the backend's; the soft limit is raised to the hard one first), so the admin
+  endpoint always has some left.
 
 The HTTP/1 server layers report their state here (hardening.py patches them); the addon's
 sweeper checks them once a second. Stalled bodies and backend waits are left to mitmproxy's
@@ -45,6 +47,7 @@ FD_RESERVE = 64  # descriptors kept for the admin endpoint, the ledger, logs, th
 # worker_connections per worker, several workers; HAProxy: maxconn in the thousands), and
 # never more than the descriptors allow.
 DEFAULT_MAX_CONNECTIONS = 4096
+SLOW_HEAD = 2.0  # seconds after which a connection's first request head in progress is slow
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about failing accepts
 
 # Live Http1Server layers by client connection id. A connection that has sent nothing has
@@ -135,39 +138,59 @@ Peer = tuple[str, int]
 
 
 class Limits:
-    """Open client connections: in total, per source, and per source those that have not yet
-    completed a request head (`pending`): slow heads from one source cannot take the places
-    other clients need, nor all of the source's own."""
+    """Open client connections: in total, per source, and per source those whose first request
+    head has been in progress for over SLOW_HEAD seconds (`slow`): slow heads from one source
+    cannot take the places other clients need. A burst of new connections is not slow (its
+    heads arrive within a round trip); slow ones beyond the cap refuse the source's new
+    connections, and the sweeper closes them (`excess`), so a burst that turns slow does not
+    keep its places either."""
 
     def __init__(self, total: int, per_client: int, per_client_pending: int = 1 << 30) -> None:
         self.total, self.per_client = total, per_client
         self.per_client_pending = per_client_pending
         self.open: Counter[str] = Counter()
-        self.pending: Counter[str] = Counter()
-        self._pending_peers: set[Peer] = set()
+        # source → peer → accept time (monotonic), in accept order: no head completed yet
+        self.pending: dict[str, dict[Peer, float]] = {}
         self.count = 0
         self.refused = 0
 
-    def admit(self, peer: Peer) -> bool:
+    def slow(self, source: str, now: float) -> list[Peer]:
+        """The source's connections whose first head has taken over SLOW_HEAD, oldest first."""
+        out = []
+        for peer, since in self.pending.get(source, {}).items():
+            if now - since <= SLOW_HEAD:
+                break  # accept order: the rest are younger
+            out.append(peer)
+        return out
+
+    def admit(self, peer: Peer, now: float) -> bool:
         source = source_of(peer[0])
         if (
             self.count >= self.total
             or self.open[source] >= self.per_client
-            or self.pending[source] >= self.per_client_pending
+            or len(self.slow(source, now)) >= self.per_client_pending
         ):
             self.refused += 1
             return False
         self.open[source] += 1
-        self.pending[source] += 1
-        self._pending_peers.add(peer)
+        self.pending.setdefault(source, {})[peer] = now
         self.count += 1
         return True
 
+    def excess(self, now: float) -> list[Peer]:
+        """Slow connections beyond each source's cap: its first ones keep their places."""
+        out: list[Peer] = []
+        for source, peers in self.pending.items():
+            if len(peers) > self.per_client_pending:
+                out += self.slow(source, now)[self.per_client_pending :]
+        return out
+
     def head_done(self, peer: Peer) -> None:
         """The connection completed a request head: no longer pending."""
-        if peer in self._pending_peers:
-            self._pending_peers.discard(peer)
-            _decrement(self.pending, source_of(peer[0]))
+        source = source_of(peer[0])
+        peers = self.pending.get(source)
+        if peers is not None and peers.pop(peer, None) is not None and not peers:
+            del self.pending[source]
 
     def release(self, peer: Peer) -> None:
         self.head_done(peer)
@@ -199,8 +222,14 @@ def fd_cap() -> int:
 _BUSY = oci.wire_error(
     503, "TOOMANYREQUESTS", "too many connections; retry", **{"Retry-After": "1"}
 )
+_SLOW = oci.wire_error(
+    503,
+    "TOOMANYREQUESTS",
+    "too many connections from this address with a request head in progress; retry",
+    **{"Retry-After": "1"},
+)
 _limits = Limits(min(fd_cap(), DEFAULT_MAX_CONNECTIONS), 256, 32)
-timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408) or "idle"
+timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408), "idle", "slow"
 
 
 def _peer(writer: Any) -> Peer:
@@ -209,7 +238,7 @@ def _peer(writer: Any) -> Peer:
 
 
 def admit(writer: Any) -> bool:
-    if _limits.admit(_peer(writer)):
+    if _limits.admit(_peer(writer), time.monotonic()):
         return True
     try:
         writer.write(_BUSY)
@@ -356,3 +385,21 @@ class ConnectionGuard:
             if status and io.writer is not None and not io.writer.is_closing():
                 io.writer.write(oci.wire_error(status, "UNSUPPORTED", "request head timed out"))
             io.handler.cancel("timeout")
+        self.cut_slow(now)
+
+    def cut_slow(self, now: float) -> None:
+        """Close the slow heads a source holds beyond its cap, with the cap's 503."""
+        excess = set(_limits.excess(now))
+        if not excess:
+            return
+        for handler in list(ctx.master.addons.get("proxyserver").connections.values()):
+            peer = handler.client.peername
+            if not peer or (str(peer[0]), int(peer[1])) not in excess:
+                continue
+            io = handler.transports.get(handler.client)
+            if io is None or io.handler is None or io.handler.done() or io.handler.cancelling():
+                continue
+            timed_out["slow"] += 1
+            if io.writer is not None and not io.writer.is_closing():
+                io.writer.write(_SLOW)
+            io.handler.cancel("slow head")

@@ -71,31 +71,36 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout_or_the_first_deadli
 def test_limits_per_client_and_in_total():
     limits = connections.Limits(total=3, per_client=2)
     a1, a2, a3, b, c = ("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)
-    assert limits.admit(a1) and limits.admit(a2)
-    assert not limits.admit(a3)
-    assert limits.admit(b)
-    assert not limits.admit(c)
+    assert limits.admit(a1, 0) and limits.admit(a2, 0)
+    assert not limits.admit(a3, 0)
+    assert limits.admit(b, 0)
+    assert not limits.admit(c, 0)
     assert limits.refused == 2
     limits.release(a1)
-    assert limits.admit(c)
+    assert limits.admit(c, 0)
     for peer in (a2, b, c):
         limits.release(peer)
     assert limits.count == 0 and not limits.open and not limits.pending
 
 
 def test_slow_heads_of_one_source_hold_only_its_pending_places():
-    """Connections without a complete request head: a lower cap per source. Once a head is
-    complete, the connection counts only against the source's open cap."""
+    """Connections whose first head has taken over SLOW_HEAD: a lower cap per source, on new
+    connections and (through the sweeper) on those already open. A burst is not slow."""
+    slow = connections.SLOW_HEAD + 0.1
     limits = connections.Limits(total=100, per_client=10, per_client_pending=3)
-    slow = [("10.0.0.1", port) for port in range(1, 4)]
-    assert all(limits.admit(p) for p in slow)
-    assert not limits.admit(("10.0.0.1", 4))  # a fourth slow head: refused
-    assert limits.admit(("10.0.0.2", 1))  # another source: admitted
-    limits.head_done(slow[0])
-    limits.head_done(slow[0])  # reported once per connection, counted once
-    assert limits.admit(("10.0.0.1", 5))
-    assert not limits.admit(("10.0.0.1", 6))
-    for peer in (*slow, ("10.0.0.2", 1), ("10.0.0.1", 5)):
+    burst = [("10.0.0.1", port) for port in range(1, 6)]
+    assert all(limits.admit(p, 0) for p in burst)  # five at once: admitted
+    assert limits.excess(1.0) == []  # not slow yet
+    assert limits.excess(slow) == burst[3:]  # its first three keep their places
+    assert not limits.admit(("10.0.0.1", 9), slow)  # more from that source: refused
+    assert limits.admit(("10.0.0.2", 1), slow)  # another source: admitted
+    limits.head_done(burst[0])
+    limits.head_done(burst[0])  # reported once per connection, counted once
+    for peer in burst[3:]:
+        limits.release(peer)  # the sweeper closed them
+    assert limits.excess(slow) == []
+    assert limits.admit(("10.0.0.1", 10), slow)
+    for peer in (*burst[:3], ("10.0.0.2", 1), ("10.0.0.1", 10)):
         limits.release(peer)
     assert limits.count == 0 and not limits.open and not limits.pending
 
