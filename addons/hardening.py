@@ -42,6 +42,8 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
    with no hook ever told, and the backend never sees a field the gateway did not read.
    Any other exception in an HTTP/1 layer ends its connection (400 if no answer has begun)
    and its flow through mitmproxy's error hook, so every addon releases what it holds.
+   Tests: test_e2e_hostile.py (test_malformed_chunked_framing_is_answered_400_at_once,
+   test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc), test_engine_faults.py.
 9. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
    (the kernel spreads new connections over the workers) and a deeper accept backlog.
    `run` checks the port is free before it starts them, so another program's socket is never
