@@ -299,30 +299,34 @@ async def handle_stream(self: Any, reader: Any, writer: Any = None) -> None:
         connections.release(writer)
 
 
-def chunk_framing_problem(data: bytes | bytearray, trailer: bool) -> str | None:
+def chunk_framing_problem(data: bytes | bytearray, trailer: bool, start: int = 0) -> str | None:
     """What is wrong with the buffered start of a chunk-size line (or of the trailer section),
     or None while it is (the beginning of) a valid one. Pure; reads at most MAX_CHUNK_LINE
-    bytes of `data` and copies none (it runs once per chunk)."""
+    bytes of `data` and copies none. `start`: how much of `data` an earlier call found clean
+    (a line dribbled byte by byte is scanned once, not once per byte)."""
     limit = min(len(data), MAX_CHUNK_LINE)
+    again = max(0, start - 1)  # the byte before may have been a CR waiting for its LF
     if trailer:
         if data[:2] == b"\r\n":
             return None  # no trailer fields
-        end = data.find(b"\r\n\r\n", 0, limit + 4)
+        end = data.find(b"\r\n\r\n", again, limit + 4)
         stop = end + 4 if end >= 0 else limit - (data[limit - 1 : limit] == b"\r")
-        bad = _BAD_LINE_END.search(data, 0, stop)
+        bad = _BAD_LINE_END.search(data, again, stop)
         return "bare CR or LF in the trailer section" if bad else None
-    end = data.find(b"\n", 0, limit)
+    end = data.find(b"\n", again, limit)
     if end >= 0:
         return None if _CHUNK_LINE.fullmatch(data, 0, end + 1) else "malformed chunk-size line"
     if limit and not _SIZE_PREFIX.match(data, 0, limit):
         return "malformed chunk size"
-    return "bare CR in a chunk-size line" if data.find(b"\r", 0, limit - 1) >= 0 else None
+    return "bare CR in a chunk-size line" if data.find(b"\r", again, limit - 1) >= 0 else None
 
 
 class BoundedChunkedReader(ChunkedReader):
     """h11's chunked reader, strict (chunk_framing_problem: h11 accepts `5 `, 20 hex digits and
     any bytes after `;`, and waits forever for the CRLF of an LF-only line), bounded
     (MAX_CHUNK_LINE), and dropping the trailer section (mitmproxy raises on one)."""
+
+    _clean = 0  # bytes of the line (or trailer section) in progress already found clean
 
     def __call__(self, buf: Any) -> Any:
         if self._bytes_to_discard:  # the CRLF after chunk data: here, so every line is checked
@@ -335,14 +339,18 @@ class BoundedChunkedReader(ChunkedReader):
             if self._bytes_to_discard:
                 return None
         reading_line = self._bytes_in_chunk == 0 or self._reading_trailer
+        clean, self._clean = self._clean, 0  # 0 for the next line (h11 may recurse into it)
         if reading_line:
             # h11 is pinned with mitmproxy: its buffer itself, not a copy per chunk
-            problem = chunk_framing_problem(buf._data, self._reading_trailer)
+            problem = chunk_framing_problem(buf._data, self._reading_trailer, clean)
             if problem is not None:
                 raise h11.RemoteProtocolError(problem)
+        trailer = self._reading_trailer
         event = super().__call__(buf)
-        if event is None and reading_line and len(buf) > MAX_CHUNK_LINE:
-            raise h11.RemoteProtocolError("chunk line too long")
+        if event is None and reading_line and trailer == self._reading_trailer:
+            if len(buf) > MAX_CHUNK_LINE:  # still waiting for the end of a line
+                raise h11.RemoteProtocolError("chunk line too long")
+            self._clean = len(buf)  # nothing taken from the buffer yet: all of it checked
         if isinstance(event, h11.EndOfMessage) and event.headers:
             return h11.EndOfMessage()  # the trailer section, read and dropped
         return event
