@@ -99,14 +99,15 @@ BACKLOG = 1024
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
 # RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
-# ( token / quoted-string ) ] ). At most 16 hex digits, as Go's chunked reader (64 bits).
+# ( token / quoted-string ) ] ), without the BWS before ";" (h11 refuses it too). At most 16
+# hex digits, as Go's chunked reader (64 bits).
 _EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
-    rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*\r\n"
+    rb"[0-9A-Fa-f]{1,16}(?:;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*\r\n"
     % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED)
 )
-_SIZE_PREFIX = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[ \t;\r]|\Z)")  # what may start a chunk line
+_SIZE_PREFIX = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[;\r]|\Z)")  # what may start a chunk line
 _BAD_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")  # a bare LF or CR
 
 

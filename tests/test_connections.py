@@ -150,3 +150,47 @@ def test_a_bad_capture_request_is_400_and_starts_nothing(query, tmp_path):
     assert status == 200 and json.loads(body)["active"]
     request = json.loads((tmp_path / "state" / "capture.json").read_text())
     assert request["max_bytes"] == 2 * 1024 * 1024
+
+
+def _read_chunked(data: bytes, step: int) -> tuple[bytes, str]:
+    """The body the gateway's chunked reader takes from `data` fed `step` bytes at a time, and
+    how it ended: "end", "waiting", or "400" (a protocol error: the gateway answers 400)."""
+    import h11
+    from h11._receivebuffer import ReceiveBuffer
+
+    from addons.hardening import BoundedChunkedReader
+
+    reader, buf, body = BoundedChunkedReader(), ReceiveBuffer(), b""
+    try:
+        for i in range(0, len(data), step):
+            buf += data[i : i + step]
+            while (event := reader(buf)) is not None:
+                if isinstance(event, h11.EndOfMessage):
+                    assert not event.headers  # a trailer section is dropped
+                    return body, "end"
+                body += bytes(event.data)
+    except h11.ProtocolError:
+        return b"", "400"
+    return body, "waiting"
+
+
+@pytest.mark.parametrize(
+    ("data", "outcome"),
+    [
+        (b"5\r\nhello\r\n0\r\n\r\n", "end"),
+        (b'5;a=b;c="x y"\r\nhello\r\n3; d = "\\""\r\nabc\r\n0\r\nX: y\r\nZ: w\r\n\r\n', "end"),
+        (b"3 ;d\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"5\r\nhello\r\n0\r\nX: y\nZ: w\r\n\r\n", "400"),
+        (b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n", "400"),
+        (b"5\nhello\n0\n\n", "400"),
+        (b"5 \r\nhello", "400"),
+        (b"5\rhello\r\n", "400"),
+        (b"5\r\nhelloX", "400"),
+        (b"F" * 17 + b"\r\n", "400"),
+        (b"5;" + b"a" * 70_000, "400"),
+    ],
+)
+def test_a_chunked_body_read_byte_by_byte_is_judged_as_in_one_read(data, outcome):
+    results = {step: _read_chunked(data, step) for step in (1, 7, len(data))}
+    assert {r[1] for r in results.values()} == {outcome}, results
+    assert len({r[0] for r in results.values()}) == 1
