@@ -6,10 +6,16 @@ Slow or idle clients must not hold the gateway's connections (and file descripto
   client_header_timeout) of its first byte, or of the connection's accept for the first
   request: a client dripping one byte a minute is answered 408 and closed.
 - A keep-alive connection with no request in progress is closed after `registry_idle_timeout`.
-- New connections are admitted under two caps, total and per client address, so that one
-  client cannot starve the others; beyond a cap the client gets a short 503 and a close. The
-  total cap is also bounded by the process's file-descriptor limit (each client connection
-  uses two: the client's and the backend's), so the admin endpoint always has some left.
+- New connections are admitted under three caps, so that one client cannot starve the
+  others: in total (DEFAULT_MAX_CONNECTIONS per worker unless set), per source (an IPv4
+  address or an IPv6 /64, `source_of`), and per source again, a lower cap, for connections
+  whose first request head has been in progress for over SLOW_HEAD seconds: slow or silent
+  heads from one source can hold only that many places however many it opens (the sweeper
+  closes the rest), while a burst of new connections, whose heads arrive at once, is not
+  held back. Beyond a cap the client gets a short 503 and a close. The total cap is also
+  bounded by the process's file-descriptor limit (each client connection uses two: the
+  client's and the backend's; the soft limit is raised to the hard one first), so the admin
+  endpoint always has some left.
 
 The HTTP/1 server layers report their state here (hardening.py patches them); the addon's
 sweeper checks them once a second. Stalled bodies and backend waits are left to mitmproxy's
@@ -19,6 +25,8 @@ inactivity timeout (`tcp_timeout`): a multi-GB layer over a slow link is not a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import resource
 import time
@@ -35,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
 FD_RESERVE = 64  # descriptors kept for the admin endpoint, the ledger, logs, the sink
+# Client connections per worker unless set: as a front door sizes its own (nginx: 512-1024
+# worker_connections per worker, several workers; HAProxy: maxconn in the thousands), and
+# never more than the descriptors allow.
+DEFAULT_MAX_CONNECTIONS = 4096
+SLOW_HEAD = 2.0  # seconds after which a connection's first request head in progress is slow
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about failing accepts
 
 # Live Http1Server layers by client connection id. A connection that has sent nothing has
@@ -59,7 +72,11 @@ def head_bytes(server: Any) -> None:
 
 def head_done(server: Any) -> None:
     server.tbf_head_since = server.tbf_waiting_since = None
-    server.tbf_first = False
+    if server.tbf_first:
+        server.tbf_first = False
+        peer = server.context.client.peername
+        if peer:
+            _limits.head_done((str(peer[0]), int(peer[1])))
 
 
 def waiting(server: Any) -> None:
@@ -80,31 +97,121 @@ def expired(server: Any, now: float, header_timeout: float, idle_timeout: float)
     return 0 if since is not None and now - since > limit else None
 
 
+# --- flows that ended without a hook saying so -------------------------------------------------
+
+CLOSED_GRACE = 10.0  # seconds a flow may still act after its client left (the backend finishes)
+MAX_FLOW_AGE = 3600.0  # seconds after which no per-flow hold outlives a flow, whatever it does
+
+
+def flow_over(flow: Any, now: float) -> bool:
+    """Whether a flow can no longer be doing anything, whatever hooks were (not) called: it is
+    done (not live), its client connection closed over CLOSED_GRACE ago, or it is older than
+    MAX_FLOW_AGE. For per-flow state that must not depend on every engine path ending in an
+    `error` or `response` hook (the freeze's writes in flight, tag claims). Pure."""
+    if not flow.live:
+        return True
+    closed = flow.client_conn.timestamp_end
+    if closed is not None and now - closed > CLOSED_GRACE:
+        return True
+    return now - flow.timestamp_created > MAX_FLOW_AGE
+
+
 # --- admission ---------------------------------------------------------------------------------
 
 
-class Limits:
-    """Open client connections, in total and per client address."""
+def source_of(host: str) -> str:
+    """The client a connection counts against: its IPv4 address, or its IPv6 /64 (one host,
+    one site, gets a /64 and can pick any address in it). IPv4-mapped IPv6 is the IPv4
+    address. Every loopback address is its own source (tests connect from 127.0.0.x)."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    def __init__(self, total: int, per_client: int) -> None:
+
+Peer = tuple[str, int]
+
+
+class Limits:
+    """Open client connections: in total, per source, and per source those whose first request
+    head has been in progress for over SLOW_HEAD seconds (`slow`): slow heads from one source
+    cannot take the places other clients need. A burst of new connections is not slow (its
+    heads arrive within a round trip); slow ones beyond the cap refuse the source's new
+    connections, and the sweeper closes them (`excess`), so a burst that turns slow does not
+    keep its places either."""
+
+    def __init__(self, total: int, per_client: int, per_client_pending: int = 1 << 30) -> None:
         self.total, self.per_client = total, per_client
+        self.per_client_pending = per_client_pending
         self.open: Counter[str] = Counter()
+        # source → peer → accept time (monotonic), in accept order: no head completed yet
+        self.pending: dict[str, dict[Peer, float]] = {}
         self.count = 0
         self.refused = 0
 
-    def admit(self, client: str) -> bool:
-        if self.count >= self.total or self.open[client] >= self.per_client:
+    def slow(self, source: str, now: float) -> list[Peer]:
+        """The source's connections whose first head has taken over SLOW_HEAD, oldest first."""
+        out = []
+        for peer, since in self.pending.get(source, {}).items():
+            if now - since <= SLOW_HEAD:
+                break  # accept order: the rest are younger
+            out.append(peer)
+        return out
+
+    def admit(self, peer: Peer, now: float) -> bool:
+        source = source_of(peer[0])
+        if (
+            self.count >= self.total
+            or self.open[source] >= self.per_client
+            or len(self.slow(source, now)) >= self.per_client_pending
+        ):
             self.refused += 1
             return False
-        self.open[client] += 1
+        self.open[source] += 1
+        self.pending.setdefault(source, {})[peer] = now
         self.count += 1
         return True
 
-    def release(self, client: str) -> None:
+    def excess(self, now: float) -> list[Peer]:
+        """Slow connections beyond each source's cap: its first ones keep their places."""
+        out: list[Peer] = []
+        for source, peers in self.pending.items():
+            if len(peers) > self.per_client_pending:
+                out += self.slow(source, now)[self.per_client_pending :]
+        return out
+
+    def head_done(self, peer: Peer) -> None:
+        """The connection completed a request head: no longer pending."""
+        source = source_of(peer[0])
+        peers = self.pending.get(source)
+        if peers is not None and peers.pop(peer, None) is not None and not peers:
+            del self.pending[source]
+
+    def release(self, peer: Peer) -> None:
+        self.head_done(peer)
         self.count -= 1
-        self.open[client] -= 1
-        if self.open[client] <= 0:
-            del self.open[client]
+        _decrement(self.open, source_of(peer[0]))
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def raise_fd_limit() -> None:
+    """Soft descriptor limit up to the hard one (`run` does it too; a gateway started on its
+    own may inherit a low soft limit, e.g. 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def fd_cap() -> int:
@@ -115,17 +222,23 @@ def fd_cap() -> int:
 _BUSY = oci.wire_error(
     503, "TOOMANYREQUESTS", "too many connections; retry", **{"Retry-After": "1"}
 )
-_limits = Limits(fd_cap(), 256)
-timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408) or "idle"
+_SLOW = oci.wire_error(
+    503,
+    "TOOMANYREQUESTS",
+    "too many connections from this address with a request head in progress; retry",
+    **{"Retry-After": "1"},
+)
+_limits = Limits(min(fd_cap(), DEFAULT_MAX_CONNECTIONS), 256, 32)
+timed_out: Counter[str] = Counter()  # closed by the sweeper: "head" (408), "idle", "slow"
 
 
-def _client(writer: Any) -> str:
+def _peer(writer: Any) -> Peer:
     peer = writer.get_extra_info("peername") if writer is not None else None
-    return str(peer[0]) if peer else "?"
+    return (str(peer[0]), int(peer[1])) if peer else ("?", 0)
 
 
 def admit(writer: Any) -> bool:
-    if _limits.admit(_client(writer)):
+    if _limits.admit(_peer(writer), time.monotonic()):
         return True
     try:
         writer.write(_BUSY)
@@ -136,7 +249,7 @@ def admit(writer: Any) -> bool:
 
 
 def release(writer: Any) -> None:
-    _limits.release(_client(writer))
+    _limits.release(_peer(writer))
 
 
 def state() -> dict[str, object]:
@@ -182,22 +295,35 @@ class ConnectionGuard:
             "registry_max_connections",
             int,
             0,
-            "Open client connections at most (0 = as many as file descriptors allow).",
+            f"Open client connections at most (0 = {DEFAULT_MAX_CONNECTIONS}, or fewer if the"
+            " file descriptors do not allow as many).",
         )
         loader.add_option(
             "registry_max_client_connections", int, 256, "Open connections per client address."
+        )
+        loader.add_option(
+            "registry_max_client_pending",
+            int,
+            32,
+            "Open connections per client address that have not completed a request head.",
         )
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
         if not 0 < o.registry_header_timeout <= 3600 or not 0 < o.registry_idle_timeout <= 3600:
             raise exceptions.OptionsError("connection timeouts must be in (0, 3600] seconds")
-        if o.registry_max_connections < 0 or o.registry_max_client_connections < 1:
+        if (
+            o.registry_max_connections < 0
+            or o.registry_max_client_connections < 1
+            or o.registry_max_client_pending < 1
+        ):
             raise exceptions.OptionsError("connection caps must be positive")
-        total = fd_cap()
-        if o.registry_max_connections:
-            total = min(total, o.registry_max_connections)
+        raise_fd_limit()
+        total = min(fd_cap(), o.registry_max_connections or DEFAULT_MAX_CONNECTIONS)
         _limits.total, _limits.per_client = total, o.registry_max_client_connections
+        _limits.per_client_pending = min(
+            o.registry_max_client_pending, o.registry_max_client_connections
+        )
 
     async def running(self) -> None:
         loop = asyncio.get_running_loop()
@@ -259,3 +385,21 @@ class ConnectionGuard:
             if status and io.writer is not None and not io.writer.is_closing():
                 io.writer.write(oci.wire_error(status, "UNSUPPORTED", "request head timed out"))
             io.handler.cancel("timeout")
+        self.cut_slow(now)
+
+    def cut_slow(self, now: float) -> None:
+        """Close the slow heads a source holds beyond its cap, with the cap's 503."""
+        excess = set(_limits.excess(now))
+        if not excess:
+            return
+        for handler in list(ctx.master.addons.get("proxyserver").connections.values()):
+            peer = handler.client.peername
+            if not peer or (str(peer[0]), int(peer[1])) not in excess:
+                continue
+            io = handler.transports.get(handler.client)
+            if io is None or io.handler is None or io.handler.done() or io.handler.cancelling():
+                continue
+            timed_out["slow"] += 1
+            if io.writer is not None and not io.writer.is_closing():
+                io.writer.write(_SLOW)
+            io.handler.cancel("slow head")

@@ -38,7 +38,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from addons import oci
+from addons import connections, oci
 from addons.gate import answered, fail_closed, respond
 from addons.record import record
 
@@ -108,7 +108,11 @@ class WriteFreeze:
         return marker
 
     def in_flight(self) -> int:
-        for key in [k for k, f in self._in_flight.items() if not f.live]:
+        """Counted from `requestheaders` to the flow's `response`/`error`, and dropped anyway
+        once the flow cannot act any more (connections.flow_over): no engine path that skips
+        those hooks can hold every GC."""
+        now = time.time()
+        for key in [k for k, f in self._in_flight.items() if connections.flow_over(f, now)]:
             del self._in_flight[key]
         return len(self._in_flight)
 

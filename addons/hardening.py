@@ -32,6 +32,18 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
    mitmproxy once more. A chunk that arrives with nothing buffered before it is handed on as
    it is; anything else (a buffered remainder, the message's end, a pipelined next message)
    takes mitmproxy's own path. Measured on large pulls (see README, Benchmarks).
+11. Request bodies the engine cannot read are answered, and the flow always ends. A chunked
+   body is read strictly (RFC 9112 §7.1): 1-16 hex digits, extensions as the grammar says,
+   CRLF line ends, CRLF after the data; anything else (an LF-only line, `0x10`, `+5`, ` 5`,
+   `5 `, a bare CR, a huge size) is 400 with an OCI body and a close, as soon as the bad byte
+   is there (h11 alone waited for a CRLF that never came, or closed without an answer). A
+   trailer section is parsed and dropped, as nginx does (RFC 9110 §6.5.1 lets a recipient
+   discard trailers): mitmproxy raised NotImplementedError on one, leaving the flow open
+   with no hook ever told, and the backend never sees a field the gateway did not read.
+   Any other exception in an HTTP/1 layer ends its connection (400 if no answer has begun)
+   and its flow through mitmproxy's error hook, so every addon releases what it holds.
+   Tests: test_e2e_hostile.py (test_malformed_chunked_framing_is_answered_400_at_once,
+   test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc), test_engine_faults.py.
 9. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
    (the kernel spreads new connections over the workers) and a deeper accept backlog.
    `run` checks the port is free before it starts them, so another program's socket is never
@@ -41,6 +53,7 @@ mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Generator
 from typing import Any
@@ -54,9 +67,16 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, mode_servers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import RequestHeaders, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestHeaders,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
 
 from addons import connections, dispatch, oci
+
+logger = logging.getLogger(__name__)
 
 MAX_HEAD = 1 << 20  # as Go's http.DefaultMaxHeaderBytes
 MAX_HEADERS = 100  # registry clients send fewer than 20
@@ -70,6 +90,7 @@ _server_init = _http1.Http1Server.__init__
 _server_send = _http1.Http1Server.send
 _mark_done = _http1.Http1Connection.mark_done
 _make_body_reader = _http1.make_body_reader
+_read_body = _http1.Http1Connection.read_body
 _stream_read = asyncio.StreamReader.read
 _handle_stream = mode_servers.ServerInstance.handle_stream
 _listen = mode_servers.AsyncioServerInstance.listen
@@ -77,6 +98,17 @@ BACKLOG = 1024
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
+# ( token / quoted-string ) ] ), without the BWS before ";" (h11 refuses it too). At most 16
+# hex digits, as Go's chunked reader (64 bits).
+_EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"[0-9A-Fa-f]{1,16}(?:;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*\r\n"
+    % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED)
+)
+_SIZE_PREFIX = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[;\r]|\Z)")  # what may start a chunk line
+_BAD_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")  # a bare LF or CR
 
 
 def head_problem(request: http.Request) -> tuple[int, str] | None:
@@ -109,6 +141,7 @@ def _checked_read_headers(self: Any, event: events.Event) -> Generator[Any, Any,
                 yield from _refuse_head(self, *problem)
                 return True
             connections.head_done(self)
+            self.tbf_stream = command.event.stream_id  # mitmproxy's HTTP layer has its stream
         yield command
     return False
 
@@ -132,7 +165,69 @@ def read_headers(self: Any, event: events.Event) -> Generator[Any, Any, None]:
         yield from _refuse_head(self, 431, "request head too large")
 
 
+def _stream_open(self: Any) -> bool:
+    """Whether this server layer's current request has reached mitmproxy's HTTP layer (which
+    then has a stream to end) and has not finished both ways."""
+    return (
+        self.request is not None
+        and getattr(self, "tbf_stream", None) == self.stream_id
+        and not (self.request_done and self.response_done)
+    )
+
+
+def _answer_400(self: Any, message: str) -> Generator[Any, Any, None]:
+    """A 400 before the close, when no answer has begun on this connection."""
+    if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
+        method = self.request.method if self.request is not None else "GET"
+        yield commands.SendData(
+            self.conn, oci.wire_error(400, "UNSUPPORTED", message, method=method)
+        )
+
+
+def server_read_body(self: Any, event: events.Event) -> Generator[Any, Any, None]:
+    """mitmproxy's body reader, with a 400 before the close of a body it cannot read (it
+    closes without an answer). Its only close of the connection with the request not done is
+    that one; the close after a finished exchange comes from `mark_done`."""
+    for command in _read_body(self, event):
+        if (
+            isinstance(command, commands.CloseConnection)
+            and command.connection is self.conn
+            and not self.request_done
+            and not isinstance(event, events.ConnectionClosed)
+        ):
+            yield from _answer_400(self, "malformed request body (framing)")
+        yield command
+
+
+def _engine_failed(self: Any, error: Exception) -> Generator[Any, Any, None]:
+    """An exception in an HTTP/1 layer: close its connection and end its flow with an error,
+    so that the error hooks release what the addons hold for it."""
+    logger.error("HTTP/1 engine error (%s): %r; closing the connection", type(self).__name__, error)
+    server = isinstance(self, _http1.Http1Server)
+    open_stream = _stream_open(self) if server else self.stream_id is not None
+    if server:
+        yield from _answer_400(self, "the request could not be processed")
+    self.state = self.done
+    yield commands.CloseConnection(self.conn)
+    if open_stream:
+        message = f"HTTP/1 engine error: {type(error).__name__}"
+        yield ReceiveHttp(
+            RequestProtocolError(self.stream_id, message, ErrorCode.GENERIC_CLIENT_ERROR)
+            if server
+            else ResponseProtocolError(self.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR)
+        )
+
+
 def handle_event(self: Any, event: events.Event) -> Generator[Any, Any, None]:
+    """Every event of an HTTP/1 layer: an exception ends the connection and its flow instead
+    of leaving both open with no hook told (mitmproxy logs "crashed" and goes on)."""
+    try:
+        yield from _handle_event_fast(self, event)
+    except Exception as e:
+        yield from _engine_failed(self, e)
+
+
+def _handle_event_fast(self: Any, event: events.Event) -> Generator[Any, Any, None]:
     """Content-Length body bytes straight through, when nothing is buffered before them."""
     reader = getattr(self, "body_reader", None)
     if (
@@ -205,11 +300,60 @@ async def handle_stream(self: Any, reader: Any, writer: Any = None) -> None:
         connections.release(writer)
 
 
+def chunk_framing_problem(data: bytes | bytearray, trailer: bool, start: int = 0) -> str | None:
+    """What is wrong with the buffered start of a chunk-size line (or of the trailer section),
+    or None while it is (the beginning of) a valid one. Pure; reads at most MAX_CHUNK_LINE
+    bytes of `data` and copies none. `start`: how much of `data` an earlier call found clean
+    (a line dribbled byte by byte is scanned once, not once per byte)."""
+    limit = min(len(data), MAX_CHUNK_LINE)
+    again = max(0, start - 1)  # the byte before may have been a CR waiting for its LF
+    if trailer:
+        if data[:2] == b"\r\n":
+            return None  # no trailer fields
+        end = data.find(b"\r\n\r\n", again, limit + 4)
+        stop = end + 4 if end >= 0 else limit - (data[limit - 1 : limit] == b"\r")
+        bad = _BAD_LINE_END.search(data, again, stop)
+        return "bare CR or LF in the trailer section" if bad else None
+    end = data.find(b"\n", again, limit)
+    if end >= 0:
+        return None if _CHUNK_LINE.fullmatch(data, 0, end + 1) else "malformed chunk-size line"
+    if limit and not _SIZE_PREFIX.match(data, 0, limit):
+        return "malformed chunk size"
+    return "bare CR in a chunk-size line" if data.find(b"\r", again, limit - 1) >= 0 else None
+
+
 class BoundedChunkedReader(ChunkedReader):
+    """h11's chunked reader, strict (chunk_framing_problem: h11 accepts `5 `, 20 hex digits and
+    any bytes after `;`, and waits forever for the CRLF of an LF-only line), bounded
+    (MAX_CHUNK_LINE), and dropping the trailer section (mitmproxy raises on one)."""
+
+    _clean = 0  # bytes of the line (or trailer section) in progress already found clean
+
     def __call__(self, buf: Any) -> Any:
+        if self._bytes_to_discard:  # the CRLF after chunk data: here, so every line is checked
+            data = buf.maybe_extract_at_most(len(self._bytes_to_discard))
+            if data is None:
+                return None
+            if data != self._bytes_to_discard[: len(data)]:
+                raise h11.RemoteProtocolError("no CRLF after chunk data")
+            self._bytes_to_discard = self._bytes_to_discard[len(data) :]
+            if self._bytes_to_discard:
+                return None
+        reading_line = self._bytes_in_chunk == 0 or self._reading_trailer
+        clean, self._clean = self._clean, 0  # 0 for the next line (h11 may recurse into it)
+        if reading_line:
+            # h11 is pinned with mitmproxy: its buffer itself, not a copy per chunk
+            problem = chunk_framing_problem(buf._data, self._reading_trailer, clean)
+            if problem is not None:
+                raise h11.RemoteProtocolError(problem)
+        trailer = self._reading_trailer
         event = super().__call__(buf)
-        if event is None and len(buf) > MAX_CHUNK_LINE:  # still waiting for a line
-            raise h11.RemoteProtocolError("chunk line too long")
+        if event is None and reading_line and trailer == self._reading_trailer:
+            if len(buf) > MAX_CHUNK_LINE:  # still waiting for the end of a line
+                raise h11.RemoteProtocolError("chunk line too long")
+            self._clean = len(buf)  # nothing taken from the buffer yet: all of it checked
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            return h11.EndOfMessage()  # the trailer section, read and dropped
         return event
 
 
@@ -240,6 +384,7 @@ def apply() -> None:
     _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
     _http1.Http1Server.send = server_send  # type: ignore[method-assign]
     _http1.Http1Connection.mark_done = mark_done  # type: ignore[method-assign]
+    _http1.Http1Server.read_body = server_read_body  # type: ignore[method-assign]
     _http1.make_body_reader = make_body_reader
     asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
     mode_servers.ServerInstance.handle_stream = handle_stream  # type: ignore[method-assign]

@@ -34,6 +34,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 import httpx
 from mitmproxy import ctx, http
 
-from addons import backend_auth, oci
+from addons import backend_auth, connections, oci
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -221,7 +222,8 @@ class ImmutableTags:
     async def _claim(self, flow: http.HTTPFlow, repository: str, tag: str) -> bool:
         """Claim the tag for this push: on the node first, then across nodes where the ledger
         can. False when another push holds it; LedgerUnavailable / OSError fail closed."""
-        for fid in [k for k, held in self.claims.items() if not held.flow.live]:
+        now = time.time()
+        for fid in [k for k, h in self.claims.items() if connections.flow_over(h.flow, now)]:
             await self._release(self.claims[fid].flow)  # ended without a hook we saw
         claim = take(self.claims_dir(), repository, tag)
         if claim is None:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import resource
@@ -76,13 +77,26 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_idle_timeout={s.idle_timeout}",
         "--set", f"registry_catalog_scan={s.catalog_scan}",
         # The caps are the node's: each of the workers takes its share.
-        "--set", f"registry_max_connections={-(-s.max_connections // s.workers)}",
-        "--set", f"registry_max_client_connections={-(-s.max_client_connections // s.workers)}",
+        "--set", f"registry_max_connections={worker_share(s.max_connections, s.workers)}",
+        "--set",
+        f"registry_max_client_connections={worker_share(s.max_client_connections, s.workers)}",
+        "--set", f"registry_max_client_pending={worker_share(s.max_client_pending, s.workers)}",
         "--set", f"registry_access_log={s.log_dir / 'access.fifo'}",
         "--set", f"registry_state_dir={s.state_dir}",
         # Shared registry-token keys (several nodes): instead of the run's own key.
         *(["--token-key-file", str(s.nodes.token_key_file)] if s.nodes.token_key_file else []),
     ]  # fmt: skip
+
+
+def worker_share(cap: int, workers: int) -> int:
+    """One worker's part of a node's connection cap. The kernel spreads connections over the
+    workers by a hash, not evenly: an even split would refuse a client on one worker while
+    the node is below its cap. So each takes its even part plus about three standard
+    deviations of a binomial spread, never more than the whole (0 stays 0: no cap set)."""
+    if cap <= 0 or workers <= 1:
+        return cap
+    even = cap / workers
+    return min(cap, math.ceil(even + 3 * math.sqrt(even * (1 - 1 / workers))))
 
 
 def ledger_spec(s: Settings) -> str:

@@ -61,9 +61,10 @@ class Settings:
     workers: int = 1
     header_timeout: int = 60
     idle_timeout: int = 75
-    max_connections: int = 0  # 0: as many as file descriptors allow
+    max_connections: int = 0  # 0: 4096 per worker, or what file descriptors allow
     max_client_connections: int = 256
     catalog_scan: int = 20_000  # names one catalog page looks at, at most
+    max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
@@ -294,6 +295,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
         catalog_scan=int(_number(env, "REGISTRY_CATALOG_SCAN", 20_000, 10, 10_000_000)),
+        max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),

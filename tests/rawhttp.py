@@ -89,8 +89,10 @@ class Conn:
         self.sock.close()
 
 
-def exchange(port: int, data: bytes, shut_write: bool = False) -> Answer | None:
-    conn = Conn(port)
+def exchange(
+    port: int, data: bytes, shut_write: bool = False, source: str | None = None
+) -> Answer | None:
+    conn = Conn(port, source=source)
     try:
         conn.send(data)
         if shut_write:

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.e2e
 HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 3
 PER_CLIENT, TOTAL = 20, 60
 PLAIN = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+SLOW_HEADS = 200
+PENDING_PER_CLIENT = 32  # REGISTRY_MAX_CLIENT_PENDING's default
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,20 @@ def capped(tmp_path_factory: pytest.TempPathFactory, auth) -> Iterator[Stack]:
         REGISTRY_WORKERS="1",
         REGISTRY_MAX_CLIENT_CONNECTIONS=str(PER_CLIENT),
         REGISTRY_MAX_CONNECTIONS=str(TOTAL),
+    ).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Anonymous (GET /v2/ is 200), one worker, 200 connections in all: a front door's
+    capacity shrunk so that 200 connections from one address would fill it."""
+    s = Stack(
+        tmp_path_factory.mktemp("front") / "data",
+        None,
+        REGISTRY_WORKERS="1",
+        REGISTRY_MAX_CONNECTIONS=str(SLOW_HEADS),
     ).start()
     yield s
     s.stop()
@@ -197,3 +213,27 @@ def test_a_down_backend_gives_complete_answers_even_to_head(stack, acme_jwt):
                 assert json.loads(answer.body)["errors"][0]["code"] == "UNAVAILABLE"
     finally:
         stack.supervisorctl("start", "backend")
+
+
+def test_slow_heads_from_one_address_do_not_lock_out_other_clients(front):
+    """200 half-sent request heads from one address (no token, never finished), taking every
+    place at first: within a few seconds a new client from another address is served. Before
+    a source's slow heads had a cap of their own, the 200 kept every place (until the 60 s
+    head deadline) and every new client got 503."""
+    held = [Conn(front.port, source="127.0.0.1") for _ in range(SLOW_HEADS)]
+    try:
+        for conn in held:
+            conn.send(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        wait_for(lambda: served(front, "127.0.0.20") == 200, 8, interval=0.5)
+        # The one address keeps its first places; the rest were closed with the cap's 503.
+        cut = [c for c in held if select.select([c.sock], [], [], 0)[0]]
+        assert len(cut) == SLOW_HEADS - PENDING_PER_CLIENT
+        answer = cut[-1].read_answer()
+        assert answer is not None and answer.status == 503, answer
+        assert json.loads(answer.body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+        # A head finished before the deadline is answered: the slow client was only slow.
+        assert held[0].send(b"x\r\n\r\n")
+        assert held[0].read_answer().status == 200
+    finally:
+        for conn in held:
+            conn.close()

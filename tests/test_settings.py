@@ -343,3 +343,20 @@ def test_an_explicit_listen_address_follows_nothing():
 def test_without_a_mesh_there_is_nothing_to_follow():
     s = load({"REGISTRY_DATA_DIR": "/d"})
     assert _options(s)["registry_mesh_state"] == _admin(s)["--mesh-status"] == ""
+
+
+def test_the_connection_caps_reach_each_worker_as_its_share():
+    s = load(
+        {
+            **AUTH,
+            "REGISTRY_WORKERS": "2",
+            "REGISTRY_MAX_CLIENT_CONNECTIONS": "256",
+            "REGISTRY_MAX_CLIENT_PENDING": "32",
+        }
+    )
+    opts = _options(s)
+    assert opts["registry_max_connections"] == "0"  # not set: each worker's own default
+    assert opts["registry_max_client_connections"] == "152"  # 128 and room for the spread
+    assert opts["registry_max_client_pending"] == "25"
+    with pytest.raises(ConfigError, match="REGISTRY_MAX_CLIENT_PENDING"):
+        load({**AUTH, "REGISTRY_MAX_CLIENT_PENDING": "0"})
