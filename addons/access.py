@@ -140,12 +140,16 @@ def credential_refused(method: str) -> http.Response:
     )
 
 
-_SCRUBBED = frozenset({b"authorization", b"forwarded", b"x-real-ip", b"upgrade", b"http2-settings"})
+_SCRUBBED = frozenset(
+    {b"authorization", b"forwarded", b"x-real-ip", b"upgrade", b"http2-settings", b"trailer"}
+)
 
 
 def scrub(headers: http.Headers) -> None:
     """Nothing the client says about proxies or credentials reaches the backend, and no
-    protocol upgrade: a 101 would turn the connection into a pipe past the gateway.
+    protocol upgrade: a 101 would turn the connection into a pipe past the gateway. No
+    `Trailer` either: the engine reads a trailer section and drops it, so the backend must not
+    be told to expect fields it will never get.
     One pass over the fields (mitmproxy's `keys()` is quadratic in the header count)."""
     headers.fields = tuple(
         (name, value)

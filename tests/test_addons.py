@@ -523,6 +523,19 @@ def test_anonymous_still_scrubs_credentials(anon):
     assert "X-Forwarded-For" not in f.request.headers
 
 
+def test_a_trailer_announcement_is_not_forwarded(anon):
+    # The engine drops trailer sections; the backend must not wait for fields it never gets.
+    f = anon.send(
+        make_flow(
+            "PATCH",
+            "/v2/x/y/blobs/uploads/abc",
+            [("Transfer-Encoding", "chunked"), ("Trailer", "X-Checksum")],
+        )
+    )
+    assert f.response is None
+    assert "Trailer" not in f.request.headers
+
+
 def test_anonymous_has_no_token_service(anon):
     f = anon.send(make_flow("GET", "/auth/token", [basic("x", TABBIFY_JWT)]))
     assert f.response.status_code == 404
