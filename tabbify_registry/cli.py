@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import os
 import re
@@ -357,8 +358,52 @@ def run(env: Mapping[str, str]) -> int:
     return status
 
 
+ENVIRONMENT = """\
+environment (read by run, config, gc and policy; see the README for each):
+  REGISTRY_DATA_DIR              everything persistent (default /var/lib/tabbify-registry)
+  REGISTRY_STORAGE               local (default) or s3
+  REGISTRY_S3_BUCKET, REGISTRY_S3_REGION, REGISTRY_S3_ENDPOINT   with s3
+  REGISTRY_AUTH_URL              Tabbify auth base URL; unset = anonymous dev mode, loopback only
+  REGISTRY_LISTEN                gateway address (default 127.0.0.1:5000, [ULA]:5000 on a mesh)
+  REGISTRY_EXTERNAL_URL          the base URL clients use (default http://<listen address>)
+  REGISTRY_ADMIN_ADDR            health, metrics, live view; loopback (default 127.0.0.1:5002)
+  REGISTRY_BACKEND               zot, distribution or external (default: zot if on PATH)
+  REGISTRY_BACKEND_ADDR          the backend's loopback address (default 127.0.0.1:5001)
+  REGISTRY_WORKERS               gateway worker processes (default: number of cores)
+  REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
+  REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
+  REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
+  REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
+  REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
+  REGISTRY_MAX_CLIENT_CONNECTIONS  connections of one client address (default 256)
+  REGISTRY_LEDGER_URL            shared ledger, s3://bucket/prefix or postgresql://...
+  REGISTRY_TOKEN_KEY_FILE        shared registry-token keys for several nodes
+  REGISTRY_HTTP_SECRET_FILE      shared upload-state secret for several nodes
+  REGISTRY_CACHE_URL             shared Zot dedupe cache for several nodes
+  REGISTRY_CLUSTER_MEMBERS, REGISTRY_CLUSTER_HASH_KEY   a Zot cluster
+  MESH_COORDINATOR_URL           mesh coordinator; unset = no mesh
+  MESH_AUTH_KEY                  join credential for the coordinator
+  MESH_INTERFACE                 WireGuard interface (default tbf0)
+  MESH_POLL_SECONDS              peer set refresh (default 30)
+"""
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), not a copy kept in the code."""
+    try:
+        return importlib.metadata.version("tabbify-registry")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tabbify-registry")
+    parser = argparse.ArgumentParser(
+        prog="tabbify-registry",
+        description="Private OCI registry front door (see the README).",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tabbify-registry {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="mesh bootstrap, backend config, supervisord (foreground)")
     sub.add_parser("config", help="print the rendered backend config")
