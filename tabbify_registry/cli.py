@@ -32,8 +32,8 @@ from addons import policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
+from tabbify_registry import devauth, nodes, policy_cmd
 from tabbify_registry import gc as gc_cmd
-from tabbify_registry import nodes, policy_cmd
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.logrelay import LogRelay
 from tabbify_registry.settings import ConfigError, Settings
@@ -411,10 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     mesh.add_argument("action", choices=["up"])
     policy_cmd.add_parser(sub)
     gc_cmd.add_parser(sub)
+    devauth.add_parser(sub)
     args = parser.parse_args(argv)
     env = os.environ
     try:
-        if args.command == "policy":
+        if args.command == "dev-auth":
+            sys.exit(devauth.main(args))
+        elif args.command == "policy":
             sys.exit(policy_cmd.main(env, args))
         elif args.command == "gc":
             sys.exit(gc_cmd.main(settings_mod.load(env), args))
