@@ -33,6 +33,11 @@ class Address:
         return ipaddress.ip_address(self.host).is_loopback
 
     @property
+    def is_wildcard(self) -> bool:
+        """0.0.0.0 or [::]: every address of the host (a container behind a published port)."""
+        return ipaddress.ip_address(self.host).is_unspecified
+
+    @property
     def hostport(self) -> str:
         """host:port as it appears in a URL (IPv6 in brackets)."""
         if ":" in self.host:
@@ -210,8 +215,13 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             f"REGISTRY_LISTEN={listen.hostport}: anonymous dev mode (no REGISTRY_AUTH_URL) "
             "listens on loopback only"
         )
-    if ipaddress.ip_address(listen.host).is_unspecified:
-        raise ConfigError(f"REGISTRY_LISTEN={listen.hostport}: bind one address, not all")
+    if listen.is_wildcard and not _opt(env, "REGISTRY_EXTERNAL_URL"):
+        # The token realm is built from the external URL, never from a request's Host: a
+        # realm of http://0.0.0.0:5000 would send clients of other machines nowhere.
+        raise ConfigError(
+            f"REGISTRY_LISTEN={listen.hostport} listens on every address: set "
+            "REGISTRY_EXTERNAL_URL to the URL clients reach the registry at (the token realm)"
+        )
 
     backend = env.get("REGISTRY_BACKEND") or default_backend()
     if backend not in ("zot", "distribution", "external"):

@@ -188,9 +188,15 @@ def test_anonymous_mode_on_the_mesh():
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:5000", "[::]:5000"])
-def test_unspecified_listen_address(listen):
-    refused({**AUTH, "REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN")
-    refused({"REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN")
+def test_every_address_with_auth_on_names_the_external_url(listen):
+    """A container behind a published port: allowed with auth on, given the URL clients use
+    (the token realm); anonymous mode stays on loopback."""
+    external = {"REGISTRY_EXTERNAL_URL": "https://registry.example.com"}
+    s = load({**AUTH, **external, "REGISTRY_LISTEN": listen})
+    assert s.listen.is_wildcard and s.listen.port == 5000
+    assert s.realm == "https://registry.example.com/auth/token"
+    refused({**AUTH, "REGISTRY_LISTEN": listen}, "REGISTRY_EXTERNAL_URL")
+    assert "loopback" in str(refused({**external, "REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN"))
 
 
 @pytest.mark.parametrize(
