@@ -39,8 +39,7 @@ from tabbify_registry.logrelay import LogRelay
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (installed editable)
-SUPERVISORD_CONF = ROOT / "supervisord.conf"
+SUPERVISORD_CONF = Path(__file__).resolve().parent / "supervisord.conf"  # package data
 BIN = Path(sys.executable).parent
 
 
@@ -110,6 +109,7 @@ def admin_command(s: Settings) -> list[str]:
         "--log-dir", str(s.log_dir),
         "--mesh-interface", s.mesh_interface if s.mesh_coordinator_url else "",
         "--mesh-status", str(mesh_dir / "status.json") if mesh_dir else "",
+        "--auth-url", s.auth_url or "",
     ]  # fmt: skip
 
 

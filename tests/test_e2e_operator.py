@@ -28,6 +28,7 @@ def test_healthz_names_what_is_down(registry):
         "gateway": "ok",
         "mesh": "absent",
         "ledger": "ok",
+        "auth": "ok",
     }
     registry.supervisorctl("stop", "backend")
     try:
@@ -39,6 +40,7 @@ def test_healthz_names_what_is_down(registry):
             "gateway": "ok",
             "mesh": "absent",
             "ledger": "ok",
+            "auth": "ok",
         }
     finally:
         registry.supervisorctl("start", "backend")
