@@ -60,7 +60,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--mode", f"reverse:{upstream}@{s.listen.host}:{s.listen.port}",
         "--set", "connection_strategy=lazy",
         "--set", f"confdir={s.runtime_dir / 'mitmproxy'}",
-        "--set", "termlog_verbosity=warn",
+        "--set", f"termlog_verbosity={GATEWAY_VERBOSITY[s.log_level]}",
         "--set", f"registry_anonymous={'true' if s.anonymous else 'false'}",
         "--set", f"registry_realm={s.realm}",
         "--set", f"registry_auth_url={s.auth_url or ''}",
@@ -81,6 +81,10 @@ def mitmdump_command(s: Settings) -> list[str]:
         # Shared registry-token keys (several nodes): instead of the run's own key.
         *(["--token-key-file", str(s.nodes.token_key_file)] if s.nodes.token_key_file else []),
     ]  # fmt: skip
+
+
+# mitmproxy's engine logs every client connection at info: that is debugging detail here.
+GATEWAY_VERBOSITY = {"debug": "info", "info": "warn", "warning": "warn", "error": "error"}
 
 
 def ledger_spec(s: Settings) -> str:
@@ -179,7 +183,8 @@ def raise_fd_limit() -> int:
 def start_log_relay(s: Settings) -> LogRelay:
     """The FIFOs every program writes into, drained by this process (logrelay.py)."""
     s.log_dir.mkdir(parents=True, exist_ok=True)
-    relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer)
+    readable = sys.stderr.isatty()  # a person at a terminal, not a log shipper
+    relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer, s.log_level, readable)
     workers = [f"mitmdump-{n}" for n in range(s.workers)]
     for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers))):
         relay.fifo(name, per_request_line if name == "backend.log" else None)
@@ -298,6 +303,29 @@ def printable_config(s: Settings) -> dict[str, object]:
     return config
 
 
+def summary(s: Settings) -> list[str]:
+    """What `run` says at start: where it listens, in which mode, where the operator looks."""
+    listen = f"listening on http://{s.listen.hostport}"
+    if s.external_url != f"http://{s.listen.hostport}":
+        listen += f" (clients use {s.external_url})"
+    if s.anonymous:
+        mode = "mode: anonymous dev mode (no login, no namespaces, loopback only)"
+    else:
+        mode = f"mode: Tabbify auth at {s.auth_url}"
+    admin = f"http://{s.admin_addr.hostport}"
+    backend = {"external": "an external registry", "zot": "Zot", "distribution": "Distribution"}
+    storage = f"S3 bucket {s.s3_bucket}" if s.storage == "s3" else "local storage"
+    workers = f"{s.workers} gateway worker{'s' if s.workers != 1 else ''}"
+    return [
+        f"tabbify-registry {version()} starting",
+        listen,
+        mode,
+        f"admin on {admin} (live view /, /metrics, /healthz, /livez, /readyz)",
+        f"data in {s.data_dir}; backend: {backend[s.backend]} on {s.backend_addr.hostport} "
+        f"({storage}); {workers}",
+    ]
+
+
 def wait_reaping(pid: int) -> int:
     """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
     inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
@@ -331,6 +359,8 @@ def run(env: Mapping[str, str]) -> int:
     key_fd = token_key(minfds)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     relay = start_log_relay(s)
+    for line in summary(s):
+        relay.log("info", line)
 
     supervisord = subprocess.Popen(
         [str(BIN / "supervisord"), "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
@@ -347,14 +377,21 @@ def run(env: Mapping[str, str]) -> int:
     assert supervisord.stdout is not None and supervisord.stderr is not None
     relay.source(supervisord.stdout.fileno(), "supervisord", "stderr")
     relay.source(supervisord.stderr.fileno(), "supervisord", "stderr")
+
+    def forward(signum: int, _frame: object) -> None:
+        relay.log("info", f"stopping on {signal.Signals(signum).name}")
+        supervisord.send_signal(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: supervisord.send_signal(signum))
+        signal.signal(sig, forward)
     status = wait_reaping(supervisord.pid)
-    relay.drain()
     if fatal.exists():
         program = fatal.read_text().strip()
-        print(f"tabbify-registry: {program} could not start; stopped", file=sys.stderr)
-        return 1
+        relay.log("error", f"{program} could not start; stopped")
+        status = 1
+    else:
+        relay.log("info", f"stopped (exit status {status})")
+    relay.drain()
     return status
 
 

@@ -69,6 +69,7 @@ class Settings:
     max_connections: int = 0  # 0: as many as file descriptors allow
     max_client_connections: int = 256
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
+    log_level: str = "info"  # the operator log's (stderr) threshold
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
@@ -181,6 +182,17 @@ def parse_gc_interval(env: Mapping[str, str]) -> int | None:
             "such as '30m', '24h' or '7d'"
         )
     return seconds
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(env: Mapping[str, str]) -> str:
+    """REGISTRY_LOG_LEVEL: the operator log's threshold; the access log is not affected."""
+    value = _opt(env, "REGISTRY_LOG_LEVEL") or "info"
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"REGISTRY_LOG_LEVEL={value!r}: expected {', '.join(LOG_LEVELS)}")
+    return value
 
 
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
@@ -303,6 +315,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
         gc_interval=parse_gc_interval(env),
+        log_level=parse_log_level(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,

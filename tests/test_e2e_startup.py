@@ -4,6 +4,8 @@ tells the operator at start."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import socket
 
 import pytest
@@ -60,3 +62,51 @@ def test_anonymous_mode_on_every_address_is_one_line_naming_the_variable(tmp_pat
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert "REGISTRY_LISTEN" in lines[0] and "loopback" in lines[0]
+
+
+def operator_lines(stack: Stack) -> list[dict]:
+    """The stack's stderr: every line a JSON object (stdout's access log lines aside)."""
+    lines = []
+    for line in stack.log.read_text().splitlines():
+        entry = json.loads(line)  # nothing that is not JSON
+        if "source" in entry:
+            lines.append(entry)
+    return lines
+
+
+def test_start_up_summary_and_a_stop_in_the_operators_terms(tmp_path, auth):
+    stack = Stack(tmp_path / "data", auth.url, REGISTRY_WORKERS="2").start()
+    requests.get(f"{stack.url}/v2/", timeout=10)
+    assert stack.stop() == 0
+    lines = operator_lines(stack)
+    for entry in lines:
+        assert set(entry) == {"time", "level", "source", "message"}, entry
+        assert entry["level"] in ("info", "warning", "error")  # debug is off by default
+        assert not re.search(r"\d\d:\d\d:\d\d", entry["message"]), entry  # one time: `time`
+    said = "\n".join(e["message"] for e in lines if e["source"] == "run")
+    admin = stack.env["REGISTRY_ADMIN_ADDR"]
+    assert f"listening on {stack.url}" in said
+    assert f"mode: Tabbify auth at {auth.url}" in said
+    assert f"admin on http://{admin} (live view /, /metrics, /healthz, /livez, /readyz)" in said
+    assert f"data in {stack.data_dir}" in said and "Distribution" in said
+    assert "2 gateway workers" in said
+    assert "stopping on SIGTERM" in said and "stopped (exit status 0)" in said
+    # supervisord's own chatter stays out of the operator's view.
+    text = stack.log.read_text()
+    for chatter in ("CRIT", "running as root", "stopped: backend", "WARN"):
+        assert chatter not in text, chatter
+
+
+def test_log_level_warning_keeps_only_warnings_and_errors(tmp_path):
+    stack = Stack(tmp_path / "data", None, REGISTRY_LOG_LEVEL="warning").start()
+    assert requests.get(f"{stack.url}/v2/", timeout=10).status_code == 200
+    stack.supervisorctl("stop", "admin")  # a stop the operator asked for: not a warning
+    assert stack.stop() == 0
+    assert [e for e in operator_lines(stack) if e["level"] not in ("warning", "error")] == []
+    assert stack.access_log()  # the access log is not affected
+
+
+def test_an_unknown_log_level_is_one_line_naming_the_variable(tmp_path):
+    r = run_cli({"REGISTRY_DATA_DIR": str(tmp_path), "REGISTRY_LOG_LEVEL": "verbose"}, "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "REGISTRY_LOG_LEVEL" in lines[0], r.stderr

@@ -349,3 +349,11 @@ def test_an_explicit_listen_address_follows_nothing():
 def test_without_a_mesh_there_is_nothing_to_follow():
     s = load({"REGISTRY_DATA_DIR": "/d"})
     assert _options(s)["registry_mesh_state"] == _admin(s)["--mesh-status"] == ""
+
+
+def test_log_level():
+    assert load({}).log_level == "info"
+    for level in ("debug", "info", "warning", "error"):
+        assert load({"REGISTRY_LOG_LEVEL": level}).log_level == level
+    for bad in ("verbose", "INFO", "warn", "0"):
+        refused({"REGISTRY_LOG_LEVEL": bad}, "REGISTRY_LOG_LEVEL")
