@@ -407,6 +407,7 @@ environment (read by run, config, gc and policy; see the README for each):
   REGISTRY_BACKEND               zot, distribution or external (default: zot if on PATH)
   REGISTRY_BACKEND_ADDR          the backend's loopback address (default 127.0.0.1:5001)
   REGISTRY_WORKERS               gateway worker processes (default: number of cores)
+  REGISTRY_LOG_LEVEL             operator log (stderr): debug, info (default), warning, error
   REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
   REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
   REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
