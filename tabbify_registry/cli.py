@@ -32,7 +32,7 @@ from addons import policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
-from tabbify_registry import devauth, nodes, policy_cmd
+from tabbify_registry import deployment, devauth, nodes, policy_cmd
 from tabbify_registry import gc as gc_cmd
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.logrelay import LogRelay
@@ -350,6 +350,8 @@ def run(env: Mapping[str, str]) -> int:
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
     (s.data_dir / "zot-cache").mkdir(exist_ok=True)
     _lock = lock_data_dir(s)
+    # For gc, policy and config given this data dir: the settings this run uses.
+    deployment.write(env, s)
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
     config_file = write_backend_config(s)
@@ -458,11 +460,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "policy":
             sys.exit(policy_cmd.main(env, args))
         elif args.command == "gc":
-            sys.exit(gc_cmd.main(settings_mod.load(env), args))
+            # Acts on the running deployment: only with the settings it records.
+            deployed = deployment.environment(env, required=True)
+            sys.exit(gc_cmd.main(settings_mod.load(deployed), args))
         elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":
-            print(json.dumps(printable_config(settings_mod.load(env)), indent=2))
+            deployed = deployment.environment(env, required=False)
+            print(json.dumps(printable_config(settings_mod.load(deployed)), indent=2))
         else:
             s = settings_mod.load(env)
             if s.mesh_coordinator_url is None:
