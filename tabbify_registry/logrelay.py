@@ -130,6 +130,8 @@ def classify(source: str, line: str) -> tuple[str, str]:
         return _level(m[1]), _LOGFMT_TIME.sub("", line, count=1)
     if line.startswith("tabbify-registry mesh: "):  # mesh.bootstrap.warn
         return "warning", line.removeprefix("tabbify-registry mesh: ")
+    if line.startswith(("tabbify-registry gc: ", "gateway: ")):  # a refusal at start
+        return "error", line
     if _TRACEBACK.match(line):
         return "error", line
     return "info", line
@@ -204,6 +206,7 @@ class LogRelay:
         self._selector = selectors.DefaultSelector()
         self._partial: dict[int, bytes] = {}
         self._drop: dict[int, Callable[[bytes], bool]] = {}
+        self._last_level: dict[int, str] = {}
         self._keep_open: list[int] = []
 
     def fifo(self, name: str, drop: Callable[[bytes], bool] | None = None) -> Path:
@@ -260,8 +263,14 @@ class LogRelay:
                 continue
             if stream == "stdout":
                 out.put(line + b"\n")
+                continue
+            text = line.decode("utf-8", "replace")
+            if text[:1] in (" ", "\t") and fd in self._last_level:
+                level = self._last_level[fd]  # a traceback's or a message's next line
             else:
-                self.log(*classify(source, line.decode("utf-8", "replace")), source=source)
+                level, text = classify(source, text)
+            self._last_level[fd] = level
+            self.log(level, text, source=source)
 
     def log(self, level: str, message: str, source: str = "run") -> None:
         """One operator line (stderr), unless below REGISTRY_LOG_LEVEL."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 
@@ -104,3 +105,20 @@ def test_lines_below_the_level_are_not_relayed(tmp_path):
         time.sleep(0.02)
     lines = [json.loads(line) for line in err.getvalue().splitlines()]
     assert [e["message"] for e in lines] == ["backend could not start"]
+
+
+def test_a_tracebacks_lines_keep_its_level(tmp_path):
+    out, err = io.BytesIO(), io.BytesIO()
+    relay = LogRelay(tmp_path, out, err, level="warning")
+    read, write = os.pipe()
+    relay.source(read, "mitmdump-0", "stderr")
+    relay.start()
+    os.write(write, b"ERROR addon failed\nTraceback (most recent call last):\n")
+    os.write(write, b'  File "x.py", line 1, in <module>\n    raise ValueError\nValueError: x\n')
+    deadline = time.monotonic() + 5
+    while err.getvalue().count(b"\n") < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.close(write)
+    lines = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert [e["level"] for e in lines] == ["error"] * 5
+    assert lines[3]["message"] == "    raise ValueError"
