@@ -25,6 +25,7 @@ from typing import IO
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
+from addons import redact
 from addons.metrics import Metrics
 from addons.record import record
 
@@ -53,7 +54,9 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         "tenant": _cut(rec.tenant),
         "subject": _cut(rec.subject),  # the Tabbify JWT's `sub`, as the token carries it
         "client": flow.client_conn.peername[0] if flow.client_conn.peername else None,
-        "user_agent": flow.request.headers.get("user-agent", "")[:MAX_USER_AGENT] or None,
+        # The client's own words: a credential pasted there is no more logged than elsewhere.
+        "user_agent": redact.text(flow.request.headers.get("user-agent", ""))[:MAX_USER_AGENT]
+        or None,
         "method": _cut(flow.request.method),
         "kind": rec.kind,
         "repository": _cut(rec.repository),

@@ -1056,6 +1056,13 @@ def test_access_log_never_contains_credentials(gw):
     assert "Basic " not in text and "Bearer" not in text
 
 
+def test_a_credential_in_the_user_agent_is_not_logged(gw):
+    f = gw.send(make_flow("GET", "/v2/", [("User-Agent", f"curl/8 {TABBIFY_JWT}")]))
+    gw.finish(f)
+    [line] = gw.log_lines()
+    assert line["user_agent"] == "curl/8 REDACTED"
+
+
 def test_the_challenge_of_a_mount_asks_for_the_source_too():
     from addons.access import challenge
     from addons.routes import Route
