@@ -381,7 +381,10 @@ def run(env: Mapping[str, str]) -> int:
     relay.source(supervisord.stderr.fileno(), "supervisord", "stderr")
 
     def forward(signum: int, _frame: object) -> None:
-        relay.log("info", f"stopping on {signal.Signals(signum).name}")
+        if signum == signal.SIGHUP:  # supervisord's reload: every program restarted
+            relay.log("info", "restarting every program on SIGHUP")
+        else:
+            relay.log("info", f"stopping on {signal.Signals(signum).name}")
         supervisord.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
