@@ -35,7 +35,7 @@ from mesh.state import MeshError, write_atomic
 from tabbify_registry import deployment, devauth, nodes, policy_cmd
 from tabbify_registry import gc as gc_cmd
 from tabbify_registry import settings as settings_mod
-from tabbify_registry.logrelay import LogRelay
+from tabbify_registry.logrelay import LogRelay, OperatorText
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
@@ -346,7 +346,11 @@ def run(env: Mapping[str, str]) -> int:
     require_backend(s)  # before the mesh: a node that cannot serve should not join
     if s.mesh_coordinator_url:
         # With a mesh, the gateway listens on [ULA]:5000 and the realm names that address.
-        s = settings_mod.load(env, ula=bootstrap.up(s))
+        # Its warnings are operator lines too (the relay does not run yet).
+        said = OperatorText("mesh", sys.stderr.buffer, s.log_level, sys.stderr.isatty())
+        with contextlib.redirect_stderr(said):
+            ula = bootstrap.up(s)
+        s = settings_mod.load(env, ula=ula)
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
     (s.data_dir / "zot-cache").mkdir(exist_ok=True)
     _lock = lock_data_dir(s)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import re
@@ -135,6 +136,30 @@ def classify(source: str, line: str) -> tuple[str, str]:
     if _TRACEBACK.match(line):
         return "error", line
     return "info", line
+
+
+class OperatorText(io.TextIOBase):
+    """A text stream whose lines become operator lines of `source`, written at once to `out`:
+    for what `run` itself prints before the relay runs (the mesh bootstrap's warnings), as
+    `contextlib.redirect_stderr(OperatorText(...))`."""
+
+    def __init__(self, source: str, out: IO[bytes], level: str, readable: bool) -> None:
+        self.source, self.out, self.readable = source, out, readable
+        self.threshold = LEVELS.index(level)
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                level, message = classify(self.source, line)
+                if LEVELS.index(level) >= self.threshold:
+                    self.out.write(operator_line(self.source, message, level, self.readable))
+        self.out.flush()
+        return len(text)
 
 
 class Stream:

@@ -3,15 +3,17 @@ for its level, its own timestamp dropped, supervisord's mechanics said in operat
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import sys
 import time
 
 import pytest
 
-from tabbify_registry.logrelay import LogRelay, classify, operator_line
+from tabbify_registry.logrelay import LogRelay, OperatorText, classify, operator_line
 
 
 @pytest.mark.parametrize(
@@ -122,3 +124,14 @@ def test_a_tracebacks_lines_keep_its_level(tmp_path):
     lines = [json.loads(line) for line in err.getvalue().splitlines()]
     assert [e["level"] for e in lines] == ["error"] * 5
     assert lines[3]["message"] == "    raise ValueError"
+
+
+def test_what_run_prints_before_the_relay_runs_becomes_operator_lines():
+    out = io.BytesIO()
+    said = OperatorText("mesh", out, "info", readable=False)
+    with contextlib.redirect_stderr(said):
+        print("tabbify-registry mesh: coordinator unreachable; coming up on", file=sys.stderr)
+        print("mesh: skipped peer #1", file=sys.stderr)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["level"], e["source"]) for e in lines] == [("warning", "mesh"), ("info", "mesh")]
+    assert lines[0]["message"] == "coordinator unreachable; coming up on"
