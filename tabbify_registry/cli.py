@@ -55,9 +55,12 @@ def mitmdump_command(s: Settings) -> list[str]:
     # A listen address (and realm) derived from the mesh follows the ULA in state.json when the
     # coordinator moves the node (addons/meshaddress.py); explicit settings stay as they are.
     follow = s.mesh_coordinator_url is not None and s.listen_from_mesh
+    # [::] is every address of both families, as Go and Linux take it: no listen host, where
+    # asyncio binds 0.0.0.0 and :: (a host of "::" alone would be IPv6 only, V6ONLY).
+    host = "" if s.listen.host == "::" else f"{s.listen.host}:"
     return [
         sys.executable, "-m", "addons.gateway",
-        "--mode", f"reverse:{upstream}@{s.listen.host}:{s.listen.port}",
+        "--mode", f"reverse:{upstream}@{host}{s.listen.port}",
         "--set", "connection_strategy=lazy",
         "--set", f"confdir={s.runtime_dir / 'mitmproxy'}",
         "--set", f"termlog_verbosity={GATEWAY_VERBOSITY[s.log_level]}",

@@ -28,19 +28,25 @@ def other_local_address() -> str:
     return "127.0.0.2"
 
 
-def test_auth_on_listens_on_every_address_behind_a_published_port(tmp_path, auth, acme_jwt):
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "[::]"])
+def test_auth_on_listens_on_every_address_behind_a_published_port(
+    tmp_path, auth, acme_jwt, wildcard
+):
     port = free_port()
     stack = Stack(
         tmp_path / "data",
         auth.url,
-        REGISTRY_LISTEN=f"0.0.0.0:{port}",
+        REGISTRY_LISTEN=f"{wildcard}:{port}",
         REGISTRY_EXTERNAL_URL=f"http://127.0.0.1:{port}",
     )
     stack.port, stack.host, stack.url = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
     stack.start()
     try:
         token = login(stack, acme_jwt).json()["token"]
-        for host in ("127.0.0.1", other_local_address()):
+        hosts = ["127.0.0.1", other_local_address()]
+        if wildcard == "[::]":
+            hosts.append("[::1]")  # and IPv6, on the same port
+        for host in hosts:
             url = f"http://{host}:{port}/v2/"
             challenge = requests.get(url, timeout=10)
             assert challenge.status_code == 401, host
