@@ -40,6 +40,7 @@ PROBE_TIMEOUT = 2.0
 STALE = 5.0  # seconds: a worker that has not published for this long is not counted live
 MAX_SECONDS, MAX_MB = 3600.0, 1024.0
 MAX_STATE = 1 << 20
+AUTH_EVERY = 2.0  # seconds between two probes of auth's host
 
 
 async def backend_ok(url: str) -> bool:
@@ -145,6 +146,13 @@ class Admin:
         csrf_token = secrets.token_urlsafe(32)
         self.guard = adminhttp.Guard(args.listen, csrf_token)
         self.live = LiveView(Path(args.state_dir), csrf_token, self.workers_streaming)
+        self.auth = "unknown" if args.auth_url else "absent"  # watch_auth keeps it current
+
+    async def watch_auth(self) -> None:
+        """Whether auth's host accepts a connection, every AUTH_EVERY seconds."""
+        while self.args.auth_url:
+            self.auth = "ok" if await reachable(self.args.auth_url) else "unreachable"
+            await asyncio.sleep(AUTH_EVERY)
 
     def workers_streaming(self) -> int:
         """Live workers that say they stream to the live view (addons/flowfeed.py)."""
@@ -174,14 +182,12 @@ class Admin:
         payload["ledger"] = "absent" if not ledgers else ("down" if down else "ok")
         if down and down[0].get("reason"):
             payload["ledger_reason"] = down[0]["reason"]
-        if self.args.auth_url:
-            # Reported, never a reason to be down or unready: issued registry tokens keep
-            # working without auth (only new logins wait), and every node shares the one auth
-            # service, so draining or restarting nodes for its blip would take the whole
-            # registry away instead of only its logins.
-            payload["auth"] = "ok" if await reachable(self.args.auth_url) else "unreachable"
-        else:
-            payload["auth"] = "absent"
+        # Reported, never a reason to be down or unready: issued registry tokens keep working
+        # without auth (only new logins wait), and every node shares the one auth service, so
+        # draining or restarting nodes for its blip would take the whole registry away instead
+        # of only its logins. Read from the last probe: a probe of an auth host that does not
+        # answer must not make the health answer slow enough to fail an orchestrator's probe.
+        payload["auth"] = self.auth
         if "down" in (backend, gateway, payload["ledger"]) or mesh == mesh_status.DOWN:
             status = "down"
         else:
@@ -457,6 +463,7 @@ async def main(argv: list[str]) -> None:
     os.makedirs(args.state_dir, exist_ok=True)
     admin = Admin(args)
     await admin.live.start()
+    watcher = asyncio.create_task(admin.watch_auth())
     host, _, port = args.listen.rpartition(":")
     server = await asyncio.start_server(admin.serve, host.strip("[]"), int(port))
     stop = asyncio.Event()
@@ -466,6 +473,7 @@ async def main(argv: list[str]) -> None:
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         admin.live.close()  # the workers stop streaming; open event streams end
         server.close()
         with contextlib.suppress(TimeoutError):  # a long poll may still wait: not for long

@@ -33,7 +33,7 @@ def test_livez_readyz_and_auth_reachability(tmp_path):
     auth = AuthStandin().start()
     stack = Stack(tmp_path / "data", auth.url, REGISTRY_WORKERS="1").start()
     try:
-        wait_for(lambda: get(stack, "/readyz").status_code == 200)
+        wait_for(lambda: get(stack, "/readyz").json().get("auth") == "ok")
         ready = get(stack, "/readyz").json()
         assert ready["status"] == "ready" and ready["auth"] == "ok", ready
         assert get(stack, "/livez").status_code == 200
@@ -56,6 +56,7 @@ def test_livez_readyz_and_auth_reachability(tmp_path):
 
         # Auth unreachable: reported, but neither unready nor down (issued tokens still work).
         auth.stop()
+        wait_for(lambda: get(stack, "/readyz").json()["auth"] == "unreachable", timeout=10)
         r = get(stack, "/readyz")
         assert r.status_code == 200 and r.json()["auth"] == "unreachable", r.text
         r = get(stack, "/healthz")
