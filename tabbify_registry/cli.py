@@ -35,7 +35,7 @@ from mesh.state import MeshError, write_atomic
 from tabbify_registry import deployment, devauth, nodes, policy_cmd
 from tabbify_registry import gc as gc_cmd
 from tabbify_registry import settings as settings_mod
-from tabbify_registry.logrelay import LogRelay, OperatorText
+from tabbify_registry.logrelay import LogRelay, OperatorText, program_name
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
@@ -399,7 +399,7 @@ def run(env: Mapping[str, str]) -> int:
     status = wait_reaping(supervisord.pid)
     if fatal.exists():
         program = fatal.read_text().strip()
-        relay.log("error", f"{program} could not start; stopped")
+        relay.log("error", f"{program_name(program)} could not start: every program stopped")
         status = 1
     else:
         relay.log("info", f"stopped (exit status {status})")
