@@ -25,6 +25,7 @@ from typing import IO
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
+from addons import redact
 from addons.metrics import Metrics
 from addons.record import record
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED = 50_000  # lines (~15 MiB at most)
 PIPE_BUF = 4096  # atomic write size on a pipe or FIFO (Linux)
 MAX_FIELD = 1024  # longer names are cut: a whole line must fit one atomic write
+MAX_USER_AGENT = 256  # the client's own words: kept short
 WRITE_EVERY = 0.02  # seconds between two writes of the queued lines
 
 
@@ -50,6 +52,11 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z"),
         "tenant": _cut(rec.tenant),
+        "subject": _cut(rec.subject),  # the Tabbify JWT's `sub`, as the token carries it
+        "client": flow.client_conn.peername[0] if flow.client_conn.peername else None,
+        # The client's own words: a credential pasted there is no more logged than elsewhere.
+        "user_agent": redact.text(flow.request.headers.get("user-agent", ""))[:MAX_USER_AGENT]
+        or None,
         # As sent: mitmproxy's `method` upper-cases, and a refused `get` is not a GET.
         "method": _cut(flow.request.data.method.decode("utf-8", "backslashreplace")),
         "kind": rec.kind,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -115,9 +116,12 @@ def make_master(
 ) -> master.Master:
     """The master with its addons, then the options: every addon's `configure` sees them."""
     m = master.Master(opts, with_termlog=False)
+    log = termlog.TermLog(out=sys.stderr)  # stdout is the access log (JSON lines) alone
+    # "LEVEL message": `run` reads the level and adds the time (tabbify_registry/logrelay.py).
+    log.logger.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     m.addons.add(
         errorcheck.ErrorCheck(),  # an error logged during start-up exits non-zero
-        termlog.TermLog(out=sys.stderr),  # stdout is the access log (JSON lines) alone
+        log,
         core.Core(),
         proxyserver.Proxyserver(),
         hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello gets a plain 400

@@ -90,6 +90,7 @@ class Answer:
     decision: str  # allow | deny:<reason>
     tenant: str | None = None
     auth_seconds: float | None = None  # how long Tabbify auth took, when it was asked
+    subject: str | None = None  # the Tabbify JWT's `sub`, for the access log
 
 
 def scope_refusal(scopes: list[str]) -> str | None:
@@ -161,6 +162,7 @@ class TokenEndpoint:
         assert rec.target is not None
         outcome = await self.answer(flow.request, rec.target)
         flow.response, rec.tenant, rec.decision = outcome.response, outcome.tenant, outcome.decision
+        rec.subject = outcome.subject
         rec.auth_seconds = outcome.auth_seconds
 
     async def answer(self, request: http.Request, target: Target) -> Answer:
@@ -217,7 +219,13 @@ class TokenEndpoint:
             verdict.tenant, subject=verdict.subject, scopes=granted if scopes else None
         )
         payload = token_payload(token, issued, granted if method == "POST" else None)
-        return Answer(oci.json_response(200, payload), "allow", verdict.tenant, verdict.seconds)
+        return Answer(
+            oci.json_response(200, payload),
+            "allow",
+            verdict.tenant,
+            verdict.seconds,
+            verdict.subject,
+        )
 
     async def validate(self, credential: str) -> Verdict:
         """Ask auth; the overall wait is bounded whatever auth does."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on a fresh Debian 12 machine: system packages, then a Python >= 3.12 venv
-# at .venv with the project installed (editable: supervisord.conf and the addons are used
-# from the checkout). Usage: scripts/setup.sh [--test]
+# at .venv with the project installed (editable: the addons and tabbify_registry/supervisord.conf
+# are used from the checkout). Usage: scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

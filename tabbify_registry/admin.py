@@ -40,6 +40,7 @@ PROBE_TIMEOUT = 2.0
 STALE = 5.0  # seconds: a worker that has not published for this long is not counted live
 MAX_SECONDS, MAX_MB = 3600.0, 1024.0
 MAX_STATE = 1 << 20
+AUTH_EVERY = 2.0  # seconds between two probes of auth's host
 
 
 async def backend_ok(url: str, authorization: str | None = None) -> bool:
@@ -63,6 +64,21 @@ async def backend_ok(url: str, authorization: str | None = None) -> bool:
         return False
     finally:
         writer.close()
+
+
+async def reachable(url: str) -> bool:
+    """Auth's host accepts a TCP connection (no request: a probe must not show up as a
+    validation in auth's logs, nor cost it a token check)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, port), PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    return True
 
 
 def positive(value: str) -> float | None:
@@ -137,6 +153,13 @@ class Admin:
         csrf_token = secrets.token_urlsafe(32)
         self.guard = adminhttp.Guard(args.listen, csrf_token)
         self.live = LiveView(Path(args.state_dir), csrf_token, self.workers_streaming)
+        self.auth = "unknown" if args.auth_url else "absent"  # watch_auth keeps it current
+
+    async def watch_auth(self) -> None:
+        """Whether auth's host accepts a connection, every AUTH_EVERY seconds."""
+        while self.args.auth_url:
+            self.auth = "ok" if await reachable(self.args.auth_url) else "unreachable"
+            await asyncio.sleep(AUTH_EVERY)
 
     def workers_streaming(self) -> int:
         """Live workers that say they stream to the live view (addons/flowfeed.py)."""
@@ -167,11 +190,38 @@ class Admin:
         payload["ledger"] = "absent" if not ledgers else ("down" if down else "ok")
         if down and down[0].get("reason"):
             payload["ledger_reason"] = down[0]["reason"]
+        # Reported, never a reason to be down or unready: issued registry tokens keep working
+        # without auth (only new logins wait), and every node shares the one auth service, so
+        # draining or restarting nodes for its blip would take the whole registry away instead
+        # of only its logins. Read from the last probe: a probe of an auth host that does not
+        # answer must not make the health answer slow enough to fail an orchestrator's probe.
+        payload["auth"] = self.auth
         if "down" in (backend, gateway, payload["ledger"]) or mesh == mesh_status.DOWN:
             status = "down"
         else:
             status = "degraded" if mesh == mesh_status.DEGRADED else "ok"
         return (503 if status == "down" else 200), {"status": status, **payload}
+
+    def live_status(self) -> tuple[int, dict[str, Any]]:
+        """/livez: the gateway serves (a worker published within STALE seconds: its event
+        loop runs), whatever the backend does. What a liveness probe may restart for."""
+        self.workers.refresh()
+        live = len(self.workers.live(time.time()))
+        payload = {"status": "ok" if live else "down", "gateway_workers": live}
+        return (200 if live else 503), payload
+
+    async def ready_status(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: the gateway, the backend, the ledger and (where configured) the mesh are
+        ready; else 503 with `not_ready` naming them. A degraded mesh (current peers served,
+        coordinator unreachable) is ready; auth is reported and never makes it unready."""
+        _, health = await self.health()
+        not_ready = [
+            part for part in ("gateway", "backend", "ledger", "mesh") if health[part] == "down"
+        ]
+        payload = {**health, "status": "not ready" if not_ready else "ready"}
+        if not_ready:
+            payload["not_ready"] = not_ready
+        return (503 if not_ready else 200), payload
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -338,6 +388,12 @@ class Admin:
         if parts.path == "/healthz" and method == "GET":
             status, payload = await self.health()
             return status, "application/json", json.dumps(payload).encode()
+        if parts.path == "/livez" and method == "GET":
+            status, payload = self.live_status()
+            return status, "application/json", json.dumps(payload).encode()
+        if parts.path == "/readyz" and method == "GET":
+            status, payload = await self.ready_status()
+            return status, "application/json", json.dumps(payload).encode()
         if parts.path == "/metrics" and method == "GET":
             return 200, "text/plain; version=0.0.4", self.metrics_text().encode()
         if parts.path == "/capture":
@@ -404,15 +460,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-dir", default="")
     parser.add_argument("--mesh-interface", default="")
     parser.add_argument("--mesh-status", default="")
+    parser.add_argument("--auth-url", default="", help="REGISTRY_AUTH_URL (reported only)")
     return parser.parse_args(argv)
 
 
 async def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
+    )
     os.makedirs(args.state_dir, exist_ok=True)
     admin = Admin(args)
     await admin.live.start()
+    watcher = asyncio.create_task(admin.watch_auth())
     host, _, port = args.listen.rpartition(":")
     server = await asyncio.start_server(admin.serve, host.strip("[]"), int(port))
     stop = asyncio.Event()
@@ -422,6 +482,7 @@ async def main(argv: list[str]) -> None:
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         admin.live.close()  # the workers stop streaming; open event streams end
         server.close()
         with contextlib.suppress(TimeoutError):  # a long poll may still wait: not for long

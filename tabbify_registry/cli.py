@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import math
 import os
@@ -32,15 +33,14 @@ from addons import backend_auth, policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
+from tabbify_registry import deployment, devauth, nodes, policy_cmd
 from tabbify_registry import gc as gc_cmd
-from tabbify_registry import nodes, policy_cmd
 from tabbify_registry import settings as settings_mod
-from tabbify_registry.logrelay import LogRelay
+from tabbify_registry.logrelay import LogRelay, OperatorText, program_name
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (installed editable)
-SUPERVISORD_CONF = ROOT / "supervisord.conf"
+SUPERVISORD_CONF = Path(__file__).resolve().parent / "supervisord.conf"  # package data
 BIN = Path(sys.executable).parent
 
 
@@ -56,12 +56,15 @@ def mitmdump_command(s: Settings) -> list[str]:
     # A listen address (and realm) derived from the mesh follows the ULA in state.json when the
     # coordinator moves the node (addons/meshaddress.py); explicit settings stay as they are.
     follow = s.mesh_coordinator_url is not None and s.listen_from_mesh
+    # [::] is every address of both families, as Go and Linux take it: no listen host, where
+    # asyncio binds 0.0.0.0 and :: (a host of "::" alone would be IPv6 only, V6ONLY).
+    host = "" if s.listen.host == "::" else f"{s.listen.host}:"
     return [
         sys.executable, "-m", "addons.gateway",
-        "--mode", f"reverse:{upstream}@{s.listen.host}:{s.listen.port}",
+        "--mode", f"reverse:{upstream}@{host}{s.listen.port}",
         "--set", "connection_strategy=lazy",
         "--set", f"confdir={s.runtime_dir / 'mitmproxy'}",
-        "--set", "termlog_verbosity=warn",
+        "--set", f"termlog_verbosity={GATEWAY_VERBOSITY[s.log_level]}",
         "--set", f"registry_anonymous={'true' if s.anonymous else 'false'}",
         "--set", f"registry_realm={s.realm}",
         "--set", f"registry_auth_url={s.auth_url or ''}",
@@ -97,6 +100,10 @@ def worker_share(cap: int, workers: int) -> int:
         return cap
     even = cap / workers
     return min(cap, math.ceil(even + 3 * math.sqrt(even * (1 - 1 / workers))))
+
+
+# mitmproxy's engine logs every client connection at info: that is debugging detail here.
+GATEWAY_VERBOSITY = {"debug": "info", "info": "warn", "warning": "warn", "error": "error"}
 
 
 def ledger_spec(s: Settings) -> str:
@@ -155,6 +162,7 @@ def admin_command(s: Settings) -> list[str]:
         "--log-dir", str(s.log_dir),
         "--mesh-interface", s.mesh_interface if s.mesh_coordinator_url else "",
         "--mesh-status", str(mesh_dir / "status.json") if mesh_dir else "",
+        "--auth-url", s.auth_url or "",
     ]  # fmt: skip
 
 
@@ -224,7 +232,8 @@ def raise_fd_limit() -> int:
 def start_log_relay(s: Settings) -> LogRelay:
     """The FIFOs every program writes into, drained by this process (logrelay.py)."""
     s.log_dir.mkdir(parents=True, exist_ok=True)
-    relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer)
+    readable = sys.stderr.isatty()  # a person at a terminal, not a log shipper
+    relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer, s.log_level, readable)
     workers = [f"mitmdump-{n}" for n in range(s.workers)]
     for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers))):
         relay.fifo(name, per_request_line if name == "backend.log" else None)
@@ -343,6 +352,31 @@ def printable_config(s: Settings) -> dict[str, object]:
     return config
 
 
+def summary(s: Settings) -> list[str]:
+    """What `run` says at start: where it listens, in which mode, where the operator looks."""
+    listen = f"listening on http://{s.listen.hostport}"
+    if s.external_url != f"http://{s.listen.hostport}":
+        listen += f" (clients use {s.external_url})"
+    if s.listen.is_wildcard and s.external_url_derived:
+        listen += "; set REGISTRY_EXTERNAL_URL to the URL other machines use (the token realm)"
+    if s.anonymous:
+        mode = "mode: anonymous dev mode (no login, no namespaces, loopback only)"
+    else:
+        mode = f"mode: Tabbify auth at {s.auth_url}"
+    admin = f"http://{s.admin_addr.hostport}"
+    backend = {"external": "an external registry", "zot": "Zot", "distribution": "Distribution"}
+    storage = f"S3 bucket {s.s3_bucket}" if s.storage == "s3" else "local storage"
+    workers = f"{s.workers} gateway worker{'s' if s.workers != 1 else ''}"
+    return [
+        f"tabbify-registry {version()} starting",
+        listen,
+        mode,
+        f"admin on {admin} (live view /, /metrics, /healthz, /livez, /readyz)",
+        f"data in {s.data_dir}; backend: {backend[s.backend]} on {s.backend_addr.hostport} "
+        f"({storage}); {workers}",
+    ]
+
+
 def wait_reaping(pid: int) -> int:
     """Wait for supervisord, reaping every other child on the way: as a container's PID 1 we
     inherit orphans (wireguard-go's daemon among them) and must not leave zombies."""
@@ -363,10 +397,16 @@ def run(env: Mapping[str, str]) -> int:
     require_backend(s)  # before the mesh: a node that cannot serve should not join
     if s.mesh_coordinator_url:
         # With a mesh, the gateway listens on [ULA]:5000 and the realm names that address.
-        s = settings_mod.load(env, ula=bootstrap.up(s))
+        # Its warnings are operator lines too (the relay does not run yet).
+        said = OperatorText("mesh", sys.stderr.buffer, s.log_level, sys.stderr.isatty())
+        with contextlib.redirect_stderr(said):
+            ula = bootstrap.up(s)
+        s = settings_mod.load(env, ula=ula)
     s.runtime_dir.mkdir(parents=True, exist_ok=True)
     (s.data_dir / "zot-cache").mkdir(exist_ok=True)
     _lock = lock_data_dir(s)
+    # For gc, policy and config given this data dir: the settings this run uses.
+    deployment.write(env, s)
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
     write_backend_credential(s)
@@ -377,6 +417,8 @@ def run(env: Mapping[str, str]) -> int:
     key_fd = token_key(minfds)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     relay = start_log_relay(s)
+    for line in summary(s):
+        relay.log("info", line)
 
     supervisord = subprocess.Popen(
         [str(BIN / "supervisord"), "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
@@ -393,19 +435,74 @@ def run(env: Mapping[str, str]) -> int:
     assert supervisord.stdout is not None and supervisord.stderr is not None
     relay.source(supervisord.stdout.fileno(), "supervisord", "stderr")
     relay.source(supervisord.stderr.fileno(), "supervisord", "stderr")
+
+    def forward(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:  # supervisord's reload: every program restarted
+            relay.log("info", "restarting every program on SIGHUP")
+        else:
+            relay.log("info", f"stopping on {signal.Signals(signum).name}")
+        supervisord.send_signal(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: supervisord.send_signal(signum))
+        signal.signal(sig, forward)
     status = wait_reaping(supervisord.pid)
-    relay.drain()
     if fatal.exists():
         program = fatal.read_text().strip()
-        print(f"tabbify-registry: {program} could not start; stopped", file=sys.stderr)
-        return 1
+        relay.log("error", f"{program_name(program)} could not start: every program stopped")
+        status = 1
+    else:
+        relay.log("info", f"stopped (exit status {status})")
+    relay.drain()
     return status
 
 
+ENVIRONMENT = """\
+environment (read by run, config, gc and policy; see the README for each):
+  REGISTRY_DATA_DIR              everything persistent (default /var/lib/tabbify-registry)
+  REGISTRY_STORAGE               local (default) or s3
+  REGISTRY_S3_BUCKET, REGISTRY_S3_REGION, REGISTRY_S3_ENDPOINT   with s3
+  REGISTRY_AUTH_URL              Tabbify auth base URL; unset = anonymous dev mode, loopback only
+  REGISTRY_LISTEN                gateway address (default 127.0.0.1:5000, [ULA]:5000 on a mesh)
+  REGISTRY_EXTERNAL_URL          the base URL clients use (default http://<listen address>)
+  REGISTRY_ADMIN_ADDR            health, metrics, live view; loopback (default 127.0.0.1:5002)
+  REGISTRY_BACKEND               zot, distribution or external (default: zot if on PATH)
+  REGISTRY_BACKEND_ADDR          the backend's loopback address (default 127.0.0.1:5001)
+  REGISTRY_WORKERS               gateway worker processes (default: number of cores)
+  REGISTRY_LOG_LEVEL             operator log (stderr): debug, info (default), warning, error
+  REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
+  REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
+  REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
+  REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
+  REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
+  REGISTRY_MAX_CLIENT_CONNECTIONS  connections of one client address (default 256)
+  REGISTRY_LEDGER_URL            shared ledger, s3://bucket/prefix or postgresql://...
+  REGISTRY_TOKEN_KEY_FILE        shared registry-token keys for several nodes
+  REGISTRY_HTTP_SECRET_FILE      shared upload-state secret for several nodes
+  REGISTRY_CACHE_URL             shared Zot dedupe cache for several nodes
+  REGISTRY_CLUSTER_MEMBERS, REGISTRY_CLUSTER_HASH_KEY   a Zot cluster
+  MESH_COORDINATOR_URL           mesh coordinator; unset = no mesh
+  MESH_AUTH_KEY                  join credential for the coordinator
+  MESH_INTERFACE                 WireGuard interface (default tbf0)
+  MESH_POLL_SECONDS              peer set refresh (default 30)
+"""
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), not a copy kept in the code."""
+    try:
+        return importlib.metadata.version("tabbify-registry")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tabbify-registry")
+    parser = argparse.ArgumentParser(
+        prog="tabbify-registry",
+        description="Private OCI registry front door (see the README).",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tabbify-registry {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="mesh bootstrap, backend config, supervisord (foreground)")
     sub.add_parser("config", help="print the rendered backend config")
@@ -413,17 +510,23 @@ def main(argv: list[str] | None = None) -> None:
     mesh.add_argument("action", choices=["up"])
     policy_cmd.add_parser(sub)
     gc_cmd.add_parser(sub)
+    devauth.add_parser(sub)
     args = parser.parse_args(argv)
     env = os.environ
     try:
-        if args.command == "policy":
+        if args.command == "dev-auth":
+            sys.exit(devauth.main(args))
+        elif args.command == "policy":
             sys.exit(policy_cmd.main(env, args))
         elif args.command == "gc":
-            sys.exit(gc_cmd.main(settings_mod.load(env), args))
+            # Acts on the running deployment: only with the settings it records.
+            deployed = deployment.environment(env, required=True)
+            sys.exit(gc_cmd.main(settings_mod.load(deployed), args))
         elif args.command == "run":
             sys.exit(run(env))
         elif args.command == "config":
-            print(json.dumps(printable_config(settings_mod.load(env)), indent=2))
+            deployed = deployment.environment(env, required=False)
+            print(json.dumps(printable_config(settings_mod.load(deployed)), indent=2))
         else:
             s = settings_mod.load(env)
             if s.mesh_coordinator_url is None:

@@ -671,7 +671,9 @@ def add_parser(sub: Any) -> None:
 
 
 def main(s: Settings, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
+    )
     if s.nodes.ledger_url is not None and s.backend != "zot":
         # Push times and sizes live in the single-node ledger; several nodes would also have
         # to freeze each other's writes. Not built yet (README, known limits).

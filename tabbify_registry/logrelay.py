@@ -7,8 +7,12 @@ use them as the programs' log files; the gateway workers write their access log 
 and writes them out from its own threads:
 
 - stdout: the access log, one JSON object per line, exactly as the gateway wrote it;
-- stderr: the operator log, one JSON object per line: `{"time", "source", "message"}` where
-  `source` names the program (`backend`, `mitmdump-0`, `mesh`, `supervisord`, …).
+- stderr: the operator log, one JSON object per line: `{"time", "level", "source",
+  "message"}` where `source` names the program (`backend`, `mitmdump-0`, `mesh`, `run`, …).
+  Each program's own format is read for its level (`classify`) and its timestamp dropped;
+  supervisord's chatter about its own mechanics becomes debug, what happened to a program is
+  said in the operator's terms. Lines below REGISTRY_LOG_LEVEL are not relayed. On a
+  terminal, the same lines in a readable form instead of JSON.
 
 When a consumer stops reading (a pipe nobody drains, a stuck log shipper), the queues fill
 and whole lines are dropped and counted instead of blocking anything upstream; one warning
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
+import re
 import selectors
 import stat
 import threading
@@ -36,18 +42,139 @@ MAX_LINE = 64 * 1024  # a longer line is cut (the access log's are < 4 KiB)
 STATUS_EVERY = 1.0
 
 
-def operator_line(source: str, message: str) -> bytes:
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-    entry = {"time": now.replace("+00:00", "Z"), "source": source, "message": message}
+LEVELS = ("debug", "info", "warning", "error")
+_LEVEL_NAMES = {
+    "debug": "debug", "debg": "debug", "trace": "debug", "trac": "debug", "blat": "debug",
+    "info": "info", "warn": "warning", "warning": "warning",
+    "error": "error", "erro": "error", "crit": "error", "critical": "error", "fatal": "error",
+    "panic": "error",
+}  # fmt: skip
+
+
+def operator_line(source: str, message: str, level: str = "info", readable: bool = False) -> bytes:
+    now = datetime.datetime.now(datetime.UTC)
+    if readable:  # a terminal: for a person, not a log shipper
+        clock = now.strftime("%H:%M:%S")
+        return f"{clock} {level.upper():<7} {source}: {message}\n".encode()
+    time_ = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    entry = {"time": time_, "level": level, "source": source, "message": message}
     return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+
+
+_SUPERVISORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]{4}) (.*)")
+_PYTHON = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)")
+_LOGFMT_TIME = re.compile(r'time="[^"]*" ?')
+_LOGFMT_LEVEL = re.compile(r"\blevel=(\w+)")
+_TRACEBACK = re.compile(r'Traceback |\s+File "|\w+(Error|Exception)\b')
+
+# What supervisord says about a program, as the operator would say it (None: its own words),
+# and at which level: its mechanics of a normal start and stop are debug.
+_SUPERVISORD_SAYS: list[tuple[re.Pattern[str], str, str | None]] = [
+    (re.compile(r"exited: (\S+) \((.*); not expected\)"), "warning",
+     "{0} exited unexpectedly ({1}); restarting it"),
+    (re.compile(r"gave up: (\S+) entered FATAL state.*"), "error",
+     "{0} could not start (it failed again at each retry)"),
+    (re.compile(r"killing '(\S+)' \((\d+)\) with SIGKILL"), "warning",
+     "{0} did not stop in time: killed"),
+    (re.compile(r"exited: (\S+) \((.*); expected\)"), "info", "{0} exited ({1})"),
+    (re.compile(r"spawnerr: (.*)"), "warning", "a program could not be started: {0}"),
+    (re.compile(r"stopped: (\S+) \((.*)\)"), "debug", "{0} stopped ({1})"),
+    (re.compile(r"(spawned|success|waiting for|received|Included|RPC interface|supervisord started"
+                r").*"), "debug",
+     None),
+    (re.compile(r"Supervisor is running as root.*|Server 'unix_http_server' running without.*"),
+     "debug", None),  # run as root by choice (the mesh); the socket is 0700 in the run dir
+]  # fmt: skip
+
+
+def program_name(name: str) -> str:
+    """supervisord's process names in the operator's words."""
+    if name.startswith("mitmdump-"):
+        return f"gateway worker {name.removeprefix('mitmdump-')}"
+    return {"backend": "the backend", "admin": "the admin endpoint", "gc": "the periodic GC",
+            "mesh": "the mesh follower"}.get(name, name)  # fmt: skip
+
+
+def _level(name: str, default: str = "info") -> str:
+    return _LEVEL_NAMES.get(name.lower(), default)
+
+
+def classify(source: str, line: str) -> tuple[str, str]:
+    """(level, message) of one line a program wrote: its level read from the program's own
+    format, its own timestamp dropped (the operator line has one)."""
+    if source == "supervisord":
+        m = _SUPERVISORD.fullmatch(line)
+        if m is None:
+            return "info", line
+        level, message = _level(m[1]), m[2]
+        for pattern, said_level, said in _SUPERVISORD_SAYS:
+            if found := pattern.fullmatch(message):
+                if said is None:
+                    return said_level, message
+                return said_level, said.format(program_name(found[1]), *found.groups()[1:])
+        return level, message
+    if line.startswith("{"):  # Zot: one JSON object per line
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                level = _level(str(entry.pop("level", "info")))
+                entry.pop("time", None)
+                message = entry.pop("message", None) or entry.pop("msg", None)
+                if source == "gc" and "gc" in entry:  # the periodic GC's summary
+                    failed = str(entry["gc"]).startswith("failed")
+                    return ("error" if failed else "info"), f"garbage collection: {entry['gc']}"
+                rest = json.dumps(entry, ensure_ascii=False) if entry else ""
+                return level, " ".join(str(p) for p in (message, rest) if p)
+    if m := _PYTHON.fullmatch(line):  # our programs: "LEVEL message"
+        return _level(m[1]), m[2]
+    if source == "backend" and (m := _LOGFMT_LEVEL.search(line)):  # Distribution (logrus)
+        return _level(m[1]), _LOGFMT_TIME.sub("", line, count=1)
+    if line.startswith("tabbify-registry mesh: "):  # mesh.bootstrap.warn
+        return "warning", line.removeprefix("tabbify-registry mesh: ")
+    if line.startswith(("tabbify-registry gc: ", "gateway: ")):  # a refusal at start
+        return "error", line
+    if _TRACEBACK.match(line):
+        return "error", line
+    return "info", line
+
+
+class OperatorText(io.TextIOBase):
+    """A text stream whose lines become operator lines of `source`, written at once to `out`:
+    for what `run` itself prints before the relay runs (the mesh bootstrap's warnings), as
+    `contextlib.redirect_stderr(OperatorText(...))`."""
+
+    def __init__(self, source: str, out: IO[bytes], level: str, readable: bool) -> None:
+        self.source, self.out, self.readable = source, out, readable
+        self.threshold = LEVELS.index(level)
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                level, message = classify(self.source, line)
+                if LEVELS.index(level) >= self.threshold:
+                    self.out.write(operator_line(self.source, message, level, self.readable))
+        self.out.flush()
+        return len(text)
 
 
 class Stream:
     """One output (stdout or stderr): a bounded queue of lines and a writer thread.
     `warn` receives one line about dropped lines once the consumer reads again."""
 
-    def __init__(self, name: str, out: IO[bytes], warn: Callable[[bytes], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        out: IO[bytes],
+        warn: Callable[[bytes], None] | None = None,
+        readable: bool = False,
+    ):
         self.name = name
+        self.readable = readable
         self.out = out
         self.warn = warn or self.put
         self.queue: deque[bytes] = deque()
@@ -81,19 +208,30 @@ class Stream:
                 continue
             if dropped:  # said once the consumer reads again, not once per dropped line
                 message = f"{dropped} {self.name} lines dropped while nobody was reading"
-                self.warn(operator_line("run", message))
+                self.warn(operator_line("run", message, "warning", self.readable))
 
 
 class LogRelay:
     """Reads the FIFOs of a log directory and the sources given, forever, in one thread."""
 
-    def __init__(self, directory: Path, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        stdout: IO[bytes],
+        stderr: IO[bytes],
+        level: str = "info",
+        readable: bool = False,
+    ) -> None:
         self.directory = directory
-        operator = Stream("stderr", stderr)
-        self.streams = {"stdout": Stream("stdout", stdout, operator.put), "stderr": operator}
+        self.threshold = LEVELS.index(level)
+        self.readable = readable
+        operator = Stream("stderr", stderr, readable=readable)
+        stdout_stream = Stream("stdout", stdout, operator.put, readable=readable)
+        self.streams = {"stdout": stdout_stream, "stderr": operator}
         self._selector = selectors.DefaultSelector()
         self._partial: dict[int, bytes] = {}
         self._drop: dict[int, Callable[[bytes], bool]] = {}
+        self._last_level: dict[int, str] = {}
         self._keep_open: list[int] = []
 
     def fifo(self, name: str, drop: Callable[[bytes], bool] | None = None) -> Path:
@@ -150,8 +288,19 @@ class LogRelay:
                 continue
             if stream == "stdout":
                 out.put(line + b"\n")
+                continue
+            text = line.decode("utf-8", "replace")
+            if text[:1] in (" ", "\t") and fd in self._last_level:
+                level = self._last_level[fd]  # a traceback's or a message's next line
             else:
-                out.put(operator_line(source, line.decode("utf-8", "replace")))
+                level, text = classify(source, text)
+            self._last_level[fd] = level
+            self.log(level, text, source=source)
+
+    def log(self, level: str, message: str, source: str = "run") -> None:
+        """One operator line (stderr), unless below REGISTRY_LOG_LEVEL."""
+        if LEVELS.index(level) >= self.threshold:
+            self.streams["stderr"].put(operator_line(source, message, level, self.readable))
 
     def drain(self, timeout: float = 2.0) -> None:
         """At exit: give the writers a bounded moment to write what is queued."""

@@ -14,7 +14,8 @@ from pathlib import Path
 from addons.policy import ACTIONS, Policy, PolicyError, is_repository, load
 from addons.policy_store import describe, read
 from addons.routes import is_component
-from tabbify_registry.settings import ConfigError, parse_policy_file
+from tabbify_registry import deployment
+from tabbify_registry.settings import ConfigError, parse_data_dir, parse_policy_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -53,6 +54,15 @@ def explain(env: Mapping[str, str], args: argparse.Namespace) -> int:
 
 
 def main(env: Mapping[str, str], args: argparse.Namespace) -> int:
+    if args.policy_command == "explain" or args.file is None:
+        # The deployment's policy file (and mode), as `run` uses them there.
+        env = deployment.environment(env, required=False)
+        recorded = deployment.read(parse_data_dir(env)) is not None
+        if args.policy_command == "explain" and recorded and not env.get("REGISTRY_AUTH_URL"):
+            raise ConfigError(
+                f"the registry at {parse_data_dir(env)} runs in anonymous dev mode (no "
+                "REGISTRY_AUTH_URL): no policy applies there"
+            )
     try:
         if args.policy_command == "check":
             return check(env, args.file)

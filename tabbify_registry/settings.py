@@ -33,6 +33,11 @@ class Address:
         return ipaddress.ip_address(self.host).is_loopback
 
     @property
+    def is_wildcard(self) -> bool:
+        """0.0.0.0 or [::]: every address of the host (a container behind a published port)."""
+        return ipaddress.ip_address(self.host).is_unspecified
+
+    @property
     def hostport(self) -> str:
         """host:port as it appears in a URL (IPv6 in brackets)."""
         if ":" in self.host:
@@ -66,6 +71,7 @@ class Settings:
     catalog_scan: int = 20_000  # names one catalog page looks at, at most
     max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
+    log_level: str = "info"  # the operator log's (stderr) threshold
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
@@ -180,6 +186,17 @@ def parse_gc_interval(env: Mapping[str, str]) -> int | None:
     return seconds
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(env: Mapping[str, str]) -> str:
+    """REGISTRY_LOG_LEVEL: the operator log's threshold; the access log is not affected."""
+    value = _opt(env, "REGISTRY_LOG_LEVEL") or "info"
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"REGISTRY_LOG_LEVEL={value!r}: expected {', '.join(LOG_LEVELS)}")
+    return value
+
+
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     """Parse the environment. `ula` is the mesh address once the bootstrap has one."""
     data_dir = parse_data_dir(env)
@@ -212,9 +229,6 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             f"REGISTRY_LISTEN={listen.hostport}: anonymous dev mode (no REGISTRY_AUTH_URL) "
             "listens on loopback only"
         )
-    if ipaddress.ip_address(listen.host).is_unspecified:
-        raise ConfigError(f"REGISTRY_LISTEN={listen.hostport}: bind one address, not all")
-
     backend = env.get("REGISTRY_BACKEND") or default_backend()
     if backend not in ("zot", "distribution", "external"):
         raise ConfigError(
@@ -250,9 +264,13 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             "at start): unset it and trust the CA with SSL_CERT_FILE=<the same PEM file>"
         )
 
-    external_url = _url(
-        "REGISTRY_EXTERNAL_URL", env.get("REGISTRY_EXTERNAL_URL") or f"http://{listen.hostport}"
+    # The token realm is built from the external URL, never from a request's Host. Listening
+    # on every address (a container behind `-p 5000:5000`) without one, the realm names this
+    # machine as its own clients reach it; `run`'s summary tells other machines' users to set it.
+    default_url = (
+        f"http://localhost:{listen.port}" if listen.is_wildcard else f"http://{listen.hostport}"
     )
+    external_url = _url("REGISTRY_EXTERNAL_URL", env.get("REGISTRY_EXTERNAL_URL") or default_url)
 
     admin_addr = parse_address(
         "REGISTRY_ADMIN_ADDR", env.get("REGISTRY_ADMIN_ADDR") or "127.0.0.1:5002"
@@ -297,6 +315,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         catalog_scan=int(_number(env, "REGISTRY_CATALOG_SCAN", 20_000, 10, 10_000_000)),
         max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
+        log_level=parse_log_level(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,

@@ -1025,6 +1025,24 @@ def test_access_log_line_for_an_allowed_request(gw):
     assert token not in gw.out.getvalue()
 
 
+def test_access_log_names_the_subject_the_client_and_its_user_agent(gw):
+    """Who did it, from where, with what: the JWT's `sub` (at the token exchange and on every
+    request with the token minted from it), the peer address, the client's User-Agent."""
+    gw.fake_auth(Verdict("granted", tenant="acme", subject="alice@acme"))
+    agent = ("User-Agent", "containers/5.0 (github.com/containers/image)")
+    exchange = token_get(gw, [basic("x", TABBIFY_JWT), agent])
+    registry_token = json.loads(exchange.response.content)["token"]
+    request = gw.send(make_flow("GET", "/v2/acme/app/manifests/v1", [bearer(registry_token)]))
+    gw.backend_answers(request, tutils.tresp(status_code=200))
+    for f in (exchange, request):
+        gw.finish(f)
+    first, second = gw.log_lines()
+    assert first["subject"] == second["subject"] == "alice@acme"
+    assert first["user_agent"] == "containers/5.0 (github.com/containers/image)"
+    assert second["user_agent"] is None  # none sent
+    assert first["client"] == exchange.client_conn.peername[0]
+
+
 def test_access_log_line_for_a_refusal(gw):
     f = gw.send(make_flow("GET", "/v2/globex/app/manifests/v1", [bearer(token_for(gw))]))
     gw.finish(f)
@@ -1075,6 +1093,13 @@ def test_access_log_never_contains_credentials(gw):
         assert secret not in text
         assert secret.split(".")[2] not in text  # not even the signature part
     assert "Basic " not in text and "Bearer" not in text
+
+
+def test_a_credential_in_the_user_agent_is_not_logged(gw):
+    f = gw.send(make_flow("GET", "/v2/", [("User-Agent", f"curl/8 {TABBIFY_JWT}")]))
+    gw.finish(f)
+    [line] = gw.log_lines()
+    assert line["user_agent"] == "curl/8 REDACTED"
 
 
 def test_the_challenge_of_a_mount_asks_for_the_source_too():

@@ -20,6 +20,8 @@ def admin(stack: Stack) -> str:
 
 
 def test_healthz_names_what_is_down(registry):
+    # Auth's reachability is probed every 2 s from the admin program's start.
+    wait_for(lambda: requests.get(f"{admin(registry)}/healthz", timeout=10).json()["auth"] == "ok")
     r = requests.get(f"{admin(registry)}/healthz", timeout=10)
     assert r.status_code == 200
     assert r.json() == {
@@ -28,6 +30,7 @@ def test_healthz_names_what_is_down(registry):
         "gateway": "ok",
         "mesh": "absent",
         "ledger": "ok",
+        "auth": "ok",
     }
     registry.supervisorctl("stop", "backend")
     try:
@@ -39,6 +42,7 @@ def test_healthz_names_what_is_down(registry):
             "gateway": "ok",
             "mesh": "absent",
             "ledger": "ok",
+            "auth": "ok",
         }
     finally:
         registry.supervisorctl("start", "backend")

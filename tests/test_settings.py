@@ -188,9 +188,17 @@ def test_anonymous_mode_on_the_mesh():
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:5000", "[::]:5000"])
-def test_unspecified_listen_address(listen):
-    refused({**AUTH, "REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN")
-    refused({"REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN")
+def test_every_address_with_auth_on(listen):
+    """A container behind a published port: allowed with auth on; the token realm is the URL
+    clients use, or this machine's own name for it without one; anonymous mode stays on
+    loopback."""
+    external = {"REGISTRY_EXTERNAL_URL": "https://registry.example.com"}
+    s = load({**AUTH, **external, "REGISTRY_LISTEN": listen})
+    assert s.listen.is_wildcard and s.listen.port == 5000
+    assert s.realm == "https://registry.example.com/auth/token"
+    s = load({**AUTH, "REGISTRY_LISTEN": listen})
+    assert s.realm == "http://localhost:5000/auth/token"
+    assert "loopback" in str(refused({**external, "REGISTRY_LISTEN": listen}, "REGISTRY_LISTEN"))
 
 
 @pytest.mark.parametrize(
@@ -360,3 +368,11 @@ def test_the_connection_caps_reach_each_worker_as_its_share():
     assert opts["registry_max_client_pending"] == "25"
     with pytest.raises(ConfigError, match="REGISTRY_MAX_CLIENT_PENDING"):
         load({**AUTH, "REGISTRY_MAX_CLIENT_PENDING": "0"})
+
+
+def test_log_level():
+    assert load({}).log_level == "info"
+    for level in ("debug", "info", "warning", "error"):
+        assert load({"REGISTRY_LOG_LEVEL": level}).log_level == level
+    for bad in ("verbose", "INFO", "warn", "0"):
+        refused({"REGISTRY_LOG_LEVEL": bad}, "REGISTRY_LOG_LEVEL")

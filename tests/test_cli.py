@@ -1,0 +1,30 @@
+"""The command line as a user first meets it: --version, --help."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import tomllib
+
+from tests.stack import CLI, ROOT
+
+
+def test_version_is_one_line_from_the_package_metadata():
+    r = subprocess.run([CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.metadata.version("tabbify-registry") == expected
+    assert r.stdout == f"tabbify-registry {expected}\n" and r.stderr == ""
+
+
+def test_help_lists_every_variable_the_program_reads():
+    read = set()
+    for package in ("tabbify_registry", "addons", "mesh", "zot"):
+        for source in (ROOT / package).glob("*.py"):
+            read |= set(re.findall(r'"((?:REGISTRY|MESH)_[A-Z0-9_]+)', source.read_text()))
+    assert "REGISTRY_DATA_DIR" in read
+    r = subprocess.run([CLI, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    missing = sorted(v for v in read if not re.search(rf"\b{v}\b", r.stdout))
+    assert not missing, missing
