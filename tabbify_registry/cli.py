@@ -40,7 +40,19 @@ from tabbify_registry.logrelay import LogRelay, OperatorText, program_name
 from tabbify_registry.settings import ConfigError, Settings
 from zot import config as backend_config
 
-SUPERVISORD_CONF = Path(__file__).resolve().parent / "supervisord.conf"  # package data
+
+def supervisord_conf() -> Path:
+    """supervisord.conf: at the top of a checkout (editable install), else where an installed
+    package puts its data files (`<prefix>/share/tabbify-registry/`, the image)."""
+    checkout = Path(__file__).resolve().parent.parent / "supervisord.conf"
+    return (
+        checkout
+        if checkout.exists()
+        else Path(sys.prefix, "share", "tabbify-registry", checkout.name)
+    )
+
+
+SUPERVISORD_CONF = supervisord_conf()
 BIN = Path(sys.executable).parent
 
 

@@ -135,7 +135,7 @@ class Stack:
     def supervisorctl(self, *args: str) -> str:
         """supervisorctl against this stack. The gateway workers are `mitmdump:mitmdump-<n>`
         (`mitmdump:*` for all of them)."""
-        conf = ROOT / "tabbify_registry" / "supervisord.conf"
+        conf = ROOT / "supervisord.conf"
         run_dir = self.data_dir / "run"
         env = {**self.env, "TBF_RUNTIME_DIR": str(run_dir), "TBF_LOG_DIR": str(run_dir / "logs")}
         for key in ("PYTHON", "GATEWAY_COMMAND", "BACKEND_COMMAND", "ADMIN_COMMAND"):

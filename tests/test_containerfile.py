@@ -76,7 +76,7 @@ def test_the_image_installs_the_package_not_the_checkout(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "tabbify_registry/supervisord.conf" in names
+    assert any(n.endswith(".data/data/share/tabbify-registry/supervisord.conf") for n in names)
     assert "tabbify_registry/static/live.html" in names
     assert "tabbify_registry/probe.py" in names and "addons/gateway.py" in names
 
@@ -105,7 +105,7 @@ def test_stop_timeout_outlasts_supervisord_stopping_every_program():
     """supervisord stops its programs one after another, each waited for up to its
     stopwaitsecs (10 s unless set): the container's stop timeout must be longer."""
     conf = configparser.RawConfigParser()
-    conf.read(ROOT / "tabbify_registry" / "supervisord.conf")
+    conf.read(ROOT / "supervisord.conf")
     worst = sum(
         int(conf[section].get("stopwaitsecs", "10"))
         for section in conf.sections()
