@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 
 from mitmproxy import ctx, http
@@ -34,11 +35,17 @@ _PENDING = "tabbify.ledger"  # digests to record once the backend confirms
 _MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
-RECHECK_EVERY = 5.0  # seconds between two looks at the ledger file's health
+RECHECK_EVERY = 5.0  # seconds between two looks at the ledger's health
+RECHECK_LOST = 1.0  # the same while the ledger is not whole (pick up a rebuild soon)
+REBUILD_RETRY = (2.0, 15.0)  # backoff of a rebuild the backend fails
 
 
 class Unresolved(Exception):
-    """The walk that would tell whether a tenant holds a digest has not finished: 503."""
+    """The walk that would tell whether a tenant holds a digest has not finished, or the
+    ledger lost records and is not rebuilt yet: 503, never a 4xx."""
+
+
+REBUILDING = "the registry's ledger is being rebuilt; retry"
 
 
 class TenantIsolation:
@@ -74,33 +81,80 @@ class TenantIsolation:
         self._task = asyncio.create_task(self._walk())
 
     async def _walk(self) -> None:
-        """Walk what the ledger has not seen (worker 0; the other workers wait for its
-        marker); walk again if the ledger file had to be recreated; meanwhile keep an eye on
-        the file (health)."""
+        """At start, walk what the ledger has not seen (worker 0; the other workers wait for
+        its marker). Then keep an eye on the ledger (health: deleted, replaced, read-only,
+        corrupt) and, when it is not whole, rebuild it: worker 0, under the ledger's rebuild
+        lock (one process per node; PostgreSQL: one node), while the others answer 503 for
+        what it does not hold and pick up the rebuilt ledger at their next look."""
         assert self.ledger is not None and self.walker is not None
-        delay, recovered = WALK_RETRY[0], -1
+        ledger, delay = self.ledger, WALK_RETRY[0]
         marker = f"/run/{ctx.options.registry_run}"  # not a repository name: no clash
-        while True:
-            if recovered != self.ledger.recovered:
-                try:
-                    if ctx.options.registry_worker == 0:
-                        n = await asyncio.to_thread(self.walker.everything)
-                        await asyncio.to_thread(self.ledger.mark_walked, marker)
-                        logger.warning("ledger backfill: %d tenant digests recorded", n)
-                    elif not await asyncio.to_thread(self.ledger.walked, marker):
-                        await asyncio.sleep(WALK_RETRY[0])  # worker 0 is still walking
-                        continue
-                except Exception as e:
-                    logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, WALK_RETRY[1])
+        while not self.walk_done:
+            try:
+                if ctx.options.registry_worker == 0:
+                    if not await asyncio.to_thread(self._rebuild, True):
+                        raise Unresolved("another process is rebuilding the ledger")
+                    await asyncio.to_thread(ledger.mark_walked, marker)
+                elif not await asyncio.to_thread(ledger.walked, marker):
+                    await asyncio.sleep(WALK_RETRY[0])  # worker 0 is still walking
                     continue
-                self.walk_done, recovered, delay = True, self.ledger.recovered, WALK_RETRY[0]
-            await asyncio.sleep(RECHECK_EVERY)
-            await asyncio.to_thread(self.ledger.check)
-            if recovered != self.ledger.recovered:
-                self.walk_done = False
-                self._tenants_resolved.clear()
+            except Exception as e:
+                logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WALK_RETRY[1])
+                continue
+            self.walk_done = True
+        delay, was_whole = REBUILD_RETRY[0], ledger.whole
+        while True:
+            await asyncio.sleep(RECHECK_EVERY if ledger.whole else RECHECK_LOST)
+            await asyncio.to_thread(ledger.check)
+            if not ledger.whole and was_whole:
+                self._tenants_resolved.clear()  # what was resolved went with the lost records
+            was_whole = ledger.whole
+            if ledger.whole or ledger.state != "ok" or ctx.options.registry_worker != 0:
+                continue
+            try:
+                await asyncio.to_thread(self._rebuild, False)
+                delay = REBUILD_RETRY[0]
+            except Exception as e:
+                logger.warning("ledger rebuild failed (%s); retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REBUILD_RETRY[1])
+
+    def _rebuild(self, startup: bool) -> bool:
+        """Walk every repository the ledger has not seen; then it is whole. At start this
+        is the backfill (cheap: what was walked before is skipped). False if another process
+        holds the rebuild lock (we pick up its work at the next look). Blocking."""
+        assert self.ledger is not None and self.walker is not None
+        with self.ledger.rebuild_lock() as mine:
+            if not mine:
+                return False
+            if not startup and self.ledger.refresh_whole():
+                return True  # someone finished it meanwhile
+            started = time.monotonic()
+            n = self.walker.everything()
+            self.ledger.mark_whole()
+            logger.warning(
+                "ledger %s: %d tenant digests recorded in %.1f s",
+                "backfill" if startup else "rebuilt from the backend",
+                n,
+                time.monotonic() - started,
+            )
+        return True
+
+    def unavailable(self, e: Exception) -> str:
+        """The 503's message: the ledger cannot be read, or lost records and is being
+        rebuilt, or the start-up walk has not reached this yet."""
+        if isinstance(e, LedgerUnavailable):
+            return "the registry's ledger is unavailable; retry"
+        if self.ledger is not None and not self.ledger.whole:
+            return REBUILDING
+        return "the registry is still indexing its storage; retry"
+
+    def vouches(self) -> bool:
+        """The ledger can answer "no" (it is whole, or there is no backend to rebuild it
+        from): a catalog or a miss from it is an answer, not a guess."""
+        return self.ledger is not None and (self.walker is None or self.ledger.whole)
 
     async def _resolve(self, key: str, walk: Callable[[str], int], arg: str) -> None:
         """Run one walk (shared by every request waiting for it), waiting a bounded time."""
@@ -125,14 +179,16 @@ class TenantIsolation:
 
     async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
         """May the tenant read `digest` in `repository` (it holds it, or the repository
-        does)? While the start-up walk is unfinished, a miss walks the repository first,
-        then the tenant's other repositories (once). Raises LedgerUnavailable / Unresolved
-        (both 503)."""
+        does)? While the start-up walk is unfinished or the ledger is not whole, a miss walks
+        the repository first, then the tenant's other repositories (once). A miss the ledger
+        cannot vouch for (not whole: it lost records) is not a "no". Raises LedgerUnavailable
+        / Unresolved (both 503)."""
         if await self._readable(tenant, digest, repository):
             return True
-        if self.walker is None or self.walk_done:
-            return False  # walked: whatever exists came in through the gateway since
         assert self.ledger is not None
+        whole = self.ledger.whole or await asyncio.to_thread(self.ledger.refresh_whole)
+        if self.walker is None or (self.walk_done and whole):
+            return False  # walked: whatever exists came in through the gateway since
         if repository and not await asyncio.to_thread(self.ledger.walked, repository):
             await self._resolve(repository, self.walker.repository, repository)
             if await self._readable(tenant, digest, repository):
@@ -140,7 +196,10 @@ class TenantIsolation:
         if tenant not in self._tenants_resolved:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
             self._tenants_resolved.add(tenant)
-            return await self._lookup(tenant, digest)
+            if await self._lookup(tenant, digest):
+                return True
+        if not self.ledger.whole:
+            raise Unresolved(REBUILDING)
         return False
 
     async def _lookup(self, tenant: str, digest: str) -> bool:
@@ -169,7 +228,7 @@ class TenantIsolation:
             await self._decide(flow, rec, deny)
         except (LedgerUnavailable, Unresolved) as e:
             logger.warning("isolation cannot decide now: %s", e)
-            deny(503, "UNAVAILABLE", "the registry cannot check this now; retry", "ledger")
+            deny(503, "UNAVAILABLE", self.unavailable(e), "ledger")
 
     async def _decide(
         self, flow: http.HTTPFlow, rec: FlowRecord, deny: Callable[..., None]
@@ -227,7 +286,7 @@ class TenantIsolation:
             logger.warning("isolation cannot check a manifest now: %s", e)
             rec.decision = "deny:ledger"
             flow.response = oci.error_response(
-                503, "UNAVAILABLE", "the registry cannot check this now; retry", method=method
+                503, "UNAVAILABLE", self.unavailable(e), method=method
             )
             return
         if missing:

@@ -25,6 +25,7 @@ from mitmproxy import ctx, http
 
 from addons import oci, target
 from addons.gate import answered, fail_closed, respond
+from addons.isolation import REBUILDING
 from addons.ledger import LedgerUnavailable
 from addons.policy_store import PolicyFile
 from addons.record import record
@@ -107,6 +108,10 @@ class Listing:
         method = flow.request.method
         if ledger is None:
             respond(flow, json_answer(method, {"repositories": []}, None))
+            return
+        if not isolation.vouches():  # a catalog from a ledger that lost records misses names
+            rec.decision = "deny:ledger"
+            respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
             return
         n = int(rec.params.get("n", CATALOG_PAGE))
         last = rec.params.get("last", "")

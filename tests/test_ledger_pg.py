@@ -38,6 +38,8 @@ def test_the_factory_opens_it_and_logs_show_no_secret(postgres: Postgres) -> Non
 def test_a_record_made_on_one_node_is_seen_on_another(postgres: Postgres) -> None:
     url = postgres.database()
     a, b = PgLedger(url), PgLedger(url)  # the first creates the tables, the second finds them
+    a.mark_whole()
+    b.check()
     assert not b.has("acme", D[0])  # a miss is never cached ...
     a.add("acme", [D[0], D[1], D[0]])
     assert b.has("acme", D[0]) and b.has("acme", D[1])  # ... so B sees A's push at once
