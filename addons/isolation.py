@@ -54,7 +54,8 @@ class TenantIsolation:
         self.walker: Walker | None = None
         self.walk_done = False  # this process has walked everything it had not seen
         self._resolving: dict[str, asyncio.Future[int]] = {}
-        self._tenants_resolved: set[str] = set()
+        # tenant → the ledger's `losses` when its repositories were walked for a request
+        self._tenants_resolved: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
@@ -104,17 +105,17 @@ class TenantIsolation:
                 delay = min(delay * 2, WALK_RETRY[1])
                 continue
             self.walk_done = True
-        delay, was_whole = REBUILD_RETRY[0], ledger.whole
+        delay = REBUILD_RETRY[0]
         while True:
             await asyncio.sleep(RECHECK_EVERY if ledger.whole else RECHECK_LOST)
             await asyncio.to_thread(ledger.check)
-            if not ledger.whole and was_whole:
-                self._tenants_resolved.clear()  # what was resolved went with the lost records
-            was_whole = ledger.whole
             if ledger.whole or ledger.state != "ok" or ctx.options.registry_worker != 0:
                 continue
             try:
-                await asyncio.to_thread(self._rebuild, False)
+                if await asyncio.to_thread(self._rebuild, False):
+                    # The start-up walk's marker went with the lost file: a worker that
+                    # started meanwhile waits for it.
+                    await asyncio.to_thread(ledger.mark_walked, marker)
                 delay = REBUILD_RETRY[0]
             except Exception as e:
                 logger.warning("ledger rebuild failed (%s); retrying in %.0f s", e, delay)
@@ -151,10 +152,12 @@ class TenantIsolation:
             return REBUILDING
         return "the registry is still indexing its storage; retry"
 
-    def vouches(self) -> bool:
+    async def vouches(self) -> bool:
         """The ledger can answer "no" (it is whole, or there is no backend to rebuild it
-        from): a catalog or a miss from it is an answer, not a guess."""
-        return self.ledger is not None and (self.walker is None or self.ledger.whole)
+        from): a catalog from it is an answer, not a guess. Raises LedgerUnavailable."""
+        if self.ledger is None or self.walker is None or self.ledger.whole:
+            return True
+        return await asyncio.to_thread(self.ledger.refresh_whole)
 
     async def _resolve(self, key: str, walk: Callable[[str], int], arg: str) -> None:
         """Run one walk (shared by every request waiting for it), waiting a bounded time."""
@@ -179,27 +182,27 @@ class TenantIsolation:
 
     async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
         """May the tenant read `digest` in `repository` (it holds it, or the repository
-        does)? While the start-up walk is unfinished or the ledger is not whole, a miss walks
-        the repository first, then the tenant's other repositories (once). A miss the ledger
-        cannot vouch for (not whole: it lost records) is not a "no". Raises LedgerUnavailable
-        / Unresolved (both 503)."""
+        does)? A miss is a "no" only when the ledger can vouch for it: whole, and the
+        start-up walk done. Otherwise it is unknown, and the walks that decide it run first:
+        the repository's, then the tenant's other repositories' (once per loss); what they
+        do not find is then a "no" as a whole rebuild would say it. A walk that cannot
+        finish (the backend fails it, or it takes too long) leaves it unknown: Unresolved,
+        503, never a 4xx. Raises LedgerUnavailable / Unresolved (both 503)."""
         if await self._readable(tenant, digest, repository):
             return True
         assert self.ledger is not None
         whole = self.ledger.whole or await asyncio.to_thread(self.ledger.refresh_whole)
         if self.walker is None or (self.walk_done and whole):
             return False  # walked: whatever exists came in through the gateway since
+        losses = self.ledger.losses
         if repository and not await asyncio.to_thread(self.ledger.walked, repository):
             await self._resolve(repository, self.walker.repository, repository)
             if await self._readable(tenant, digest, repository):
                 return True
-        if tenant not in self._tenants_resolved:
+        if self._tenants_resolved.get(tenant) != losses:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
-            self._tenants_resolved.add(tenant)
-            if await self._lookup(tenant, digest):
-                return True
-        if not self.ledger.whole:
-            raise Unresolved(REBUILDING)
+            self._tenants_resolved[tenant] = losses
+            return await self._lookup(tenant, digest)
         return False
 
     async def _lookup(self, tenant: str, digest: str) -> bool:

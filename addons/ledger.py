@@ -113,6 +113,7 @@ class LedgerState:
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
         self.whole, self.lost = True, ""  # `lost`: why it is not whole
+        self.losses = 0  # times it was found not whole (what was resolved before is stale)
         self._repos_known: set[str] = set()  # shared ledgers: walk records this process wrote
 
     def _down(self, reason: str, retry_after: float | None) -> None:
@@ -136,20 +137,22 @@ class LedgerState:
                 logger.warning("ledger up again (%s)", self.path)
                 self.state, self.reason, self.since = "ok", "", time.time()
 
-    def _set_whole(self, whole: bool, lost: str = "") -> None:
+    def _set_whole(self, whole: bool, lost: str = "", fresh: bool = False) -> None:
+        """Whole or not, saying why not; `fresh`: records were just found lost (again)."""
         with self._lock:
             if whole and not self.whole:
                 logger.warning("ledger whole again (%s): rebuilt from the backend", self.path)
-            elif not whole and (self.whole or lost != self.lost):
+            elif not whole and (self.whole or fresh):
                 logger.warning(
-                    "ledger %s is not whole: %s; what it does not hold is answered 503 until"
-                    " it is rebuilt from the backend",
+                    "ledger %s is not whole: %s; rebuilding it from the backend (until then a"
+                    " miss is looked up there, and answered 503 when that cannot be done)",
                     self.path,
                     lost,
                 )
-            self.whole, self.lost = whole, "" if whole else lost
-            if not whole:
+            if not whole and (self.whole or fresh):
+                self.losses += 1
                 self._repos_known.clear()  # the store may have lost them too
+            self.whole, self.lost = whole, "" if whole else lost
 
     def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:
         """Held by the one process that rebuilds the ledger (yields False: another holds it).
@@ -292,7 +295,8 @@ class Ledger(LedgerState):
         if changed and not lost:
             lost = "the ledger file was deleted or replaced"
         new = "no record of a complete walk of the backend in it (new, emptied or replaced)"
-        self._set_whole(marker is not None, lost or (self.lost if not self.whole else new))
+        reason = lost or (self.lost if not self.whole else new)
+        self._set_whole(marker is not None, reason, fresh=changed or bool(lost))
         return db
 
     @contextlib.contextmanager

@@ -109,14 +109,14 @@ class Listing:
         if ledger is None:
             respond(flow, json_answer(method, {"repositories": []}, None))
             return
-        if not isolation.vouches():  # a catalog from a ledger that lost records misses names
-            rec.decision = "deny:ledger"
-            respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
-            return
         n = int(rec.params.get("n", CATALOG_PAGE))
         last = rec.params.get("last", "")
         policy = self.policies.current()
         try:
+            if not await isolation.vouches():  # a ledger that lost records misses names
+                rec.decision = "deny:ledger"
+                respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
+                return
             # Off the event loop: index scans, or LISTs on a shared S3 ledger.
             names, after = (
                 await asyncio.to_thread(

@@ -363,3 +363,58 @@ def test_only_one_process_holds_the_rebuild_lock(tmp_path):
         assert first and not second
     with two.rebuild_lock() as again:
         assert again
+
+
+# --- what isolation makes of a miss while the ledger is not whole ---------------------------
+
+
+class StubWalker:
+    """The backend walk: records what `holds` says for a walked repository / tenant; or
+    fails like a backend that cannot answer (`fails`)."""
+
+    def __init__(self, ledger: Ledger, holds: dict[str, list[str]]) -> None:
+        self.ledger, self.holds, self.fails, self.walks = ledger, holds, False, []
+
+    def repository(self, repo: str) -> int:
+        self.walks.append(repo)
+        if self.fails:
+            raise OSError("backend unreachable")
+        self.ledger.add(repo.split("/")[0], self.holds.get(repo, []), repository=repo)
+        self.ledger.mark_walked(repo)
+        return 0
+
+    def tenant(self, tenant: str) -> int:
+        for repo in [r for r in self.holds if r.startswith(tenant + "/")]:
+            if not self.ledger.walked(repo):
+                self.repository(repo)
+        if self.fails:
+            raise OSError("backend unreachable")
+        return 0
+
+
+def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp_path):
+    import asyncio
+
+    from addons.isolation import REBUILDING, TenantIsolation, Unresolved
+
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    isolation = TenantIsolation()
+    isolation.ledger, isolation.walk_done = ledger, True
+    walker = StubWalker(ledger, {"acme/app": [D[0]], "globex/own": [D[1]]})
+    isolation.walker = walker  # type: ignore[assignment]
+    has = lambda *a: asyncio.run(isolation._has(*a))  # noqa: E731
+    assert not has("globex", D[0], "globex/own") and walker.walks == []  # whole: a "no"
+    path.unlink()  # lost: nothing this process knew about acme's D[0]
+    walker.fails = True
+    with pytest.raises(Unresolved):
+        has("globex", D[0], "globex/own")  # unknown: 503, not 404
+    assert isolation.unavailable(Unresolved("x")) == REBUILDING
+    with pytest.raises(Unresolved):
+        has("acme", D[0], "acme/app")
+    walker.fails = False
+    assert has("acme", D[0], "acme/app")  # the owner's: found by walking its repository
+    assert not has("globex", D[0], "globex/own")  # walked: as a rebuild would say, a "no"
+    path.unlink()  # lost again: what was walked for globex went with it
+    walker.walks.clear()
+    assert not has("globex", D[0], "globex/own") and "globex/own" in walker.walks
