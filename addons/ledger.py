@@ -410,7 +410,12 @@ class Ledger(LedgerState):
                 name = getattr(e, "sqlite_errorname", "")
                 if _corrupt(e):
                     self._suspect = True  # checked once at the reopen, moved aside if so
-                self._failed(f"{type(e).__name__}: {e}", keep_open=name in _SOUND_CONNECTION)
+                # A connection SQLite opened read-only (the file was then) stays read-only:
+                # once the file can be written again, it is reopened.
+                sound = name in _SOUND_CONNECTION and not (
+                    name == "SQLITE_READONLY" and os.access(self.path, os.W_OK)
+                )
+                self._failed(f"{type(e).__name__}: {e}", keep_open=sound)
                 raise LedgerUnavailable(self.reason) from None
             if verify:
                 self._up()

@@ -192,7 +192,8 @@ def test_after_a_restart_a_lost_ledger_is_503_for_the_owners_manifest_until_rebu
     a = bearer(token(stack, acme_jwt))
     base = push_image(stack, "acme/base", a)
     stack.supervisorctl("restart", "mitmdump:*")  # new processes: nothing known in memory
-    wait_for(lambda: requests.get(f"{stack.url}/v2/", timeout=2).status_code == 401, 30)
+    # The new worker 0 has done its start-up walk (the first one's line, then its own).
+    wait_for(lambda: stack.log.read_text().count("ledger backfill") >= 2, 30)
     wait_for(lambda: health(stack)[1].get("ledger") == "ok", 30)
 
     dedupe.catalog_fails = True
