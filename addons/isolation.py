@@ -37,6 +37,7 @@ RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
 RECHECK_EVERY = 5.0  # seconds between two looks at the ledger's health
 RECHECK_LOST = 1.0  # the same while the ledger is not whole (pick up a rebuild soon)
+STARTUP_POLL = 0.25  # seconds between two looks for worker 0's start-up marker
 REBUILD_RETRY = (2.0, 15.0)  # backoff of a rebuild the backend fails
 
 
@@ -85,8 +86,9 @@ class TenantIsolation:
         """At start, walk what the ledger has not seen (worker 0; the other workers wait for
         its marker). Then keep an eye on the ledger (health: deleted, replaced, read-only,
         corrupt) and, when it is not whole, rebuild it: worker 0, under the ledger's rebuild
-        lock (one process per node; PostgreSQL: one node), while the others answer 503 for
-        what it does not hold and pick up the rebuilt ledger at their next look."""
+        lock (one process per node; PostgreSQL: one node). Meanwhile every worker looks a
+        miss up in the backend (`_has`: 503 when that cannot be done) and picks up the
+        rebuilt ledger at its next look (every RECHECK_LOST seconds, or at a miss)."""
         assert self.ledger is not None and self.walker is not None
         ledger, delay = self.ledger, WALK_RETRY[0]
         marker = f"/run/{ctx.options.registry_run}"  # not a repository name: no clash
@@ -97,8 +99,10 @@ class TenantIsolation:
                         raise Unresolved("another process is rebuilding the ledger")
                     await asyncio.to_thread(ledger.mark_walked, marker)
                 elif not await asyncio.to_thread(ledger.walked, marker):
-                    await asyncio.sleep(WALK_RETRY[0])  # worker 0 is still walking
+                    await asyncio.sleep(STARTUP_POLL)  # worker 0 is still walking
                     continue
+                else:
+                    await asyncio.to_thread(ledger.refresh_whole)  # as worker 0 left it
             except Exception as e:
                 logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
                 await asyncio.sleep(delay)

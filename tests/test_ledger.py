@@ -418,3 +418,19 @@ def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp
     path.unlink()  # lost again: what was walked for globex went with it
     walker.walks.clear()
     assert not has("globex", D[0], "globex/own") and "globex/own" in walker.walks
+
+
+def test_health_names_a_ledger_that_is_down_or_being_rebuilt():
+    from tabbify_registry.admin import ledger_health
+
+    ok = {"state": "ok"}
+    rebuilding = {"state": "rebuilding", "reason": "the ledger file was deleted or replaced"}
+    down = {"state": "down", "reason": "the ledger /x is read-only (disk I/O error)"}
+    assert ledger_health([None, None]) == {"ledger": "absent"}
+    assert ledger_health([ok, ok]) == {"ledger": "ok"}
+    assert ledger_health([ok, rebuilding]) == {
+        "ledger": "rebuilding",
+        "ledger_reason": "the ledger file was deleted or replaced",
+    }
+    assert ledger_health([rebuilding, down])["ledger"] == "down"  # fix that first
+    assert ledger_health([{"state": "?"}])["ledger"] == "down"
