@@ -12,6 +12,7 @@ backend) create the records, for the caller and for the repository.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -109,10 +110,14 @@ class TenantIsolation:
                 delay = min(delay * 2, WALK_RETRY[1])
                 continue
             self.walk_done = True
-        delay = REBUILD_RETRY[0]
+        self._tell_health()
+        delay, whole = REBUILD_RETRY[0], ledger.whole
         while True:
             await asyncio.sleep(RECHECK_EVERY if ledger.whole else RECHECK_LOST)
             await asyncio.to_thread(ledger.check)
+            if ledger.whole != whole:
+                whole = ledger.whole
+                self._tell_health()
             if ledger.whole or ledger.state != "ok" or ctx.options.registry_worker != 0:
                 continue
             try:
@@ -125,6 +130,14 @@ class TenantIsolation:
                 logger.warning("ledger rebuild failed (%s); retrying in %.0f s", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REBUILD_RETRY[1])
+
+    def _tell_health(self) -> None:
+        """Publish this worker's state now (not at the next second): /healthz follows the
+        ledger's wholeness at once, at start above all."""
+        publisher = ctx.master.addons.get("publisher")
+        if publisher is not None and ctx.options.registry_state_dir:
+            with contextlib.suppress(Exception):  # its own loop logs and retries
+                publisher.publish()
 
     def _rebuild(self, startup: bool) -> bool:
         """Walk every repository the ledger has not seen; then it is whole. At start this
