@@ -273,7 +273,7 @@ class Ledger(LedgerState):
         changed = replaced or self._replaced_unopened or identity != (previous or identity)
         try:
             marker = db.execute("SELECT at FROM walked WHERE repository = ?", (WHOLE,)).fetchone()
-            if changed or marker is None:
+            if changed or (marker is None and len(self.known)):
                 with db:
                     db.execute("BEGIN IMMEDIATE")
                     if changed:
