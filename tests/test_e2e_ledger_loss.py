@@ -212,6 +212,27 @@ def test_after_a_restart_a_lost_ledger_is_503_for_the_owners_manifest_until_rebu
     pull(stack, "acme/base", base, a)
 
 
+def test_a_push_right_after_a_restart_and_a_deletion_is_never_blamed_on_the_client(stack, acme_jwt):
+    """As `docker push` of a new tag sharing a layer pushed before the restart: the new
+    config blob's record is the write that finds the ledger gone (its file is recreated with
+    what this process knows: almost nothing), then the manifest referencing the earlier
+    layer. Before, that manifest got the gateway's own 400 MANIFEST_BLOB_UNKNOWN."""
+    a = bearer(token(stack, acme_jwt))
+    base = push_image(stack, "acme/app", a)
+    stack.supervisorctl("restart", "mitmdump:*")
+    wait_for(lambda: stack.log.read_text().count("ledger backfill") >= 2, 30)
+    ledger_file(stack).unlink()
+    a = bearer(token(stack, acme_jwt))
+    for i in range(4):
+        config, _ = image()
+        push_blob(stack, "acme/app", config, a)
+        r = put_manifest(stack.url, "acme/app", f"v2-{i}", manifest(config, [base["layer"]]), a)
+        assert r.status_code == 201 or unavailable(r), (i, r.status_code, r.text)
+    wait_whole(stack)
+    r = put_manifest(stack.url, "acme/app", "v3", another_manifest(base), a)
+    assert r.status_code == 201, r.text
+
+
 # --- (b) the ledger made read-only ---------------------------------------------------------------
 
 
