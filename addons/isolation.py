@@ -208,8 +208,10 @@ class TenantIsolation:
         if await self._readable(tenant, digest, repository):
             return True
         assert self.ledger is not None
+        if self.walker is None:
+            return False  # no backend to walk (tests of the gateway alone)
         whole = self.ledger.whole or await asyncio.to_thread(self.ledger.refresh_whole)
-        if self.walker is None or (self.walk_done and whole):
+        if self.walk_done and whole:
             return False  # walked: whatever exists came in through the gateway since
         losses = self.ledger.losses
         if repository and not await asyncio.to_thread(self.ledger.walked, repository):
