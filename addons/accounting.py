@@ -41,7 +41,7 @@ from mitmproxy import ctx, http
 
 from addons import backend_auth, oci, quota
 from addons.gate import answered, fail_closed, respond
-from addons.isolation import TenantIsolation
+from addons.isolation import REBUILDING, TenantIsolation
 from addons.ledger import LedgerUnavailable, holder
 from addons.ledgers import Accounts
 from addons.policy_store import PolicyFile
@@ -160,6 +160,15 @@ class Accounting:
         shared = self.ledger is None and self.isolation.ledger is not None
         if writes and shared and self.policies.current().quota(rec.tenant) is not None:
             logger.warning("quota for %s: this node's ledger keeps no sizes", rec.tenant)
+            respond(flow, self._unavailable(flow))
+            return
+        quoted = writes and self.policies.current().quota(rec.tenant) is not None
+        try:
+            if quoted and not await self.isolation.vouches():  # usage would be counted short
+                rec.decision = "deny:quota-unchecked"
+                respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
+                return
+        except LedgerUnavailable:
             respond(flow, self._unavailable(flow))
             return
         if rec.route != "upload" or method not in ("PUT", "POST"):

@@ -12,8 +12,10 @@ backend) create the records, for the caller and for the repository.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable
 
 from mitmproxy import ctx, http
@@ -34,11 +36,18 @@ _PENDING = "tabbify.ledger"  # digests to record once the backend confirms
 _MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
-RECHECK_EVERY = 5.0  # seconds between two looks at the ledger file's health
+RECHECK_EVERY = 5.0  # seconds between two looks at the ledger's health
+RECHECK_LOST = 1.0  # the same while the ledger is not whole (pick up a rebuild soon)
+STARTUP_POLL = 0.25  # seconds between two looks for worker 0's start-up marker
+REBUILD_RETRY = (2.0, 15.0)  # backoff of a rebuild the backend fails
 
 
 class Unresolved(Exception):
-    """The walk that would tell whether a tenant holds a digest has not finished: 503."""
+    """The walk that would tell whether a tenant holds a digest has not finished, or the
+    ledger lost records and is not rebuilt yet: 503, never a 4xx."""
+
+
+REBUILDING = "the registry's ledger is being rebuilt; retry"
 
 
 class TenantIsolation:
@@ -47,7 +56,8 @@ class TenantIsolation:
         self.walker: Walker | None = None
         self.walk_done = False  # this process has walked everything it had not seen
         self._resolving: dict[str, asyncio.Future[int]] = {}
-        self._tenants_resolved: set[str] = set()
+        # tenant → the ledger's `losses` when its repositories were walked for a request
+        self._tenants_resolved: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Loader) -> None:
@@ -74,33 +84,97 @@ class TenantIsolation:
         self._task = asyncio.create_task(self._walk())
 
     async def _walk(self) -> None:
-        """Walk what the ledger has not seen (worker 0; the other workers wait for its
-        marker); walk again if the ledger file had to be recreated; meanwhile keep an eye on
-        the file (health)."""
+        """At start, walk what the ledger has not seen (worker 0; the other workers wait for
+        its marker). Then keep an eye on the ledger (health: deleted, replaced, read-only,
+        corrupt) and, when it is not whole, rebuild it: worker 0, under the ledger's rebuild
+        lock (one process per node; PostgreSQL: one node). Meanwhile every worker looks a
+        miss up in the backend (`_has`: 503 when that cannot be done) and picks up the
+        rebuilt ledger at its next look (every RECHECK_LOST seconds, or at a miss)."""
         assert self.ledger is not None and self.walker is not None
-        delay, recovered = WALK_RETRY[0], -1
+        ledger, delay = self.ledger, WALK_RETRY[0]
         marker = f"/run/{ctx.options.registry_run}"  # not a repository name: no clash
-        while True:
-            if recovered != self.ledger.recovered:
-                try:
-                    if ctx.options.registry_worker == 0:
-                        n = await asyncio.to_thread(self.walker.everything)
-                        await asyncio.to_thread(self.ledger.mark_walked, marker)
-                        logger.warning("ledger backfill: %d tenant digests recorded", n)
-                    elif not await asyncio.to_thread(self.ledger.walked, marker):
-                        await asyncio.sleep(WALK_RETRY[0])  # worker 0 is still walking
-                        continue
-                except Exception as e:
-                    logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, WALK_RETRY[1])
+        while not self.walk_done:
+            try:
+                if ctx.options.registry_worker == 0:
+                    if not await asyncio.to_thread(self._rebuild, True):
+                        raise Unresolved("another process is rebuilding the ledger")
+                    await asyncio.to_thread(ledger.mark_walked, marker)
+                elif not await asyncio.to_thread(ledger.walked, marker):
+                    await asyncio.sleep(STARTUP_POLL)  # worker 0 is still walking
                     continue
-                self.walk_done, recovered, delay = True, self.ledger.recovered, WALK_RETRY[0]
-            await asyncio.sleep(RECHECK_EVERY)
-            await asyncio.to_thread(self.ledger.check)
-            if recovered != self.ledger.recovered:
-                self.walk_done = False
-                self._tenants_resolved.clear()
+                else:
+                    await asyncio.to_thread(ledger.refresh_whole)  # as worker 0 left it
+            except Exception as e:
+                logger.warning("ledger backfill failed (%s); retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WALK_RETRY[1])
+                continue
+            self.walk_done = True
+        self._tell_health()
+        delay, whole = REBUILD_RETRY[0], ledger.whole
+        while True:
+            await asyncio.sleep(RECHECK_EVERY if ledger.whole else RECHECK_LOST)
+            await asyncio.to_thread(ledger.check)
+            if ledger.whole != whole:
+                whole = ledger.whole
+                self._tell_health()
+            if ledger.whole or ledger.state != "ok" or ctx.options.registry_worker != 0:
+                continue
+            try:
+                if await asyncio.to_thread(self._rebuild, False):
+                    # The start-up walk's marker went with the lost file: a worker that
+                    # started meanwhile waits for it.
+                    await asyncio.to_thread(ledger.mark_walked, marker)
+                delay = REBUILD_RETRY[0]
+            except Exception as e:
+                logger.warning("ledger rebuild failed (%s); retrying in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REBUILD_RETRY[1])
+
+    def _tell_health(self) -> None:
+        """Publish this worker's state now (not at the next second): /healthz follows the
+        ledger's wholeness at once, at start above all."""
+        publisher = ctx.master.addons.get("publisher")
+        if publisher is not None and ctx.options.registry_state_dir:
+            with contextlib.suppress(Exception):  # its own loop logs and retries
+                publisher.publish()
+
+    def _rebuild(self, startup: bool) -> bool:
+        """Walk every repository the ledger has not seen; then it is whole. At start this
+        is the backfill (cheap: what was walked before is skipped). False if another process
+        holds the rebuild lock (we pick up its work at the next look). Blocking."""
+        assert self.ledger is not None and self.walker is not None
+        with self.ledger.rebuild_lock() as mine:
+            if not mine:
+                return False
+            if not startup and self.ledger.refresh_whole():
+                return True  # someone finished it meanwhile
+            started = time.monotonic()
+            n = self.walker.everything()
+            self.ledger.mark_whole()
+            logger.warning(
+                "ledger %s: %d tenant digests recorded in %.1f s",
+                "backfill" if startup else "rebuilt from the backend",
+                n,
+                time.monotonic() - started,
+            )
+        return True
+
+    def unavailable(self, e: Exception) -> str:
+        """The 503's message: the ledger cannot be read, or lost records and is being
+        rebuilt, or the start-up walk has not reached this yet."""
+        if isinstance(e, LedgerUnavailable):
+            return "the registry's ledger is unavailable; retry"
+        if self.ledger is not None and not self.ledger.whole:
+            return REBUILDING
+        return "the registry is still indexing its storage; retry"
+
+    async def vouches(self) -> bool:
+        """The ledger can answer "no" (it is whole, or there is no backend to rebuild it
+        from): a catalog from it is an answer, not a guess. Raises LedgerUnavailable."""
+        if self.ledger is None or self.walker is None or self.ledger.whole:
+            return True
+        return await asyncio.to_thread(self.ledger.refresh_whole)
 
     async def _resolve(self, key: str, walk: Callable[[str], int], arg: str) -> None:
         """Run one walk (shared by every request waiting for it), waiting a bounded time."""
@@ -125,21 +199,28 @@ class TenantIsolation:
 
     async def _has(self, tenant: str, digest: str, repository: str | None) -> bool:
         """May the tenant read `digest` in `repository` (it holds it, or the repository
-        does)? While the start-up walk is unfinished, a miss walks the repository first,
-        then the tenant's other repositories (once). Raises LedgerUnavailable / Unresolved
-        (both 503)."""
+        does)? A miss is a "no" only when the ledger can vouch for it: whole, and the
+        start-up walk done. Otherwise it is unknown, and the walks that decide it run first:
+        the repository's, then the tenant's other repositories' (once per loss); what they
+        do not find is then a "no" as a whole rebuild would say it. A walk that cannot
+        finish (the backend fails it, or it takes too long) leaves it unknown: Unresolved,
+        503, never a 4xx. Raises LedgerUnavailable / Unresolved (both 503)."""
         if await self._readable(tenant, digest, repository):
             return True
-        if self.walker is None or self.walk_done:
-            return False  # walked: whatever exists came in through the gateway since
         assert self.ledger is not None
+        if self.walker is None:
+            return False  # no backend to walk (tests of the gateway alone)
+        whole = self.ledger.whole or await asyncio.to_thread(self.ledger.refresh_whole)
+        if self.walk_done and whole:
+            return False  # walked: whatever exists came in through the gateway since
+        losses = self.ledger.losses
         if repository and not await asyncio.to_thread(self.ledger.walked, repository):
             await self._resolve(repository, self.walker.repository, repository)
             if await self._readable(tenant, digest, repository):
                 return True
-        if tenant not in self._tenants_resolved:
+        if self._tenants_resolved.get(tenant) != losses:
             await self._resolve(f"tenant {tenant}", self.walker.tenant, tenant)
-            self._tenants_resolved.add(tenant)
+            self._tenants_resolved[tenant] = losses
             return await self._lookup(tenant, digest)
         return False
 
@@ -169,7 +250,7 @@ class TenantIsolation:
             await self._decide(flow, rec, deny)
         except (LedgerUnavailable, Unresolved) as e:
             logger.warning("isolation cannot decide now: %s", e)
-            deny(503, "UNAVAILABLE", "the registry cannot check this now; retry", "ledger")
+            deny(503, "UNAVAILABLE", self.unavailable(e), "ledger")
 
     async def _decide(
         self, flow: http.HTTPFlow, rec: FlowRecord, deny: Callable[..., None]
@@ -227,7 +308,7 @@ class TenantIsolation:
             logger.warning("isolation cannot check a manifest now: %s", e)
             rec.decision = "deny:ledger"
             flow.response = oci.error_response(
-                503, "UNAVAILABLE", "the registry cannot check this now; retry", method=method
+                503, "UNAVAILABLE", self.unavailable(e), method=method
             )
             return
         if missing:

@@ -8,12 +8,23 @@ A confirmation (201) promises that the record is durable, so the file is watched
 
 - Rollback journal, not WAL: WAL maps its `-shm` index into memory, and a shm file that turns
   read-only or shrinks under SQLite kills the process with SIGBUS. `synchronous=FULL`.
-- Before every write the path is checked to still be the file that is open (same device and
-  inode): a deleted or replaced ledger is reopened (a new file if it is gone) and refilled
-  from what this process still holds in memory, instead of writing into an unlinked inode.
-- Any SQLite error closes the connection and marks the ledger down (reads and writes raise
-  LedgerUnavailable: the gateway answers 503, never a 201 or a false 404); the next use, at
-  most once a second, reopens it. When the fault clears, the ledger recovers by itself.
+- Before every use the path is checked to still be the file that is open (same device and
+  inode: one stat): a deleted or replaced ledger is reopened (a new file if it is gone) and
+  refilled from what this process still holds in memory, instead of writing into an unlinked
+  inode. It has lost records nonetheless (what other processes knew), so it is not whole.
+- Whole: a record `/whole` in `walked`, written once a walk of the whole backend has finished
+  (`addons/isolation.py` rebuilds: one worker, under `rebuild_lock`). A new, emptied,
+  truncated or replaced file lacks it (a copy put back from earlier holds an older one, which
+  is dropped). While the ledger is not whole a miss is not an answer: the gateway says 503,
+  never a 4xx (`whole`).
+- Corruption is noticed by SQLite itself when it reads a bad page (SQLITE_CORRUPT,
+  SQLITE_NOTADB; a `quick_check` per request would read the whole file): the file is then
+  checked once, and a corrupt one moved aside (`<name>.corrupt-<time>`) and started anew.
+- Any other SQLite error closes the connection and marks the ledger down (reads and writes
+  raise LedgerUnavailable: the gateway answers 503, never a 201 or a false 404); the next use,
+  at most once a second, reopens it. A write that fails (a read-only file, a full disk) keeps
+  it down until a write succeeds again: the health check writes one small record every few
+  seconds, so a read-only ledger is reported even when nobody pushes.
 
 Several gateway processes may share the file (SQLite locking; busy timeout below).
 """
@@ -21,12 +32,13 @@ Several gateway processes may share the file (SQLite locking; busy timeout below
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from addons import quota
@@ -41,6 +53,14 @@ BUSY_TIMEOUT_MS = 5000  # another gateway process holding the write lock
 
 # Errors after which the connection is still sound: the statement failed, nothing else.
 _SOUND_CONNECTION = frozenset({"SQLITE_FULL", "SQLITE_READONLY", "SQLITE_BUSY", "SQLITE_LOCKED"})
+# Errors that say the file is not (or no longer) a sound database: check it, move it aside.
+_CORRUPT = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+WHOLE = "/whole"  # a `walked` record (not a repository name): a walk of everything finished
+
+
+def _corrupt(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorname", "").startswith(_CORRUPT)
 
 
 class LedgerUnavailable(Exception):
@@ -69,18 +89,32 @@ def _accounting_schema(db: sqlite3.Connection) -> None:
 
 
 class LedgerState:
-    """Up or down: what every ledger (SQLite, S3, PostgreSQL) reports to /healthz, and how it
-    goes down and comes back. A ledger calls `_init_state` in its constructor; it has `path`
-    (named in logs), `_clock` and a re-entrant `_lock`."""
+    """Up or down, whole or not: what every ledger (SQLite, S3, PostgreSQL) reports to
+    /healthz, and how it goes down and comes back. A ledger calls `_init_state` in its
+    constructor; it has `path` (named in logs), `_clock`, a re-entrant `_lock`, and
+    `walked` / `mark_walked` (where the `WHOLE` record lives).
+
+    Whole: the store holds every record a walk of the backend finds (plus what was pushed
+    since). A store found new, emptied or replaced is not whole until a rebuild (a walk of the
+    whole backend, `mark_whole`) has finished; meanwhile a miss is "unknown", not "no"."""
 
     path: object
     _clock: Callable[[], float]
     _lock: threading.RLock
 
+    def walked(self, repository: str) -> bool:
+        raise NotImplementedError
+
+    def mark_walked(self, repository: str) -> None:
+        raise NotImplementedError
+
     def _init_state(self) -> None:
         self._retry_at = 0.0  # until then, calls that need the store fail at once
         self.state, self.reason, self.since = "ok", "", time.time()
         self.errors = 0
+        self.whole, self.lost = True, ""  # `lost`: why it is not whole
+        self.losses = 0  # times it was found not whole (what was resolved before is stale)
+        self._repos_known: set[str] = set()  # shared ledgers: walk records this process wrote
 
     def _down(self, reason: str, retry_after: float | None) -> None:
         """Down, saying why; for `retry_after` seconds the store is not tried again (None:
@@ -103,10 +137,47 @@ class LedgerState:
                 logger.warning("ledger up again (%s)", self.path)
                 self.state, self.reason, self.since = "ok", "", time.time()
 
+    def _set_whole(self, whole: bool, lost: str = "", fresh: bool = False) -> None:
+        """Whole or not, saying why not; `fresh`: records were just found lost (again)."""
+        with self._lock:
+            if whole and not self.whole:
+                logger.warning("ledger whole again (%s): rebuilt from the backend", self.path)
+            elif not whole and (self.whole or fresh):
+                logger.warning(
+                    "ledger %s is not whole: %s; rebuilding it from the backend (until then a"
+                    " miss is looked up there, and answered 503 when that cannot be done)",
+                    self.path,
+                    lost,
+                )
+            if not whole and (self.whole or fresh):
+                self.losses += 1
+                self._repos_known.clear()  # the store may have lost them too
+            self.whole, self.lost = whole, "" if whole else lost
+
+    def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Held by the one process that rebuilds the ledger (yields False: another holds it).
+        Here none: every node's worker 0 may walk (records are idempotent)."""
+        return contextlib.nullcontext(True)
+
+    def refresh_whole(self) -> bool:
+        """Read from the store whether it is whole (another worker or node may have rebuilt
+        it, or found it lost). Raises LedgerUnavailable."""
+        found = self.walked(WHOLE)
+        self._set_whole(found, self.lost or "no record of a complete walk of the backend")
+        return found
+
+    def mark_whole(self) -> None:
+        """A walk of the whole backend has just finished: the ledger is whole."""
+        self.mark_walked(WHOLE)
+        self._set_whole(True)
+
     def status(self) -> dict[str, object]:
-        out: dict[str, object] = {"state": self.state, "since": self.since}
-        if self.reason:
-            out["reason"] = self.reason
+        state, reason = self.state, self.reason
+        if state == "ok" and not self.whole:
+            state, reason = "rebuilding", f"{self.lost}; being rebuilt from the backend"
+        out: dict[str, object] = {"state": state, "since": self.since}
+        if reason:
+            out["reason"] = reason
         return out
 
 
@@ -131,18 +202,21 @@ class Ledger(LedgerState):
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._verified_at = 0.0  # wall time this process last saw its file at the path
+        self._suspect = False  # SQLite said the file is corrupt: check it at the next open
+        self._replaced_unopened = False  # seen replaced, but reopening it failed: still is
         self.known = KnownRecords(cache)
         # One connection, used from the event loop and from worker threads: serialise.
         self._lock = threading.RLock()
         self._init_state()
-        self.recovered = 0  # times the file was found deleted or replaced
+        self.recovered = 0  # times the file was found deleted, replaced or corrupt
         with self._lock:
             self._open()
 
     # --- the connection -------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _prepare(self) -> tuple[sqlite3.Connection, os.stat_result]:
+        """Connect to what is at the path (a new file if nothing is) and make the schema."""
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -163,16 +237,114 @@ class Ledger(LedgerState):
                     db.execute("BEGIN IMMEDIATE")
                     db.execute("DELETE FROM walked")
                     db.execute(f"PRAGMA user_version={SCHEMA}")
+            if self._suspect:  # once, after SQLite reported corruption: not per request
+                self._suspect = False
+                verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {verdict}")
             st = os.stat(self.path)
         except BaseException:
             db.close()
             raise
-        self._db, self._identity = db, (st.st_dev, st.st_ino)
+        return db, st
+
+    def _open(self, replaced: bool = False) -> sqlite3.Connection:
+        """Open the file at the path. One that is not the file this process had open
+        (`replaced`: deleted or replaced, as seen while it was open: once closed, its inode
+        number may be reused at once; moved aside as corrupt), or that is not whole, gets back
+        every record this process knows, before anything new is confirmed; a mark of
+        wholeness older than the moment this process last saw its own file is dropped (a
+        copy put back from earlier said it was whole then, not now)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        previous, seen_until = self._identity, self._verified_at
+        try:
+            before = os.stat(self.path)
+        except FileNotFoundError:
+            before = None
+        lost = ""
+        try:
+            db, st = self._prepare()
+        except sqlite3.DatabaseError as e:
+            if before is None or not (_corrupt(e) or str(e).startswith("quick_check")):
+                raise
+            lost = self._quarantine((before.st_dev, before.st_ino), str(e))
+            db, st = self._prepare()
+        identity = (st.st_dev, st.st_ino)
+        changed = replaced or self._replaced_unopened or identity != (previous or identity)
+        try:
+            marker = db.execute("SELECT at FROM walked WHERE repository = ?", (WHOLE,)).fetchone()
+            if changed or (marker is None and len(self.known)):
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    if changed:
+                        db.execute(
+                            "DELETE FROM walked WHERE repository = ? AND at < ?",
+                            (WHOLE, seen_until),
+                        )
+                    db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", list(self.known))
+                marker = db.execute(
+                    "SELECT at FROM walked WHERE repository = ?", (WHOLE,)
+                ).fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self._db, self._identity = db, identity
+        self._verified_at, self._replaced_unopened = time.time(), False
+        if changed or lost:
+            self.recovered += 1
+        if changed and not lost:
+            lost = "the ledger file was deleted or replaced"
+        new = "no record of a complete walk of the backend in it (new, emptied or replaced)"
+        reason = lost or (self.lost if not self.whole else new)
+        self._set_whole(marker is not None, reason, fresh=changed or bool(lost))
         return db
 
+    @contextlib.contextmanager
+    def _file_lock(self, suffix: str, wait: bool) -> Iterator[bool]:
+        """An flock on `<ledger>.<suffix>` shared by every process on this node: True if
+        held (`wait`: until it is), False if another process holds it."""
+        try:
+            fd = os.open(self.path.with_name(f"{self.path.name}.{suffix}"), os.O_RDWR | os.O_CREAT)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Held by the one process rebuilding the ledger (False: another one is)."""
+        return self._file_lock("rebuild", wait=False)
+
+    def _quarantine(self, identity: tuple[int, int], why: str) -> str:
+        """Move a corrupt ledger file aside (kept for the operator), unless another process
+        did already: the next open starts a new, empty one, which is not whole. Returns
+        why it is not whole."""
+        with self._file_lock("lock", wait=True):
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return f"the ledger file was corrupt ({why})"
+            if (st.st_dev, st.st_ino) != identity:
+                return f"the ledger file was corrupt ({why})"  # another worker moved it
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            os.replace(self.path, aside)
+            journal = self.path.with_name(self.path.name + "-journal")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(journal, aside.with_name(aside.name + "-journal"))
+        logger.error("ledger %s is corrupt (%s): moved to %s", self.path, why, aside.name)
+        return f"the ledger file was corrupt ({why}) and was started anew"
+
     def _connection(self, verify: bool) -> sqlite3.Connection:
-        """The open connection; reopened after a failure (at most once a second), and, when
-        `verify`, after the file was deleted or replaced under it."""
+        """The open connection, checked to still be the file at the path (one stat); reopened
+        after a failure (writes: at most once a second) or after the file was deleted or
+        replaced under it. Opening does not make the ledger up: a write succeeding does."""
         if self._db is None:
             # Writes wait for the next attempt; reads try at once (a read-only or full
             # file still answers them, and a miss must not become a 503 for a second).
@@ -183,8 +355,7 @@ class Ledger(LedgerState):
             except (sqlite3.Error, OSError) as e:
                 self._failed(f"cannot open the ledger: {e}")
                 raise LedgerUnavailable(self.reason) from None
-            self._up()
-        if verify and not self._same_file():
+        elif not self._same_file():
             self._replaced()
         assert self._db is not None
         return self._db
@@ -194,28 +365,30 @@ class Ledger(LedgerState):
             st = os.stat(self.path)
         except OSError:
             return False
-        return (st.st_dev, st.st_ino) == self._identity
+        if (st.st_dev, st.st_ino) != self._identity:
+            return False
+        self._verified_at = time.time()
+        return True
 
     def _replaced(self) -> None:
-        """The file was deleted or replaced: open what is at the path now (or create it) and
-        put back every record this process still knows, before anything new is confirmed."""
+        """The file was deleted or replaced under the open connection (which would go on
+        using the old inode): open what is at the path now, or a new file (`_open`)."""
         logger.error("ledger %s was deleted or replaced; reopening it", self.path)
-        self.recovered += 1
         self._close()
+        self._replaced_unopened = True
         try:
-            db = self._open()
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", list(self.known))
+            self._open(replaced=True)
         except (sqlite3.Error, OSError) as e:
             self._failed(f"cannot reopen the ledger: {e}")
             raise LedgerUnavailable(self.reason) from None
-        self._up()
 
     def _failed(self, reason: str, keep_open: bool = False) -> None:
         """Down: no confirmation until a write succeeds again. `keep_open` for a statement
         that failed on a sound connection (a full disk, a read-only file, a lock held too
         long): reads go on; otherwise the connection is closed and reopened later."""
+        if not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)):
+            # chattr +i, a read-only mount, a directory this user may not write: not "busy"
+            reason = f"the ledger {self.path} is read-only ({reason})"
         self._down(reason, None if keep_open else REOPEN_EVERY)
         if not keep_open:
             self._close()
@@ -227,15 +400,22 @@ class Ledger(LedgerState):
         self._db = None
 
     def _run(self, verify: bool, action: Callable[[sqlite3.Connection], object]) -> object:
-        """Run `action` on the connection; `verify` for writes (the file is checked first,
-        and a success after a failure brings the ledger up again)."""
+        """Run `action` on the connection; `verify` for writes (a success after a failure
+        brings the ledger up again)."""
         with self._lock:
             db = self._connection(verify)
             try:
                 result = action(db)
             except sqlite3.Error as e:
                 name = getattr(e, "sqlite_errorname", "")
-                self._failed(f"{type(e).__name__}: {e}", keep_open=name in _SOUND_CONNECTION)
+                if _corrupt(e):
+                    self._suspect = True  # checked once at the reopen, moved aside if so
+                # A connection SQLite opened read-only (the file was then) stays read-only:
+                # once the file can be written again, it is reopened.
+                sound = name in _SOUND_CONNECTION and not (
+                    name == "SQLITE_READONLY" and os.access(self.path, os.W_OK)
+                )
+                self._failed(f"{type(e).__name__}: {e}", keep_open=sound)
                 raise LedgerUnavailable(self.reason) from None
             if verify:
                 self._up()
@@ -280,10 +460,13 @@ class Ledger(LedgerState):
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
                 if listed:
-                    # Pushed through the gateway: listed, and nothing in it for a walk to find.
+                    # Pushed through the gateway: listed, and nothing in it for a walk to find
+                    # (unless the ledger lost records: its older content is for a walk to find).
                     db.execute("INSERT OR IGNORE INTO repos VALUES (?)", (repository,))
                     db.execute(
-                        "INSERT OR IGNORE INTO walked VALUES (?, ?)", (repository, time.time())
+                        "INSERT OR IGNORE INTO walked SELECT ?, ? WHERE EXISTS"
+                        " (SELECT 1 FROM walked WHERE repository = ?)",
+                        (repository, time.time(), WHOLE),
                     )
 
         with self._lock:
@@ -483,14 +666,18 @@ class Ledger(LedgerState):
     # --- health -------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """For the health check, without a request: notice a deleted or replaced file, and
-        try to reopen a failed ledger."""
-        if self.state == "ok":
-            probe = "SELECT 1"
-        else:  # up again only once a write succeeds: a read works on a read-only file too
-            probe = "INSERT OR REPLACE INTO walked VALUES ('/health', 0)"
+        """For the health check, without a request (every few seconds): notice a deleted,
+        replaced or corrupt file, write one small record (a read-only or full ledger is down
+        even while nobody pushes), and read whether it is whole."""
         with contextlib.suppress(LedgerUnavailable):
-            self._run(True, lambda db: db.execute(probe).fetchone())
+            self._run(
+                True,
+                lambda db: db.execute(
+                    "INSERT OR REPLACE INTO walked VALUES ('/health', ?)", (time.time(),)
+                ),
+            )
+        with contextlib.suppress(LedgerUnavailable):
+            self.refresh_whole()
 
     def close(self) -> None:
         with self._lock:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,12 +46,13 @@ import psycopg
 
 from addons import quota
 from addons.known import KnownRecords
-from addons.ledger import LedgerState, LedgerUnavailable, holder
+from addons.ledger import WHOLE, LedgerState, LedgerUnavailable, holder
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
 STATEMENT_TIMEOUT_MS = 5000
 FAIL_FAST = 1.0  # seconds after a failure during which calls fail at once
 SCHEMA_LOCK = 0x7462665F6C656467  # pg_advisory_xact_lock key: nodes create the tables in turn
+REBUILD_LOCK = SCHEMA_LOCK + 1  # pg_advisory_lock key: one node rebuilds a lost ledger
 
 SCHEMA = (
     'CREATE TABLE IF NOT EXISTS registry_ledger_seen (holder text COLLATE "C" NOT NULL,'
@@ -107,7 +108,6 @@ class PgLedger(LedgerState):
         self._conn: Any = None
         self._lock = threading.RLock()  # one connection, used from worker threads: serialise
         self.known = KnownRecords(cache)
-        self._repos_known: set[str] = set()  # catalog and walk records this process wrote
         self._init_state()
         self.recovered = 0  # nothing to recreate: the database is the record
         self.check()  # a database that cannot be reached at start: down, retried, not fatal
@@ -203,16 +203,18 @@ class PgLedger(LedgerState):
                         "INSERT INTO registry_ledger_repos VALUES (%s) ON CONFLICT DO NOTHING",
                         (repository,),
                     )
-                    cur.execute(
-                        "INSERT INTO registry_ledger_walked VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                        (repository, time.time()),
+                    cur.execute(  # unless the ledger lost records (then: for a walk to find)
+                        "INSERT INTO registry_ledger_walked SELECT %s, %s WHERE EXISTS"
+                        " (SELECT 1 FROM registry_ledger_walked WHERE repository = %s)"
+                        " ON CONFLICT DO NOTHING",
+                        (repository, time.time(), WHOLE),
                     )
 
         with self._lock:
             self._run("INSERT", insert)
             for pair in pairs:
                 self.known.remember(pair)
-            if new_repo and repository is not None:
+            if new_repo and repository is not None and self.whole:
                 self._repos_known.add(repository)
 
     def count(self, tenant: str | None = None) -> int:
@@ -352,9 +354,36 @@ class PgLedger(LedgerState):
     # --- health -------------------------------------------------------------------------------
 
     def check(self) -> None:
-        """For the health check: can the database be reached (a failure is recorded)?"""
+        """For the health check: can the database be written (a server turned read-only, a
+        replica after a fail-over: down), and is the ledger whole (tables emptied or dropped
+        and made anew: not)? A failure is recorded."""
+        probe = (
+            "INSERT INTO registry_ledger_walked VALUES ('/health', %s)"
+            " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
+        )
         with contextlib.suppress(LedgerUnavailable):
-            self._run("SELECT", lambda db: db.execute("SELECT 1").fetchone())
+            self._run("INSERT", lambda db: db.execute(probe, (time.time(),)))
+            self.refresh_whole()
+
+    @contextlib.contextmanager
+    def _advisory(self) -> Iterator[bool]:
+        key = REBUILD_LOCK
+        got = self._run(
+            "SELECT", lambda db: db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        )
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                with contextlib.suppress(LedgerUnavailable):
+                    self._run(
+                        "SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    )
+
+    def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """One node rebuilds a lost ledger: a session advisory lock (dropped with the
+        connection if that node dies)."""
+        return self._advisory()
 
     def close(self) -> None:
         with self._lock:

@@ -130,7 +130,6 @@ class S3Ledger(LedgerState):
         self._seen, self._repos, self._walked = f"{base}seen/", f"{base}repos/", f"{base}walked/"
         self._format = f"{base}format"
         self.known = KnownRecords(cache)
-        self._repos_known: set[str] = set()  # catalog and walk records this process wrote
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="ledger-s3")
         self._formatted = False
@@ -221,8 +220,11 @@ class S3Ledger(LedgerState):
         keys = [self._seen_key(t, d) for t, d in pairs]
         new_repo = listed and repository is not None and repository not in self._repos_known
         if repository is not None and new_repo:
-            # Pushed through the gateway: listed, and nothing in it for a walk to find.
-            keys += [self._repos + name_key(repository), self._walked + name_key(repository)]
+            # Pushed through the gateway: listed, and nothing in it for a walk to find
+            # (unless the ledger lost records: its older content is then for a walk to find).
+            keys.append(self._repos + name_key(repository))
+            if self.whole:
+                keys.append(self._walked + name_key(repository))
         if not keys:
             return
         self._ensure_format()
@@ -239,7 +241,7 @@ class S3Ledger(LedgerState):
         with self._lock:
             for pair in pairs:
                 self.known.remember(pair)
-            if repository is not None and listed:
+            if repository is not None and listed and self.whole:
                 self._repos_known.add(repository)
 
     def _seen_key(self, tenant: str, digest: str) -> str:
@@ -309,6 +311,7 @@ class S3Ledger(LedgerState):
             self._formatted = False
             self._ensure_format()
             self._up()
+            self.refresh_whole()  # a prefix emptied (format written anew) lacks the record
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -5,7 +5,9 @@
 - `postgresql://…`: shared by several nodes, in PostgreSQL (`ledger_pg.PgLedger`).
 
 All three answer the same calls: `has`, `add`, `walked`, `mark_walked`, `repositories`,
-`count`, `check`, `status`, `close`, and carry `state`, `errors`, `recovered` and `known`
+`count`, `check`, `status`, `close`, whether they are whole (`whole`, `refresh_whole`,
+`mark_whole`, `rebuild_lock`: `ledger.LedgerState`), and carry `state`, `errors`,
+`recovered`, `losses` and `known`
 (what this process knows is recorded, `known.KnownRecords`: `known.cached` answers from
 memory, with its hit and miss counts). Every call but `known`'s, `status` and `close` may
 block on I/O.
@@ -13,6 +15,7 @@ block on I/O.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +28,9 @@ class AnyLedger(Protocol):
     state: str
     errors: int
     recovered: int
+    whole: bool  # holds what a walk of the backend finds (else: lost records, rebuilding)
+    lost: str  # why it is not whole
+    losses: int
     known: KnownRecords
     accounts: bool  # keeps sizes, usage and push times too (`Accounts`): SQLite, PostgreSQL
 
@@ -41,6 +47,9 @@ class AnyLedger(Protocol):
     def repositories(self, prefix: str, after: str, limit: int) -> list[str]: ...
     def count(self, tenant: str | None = None) -> int: ...
     def check(self) -> None: ...
+    def refresh_whole(self) -> bool: ...
+    def mark_whole(self) -> None: ...
+    def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]: ...
     def status(self) -> dict[str, object]: ...
     def close(self) -> None: ...
 

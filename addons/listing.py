@@ -38,6 +38,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import oci, target
 from addons.gate import answered, fail_closed, respond
+from addons.isolation import REBUILDING
 from addons.ledger import LedgerUnavailable
 from addons.policy_store import PolicyFile
 from addons.record import record
@@ -204,6 +205,10 @@ class Listing:
             last = opened
         policy = self.policies.current()
         try:
+            if not await isolation.vouches():  # a ledger that lost records misses names
+                rec.decision = "deny:ledger"
+                respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
+                return
             # Off the event loop: index scans, or LISTs on a shared S3 ledger.
             found = (
                 await asyncio.to_thread(

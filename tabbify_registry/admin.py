@@ -23,6 +23,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,27 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def ledger_health(states: Iterable[object]) -> dict[str, str]:
+    """The ledger's part of /healthz from the live workers' states: `ledger` is "absent"
+    (no worker has one), "ok", "rebuilding" (it lost records: answered 503 until rebuilt
+    from the backend) or "down" (it cannot be read or written: a read-only, missing or
+    unreachable store); `ledger_reason` says why, as the worker that saw it says it. Down
+    wins over rebuilding: it is what the operator must fix first."""
+    ledgers = [state for state in states if isinstance(state, dict)]
+    if not ledgers:
+        return {"ledger": "absent"}
+    for word in ("down", "rebuilding"):
+        bad = [ledger for ledger in ledgers if ledger.get("state") == word]
+        if bad:
+            out = {"ledger": word}
+            if bad[0].get("reason"):
+                out["ledger_reason"] = str(bad[0]["reason"])
+            return out
+    if any(ledger.get("state") != "ok" for ledger in ledgers):
+        return {"ledger": "down", "ledger_reason": "a worker reports an unknown ledger state"}
+    return {"ledger": "ok"}
+
+
 @dataclass
 class Workers:
     """The workers' published states. Counters stay monotonic across a worker's restart: the
@@ -185,18 +207,15 @@ class Admin:
         payload: dict[str, Any] = {"backend": backend, "gateway": gateway, "mesh": mesh}
         if reason:
             payload["mesh_reason"] = reason
-        ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
-        down = [ledger for ledger in ledgers if ledger.get("state") != "ok"]
-        payload["ledger"] = "absent" if not ledgers else ("down" if down else "ok")
-        if down and down[0].get("reason"):
-            payload["ledger_reason"] = down[0]["reason"]
+        payload.update(ledger_health(s.get("ledger") for s in live))
+        ledger_bad = payload["ledger"] not in ("ok", "absent")
         # Reported, never a reason to be down or unready: issued registry tokens keep working
         # without auth (only new logins wait), and every node shares the one auth service, so
         # draining or restarting nodes for its blip would take the whole registry away instead
         # of only its logins. Read from the last probe: a probe of an auth host that does not
         # answer must not make the health answer slow enough to fail an orchestrator's probe.
         payload["auth"] = self.auth
-        if "down" in (backend, gateway, payload["ledger"]) or mesh == mesh_status.DOWN:
+        if "down" in (backend, gateway) or ledger_bad or mesh == mesh_status.DOWN:
             status = "down"
         else:
             status = "degraded" if mesh == mesh_status.DEGRADED else "ok"
@@ -216,7 +235,9 @@ class Admin:
         coordinator unreachable) is ready; auth is reported and never makes it unready."""
         _, health = await self.health()
         not_ready = [
-            part for part in ("gateway", "backend", "ledger", "mesh") if health[part] == "down"
+            part
+            for part in ("gateway", "backend", "ledger", "mesh")
+            if health[part] in ("down", "rebuilding")
         ]
         payload = {**health, "status": "not ready" if not_ready else "ready"}
         if not_ready:
@@ -245,13 +266,18 @@ class Admin:
         lines += self.usage_lines()
         ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
         if ledgers:
-            up = all(ledger.get("state") == "ok" for ledger in ledgers)
+            up = all(ledger.get("state") != "down" for ledger in ledgers)
+            whole = all(ledger.get("state") != "rebuilding" for ledger in ledgers)
             errors = sum(int(ledger.get("errors", 0)) for ledger in ledgers)
             recreated = sum(int(ledger.get("recreated", 0)) for ledger in ledgers)
             lines += [
                 "# HELP tabbify_ledger_up 1 while the isolation ledger can record pushes.",
                 "# TYPE tabbify_ledger_up gauge",
                 f"tabbify_ledger_up {int(up)}",
+                "# HELP tabbify_ledger_whole 0 while the ledger lost records and is rebuilt from"
+                " the backend (what it does not hold is answered 503).",
+                "# TYPE tabbify_ledger_whole gauge",
+                f"tabbify_ledger_whole {int(whole)}",
                 "# HELP tabbify_ledger_errors_total Ledger failures (each answered 503).",
                 "# TYPE tabbify_ledger_errors_total counter",
                 f"tabbify_ledger_errors_total {errors}",

@@ -536,6 +536,8 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
     ledger = Ledger(ledger_path) if not s.anonymous and ledger_path.exists() else None
     backend = Backend(f"http://{s.backend_addr.hostport}", run_credential(s))
     try:
+        if ledger is not None and not ledger.whole:  # its untagged manifests, push times
+            raise GcError(f"the isolation ledger is not whole ({ledger.lost}); retry once rebuilt")
         started, now = time.monotonic(), time.time()
         walk = snapshot(backend, ledger, now)
         plan = gc_plan.plan(walk.snapshot, retention_for(policy, walk.unknown_tags), now)

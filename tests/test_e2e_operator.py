@@ -20,6 +20,9 @@ def admin(stack: Stack) -> str:
 
 
 def test_healthz_names_what_is_down(registry):
+    # Right after start the workers publish, and the ledger is whole once worker 0's start-up
+    # walk has run (an empty backend: at once).
+    wait_for(lambda: requests.get(f"{admin(registry)}/healthz", timeout=10).status_code == 200, 10)
     # Auth's reachability is probed every 2 s from the admin program's start.
     wait_for(lambda: requests.get(f"{admin(registry)}/healthz", timeout=10).json()["auth"] == "ok")
     r = requests.get(f"{admin(registry)}/healthz", timeout=10)

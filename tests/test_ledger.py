@@ -71,12 +71,18 @@ def records(path) -> set[tuple[str, str]]:
 def test_a_deleted_ledger_is_recreated_with_what_the_process_knows(tmp_path):
     path = tmp_path / "ledger.db"
     ledger = Ledger(path)
+    ledger.mark_whole()
     ledger.add("acme", [D[0], D[1]])
     path.unlink()  # an operator's mistake: SQLite would go on writing into the unlinked inode
     ledger.add("acme", [D[2]])
     assert path.exists()
     assert records(path) == {("acme", D[0]), ("acme", D[1]), ("acme", D[2])}
-    assert ledger.recovered == 1 and ledger.status()["state"] == "ok"
+    # Other processes knew other records: not whole until rebuilt from the backend.
+    assert ledger.recovered == 1 and not ledger.whole
+    status = ledger.status()
+    assert status["state"] == "rebuilding" and "deleted or replaced" in str(status["reason"])
+    ledger.mark_whole()
+    assert ledger.whole and ledger.status()["state"] == "ok"
 
 
 def test_a_replaced_ledger_is_reopened_before_the_next_confirmation(tmp_path):
@@ -96,14 +102,15 @@ def test_a_failing_ledger_refuses_then_recovers_by_itself(tmp_path, monkeypatch)
     clock = Clock()
     path = tmp_path / "ledger.db"
     ledger = Ledger(path, clock=clock)
+    ledger.mark_whole()
     ledger.add("acme", [D[0]])
     broken = {"on": True}
     real_open = Ledger._open
 
-    def flaky_open(self):  # the file cannot be opened while the fault lasts
+    def flaky_open(self, replaced=False):  # the file cannot be opened while the fault lasts
         if broken["on"]:
             raise sqlite3.OperationalError("unable to open database file")
-        return real_open(self)
+        return real_open(self, replaced)
 
     monkeypatch.setattr(Ledger, "_open", flaky_open)
     ledger._failed("disk I/O error")  # as after any failed statement
@@ -219,3 +226,211 @@ def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path)
     path = tmp_path / "l.db"
     Ledger(path).count()  # the schema, once
     assert len(racing_admits(lambda: Ledger(path))) == 10 and Ledger(path).usage("acme") == 100
+
+
+# --- whole or not: a ledger that lost records says so (isolation answers 503, not a 4xx) -----
+
+
+def whole_ledger(path, clock: Clock | None = None) -> Ledger:
+    ledger = Ledger(path, clock=clock or Clock())
+    ledger.mark_whole()  # as after the start-up walk
+    return ledger
+
+
+def later(ledger: Ledger) -> None:
+    """The next health check, a few seconds on (a failed ledger is retried once a second)."""
+    ledger._clock.now += 5  # type: ignore[attr-defined]
+    ledger.check()
+
+
+def test_a_new_ledger_is_not_whole_until_a_walk_of_everything_marks_it(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.db")
+    assert not ledger.whole and ledger.status()["state"] == "rebuilding"
+    ledger.mark_whole()
+    ledger.close()
+    assert Ledger(tmp_path / "ledger.db").whole  # the mark is in the file
+
+
+def test_a_deletion_is_noticed_by_a_read_too(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    ledger.add("acme", [D[0]])
+    path.unlink()
+    assert not ledger.has("acme", D[1])  # a miss: asked of the file at the path, not the old one
+    assert path.exists() and not ledger.whole and ledger.recovered == 1
+
+
+def test_the_health_check_notices_a_deleted_ledger_without_any_request(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    path.unlink()
+    ledger.check()
+    assert ledger.status()["state"] == "rebuilding" and not ledger.whole
+
+
+def test_a_copy_put_back_from_earlier_is_not_whole(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    ledger.close()
+    old = tmp_path / "backup.db"
+    old.write_bytes(path.read_bytes())  # whole when it was copied
+    ledger = Ledger(path)
+    assert ledger.whole
+    ledger.add("acme", [D[0]])
+    os.replace(old, path)  # put back while running: it lacks what was recorded since
+    ledger.check()
+    assert not ledger.whole and ledger.has("acme", D[0])  # refilled from memory
+
+
+def test_a_ledger_rebuilt_by_another_worker_is_picked_up(tmp_path):
+    path = tmp_path / "ledger.db"
+    one, two = whole_ledger(path), Ledger(path)
+    assert two.whole
+    path.unlink()
+    one.check()  # worker 0 notices, rebuilds (walks the backend), marks it
+    assert not one.whole
+    one.add("acme", [D[0]])
+    one.mark_whole()
+    two.check()  # the other worker finds the file replaced, and rebuilt since it last looked
+    assert two.whole and two.has("acme", D[0]) and two.recovered == 1
+
+
+def test_a_truncated_ledger_is_not_whole(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    ledger.add("acme", [D[0]])
+    os.truncate(path, 0)  # same inode, nothing in it
+    with pytest.raises(LedgerUnavailable):
+        ledger.has("acme", D[1])  # SQLite: no such table
+    later(ledger)
+    assert not ledger.whole and ledger.status()["state"] == "rebuilding"
+
+
+def test_a_corrupt_ledger_is_moved_aside_and_started_anew(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    ledger.add("acme", [D[0]])
+    with open(path, "r+b") as f:
+        f.write(os.urandom(100))  # the header: "file is not a database"
+    with pytest.raises(LedgerUnavailable):
+        ledger.has("acme", D[1])
+    later(ledger)
+    assert not ledger.whole and ledger.status()["state"] == "rebuilding"
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("*.corrupt-*")] == ["ledger.db"]
+    assert records(path) == {("acme", D[0])}  # what this process knew, put back
+
+
+def test_a_corrupt_file_at_start_is_moved_aside(tmp_path):
+    path = tmp_path / "ledger.db"
+    path.write_bytes(os.urandom(4096))
+    ledger = Ledger(path)
+    assert not ledger.whole and ledger.status()["state"] == "rebuilding"
+    assert len(list(tmp_path.glob("ledger.db.corrupt-*"))) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr needs root")
+def test_the_health_check_notices_a_read_only_ledger_without_any_request(tmp_path):
+    import subprocess
+
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    ledger.add("acme", [D[0]])
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        ledger.check()  # nobody pushed: the check writes
+        status = ledger.status()
+        assert status["state"] == "down" and "read-only" in str(status["reason"])
+        with pytest.raises(LedgerUnavailable):
+            ledger.add("acme", [D[1]])
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    later(ledger)
+    assert ledger.status()["state"] == "ok"
+
+
+def test_a_push_into_a_ledger_that_lost_records_leaves_the_repository_for_the_walk(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.db")  # not whole: the repository's older content is
+    ledger.add("acme", [D[0]], repository="acme/app", listed=True)  # for the rebuild to find
+    assert not ledger.walked("acme/app") and ledger.repositories("acme/", "", 10) == ["acme/app"]
+    ledger.mark_whole()
+    ledger.add("acme", [D[1]], repository="acme/new", listed=True)
+    assert ledger.walked("acme/new")
+
+
+def test_only_one_process_holds_the_rebuild_lock(tmp_path):
+    one, two = Ledger(tmp_path / "ledger.db"), Ledger(tmp_path / "ledger.db")
+    with one.rebuild_lock() as first, two.rebuild_lock() as second:
+        assert first and not second
+    with two.rebuild_lock() as again:
+        assert again
+
+
+# --- what isolation makes of a miss while the ledger is not whole ---------------------------
+
+
+class StubWalker:
+    """The backend walk: records what `holds` says for a walked repository / tenant; or
+    fails like a backend that cannot answer (`fails`)."""
+
+    def __init__(self, ledger: Ledger, holds: dict[str, list[str]]) -> None:
+        self.ledger, self.holds, self.fails, self.walks = ledger, holds, False, []
+
+    def repository(self, repo: str) -> int:
+        self.walks.append(repo)
+        if self.fails:
+            raise OSError("backend unreachable")
+        self.ledger.add(repo.split("/")[0], self.holds.get(repo, []), repository=repo)
+        self.ledger.mark_walked(repo)
+        return 0
+
+    def tenant(self, tenant: str) -> int:
+        for repo in [r for r in self.holds if r.startswith(tenant + "/")]:
+            if not self.ledger.walked(repo):
+                self.repository(repo)
+        if self.fails:
+            raise OSError("backend unreachable")
+        return 0
+
+
+def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp_path):
+    import asyncio
+
+    from addons.isolation import REBUILDING, TenantIsolation, Unresolved
+
+    path = tmp_path / "ledger.db"
+    ledger = whole_ledger(path)
+    isolation = TenantIsolation()
+    isolation.ledger, isolation.walk_done = ledger, True
+    walker = StubWalker(ledger, {"acme/app": [D[0]], "globex/own": [D[1]]})
+    isolation.walker = walker  # type: ignore[assignment]
+    has = lambda *a: asyncio.run(isolation._has(*a))  # noqa: E731
+    assert not has("globex", D[0], "globex/own") and walker.walks == []  # whole: a "no"
+    path.unlink()  # lost: nothing this process knew about acme's D[0]
+    walker.fails = True
+    with pytest.raises(Unresolved):
+        has("globex", D[0], "globex/own")  # unknown: 503, not 404
+    assert isolation.unavailable(Unresolved("x")) == REBUILDING
+    with pytest.raises(Unresolved):
+        has("acme", D[0], "acme/app")
+    walker.fails = False
+    assert has("acme", D[0], "acme/app")  # the owner's: found by walking its repository
+    assert not has("globex", D[0], "globex/own")  # walked: as a rebuild would say, a "no"
+    path.unlink()  # lost again: what was walked for globex went with it
+    walker.walks.clear()
+    assert not has("globex", D[0], "globex/own") and "globex/own" in walker.walks
+
+
+def test_health_names_a_ledger_that_is_down_or_being_rebuilt():
+    from tabbify_registry.admin import ledger_health
+
+    ok = {"state": "ok"}
+    rebuilding = {"state": "rebuilding", "reason": "the ledger file was deleted or replaced"}
+    down = {"state": "down", "reason": "the ledger /x is read-only (disk I/O error)"}
+    assert ledger_health([None, None]) == {"ledger": "absent"}
+    assert ledger_health([ok, ok]) == {"ledger": "ok"}
+    assert ledger_health([ok, rebuilding]) == {
+        "ledger": "rebuilding",
+        "ledger_reason": "the ledger file was deleted or replaced",
+    }
+    assert ledger_health([rebuilding, down])["ledger"] == "down"  # fix that first
+    assert ledger_health([{"state": "?"}])["ledger"] == "down"

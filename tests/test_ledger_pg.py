@@ -38,6 +38,8 @@ def test_the_factory_opens_it_and_logs_show_no_secret(postgres: Postgres) -> Non
 def test_a_record_made_on_one_node_is_seen_on_another(postgres: Postgres) -> None:
     url = postgres.database()
     a, b = PgLedger(url), PgLedger(url)  # the first creates the tables, the second finds them
+    a.mark_whole()
+    b.check()
     assert not b.has("acme", D[0])  # a miss is never cached ...
     a.add("acme", [D[0], D[1], D[0]])
     assert b.has("acme", D[0]) and b.has("acme", D[1])  # ... so B sees A's push at once
@@ -168,3 +170,23 @@ def test_a_tag_claimed_on_one_node_is_refused_on_another_until_released(
     b.close()  # a node gone: its session, and its claims, with it
     assert a.claim_tag("acme/releases/app", "v1") is not None
     a.close()
+
+
+def test_emptied_tables_are_not_whole_and_one_node_rebuilds(postgres: Postgres) -> None:
+    """An operator empties the ledger's tables (or restores an older dump): every node's
+    health check finds it not whole; the rebuild lock is one node's at a time."""
+    url = postgres.database()
+    a, b = PgLedger(url), PgLedger(url)
+    a.mark_whole()
+    b.check()
+    assert b.whole and b.status()["state"] == "ok"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("TRUNCATE registry_ledger_seen, registry_ledger_walked, registry_ledger_repos")
+    a.check()
+    b.check()
+    assert not a.whole and b.status()["state"] == "rebuilding"
+    with a.rebuild_lock() as first, b.rebuild_lock() as second:
+        assert first and not second
+        a.mark_whole()
+    b.check()
+    assert b.whole

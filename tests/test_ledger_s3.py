@@ -109,12 +109,36 @@ def test_a_record_made_on_one_node_is_seen_on_another(s3: SeaweedS3) -> None:
     assert a.count("acme") == 2 and a.count() == 2
 
 
+def test_an_emptied_prefix_is_not_whole_until_rebuilt(s3: SeaweedS3) -> None:
+    """Records lost in the bucket (the prefix emptied): the health check finds the ledger
+    not whole; a push then does not mark its repository walked (its older content is for
+    the rebuild to find); the rebuild's mark makes it whole for every node."""
+    where = location(s3, "emptied")
+    a, b = S3Ledger(where), S3Ledger(where)
+    assert not a.whole and a.status()["state"] == "rebuilding"  # new: nothing walked yet
+    a.mark_whole()
+    b.check()
+    assert b.whole and b.status()["state"] == "ok"
+    a.add("acme", [D[0]], repository="acme/app", listed=True)
+    raw = client(where)
+    for key in a._list(where.prefix + "/"):
+        raw.delete_object(Bucket=where.bucket, Key=key)
+    b.check()
+    assert not b.whole and b.status()["state"] == "rebuilding"
+    b.add("acme", [D[1]], repository="acme/app", listed=True)
+    assert not b.walked("acme/app")
+    a.mark_whole()
+    b.check()
+    assert b.whole
+
+
 def test_costs_hit_miss_and_confirmation(s3: SeaweedS3) -> None:
     """A hit costs nothing, a miss one HEAD, a blob push one PUT, a manifest push one PUT
     plus the catalog and walk records the first time (all in one round trip)."""
     where = location(s3, "costs")
     counting = Counting(client(where))
     ledger = S3Ledger(where, client=counting)
+    ledger.mark_whole()  # as after the start-up walk
     counting.calls.clear()
     ledger.add("acme", [D[0]])  # a blob upload confirmed
     assert counting.calls == {"put_object": 1}
@@ -169,8 +193,26 @@ def test_every_ledger_record_walks_alike(any_ledger: Any) -> None:
     assert any_ledger.walked("acme/app")
     any_ledger.mark_walked("/run/0123abcd")  # the start-up walk's marker: not a name
     assert any_ledger.walked("/run/0123abcd")
+    # Not whole yet (new): a push leaves its repository's older content for the walk to find.
+    any_ledger.add("acme", [D[0]], repository="acme/early", listed=True)
+    assert not any_ledger.walked("acme/early")
+    any_ledger.mark_whole()
     any_ledger.add("acme", [D[0]], repository="acme/pushed", listed=True)
     assert any_ledger.walked("acme/pushed")
+
+
+def test_every_ledger_says_whether_it_is_whole_alike(any_ledger: Any) -> None:
+    """New: not whole (its status says "rebuilding", why, and that it is being rebuilt)
+    until a walk of everything marks it; the mark is in the store, for every process."""
+    assert not any_ledger.whole and not any_ledger.refresh_whole()
+    status = any_ledger.status()
+    assert status["state"] == "rebuilding" and "rebuilt from the backend" in status["reason"]
+    with any_ledger.rebuild_lock() as mine:
+        assert mine
+        any_ledger.mark_whole()
+    assert any_ledger.whole and any_ledger.status()["state"] == "ok"
+    any_ledger.whole = False  # as another process would read it before the mark
+    assert any_ledger.refresh_whole() and any_ledger.whole
 
 
 def test_catalog_pages_past_one_list_page(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,6 +260,7 @@ def test_a_failing_bucket_refuses_then_recovers_by_itself(s3: SeaweedS3) -> None
     where, clock = location(s3, "flaky"), Clock()
     flaky = Flaky(client(where))
     ledger = S3Ledger(where, client=flaky, clock=clock)
+    ledger.mark_whole()
     ledger.add("acme", [D[0]])
     flaky.broken = True
     with pytest.raises(LedgerUnavailable):
@@ -257,6 +300,7 @@ def test_a_prefix_holding_something_else_is_refused(s3: SeaweedS3) -> None:
 def test_the_layout_is_one_object_per_fact(s3: SeaweedS3) -> None:
     where = location(s3, "layout")
     ledger = S3Ledger(where)
+    ledger.mark_whole()  # a walk of everything finished
     ledger.add("acme", [D[0]], repository="acme/app", listed=True)
     keys = {
         k.removeprefix(where.prefix + "/") for k in s3.keys(BUCKET) if k.startswith(where.prefix)
@@ -267,4 +311,5 @@ def test_the_layout_is_one_object_per_fact(s3: SeaweedS3) -> None:
         f"seen/%2Facme%2Fapp/{D[0]}",  # what the repository holds (grants of pull share it)
         f"repos/{name_key('acme/app')}",
         f"walked/{name_key('acme/app')}",
+        f"walked/{name_key('/whole')}",
     }

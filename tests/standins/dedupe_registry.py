@@ -65,6 +65,7 @@ class DedupeRegistry:
         self.repos: dict[str, Repo] = {}
         self.uploads: dict[str, tuple[str, bytearray]] = {}  # id -> (repo, data so far)
         self.requests: list[Seen] = []
+        self.catalog_fails = False  # a backend whose catalog answers 503 (a walk cannot end)
         self.lock = threading.RLock()
         registry = self
 
@@ -151,6 +152,8 @@ class DedupeRegistry:
         if path == "/v2/" and method in ("GET", "HEAD"):
             return h.answer(200, b"{}")
         if path == "/v2/_catalog" and method == "GET":
+            if self.catalog_fails:
+                return h.answer(503, error=("UNAVAILABLE", "catalog unavailable"))
             with self.lock:
                 names = sorted(n for n, r in self.repos.items() if r.tags or r.manifests)
             return h.answer(200, json.dumps({"repositories": names}).encode())
