@@ -469,7 +469,7 @@ def run(env: Mapping[str, str]) -> int:
 
 
 ENVIRONMENT = """\
-environment (read by run, config, gc and policy; see the README for each):
+environment (read by run, config, gc and policy; docs/contract.md has each):
   REGISTRY_DATA_DIR              everything persistent (default /var/lib/tabbify-registry)
   REGISTRY_STORAGE               local (default) or s3
   REGISTRY_S3_BUCKET, REGISTRY_S3_REGION, REGISTRY_S3_ENDPOINT   with s3
@@ -479,6 +479,7 @@ environment (read by run, config, gc and policy; see the README for each):
   REGISTRY_ADMIN_ADDR            health, metrics, live view; loopback (default 127.0.0.1:5002)
   REGISTRY_BACKEND               zot, distribution or external (default: zot if on PATH)
   REGISTRY_BACKEND_ADDR          the backend's loopback address (default 127.0.0.1:5001)
+  REGISTRY_BACKEND_CREDENTIAL_FILE  the backend's credential (Zot cluster, external backend)
   REGISTRY_WORKERS               gateway worker processes (default: number of cores)
   REGISTRY_LOG_LEVEL             operator log (stderr): debug, info (default), warning, error
   REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
@@ -487,6 +488,8 @@ environment (read by run, config, gc and policy; see the README for each):
   REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
   REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
   REGISTRY_MAX_CLIENT_CONNECTIONS  connections of one client address (default 256)
+  REGISTRY_MAX_CLIENT_PENDING    slow request heads of one client address (default 32)
+  REGISTRY_CATALOG_SCAN          names one catalog page looks at, at most (default 20000)
   REGISTRY_LEDGER_URL            shared ledger, s3://bucket/prefix or postgresql://...
   REGISTRY_TOKEN_KEY_FILE        shared registry-token keys for several nodes
   REGISTRY_HTTP_SECRET_FILE      shared upload-state secret for several nodes
