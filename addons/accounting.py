@@ -25,6 +25,23 @@ cannot see it, and it counts for nobody).
 
 A confirmed upload under a quota is decided and recorded in one ledger transaction
 (`admit`), so uploads of one tenant confirmed at the same time cannot overshoot together.
+
+**Unfinished uploads** count too. For a tenant under a quota, the ledger keeps each upload
+session it has open (`<repository>@<upload id>`): the bytes the backend said it stored, and
+those being sent now. Every request that sends bytes into a session reserves them first, in
+one ledger transaction with the quota decision (`reserve`; across workers and, with
+PostgreSQL, across nodes): a PATCH, or a PUT/POST with a body, whose Content-Length would take
+the tenant's usage plus its unfinished uploads over the quota is refused with 403 before a
+byte reaches the backend. A body without a length (chunked) may send what is left of the
+quota when it starts; it records what it sent every SYNC_BYTES (learning meanwhile what the
+tenant's other uploads took) and its connection is cut once it passes what is left: a
+streamed request can get no answer of ours, so the 403 is written on the wire and the
+connection closed. The answer settles the session (`settle`: the backend's `Range` says what
+it holds); a completed upload's bytes become its blob's in the same transaction that admits
+it; a cancelled (DELETE) or unknown (404) upload is forgotten; one untouched for
+`registry_upload_age` seconds is forgotten, as the backend purges it after the same age
+(zot/config.py). A tenant under a quota holds at most MAX_UPLOADS unfinished uploads: one
+more upload start is refused with 429.
 """
 
 from __future__ import annotations
@@ -34,15 +51,18 @@ import hashlib
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 
-from addons import oci, quota
+from addons import oci, quota, routes
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
-from addons.ledger import LedgerUnavailable, holder
+from addons.ledger import MAX_UPLOADS, UPLOAD_AGE, LedgerUnavailable, Reservation, holder
 from addons.ledgers import Accounts
 from addons.policy_store import PolicyFile
 from addons.record import FlowRecord, record
@@ -52,8 +72,117 @@ logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
+_UPLOAD = "tabbify.upload"  # the upload session a request reserved bytes in (InFlight)
 TIMEOUT = 10.0
 USAGE_EVERY = 5.0
+SYNC_BYTES = 1024 * 1024  # a streamed body records what it sent at least this often
+_RANGE = re.compile(r"0-([0-9]{1,18})")
+
+
+@dataclass
+class InFlight:
+    """What one request reserved in an upload session (the ledger's `pending`)."""
+
+    tenant: str
+    session: str  # `<repository>@<upload id>`, or a placeholder for an upload start
+    reserved: int = 0
+    start: bool = False  # an upload start (POST): renamed once the backend names the session
+    cap: StreamCap | None = None  # a body without a length: counted as it streams
+
+    def sent(self, rec: FlowRecord) -> int:
+        return self.cap.sent if self.cap is not None else rec.bytes_in
+
+
+@dataclass
+class StreamCap:
+    """The stream callable of a body without a length, under a quota: passes chunks on while
+    the tenant's quota has room for them, records them in the ledger every SYNC_BYTES (one
+    write at a time, off the event loop), and cuts the connection once the body would pass
+    what is left. Called by mitmproxy for every chunk, on the event loop: no I/O here."""
+
+    accounting: Accounting
+    flow: http.HTTPFlow
+    upload: InFlight
+    limit: int
+    others: int  # the tenant's bytes besides this body's (as of the last record)
+    sent: int = 0
+    recorded: int = 0
+    syncing: bool = False
+    cut: bool = False
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self.cut:
+            return b""
+        if self.others + self.sent + len(chunk) > self.limit:
+            self.stop("quota exceeded", len(chunk))
+            return b""
+        self.sent += len(chunk)
+        if not self.syncing and self.sent - self.recorded >= SYNC_BYTES:
+            self.syncing = True
+            task = asyncio.get_running_loop().create_task(self._record())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return record(self.flow).count_in(chunk)
+
+    async def _record(self) -> None:
+        delta = self.sent - self.recorded
+        try:
+            got = await self.accounting.reserve(self.upload, delta, self.limit, force=True)
+        except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
+            logger.warning("quota: cannot record a streamed upload: %s", e)
+            self.stop("quota-unchecked", 0)
+            return
+        finally:
+            self.syncing = False
+        # `got.used` counts what this body had recorded before `delta`, and what the tenant's
+        # other uploads reserved meanwhile (on any worker or node).
+        self.others = got.used - self.recorded
+        self.recorded += delta
+        self.upload.reserved += delta
+        if self.others + self.sent > self.limit:
+            self.stop("quota exceeded", 0)
+
+    def stop(self, why: str, more: int) -> None:
+        """Cut the connection: the backend gets a truncated body and confirms no blob; the
+        client gets the 403 written ahead of the close (mitmproxy cannot answer a request
+        whose body streams)."""
+        if self.cut:
+            return
+        self.cut = True
+        record(self.flow).decision = f"deny:{why}"
+        used = self.others + self.sent
+        message = f"quota exceeded: {used} of {self.limit} bytes used, {more} more do not fit"
+        method = self.flow.request.method
+        cut_connection(self.flow, oci.wire_error(403, "DENIED", message, method=method))
+
+
+def cut_connection(flow: http.HTTPFlow, answer: bytes) -> None:
+    """Write `answer` to the client and close its connection (the connection sweeper's way,
+    connections.py): whatever the client still sends is never read, and the backend's
+    connection closes with it."""
+    proxy = ctx.master.addons.get("proxyserver")
+    handler = proxy.connections.get(flow.client_conn.id) if proxy is not None else None
+    io = handler.transports.get(handler.client) if handler is not None else None
+    if io is None or io.handler is None or io.handler.done():
+        return
+    if io.writer is not None and not io.writer.is_closing():
+        io.writer.write(answer)
+    io.handler.cancel("quota")
+
+
+def session_of(location: str, repository: str) -> str | None:
+    """The upload session a backend's upload `Location` names in `repository`, if any."""
+    route = routes.parse(urlsplit(location).path, "PATCH")
+    if not isinstance(route, routes.Route) or route.kind != "upload" or not route.reference:
+        return None
+    return f"{repository}@{route.reference}" if route.name == repository else None
+
+
+def stored_from(response: http.Response) -> int | None:
+    """What the backend holds of an upload, from its `Range: 0-<last byte>` answer."""
+    m = _RANGE.fullmatch(response.headers.get("range", ""))
+    return int(m[1]) + 1 if m else None
 
 
 class Unaccountable(LedgerUnavailable):
@@ -68,6 +197,16 @@ class Accounting:
         self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
         self.quotas: dict[str, int | None] = {}
         self._task: asyncio.Task[None] | None = None
+        self._expired_at = 0.0
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_upload_age",
+            float,
+            UPLOAD_AGE,
+            "Seconds after which an untouched unfinished upload no longer counts against its "
+            "tenant's quota (the backend purges it after the same age).",
+        )
 
     @property
     def ledger(self) -> Accounts | None:
@@ -100,6 +239,10 @@ class Accounting:
                         t: (q.bytes if (q := policy.quota(t)) else None) for t in sorted(tenants)
                     }
                     self.usage = {t: usage.get(t, 0) for t in sorted(tenants)}
+                    age = ctx.options.registry_upload_age
+                    if time.monotonic() - self._expired_at >= min(60.0, age / 2):
+                        self._expired_at = time.monotonic()
+                        await asyncio.to_thread(ledger.expire_uploads, age=age)
                 except LedgerUnavailable:
                     pass
                 except Exception:
@@ -128,15 +271,48 @@ class Accounting:
         adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
         return quota.would_exceed(tenant, {tenant: ledger.usage(tenant)}, limit, adding)
 
-    def _refuse(self, flow: http.HTTPFlow, limit: int) -> http.Response:
+    def _refuse(
+        self, flow: http.HTTPFlow, limit: int, used: int | None = None, adding: int = 0
+    ) -> http.Response:
         rec = record(flow)
         rec.decision = "deny:quota exceeded"
+        message, detail = "quota exceeded", {"tenant": rec.tenant, "quota_bytes": limit}
+        if used is not None:
+            message += f": {used} of {limit} bytes used"
+            message += f", {adding} more do not fit" if adding else ""
+            detail["used_bytes"] = used
+        return oci.error_response(403, "DENIED", message, method=flow.request.method, detail=detail)
+
+    def _refuse_reservation(
+        self, flow: http.HTTPFlow, limit: int, got: Reservation, adding: int
+    ) -> http.Response:
+        if got.reason != "uploads":
+            return self._refuse(flow, limit, got.used, adding)
+        record(flow).decision = "deny:too many unfinished uploads"
+        age = int(ctx.options.registry_upload_age)
         return oci.error_response(
-            403,
-            "DENIED",
-            "quota exceeded",
+            429,
+            "TOOMANYREQUESTS",
+            f"too many unfinished uploads: {got.uploads} open, at most {MAX_UPLOADS}; finish "
+            f"or cancel one (an upload untouched for {age} s no longer counts)",
             method=flow.request.method,
-            detail={"tenant": rec.tenant, "quota_bytes": limit},
+            detail={"tenant": record(flow).tenant, "unfinished_uploads": got.uploads},
+        )
+
+    async def reserve(
+        self, upload: InFlight, adding: int, limit: int, force: bool = False
+    ) -> Reservation:
+        ledger = self.ledger
+        assert ledger is not None
+        return await asyncio.to_thread(
+            ledger.reserve,
+            upload.tenant,
+            upload.session,
+            adding,
+            limit,
+            force=force,
+            age=ctx.options.registry_upload_age,
+            max_uploads=MAX_UPLOADS,
         )
 
     def _unavailable(self, flow: http.HTTPFlow) -> http.Response:
@@ -159,21 +335,50 @@ class Accounting:
             logger.warning("quota for %s: this node's ledger keeps no sizes", rec.tenant)
             respond(flow, self._unavailable(flow))
             return
-        if rec.route != "upload" or method not in ("PUT", "POST"):
-            return
-        digest, length = rec.params.get("digest"), flow.request.headers.get("content-length")
-        if not digest or not length or not length.isdigit() or int(length) == 0:
+        if rec.route != "upload" or method not in ("PUT", "POST", "PATCH"):
             return
         try:
             limit = self._quota(rec)
-            # Off the event loop: the usage sum grows with the tenant's blobs, and a writer
-            # may hold the ledger through an fsync.
-            if limit is not None and await asyncio.to_thread(
-                self._exceeds, rec, limit, {digest: int(length)}
-            ):
-                respond(flow, self._refuse(flow, limit))
+            if limit is not None:
+                await self._reserve_upload(flow, rec, limit)
         except LedgerUnavailable:
             respond(flow, self._unavailable(flow))
+
+    async def _reserve_upload(self, flow: http.HTTPFlow, rec: FlowRecord, limit: int) -> None:
+        """Reserve the bytes this request sends into its upload session (or, for an upload
+        start, a place among the tenant's unfinished uploads), or refuse it before a byte
+        is stored."""
+        assert rec.tenant is not None and rec.repository is not None
+        request, method = flow.request, flow.request.method
+        length = request.headers.get("content-length", "")
+        streamed = "transfer-encoding" in request.headers
+        adding = int(length) if length.isdigit() else 0
+        if method == "PUT" and not adding and not streamed:
+            return  # no body: the confirmation is decided by `admit` (response)
+        digest = rec.params.get("digest")
+        if method != "PATCH" and digest and (adding or streamed):
+            # Re-pushing what the tenant holds never counts (quota.would_exceed), even over
+            # a lowered quota: a monolithic upload of a held digest reserves nothing.
+            ledger = self.ledger
+            assert ledger is not None
+            if await asyncio.to_thread(ledger.has, rec.tenant, digest):
+                return
+        start = method == "POST"
+        session = f"post:{flow.id}" if start else f"{rec.repository}@{rec.reference}"
+        upload = InFlight(rec.tenant, session, start=start)
+        got = await self.reserve(upload, adding, limit)
+        if not got or (streamed and got.used >= limit):
+            respond(flow, self._refuse_reservation(flow, limit, got, adding))
+            if got and start:  # nothing started: give its place back
+                ledger = self.ledger
+                assert ledger is not None
+                await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
+            return
+        upload.reserved = adding
+        if streamed:
+            upload.cap = StreamCap(self, flow, upload, limit, others=got.used)
+            request.stream = upload.cap
+        flow.metadata[_UPLOAD] = upload
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -197,7 +402,10 @@ class Accounting:
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         rec, response = record(flow), flow.response
+        upload = flow.metadata.pop(_UPLOAD, None)
         if response is None or rec.tenant is None or not rec.allowed or answered(flow):
+            if upload is not None:  # refused after the reservation: nothing was sent
+                await self._settle(upload, rec, None, stored=None, grown=0)
             return
         ledger = self.ledger
         if ledger is None or not ctx.options.registry_backend:
@@ -206,11 +414,16 @@ class Accounting:
         if rec.route == "manifest" and method == "PUT" and response.status_code == 201:
             await self._manifest_pushed(flow, rec)
             return
+        if rec.route != "upload":
+            return
         pending = flow.metadata.get(_PENDING)
-        if rec.route != "upload" or response.status_code != 201 or not pending:
+        if response.status_code != 201 or not pending:
+            await self._upload_answered(flow, rec, upload)
             return
         digest = response.headers.get("docker-content-digest") or pending[0]
         if digest not in pending or not _DIGEST.fullmatch(digest) or not rec.repository:
+            if upload is not None:  # the session ended; its blob counts for nobody
+                await self._drop(upload)
             return  # isolation records nothing either
         try:
             size = await self._size(rec.repository, digest)
@@ -218,10 +431,26 @@ class Accounting:
             # Off the event loop: a durable write (fsync), and the usage sum. Under a quota,
             # the decision and the tenant's record are one transaction (Ledger.admit), so
             # uploads confirmed at the same time are counted one after the other.
+            # The upload session ends with this confirmation: its bytes become the blob's.
+            session = upload.session if upload is not None else None
+            if session is None and method == "PUT":
+                session = f"{rec.repository}@{rec.reference}"
             if limit is None:
                 await asyncio.to_thread(ledger.record_sizes, {digest: size})
-            elif not await asyncio.to_thread(ledger.admit, rec.tenant, digest, size, limit):
-                flow.response = self._refuse(flow, limit)
+                if upload is not None:  # the quota went away meanwhile
+                    await asyncio.to_thread(ledger.drop_upload, rec.tenant, upload.session)
+                return
+            admitted = await asyncio.to_thread(
+                ledger.admit,
+                rec.tenant,
+                digest,
+                size,
+                limit,
+                session,
+                age=ctx.options.registry_upload_age,
+            )
+            if not admitted:
+                flow.response = self._refuse(flow, limit, admitted.used, size)
                 flow.metadata.pop(_PENDING, None)  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
@@ -230,6 +459,86 @@ class Accounting:
             if self._quota(rec) is not None:
                 flow.metadata.pop(_PENDING, None)
                 flow.response = self._unavailable(flow)
+
+    async def _upload_answered(
+        self, flow: http.HTTPFlow, rec: FlowRecord, upload: InFlight | None
+    ) -> None:
+        """An upload request the backend answered without confirming a blob: what the
+        session holds now, or that it is gone."""
+        response, method = flow.response, flow.request.method
+        assert response is not None and rec.tenant is not None and rec.repository is not None
+        status = response.status_code
+        # Cancelled, unknown, or completed (a 201 the isolation ledger records nothing for).
+        gone = status in (201, 404) or (method == "DELETE" and status == 204)
+        if gone and method != "POST":
+            try:
+                if self._quota(rec) is not None:
+                    ledger = self.ledger
+                    assert ledger is not None
+                    session = f"{rec.repository}@{rec.reference}"
+                    await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
+            except LedgerUnavailable as e:  # it expires with age
+                logger.warning("quota: cannot forget an upload: %s", e)
+            return
+        if upload is None:
+            return
+        if upload.start:
+            session = session_of(response.headers.get("location", ""), rec.repository)
+            if status == 202 and session is not None:
+                await self._settle(upload, rec, session, stored=None, grown=upload.sent(rec))
+            else:
+                await self._drop(upload)
+            return
+        ok = 200 <= status < 300
+        stored = stored_from(response) if ok else None
+        grown = upload.sent(rec) if ok and stored is None else 0
+        await self._settle(upload, rec, None, stored=stored, grown=grown)
+
+    async def _settle(
+        self,
+        upload: InFlight,
+        rec: FlowRecord,
+        renamed: str | None,
+        stored: int | None,
+        grown: int,
+    ) -> None:
+        """The request's reservation released; the session holds `stored` bytes (or `grown`
+        more). `renamed`: an upload start's session id. Best effort: a session the ledger
+        cannot update now expires with age."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        try:
+            if upload.start and renamed is None:
+                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+                return
+            if renamed is not None:
+                await asyncio.to_thread(
+                    ledger.rename_upload, upload.tenant, upload.session, renamed
+                )
+                upload.session = renamed
+            await asyncio.to_thread(
+                ledger.settle, upload.tenant, upload.session, upload.reserved, stored, grown
+            )
+        except LedgerUnavailable as e:
+            logger.warning("quota: cannot settle an upload: %s", e)
+
+    async def _drop(self, upload: InFlight) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            return
+        try:
+            await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+        except LedgerUnavailable as e:
+            logger.warning("quota: cannot forget an upload: %s", e)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        """A request that ended without an answer (cut, client gone): whatever it sent may
+        be stored, so it counts until the session is answered again, forgotten or expired."""
+        upload = flow.metadata.pop(_UPLOAD, None)
+        if upload is not None:
+            rec = record(flow)
+            await self._settle(upload, rec, None, stored=None, grown=upload.sent(rec))
 
     async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
         ledger = self.ledger

@@ -64,6 +64,9 @@ class Settings:
     max_connections: int = 0  # 0: as many as file descriptors allow
     max_client_connections: int = 256
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
+    # Seconds after which an unfinished upload is purged by the backend and no longer counts
+    # against its tenant's quota (REGISTRY_UPLOAD_MAX_AGE).
+    upload_age: int = 3600
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
@@ -174,6 +177,22 @@ def parse_gc_interval(env: Mapping[str, str]) -> int | None:
         raise ConfigError(
             f"REGISTRY_GC_INTERVAL={value!r}: expected a duration of at least a minute, "
             "such as '30m', '24h' or '7d'"
+        )
+    return seconds
+
+
+def parse_upload_age(env: Mapping[str, str]) -> int:
+    """REGISTRY_UPLOAD_MAX_AGE: how long an unfinished upload lives (default `1h`), at least
+    10 seconds; it must exceed the longest push (README, quotas)."""
+    value = _opt(env, "REGISTRY_UPLOAD_MAX_AGE")
+    if value is None:
+        return 3600
+    m = _DURATION.fullmatch(value)
+    seconds = int(m[1]) * _DURATION_UNITS[m[2]] if m else 0
+    if seconds < 10:
+        raise ConfigError(
+            f"REGISTRY_UPLOAD_MAX_AGE={value!r}: expected a duration of at least 10 seconds, "
+            "such as '1h' or '30m'"
         )
     return seconds
 
@@ -293,6 +312,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
         gc_interval=parse_gc_interval(env),
+        upload_age=parse_upload_age(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,
