@@ -60,6 +60,7 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from addons import oci, quota, routes
+from addons.access import backend_error_code
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import MAX_UPLOADS, UPLOAD_AGE, LedgerUnavailable, Reservation, holder
@@ -202,8 +203,8 @@ class Accounting:
     def load(self, loader: Loader) -> None:
         loader.add_option(
             "registry_upload_age",
-            float,
-            UPLOAD_AGE,
+            int,
+            int(UPLOAD_AGE),
             "Seconds after which an untouched unfinished upload no longer counts against its "
             "tenant's quota (the backend purges it after the same age).",
         )
@@ -400,6 +401,14 @@ class Accounting:
             flow.response = self._unavailable(flow)
 
     @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """An upload's 404 is read whole (a short error body): its code says whether the
+        session is gone."""
+        response = flow.response
+        if record(flow).route == "upload" and response is not None and response.status_code == 404:
+            response.stream = False
+
+    @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         rec, response = record(flow), flow.response
         upload = flow.metadata.pop(_UPLOAD, None)
@@ -468,8 +477,14 @@ class Accounting:
         response, method = flow.response, flow.request.method
         assert response is not None and rec.tenant is not None and rec.repository is not None
         status = response.status_code
-        # Cancelled, unknown, or completed (a 201 the isolation ledger records nothing for).
-        gone = status in (201, 404) or (method == "DELETE" and status == 204)
+        # Cancelled, unknown to the backend, or completed (a 201 isolation records nothing
+        # for). Only BLOB_UPLOAD_UNKNOWN says the session does not exist: Distribution also
+        # answers 404 (BLOB_UPLOAD_INVALID) to a stale or forged upload state, and the
+        # session then lives on.
+        unknown = status == 404 and backend_error_code(response.content or b"") == (
+            "BLOB_UPLOAD_UNKNOWN"
+        )
+        gone = unknown or status == 201 or (method == "DELETE" and status == 204)
         if gone and method != "POST":
             try:
                 if self._quota(rec) is not None:
