@@ -166,6 +166,8 @@ def parked(stack: Stack, repo: str) -> int:
 
 
 def denied(r: requests.Response, used: int, limit: int = MB) -> bool:
+    if r.status_code != 403:
+        return False
     error = r.json()["errors"][0]
     message = error["message"]
     return (
