@@ -136,6 +136,9 @@ class StreamCap:
             return
         finally:
             self.syncing = False
+        if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
+            self.stop("too many unfinished uploads", 0)
+            return
         # `got.used` counts what this body had recorded before `delta`, and what the tenant's
         # other uploads reserved meanwhile (on any worker or node).
         self.others = got.used - self.recorded
@@ -356,19 +359,19 @@ class Accounting:
         adding = int(length) if length.isdigit() else 0
         if method == "PUT" and not adding and not streamed:
             return  # no body: the confirmation is decided by `admit` (response)
-        digest = rec.params.get("digest")
+        digest, held = rec.params.get("digest"), False
         if method != "PATCH" and digest and (adding or streamed):
-            # Re-pushing what the tenant holds never counts (quota.would_exceed), even over
-            # a lowered quota: a monolithic upload of a held digest reserves nothing.
+            # Re-pushing what the tenant holds is never refused (quota.would_exceed), even
+            # over a lowered quota; its bytes still count while they are in flight.
             ledger = self.ledger
             assert ledger is not None
-            if await asyncio.to_thread(ledger.has, rec.tenant, digest):
-                return
+            held = await asyncio.to_thread(ledger.has, rec.tenant, digest)
         start = method == "POST"
         session = f"post:{flow.id}" if start else f"{rec.repository}@{rec.reference}"
         upload = InFlight(rec.tenant, session, start=start)
-        got = await self.reserve(upload, adding, limit)
-        if not got or (streamed and got.used >= limit):
+        got = await self.reserve(upload, adding, limit, force=held)
+        refused = not got and (not held or got.reason == "uploads")
+        if refused or (streamed and not held and got.used >= limit):
             respond(flow, self._refuse_reservation(flow, limit, got, adding))
             if got and start:  # nothing started: give its place back
                 ledger = self.ledger
@@ -376,7 +379,7 @@ class Accounting:
                 await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
             return
         upload.reserved = adding
-        if streamed:
+        if streamed and not held:
             upload.cap = StreamCap(self, flow, upload, limit, others=got.used)
             request.stream = upload.cap
         flow.metadata[_UPLOAD] = upload
@@ -506,7 +509,10 @@ class Accounting:
             return
         ok = 200 <= status < 300
         stored = stored_from(response) if ok else None
-        grown = upload.sent(rec) if ok and stored is None else 0
+        # A PUT the backend refused (a digest that does not match) may leave its body in the
+        # session (the backend did not say): it counts until the session is answered again,
+        # forgotten or expired. A refused PATCH (a wrong range) stored nothing.
+        grown = upload.sent(rec) if (ok and stored is None) or method == "PUT" else 0
         await self._settle(upload, rec, None, stored=stored, grown=grown)
 
     async def _settle(

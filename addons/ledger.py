@@ -447,7 +447,8 @@ class Ledger(LedgerState):
         transaction (so across workers): the tenant's usage plus every unfinished upload's
         bytes plus `adding` must fit `limit`, and a session not known yet must fit
         `max_uploads`. Reserved: the session's `pending` grows by `adding` until `settle`.
-        `force`: record bytes already sent (a streamed body), whatever the decision says.
+        `force`: record the bytes whatever the quota decision says (a streamed body's bytes
+        already sent; a re-push, never refused) but never a session beyond `max_uploads`.
         Sessions untouched for `age` seconds are forgotten first (the backend purges them)."""
         when = time.time() if now is None else now
 
@@ -463,7 +464,7 @@ class Ledger(LedgerState):
                 decided = upload_decision(
                     tenant, used, int(uploads), not known, adding, limit, max_uploads
                 )
-                if decided or force:
+                if decided or (force and decided.reason != "uploads"):
                     db.execute(
                         "INSERT INTO uploads VALUES (?, ?, 0, ?, ?) ON CONFLICT (tenant, session)"
                         " DO UPDATE SET pending = pending + excluded.pending, at = excluded.at",

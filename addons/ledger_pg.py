@@ -360,7 +360,7 @@ class PgLedger(LedgerState):
                 decided = upload_decision(
                     tenant, used, uploads, known is None, adding, limit, max_uploads
                 )
-                if decided or force:
+                if decided or (force and decided.reason != "uploads"):
                     db.execute(
                         "INSERT INTO registry_ledger_uploads AS u VALUES (%s, %s, 0, %s, %s)"
                         " ON CONFLICT (holder, session) DO UPDATE"

@@ -258,6 +258,8 @@ def unfinished_uploads_count(ledger: Any) -> None:
     full = ledger.reserve("acme", "acme/app@u5", 0, 10**9, now=t0, max_uploads=2)
     assert not full and (full.reason, full.uploads) == ("uploads", 2)
     assert ledger.reserve("acme", "acme/app@u4", 0, 10**9, now=t0, max_uploads=2)
+    forced = ledger.reserve("acme", "acme/app@u6", 5, 10**9, force=True, now=t0, max_uploads=2)
+    assert not forced and "acme/app@u6" not in ledger.uploads("acme")  # `force` is no way around
     assert ledger.reserve("globex", "globex/app@u1", 0, 10**9, now=t0, max_uploads=2)
     # Abandoned: untouched for `age`, forgotten by the next decision of that tenant ...
     later = t0 + 61
