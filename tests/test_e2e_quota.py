@@ -50,9 +50,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, auth: AuthStandin) -> Iterat
     s.stop()
 
 
-def metrics(stack: Stack) -> dict[str, int]:
+def metrics(stack: Stack, name: str = "usage") -> dict[str, int]:
     text = requests.get(f"http://{stack.env['REGISTRY_ADMIN_ADDR']}/metrics", timeout=5).text
-    found = re.findall(r'^tabbify_tenant_usage_bytes\{tenant="([^"]+)"\} (\d+)$', text, re.M)
+    found = re.findall(rf'^tabbify_tenant_{name}_bytes\{{tenant="([^"]+)"\}} (\d+)$', text, re.M)
     return {t: int(n) for t, n in found}
 
 
@@ -201,6 +201,7 @@ def test_unfinished_uploads_count_against_the_quota(stack: Stack) -> None:
     assert denied(r, 800_000), r.text
     assert "300000 more do not fit" in r.json()["errors"][0]["message"]
     assert parked(stack, repo) == 800_000
+    wait_for(lambda: metrics(stack, "uploading").get("hooli") == 800_000, timeout=20)
     r = patch(stack, u3, blobs[2][:200_000], 0, h)  # exactly the quota fits
     assert r.status_code == 202, r.text
     u3 = r.headers["Location"]

@@ -248,6 +248,7 @@ def unfinished_uploads_count(ledger: Any) -> None:
     assert not late and ledger.uploads("acme") == {"acme/app@u3": (0, 500)}
     ledger.settle("acme", "acme/app@u3", 500, grown=500, now=t0)  # the backend did not say
     assert ledger.uploads("acme") == {"acme/app@u3": (500, 0)}
+    assert ledger.uploading_all() == {"acme": 500}
     ledger.settle("acme", "acme/app@gone", 10, stored=10, now=t0)  # unknown: stays unknown
     assert "acme/app@gone" not in ledger.uploads("acme")
     # An upload start reserves a place under a placeholder, renamed once the id is known.

@@ -54,6 +54,9 @@ def test_metrics_text():
     assert not any("quota_bytes" in line and "globex" in line for line in lines)
     assert text.endswith("\n")
     assert "quota_bytes" not in quota.metrics({"acme": 1}, {})
+    assert "uploading" not in quota.metrics({"acme": 1}, {}, {})
+    parked = quota.metrics({"acme": 1}, {"acme": 10}, {"acme": 7}).splitlines()
+    assert 'tabbify_tenant_uploading_bytes{tenant="acme"} 7' in parked
 
 
 def test_unfinished_upload_decisions():
