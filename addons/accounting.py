@@ -132,12 +132,13 @@ class StreamCap:
             got = await self.accounting.reserve(self.upload, delta, self.limit, force=True)
         except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
             logger.warning("quota: cannot record a streamed upload: %s", e)
-            self.stop("quota-unchecked", 0)
+            self.stop("quota-unchecked", 0, (503, "UNAVAILABLE", "cannot check the quota now"))
             return
         finally:
             self.syncing = False
         if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
-            self.stop("too many unfinished uploads", 0)
+            message = "too many unfinished uploads"
+            self.stop(message, 0, (429, "TOOMANYREQUESTS", message))
             return
         # `got.used` counts what this body had recorded before `delta`, and what the tenant's
         # other uploads reserved meanwhile (on any worker or node).
@@ -147,18 +148,19 @@ class StreamCap:
         if self.others + self.sent > self.limit:
             self.stop("quota exceeded", 0)
 
-    def stop(self, why: str, more: int) -> None:
+    def stop(self, why: str, more: int, answer: tuple[int, str, str] | None = None) -> None:
         """Cut the connection: the backend gets a truncated body and confirms no blob; the
-        client gets the 403 written ahead of the close (mitmproxy cannot answer a request
-        whose body streams)."""
+        client gets the 403 (or `answer`) written ahead of the close (mitmproxy cannot answer
+        a request whose body streams)."""
         if self.cut:
             return
         self.cut = True
         record(self.flow).decision = f"deny:{why}"
         used = self.others + self.sent
         message = f"quota exceeded: {used} of {self.limit} bytes used, {more} more do not fit"
-        method = self.flow.request.method
-        cut_connection(self.flow, oci.wire_error(403, "DENIED", message, method=method))
+        status, code, message = answer or (403, "DENIED", message)
+        wire = oci.wire_error(status, code, message, method=self.flow.request.method)
+        cut_connection(self.flow, wire)
 
 
 def cut_connection(flow: http.HTTPFlow, answer: bytes) -> None:
@@ -199,6 +201,7 @@ class Accounting:
         self.isolation = isolation
         self.client: httpx.AsyncClient | None = None
         self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
+        self.uploading: dict[str, int] = {}  # bytes in unfinished uploads, per tenant
         self.quotas: dict[str, int | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._expired_at = 0.0
@@ -247,6 +250,7 @@ class Accounting:
                     if time.monotonic() - self._expired_at >= min(60.0, age / 2):
                         self._expired_at = time.monotonic()
                         await asyncio.to_thread(ledger.expire_uploads, age=age)
+                    self.uploading = await asyncio.to_thread(ledger.uploading_all)
                 except LedgerUnavailable:
                     pass
                 except Exception:
@@ -256,7 +260,12 @@ class Accounting:
     def state(self) -> dict[str, Any] | None:
         if self.usage is None:
             return None
-        return {"usage": self.usage, "quotas": self.quotas, "time": time.time()}
+        return {
+            "usage": self.usage,
+            "quotas": self.quotas,
+            "uploading": self.uploading,
+            "time": time.time(),
+        }
 
     # --- quota decisions ------------------------------------------------------------------
 

@@ -530,6 +530,12 @@ class Ledger(LedgerState):
         rows = self._run(False, lambda db: db.execute(sql, (tenant,)).fetchall())
         return {s: (int(a), int(b)) for s, a, b in rows}  # type: ignore[union-attr]
 
+    def uploading_all(self) -> dict[str, int]:
+        """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
+        sql = "SELECT tenant, SUM(stored + pending) FROM uploads GROUP BY tenant"
+        rows = self._run(False, lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}  # type: ignore[union-attr]
+
     def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
         """Forget every upload session untouched for `age` seconds (every tenant's)."""
         cutoff = (time.time() if now is None else now) - age

@@ -414,6 +414,12 @@ class PgLedger(LedgerState):
         rows = self._run("SELECT", lambda db: db.execute(sql, (tenant,)).fetchall())
         return {s: (int(a), int(b)) for s, a, b in rows}
 
+    def uploading_all(self) -> dict[str, int]:
+        """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
+        sql = "SELECT holder, sum(stored + pending) FROM registry_ledger_uploads GROUP BY holder"
+        rows = self._run("SELECT", lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}
+
     def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
         """Forget every upload session untouched for `age` seconds (every tenant's)."""
         cutoff = (time.time() if now is None else now) - age
