@@ -282,7 +282,11 @@ class Accounting:
         ledger, tenant = self.ledger, rec.tenant
         assert ledger is not None and tenant is not None
         adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
-        return quota.would_exceed(tenant, {tenant: ledger.usage(tenant)}, limit, adding)
+        if adding <= 0:
+            return False
+        # Its unfinished uploads count too (expired ones are swept within a minute).
+        flying = sum(stored + pending for stored, pending in ledger.uploads(tenant).values())
+        return quota.would_exceed(tenant, {tenant: ledger.usage(tenant) + flying}, limit, adding)
 
     def _refuse(
         self, flow: http.HTTPFlow, limit: int, used: int | None = None, adding: int = 0

@@ -7,6 +7,7 @@ refused before it is stored, a chunked one is cut), and abandoned ones stop coun
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -205,6 +206,14 @@ def test_unfinished_uploads_count_against_the_quota(stack: Stack) -> None:
     r = patch(stack, u3, blobs[2][:200_000], 0, h)  # exactly the quota fits
     assert r.status_code == 202, r.text
     u3 = r.headers["Location"]
+    # Full with unfinished uploads: a manifest's own bytes do not fit either.
+    index_type = "application/vnd.oci.image.index.v1+json"
+    index = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": []}).encode()
+    r = requests.put(
+        f"{stack.url}/v2/{repo}/manifests/empty", data=index, timeout=10,
+        headers={**h, "Content-Type": index_type},
+    )  # fmt: skip
+    assert r.status_code == 403 and "quota exceeded" in r.text, r.text
 
     # Cancelled: its 400 kB no longer count.
     r = requests.delete(stack.url + u2, headers=h, timeout=10)
@@ -225,7 +234,7 @@ def test_unfinished_uploads_count_against_the_quota(stack: Stack) -> None:
     # Full, yet a re-push of what it holds is never refused (its bytes count in flight).
     push_blob(stack, repo, blobs[0], h)
     log = [e for e in stack.access_log() if e["tenant"] == "hooli"]
-    assert sum(e["decision"] == "deny:quota exceeded" for e in log) == 2
+    assert sum(e["decision"] == "deny:quota exceeded" for e in log) == 3
 
 
 def test_a_chunked_patch_past_the_quota_is_cut(stack: Stack) -> None:
