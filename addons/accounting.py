@@ -32,16 +32,15 @@ those being sent now. Every request that sends bytes into a session reserves the
 one ledger transaction with the quota decision (`reserve`; across workers and, with
 PostgreSQL, across nodes): a PATCH, or a PUT/POST with a body, whose Content-Length would take
 the tenant's usage plus its unfinished uploads over the quota is refused with 403 before a
-byte reaches the backend. A body without a length (chunked) may send what is left of the
-quota when it starts; it records what it sent every SYNC_BYTES (learning meanwhile what the
-tenant's other uploads took) and its connection is cut once it passes what is left: a
-streamed request can get no answer of ours, so the 403 is written on the wire and the
-connection closed. The answer settles the session (`settle`: the backend's `Range` says what
-it holds); a completed upload's bytes become its blob's in the same transaction that admits
-it; a cancelled (DELETE) or unknown (404) upload is forgotten; one untouched for
-`registry_upload_age` seconds is forgotten, as the backend purges it after the same age
-(zot/config.py). A tenant under a quota holds at most MAX_UPLOADS unfinished uploads: one
-more upload start is refused with 429.
+byte reaches the backend. A body without a length (chunked) reserves as it streams: a
+quarter of what is left of the quota at a time (StreamCap), and its connection is cut once
+the quota has nothing more for it: a streamed request can get no answer of ours, so the 403
+is written on the wire and the connection closed. The answer settles the session (`settle`:
+the backend's `Range` says what it holds); a completed upload's bytes become its blob's in
+the same transaction that admits it; a cancelled (DELETE) or unknown (404) upload is
+forgotten; one untouched for `registry_upload_age` seconds is forgotten, as the backend
+purges it after the same age (zot/config.py). A tenant under a quota holds at most
+MAX_UPLOADS unfinished uploads: one more upload start is refused with 429.
 """
 
 from __future__ import annotations
@@ -76,7 +75,9 @@ _PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hook
 _UPLOAD = "tabbify.upload"  # the upload session a request reserved bytes in (InFlight)
 TIMEOUT = 10.0
 USAGE_EVERY = 5.0
-SYNC_BYTES = 1024 * 1024  # a streamed body records what it sent at least this often
+MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
+MAX_GRANT = 64 * 1024 * 1024  # … and at most
+HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
 _RANGE = re.compile(r"0-([0-9]{1,18})")
 
 
@@ -88,65 +89,117 @@ class InFlight:
     session: str  # `<repository>@<upload id>`, or a placeholder for an upload start
     reserved: int = 0
     start: bool = False  # an upload start (POST): renamed once the backend names the session
+    done: bool = False  # settled: a grant that comes back later is given back at once
+    gone: bool = False  # and the session with it (completed, cancelled, unknown)
     cap: StreamCap | None = None  # a body without a length: counted as it streams
 
     def sent(self, rec: FlowRecord) -> int:
         return self.cap.sent if self.cap is not None else rec.bytes_in
 
 
+def grant_size(room: int) -> int:
+    """What a streamed body asks the ledger for at a time: a quarter of what is left of the
+    quota (so that the tenant's other uploads still find room), within MIN/MAX_GRANT."""
+    return min(max(room // 4, MIN_GRANT), MAX_GRANT)
+
+
 @dataclass
 class StreamCap:
-    """The stream callable of a body without a length, under a quota: passes chunks on while
-    the tenant's quota has room for them, records them in the ledger every SYNC_BYTES (one
-    write at a time, off the event loop), and cuts the connection once the body would pass
-    what is left. Called by mitmproxy for every chunk, on the event loop: no I/O here."""
+    """The stream callable of a body without a length, under a quota. Chunks go on while the
+    bytes the ledger reserved for this body (`granted`) cover them; once half of the last
+    grant is used it asks for more (a quarter of what is left of the quota, off the event
+    loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer, and
+    the connection is cut once the quota has nothing more for them. A body whose end
+    arrives while an ask is on its way goes on if that ask and what was left of the quota at
+    the last answer could cover it (the one case it may pass the quota, when the tenant's
+    other uploads took that room meanwhile). Called by mitmproxy for every chunk, on the
+    event loop: no I/O here. Returns the chunks to forward (a list: an empty bytes value
+    would end a chunked body upstream)."""
 
     accounting: Accounting
     flow: http.HTTPFlow
     upload: InFlight
     limit: int
-    others: int  # the tenant's bytes besides this body's (as of the last record)
-    sent: int = 0
-    recorded: int = 0
-    syncing: bool = False
+    granted: int  # bytes the ledger reserved for this body
+    step: int  # what the next ask is for
+    others: int  # the tenant's other bytes, as of the last answer
+    room: int  # what was left of the quota after the last answer
+    sent: int = 0  # forwarded
+    held: list[bytes] = field(default_factory=list)
+    held_bytes: int = 0
+    asking: int = 0  # bytes the ask on its way is for (0: none)
+    denied: bool = False  # the quota has nothing more for this body
     cut: bool = False
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
         if self.cut:
-            return b""
-        if self.others + self.sent + len(chunk) > self.limit:
-            self.stop("quota exceeded", len(chunk))
-            return b""
-        self.sent += len(chunk)
-        if not self.syncing and self.sent - self.recorded >= SYNC_BYTES:
-            self.syncing = True
-            task = asyncio.get_running_loop().create_task(self._record())
+            return []
+        if chunk:
+            self.held.append(chunk)
+            self.held_bytes += len(chunk)
+        out = self._release(self.granted)
+        if self.held:
+            if self.denied:
+                self.stop("quota exceeded", self.held_bytes)
+                return []
+            if not chunk:  # the end: the ask on its way decides, if it can cover the rest
+                if not self.asking or self.held_bytes > min(self.asking, self.room):
+                    self.stop("quota exceeded", self.held_bytes)
+                    return []
+                out += self._release(self.sent + self.held_bytes)
+            elif self.held_bytes > HOLD:
+                self.stop("quota exceeded", self.held_bytes)
+                return []
+        if not self.asking and not self.denied and self._left() < self.step // 2:
+            self.asking = self.step + max(self.held_bytes - self._left(), 0)
+            task = asyncio.get_running_loop().create_task(self._ask(self.asking))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return record(self.flow).count_in(chunk)
+        count = record(self.flow).count_in
+        return [count(c) for c in out]
 
-    async def _record(self) -> None:
-        delta = self.sent - self.recorded
+    def _left(self) -> int:
+        return self.granted - self.sent - self.held_bytes
+
+    def _release(self, upto: int) -> list[bytes]:
+        """The held chunks (split where needed) that fit below `upto` bytes forwarded."""
+        out: list[bytes] = []
+        while self.held and self.sent < upto:
+            c = self.held[0]
+            take = min(len(c), upto - self.sent)
+            out.append(c[:take])
+            if take == len(c):
+                self.held.pop(0)
+            else:
+                self.held[0] = c[take:]
+            self.sent += take
+            self.held_bytes -= take
+        return out
+
+    async def _ask(self, want: int) -> None:
         try:
-            got = await self.accounting.reserve(self.upload, delta, self.limit, force=True)
+            got = await self.accounting.reserve(self.upload, want, self.limit, upto=True)
         except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
-            logger.warning("quota: cannot record a streamed upload: %s", e)
+            logger.warning("quota: cannot reserve for a streamed upload: %s", e)
             self.stop("quota-unchecked", 0, (503, "UNAVAILABLE", "cannot check the quota now"))
             return
         finally:
-            self.syncing = False
+            self.asking = 0
+        if self.upload.done:  # the request ended meanwhile (cut, or the client went away)
+            await self.accounting.give_back(self.upload, got.granted)
+            return
+        # `got.used` counts this body's earlier grants and the tenant's other bytes now.
+        self.others = got.used - self.granted
+        self.granted += got.granted
+        self.upload.reserved += got.granted
         if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
             message = "too many unfinished uploads"
             self.stop(message, 0, (429, "TOOMANYREQUESTS", message))
             return
-        # `got.used` counts what this body had recorded before `delta`, and what the tenant's
-        # other uploads reserved meanwhile (on any worker or node).
-        self.others = got.used - self.recorded
-        self.recorded += delta
-        self.upload.reserved += delta
-        if self.others + self.sent > self.limit:
-            self.stop("quota exceeded", 0)
+        self.denied = got.granted < want
+        self.room = self.limit - got.used - got.granted
+        self.step = grant_size(self.room)
 
     def stop(self, why: str, more: int, answer: tuple[int, str, str] | None = None) -> None:
         """Cut the connection: the backend gets a truncated body and confirms no blob; the
@@ -155,8 +208,9 @@ class StreamCap:
         if self.cut:
             return
         self.cut = True
+        self.held.clear()
         record(self.flow).decision = f"deny:{why}"
-        used = self.others + self.sent
+        used = self.others + self.granted
         message = f"quota exceeded: {used} of {self.limit} bytes used, {more} more do not fit"
         status, code, message = answer or (403, "DENIED", message)
         wire = oci.wire_error(status, code, message, method=self.flow.request.method)
@@ -317,7 +371,7 @@ class Accounting:
         )
 
     async def reserve(
-        self, upload: InFlight, adding: int, limit: int, force: bool = False
+        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
     ) -> Reservation:
         ledger = self.ledger
         assert ledger is not None
@@ -328,6 +382,7 @@ class Accounting:
             adding,
             limit,
             force=force,
+            upto=upto,
             age=ctx.options.registry_upload_age,
             max_uploads=MAX_UPLOADS,
         )
@@ -382,18 +437,20 @@ class Accounting:
         start = method == "POST"
         session = f"post:{flow.id}" if start else f"{rec.repository}@{rec.reference}"
         upload = InFlight(rec.tenant, session, start=start)
-        got = await self.reserve(upload, adding, limit, force=held)
-        refused = not got and (not held or got.reason == "uploads")
-        if refused or (streamed and not held and got.used >= limit):
+        capped = streamed and not held
+        if capped:  # no length: a first grant, more as it streams
+            got = await self.reserve(upload, grant_size(limit), limit, upto=True)
+        else:
+            got = await self.reserve(upload, adding, limit, force=held)
+        if not got and (not held or got.reason == "uploads"):
             respond(flow, self._refuse_reservation(flow, limit, got, adding))
-            if got and start:  # nothing started: give its place back
-                ledger = self.ledger
-                assert ledger is not None
-                await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
             return
-        upload.reserved = adding
-        if streamed and not held:
-            upload.cap = StreamCap(self, flow, upload, limit, others=got.used)
+        upload.reserved = got.granted
+        if capped:
+            room = limit - got.used - got.granted
+            upload.cap = StreamCap(
+                self, flow, upload, limit, got.granted, grant_size(room), got.used, room
+            )
             request.stream = upload.cap
         flow.metadata[_UPLOAD] = upload
 
@@ -457,6 +514,8 @@ class Accounting:
             # the decision and the tenant's record are one transaction (Ledger.admit), so
             # uploads confirmed at the same time are counted one after the other.
             # The upload session ends with this confirmation: its bytes become the blob's.
+            if upload is not None:
+                upload.done = upload.gone = True
             session = upload.session if upload is not None else None
             if session is None and method == "PUT":
                 session = f"{rec.repository}@{rec.reference}"
@@ -502,6 +561,8 @@ class Accounting:
         )
         gone = unknown or status == 201 or (method == "DELETE" and status == 204)
         if gone and method != "POST":
+            if upload is not None:
+                upload.done = upload.gone = True
             try:
                 if self._quota(rec) is not None:
                     ledger = self.ledger
@@ -539,6 +600,7 @@ class Accounting:
         """The request's reservation released; the session holds `stored` bytes (or `grown`
         more). `renamed`: an upload start's session id. Best effort: a session the ledger
         cannot update now expires with age."""
+        upload.done = True
         ledger = self.ledger
         if ledger is None:
             return
@@ -557,7 +619,22 @@ class Accounting:
         except LedgerUnavailable as e:
             logger.warning("quota: cannot settle an upload: %s", e)
 
+    async def give_back(self, upload: InFlight, granted: int) -> None:
+        """A grant that came back after its request ended: released at once (with the
+        session, when the session ended too)."""
+        ledger = self.ledger
+        if ledger is None or granted <= 0:
+            return
+        try:
+            if upload.gone:
+                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+            else:
+                await asyncio.to_thread(ledger.settle, upload.tenant, upload.session, granted)
+        except LedgerUnavailable as e:  # it expires with age
+            logger.warning("quota: cannot give a grant back: %s", e)
+
     async def _drop(self, upload: InFlight) -> None:
+        upload.done = upload.gone = True
         ledger = self.ledger
         if ledger is None:
             return

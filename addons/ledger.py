@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from addons import quota
@@ -91,6 +91,7 @@ class Reservation:
     used: int
     uploads: int = 0
     reason: str = ""
+    granted: int = 0  # bytes reserved by this decision (`upto`: maybe fewer than asked)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -104,14 +105,19 @@ def upload_decision(
     adding: int,
     limit: int,
     max_uploads: int,
+    upto: bool = False,
 ) -> Reservation:
     """The pure rule `reserve` applies inside its transaction: a new upload session beyond
-    `max_uploads` is refused, then bytes that would take the tenant over its quota."""
+    `max_uploads` is refused, then bytes that would take the tenant over its quota. `upto`:
+    grant what is left of the quota, at most `adding` (refused only when nothing is left)."""
     if new_session and uploads >= max_uploads:
         return Reservation(False, used, uploads, "uploads")
+    if upto:
+        granted = max(0, min(adding, limit - used))
+        return Reservation(granted > 0, used, uploads, "" if granted else "quota", granted)
     if quota.would_exceed(tenant, {tenant: used}, limit, adding):
         return Reservation(False, used, uploads, "quota")
-    return Reservation(True, used, uploads)
+    return Reservation(True, used, uploads, granted=max(adding, 0))
 
 
 class LedgerState:
@@ -439,6 +445,7 @@ class Ledger(LedgerState):
         limit: int,
         *,
         force: bool = False,
+        upto: bool = False,
         now: float | None = None,
         age: float = UPLOAD_AGE,
         max_uploads: int = MAX_UPLOADS,
@@ -448,7 +455,8 @@ class Ledger(LedgerState):
         bytes plus `adding` must fit `limit`, and a session not known yet must fit
         `max_uploads`. Reserved: the session's `pending` grows by `adding` until `settle`.
         `force`: record the bytes whatever the quota decision says (a streamed body's bytes
-        already sent; a re-push, never refused) but never a session beyond `max_uploads`.
+        already sent; a re-push, never refused) but never a session beyond `max_uploads`;
+        `upto`: reserve what is left of the quota, at most `adding` (`granted` says how much).
         Sessions untouched for `age` seconds are forgotten first (the backend purges them)."""
         when = time.time() if now is None else now
 
@@ -462,13 +470,15 @@ class Ledger(LedgerState):
                 uploads, flying = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
                 used = int(db.execute(_USAGE, (tenant,)).fetchone()[0]) + int(flying)
                 decided = upload_decision(
-                    tenant, used, int(uploads), not known, adding, limit, max_uploads
+                    tenant, used, int(uploads), not known, adding, limit, max_uploads, upto
                 )
-                if decided or (force and decided.reason != "uploads"):
+                if force and decided.reason != "uploads":
+                    decided = replace(decided, granted=max(adding, 0))
+                if decided.granted or decided:
                     db.execute(
                         "INSERT INTO uploads VALUES (?, ?, 0, ?, ?) ON CONFLICT (tenant, session)"
                         " DO UPDATE SET pending = pending + excluded.pending, at = excluded.at",
-                        (tenant, session, max(adding, 0), when),
+                        (tenant, session, decided.granted, when),
                     )
                 return decided
 

@@ -41,6 +41,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -341,6 +342,7 @@ class PgLedger(LedgerState):
         limit: int,
         *,
         force: bool = False,
+        upto: bool = False,
         now: float | None = None,
         age: float = UPLOAD_AGE,
         max_uploads: int = MAX_UPLOADS,
@@ -358,14 +360,16 @@ class PgLedger(LedgerState):
                     (tenant, session),
                 ).fetchone()
                 decided = upload_decision(
-                    tenant, used, uploads, known is None, adding, limit, max_uploads
+                    tenant, used, uploads, known is None, adding, limit, max_uploads, upto
                 )
-                if decided or (force and decided.reason != "uploads"):
+                if force and decided.reason != "uploads":
+                    decided = replace(decided, granted=max(adding, 0))
+                if decided.granted or decided:
                     db.execute(
                         "INSERT INTO registry_ledger_uploads AS u VALUES (%s, %s, 0, %s, %s)"
                         " ON CONFLICT (holder, session) DO UPDATE"
                         " SET pending = u.pending + excluded.pending, at = excluded.at",
-                        (tenant, session, max(adding, 0), when),
+                        (tenant, session, decided.granted, when),
                     )
                 return decided
 

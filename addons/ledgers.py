@@ -71,6 +71,7 @@ class Accounts(Protocol):
         limit: int,
         *,
         force: bool = False,
+        upto: bool = False,
         now: float | None = None,
         age: float = ...,
         max_uploads: int = ...,

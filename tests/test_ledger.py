@@ -269,6 +269,13 @@ def unfinished_uploads_count(ledger: Any) -> None:
     # ... or by the periodic sweep, for every tenant.
     assert ledger.expire_uploads(now=later, age=60) == 1  # globex's
     assert ledger.uploads("globex") == {}
+    # `upto` (a streamed body): what is left of the quota, at most what was asked.
+    ledger.drop_upload("acme", "acme/app@u5")
+    part = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
+    assert part and (part.used, part.granted) == (700, 300)
+    none = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
+    assert not none and (none.reason, none.granted) == ("quota", 0)
+    assert ledger.uploads("acme") == {"acme/app@u7": (0, 300)}
 
 
 def test_unfinished_uploads_count_against_the_quota(tmp_path):

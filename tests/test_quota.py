@@ -70,6 +70,13 @@ def test_unfinished_upload_decisions():
     assert not refused and (refused.reason, refused.used, refused.uploads) == ("quota", 90, 3)
     assert upload_decision("acme", 90, 3, False, 10, 100, 64)  # exactly the quota
     assert upload_decision("acme", 500, 3, False, 0, 100, 64)  # nothing added: never refused
+    assert upload_decision("acme", 90, 3, False, 50, 100, 64, upto=True).granted == 10
+    assert not upload_decision("acme", 100, 3, False, 50, 100, 64, upto=True)
+
+    from addons.accounting import MAX_GRANT, MIN_GRANT, grant_size
+
+    assert grant_size(1_000_000) == 250_000 and grant_size(10) == MIN_GRANT
+    assert grant_size(10**12) == MAX_GRANT
 
     uuid = "0f5b6c3e-5b0e-4a4e-9a43-1c2d3e4f5a6b"
     location = f"/v2/acme/app/blobs/uploads/{uuid}?_state=abc"
