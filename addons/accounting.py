@@ -110,11 +110,12 @@ class StreamCap:
     grant is used it asks for more (a quarter of what is left of the quota, off the event
     loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer, and
     the connection is cut once the quota has nothing more for them. A body whose end
-    arrives while an ask is on its way goes on if that ask and what was left of the quota at
-    the last answer could cover it (the one case it may pass the quota, when the tenant's
-    other uploads took that room meanwhile). Called by mitmproxy for every chunk, on the
-    event loop: no I/O here. Returns the chunks to forward (a list: an empty bytes value
-    would end a chunked body upstream)."""
+    arrives while an ask is on its way goes on if what waits is within what was left of the
+    quota at the last answer: a push that fits is not cut because the ledger is slower than
+    the link. That is the one case it may pass the quota, when the tenant's other uploads
+    took that room meanwhile: by at most that room per body. Called by
+    mitmproxy for every chunk, on the event loop: no I/O here. Returns the chunks to forward
+    (a list: an empty bytes value would end a chunked body upstream)."""
 
     accounting: Accounting
     flow: http.HTTPFlow
@@ -144,7 +145,7 @@ class StreamCap:
                 self.stop("quota exceeded", self.held_bytes)
                 return []
             if not chunk:  # the end: the ask on its way decides, if it can cover the rest
-                if not self.asking or self.held_bytes > min(self.asking, self.room):
+                if not self.asking or self.held_bytes > self.room:
                     self.stop("quota exceeded", self.held_bytes)
                     return []
                 out += self._release(self.sent + self.held_bytes)
