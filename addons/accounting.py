@@ -143,9 +143,9 @@ class StreamCap:
         if self.held:
             if self.denied:
                 self.stop("quota exceeded", self.held_bytes)
-                return []
-            if not chunk:  # the end: the ask on its way decides, if it can cover the rest
-                if not self.asking or self.held_bytes > self.room:
+                return [record(self.flow).count_in(c) for c in out]  # covered: they go
+            if not chunk:  # the end: it goes on if what was left at the last answer covers it
+                if self.held_bytes > self.room:
                     self.stop("quota exceeded", self.held_bytes)
                     return []
                 out += self._release(self.sent + self.held_bytes)
@@ -153,7 +153,7 @@ class StreamCap:
                 self.stop("quota exceeded", self.held_bytes)
                 return []
         if not self.asking and not self.denied and self._left() < self.step // 2:
-            self.asking = self.step + max(self.held_bytes - self._left(), 0)
+            self.asking = self.step + max(-self._left(), 0)  # and what already waits
             task = asyncio.get_running_loop().create_task(self._ask(self.asking))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
