@@ -39,6 +39,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from addons import quota
@@ -49,6 +50,11 @@ logger = logging.getLogger(__name__)
 SCHEMA = 1  # PRAGMA user_version
 REOPEN_EVERY = 1.0  # seconds between two attempts to reopen a failed ledger
 BUSY_TIMEOUT_MS = 5000  # another gateway process holding the write lock
+# Unfinished uploads (`uploads` table): a reservation not touched for this long is forgotten,
+# as the backend purges the upload itself (Zot's gcDelay, Distribution's uploadpurging age:
+# zot/config.py renders both from the same setting, REGISTRY_UPLOAD_MAX_AGE).
+UPLOAD_AGE = 3600.0
+MAX_UPLOADS = 64  # unfinished uploads one tenant under a quota may hold at once
 
 
 # Errors after which the connection is still sound: the statement failed, nothing else.
@@ -86,6 +92,52 @@ def _accounting_schema(db: sqlite3.Connection) -> None:
         "CREATE TABLE IF NOT EXISTS pushes (repository TEXT NOT NULL, ref TEXT NOT NULL,"
         " digest TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (repository, ref)) WITHOUT ROWID"
     )
+    # Unfinished uploads of tenants under a quota: per upload session, the bytes the backend
+    # said it holds (`stored`) and those being sent now (`pending`), and the last activity.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS uploads (tenant TEXT NOT NULL, session TEXT NOT NULL,"
+        " stored INTEGER NOT NULL, pending INTEGER NOT NULL, at REAL NOT NULL,"
+        " PRIMARY KEY (tenant, session)) WITHOUT ROWID"
+    )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A quota decision (`reserve`, `admit`): true when it fits. `used`: the tenant's bytes
+    before this request (its blobs and manifests, plus every unfinished upload's bytes);
+    `uploads`: its unfinished uploads; `reason`: "quota" or "uploads" when refused."""
+
+    ok: bool
+    used: int
+    uploads: int = 0
+    reason: str = ""
+    granted: int = 0  # bytes reserved by this decision (`upto`: maybe fewer than asked)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def upload_decision(
+    tenant: str,
+    used: int,
+    uploads: int,
+    new_session: bool,
+    adding: int,
+    limit: int,
+    max_uploads: int,
+    upto: bool = False,
+) -> Reservation:
+    """The pure rule `reserve` applies inside its transaction: a new upload session beyond
+    `max_uploads` is refused, then bytes that would take the tenant over its quota. `upto`:
+    grant what is left of the quota, at most `adding` (refused only when nothing is left)."""
+    if new_session and uploads >= max_uploads:
+        return Reservation(False, used, uploads, "uploads")
+    if upto:
+        granted = max(0, min(adding, limit - used))
+        return Reservation(granted > 0, used, uploads, "" if granted else "quota", granted)
+    if quota.would_exceed(tenant, {tenant: used}, limit, adding):
+        return Reservation(False, used, uploads, "quota")
+    return Reservation(True, used, uploads, granted=max(adding, 0))
 
 
 class LedgerState:
@@ -187,6 +239,8 @@ _USAGE = (
     "SELECT COALESCE(SUM(s.size), 0) FROM seen JOIN sizes s ON s.digest = seen.digest"
     " WHERE seen.tenant = ?"
 )
+_EXPIRE = "DELETE FROM uploads WHERE tenant = ? AND at < ?"
+_IN_FLIGHT = "SELECT COUNT(*), COALESCE(SUM(stored + pending), 0) FROM uploads WHERE tenant = ?"
 
 
 class Ledger(LedgerState):
@@ -521,32 +575,170 @@ class Ledger(LedgerState):
             out.update({d: int(n) for d, n in rows})  # type: ignore[union-attr]
         return out
 
-    def admit(self, tenant: str, digest: str, size: int, limit: int) -> bool:
+    def admit(
+        self,
+        tenant: str,
+        digest: str,
+        size: int,
+        limit: int,
+        session: str | None = None,
+        *,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+    ) -> Reservation:
         """A confirmed upload under a quota, decided and recorded in one write transaction:
-        its size is recorded; then, unless the tenant holds it already, either the tenant's
-        usage plus `size` fits `limit` and the tenant holds it from now on (True), or it does
-        not fit and nothing is added (False). The transaction takes the write lock first, so
+        its size is recorded and its upload `session` forgotten (its bytes become the blob's);
+        then, unless the tenant holds it already, either the tenant's usage plus its other
+        unfinished uploads plus `size` fits `limit` and the tenant holds it from now on, or
+        it does not fit and nothing is added. The transaction takes the write lock first, so
         uploads confirmed at once by several workers are decided one after the other and
         cannot overshoot together."""
         key = (tenant, digest)
+        when = time.time() if now is None else now
 
-        def decide(db: sqlite3.Connection) -> bool:
+        def decide(db: sqlite3.Connection) -> Reservation:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(_SIZE, (digest, max(size, 0)))
+                if session is not None:
+                    db.execute("DELETE FROM uploads WHERE tenant = ? AND session = ?",
+                               (tenant, session))  # fmt: skip
+                db.execute(_EXPIRE, (tenant, when - age))
+                uploads, flying = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
+                used = int(db.execute(_USAGE, (tenant,)).fetchone()[0]) + int(flying)
                 if db.execute(_HELD, key).fetchone():
-                    return True
-                used = db.execute(_USAGE, (tenant,)).fetchone()[0]
-                if quota.would_exceed(tenant, {tenant: int(used)}, limit, size):
-                    return False
+                    return Reservation(True, used, int(uploads))
+                if quota.would_exceed(tenant, {tenant: used}, limit, size):
+                    return Reservation(False, used, int(uploads), "quota")
                 db.execute("INSERT INTO seen VALUES (?, ?)", key)
-                return True
+                return Reservation(True, used, int(uploads))
 
         with self._lock:
-            admitted = bool(self._run(True, decide))
+            admitted = self._run(True, decide)
+            assert isinstance(admitted, Reservation)
             if admitted:
                 self.known.remember(key)
         return admitted
+
+    # --- unfinished uploads of tenants under a quota (addons/accounting.py) -------------------
+
+    def reserve(
+        self,
+        tenant: str,
+        session: str,
+        adding: int,
+        limit: int,
+        *,
+        force: bool = False,
+        upto: bool = False,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+        max_uploads: int = MAX_UPLOADS,
+    ) -> Reservation:
+        """Bytes about to be sent into an upload session, decided and reserved in one write
+        transaction (so across workers): the tenant's usage plus every unfinished upload's
+        bytes plus `adding` must fit `limit`, and a session not known yet must fit
+        `max_uploads`. Reserved: the session's `pending` grows by `adding` until `settle`.
+        `force`: record the bytes whatever the quota decision says (a streamed body's bytes
+        already sent; a re-push, never refused) but never a session beyond `max_uploads`;
+        `upto`: reserve what is left of the quota, at most `adding` (`granted` says how much).
+        Sessions untouched for `age` seconds are forgotten first (the backend purges them)."""
+        when = time.time() if now is None else now
+
+        def decide(db: sqlite3.Connection) -> Reservation:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(_EXPIRE, (tenant, when - age))
+                known = db.execute(
+                    "SELECT 1 FROM uploads WHERE tenant = ? AND session = ?", (tenant, session)
+                ).fetchone()
+                uploads, flying = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
+                used = int(db.execute(_USAGE, (tenant,)).fetchone()[0]) + int(flying)
+                decided = upload_decision(
+                    tenant, used, int(uploads), not known, adding, limit, max_uploads, upto
+                )
+                if force and decided.reason != "uploads":
+                    decided = replace(decided, granted=max(adding, 0))
+                if decided.granted or decided:
+                    db.execute(
+                        "INSERT INTO uploads VALUES (?, ?, 0, ?, ?) ON CONFLICT (tenant, session)"
+                        " DO UPDATE SET pending = pending + excluded.pending, at = excluded.at",
+                        (tenant, session, decided.granted, when),
+                    )
+                return decided
+
+        result = self._run(True, decide)
+        assert isinstance(result, Reservation)
+        return result
+
+    def settle(
+        self,
+        tenant: str,
+        session: str,
+        released: int,
+        stored: int | None = None,
+        grown: int = 0,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """A request into an upload session ended: `released` pending bytes are no longer in
+        flight; the session now holds `stored` bytes (what the backend answered), or `grown`
+        more than before when the backend did not say. A forgotten session stays forgotten."""
+        when = time.time() if now is None else now
+        self._run(
+            True,
+            lambda db: db.execute(
+                "UPDATE uploads SET pending = MAX(pending - ?, 0),"
+                " stored = COALESCE(?, stored + ?), at = ? WHERE tenant = ? AND session = ?",
+                (max(released, 0), stored, max(grown, 0), when, tenant, session),
+            ),
+        )
+
+    def rename_upload(self, tenant: str, placeholder: str, session: str) -> None:
+        """An upload start (POST) reserved under `placeholder` got its session id."""
+
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "DELETE FROM uploads WHERE tenant = ? AND session = ?", (tenant, session)
+                )
+                db.execute(
+                    "UPDATE uploads SET session = ? WHERE tenant = ? AND session = ?",
+                    (session, tenant, placeholder),
+                )
+
+        self._run(True, write)
+
+    def drop_upload(self, tenant: str, session: str) -> None:
+        """The upload was cancelled, or the backend does not know it (any more)."""
+        self._run(
+            True,
+            lambda db: db.execute(
+                "DELETE FROM uploads WHERE tenant = ? AND session = ?", (tenant, session)
+            ),
+        )
+
+    def uploads(self, tenant: str) -> dict[str, tuple[int, int]]:
+        """The tenant's unfinished uploads: session → (stored, pending)."""
+        sql = "SELECT session, stored, pending FROM uploads WHERE tenant = ?"
+        rows = self._run(False, lambda db: db.execute(sql, (tenant,)).fetchall())
+        return {s: (int(a), int(b)) for s, a, b in rows}  # type: ignore[union-attr]
+
+    def uploading_all(self) -> dict[str, int]:
+        """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
+        sql = "SELECT tenant, SUM(stored + pending) FROM uploads GROUP BY tenant"
+        rows = self._run(False, lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}  # type: ignore[union-attr]
+
+    def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
+        """Forget every upload session untouched for `age` seconds (every tenant's)."""
+        cutoff = (time.time() if now is None else now) - age
+        return int(
+            self._run(  # type: ignore[call-overload]
+                True, lambda db: db.execute("DELETE FROM uploads WHERE at < ?", (cutoff,)).rowcount
+            )
+        )
 
     def usage(self, tenant: str) -> int:
         """Bytes of the distinct digests the tenant holds whose size is known (quota.py's

@@ -9,6 +9,8 @@ walk use any of them), tables that the first node to connect creates:
     registry_ledger_walked  (repository, at)   the start-up walk has seen it
     registry_ledger_sizes   (digest, size)     for quotas (addons/accounting.py)
     registry_ledger_pushes  (repository, ref, digest, at)   when a manifest or tag was pushed
+    registry_ledger_uploads (holder, session, stored, pending, at)   unfinished uploads of
+                                               tenants under a quota (their bytes count)
 
 Unlike the S3 ledger it keeps accounts as the SQLite one does (`accounts`): sizes, usage and
 push times, so `[[quota]]` holds across nodes. A confirmed upload under a quota is decided
@@ -39,6 +41,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,7 +49,16 @@ import psycopg
 
 from addons import quota
 from addons.known import KnownRecords
-from addons.ledger import WHOLE, LedgerState, LedgerUnavailable, holder
+from addons.ledger import (
+    MAX_UPLOADS,
+    UPLOAD_AGE,
+    WHOLE,
+    LedgerState,
+    LedgerUnavailable,
+    Reservation,
+    holder,
+    upload_decision,
+)
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
 STATEMENT_TIMEOUT_MS = 5000
@@ -65,6 +77,9 @@ SCHEMA = (
     'CREATE TABLE IF NOT EXISTS registry_ledger_pushes (repository text COLLATE "C" NOT NULL,'
     ' ref text COLLATE "C" NOT NULL, digest text NOT NULL, at double precision NOT NULL,'
     " PRIMARY KEY (repository, ref))",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_uploads (holder text COLLATE "C" NOT NULL,'
+    ' session text COLLATE "C" NOT NULL, stored bigint NOT NULL, pending bigint NOT NULL,'
+    " at double precision NOT NULL, PRIMARY KEY (holder, session))",
 )
 HELD = "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s"
 SIZE = (  # content-addressed: one size per digest, ever
@@ -75,6 +90,13 @@ USAGE = (
     "SELECT COALESCE(sum(s.size), 0) FROM registry_ledger_seen h"
     " JOIN registry_ledger_sizes s ON s.digest = h.digest WHERE h.holder = %s"
 )
+TENANT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+EXPIRE = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND at < %s"
+IN_FLIGHT = (
+    "SELECT count(*), COALESCE(sum(stored + pending), 0) FROM registry_ledger_uploads"
+    " WHERE holder = %s"
+)
+DROP_UPLOAD = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND session = %s"
 
 
 def redacted(url: str) -> str:
@@ -264,32 +286,152 @@ class PgLedger(LedgerState):
         rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall())
         return {t: int(n) for t, n in rows}
 
-    def admit(self, tenant: str, digest: str, size: int, limit: int) -> bool:
-        """As `Ledger.admit`: the size recorded; then, unless the tenant holds the digest
-        already, it fits `limit` and the tenant holds it from now on (True), or nothing is
-        added (False). One transaction under the tenant's advisory lock: every node's
-        confirmations for one tenant are decided one after the other."""
-        key = (tenant, digest)
+    def _used(self, db: Any, tenant: str, now: float, age: float) -> tuple[int, int]:
+        """(unfinished uploads, bytes used: blobs and manifests plus those uploads), after
+        forgetting the tenant's uploads untouched for `age` seconds. Inside a transaction
+        holding the tenant's lock."""
+        db.execute(EXPIRE, (tenant, now - age))
+        uploads, flying = db.execute(IN_FLIGHT, (tenant,)).fetchone()
+        return int(uploads), int(db.execute(USAGE, (tenant,)).fetchone()[0]) + int(flying)
 
-        def decide(db: Any) -> bool:
+    def admit(
+        self,
+        tenant: str,
+        digest: str,
+        size: int,
+        limit: int,
+        session: str | None = None,
+        *,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+    ) -> Reservation:
+        """As `Ledger.admit`: the size recorded and the upload `session` forgotten; then,
+        unless the tenant holds the digest already, it fits `limit` with the tenant's other
+        unfinished uploads and the tenant holds it from now on, or nothing is added. One
+        transaction under the tenant's advisory lock: every node's confirmations and
+        reservations for one tenant are decided one after the other."""
+        key = (tenant, digest)
+        when = time.time() if now is None else now
+
+        def decide(db: Any) -> Reservation:
             with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (tenant,))
+                db.execute(TENANT_LOCK, (tenant,))
                 db.execute(SIZE, (digest, max(size, 0)))
+                if session is not None:
+                    db.execute(DROP_UPLOAD, (tenant, session))
+                uploads, used = self._used(db, tenant, when, age)
                 if db.execute(HELD, key).fetchone():
-                    return True
-                used = int(db.execute(USAGE, (tenant,)).fetchone()[0])
+                    return Reservation(True, used, uploads)
                 if quota.would_exceed(tenant, {tenant: used}, limit, size):
-                    return False
+                    return Reservation(False, used, uploads, "quota")
                 db.execute(
                     "INSERT INTO registry_ledger_seen VALUES (%s, %s) ON CONFLICT DO NOTHING", key
                 )
-                return True
+                return Reservation(True, used, uploads)
 
         with self._lock:
-            admitted = bool(self._run("INSERT", decide))
+            admitted: Reservation = self._run("INSERT", decide)
             if admitted:
                 self.known.remember(key)
         return admitted
+
+    # --- unfinished uploads of tenants under a quota (addons/accounting.py) -------------------
+
+    def reserve(
+        self,
+        tenant: str,
+        session: str,
+        adding: int,
+        limit: int,
+        *,
+        force: bool = False,
+        upto: bool = False,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+        max_uploads: int = MAX_UPLOADS,
+    ) -> Reservation:
+        """As `Ledger.reserve`, under the tenant's advisory lock (every node's reservations
+        and confirmations for one tenant one after the other)."""
+        when = time.time() if now is None else now
+
+        def decide(db: Any) -> Reservation:
+            with db.transaction():
+                db.execute(TENANT_LOCK, (tenant,))
+                uploads, used = self._used(db, tenant, when, age)
+                known = db.execute(
+                    "SELECT 1 FROM registry_ledger_uploads WHERE holder = %s AND session = %s",
+                    (tenant, session),
+                ).fetchone()
+                decided = upload_decision(
+                    tenant, used, uploads, known is None, adding, limit, max_uploads, upto
+                )
+                if force and decided.reason != "uploads":
+                    decided = replace(decided, granted=max(adding, 0))
+                if decided.granted or decided:
+                    db.execute(
+                        "INSERT INTO registry_ledger_uploads AS u VALUES (%s, %s, 0, %s, %s)"
+                        " ON CONFLICT (holder, session) DO UPDATE"
+                        " SET pending = u.pending + excluded.pending, at = excluded.at",
+                        (tenant, session, decided.granted, when),
+                    )
+                return decided
+
+        result: Reservation = self._run("INSERT", decide)
+        return result
+
+    def settle(
+        self,
+        tenant: str,
+        session: str,
+        released: int,
+        stored: int | None = None,
+        grown: int = 0,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """As `Ledger.settle`."""
+        when = time.time() if now is None else now
+        sql = (
+            "UPDATE registry_ledger_uploads SET pending = greatest(pending - %s, 0),"
+            " stored = COALESCE(%s, stored + %s), at = %s WHERE holder = %s AND session = %s"
+        )
+        args = (max(released, 0), stored, max(grown, 0), when, tenant, session)
+        self._run("UPDATE", lambda db: db.execute(sql, args))
+
+    def rename_upload(self, tenant: str, placeholder: str, session: str) -> None:
+        """An upload start (POST) reserved under `placeholder` got its session id."""
+
+        def write(db: Any) -> None:
+            with db.transaction():
+                db.execute(DROP_UPLOAD, (tenant, session))
+                db.execute(
+                    "UPDATE registry_ledger_uploads SET session = %s"
+                    " WHERE holder = %s AND session = %s",
+                    (session, tenant, placeholder),
+                )
+
+        self._run("UPDATE", write)
+
+    def drop_upload(self, tenant: str, session: str) -> None:
+        self._run("DELETE", lambda db: db.execute(DROP_UPLOAD, (tenant, session)))
+
+    def uploads(self, tenant: str) -> dict[str, tuple[int, int]]:
+        """The tenant's unfinished uploads: session → (stored, pending)."""
+        sql = "SELECT session, stored, pending FROM registry_ledger_uploads WHERE holder = %s"
+        rows = self._run("SELECT", lambda db: db.execute(sql, (tenant,)).fetchall())
+        return {s: (int(a), int(b)) for s, a, b in rows}
+
+    def uploading_all(self) -> dict[str, int]:
+        """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
+        sql = "SELECT holder, sum(stored + pending) FROM registry_ledger_uploads GROUP BY holder"
+        rows = self._run("SELECT", lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}
+
+    def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
+        """Forget every upload session untouched for `age` seconds (every tenant's)."""
+        cutoff = (time.time() if now is None else now) - age
+        sql = "DELETE FROM registry_ledger_uploads WHERE at < %s"
+        return int(self._run("DELETE", lambda db: db.execute(sql, (cutoff,)).rowcount))
 
     def record_push(
         self, repository: str, digest: str, tag: str | None = None, at: float | None = None

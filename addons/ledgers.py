@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from addons.known import KnownRecords
-from addons.ledger import Ledger
+from addons.ledger import Ledger, Reservation
 
 
 class AnyLedger(Protocol):
@@ -61,7 +61,45 @@ class Accounts(Protocol):
     def record_sizes(self, sizes: dict[str, int]) -> None: ...
     def usage_all(self) -> dict[str, int]: ...
     def usage(self, tenant: str) -> int: ...
-    def admit(self, tenant: str, digest: str, size: int, limit: int) -> bool: ...
+    def admit(
+        self,
+        tenant: str,
+        digest: str,
+        size: int,
+        limit: int,
+        session: str | None = None,
+        *,
+        now: float | None = None,
+        age: float = ...,
+    ) -> Reservation: ...
+    def reserve(
+        self,
+        tenant: str,
+        session: str,
+        adding: int,
+        limit: int,
+        *,
+        force: bool = False,
+        upto: bool = False,
+        now: float | None = None,
+        age: float = ...,
+        max_uploads: int = ...,
+    ) -> Reservation: ...
+    def settle(
+        self,
+        tenant: str,
+        session: str,
+        released: int,
+        stored: int | None = None,
+        grown: int = 0,
+        *,
+        now: float | None = None,
+    ) -> None: ...
+    def rename_upload(self, tenant: str, placeholder: str, session: str) -> None: ...
+    def drop_upload(self, tenant: str, session: str) -> None: ...
+    def expire_uploads(self, now: float | None = None, age: float = ...) -> int: ...
+    def uploading_all(self) -> dict[str, int]: ...
+    def uploads(self, tenant: str) -> dict[str, tuple[int, int]]: ...
     def record_push(
         self, repository: str, digest: str, tag: str | None = None, at: float | None = None
     ) -> None: ...

@@ -48,8 +48,13 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def metrics(usage: Mapping[str, int], quotas: Mapping[str, int | None]) -> str:
-    """Prometheus text for /metrics: usage per tenant, and the quota where one is set."""
+def metrics(
+    usage: Mapping[str, int],
+    quotas: Mapping[str, int | None],
+    uploading: Mapping[str, int] | None = None,
+) -> str:
+    """Prometheus text for /metrics: usage per tenant, the quota where one is set, and the
+    bytes in unfinished uploads of tenants under a quota (they count against it too)."""
     lines = [
         "# HELP tabbify_tenant_usage_bytes Bytes of the blobs and manifests a tenant "
         "references (a blob shared by mount counts for each tenant).",
@@ -65,4 +70,14 @@ def metrics(usage: Mapping[str, int], quotas: Mapping[str, int | None]) -> str:
             "# TYPE tabbify_tenant_quota_bytes gauge",
         ]
         lines += [f'tabbify_tenant_quota_bytes{{tenant="{_label(t)}"}} {q}' for t, q in limited]
+    if uploading:
+        lines += [
+            "# HELP tabbify_tenant_uploading_bytes Bytes in a tenant's unfinished uploads "
+            "(tenants under a quota; they count against it).",
+            "# TYPE tabbify_tenant_uploading_bytes gauge",
+        ]
+        lines += [
+            f'tabbify_tenant_uploading_bytes{{tenant="{_label(t)}"}} {n}'
+            for t, n in sorted(uploading.items())
+        ]
     return "\n".join(lines) + "\n"

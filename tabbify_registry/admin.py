@@ -308,7 +308,9 @@ class Admin:
         usage, quotas = newest.get("usage"), newest.get("quotas")
         if not isinstance(usage, dict) or not isinstance(quotas, dict):
             return []
-        return quota.metrics(usage, quotas).rstrip("\n").splitlines()
+        uploading = newest.get("uploading")
+        uploading = uploading if isinstance(uploading, dict) else None
+        return quota.metrics(usage, quotas, uploading).rstrip("\n").splitlines()
 
     def log_metrics(self) -> list[str]:
         """Lines dropped instead of blocking: by the gateway workers (access log queue full)

@@ -98,6 +98,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_max_client_pending={worker_share(s.max_client_pending, s.workers)}",
         "--set", f"registry_access_log={s.log_dir / 'access.fifo'}",
         "--set", f"registry_state_dir={s.state_dir}",
+        "--set", f"registry_upload_age={s.upload_age}",
         # Shared registry-token keys (several nodes): instead of the run's own key.
         *(["--token-key-file", str(s.nodes.token_key_file)] if s.nodes.token_key_file else []),
     ]  # fmt: skip

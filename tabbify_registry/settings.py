@@ -72,6 +72,9 @@ class Settings:
     max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
     log_level: str = "info"  # the operator log's (stderr) threshold
+    # Seconds after which an unfinished upload is purged by the backend and no longer counts
+    # against its tenant's quota (REGISTRY_UPLOAD_MAX_AGE).
+    upload_age: int = 3600
     # Derived from the mesh ULA (no REGISTRY_LISTEN / REGISTRY_EXTERNAL_URL): the gateway then
     # follows a ULA the coordinator moves the node to, without a restart.
     listen_from_mesh: bool = False
@@ -197,6 +200,22 @@ def parse_log_level(env: Mapping[str, str]) -> str:
     return value
 
 
+def parse_upload_age(env: Mapping[str, str]) -> int:
+    """REGISTRY_UPLOAD_MAX_AGE: how long an unfinished upload lives (default `1h`), at least
+    10 seconds; it must exceed the longest push (README, quotas)."""
+    value = _opt(env, "REGISTRY_UPLOAD_MAX_AGE")
+    if value is None:
+        return 3600
+    m = _DURATION.fullmatch(value)
+    seconds = int(m[1]) * _DURATION_UNITS[m[2]] if m else 0
+    if seconds < 10:
+        raise ConfigError(
+            f"REGISTRY_UPLOAD_MAX_AGE={value!r}: expected a duration of at least 10 seconds, "
+            "such as '1h' or '30m'"
+        )
+    return seconds
+
+
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     """Parse the environment. `ula` is the mesh address once the bootstrap has one."""
     data_dir = parse_data_dir(env)
@@ -316,6 +335,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
         log_level=parse_log_level(env),
+        upload_age=parse_upload_age(env),
         listen_from_mesh=listen_value is None and ula is not None,
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,

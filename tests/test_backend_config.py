@@ -413,3 +413,30 @@ def test_gc_interval_setting() -> None:
     for bad in ("24", "1s", "59s", "0m", "1.5h", "-1h", "1y"):
         with pytest.raises(ConfigError, match="REGISTRY_GC_INTERVAL"):
             settings({**LOCAL, "REGISTRY_GC_INTERVAL": bad})
+
+
+def test_abandoned_uploads_are_purged_after_the_upload_age() -> None:
+    """Unfinished uploads: Distribution's uploadpurging and Zot's GC remove them after the
+    age the gateway stops counting them against the quota (REGISTRY_UPLOAD_MAX_AGE, 1h)."""
+    from tabbify_registry.settings import ConfigError
+
+    purging = render_distribution(settings(LOCAL, "distribution"))["storage"]["maintenance"]
+    assert purging == {
+        "uploadpurging": {"enabled": True, "age": "1h", "interval": "1h", "dryrun": False}
+    }
+    short = settings({**LOCAL, "REGISTRY_UPLOAD_MAX_AGE": "90s"}, "distribution")
+    assert short.upload_age == 90
+    assert render_distribution(short)["storage"]["maintenance"]["uploadpurging"]["age"] == "90s"
+    # Zot: GC on (it removes uploads untouched for gcDelay at each pass), gcDelay = the age;
+    # left out where Zot's own default (1h) is that age.
+    zot = render_zot(settings(LOCAL))["storage"]
+    assert zot["gc"] is True and "gcDelay" not in zot
+    six = render_zot(settings({**LOCAL, "REGISTRY_UPLOAD_MAX_AGE": "6h"}))["storage"]
+    assert six["gc"] is True and six["gcDelay"] == "6h"
+    assert schema.violations(render_zot(settings({**LOCAL, "REGISTRY_UPLOAD_MAX_AGE": "6h"}))) == []
+    assert (
+        gc_settings().upload_age == 3600 and render_zot(gc_settings())["storage"]["gcDelay"] == "1h"
+    )
+    for bad in ("9s", "0m", "1y", "1.5h", "-1h"):
+        with pytest.raises(ConfigError, match="REGISTRY_UPLOAD_MAX_AGE"):
+            settings({**LOCAL, "REGISTRY_UPLOAD_MAX_AGE": bad})

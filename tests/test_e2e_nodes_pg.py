@@ -112,21 +112,39 @@ def test_the_password_is_nowhere_on_a_command_line(nodes) -> None:
 
 
 def test_a_quota_holds_across_nodes(nodes) -> None:
-    """The PostgreSQL ledger keeps sizes: what initech stored through A counts on B."""
+    """The PostgreSQL ledger keeps sizes and unfinished uploads: what initech stored, or is
+    uploading, through A counts on B."""
     a, b = nodes
     jwt = tabbify_jwt({"network": "initech"})
-    push_blob(a, "initech/app", os.urandom(60_000), bearer(token(a, jwt)))
+    ha = bearer(token(a, jwt))
+    push_blob(a, "initech/app", os.urandom(60_000), ha)
     h = bearer(token(b, jwt))
-    blob = os.urandom(60_000)
-    r = requests.post(f"{b.url}/v2/initech/app/blobs/uploads/", headers=h, timeout=10)
-    r = requests.put(
-        b.url + r.headers["Location"],
-        params={"digest": "sha256:" + hashlib.sha256(blob).hexdigest()},
-        data=blob,
-        headers={**h, "Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
-    assert r.status_code == 403 and r.json()["errors"][0]["message"] == "quota exceeded"
+
+    def monolithic(blob: bytes) -> requests.Response:
+        r = requests.post(f"{b.url}/v2/initech/app/blobs/uploads/", headers=h, timeout=10)
+        return requests.put(
+            b.url + r.headers["Location"],
+            params={"digest": "sha256:" + hashlib.sha256(blob).hexdigest()},
+            data=blob,
+            headers={**h, "Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+
+    # 30 kB parked in an unfinished upload through A: 20 kB more through B do not fit.
+    r = requests.post(f"{a.url}/v2/initech/app/blobs/uploads/", headers=ha, timeout=10)
+    r = requests.patch(
+        a.url + r.headers["Location"], data=os.urandom(30_000),
+        headers={**ha, "Content-Type": "application/octet-stream"}, timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 202, r.text
+    parked = r.headers["Location"]
+    r = monolithic(os.urandom(20_000))
+    assert r.status_code == 403, r.text
+    assert r.json()["errors"][0]["message"].startswith("quota exceeded: 90000 of 100000")
+    # Cancelled through A: released on B, where 60 kB more still do not fit.
+    assert requests.delete(a.url + parked, headers=ha, timeout=10).status_code == 204
+    r = monolithic(os.urandom(60_000))
+    assert r.status_code == 403 and r.json()["errors"][0]["message"].startswith("quota exceeded")
     push_blob(b, "initech/app", os.urandom(40_000), h)  # what still fits, fits
     metrics = f"http://{b.env['REGISTRY_ADMIN_ADDR']}/metrics"
     wait_for(

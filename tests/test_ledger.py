@@ -434,3 +434,97 @@ def test_health_names_a_ledger_that_is_down_or_being_rebuilt():
     }
     assert ledger_health([rebuilding, down])["ledger"] == "down"  # fix that first
     assert ledger_health([{"state": "?"}])["ledger"] == "down"
+
+
+def unfinished_uploads_count(ledger: Any) -> None:
+    """Unfinished uploads' bytes count against the quota (`reserve`, `settle`, `admit`),
+    a tenant holds a bounded number of them, and they are forgotten when abandoned."""
+    t0 = 1_000_000.0
+    assert ledger.admit("acme", D[0], 300, limit=1000, now=t0)
+    # A chunk of 400 bytes reserved while it is sent, then stored: 700 used.
+    assert ledger.reserve("acme", "acme/app@u1", 400, 1000, now=t0)
+    ledger.settle("acme", "acme/app@u1", 400, stored=400, now=t0)
+    assert ledger.uploads("acme") == {"acme/app@u1": (400, 0)}
+    got = ledger.reserve("acme", "acme/app@u2", 300, 1000, now=t0)
+    assert got and got.used == 700  # reaching the quota exactly is allowed
+    refused = ledger.reserve("acme", "acme/app@u2", 1, 1000, now=t0)
+    assert not refused and (refused.reason, refused.used) == ("quota", 1000)
+    assert ledger.uploads("acme")["acme/app@u2"] == (0, 300)  # nothing added by a refusal
+    # A confirmed upload must fit beside the others' bytes in flight.
+    assert not ledger.admit("acme", D[1], 1, limit=1000, now=t0)
+    # A cancelled upload releases its bytes; a completed one becomes its blob (no double
+    # count): u1's 400 stored bytes are now D[2]'s 400.
+    ledger.drop_upload("acme", "acme/app@u2")
+    done = ledger.admit("acme", D[2], 400, limit=1000, session="acme/app@u1", now=t0)
+    assert done and done.used == 300 and ledger.uploads("acme") == {}
+    assert ledger.usage("acme") == 700
+    # `force` records bytes already sent (a streamed body) even past the quota.
+    late = ledger.reserve("acme", "acme/app@u3", 500, 1000, force=True, now=t0)
+    assert not late and ledger.uploads("acme") == {"acme/app@u3": (0, 500)}
+    ledger.settle("acme", "acme/app@u3", 500, grown=500, now=t0)  # the backend did not say
+    assert ledger.uploads("acme") == {"acme/app@u3": (500, 0)}
+    assert ledger.uploading_all() == {"acme": 500}
+    ledger.settle("acme", "acme/app@gone", 10, stored=10, now=t0)  # unknown: stays unknown
+    assert "acme/app@gone" not in ledger.uploads("acme")
+    # An upload start reserves a place under a placeholder, renamed once the id is known.
+    assert ledger.reserve("acme", "post:1", 0, 1000, now=t0, max_uploads=2)
+    ledger.rename_upload("acme", "post:1", "acme/app@u4")
+    assert set(ledger.uploads("acme")) == {"acme/app@u3", "acme/app@u4"}
+    # At most `max_uploads` sessions: a new one is refused, a known one goes on.
+    full = ledger.reserve("acme", "acme/app@u5", 0, 10**9, now=t0, max_uploads=2)
+    assert not full and (full.reason, full.uploads) == ("uploads", 2)
+    assert ledger.reserve("acme", "acme/app@u4", 0, 10**9, now=t0, max_uploads=2)
+    forced = ledger.reserve("acme", "acme/app@u6", 5, 10**9, force=True, now=t0, max_uploads=2)
+    assert not forced and "acme/app@u6" not in ledger.uploads("acme")  # `force` is no way around
+    assert ledger.reserve("globex", "globex/app@u1", 0, 10**9, now=t0, max_uploads=2)
+    # Abandoned: untouched for `age`, forgotten by the next decision of that tenant ...
+    later = t0 + 61
+    assert ledger.reserve("acme", "acme/app@u5", 300, 1000, now=later, age=60, max_uploads=2)
+    assert set(ledger.uploads("acme")) == {"acme/app@u5"}
+    # ... or by the periodic sweep, for every tenant.
+    assert ledger.expire_uploads(now=later, age=60) == 1  # globex's
+    assert ledger.uploads("globex") == {}
+    # `upto` (a streamed body): what is left of the quota, at most what was asked.
+    ledger.drop_upload("acme", "acme/app@u5")
+    part = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
+    assert part and (part.used, part.granted) == (700, 300)
+    none = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
+    assert not none and (none.reason, none.granted) == ("quota", 0)
+    assert ledger.uploads("acme") == {"acme/app@u7": (0, 300)}
+
+
+def test_unfinished_uploads_count_against_the_quota(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    unfinished_uploads_count(ledger)
+    ledger.close()
+
+
+def racing_reservations(open_ledger: Callable[[], Any]) -> list[str]:
+    """Four workers (or nodes), each with its own ledger on one store, reserve 10 bytes in
+    40 upload sessions of a tenant with a quota of 100, all at once: the sessions that got
+    their bytes."""
+    sessions = [f"acme/app@{i}" for i in range(40)]
+    reserved: list[str] = []
+    start = threading.Barrier(4)
+
+    def worker(mine: list[str]) -> None:
+        ledger = open_ledger()
+        start.wait()
+        for s in mine:
+            if ledger.reserve("acme", s, 10, 100):
+                reserved.append(s)
+        ledger.close()
+
+    threads = [threading.Thread(target=worker, args=(sessions[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return reserved
+
+
+def test_reservations_made_at_once_by_several_workers_cannot_overshoot(tmp_path):
+    path = tmp_path / "l.db"
+    Ledger(path).count()
+    assert len(racing_reservations(lambda: Ledger(path))) == 10
+    assert sum(s + p for s, p in Ledger(path).uploads("acme").values()) == 100

@@ -14,7 +14,7 @@ from addons.ledger import LedgerUnavailable
 from addons.ledger_pg import PgLedger, redacted
 from addons.ledgers import is_shared, open_ledger
 from tests.postgres import PASSWORD, Postgres
-from tests.test_ledger import racing_admits
+from tests.test_ledger import racing_admits, racing_reservations, unfinished_uploads_count
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 
@@ -150,6 +150,22 @@ def test_admit_counts_confirmations_of_every_node_one_after_the_other(postgres: 
     assert len(admitted) == 10 and check.usage("acme") == 100
     assert check.admit("acme", admitted[0], 10, limit=100)  # held already: never counts again
     assert not check.admit("acme", D[5], 1, limit=100)  # full: one byte more is refused
+    check.close()
+
+
+def test_unfinished_uploads_count_against_the_quota_on_every_node(postgres: Postgres) -> None:
+    ledger = PgLedger(postgres.database())
+    unfinished_uploads_count(ledger)
+    ledger.close()
+
+
+def test_reservations_of_every_node_cannot_overshoot(postgres: Postgres) -> None:
+    """Four nodes reserving a tenant's upload bytes at the same moment: exactly the quota."""
+    url = postgres.database()
+    PgLedger(url).close()
+    assert len(racing_reservations(lambda: PgLedger(url))) == 10
+    check = PgLedger(url)
+    assert sum(s + p for s, p in check.uploads("acme").values()) == 100
     check.close()
 
 

@@ -54,3 +54,44 @@ def test_metrics_text():
     assert not any("quota_bytes" in line and "globex" in line for line in lines)
     assert text.endswith("\n")
     assert "quota_bytes" not in quota.metrics({"acme": 1}, {})
+    assert "uploading" not in quota.metrics({"acme": 1}, {}, {})
+    parked = quota.metrics({"acme": 1}, {"acme": 10}, {"acme": 7}).splitlines()
+    assert 'tabbify_tenant_uploading_bytes{tenant="acme"} 7' in parked
+
+
+def test_unfinished_upload_decisions():
+    from addons.accounting import session_of, stored_from
+    from addons.ledger import upload_decision
+
+    # A new session beyond the bound is refused first; then bytes past the quota.
+    assert upload_decision("acme", 0, 64, True, 1, 100, 64).reason == "uploads"
+    assert upload_decision("acme", 0, 64, False, 1, 100, 64)  # a known session goes on
+    refused = upload_decision("acme", 90, 3, False, 11, 100, 64)
+    assert not refused and (refused.reason, refused.used, refused.uploads) == ("quota", 90, 3)
+    assert upload_decision("acme", 90, 3, False, 10, 100, 64)  # exactly the quota
+    assert upload_decision("acme", 500, 3, False, 0, 100, 64)  # nothing added: never refused
+    assert upload_decision("acme", 90, 3, False, 50, 100, 64, upto=True).granted == 10
+    assert not upload_decision("acme", 100, 3, False, 50, 100, 64, upto=True)
+
+    from addons.accounting import MAX_GRANT, MIN_GRANT, grant_size
+
+    assert grant_size(1_000_000) == 250_000 and grant_size(10) == MIN_GRANT
+    assert grant_size(10**12) == MAX_GRANT
+
+    uuid = "0f5b6c3e-5b0e-4a4e-9a43-1c2d3e4f5a6b"
+    location = f"/v2/acme/app/blobs/uploads/{uuid}?_state=abc"
+    assert session_of(location, "acme/app") == f"acme/app@{uuid}"
+    assert session_of(location, "acme/other") is None  # another repository's: not this one
+    assert session_of("/v2/acme/app/blobs/uploads/../x", "acme/app") is None
+    assert session_of("", "acme/app") is None
+
+    from mitmproxy.test import tutils
+
+    def answer(value: str | None):
+        r = tutils.tresp()
+        if value is not None:
+            r.headers["range"] = value
+        return r
+
+    assert stored_from(answer("0-399999")) == 400_000
+    assert stored_from(answer(None)) is None and stored_from(answer("bytes=0-1")) is None

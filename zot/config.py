@@ -45,6 +45,10 @@ def _endpoint_is_plain_http(settings: Settings) -> bool:
 # and so do untagged manifests where no [[retention]] rule says otherwise (as
 # addons/gc_plan.py's DEFAULT_GRACE does with Distribution).
 GC_GRACE_SECONDS = 3600
+# Zot's own default gcDelay. Its GC also removes blob uploads untouched for gcDelay, at each
+# pass (pkg/storage/gc: removeBlobUploads; gcInterval, 1h by default): the age after which
+# the gateway stops counting an unfinished upload against its tenant's quota.
+ZOT_GC_DELAY = 3600
 # cosign's attachment tags never count for keep_last and stay while their subject does
 # (Zot's GC removes orphaned ones with deleteReferrers).
 ATTACHMENT_TAGS = r"^sha256-[0-9a-f]{64}\.(sig|att|sbom)$"
@@ -132,8 +136,11 @@ def render_zot(settings: Settings, policy: Policy | None = None) -> dict[str, An
         if settings.s3_endpoint:
             driver["regionendpoint"] = settings.s3_endpoint
         storage["storageDriver"] = driver
+    if settings.gc_interval is not None or settings.upload_age != ZOT_GC_DELAY:
+        # Unfinished uploads untouched for this long are removed by Zot's GC, and the
+        # gateway stops counting them (REGISTRY_UPLOAD_MAX_AGE, default = Zot's default).
+        storage["gcDelay"] = go_duration(settings.upload_age)
     if settings.gc_interval is not None:
-        storage["gcDelay"] = go_duration(GC_GRACE_SECONDS)
         storage["gcInterval"] = go_duration(settings.gc_interval)
     if policy is not None and policy.retentions:
         storage["retention"] = render_retention(policy)
@@ -207,6 +214,18 @@ def render_distribution(
             # Serve blobs through the registry (as Zot does) instead of redirecting clients to
             # presigned bucket URLs they may not be able to reach; a no-op on filesystem.
             "redirect": {"disable": True},
+            # Abandoned uploads (`_uploads`, which garbage-collect never reaches) are removed
+            # once `age` old (from their start), checked every `age` (the first check up to an
+            # hour after start: Distribution's jitter). The gateway stops counting them
+            # against their tenant's quota `age` after their last request.
+            "maintenance": {
+                "uploadpurging": {
+                    "enabled": True,
+                    "age": go_duration(settings.upload_age),
+                    "interval": go_duration(settings.upload_age),
+                    "dryrun": False,
+                }
+            },
         },
         # The health section is left out: its storagedriver check is then off, so a slow bucket
         # never turns every request into 503. 2.8 sets no server read/write timeouts.
