@@ -485,6 +485,7 @@ environment (read by run, config, gc and policy; docs/contract.md has each):
   REGISTRY_LOG_LEVEL             operator log (stderr): debug, info (default), warning, error
   REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
   REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
+  REGISTRY_UPLOAD_MAX_AGE        unfinished uploads are purged this old (default 1h)
   REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
   REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
   REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
