@@ -309,6 +309,8 @@ def test_a_stalled_upload_keeps_neither_the_collector_nor_another_tenant_waiting
     repo = "acme/stall/app"
     layer = os.urandom(300_000)
     push_blob(stack, "acme/stall/earlier", layer, h)  # stored, never referenced: garbage
+    garbage = os.urandom(10_000)
+    push_blob(stack, "acme/stall/earlier", garbage, h)
     age_storage(stack)
     config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
     push_blob(stack, repo, config, h)
@@ -364,6 +366,9 @@ def test_a_stalled_upload_keeps_neither_the_collector_nor_another_tenant_waiting
     assert r.status_code == 201 and other_seconds < 10, (r.status_code, other_seconds)
     report = json.loads(out.stdout)
     assert report["protected_in_flight"]["digests"] >= 1, report
+    assert report["collected"]["blobs"] >= 1, report  # the rest of the garbage went
+    r = requests.get(f"{stack.url}/v2/acme/stall/earlier/blobs/{sha256(garbage)}", headers=h)
+    assert r.status_code == 404
     hexpart = sha256(layer).removeprefix("sha256:")
     data = stack.data_dir / "zot-cache" / gc_module.V2 / "blobs/sha256" / hexpart[:2] / hexpart
     assert (data / "data").read_bytes() == layer  # not swept: the stalled PUT names it
