@@ -25,7 +25,8 @@ The worker also keeps the held-kind writes it let through that have not finished
 seen and, while one is seen, the union of those links (addons/publish.py; `published`). A
 write names what it can link before it reaches the backend: the upload-completing PUT and the
 mount/digest POST carry their digests in the query the gateway forwards (`links`); a manifest
-PUT is buffered (at most 4 MiB) and counted only once its whole body is here, so its own
+PUT is buffered (at most 4 MiB, with a Content-Length: any other is refused here, with or
+without TenantIsolation) and counted only once its whole body is here, so its own
 digest and its references are known (`manifest_links`); a DELETE links nothing. The GC starts
 marking as soon as every live worker reports the freeze's id, without waiting for those writes
 to end: what they can link is protected (never swept, never deleted as a manifest), and the
@@ -35,7 +36,7 @@ one step too: a publication that reports the freeze lists every write admitted b
 has not ended, and every later one is held. A write that ended has done what it did before
 the publication that no longer lists it. One that ended in an error (the client went away)
 stays listed for LINGER seconds: the backend may still be completing it. A worker that cannot
-tell (a manifest it could not read and buffer, or more than MAX_LINKS digests) publishes
+tell (a manifest it could not read, or more than MAX_LINKS digests) publishes
 `links: null`, and the GC removes nothing this run: a slow write, whatever its kind, never
 keeps the collector or anyone else's writes waiting. Runs right after RegistryAccess.
 """
@@ -247,17 +248,30 @@ class WriteFreeze:
         method = flow.request.method
         if not held(method, rec.route, rec.params):
             return
+        manifest_put = rec.route == "manifest" and method == "PUT"
+        if manifest_put and not bufferable(flow.request):
+            # As TenantIsolation answers it, and also without it: a manifest streamed unread
+            # could link anything, and a refused one can drip its body into the void for as
+            # long as its client likes (it must count for nothing).
+            chunked = "transfer-encoding" in flow.request.headers
+            rec.decision = "deny:manifest-size"
+            message = (
+                "a manifest needs a Content-Length" if chunked else "manifest larger than 4 MiB"
+            )
+            error = oci.error_response(
+                411 if chunked else 413, "SIZE_INVALID", message, method=method
+            )
+            respond(flow, error)
+            return
         if not await self._hold(flow, rec):  # its body, if any, is not read while it waits
             return
-        if rec.route == "manifest" and method == "PUT" and bufferable(flow.request):
+        if manifest_put:
             # It reaches nothing before its whole body is here: counted (and held again, if a
             # freeze began meanwhile) in `request`, when its links are known.
             flow.request.stream = False
             flow.metadata[_BODY] = True
             return
-        if rec.route == "manifest" and method == "PUT":
-            self._admit(flow, None, None)  # streamed unread (no TenantIsolation): unknown
-        elif method == "DELETE":
+        if method == "DELETE":
             self._admit(flow, frozenset(), rec.repository)
         else:
             self._admit(flow, links(rec.route, rec.params), None)

@@ -438,3 +438,29 @@ def test_the_sweep_never_removes_what_a_write_in_flight_may_link(tmp_path):
     assert (removed, young, cut) == ({garbage}, set(), False)
     h = named.removeprefix("sha256:")
     assert (tmp_path / gc.V2 / "blobs/sha256" / h[:2] / h / "data").read_bytes().startswith(b"na")
+
+
+def test_a_manifest_put_the_gateway_cannot_read_whole_is_refused_not_counted(tmp_path):
+    """Chunked or over 4 MiB: refused from its headers (also without tenant isolation), never
+    counted: a refused body dripping into the void must not stand in for anything."""
+    import asyncio
+
+    from mitmproxy.test import taddons
+
+    from addons.gate import answered
+
+    addon = freeze.WriteFreeze()
+    chunked = held_flow("PUT", "manifest", "/v2/acme/app/manifests/v1", MANIFEST)
+    chunked.request.headers["transfer-encoding"] = "chunked"
+    del chunked.request.headers["content-length"]
+    large = held_flow("PUT", "manifest", "/v2/acme/app/manifests/v2", MANIFEST)
+    large.request.headers["content-length"] = str(4 * 1024 * 1024 + 1)
+    with taddons.context(addon) as tctx:
+        tctx.options.add_option("registry_state_dir", str, str(tmp_path), "")
+        for flow in (chunked, large):
+            asyncio.run(addon.requestheaders(flow))
+            assert answered(flow) and addon.in_flight() == 0
+    assert (chunked.metadata["tabbify"].decision, large.metadata["tabbify"].decision) == (
+        "deny:manifest-size",
+        "deny:manifest-size",
+    )
