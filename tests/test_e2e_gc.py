@@ -393,6 +393,38 @@ def test_a_stalled_upload_keeps_neither_the_collector_nor_another_tenant_waiting
     assert r.status_code == 200 and r.content == other
 
 
+def test_a_manifest_body_dripping_across_a_collection_is_held_not_waited_for(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """A manifest PUT whose headers came before a collection and whose body drips: it has
+    reached nothing, so GC does not wait for it; it completes after the freeze, intact."""
+    h = bearer(token(stack, acme_jwt))
+    repo = "acme/drip/app"
+    config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+    layer = os.urandom(10_000)
+    for blob in (config, layer):
+        push_blob(stack, repo, blob, h)
+    body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
+    slow = Conn(stack.port, timeout=120)
+    head = (
+        f"PUT /v2/{repo}/manifests/v1 HTTP/1.1\r\nHost: {stack.host}\r\n"
+        f"Authorization: {h['Authorization']}\r\nContent-Type: {OCI}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    assert slow.send(head.encode() + body[:100])
+    time.sleep(1.5)
+    started = time.monotonic()
+    out = subprocess.run([CLI, "gc"], env=stack.env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr  # before: abandoned after 30 s
+    assert took < 20, took
+    assert slow.send(body[100:])
+    answer = slow.read_answer("PUT")
+    assert answer is not None and answer.status == 201, answer
+    r = requests.get(f"{stack.url}/v2/{repo}/manifests/v1", headers={**h, "Accept": OCI})
+    assert r.status_code == 200 and r.content == body
+
+
 def test_keep_last_removes_tags_with_their_manifests_and_says_what_it_could_not(
     stack: Stack, acme_jwt: str, tmp_path: Path
 ) -> None:
