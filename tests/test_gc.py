@@ -464,3 +464,76 @@ def test_a_manifest_put_the_gateway_cannot_read_whole_is_refused_not_counted(tmp
         "deny:manifest-size",
         "deny:manifest-size",
     )
+
+
+class FakeBackend:
+    """Distribution's API as gc.walk_repository and gc.delete_manifests use it."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        self.repos, self.deleted = repos, []
+
+    def catalog(self) -> list[str]:
+        return list(self.repos)
+
+    def tags(self, repo: str) -> list[str]:
+        return list(self.repos[repo])
+
+    def manifest(self, repo: str, ref: str) -> bytes | None:
+        bodies = self.repos[repo]
+        by_digest = {gc.manifest.digest_of(b): b for b in bodies.values()}
+        return bodies.get(ref) or by_digest.get(ref)
+
+    def referrers(self, repo: str, digest: str) -> list[str]:
+        return []
+
+    def delete_manifest(self, repo: str, digest: str) -> int:
+        self.deleted.append((repo, digest))
+        return 202
+
+
+class FakeLedger:
+    def __init__(self, backend: FakeBackend, now: float) -> None:
+        self.backend, self.now = backend, now
+
+    def pushes(self, repo: str) -> dict[str, tuple[str, float]]:
+        tags = list(self.backend.repos[repo].items())
+        return {  # pushed a day ago, an hour apart: v1 first
+            tag: (gc.manifest.digest_of(body), self.now - 86400 + 3600 * i)
+            for i, (tag, body) in enumerate(tags)
+        }
+
+    def holdings(self, holder: str) -> list[str]:
+        return []
+
+    def sizes(self, digests: object) -> dict[str, int]:
+        return {}
+
+
+def test_retention_leaves_what_writes_in_flight_name_and_repositories_with_a_delete_in_flight():
+    from tests.images import image_manifest
+
+    def image(n: int) -> bytes:
+        return image_manifest((f"sha256:{n:064x}", 2), [(f"sha256:{n + 100:064x}", 3)])
+
+    backend = FakeBackend(
+        {
+            "acme/app": {"v1": image(1), "v2": image(2), "v3": image(3)},
+            "acme/other": {"v1": image(4), "v2": image(5)},
+        }
+    )
+    now = time.time()
+    ledger = FakeLedger(backend, now)
+    policy = parse('[[retention]]\nrepositories = ["acme/**"]\nkeep_last = 1\n', "p.toml")
+    walk = gc.snapshot(backend, ledger, now)
+    plan = gc_plan.plan(walk.snapshot, gc.retention_for(policy, walk.unknown_tags), now)
+    v1, v2 = (gc.manifest.digest_of(image(n)) for n in (1, 2))
+    assert {d for r, d in plan.manifests if r == "acme/app"} == {v1, v2}
+    assert any(r == "acme/other" for r, _ in plan.manifests)
+    frozen = gc.Freeze(Path("/nonexistent"))
+    frozen.protected, frozen.deleting = frozenset({v1}), frozenset({"acme/other"})
+    deleted = gc.delete_manifests(backend, plan, ledger, now, policy, None)
+    assert sorted(deleted) == sorted(plan.manifests)  # without a freeze: all of it
+    backend.deleted.clear()
+    frozen.until = time.time() + 60
+    assert gc.delete_manifests(backend, plan, ledger, now, policy, frozen) == [("acme/app", v2)]
+    assert backend.deleted == [("acme/app", v2)]
