@@ -33,7 +33,7 @@ from addons.routes import DIGEST
 logger = logging.getLogger(__name__)
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # digests to record once the backend confirms
-_MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
+MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
 RECHECK_EVERY = 5.0  # seconds between two looks at the ledger's health
@@ -272,7 +272,7 @@ class TenantIsolation:
             # Buffer it (≤ 4 MiB): its references are checked in `request`, and the gate
             # forwards nothing until that check has run.
             request.stream = False
-            rec.holds.add(_MANIFEST_CHECK)
+            rec.holds.add(MANIFEST_CHECK)
             return None
         if rec.route == "upload" and method == "POST":
             mount = rec.params.get("mount")
@@ -291,7 +291,7 @@ class TenantIsolation:
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = record(flow)
-        if _MANIFEST_CHECK not in rec.holds or flow.response is not None or answered(flow):
+        if MANIFEST_CHECK not in rec.holds or flow.response is not None or answered(flow):
             return
         assert rec.tenant is not None
         body = flow.request.raw_content or b""
@@ -322,7 +322,7 @@ class TenantIsolation:
             )
             return
         flow.metadata[_PENDING] = [manifest.digest_of(body), *refs]
-        rec.holds.discard(_MANIFEST_CHECK)
+        rec.holds.discard(MANIFEST_CHECK)
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:

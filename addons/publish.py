@@ -50,8 +50,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def extra_state() -> dict[str, Any]:
-    """Phase 3: the write freeze this worker has seen and its writes in flight (the GC waits
-    for them), and the usage per tenant (worker 0 computes it)."""
+    """The write freeze this worker has seen and what its writes in flight can link (the GC
+    protects it), and the usage per tenant (worker 0 computes it)."""
     out: dict[str, Any] = {}
     freeze = ctx.master.addons.get("writefreeze")
     if freeze is not None:

@@ -14,8 +14,12 @@ With Distribution (the local and test backend) this program does the whole job:
 3. **Hold the writes that could revive a blob** (addons/freeze.py): a marker in the workers'
    state directory; every gateway worker holds (does not refuse) manifest PUTs, mounts,
    upload-completing requests and DELETEs until the marker goes; uploads, reads and
-   everything else go on. Marking starts once every live worker reports the freeze with no
-   such write in flight (else the run is abandoned, nothing removed). The marker is a short
+   everything else go on. Marking starts as soon as every live worker reports the freeze,
+   without waiting for the held-kind writes it let through before: each worker lists what
+   those can link (digests named in their query, a manifest's own digest and references),
+   and that union is **protected** this run: never swept, never deleted as a manifest; a
+   repository with a DELETE in flight keeps its tags this run. A worker that cannot tell
+   makes the run remove nothing (`Acknowledged`). The marker is a short
    lease the GC renews, never past FREEZE_MAX after it was first written: a GC that died
    releases the held writes within LEASE seconds, and no write waits longer than FREEZE_MAX.
 4. **Delete** the planned manifests by digest through the backend API, after re-reading the
@@ -72,7 +76,7 @@ logger = logging.getLogger("gc")
 TIMEOUT = 30
 PAGE = 1000
 STALE = 5.0  # a worker that has not published for this long is not waited for
-FREEZE_WAIT = 30.0  # seconds to wait for the held-kind writes in flight to end
+FREEZE_WAIT = 30.0  # seconds to wait for every live worker to report the freeze
 FREEZE_MAX = 120.0  # no write is held longer: the freeze never lasts past this
 LEASE = 15.0  # a marker not renewed for this long expires (a GC that was killed)
 FREEZE_RENEW = 3.0  # the running GC renews its marker this often
@@ -267,10 +271,47 @@ def live_workers(state_dir: Path, now: float) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class Acknowledged:
+    """What the live workers reported about a freeze: who has not seen it yet, who cannot
+    tell what its writes in flight can link, and the union of what they can link."""
+
+    pending: list[str]
+    unknown: list[str]
+    protected: frozenset[str] = frozenset()  # digests: never swept, never deleted
+    deleting: frozenset[str] = frozenset()  # repositories with a DELETE in flight
+
+
+def acknowledged(
+    workers: Mapping[str, Mapping[str, Any]], freeze_id: str, started: float
+) -> Acknowledged:
+    """Pure. A worker counts once it published, after the freeze began, that it sees it:
+    from then on it admits no held-kind write, and what it lists covers every one still in
+    flight (addons/freeze.py). Its list is read only then; a later one lists a subset, the
+    writes that ended having done what they did before it was written."""
+    pending, unknown = [], []
+    protected: set[str] = set()
+    deleting: set[str] = set()
+    for name, state in workers.items():
+        seen = state.get("freeze")
+        seen = seen if isinstance(seen, Mapping) else {}
+        if not float(state.get("time", 0)) > started or seen.get("seen") != freeze_id:
+            pending.append(f"{name}: not frozen yet")
+            continue
+        links, repos = seen.get("links"), seen.get("deleting")
+        if not isinstance(links, list) or not isinstance(repos, list):
+            unknown.append(f"{name}: {seen.get('in_flight', '?')} writes in flight")
+            continue
+        protected.update(d for d in links if isinstance(d, str))
+        deleting.update(r for r in repos if isinstance(r, str))
+    return Acknowledged(pending, unknown, frozenset(protected), frozenset(deleting))
+
+
 class Freeze:
     """The write freeze as a context manager: entered once every live worker has stopped
-    letting held-kind writes through, always lifted on the way out. Its marker is a lease of
-    LEASE seconds, renewed, and never extended past FREEZE_MAX after it was first written."""
+    letting held-kind writes through (what those in flight can link: `protected`,
+    `deleting`), always lifted on the way out. Its marker is a lease of LEASE seconds,
+    renewed, and never extended past FREEZE_MAX after it was first written."""
 
     def __init__(self, state_dir: Path, wait: float = FREEZE_WAIT) -> None:
         self.path = state_dir / freeze.MARKER
@@ -280,6 +321,8 @@ class Freeze:
         self.until = 0.0  # what the workers were last told
         self._done = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.protected: frozenset[str] = frozenset()
+        self.deleting: frozenset[str] = frozenset()
 
     def _write(self) -> None:
         until = min(time.time() + LEASE, self.started + FREEZE_MAX)
@@ -312,28 +355,26 @@ class Freeze:
         self._renewer.start()
         deadline = time.monotonic() + min(self.wait, FREEZE_MAX / 2)
         while True:
-            pending = self.pending()
-            if not pending:
-                return self
+            ack = acknowledged(live_workers(self.state_dir, time.time()), self.id, self.started)
+            if not ack.pending:
+                break
             if time.monotonic() > deadline:
                 self.lift()
                 raise GcError(
-                    f"writes still in flight after {self.wait:.0f} s ({', '.join(pending)}); "
-                    "nothing was removed"
+                    f"gateway workers did not report the freeze within {self.wait:.0f} s "
+                    f"({', '.join(ack.pending)}); nothing was removed"
                 )
             time.sleep(0.2)
-
-    def pending(self) -> list[str]:
-        """Live workers that have not yet seen the freeze, or still have writes in flight."""
-        out = []
-        for name, state in live_workers(self.state_dir, time.time()).items():
-            seen = state.get("freeze") or {}
-            fresh = float(state.get("time", 0)) > self.started
-            if not fresh or seen.get("seen") != self.id:
-                out.append(f"{name}: not frozen yet")
-            elif int(seen.get("in_flight", 0)) > 0:
-                out.append(f"{name}: {seen['in_flight']} writes in flight")
-        return out
+        if ack.unknown:
+            # Writes in flight whose links a worker cannot tell: nothing is removed, and
+            # nobody waits for them.
+            self.lift()
+            raise GcError(
+                f"writes in flight whose blobs cannot be told ({', '.join(ack.unknown)}); "
+                "nothing was removed"
+            )
+        self.protected, self.deleting = ack.protected, ack.deleting
+        return self
 
     def lift(self) -> None:
         self._done.set()
@@ -512,8 +553,10 @@ def mark(config: Path, timeout: float) -> set[str] | None:
 def sweep(
     store: LocalBlobs | S3Blobs, eligible: set[str], frozen: Freeze, grace: float
 ) -> tuple[set[str], set[str], bool]:
-    """Remove the eligible blobs older than `grace` while the freeze holds: (removed, kept as
-    young, whether the freeze ran out first)."""
+    """Remove the eligible blobs older than `grace` while the freeze holds, except those a
+    write in flight may link (`frozen.protected`): (removed, kept as young, whether the freeze
+    ran out first)."""
+    eligible = eligible - frozen.protected  # what writes in flight may link stays
     stored = store.stored(eligible)
     old = sweepable(eligible, stored, time.time(), grace)
     young = {d for d in eligible - old if d in stored}
@@ -559,6 +602,10 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
             if eligible is not None:
                 collected, young, cut = sweep(store, eligible, frozen, BLOB_GRACE)
             report["kept_young_blobs"] = len(young)
+            report["protected_in_flight"] = {
+                "digests": len(frozen.protected),
+                "repositories": sorted(frozen.deleting),
+            }
             report["blob_grace_seconds"] = BLOB_GRACE
             if cut:
                 report["sweep_cut_short"] = "the freeze ran out; the rest goes next run"
@@ -597,9 +644,12 @@ def delete_manifests(
     """Inside the freeze: re-read each affected repository, re-plan it, and delete only what
     both plans remove (a digest tagged again since the snapshot stays). Deleting a manifest
     by digest takes every tag on it: the plan removes a manifest only when none of its tags
-    stays."""
+    stays. A manifest a write in flight may link stays, and a repository with a DELETE in
+    flight is left for the next run (its tags are changing under the plan)."""
     deleted = []
-    for repo in sorted({r for r, _ in plan.manifests}):
+    protected = frozen.protected if frozen is not None else frozenset()
+    deleting = frozen.deleting if frozen is not None else frozenset()
+    for repo in sorted({r for r, _ in plan.manifests} - deleting):
         if frozen is not None and not frozen.holding():
             break  # the rest goes next run
         fresh, unknown = walk_repository(backend, repo, now, ledger, {}, set())
@@ -608,7 +658,7 @@ def delete_manifests(
         )
         still = {d for _, d in again.manifests}
         for r, digest in plan.manifests:
-            if r != repo or digest not in still:
+            if r != repo or digest not in still or digest in protected:
                 continue
             if frozen is not None and not frozen.holding():
                 break

@@ -23,9 +23,11 @@ import pytest
 import requests
 
 from addons import signatures
+from tabbify_registry import gc as gc_module
 from tests import cosign
 from tests.conftest import skopeo_copy
 from tests.images import image_manifest, layout_blobs, oci_layout
+from tests.rawhttp import Conn
 from tests.stack import CLI, Stack
 from tests.standins.auth import AuthStandin
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
@@ -294,6 +296,135 @@ def test_blobs_uploaded_before_a_collection_serve_a_manifest_pushed_after_it(
     assert report["kept_young_blobs"] >= 3, report
 
 
+def test_a_stalled_upload_keeps_neither_the_collector_nor_another_tenant_waiting(
+    stack: Stack, acme_jwt: str, globex_jwt: str, tmp_path: Path
+) -> None:
+    """A monolithic upload PUT (`?digest=`), admitted just before a collection, whose body
+    stalls half way: GC runs to completion at once (nothing abandoned), another tenant's
+    manifest PUT during that GC answers quickly, and the blob the stalled PUT names stays
+    although it was stored long ago and no manifest references it; once the body ends the
+    upload is 201 and a manifest referencing the blob pushes and pulls intact."""
+    h = bearer(token(stack, acme_jwt))
+    g = bearer(token(stack, globex_jwt))
+    repo = "acme/stall/app"
+    layer = os.urandom(300_000)
+    push_blob(stack, "acme/stall/earlier", layer, h)  # stored, never referenced: garbage
+    garbage = os.urandom(10_000)
+    push_blob(stack, "acme/stall/earlier", garbage, h)
+    age_storage(stack)
+    config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+    push_blob(stack, repo, config, h)
+    other_config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+    other_layer = os.urandom(10_000)
+    for blob in (other_config, other_layer):  # globex pushes its blobs before the GC...
+        push_blob(stack, "globex/other/app", blob, g)
+    other = image_manifest(
+        (sha256(other_config), len(other_config)), [(sha256(other_layer), len(other_layer))]
+    )
+
+    r = requests.post(f"{stack.url}/v2/{repo}/blobs/uploads/", headers=h, timeout=30)
+    assert r.status_code == 202, r.text
+    location = r.headers["Location"]
+    target = f"{location}{'&' if '?' in location else '?'}digest={sha256(layer)}"
+    slow = Conn(stack.port, timeout=120)
+    head = (
+        f"PUT {target} HTTP/1.1\r\nHost: {stack.host}\r\n"
+        f"Authorization: {h['Authorization']}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(layer)}\r\n\r\n"
+    )
+    half = len(layer) // 2
+    assert slow.send(head.encode() + layer[:half])  # ... and stalls
+    time.sleep(1.5)  # admitted by the gateway before the collection begins
+
+    marker = stack.data_dir / "run" / "workers" / "freeze.json"
+    ran: dict = {}
+
+    def collect() -> None:
+        started = time.monotonic()
+        out = subprocess.run(
+            [CLI, "gc"], env=stack.env, capture_output=True, text=True, timeout=300
+        )
+        ran.update(out=out, seconds=time.monotonic() - started)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    while not marker.exists() and collector.is_alive():
+        time.sleep(0.02)
+    assert collector.is_alive(), "the collection ended before its freeze was seen"
+    started = time.monotonic()
+    r = requests.put(  # ... and its manifest while the collection holds manifest writes
+        f"{stack.url}/v2/globex/other/app/manifests/v1",
+        data=other,
+        headers={**g, "Content-Type": OCI},
+        timeout=120,
+    )
+    other_seconds = time.monotonic() - started
+    collector.join(300)
+    out = ran["out"]
+    assert out.returncode == 0, out.stderr  # before: abandoned after 30 s, nothing removed
+    assert ran["seconds"] < 20, ran["seconds"]
+    assert r.status_code == 201 and other_seconds < 10, (r.status_code, other_seconds)
+    report = json.loads(out.stdout)
+    assert report["protected_in_flight"]["digests"] >= 1, report
+    assert report["collected"]["blobs"] >= 1, report  # the rest of the garbage went
+    r = requests.get(f"{stack.url}/v2/acme/stall/earlier/blobs/{sha256(garbage)}", headers=h)
+    assert r.status_code == 404
+    hexpart = sha256(layer).removeprefix("sha256:")
+    data = stack.data_dir / "zot-cache" / gc_module.V2 / "blobs/sha256" / hexpart[:2] / hexpart
+    assert (data / "data").read_bytes() == layer  # not swept: the stalled PUT names it
+
+    assert slow.send(layer[half:])
+    answer = slow.read_answer("PUT")
+    assert answer is not None and answer.status == 201, answer
+    body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
+    r = requests.put(
+        f"{stack.url}/v2/{repo}/manifests/v1",
+        data=body,
+        headers={**h, "Content-Type": OCI},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    r = requests.get(f"{stack.url}/v2/{repo}/manifests/v1", headers={**h, "Accept": OCI})
+    assert r.status_code == 200 and r.content == body
+    for blob in (config, layer):
+        r = requests.get(f"{stack.url}/v2/{repo}/blobs/{sha256(blob)}", headers=h, timeout=30)
+        assert r.status_code == 200 and r.content == blob
+    r = requests.get(f"{stack.url}/v2/globex/other/app/manifests/v1", headers={**g, "Accept": OCI})
+    assert r.status_code == 200 and r.content == other
+
+
+def test_a_manifest_body_dripping_across_a_collection_is_held_not_waited_for(
+    stack: Stack, acme_jwt: str, tmp_path: Path
+) -> None:
+    """A manifest PUT whose headers came before a collection and whose body drips: it has
+    reached nothing, so GC does not wait for it; it completes after the freeze, intact."""
+    h = bearer(token(stack, acme_jwt))
+    repo = "acme/drip/app"
+    config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
+    layer = os.urandom(10_000)
+    for blob in (config, layer):
+        push_blob(stack, repo, blob, h)
+    body = image_manifest((sha256(config), len(config)), [(sha256(layer), len(layer))])
+    slow = Conn(stack.port, timeout=120)
+    head = (
+        f"PUT /v2/{repo}/manifests/v1 HTTP/1.1\r\nHost: {stack.host}\r\n"
+        f"Authorization: {h['Authorization']}\r\nContent-Type: {OCI}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    assert slow.send(head.encode() + body[:100])
+    time.sleep(1.5)
+    started = time.monotonic()
+    out = subprocess.run([CLI, "gc"], env=stack.env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr  # before: abandoned after 30 s
+    assert took < 20, took
+    assert slow.send(body[100:])
+    answer = slow.read_answer("PUT")
+    assert answer is not None and answer.status == 201, answer
+    r = requests.get(f"{stack.url}/v2/{repo}/manifests/v1", headers={**h, "Accept": OCI})
+    assert r.status_code == 200 and r.content == body
+
+
 def test_keep_last_removes_tags_with_their_manifests_and_says_what_it_could_not(
     stack: Stack, acme_jwt: str, tmp_path: Path
 ) -> None:
@@ -358,7 +489,10 @@ def test_the_freeze_holds_manifest_writes_on_every_worker_and_lets_the_rest_thro
     with Freeze(state_dir, wait=10) as frozen:
         workers = live_workers(state_dir, time.time())
         assert len(workers) == 2
-        assert all(w["freeze"] == {"seen": frozen.id, "in_flight": 0} for w in workers.values())
+        assert all(
+            w["freeze"] == {"seen": frozen.id, "in_flight": 0, "links": [], "deleting": []}
+            for w in workers.values()
+        )
         puts = [threading.Thread(target=put_manifest, args=(f"held{i}",)) for i in range(4)]
         for t in puts:  # new connections: both workers
             t.start()

@@ -95,7 +95,7 @@ def counted_flow(freeze: WriteFreeze, age: float = 0.0, closed_ago: float | None
     flow.live = True
     flow.timestamp_created = time.time() - age
     flow.client_conn.timestamp_end = None if closed_ago is None else time.time() - closed_ago
-    freeze._in_flight[flow.id] = flow
+    freeze._in_flight[flow.id] = (flow, frozenset(), None)  # as _admit records a write
     return flow
 
 
