@@ -18,12 +18,27 @@ def test_version_is_one_line_from_the_package_metadata():
     assert r.stdout == f"tabbify-registry {expected}\n" and r.stderr == ""
 
 
-def test_help_lists_every_variable_the_program_reads():
+def variables_read() -> set[str]:
+    """Every REGISTRY_*/MESH_* name the product's sources spell out."""
     read = set()
     for package in ("tabbify_registry", "addons", "mesh", "zot"):
-        for source in (ROOT / package).glob("*.py"):
+        for source in (ROOT / package).rglob("*.py"):
             read |= set(re.findall(r'"((?:REGISTRY|MESH)_[A-Z0-9_]+)', source.read_text()))
     assert "REGISTRY_DATA_DIR" in read
+    return read
+
+
+def test_the_reference_table_lists_every_variable_the_program_reads():
+    table = (ROOT / "docs" / "contract.md").read_text().split("## 2. Environment", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `((?:REGISTRY|MESH)_[A-Z0-9_]+)`", table, re.M))
+    documented |= set(re.findall(r"`((?:REGISTRY|MESH)_[A-Z0-9_]+)`", table))
+    missing = sorted(v for v in variables_read() if v not in documented)
+    assert not missing, f"docs/contract.md §2 does not list {missing}"
+
+
+def test_help_lists_every_variable_the_program_reads():
+    read = variables_read()
     r = subprocess.run([CLI, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     missing = sorted(v for v in read if not re.search(rf"\b{v}\b", r.stdout))
