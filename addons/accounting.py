@@ -51,7 +51,6 @@ from addons.routes import DIGEST
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-_PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
 TIMEOUT = 10.0
 USAGE_EVERY = 5.0
 
@@ -209,7 +208,7 @@ class Accounting:
         if rec.route == "manifest" and method == "PUT" and response.status_code == 201:
             await self._manifest_pushed(flow, rec)
             return
-        pending = flow.metadata.get(_PENDING)
+        pending = rec.pending  # what TenantIsolation will record (set in its hooks)
         if rec.route != "upload" or response.status_code != 201 or not pending:
             return
         digest = response.headers.get("docker-content-digest") or pending[0]
@@ -225,13 +224,13 @@ class Accounting:
                 await asyncio.to_thread(ledger.record_sizes, {digest: size})
             elif not await asyncio.to_thread(ledger.admit, rec.tenant, digest, size, limit):
                 flow.response = self._refuse(flow, limit)
-                flow.metadata.pop(_PENDING, None)  # isolation records nothing
+                rec.pending = None  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
         except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
             logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
             if self._quota(rec) is not None:
-                flow.metadata.pop(_PENDING, None)
+                rec.pending = None
                 flow.response = self._unavailable(flow)
 
     async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:

@@ -46,7 +46,6 @@ MARKER = "freeze.json"
 RETRY_AFTER = 10  # seconds a client is told to wait, past HOLD_MAX
 HOLD_POLL = 0.1  # seconds between two looks at the marker while a write waits
 HOLD_MAX = 180.0  # a write never waits longer (the GC's own bound, gc.FREEZE_MAX, is shorter)
-_COUNTED = "tabbify.freeze.counted"
 
 
 def held(method: str, route: str | None, params: dict[str, str]) -> bool:
@@ -149,11 +148,13 @@ class WriteFreeze:
                 )
                 return
             rec.decision += f"{':' if rec.decision == 'allow' else ', '}held {waited:.1f}s"
-        flow.metadata[_COUNTED] = True
+        rec.frozen = True
         self._in_flight[flow.id] = flow
 
     def _finished(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.pop(_COUNTED, None):
+        rec = record(flow)
+        if rec.frozen:
+            rec.frozen = False
             self._in_flight.pop(flow.id, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
