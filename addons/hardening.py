@@ -1,4 +1,4 @@
-"""Patches to mitmproxy 12.3.1's (and h11 0.16.0's) HTTP/1 engine, for the gateway process only.
+"""Patches to the HTTP/1 engine of the pinned mitmproxy and h11, for the gateway process only.
 
 They replace private functions and classes, process-wide, so they are applied only where a
 gateway runs: `python -m addons.gateway` (addons/gateway.py: run) and the tests that run one
