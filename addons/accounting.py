@@ -71,8 +71,6 @@ from addons.routes import DIGEST
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-_PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
-_UPLOAD = "tabbify.upload"  # the upload session a request reserved bytes in (InFlight)
 TIMEOUT = 10.0
 USAGE_EVERY = 5.0
 MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
@@ -101,6 +99,13 @@ def grant_size(room: int) -> int:
     """What a streamed body asks the ledger for at a time: a quarter of what is left of the
     quota (so that the tenant's other uploads still find room), within MIN/MAX_GRANT."""
     return min(max(room // 4, MIN_GRANT), MAX_GRANT)
+
+
+def take_upload(rec: FlowRecord) -> InFlight | None:
+    """The upload session this request reserved bytes in, taken off its record once."""
+    upload, rec.upload = rec.upload, None
+    assert upload is None or isinstance(upload, InFlight)
+    return upload
 
 
 @dataclass
@@ -465,7 +470,7 @@ class Accounting:
                 self, flow, upload, limit, got.granted, grant_size(room), got.used, room
             )
             request.stream = upload.cap
-        flow.metadata[_UPLOAD] = upload
+        rec.upload = upload
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -497,7 +502,7 @@ class Accounting:
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
         rec, response = record(flow), flow.response
-        upload = flow.metadata.pop(_UPLOAD, None)
+        upload = take_upload(rec)
         if response is None or rec.tenant is None or not rec.allowed or answered(flow):
             if upload is not None:  # refused after the reservation: nothing was sent
                 await self._settle(upload, rec, None, stored=None, grown=0)
@@ -511,7 +516,7 @@ class Accounting:
             return
         if rec.route != "upload":
             return
-        pending = flow.metadata.get(_PENDING)
+        pending = rec.pending  # what TenantIsolation will record (set in its hooks)
         if response.status_code != 201 or not pending:
             await self._upload_answered(flow, rec, upload)
             return
@@ -548,13 +553,13 @@ class Accounting:
             )
             if not admitted:
                 flow.response = self._refuse(flow, limit, admitted.used, size)
-                flow.metadata.pop(_PENDING, None)  # isolation records nothing
+                rec.pending = None  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
         except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
             logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
             if self._quota(rec) is not None:
-                flow.metadata.pop(_PENDING, None)
+                rec.pending = None
                 flow.response = self._unavailable(flow)
 
     async def _upload_answered(
@@ -659,9 +664,9 @@ class Accounting:
     async def error(self, flow: http.HTTPFlow) -> None:
         """A request that ended without an answer (cut, client gone): whatever it sent may
         be stored, so it counts until the session is answered again, forgotten or expired."""
-        upload = flow.metadata.pop(_UPLOAD, None)
+        rec = record(flow)
+        upload = take_upload(rec)
         if upload is not None:
-            rec = record(flow)
             await self._settle(upload, rec, None, stored=None, grown=upload.sent(rec))
 
     async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:

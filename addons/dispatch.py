@@ -1,4 +1,4 @@
-"""Hook dispatch without mitmproxy's per-call overhead (applied with hardening.apply()).
+"""Hook dispatch without mitmproxy's per-call overhead (one of the engine patches: hardening.py).
 
 Profiled under load (py-spy, small authenticated GETs), mitmproxy spent about as much time
 finding and calling hooks as our addons spent in them: for every hook of every request it walks
@@ -102,10 +102,13 @@ def no_type_checks(self: Any) -> None:
     """Replaces MessageData.__post_init__ (run-time type checks of every field)."""
 
 
-def apply() -> None:
-    addonmanager.AddonManager.trigger_event = trigger_event  # type: ignore[method-assign]
-    addonmanager.AddonManager.add = add  # type: ignore[method-assign]
-    addonmanager.AddonManager.remove = remove  # type: ignore[method-assign]
-    addonmanager.AddonManager.clear = clear  # type: ignore[method-assign]
-    http.MessageData.__post_init__ = no_type_checks  # type: ignore[method-assign]
-    hooks.Hook.args = hook_args  # type: ignore[method-assign]
+def patches() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, replacement): applied and reverted by hardening.apply/revert."""
+    return [
+        (addonmanager.AddonManager, "trigger_event", trigger_event),
+        (addonmanager.AddonManager, "add", add),
+        (addonmanager.AddonManager, "remove", remove),
+        (addonmanager.AddonManager, "clear", clear),
+        (http.MessageData, "__post_init__", no_type_checks),
+        (hooks.Hook, "args", hook_args),
+    ]

@@ -64,8 +64,6 @@ HOLD_POLL = 0.1  # seconds between two looks at the marker while a write waits
 HOLD_MAX = 180.0  # a write never waits longer (the GC's own bound, gc.FREEZE_MAX, is shorter)
 MAX_LINKS = 20_000  # digests and repositories a worker publishes at most (~1.5 MB of JSON)
 LINGER = 30.0  # seconds a write that ended in an error stays protected
-_COUNTED = "tabbify.freeze.counted"
-_BODY = "tabbify.freeze.body"  # a manifest PUT: counted in `request`, once its body is here
 
 Links = frozenset[str] | None  # what one write can link; None: it cannot be told
 
@@ -242,7 +240,7 @@ class WriteFreeze:
 
     def _admit(self, flow: http.HTTPFlow, linked: Links, repository: str | None) -> None:
         # Called right after a _hold that found no marker, with no await in between.
-        flow.metadata[_COUNTED] = True
+        record(flow).frozen = True
         self._in_flight[flow.id] = (flow, linked, repository)
 
     @fail_closed
@@ -274,7 +272,7 @@ class WriteFreeze:
             # It reaches nothing before its whole body is here: counted (and held again, if a
             # freeze began meanwhile) in `request`, when its links are known.
             flow.request.stream = False
-            flow.metadata[_BODY] = True
+            rec.frozen_at_body = True
             return
         if method == "DELETE":
             self._admit(flow, frozenset(), rec.repository)
@@ -283,9 +281,10 @@ class WriteFreeze:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.pop(_BODY, None):
-            return
         rec = record(flow)
+        if not rec.frozen_at_body:
+            return
+        rec.frozen_at_body = False
         if flow.response is not None or answered(flow) or not rec.allowed:
             return
         if not await self._hold(flow, rec):
@@ -298,7 +297,9 @@ class WriteFreeze:
         self._admit(flow, linked, None)
 
     def _finished(self, flow: http.HTTPFlow, failed: bool) -> None:
-        if flow.metadata.pop(_COUNTED, None):
+        rec = record(flow)
+        if rec.frozen:
+            rec.frozen = False
             entry = self._in_flight.pop(flow.id, None)
             if failed and entry is not None:
                 self._linger(entry[1])

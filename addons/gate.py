@@ -30,23 +30,14 @@ from typing import Any
 from mitmproxy import http
 
 from addons import backend_auth, oci, routes, target
-from addons.record import record
+from addons.record import answered, record, respond
+
+__all__ = ["Gate", "answered", "fail_closed", "has_large_body", "respond"]  # answer helpers
 
 logger = logging.getLogger(__name__)
 
 SMALL_BODY = 64 * 1024
-_KEY = "tabbify.refusal"
 _SINK_ANSWER = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
-
-
-def respond(flow: http.HTTPFlow, response: http.Response) -> None:
-    """Answer `flow` with `response` instead of forwarding it; the gate delivers it (call from
-    requestheaders)."""
-    flow.metadata[_KEY] = response
-
-
-def answered(flow: http.HTTPFlow) -> bool:
-    return _KEY in flow.metadata
 
 
 def has_large_body(request: http.Request) -> bool:
@@ -143,7 +134,7 @@ class Gate:
             # Deny by default: nothing reaches the backend without an explicit allow.
             rec.decision = "deny:undecided"
             respond(flow, internal_error(flow))
-        response = flow.metadata.get(_KEY)
+        response = rec.answer
         if response is None:
             if rec.kind == "registry":
                 self.forward(flow)
@@ -199,6 +190,6 @@ class Gate:
 
     @fail_closed(kill=True)
     def response(self, flow: http.HTTPFlow) -> None:
-        response = flow.metadata.get(_KEY)
+        response = record(flow).answer
         if response is not None and flow.response is not response:
             flow.response = response

@@ -4,7 +4,7 @@ addons a reverse proxy needs, then ours. `python -m addons.gateway --mode … --
 mitmdump loads ~40 default addons and dispatches every hook of every request to each of them
 (about half the CPU of a small request, measured); this master loads mitmproxy's core, proxy
 server, layer selection, client blocking and h2c refusal, and nothing else (no TLS: the
-port is plain HTTP, see hardening.PlainHttpOnly).
+port is plain HTTP, see plain_http.PlainHttpOnly).
 
 Our addons, in hook order:
    BackendCredential the run's backend credential (addons/backend_auth.py; no hooks)
@@ -53,7 +53,7 @@ from mitmproxy.addons import (
     termlog,
 )
 
-from addons import hardening
+from addons import hardening, plain_http
 from addons.access import RegistryAccess
 from addons.accesslog import AccessLog
 from addons.accounting import Accounting
@@ -124,7 +124,7 @@ def make_master(
         log,
         core.Core(),
         proxyserver.Proxyserver(),
-        hardening.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello gets a plain 400
+        plain_http.PlainHttpOnly(),  # before NextLayer: a TLS ClientHello gets a plain 400
         ConnectionGuard(),  # connection caps, head deadline, idle timeout (hardening.py reports)
         next_layer.NextLayer(),
         block.Block(),
@@ -157,7 +157,11 @@ async def run(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
 
-    hardening.apply()  # mitmproxy engine patches: see addons/hardening.py
+    try:
+        hardening.apply()  # mitmproxy engine patches, for the pinned versions only
+    except hardening.EngineVersionError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        sys.exit(1)
     try:
         key_file = args.token_key_file
         secret = read_secret(args.token_fd) if args.token_fd is not None and not key_file else None

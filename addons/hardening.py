@@ -1,70 +1,96 @@
-"""Patches to mitmproxy 12.3.1's HTTP/1 engine, applied once by the gateway process.
+"""Patches to the HTTP/1 engine of the pinned mitmproxy and h11, for the gateway process only.
 
-mitmproxy is pinned (pyproject.toml) because of these; each is covered by end-to-end tests
-(tests/test_e2e_hostile.py, test_e2e_lifecycle.py) that fail without it.
+They replace private functions and classes, process-wide, so they are applied only where a
+gateway runs: `python -m addons.gateway` (addons/gateway.py: run) and the tests that run one
+in-process (tests/inproc.py: InProcessGateway, which reverts them when it stops). Importing
+this module patches nothing. `apply()` first refuses any mitmproxy or h11 other than the
+versions pinned in pyproject.toml (`check_versions`): a patch of another version's internals
+could apply half-way and silently be wrong.
+
+Each patch, and a test that fails without it (tests/test_engine_pins.py checks that every test
+named here exists):
 
 1. Error pages: mitmproxy answers malformed requests and an unreachable backend with HTML that
    no hook can restyle, quoting its own internals. We answer OCI JSON (`oci.protocol_error`).
+   test_e2e_lifecycle.py::test_backend_down_and_malformed_requests_get_oci_errors_not_html
 2. Bounded heads: mitmproxy buffers a request head, and h11 a chunk-size line, without limit
    (mitmproxy's own "FIXME: protect against header size DoS"): 1 MiB head, 64 KiB chunk line.
+   test_e2e_hostile.py::test_an_endless_line_is_cut_off
 3. A leading empty line before the request line is ignored (RFC 9112 §2.2) instead of leaving
    the client waiting: h11 drops one such line per call and mitmproxy then waits for more data.
-4. Reads of up to 256 KiB instead of 64 KiB: every read is one trip through mitmproxy's
-   layers and our hooks, and pulls were bound by that per-read work. Measured (1 GiB, same
-   session, ratio to direct): 64 KiB push 1.03-1.10x / pull 0.41-0.49x; 1 MiB push 0.79x /
-   pull 0.48-0.62x; 256 KiB push 0.85-0.88x / pull 0.53-0.66x. Memory stays bounded.
-5. Plain HTTP only (the `PlainHttpOnly` addon, placed before mitmproxy's NextLayer): mitmproxy
-   would answer a TLS ClientHello on the plain port with a certificate from its own generated
-   CA and serve the API over it. A plain `HTTP/1.1 400` answers it instead (as Go's HTTP
-   server does), so TLS-first clients see "server gave HTTP response to HTTPS client" and fall
-   back to HTTP for an insecure registry (see `RefuseTls`).
-6. Header fields as the backend reads them: at most MAX_HEADERS (431 above; mitmproxy has no
-   limit and some of its lookups are quadratic in the count), names that are RFC 9110 tokens,
-   values without control characters. mitmproxy keeps an obs-fold continuation inside the
-   value ("a\r\n b") where Go joins it with a space: a folded or CR-bearing value is 400.
-7. Error answers to HEAD requests carry no body (mitmproxy's would desynchronise the client's
+   test_e2e_hostile.py::test_a_leading_empty_line_is_ignored
+4. Reads of up to 256 KiB instead of 64 KiB (`asyncio.StreamReader.read`, asked for 65535
+   bytes): every read is one trip through mitmproxy's layers and our hooks, and pulls were
+   bound by that per-read work. Measured (1 GiB, same session, ratio to direct): 64 KiB push
+   1.03-1.10x / pull 0.41-0.49x; 1 MiB push 0.79x / pull 0.48-0.62x; 256 KiB push
+   0.85-0.88x / pull 0.53-0.66x. Memory stays bounded. Speed only: no test fails without it
+   (bench/throughput.py measures it).
+5. Header fields as the backend reads them (`framing.head_problem`): at most MAX_HEADERS (431
+   above; mitmproxy has no limit and some of its lookups are quadratic in the count), names
+   that are RFC 9110 tokens, values without control characters. mitmproxy keeps an obs-fold
+   continuation inside the value ("a\r\n b") where Go joins it with a space: a folded or
+   CR-bearing value is 400. test_e2e_hostile.py::test_hostile_request (its `200-headers`,
+   `obs-fold`, `nul-in-header-value` and `bare-cr-in-value` cases)
+6. Error answers to HEAD requests carry no body (mitmproxy's would desynchronise the client's
    keep-alive connection when the backend is down), and always a complete OCI answer.
-8. Connection lifetimes (addons/connections.py): every Http1Server layer is tracked so that a
+   test_e2e_connections.py::test_a_down_backend_gives_complete_answers_even_to_head
+7. Connection lifetimes (addons/connections.py): every Http1Server layer is tracked so that a
    head that does not complete in time (408) and an idle keep-alive connection are closed,
    and `handle_stream` admits a new connection only under the connection caps.
-10. Body bytes of a message with a Content-Length pass straight through: h11's buffer would
+   test_e2e_connections.py::test_a_head_dripped_byte_by_byte_is_cut_off_with_408,
+   test_e2e_connections.py::test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout,
+   test_e2e_connections.py::test_the_total_cap_answers_503_and_recovers
+8. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
+   (the kernel spreads new connections over the workers) and a deeper accept backlog.
+   `run` checks the port is free before it starts them, so another program's socket is never
+   shared by accident. Without it the second worker cannot bind and the stack does not start:
+   test_e2e_lifecycle.py::test_a_killed_gateway_worker_is_restarted_while_the_others_serve
+9. Body bytes of a message with a Content-Length pass straight through: h11's buffer would
    copy each chunk three times (append, a slice only to test emptiness, extract) and
    mitmproxy once more. A chunk that arrives with nothing buffered before it is handed on as
    it is; anything else (a buffered remainder, the message's end, a pipelined next message)
-   takes mitmproxy's own path. Measured on large pulls (see README, Benchmarks).
-11. Request bodies the engine cannot read are answered, and the flow always ends. A chunked
-   body is read strictly (RFC 9112 §7.1): 1-16 hex digits, extensions as the grammar says,
-   CRLF line ends, CRLF after the data; anything else (an LF-only line, `0x10`, `+5`, ` 5`,
-   `5 `, a bare CR, a huge size) is 400 with an OCI body and a close, as soon as the bad byte
-   is there (h11 alone waited for a CRLF that never came, or closed without an answer). A
-   trailer section is parsed and dropped, as nginx does (RFC 9110 §6.5.1 lets a recipient
-   discard trailers): mitmproxy raised NotImplementedError on one, leaving the flow open
-   with no hook ever told, and the backend never sees a field the gateway did not read.
-   Any other exception in an HTTP/1 layer ends its connection (400 if no answer has begun)
-   and its flow through mitmproxy's error hook, so every addon releases what it holds.
-   Tests: test_e2e_hostile.py (test_malformed_chunked_framing_is_answered_400_at_once,
-   test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc), test_engine_faults.py.
-9. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
-   (the kernel spreads new connections over the workers) and a deeper accept backlog.
-   `run` checks the port is free before it starts them, so another program's socket is never
-   shared by accident.
+   takes mitmproxy's own path. Speed only (see docs/benchmarks.md): no test fails without
+   it; test_e2e_hostile.py::test_pipelined_requests_get_two_answers and
+   test_e2e_hostile.py::test_a_smuggled_second_request_in_a_body_is_not_a_request hold
+   with it.
+10. Request bodies the engine cannot read are answered, and the flow always ends. A chunked
+   body is read strictly (RFC 9112 §7.1, `framing.chunk_framing_problem`): 1-16 hex digits,
+   extensions as the grammar says, CRLF line ends, CRLF after the data; anything else (an
+   LF-only line, `0x10`, `+5`, ` 5`, `5 `, a bare CR, a huge size) is 400 with an OCI body
+   and a close, as soon as the bad byte is there (h11 alone waited for a CRLF that never
+   came, or closed without an answer). A trailer section is parsed and dropped, as nginx
+   does (RFC 9110 §6.5.1 lets a recipient discard trailers): mitmproxy raised
+   NotImplementedError on one, leaving the flow open with no hook ever told, and the backend
+   never sees a field the gateway did not read. Any other exception in an HTTP/1 layer ends
+   its connection (400 if no answer has begun) and its flow through mitmproxy's error hook,
+   so every addon releases what it holds.
+   test_e2e_hostile.py::test_malformed_chunked_framing_is_answered_400_at_once,
+   test_e2e_hostile.py::test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc,
+   test_engine_faults.py::test_an_exception_in_the_engine_answers_400_and_ends_the_flow
+11. Hook dispatch without mitmproxy's per-call overhead (addons/dispatch.py). Speed only
+   (docs/benchmarks.md): the order and arguments of every hook are unchanged, so no test
+   fails without it.
+
+What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
+(addons/plain_http.py, `next_layer`), the connection caps and deadlines
+(addons/connections.py: ConnectionGuard).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import re
+import tomllib
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader
-from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import http1
-from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, events, layer, mode_servers
+from mitmproxy.proxy import commands, events, mode_servers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
@@ -75,12 +101,15 @@ from mitmproxy.proxy.layers.http._events import (
 )
 
 from addons import connections, dispatch, oci
+from addons.framing import (
+    MAX_CHUNK_LINE,
+    MAX_HEAD,
+    chunk_framing_problem,
+    head_problem,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD = 1 << 20  # as Go's http.DefaultMaxHeaderBytes
-MAX_HEADERS = 100  # registry clients send fewer than 20
-MAX_CHUNK_LINE = 64 * 1024  # a chunk-size line (with extensions) or the trailer section
 READ_SIZE = 256 * 1024
 MITMPROXY_READ = 65535  # what mitmproxy's ConnectionHandler asks for
 
@@ -95,33 +124,6 @@ _stream_read = asyncio.StreamReader.read
 _handle_stream = mode_servers.ServerInstance.handle_stream
 _listen = mode_servers.AsyncioServerInstance.listen
 BACKLOG = 1024
-
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
-# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS
-# ( token / quoted-string ) ] ), without the BWS before ";" (h11 refuses it too). At most 16
-# hex digits, as Go's chunked reader (64 bits).
-_EXT_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_CHUNK_LINE = re.compile(
-    rb"[0-9A-Fa-f]{1,16}(?:;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*\r\n"
-    % (_EXT_TOKEN, _EXT_TOKEN, _QUOTED)
-)
-_SIZE_PREFIX = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[;\r]|\Z)")  # what may start a chunk line
-_BAD_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")  # a bare LF or CR
-
-
-def head_problem(request: http.Request) -> tuple[int, str] | None:
-    """Why a parsed request head must not go further (status, message), or None."""
-    fields = request.headers.fields
-    if len(fields) > MAX_HEADERS:
-        return 431, f"more than {MAX_HEADERS} header fields"
-    for name, value in fields:
-        if not _TOKEN.fullmatch(name):
-            return 400, "invalid header field name"
-        if _BAD_VALUE.search(value):
-            return 400, "invalid header field value (control character or line folding)"
-    return None
 
 
 def _refuse_head(self: Any, status: int, message: str) -> Generator[Any, Any, None]:
@@ -300,28 +302,6 @@ async def handle_stream(self: Any, reader: Any, writer: Any = None) -> None:
         connections.release(writer)
 
 
-def chunk_framing_problem(data: bytes | bytearray, trailer: bool, start: int = 0) -> str | None:
-    """What is wrong with the buffered start of a chunk-size line (or of the trailer section),
-    or None while it is (the beginning of) a valid one. Pure; reads at most MAX_CHUNK_LINE
-    bytes of `data` and copies none. `start`: how much of `data` an earlier call found clean
-    (a line dribbled byte by byte is scanned once, not once per byte)."""
-    limit = min(len(data), MAX_CHUNK_LINE)
-    again = max(0, start - 1)  # the byte before may have been a CR waiting for its LF
-    if trailer:
-        if data[:2] == b"\r\n":
-            return None  # no trailer fields
-        end = data.find(b"\r\n\r\n", again, limit + 4)
-        stop = end + 4 if end >= 0 else limit - (data[limit - 1 : limit] == b"\r")
-        bad = _BAD_LINE_END.search(data, again, stop)
-        return "bare CR or LF in the trailer section" if bad else None
-    end = data.find(b"\n", again, limit)
-    if end >= 0:
-        return None if _CHUNK_LINE.fullmatch(data, 0, end + 1) else "malformed chunk-size line"
-    if limit and not _SIZE_PREFIX.match(data, 0, limit):
-        return "malformed chunk size"
-    return "bare CR in a chunk-size line" if data.find(b"\r", again, limit - 1) >= 0 else None
-
-
 class BoundedChunkedReader(ChunkedReader):
     """h11's chunked reader, strict (chunk_framing_problem: h11 accepts `5 `, 20 hex digits and
     any bytes after `;`, and waits forever for the CRLF of an LF-only line), bounded
@@ -368,80 +348,113 @@ async def read_larger(self: asyncio.StreamReader, n: int = -1) -> bytes:
     return await _stream_read(self, n)
 
 
-_applied = False
+PINNED = ("mitmproxy", "h11")  # the packages whose internals the patches replace
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+_PIN = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;,]+)")
+
+
+class EngineVersionError(RuntimeError):
+    """An installed mitmproxy or h11 other than the pinned one."""
+
+
+def pins() -> dict[str, str]:
+    """The `name==version` pins of the project's dependencies: from pyproject.toml in a
+    checkout, else from the installed package's metadata (built from that same file)."""
+    if PYPROJECT.is_file():
+        requirements = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    else:
+        try:
+            requirements = importlib.metadata.requires("tabbify-registry") or []
+        except importlib.metadata.PackageNotFoundError:
+            requirements = []
+    found = {}
+    for requirement in requirements:
+        if (m := _PIN.match(requirement)) is not None:
+            found[m[1].lower()] = m[2]
+    return found
+
+
+def installed_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PINNED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def version_problem(installed: dict[str, str | None], pinned: dict[str, str]) -> str | None:
+    """Why the engine patches must not be applied to these versions (one line), or None."""
+    for name in PINNED:
+        want = pinned.get(name)
+        if want is None:
+            return f"no {name}==<version> pin in pyproject.toml: the engine patches need one"
+        have = installed.get(name)
+        if have != want:
+            return (
+                f"{name} {have or '(not installed)'} is installed, but the engine patches "
+                f"(addons/hardening.py) are written for {name}=={want} only: "
+                "install the pinned version"
+            )
+    return None
+
+
+def check_versions() -> None:
+    problem = version_problem(installed_versions(), pins())
+    if problem is not None:
+        raise EngineVersionError(problem)
+
+
+def _patches() -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, replacement) for every patch."""
+    return [
+        *dispatch.patches(),  # hook dispatch without mitmproxy's per-call overhead
+        (_http1, "make_error_response", oci.protocol_error_response),
+        (_http1.Http1Server, "__init__", server_init),
+        (_http1.Http1Connection, "_handle_event", handle_event),
+        (_http1.Http1Server, "read_headers", read_headers),
+        (_http1.Http1Server, "send", server_send),
+        (_http1.Http1Connection, "mark_done", mark_done),
+        (_http1.Http1Server, "read_body", server_read_body),
+        (_http1, "make_body_reader", make_body_reader),
+        (asyncio.StreamReader, "read", read_larger),
+        (mode_servers.ServerInstance, "handle_stream", handle_stream),
+        (mode_servers.AsyncioServerInstance, "listen", listen),
+    ]
+
+
+_MISSING = object()
+_saved: list[tuple[Any, str, Any]] = []  # what apply() replaced, to put back
+_depth = 0  # applies not yet reverted (in-process gateways may overlap)
+
+
+def applied() -> bool:
+    return _depth > 0
 
 
 def apply() -> None:
-    """Patch mitmproxy's engine once per process (the gateway; in-process tests)."""
-    global _applied
-    if _applied:
+    """Patch mitmproxy's engine (the gateway process; an in-process gateway in a test), after
+    checking the versions: EngineVersionError, and nothing patched, on any other."""
+    global _depth
+    if _depth == 0:
+        check_versions()
+        for owner, name, replacement in _patches():
+            _saved.append((owner, name, vars(owner).get(name, _MISSING)))
+            setattr(owner, name, replacement)
+    _depth += 1
+
+
+def revert() -> None:
+    """Undo the matching apply(); the last one puts mitmproxy's own functions back."""
+    global _depth
+    if _depth == 0:
         return
-    _applied = True
-    dispatch.apply()  # hook dispatch without mitmproxy's per-call overhead
-    _http1.make_error_response = oci.protocol_error_response
-    _http1.Http1Server.__init__ = server_init  # type: ignore[method-assign]
-    _http1.Http1Connection._handle_event = handle_event  # type: ignore[method-assign]
-    _http1.Http1Server.read_headers = read_headers  # type: ignore[method-assign]
-    _http1.Http1Server.send = server_send  # type: ignore[method-assign]
-    _http1.Http1Connection.mark_done = mark_done  # type: ignore[method-assign]
-    _http1.Http1Server.read_body = server_read_body  # type: ignore[method-assign]
-    _http1.make_body_reader = make_body_reader
-    asyncio.StreamReader.read = read_larger  # type: ignore[method-assign]
-    mode_servers.ServerInstance.handle_stream = handle_stream  # type: ignore[method-assign]
-    mode_servers.AsyncioServerInstance.listen = listen  # type: ignore[method-assign]
-
-
-TLS_LINGER = 2.0  # seconds to wait for the client to close after the answer
-
-
-def _tls_refusal() -> bytes:
-    body = oci.error_body(
-        "UNSUPPORTED", "this registry port speaks plain HTTP, not TLS: use http:// (insecure)"
-    )
-    response = http.Response.make(
-        400,
-        body,
-        {
-            "Content-Type": "application/json",
-            "Connection": "close",
-            oci.API_VERSION_HEADER[0]: oci.API_VERSION_HEADER[1],
-        },
-    )
-    return http1.assemble_response(response)
-
-
-TLS_REFUSAL = _tls_refusal()
-
-
-class RefuseTls(layer.Layer):
-    """Answers a TLS ClientHello with a plain `HTTP/1.1 400` and closes the connection.
-
-    Go's HTTP client (Docker, containerd, containers/image) tries TLS first and falls back to
-    plain HTTP for an insecure registry only when the server answers in HTTP ("http: server
-    gave HTTP response to HTTPS client", which is also the message a user who forgot
-    `--tls-verify=false` sees); a bare close is "EOF", which `docker manifest` does not retry
-    over HTTP. After the answer only our side is closed, so a ClientHello still arriving is
-    not answered with a reset that could discard the answer; the rest closes when the client
-    does, or after `TLS_LINGER` seconds.
-    """
-
-    closed = False
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        client = self.context.client
-        if isinstance(event, events.Start):
-            yield commands.SendData(client, TLS_REFUSAL)
-            yield commands.CloseTcpConnection(client, half_close=True)
-            yield commands.RequestWakeup(TLS_LINGER)
-        elif isinstance(event, events.ConnectionClosed | events.Wakeup) and not self.closed:
-            self.closed = True
-            yield commands.CloseConnection(client)
-        # DataReceived (the rest of the ClientHello): discarded
-
-
-class PlainHttpOnly:
-    """No TLS on the gateway's port: on the mesh, WireGuard is the encryption."""
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if nextlayer.layer is None and starts_like_tls_record(nextlayer.data_client()):
-            nextlayer.layer = RefuseTls(nextlayer.context)
+    _depth -= 1
+    if _depth == 0:
+        while _saved:
+            owner, name, original = _saved.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)

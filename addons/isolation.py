@@ -32,7 +32,6 @@ from addons.routes import DIGEST
 
 logger = logging.getLogger(__name__)
 _DIGEST = re.compile(DIGEST)
-_PENDING = "tabbify.ledger"  # digests to record once the backend confirms
 MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
@@ -285,7 +284,7 @@ class TenantIsolation:
             mount = rec.params.get("mount") if method == "POST" else None
             digest = mount or rec.params.get("digest")
             if digest:
-                flow.metadata[_PENDING] = [digest]
+                record(flow).pending = [digest]
         return None
 
     @fail_closed
@@ -321,20 +320,21 @@ class TenantIsolation:
                 detail=missing[:16],
             )
             return
-        flow.metadata[_PENDING] = [manifest.digest_of(body), *refs]
+        rec.pending = [manifest.digest_of(body), *refs]
         rec.holds.discard(MANIFEST_CHECK)
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # A 201 we may have to record is held back (its body is empty or tiny) so that the
         # `response` hook can still turn it into an error if the record cannot be written.
-        if _PENDING in flow.metadata and flow.response and flow.response.status_code == 201:
+        pending = record(flow).pending is not None
+        if pending and flow.response and flow.response.status_code == 201:
             flow.response.stream = False
 
     @fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
-        pending = flow.metadata.pop(_PENDING, None)
         rec = record(flow)
+        pending, rec.pending = rec.pending, None
         if not pending or self.ledger is None or rec.tenant is None or flow.response is None:
             return
         if flow.response.status_code != 201:  # created: a 202 mount answer means "not mounted"

@@ -50,7 +50,6 @@ CATALOG_PAGE = 1000  # without `n`: the spec lets a registry choose, and link to
 SCAN_BATCH = 1000  # names read from the ledger at once
 MAX_SCANNED = 20_000  # names looked at for one catalog page (option registry_catalog_scan)
 MAX_TAGS_BODY = 32 * 1024 * 1024  # larger tag lists are streamed as the backend sent them
-_PAGE_TAGS = "tabbify.page-tags"
 
 
 def page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
@@ -247,13 +246,14 @@ class Listing:
         if length.isdigit() and int(length) > MAX_TAGS_BODY:
             return
         response.stream = False  # small: read it whole, page it in `response`
-        flow.metadata[_PAGE_TAGS] = True
+        rec.page_tags = True
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.pop(_PAGE_TAGS, False) or flow.response is None:
-            return
         rec = record(flow)
+        page_tags, rec.page_tags = rec.page_tags, False
+        if not page_tags or flow.response is None:
+            return
         try:
             doc = json.loads(flow.response.content or b"")
             tags = [t for t in doc.get("tags") or [] if isinstance(t, str)]

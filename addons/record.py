@@ -1,7 +1,10 @@
-"""What the gateway learns and decides about one flow, kept in `flow.metadata`.
+"""What the gateway learns and decides about one flow: one typed record per flow.
 
-The deciding addons fill it in; the gate (refusal.Gate) forwards exactly what it says (the
-canonical target from `target` and `params`) or refuses; the access log writes it out.
+The deciding addons fill it in; the gate (gate.Gate) forwards exactly what it says (the
+canonical target from `target` and `params`) or delivers `answer`; the access log writes it
+out. This module is the only one that touches `flow.metadata` (one key, `tabbify`): every
+piece of per-flow state an addon keeps between its hooks, or hands to another addon, is a
+field here, so what travels between addons is declared in one place.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from addons.target import Target
 _KEY = "tabbify"
 
 
-@dataclass
+@dataclass(slots=True)
 class FlowRecord:
     kind: str = "other"  # token | registry | other
     target: Target | None = None  # the client's target, parsed once (intake)
@@ -37,6 +40,19 @@ class FlowRecord:
     # The access-log line once written, until the live view's feed (flowfeed.py) takes it:
     # the feed reuses what the log computed instead of reading the flow again.
     line: dict[str, object] | None = None
+    # What the gateway answers instead of forwarding (`respond`); the gate delivers it.
+    answer: http.Response | None = None
+    # Digests TenantIsolation records for the tenant once the backend confirms the push (201);
+    # Accounting empties it when it refuses the push (over quota, ledger unavailable).
+    pending: list[str] | None = None
+    frozen: bool = False  # WriteFreeze counts this write in flight until it ends
+    # WriteFreeze: a manifest PUT counted only in `request`, once its body (its links) is here.
+    frozen_at_body: bool = False
+    # Accounting: the upload session this request reserved bytes in (accounting.InFlight).
+    upload: object | None = None
+    signed_digest: str | None = None  # SignedOnly: the manifest digest checked and asked for
+    invalidates_signatures: bool = False  # SignedOnly: a manifest PUT/DELETE, see its response
+    page_tags: bool = False  # Listing: a small tag list read whole, to page in `response`
 
     @property
     def allowed(self) -> bool:
@@ -61,3 +77,14 @@ def record(flow: http.HTTPFlow) -> FlowRecord:
     if rec is None:
         rec = flow.metadata[_KEY] = FlowRecord()
     return rec
+
+
+def respond(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer `flow` with `response` instead of forwarding it; the gate delivers it (call from
+    requestheaders)."""
+    record(flow).answer = response
+
+
+def answered(flow: http.HTTPFlow) -> bool:
+    """Whether an addon already answered `flow` (`respond`)."""
+    return record(flow).answer is not None

@@ -67,8 +67,6 @@ NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
 MAX_TAG_LIST = 4 * 1024 * 1024
 GENERATION = "signatures.generation"
-_INVALIDATE = "tabbify.signed.invalidate"
-_CHECKED = "tabbify.signed.checked"
 _UNSURE = "cannot check signatures now; retry"
 
 
@@ -228,7 +226,7 @@ class SignedOnly:
             return
         method, reference = flow.request.method, rec.reference or ""
         if method in ("PUT", "DELETE"):
-            flow.metadata[_INVALIDATE] = True
+            rec.invalidates_signatures = True
             return
         if method not in ("GET", "HEAD"):
             return
@@ -271,26 +269,29 @@ class SignedOnly:
         assert digest is not None and rec.target is not None
         # Serve exactly what was checked, even if the tag moves meanwhile.
         rec.target = Target(f"/v2/{rec.repository}/manifests/{digest}", rec.target.params)
-        flow.metadata[_CHECKED] = digest
+        rec.signed_digest = digest
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """The answer to a checked request must name the checked digest. The backend is
         content-addressed, so it always does; should it not, nothing of it is passed on
         (the body streams from here on, so the connection is cut)."""
-        checked = flow.metadata.pop(_CHECKED, None)
+        rec = record(flow)
+        checked, rec.signed_digest = rec.signed_digest, None
         response = flow.response
         if checked is None or response is None or response.status_code != 200:
             return
         named = response.headers.get("docker-content-digest")
         if named is not None and named != checked:
             logger.error("signatures: asked for %s, the backend answered %s", checked, named)
-            record(flow).decision = "deny:signature-unchecked"
+            rec.decision = "deny:signature-unchecked"
             flow.kill()
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.pop(_INVALIDATE, None) or flow.response is None:
+        rec = record(flow)
+        invalidates, rec.invalidates_signatures = rec.invalidates_signatures, False
+        if not invalidates or flow.response is None:
             return
         status, method = flow.response.status_code, flow.request.method
         if method == "DELETE" and status == 202:

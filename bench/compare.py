@@ -13,8 +13,8 @@ three paths to that backend (direct, gateway, nginx):
   requests/s, p50 and p99 latency, non-2xx/3xx and socket error counts;
 - `/auth/token` exchanges per second through the gateway, next to the auth stand-in's own
   `POST /v1/validate` rate (the other side of every exchange);
-- mitmdump's peak RSS (VmHWM) over the large-blob transfers, and separately, after a restart
-  of mitmdump, over the small-blob ones.
+- the gateway's peak RSS (VmHWM) over the large-blob transfers, and separately, after a
+  restart of the gateway, over the small-blob ones.
 
 Needs `nginx` (nginx-light) and `wrk`: `scripts/setup.sh --test` installs both. Noisy
 machine: compare only within one run.
@@ -418,7 +418,7 @@ All request rates: {c} concurrent keep-alive connections for {d} s each; wrk wit
     asyncio, one thread); the same GET with that client sets its numbers against wrk's.
 [b] direct = the auth stand-in's own POST /v1/validate (the other side of every exchange;
     HTTP/1.0, a new connection per request); gateway = GET /auth/token, Basic x:<tabbify jwt>.
-[c] after `supervisorctl restart mitmdump`: a fresh process for the second peak.
+[c] after `supervisorctl restart gateway:*`: a fresh process for the second peak.
 Latency ratios above 1 mean the gateway is slower."""
 
 
@@ -477,14 +477,14 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
             which passes the header on) only the run's credential."""
             return bearer() if path == "gateway" else stack.backend_headers()
 
-        # Blobs, and mitmdump's peak RSS over them: the large blob first (mitmdump has served
-        # only a few small requests yet), then the small one after a restart of mitmdump.
+        # Blobs, and the gateway's peak RSS over them: the large blob first (it has served
+        # only a few small requests yet), then the small one after a restart of the gateway.
         for mib, fresh in ((args.blob_mib, False), (args.small_blob_mib, True)):
             if fresh:
-                log("restarting mitmdump for a separate peak")
-                out = stack.supervisorctl("restart", "mitmdump:*")
+                log("restarting the gateway for a separate peak")
+                out = stack.supervisorctl("restart", "gateway:*")
                 if "started" not in out:
-                    raise RuntimeError(f"restart mitmdump: {out}")
+                    raise RuntimeError(f"restart gateway: {out}")
                 stack.wait_ready()
                 record(results, "gateway_rss_idle_MB", "gateway", peak_rss_mb(stack))
             for path in PATHS:

@@ -22,7 +22,7 @@ import requests
 
 from bench.httpload import load
 from tabbify_registry import settings as settings_mod
-from tabbify_registry.cli import mitmdump_command
+from tabbify_registry.cli import gateway_command
 from tests.stack import Stack, free_port, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
 from tests.test_e2e_gateway import push_blob
@@ -58,7 +58,7 @@ def main() -> None:
             off = ("registry_ledger=", "registry_access_log=", "registry_state_dir=")
             command = [
                 next((o for o in off if a.startswith(o)), a)
-                for a in mitmdump_command(settings_mod.load(env))
+                for a in gateway_command(settings_mod.load(env))
             ]
             plain = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             plain_url = f"http://127.0.0.1:{port}"

@@ -4,7 +4,8 @@
 
 Starts a full stack (`tabbify-registry run`, Distribution backend, auth on with the stand-in),
 pushes and pulls one blob of the given size each way, and reports MB/s, the gateway/direct
-ratio and the gateway's peak RSS (VmHWM of mitmdump). Noisy machine: compare within a run.
+ratio and the gateway's peak RSS (VmHWM of a gateway worker). Noisy machine: compare within
+a run.
 """
 
 from __future__ import annotations

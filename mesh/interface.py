@@ -131,7 +131,7 @@ def sync(name: str, conf: Path, private_key: str, state: NodeState) -> None:
 
 
 def add_address(name: str, ula: str) -> None:
-    # nodad: the address is usable at once (no tentative phase), so mitmdump can bind it.
+    # nodad: the address is usable at once (no tentative phase), so the gateway can bind it.
     _run("ip", "-6", "addr", "replace", f"{ula}/128", "dev", name, "nodad")
 
 

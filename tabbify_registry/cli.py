@@ -1,9 +1,9 @@
 """`tabbify-registry run | config | mesh up | policy` (CONTRACTS §1, §7).
 
 `run` is the container's PID 1: mesh bootstrap (when configured) → backend config rendered
-into REGISTRY_DATA_DIR → supervisord running the backend and mitmdump side by side. It stays
-the parent of supervisord (not exec) so it can turn "a program could not start" into a
-non-zero exit status, which supervisord alone cannot do.
+into REGISTRY_DATA_DIR → supervisord running the backend and the gateway workers side by
+side. It stays the parent of supervisord (not exec) so it can turn "a program could not
+start" into a non-zero exit status, which supervisord alone cannot do.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ SUPERVISORD_CONF = supervisord_conf()
 BIN = Path(sys.executable).parent
 
 
-def mitmdump_command(s: Settings) -> list[str]:
-    """The gateway (mitmproxy's engine, as mitmdump, see addons/gateway.py) in reverse mode on
+def gateway_command(s: Settings) -> list[str]:
+    """The gateway (mitmproxy's engine with our addons, addons/gateway.py) in reverse mode on
     REGISTRY_LISTEN.
 
     An IPv6 listen host goes without brackets (mitmproxy's mode syntax); the upstream URL
@@ -247,7 +247,7 @@ def start_log_relay(s: Settings) -> LogRelay:
     s.log_dir.mkdir(parents=True, exist_ok=True)
     readable = sys.stderr.isatty()  # a person at a terminal, not a log shipper
     relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer, s.log_level, readable)
-    workers = [f"mitmdump-{n}" for n in range(s.workers)]
+    workers = [f"gateway-{n}" for n in range(s.workers)]
     for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers))):
         relay.fifo(name, per_request_line if name == "backend.log" else None)
     relay.start()
@@ -278,7 +278,7 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_WORKERS=str(s.workers),
         TBF_ADMIN_COMMAND=shlex.join(admin_command(s)),
         TBF_PYTHON=sys.executable,
-        TBF_GATEWAY_COMMAND=shlex.join(mitmdump_command(s)),
+        TBF_GATEWAY_COMMAND=shlex.join(gateway_command(s)),
         TBF_BACKEND_COMMAND="true" if external else shlex.join(backend_command(s, config_file)),
         TBF_BACKEND_AUTOSTART="false" if external else "true",
         TBF_MESH_COMMAND=shlex.join([sys.executable, "-m", "mesh.follow", str(s.data_dir)]),

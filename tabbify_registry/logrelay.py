@@ -8,7 +8,7 @@ and writes them out from its own threads:
 
 - stdout: the access log, one JSON object per line, exactly as the gateway wrote it;
 - stderr: the operator log, one JSON object per line: `{"time", "level", "source",
-  "message"}` where `source` names the program (`backend`, `mitmdump-0`, `mesh`, `run`, …).
+  "message"}` where `source` names the program (`backend`, `gateway-0`, `mesh`, `run`, …).
   Each program's own format is read for its level (`classify`) and its timestamp dropped;
   supervisord's chatter about its own mechanics becomes debug, what happened to a program is
   said in the operator's terms. Lines below REGISTRY_LOG_LEVEL are not relayed. On a
@@ -89,8 +89,8 @@ _SUPERVISORD_SAYS: list[tuple[re.Pattern[str], str, str | None]] = [
 
 def program_name(name: str) -> str:
     """supervisord's process names in the operator's words."""
-    if name.startswith("mitmdump-"):
-        return f"gateway worker {name.removeprefix('mitmdump-')}"
+    if name.startswith("gateway-"):
+        return f"gateway worker {name.removeprefix('gateway-')}"
     return {"backend": "the backend", "admin": "the admin endpoint", "gc": "the periodic GC",
             "mesh": "the mesh follower"}.get(name, name)  # fmt: skip
 

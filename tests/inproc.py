@@ -3,6 +3,8 @@
 The same master as `python -m addons.gateway` (addons/gateway.py: make_master), run on its own
 event loop in a thread, in front of any backend. In-process so that a test can reach into it:
 monkeypatch a function to raise (fail-closed tests) or mint a registry token directly.
+The engine patches (addons/hardening.py) are applied while it runs and reverted when it stops:
+the rest of the test process sees mitmproxy as it is.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ class InProcessGateway:
 
     def __enter__(self) -> InProcessGateway:
         hardening.apply()
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.thread.start()
 
         def listening() -> bool:
@@ -72,12 +82,14 @@ class InProcessGateway:
             return bool(proxy and any(s.listen_addrs for s in proxy.servers))
 
         wait_for(listening, 20)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.loop is not None and self.master is not None:
             self.loop.call_soon_threadsafe(self.master.shutdown)
-        self.thread.join(10)
+        if self.thread.is_alive():
+            self.thread.join(10)
+        if not self.thread.is_alive():  # else its engine may still run: left patched
+            hardening.revert()
 
     @property
     def signer(self) -> TokenSigner:

@@ -133,8 +133,8 @@ class Stack:
         return self.proc.returncode
 
     def supervisorctl(self, *args: str) -> str:
-        """supervisorctl against this stack. The gateway workers are `mitmdump:mitmdump-<n>`
-        (`mitmdump:*` for all of them)."""
+        """supervisorctl against this stack. The gateway workers are `gateway:gateway-<n>`
+        (`gateway:*` for all of them)."""
         conf = ROOT / "supervisord.conf"
         run_dir = self.data_dir / "run"
         env = {**self.env, "TBF_RUNTIME_DIR": str(run_dir), "TBF_LOG_DIR": str(run_dir / "logs")}
@@ -162,9 +162,9 @@ class Stack:
         """The running gateway workers' pids by process name."""
         pids = {}
         for n in range(self.workers):
-            out = self.supervisorctl("pid", f"mitmdump:mitmdump-{n}").strip()
+            out = self.supervisorctl("pid", f"gateway:gateway-{n}").strip()
             if out.isdigit() and int(out):
-                pids[f"mitmdump-{n}"] = int(out)
+                pids[f"gateway-{n}"] = int(out)
         return pids
 
     def access_log(self) -> list[dict]:

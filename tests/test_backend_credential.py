@@ -68,7 +68,7 @@ def test_the_secret_is_on_no_command_line_nor_in_the_environment(tmp_path):
     password = backend_auth.read(s.runtime_dir / "backend-credential").partition(":")[2]
     env = cli.supervisor_env({"REGISTRY_DATA_DIR": str(tmp_path)}, s, tmp_path / "c.json")
     assert not [k for k, v in env.items() if password in v]
-    gateway, admin = cli.mitmdump_command(s), cli.admin_command(s)
+    gateway, admin = cli.gateway_command(s), cli.admin_command(s)
     where = str(s.runtime_dir / "backend-credential")
     assert f"registry_backend_credential={where}" in gateway
     assert admin[admin.index("--backend-credential") + 1] == where
@@ -82,14 +82,14 @@ def test_an_external_registry_gets_no_credential_unless_one_is_given(tmp_path):
     (s.runtime_dir / "backend-htpasswd").write_text("tabbify-registry:$2b$04$x\n")
     cli.write_backend_credential(s)
     assert not stale.exists() and not (s.runtime_dir / "backend-htpasswd").exists()
-    assert "registry_backend_credential=" in cli.mitmdump_command(s)
+    assert "registry_backend_credential=" in cli.gateway_command(s)
     given = tmp_path / "given"
     given.write_text("robot$ci:token-of-that-registry\n")
     s = settings(tmp_path, REGISTRY_BACKEND="external", REGISTRY_BACKEND_CREDENTIAL_FILE=str(given))
     cli.write_backend_credential(s)
     assert backend_auth.read(stale) == "robot$ci:token-of-that-registry"
     assert not (s.runtime_dir / "backend-htpasswd").exists()  # that registry's own business
-    assert f"registry_backend_credential={stale}" in cli.mitmdump_command(s)
+    assert f"registry_backend_credential={stale}" in cli.gateway_command(s)
 
 
 def test_a_zot_cluster_uses_the_one_credential_every_member_holds(tmp_path):

@@ -1,5 +1,5 @@
 """The pure parts of connection handling: head checks, lifetimes, caps (addons/connections.py,
-addons/hardening.py). End to end: test_e2e_connections.py."""
+addons/framing.py). End to end: test_e2e_connections.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mitmproxy import http
 from mitmproxy.test import tutils
 
 from addons import connections
-from addons.hardening import MAX_HEADERS, head_problem
+from addons.framing import MAX_HEADERS, head_problem
 from tabbify_registry import admin
 
 

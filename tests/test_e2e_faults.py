@@ -307,7 +307,7 @@ def test_gateway_killed_mid_pull_is_a_short_read_and_the_retry_reauths(stack, ac
     assert "sha256:" + h_sum.hexdigest() != digest
 
     for name, pid in old.items():
-        wait_restarted(stack, f"mitmdump:{name}", pid)
+        wait_restarted(stack, f"gateway:{name}", pid)
     stack.wait_ready()
     # New processes, the same run and key: the client's token still works, and the retry
     # gets the whole blob.

@@ -1,4 +1,4 @@
-"""The whole stack (`tabbify-registry run`, Distribution backend, mitmdump) with real clients."""
+"""The whole stack (`tabbify-registry run`, Distribution backend, the gateway) with real clients."""
 
 from __future__ import annotations
 

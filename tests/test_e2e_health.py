@@ -63,7 +63,7 @@ def test_livez_readyz_and_auth_reachability(tmp_path):
         assert r.status_code == 200 and r.json()["auth"] == "unreachable", r.text
 
         # No gateway worker serving: not alive.
-        stack.supervisorctl("stop", "mitmdump:*")
+        stack.supervisorctl("stop", "gateway:*")
         wait_for(lambda: get(stack, "/livez").status_code == 503, timeout=15)
         assert get(stack, "/readyz").json()["not_ready"] == ["gateway"]
         assert probe(stack, "/livez").returncode == 1

@@ -311,7 +311,7 @@ CASES = [
     case("header-name-double-colon", REQ + b"X:: y\r\n\r\n", {401}),
     case("nul-in-header-name", REQ + b"X\x00A: a\r\n\r\n", {400}),
     # NUL in the path is a malformed target (target.py) → 400. NUL in a header value passes
-    # mitmproxy but not the head check (hardening.head_problem) → 400 and close.
+    # mitmproxy but not the head check (framing.head_problem) → 400 and close.
     case("nul-in-path", b"GET /v2/\x00 HTTP/1.1\r\n\r\n", {400}),
     case("nul-in-header-value", REQ + b"X-A: a\x00b\r\n\r\n", {400}),
     case(
@@ -612,7 +612,7 @@ def test_a_go_client_insisting_on_tls_gets_the_well_known_message(registry):
 def test_a_client_that_never_closes_after_the_tls_answer_is_closed(registry):
     """After the 400 only our side is closed (so late ClientHello bytes are not answered with
     a reset that could discard the answer); a client that then neither closes nor stops
-    sending is cut after hardening.TLS_LINGER seconds."""
+    sending is cut after plain_http.TLS_LINGER seconds."""
     conn = Conn(registry.port)
     try:
         assert conn.send(client_hello())

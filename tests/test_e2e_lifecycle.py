@@ -108,7 +108,7 @@ def test_restarted_gateway_workers_keep_issued_tokens_valid(registry, acme_jwt, 
         "Accept": "application/vnd.oci.image.manifest.v1+json",
     }
     before = registry.gateway_pids()
-    assert "mitmdump:mitmdump-0: stopped" in registry.supervisorctl("restart", "mitmdump:*")
+    assert "gateway:gateway-0: stopped" in registry.supervisorctl("restart", "gateway:*")
     after = registry.gateway_pids()
     assert len(after) == registry.workers and not set(after.values()) & set(before.values())
     registry.wait_ready()

@@ -36,7 +36,7 @@ from tabbify_registry.logrelay import LogRelay, OperatorText, classify, operator
         ),
         (
             "supervisord",
-            "2026-12-07 14:17:30,001 WARN exited: mitmdump-1 (terminated by SIGKILL; not expected)",
+            "2026-12-07 14:17:30,001 WARN exited: gateway-1 (terminated by SIGKILL; not expected)",
             (
                 "warning",
                 "gateway worker 1 exited unexpectedly (terminated by SIGKILL); restarting it",
@@ -59,13 +59,13 @@ from tabbify_registry.logrelay import LogRelay, OperatorText, classify, operator
             ("warning", 'slow {"caller": "a.go:1"}'),
         ),
         (
-            "mitmdump-0",
+            "gateway-0",
             "WARNING access log: 3 lines dropped",
             ("warning", "access log: 3 lines dropped"),
         ),
         ("admin", "ERROR admin endpoint error", ("error", "admin endpoint error")),
         (
-            "mitmdump-0",
+            "gateway-0",
             "Traceback (most recent call last):",
             ("error", "Traceback (most recent call last):"),
         ),
@@ -113,7 +113,7 @@ def test_a_tracebacks_lines_keep_its_level(tmp_path):
     out, err = io.BytesIO(), io.BytesIO()
     relay = LogRelay(tmp_path, out, err, level="warning")
     read, write = os.pipe()
-    relay.source(read, "mitmdump-0", "stderr")
+    relay.source(read, "gateway-0", "stderr")
     relay.start()
     os.write(write, b"ERROR addon failed\nTraceback (most recent call last):\n")
     os.write(write, b'  File "x.py", line 1, in <module>\n    raise ValueError\nValueError: x\n')

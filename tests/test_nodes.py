@@ -177,7 +177,7 @@ def test_a_password_in_a_postgresql_url_travels_apart_from_every_command_line() 
     assert s.nodes.ledger_password == "hunter/2" and "hunter" not in repr(s)
     child = cli.supervisor_env(env, s, Path("/d/backend.yml"))
     assert child["PGPASSWORD"] == "hunter/2"
-    commands = [cli.mitmdump_command(s), cli.gc_command(env, s), cli.admin_command(s)]
+    commands = [cli.gateway_command(s), cli.gc_command(env, s), cli.admin_command(s)]
     assert all("hunter" not in " ".join(c) for c in commands)
     assert all("hunter" not in v for k, v in child.items() if k != "PGPASSWORD")
     assert f"REGISTRY_LEDGER_URL={s.nodes.ledger_url}" in cli.gc_command(env, s)
@@ -220,7 +220,7 @@ def test_the_cache_url_is_redis() -> None:
 
 
 def options(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    argv = cli.mitmdump_command(load(env))
+    argv = cli.gateway_command(load(env))
     return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set"), argv
 
 

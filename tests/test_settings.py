@@ -308,9 +308,9 @@ def test_parse_address():
 
 
 def _options(s: settings.Settings) -> dict[str, str]:
-    from tabbify_registry.cli import mitmdump_command
+    from tabbify_registry.cli import gateway_command
 
-    argv = mitmdump_command(s)
+    argv = gateway_command(s)
     return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
 
 
