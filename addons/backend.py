@@ -38,7 +38,7 @@ WALK_TIMEOUT = 30.0  # seconds for one wait, in background walks (start-up walk,
 PROBE_TIMEOUT = 2.0  # seconds for the health probe's whole request
 DEADLINE = 60.0  # seconds for one whole request, body included
 MAX_LIST = 32 * 1024 * 1024  # bytes of one page of a listing (catalog, tags, referrers)
-__all__ = ["MAX_MANIFEST", "MAX_LIST", "Unavailable", "TooLarge", "Answer", "Client"]
+__all__ = ["MAX_LIST", "MAX_MANIFEST", "Answer", "AsyncClient", "Client", "TooLarge", "Unavailable"]
 
 _DEFAULT: Any = object()  # "the process's own credential"
 
