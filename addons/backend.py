@@ -132,17 +132,17 @@ class Client:
         method: str,
         path: str,
         *,
-        limit: int = 0,
+        limit: int | None = None,
         accept: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Answer:
-        """`method path`, its body read up to `limit` bytes (0: not read). Raises Unavailable
+        """`method path`, its body read up to `limit` bytes (None: not read). Raises Unavailable
         when no answer comes within the timeouts, or when the body is over `limit`."""
         end = time.monotonic() + self.deadline
         try:
             with self.http.stream(method, path, headers=_headers(accept, headers)) as r:
                 body = bytearray()
-                if limit and method != "HEAD":
+                if limit is not None and method != "HEAD":
                     for chunk in r.iter_bytes():
                         _add(body, chunk, limit, path)
                         if time.monotonic() > end:
@@ -196,7 +196,7 @@ class AsyncClient:
         method: str,
         path: str,
         *,
-        limit: int = 0,
+        limit: int | None = None,
         accept: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Answer:
@@ -209,10 +209,12 @@ class AsyncClient:
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise Unavailable(f"the backend did not answer {_what(path)}: {e!r}") from None
 
-    async def _request(self, method: str, path: str, limit: int, headers: dict[str, str]) -> Answer:
+    async def _request(
+        self, method: str, path: str, limit: int | None, headers: dict[str, str]
+    ) -> Answer:
         async with self.http.stream(method, path, headers=headers) as r:
             body = bytearray()
-            if limit and method != "HEAD":
+            if limit is not None and method != "HEAD":
                 async for chunk in r.aiter_bytes():
                     _add(body, chunk, limit, path)
             return Answer(r.status_code, r.headers, bytes(body))

@@ -44,11 +44,11 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import backend_auth, oci, signatures
+from addons import oci, signatures
+from addons.backend import Client, TooLarge, Unavailable
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
 from addons.policy import Policy, RequireSignature
@@ -72,12 +72,9 @@ _CHECKED = "tabbify.signed.checked"
 _UNSURE = "cannot check signatures now; retry"
 
 
-class BackendUnsure(Exception):
-    """The backend did not answer a question the verdict needs: 503."""
-
-
-class _TooLarge(BackendUnsure):
-    """An answer over its limit."""
+# The backend did not answer a question the verdict needs: 503 (addons/backend.py).
+BackendUnsure = Unavailable
+_TooLarge = TooLarge  # an answer over its limit
 
 
 def bump_generation(state_dir: str | Path) -> None:
@@ -108,22 +105,12 @@ def _children(body: bytes) -> tuple[str, ...]:
 class Backend:
     """Blocking reads of the backend for one verdict (run in a worker thread)."""
 
-    def __init__(self, client: httpx.Client, repository: str) -> None:
+    def __init__(self, client: Client, repository: str) -> None:
         self.client, self.repository = client, repository
 
     def _get(self, path: str, limit: int, accept: str | None = None) -> bytes | None:
-        headers = {"Accept": accept} if accept else {}
-        with self.client.stream("GET", f"/v2/{self.repository}/{path}", headers=headers) as r:
-            if r.status_code == 404:
-                return None
-            if r.status_code != 200:
-                raise BackendUnsure(f"GET {path.split('/')[0]} answered {r.status_code}")
-            body = bytearray()
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise _TooLarge(f"{path.split('/')[0]} answer too large")
-        return bytes(body)
+        answer = self.client.get(f"/v2/{self.repository}/{path}", limit, accept)
+        return None if answer.status == 404 else answer.expect(200).body
 
     def manifest(self, reference: str) -> bytes | None:
         return self._get(f"manifests/{reference}", MAX_MANIFEST, oci.MANIFEST_ACCEPT)
@@ -169,19 +156,14 @@ class SignedOnly:
     def __init__(self, policies: PolicyFile) -> None:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
-        self.client: httpx.Client | None = None
+        self.client: Client | None = None
         self._generation: tuple[int, int, int] | None = None
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
-    def _client(self) -> httpx.Client:
+    def _client(self) -> Client:
         if self.client is None:
-            self.client = httpx.Client(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = Client(ctx.options.registry_backend, timeout=TIMEOUT)
         return self.client
 
     # --- invalidation ---------------------------------------------------------------------
@@ -245,7 +227,7 @@ class SignedOnly:
             digest, verdict = await asyncio.to_thread(
                 self.decide, policy, rules, rec.repository, reference
             )
-        except (BackendUnsure, httpx.HTTPError) as e:
+        except BackendUnsure as e:
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
         if verdict is None:
