@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from mitmproxy import ctx, http
 
-from addons import backend_auth, connections, oci
+from addons import connections, oci
+from addons.backend import MAX_MANIFEST, AsyncClient, Unavailable
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -62,13 +62,12 @@ MAX_CHECKED = 256  # covered tags resolved for one delete by digest
 MAX_DEPTH = 8  # levels of indexes below a covered tag
 MAX_REACH = 1000  # manifests below one covered tag (counted per path: shared ones count again)
 MAX_FETCHES = 2000  # manifests read from the backend for one delete (the rest: from cache)
-MAX_MANIFEST = 4 * 1024 * 1024  # bytes: what the gateway lets a manifest push be
 CACHE_DIGESTS = 500_000  # digests the reach cache holds in all (oldest entries go first)
 PARALLEL = 8  # backend requests in flight for one delete
 
 
-class BackendUnsure(Exception):
-    """The backend did not say whether a tag exists: fail closed."""
+# The backend did not say whether a tag exists: fail closed (addons/backend.py).
+BackendUnsure = Unavailable
 
 
 class TooMuch(Exception):
@@ -134,7 +133,7 @@ class ImmutableTags:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:
         self.policies = policies
         self.isolation = isolation
-        self.client: httpx.AsyncClient | None = None
+        self.client: AsyncClient | None = None
         self.claims: dict[str, Held] = {}  # by flow id
         self._claims_dir: Path | None = None
         self._own_dir: Path | None = None  # made here when there is no state directory
@@ -158,14 +157,9 @@ class ImmutableTags:
             self._claims_dir = directory
         return self._claims_dir
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = httpx.AsyncClient(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = AsyncClient(ctx.options.registry_backend, timeout=TIMEOUT)
         return self.client
 
     @fail_closed
@@ -193,7 +187,7 @@ class ImmutableTags:
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
-        except (BackendUnsure, httpx.HTTPError, OSError, LedgerUnavailable) as e:
+        except (BackendUnsure, OSError, LedgerUnavailable) as e:
             await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
             rec.decision = "deny:immutable-unchecked"
@@ -257,18 +251,16 @@ class ImmutableTags:
 
     async def _digest_of(self, repository: str, tag: str) -> str | None:
         """The digest a tag points at in the backend, None if there is no such tag."""
-        response = await self._client().head(
-            f"/v2/{repository}/manifests/{tag}", headers={"Accept": oci.MANIFEST_ACCEPT}
+        response = await self._client().request(
+            "HEAD", f"/v2/{repository}/manifests/{tag}", accept=oci.MANIFEST_ACCEPT
         )
-        if response.status_code == 404:
+        if response.status == 404:
             return None
-        if response.status_code != 200:
-            raise BackendUnsure(f"HEAD of a tag answered {response.status_code}")
-        return response.headers.get("docker-content-digest", "") or "unknown"
+        return response.expect(200).headers.get("docker-content-digest", "") or "unknown"
 
     async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
         """The rule of a covered tag that reaches `digest` (a manifest or a blob), or None.
-        Raises BackendUnsure (and httpx errors) when the backend cannot tell: fail closed."""
+        Raises BackendUnsure when the backend cannot tell: fail closed."""
         if not policy.has_immutable(repository):
             return None  # no tag of it can be covered: no backend request at all
         covered: list[tuple[str, str]] = []
@@ -362,33 +354,21 @@ class ImmutableTags:
     async def _manifest(self, repository: str, digest: str) -> bytes | None:
         """The manifest's bytes as the backend holds them (checked against the digest), or
         None when the repository has no such manifest."""
-        async with self._client().stream(
-            "GET", f"/v2/{repository}/manifests/{digest}", headers={"Accept": oci.MANIFEST_ACCEPT}
-        ) as response:
-            if response.status_code == 404:
-                return None
-            if response.status_code != 200:
-                raise BackendUnsure(f"GET of a manifest answered {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_MANIFEST:
-                    raise BackendUnsure("manifest too large")
-        if digest not in content_digests(bytes(body)):
+        response = await self._client().get(
+            f"/v2/{repository}/manifests/{digest}", MAX_MANIFEST, oci.MANIFEST_ACCEPT
+        )
+        if response.status == 404:
+            return None
+        body = response.expect(200).body
+        if digest not in content_digests(body):
             raise BackendUnsure(f"the backend's manifest {digest} does not match its digest")
-        return bytes(body)
+        return body
 
     async def _tags(self, repository: str) -> list[str]:
-        async with self._client().stream("GET", f"/v2/{repository}/tags/list") as response:
-            if response.status_code == 404:
-                return []
-            if response.status_code != 200:
-                raise BackendUnsure(f"tag list answered {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_TAG_LIST:
-                    raise BackendUnsure("tag list too large")
+        response = await self._client().get(f"/v2/{repository}/tags/list", MAX_TAG_LIST)
+        if response.status == 404:
+            return []
+        body = response.expect(200).body
         try:
             tags = json.loads(body).get("tags") or []
         except (ValueError, AttributeError, RecursionError):
@@ -397,7 +377,7 @@ class ImmutableTags:
 
     async def done(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
         for held in self.claims.values():
             held.claim.release()  # the ledger's session closes with the process
         self.claims.clear()

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from addons import immutable
+from addons.backend import AsyncClient
 from addons.immutable import BackendUnsure, ImmutableTags, references
 from addons.policy import parse
 from addons.policy_store import PolicyFile
@@ -68,9 +69,7 @@ def protects(tags: ImmutableTags, digest: str) -> str | None:
 
 def gateway(backend: Backend) -> ImmutableTags:
     tags = ImmutableTags(PolicyFile())
-    tags.client = httpx.AsyncClient(
-        base_url="http://backend", transport=httpx.MockTransport(backend)
-    )
+    tags.client = AsyncClient("http://backend", transport=httpx.MockTransport(backend))
     return tags
 
 
