@@ -36,10 +36,10 @@ import re
 import time
 from typing import Any, cast
 
-import httpx
 from mitmproxy import ctx, http
 
-from addons import backend_auth, oci, quota
+from addons import oci, quota
+from addons.backend import AsyncClient, Unavailable
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable, holder
@@ -64,7 +64,7 @@ class Accounting:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation) -> None:
         self.policies = policies
         self.isolation = isolation
-        self.client: httpx.AsyncClient | None = None
+        self.client: AsyncClient | None = None
         self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
         self.quotas: dict[str, int | None] = {}
         self._task: asyncio.Task[None] | None = None
@@ -77,14 +77,9 @@ class Accounting:
         ledger = self.isolation.ledger
         return cast(Accounts, ledger) if ledger is not None and ledger.accounts else None
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = httpx.AsyncClient(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = AsyncClient(ctx.options.registry_backend, timeout=TIMEOUT)
         return self.client
 
     async def running(self) -> None:
@@ -228,7 +223,7 @@ class Accounting:
                 flow.metadata.pop(_PENDING, None)  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
-        except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
+        except (LedgerUnavailable, Unavailable, ValueError) as e:
             logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
             if self._quota(rec) is not None:
                 flow.metadata.pop(_PENDING, None)
@@ -249,22 +244,22 @@ class Accounting:
             logger.warning("could not record a push time for %s: %s", rec.repository, e)
 
     async def _size(self, repository: str, digest: str) -> int:
-        r = await self._client().head(f"/v2/{repository}/blobs/{digest}")
+        r = await self._client().request("HEAD", f"/v2/{repository}/blobs/{digest}")
         length = r.headers.get("content-length", "")
-        if r.status_code != 200 or not length.isdigit():
-            raise ValueError(f"HEAD of a confirmed blob answered {r.status_code}")
+        if r.status != 200 or not length.isdigit():
+            raise ValueError(f"HEAD of a confirmed blob answered {r.status}")
         return int(length)
 
     async def _unlink(self, repository: str, digest: str) -> None:
         try:
-            r = await self._client().delete(f"/v2/{repository}/blobs/{digest}")
-            if r.status_code not in (202, 404):
-                logger.warning("quota: unlinking a refused blob answered %d", r.status_code)
-        except httpx.HTTPError as e:
+            r = await self._client().request("DELETE", f"/v2/{repository}/blobs/{digest}")
+            if r.status not in (202, 404):
+                logger.warning("quota: unlinking a refused blob answered %d", r.status)
+        except Unavailable as e:
             logger.warning("quota: cannot unlink a refused blob: %s", e)
 
     async def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
