@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +154,7 @@ class Client:
     def get(self, path: str, limit: int, accept: str | None = None) -> Answer:
         return self.request("GET", path, limit=limit, accept=accept)
 
-    def pages(self, path: str, key: str, limit: int = MAX_LIST) -> Iterable[Any]:
+    def pages(self, path: str, key: str, limit: int = MAX_LIST) -> Iterator[Any]:
         """The items under `key` of every page of a listing (_catalog, tags/list), following
         `Link: <…>; rel="next"` on the backend only (a link elsewhere ends the walk). A 404
         is an empty listing; another status, or a page that is no JSON object, Unavailable
