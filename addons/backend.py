@@ -35,7 +35,6 @@ from addons.manifest import MAX_MANIFEST
 
 TIMEOUT = 10.0  # seconds for one wait, in the gateway's hooks (a client is waiting)
 WALK_TIMEOUT = 30.0  # seconds for one wait, in background walks (start-up walk, gc)
-PROBE_TIMEOUT = 2.0  # seconds for the health probe's whole request
 DEADLINE = 60.0  # seconds for one whole request, body included
 MAX_LIST = 32 * 1024 * 1024  # bytes of one page of a listing (catalog, tags, referrers)
 __all__ = ["MAX_LIST", "MAX_MANIFEST", "Answer", "AsyncClient", "Client", "TooLarge", "Unavailable"]

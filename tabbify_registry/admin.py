@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from addons import backend_auth, connections, quota
+from addons import backend, backend_auth, connections, quota
 from addons.metrics import Metrics
 from addons.publish import read_request, write_json
 from mesh import status as mesh_status
@@ -46,24 +46,16 @@ AUTH_EVERY = 2.0  # seconds between two probes of auth's host
 async def backend_ok(url: str, authorization: str | None = None) -> bool:
     """The backend answers `GET /v2/`, with the run's credential, with anything but a 5xx or
     a 401 (a backend that refuses the gateway's credential serves nobody)."""
-    parts = urlsplit(url)
+    client = backend.AsyncClient(
+        url, authorization=authorization, timeout=PROBE_TIMEOUT, deadline=2 * PROBE_TIMEOUT
+    )
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port), PROBE_TIMEOUT
-        )
-    except (OSError, TimeoutError):
-        return False
-    try:
-        auth = f"Authorization: {authorization}\r\n" if authorization else ""
-        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n{auth}\r\n".encode())
-        status_line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
-        fields = status_line.split()
-        status = int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else 500
-        return status < 500 and status != 401
-    except (OSError, TimeoutError):
+        status = (await client.request("GET", "/v2/")).status
+    except backend.Unavailable:
         return False
     finally:
-        writer.close()
+        await client.close()
+    return status < 500 and status != 401
 
 
 async def reachable(url: str) -> bool:
