@@ -12,6 +12,7 @@ and to follow them.
     worker-<n>.json         what gateway worker n publishes once a second (addons/publish.py)
     capture.json            the debug capture the admin endpoint asks of the workers
     liveview.json           the live view's request to stream flows (addons/flowfeed.py)
+    liveview.sock           where the workers stream them to the admin endpoint
     freeze.json             gc's write freeze, a lease (addons/freeze.py, tabbify_registry/gc.py)
     signatures.generation   rewritten to drop every worker's cached verdicts (addons/signed.py)
     claims/                 pushes of immutable tags in progress (addons/tag_claims.py)
@@ -35,6 +36,7 @@ SETTINGS = "settings.json"
 WORKERS = "workers"
 CAPTURE = "capture.json"
 LIVEVIEW = "liveview.json"
+LIVEVIEW_SOCKET = "liveview.sock"
 FREEZE = "freeze.json"
 SIGNATURES_GENERATION = "signatures.generation"
 CLAIMS = "claims"

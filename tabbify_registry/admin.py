@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from addons import backend, backend_auth, connections, quota
+from addons import backend, backend_auth, connections, quota, runstate
 from addons.metrics import Metrics
-from addons.publish import read_request, write_json
+from addons.publish import read_request
+from addons.runstate import write_json
 from mesh import status as mesh_status
 from tabbify_registry import adminhttp
 from tabbify_registry.liveview import LiveView
@@ -110,7 +111,7 @@ class Workers:
     retired_connections: list[dict[str, Any]] = field(default_factory=list)
 
     def refresh(self) -> None:
-        for path in sorted(self.directory.glob("worker-*.json")):
+        for path in sorted(self.directory.glob(runstate.WORKER_GLOB)):
             state = read_json(path)
             if state is None:
                 continue
@@ -294,7 +295,7 @@ class Admin:
     # --- capture ----------------------------------------------------------------------------
 
     def capture_request(self) -> Path:
-        return Path(self.args.state_dir) / "capture.json"
+        return Path(self.args.state_dir) / runstate.CAPTURE
 
     async def capture_start(self, seconds: float, max_mb: float) -> None:
         await self.capture_stop()
