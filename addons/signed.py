@@ -36,7 +36,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 from collections import OrderedDict
@@ -47,7 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import oci, signatures
+from addons import oci, runstate, signatures
 from addons.backend import Client, TooLarge, Unavailable
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
@@ -66,7 +65,7 @@ CACHE_TTL = 60.0
 NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
 MAX_TAG_LIST = 4 * 1024 * 1024
-GENERATION = "signatures.generation"
+GENERATION = runstate.SIGNATURES_GENERATION
 _INVALIDATE = "tabbify.signed.invalidate"
 _CHECKED = "tabbify.signed.checked"
 _UNSURE = "cannot check signatures now; retry"
@@ -79,10 +78,7 @@ _TooLarge = TooLarge  # an answer over its limit
 
 def bump_generation(state_dir: str | Path) -> None:
     """Tell every worker to drop its cached verdicts (atomic rename of a fresh token)."""
-    path = Path(state_dir) / GENERATION
-    tmp = path.with_name(f".{GENERATION}.{os.getpid()}")
-    tmp.write_text(secrets.token_hex(8))
-    tmp.replace(path)
+    runstate.write(Path(state_dir) / GENERATION, secrets.token_hex(8).encode())
 
 
 def _children(body: bytes) -> tuple[str, ...]:
@@ -157,7 +153,7 @@ class SignedOnly:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
         self.client: Client | None = None
-        self._generation: tuple[int, int, int] | None = None
+        self._generation = runstate.Watch(None)
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
@@ -173,18 +169,9 @@ class SignedOnly:
         return Path(directory) / GENERATION if directory else None
 
     def _follow_generation(self) -> None:
-        path = self._generation_path()
-        if path is None:
-            return
-        try:
-            st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._generation:
-            if self._generation is not None or stamp is not None:
-                self.cache.clear()
-            self._generation = stamp
+        self._generation.path = self._generation_path()
+        if self._generation.changed():
+            self.cache.clear()
 
     def _invalidate(self, subjects: set[str] | None) -> None:
         """This worker at once; the others through the generation file."""
