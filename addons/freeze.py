@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
 
-from addons import connections, oci
+from addons import connections, oci, runstate
 from addons.gate import answered, fail_closed, respond
 from addons.record import record
 
-MARKER = "freeze.json"
+MARKER = runstate.FREEZE
 RETRY_AFTER = 10  # seconds a client is told to wait, past HOLD_MAX
 HOLD_POLL = 0.1  # seconds between two looks at the marker while a write waits
 HOLD_MAX = 180.0  # a write never waits longer (the GC's own bound, gc.FREEZE_MAX, is shorter)
@@ -81,7 +80,7 @@ def read_marker(path: Path, now: float | None = None) -> dict[str, Any] | None:
 
 class WriteFreeze:
     def __init__(self) -> None:
-        self._stamp: tuple[int, int, int] | None = None
+        self._watch = runstate.Watch(None)
         self._marker: dict[str, Any] | None = None
         self._in_flight: dict[str, http.HTTPFlow] = {}
 
@@ -94,14 +93,9 @@ class WriteFreeze:
         path = self._path()
         if path is None:
             return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._stamp, self._marker = None, None
-            return None
-        stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-        if stamp != self._stamp:
-            self._stamp, self._marker = stamp, read_marker(path)
+        self._watch.path = path
+        if self._watch.changed():
+            self._marker = read_marker(path) if self._watch.seen is not None else None
         marker = self._marker
         if marker is not None and marker["until"] <= time.time():
             return None

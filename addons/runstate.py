@@ -17,6 +17,10 @@ and to follow them.
     signatures.generation   rewritten to drop every worker's cached verdicts (addons/signed.py)
     claims/                 pushes of immutable tags in progress (addons/tag_claims.py)
 
+and in its `logs/` directory (Settings.log_dir):
+
+    dropped.json            lines the log relay dropped, per program (its /metrics counts)
+
 Every such file is written whole by `write` (temp file, rename: a reader sees the old file or
 the new one) and followed by `Watch` (a stat per look: (st_dev, st_ino, st_size,
 st_mtime_ns) changes with every rename and every rewrite).
@@ -40,6 +44,7 @@ LIVEVIEW_SOCKET = "liveview.sock"
 FREEZE = "freeze.json"
 SIGNATURES_GENERATION = "signatures.generation"
 CLAIMS = "claims"
+LOG_DROPPED = "dropped.json"
 WORKER_GLOB = "worker-*.json"
 MODE = 0o600  # a new file: the registry's user alone (every process runs as it)
 

@@ -281,7 +281,9 @@ class Admin:
         """Lines dropped instead of blocking: by the gateway workers (access log queue full)
         and by `run`'s relay (a consumer not reading stdout/stderr; its dropped.json)."""
         by_workers = sum(int(s.get("access_log_dropped", 0)) for s in self.workers.current.values())
-        relayed = read_json(Path(self.args.log_dir) / "dropped.json") if self.args.log_dir else None
+        relayed = (
+            read_json(Path(self.args.log_dir) / runstate.LOG_DROPPED) if self.args.log_dir else None
+        )
         lines = [
             "# HELP tabbify_log_lines_dropped_total Log lines dropped instead of blocking.",
             "# TYPE tabbify_log_lines_dropped_total counter",

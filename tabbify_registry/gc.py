@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from addons import backend, backend_auth, freeze, gc_plan, manifest, oci, signed
+from addons import backend, backend_auth, freeze, gc_plan, manifest, oci, runstate, signed
 from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
@@ -245,7 +245,7 @@ def retention_for(policy: Policy, unknown: Mapping[str, set[str]]) -> Any:
 
 def live_workers(state_dir: Path, now: float) -> dict[str, dict[str, Any]]:
     out = {}
-    for path in sorted(state_dir.glob("worker-*.json")):
+    for path in sorted(state_dir.glob(runstate.WORKER_GLOB)):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -272,9 +272,7 @@ class Freeze:
     def _write(self) -> None:
         until = min(time.time() + LEASE, self.started + FREEZE_MAX)
         marker = {"id": self.id, "until": until, "reason": "garbage collection"}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(marker))
-        tmp.replace(self.path)
+        runstate.write_json(self.path, marker)
         self.until = until
 
     def _renew(self) -> None:
