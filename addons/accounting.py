@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
 _PENDING = "tabbify.ledger"  # what TenantIsolation will record (set in its hooks)
-TIMEOUT = 10.0
 USAGE_EVERY = 5.0
 
 
@@ -79,7 +78,7 @@ class Accounting:
 
     def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = AsyncClient(ctx.options.registry_backend, timeout=TIMEOUT)
+            self.client = AsyncClient(ctx.options.registry_backend)
         return self.client
 
     async def running(self) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addons import connections, oci
-from addons.backend import MAX_MANIFEST, AsyncClient, Unavailable
+from addons.backend import MAX_LIST, MAX_MANIFEST, AsyncClient, Unavailable
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -56,18 +56,12 @@ from addons.tag_claims import Claim, take
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-TIMEOUT = 10.0  # seconds for one backend answer
-MAX_TAG_LIST = 32 * 1024 * 1024  # bytes of a tag list read to protect a digest delete
 MAX_CHECKED = 256  # covered tags resolved for one delete by digest
 MAX_DEPTH = 8  # levels of indexes below a covered tag
 MAX_REACH = 1000  # manifests below one covered tag (counted per path: shared ones count again)
 MAX_FETCHES = 2000  # manifests read from the backend for one delete (the rest: from cache)
 CACHE_DIGESTS = 500_000  # digests the reach cache holds in all (oldest entries go first)
 PARALLEL = 8  # backend requests in flight for one delete
-
-
-# The backend did not say whether a tag exists: fail closed (addons/backend.py).
-BackendUnsure = Unavailable
 
 
 class TooMuch(Exception):
@@ -159,7 +153,7 @@ class ImmutableTags:
 
     def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = AsyncClient(ctx.options.registry_backend, timeout=TIMEOUT)
+            self.client = AsyncClient(ctx.options.registry_backend)
         return self.client
 
     @fail_closed
@@ -187,7 +181,7 @@ class ImmutableTags:
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
-        except (BackendUnsure, OSError, LedgerUnavailable) as e:
+        except (Unavailable, OSError, LedgerUnavailable) as e:
             await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
             rec.decision = "deny:immutable-unchecked"
@@ -260,7 +254,7 @@ class ImmutableTags:
 
     async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
         """The rule of a covered tag that reaches `digest` (a manifest or a blob), or None.
-        Raises BackendUnsure when the backend cannot tell: fail closed."""
+        Raises Unavailable when the backend cannot tell: fail closed."""
         if not policy.has_immutable(repository):
             return None  # no tag of it can be covered: no backend request at all
         covered: list[tuple[str, str]] = []
@@ -282,7 +276,7 @@ class ImmutableTags:
         ]
         for head, rule in tagged:
             if head == "unknown":
-                raise BackendUnsure("a tag's digest was not given")
+                raise Unavailable("a tag's digest was not given")
             if head == digest:
                 return rule
         for head, rule in tagged:
@@ -296,14 +290,14 @@ class ImmutableTags:
 
     async def _reach(self, repository: str, digest: str, depth: int, walk: Walk) -> Reach:
         """What the manifest `digest` reaches, from the cache or the backend. Raises TooMuch
-        past MAX_DEPTH / MAX_REACH, BackendUnsure past the delete's fetch budget. An index's
+        past MAX_DEPTH / MAX_REACH, Unavailable past the delete's fetch budget. An index's
         children are read side by side (at most PARALLEL requests in flight)."""
         reach = self.reach.get(digest)
         if reach is not None:
             self.reach.move_to_end(digest)
         else:
             if walk.fetches >= MAX_FETCHES:
-                raise BackendUnsure("too many manifests to read for one delete")
+                raise Unavailable("too many manifests to read for one delete")
             walk.fetches += 1
             async with walk.gate:
                 body = await self._manifest(repository, digest)
@@ -312,7 +306,7 @@ class ImmutableTags:
             try:
                 children, blobs = references(json.loads(body))
             except (ValueError, RecursionError):
-                raise BackendUnsure(f"manifest {digest} is not readable") from None
+                raise Unavailable(f"manifest {digest} is not readable") from None
             found = {digest, *content_digests(body), *blobs}
             manifests, height, complete = 1, 0, True
             children = list(dict.fromkeys(children))  # a child named twice is one child
@@ -329,7 +323,7 @@ class ImmutableTags:
                 raise next((e for e in failed if isinstance(e, TooMuch)), failed[0])
             for child, sub in zip(children, subs, strict=True):
                 if not isinstance(sub, Reach):
-                    raise BackendUnsure("no answer for a child manifest")
+                    raise Unavailable("no answer for a child manifest")
                 found |= sub.digests
                 manifests, height = manifests + sub.manifests, max(height, sub.height + 1)
                 complete = complete and child in self.reach
@@ -361,18 +355,18 @@ class ImmutableTags:
             return None
         body = response.expect(200).body
         if digest not in content_digests(body):
-            raise BackendUnsure(f"the backend's manifest {digest} does not match its digest")
+            raise Unavailable(f"the backend's manifest {digest} does not match its digest")
         return body
 
     async def _tags(self, repository: str) -> list[str]:
-        response = await self._client().get(f"/v2/{repository}/tags/list", MAX_TAG_LIST)
+        response = await self._client().get(f"/v2/{repository}/tags/list", MAX_LIST)
         if response.status == 404:
             return []
         body = response.expect(200).body
         try:
             tags = json.loads(body).get("tags") or []
         except (ValueError, AttributeError, RecursionError):
-            raise BackendUnsure("tag list unreadable") from None
+            raise Unavailable("tag list unreadable") from None
         return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
     async def done(self) -> None:

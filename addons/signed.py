@@ -60,7 +60,6 @@ from addons.target import Target
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-TIMEOUT = 10.0
 CACHE_TTL = 60.0
 NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
@@ -69,11 +68,6 @@ GENERATION = runstate.SIGNATURES_GENERATION
 _INVALIDATE = "tabbify.signed.invalidate"
 _CHECKED = "tabbify.signed.checked"
 _UNSURE = "cannot check signatures now; retry"
-
-
-# The backend did not answer a question the verdict needs: 503 (addons/backend.py).
-BackendUnsure = Unavailable
-_TooLarge = TooLarge  # an answer over its limit
 
 
 def bump_generation(state_dir: str | Path) -> None:
@@ -119,14 +113,14 @@ class Backend:
     def blob(self, digest: str) -> bytes:
         body = self._get(f"blobs/{digest}", signatures.MAX_PAYLOAD + 1)
         if body is None:
-            raise BackendUnsure("signature payload missing")
+            raise Unavailable("signature payload missing")
         return body
 
     def attachment(self, digest: str, size: int) -> bytes | None:
         """A layer of a would-be attachment, or None when absent or larger than declared."""
         try:
             return self._get(f"blobs/{digest}", size)
-        except _TooLarge:
+        except TooLarge:
             return None
 
     def tags(self) -> list[str]:
@@ -136,7 +130,7 @@ class Backend:
         try:
             tags = json.loads(body).get("tags") or []
         except (ValueError, AttributeError, RecursionError):
-            raise BackendUnsure("tag list unreadable") from None
+            raise Unavailable("tag list unreadable") from None
         return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
@@ -159,7 +153,7 @@ class SignedOnly:
 
     def _client(self) -> Client:
         if self.client is None:
-            self.client = Client(ctx.options.registry_backend, timeout=TIMEOUT)
+            self.client = Client(ctx.options.registry_backend)
         return self.client
 
     # --- invalidation ---------------------------------------------------------------------
@@ -214,7 +208,7 @@ class SignedOnly:
             digest, verdict = await asyncio.to_thread(
                 self.decide, policy, rules, rec.repository, reference
             )
-        except BackendUnsure as e:
+        except Unavailable as e:  # the backend cannot answer a question the verdict needs
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
         if verdict is None:
