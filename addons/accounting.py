@@ -39,7 +39,7 @@ from typing import Any, cast
 from mitmproxy import ctx, http
 
 from addons import oci, quota
-from addons.backend import AsyncClient, Unavailable
+from addons.backend import AsyncClient, Unavailable, async_of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable, holder
@@ -78,7 +78,7 @@ class Accounting:
 
     def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = AsyncClient(ctx.options.registry_backend)
+            self.client = async_of_gateway()
         return self.client
 
     async def running(self) -> None:

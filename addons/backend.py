@@ -233,3 +233,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     return doc
+
+
+def of_gateway() -> Client:
+    """A blocking client of the gateway's backend (`registry_backend`), the run's credential."""
+    from mitmproxy import ctx
+
+    return Client(ctx.options.registry_backend)
+
+
+def async_of_gateway() -> AsyncClient:
+    """An async client of the gateway's backend (`registry_backend`), the run's credential."""
+    from mitmproxy import ctx
+
+    return AsyncClient(ctx.options.registry_backend)

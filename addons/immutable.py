@@ -43,7 +43,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addons import connections, oci
-from addons.backend import MAX_LIST, MAX_MANIFEST, AsyncClient, Unavailable
+from addons.backend import MAX_LIST, MAX_MANIFEST, AsyncClient, Unavailable, async_of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -153,7 +153,7 @@ class ImmutableTags:
 
     def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = AsyncClient(ctx.options.registry_backend)
+            self.client = async_of_gateway()
         return self.client
 
     @fail_closed

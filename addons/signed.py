@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
 from addons import oci, runstate, signatures
-from addons.backend import Client, TooLarge, Unavailable
+from addons.backend import Client, TooLarge, Unavailable, of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
 from addons.policy import Policy, RequireSignature
@@ -153,7 +153,7 @@ class SignedOnly:
 
     def _client(self) -> Client:
         if self.client is None:
-            self.client = Client(ctx.options.registry_backend)
+            self.client = of_gateway()
         return self.client
 
     # --- invalidation ---------------------------------------------------------------------
