@@ -80,8 +80,7 @@ def read_marker(path: Path, now: float | None = None) -> dict[str, Any] | None:
 
 class WriteFreeze:
     def __init__(self) -> None:
-        self._watch = runstate.Watch(None)
-        self._marker: dict[str, Any] | None = None
+        self._marker_file = runstate.Followed(read_marker)  # re-read when it changes
         self._in_flight: dict[str, http.HTTPFlow] = {}
 
     def _path(self) -> Path | None:
@@ -93,10 +92,7 @@ class WriteFreeze:
         path = self._path()
         if path is None:
             return None
-        self._watch.path = path
-        if self._watch.changed():
-            self._marker = read_marker(path) if self._watch.seen is not None else None
-        marker = self._marker
+        marker = self._marker_file.current(path)
         if marker is not None and marker["until"] <= time.time():
             return None
         return marker

@@ -62,6 +62,9 @@ class Publisher:
         self.capture = capture
         self.feed = feed
         self._task: asyncio.Task[None] | None = None
+        # The admin endpoint's requests, read again only when rewritten (a stat a second).
+        self._capture_request = runstate.Followed(read_request)
+        self._liveview_request = runstate.Followed(read_request)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -115,7 +118,8 @@ class Publisher:
     def publish(self) -> None:
         directory = Path(ctx.options.registry_state_dir)
         worker = ctx.options.registry_worker
-        self.capture.follow(read_request(directory / runstate.CAPTURE), worker)
+        self.capture.follow(self._capture_request.current(directory / runstate.CAPTURE), worker)
         if self.feed is not None:
-            self.feed.follow(read_request(directory / CONTROL_NAME), directory, worker)
+            request = self._liveview_request.current(directory / CONTROL_NAME)
+            self.feed.follow(request, directory, worker)
         runstate.write_json(directory / runstate.worker_state(worker), self.state())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,18 @@ class Watch:
             return False
         self.seen = now
         return True
+
+
+class Followed[T]:
+    """A file's content as `read` makes it, read again only when the file changed (None
+    while there is no such file)."""
+
+    def __init__(self, read: Callable[[Path], T | None]) -> None:
+        self.read, self.watch = read, Watch(None)
+        self.value: T | None = None
+
+    def current(self, path: Path | None) -> T | None:
+        self.watch.path = path
+        if self.watch.changed():
+            self.value = None if self.watch.seen is None or path is None else self.read(path)
+        return self.value if path is not None else None

@@ -65,3 +65,21 @@ def test_the_watcher_sees_each_change_once(tmp_path: Path) -> None:
     path.unlink()
     assert watch.changed() and not watch.changed()
     assert not runstate.Watch(None).changed()
+
+
+def test_a_followed_file_is_read_again_only_when_it_changed(tmp_path: Path) -> None:
+    path, reads = tmp_path / runstate.CAPTURE, []
+
+    def read(p: Path) -> bytes:
+        reads.append(p)
+        return p.read_bytes()
+
+    followed = runstate.Followed(read)
+    assert followed.current(path) is None and reads == []  # no file: nothing read
+    runstate.write(path, b"one")
+    assert followed.current(path) == b"one" and followed.current(path) == b"one"
+    assert len(reads) == 1
+    runstate.write(path, b"two")
+    assert followed.current(path) == b"two" and len(reads) == 2
+    path.unlink()
+    assert followed.current(path) is None and followed.current(None) is None
