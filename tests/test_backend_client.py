@@ -40,7 +40,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path
         if path == "/v2/":
             self._send(200, b"{}")
-        elif path == "/huge":  # 8 MiB, streamed without a length
+        elif path == "/huge" or path.startswith("/v2/big/"):  # 8 MiB, without a length
             self.send_response(200)
             self.end_headers()
             for _ in range(128):
@@ -157,3 +157,20 @@ def test_listings_follow_next_pages_on_the_backend_only(server: str) -> None:
     assert list(client.pages("/v2/_catalog?n=1", "repositories")) == ["a", "b", "c"]
     assert list(client.pages("/v2/away/tags/list", "tags")) == ["t"]  # the link elsewhere ends it
     assert list(client.pages("/v2/none/tags/list", "tags")) == []  # 404: empty
+
+
+def test_gc_never_reads_a_manifest_over_the_bound(server: str) -> None:
+    """gc read the backend's answers whole (requests' `.content`); now within 4 MiB."""
+    from tabbify_registry import gc
+
+    with pytest.raises(backend.TooLarge):
+        gc.Backend(server).manifest("big/app", "v1")
+
+
+def test_a_proxy_in_the_environment_is_not_used(server: str, monkeypatch) -> None:
+    """The backend is asked directly, whatever HTTP_PROXY says (httpx follows it by default)."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert backend.Client(server, authorization=AUTH).get("/v2/", 100).status == 200
