@@ -54,12 +54,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import httpx
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from addons import backend_auth, oci, quota, routes
+from addons import oci, quota, routes
 from addons.access import backend_error_code
+from addons.backend import AsyncClient, Unavailable, async_of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import REBUILDING, TenantIsolation
 from addons.ledger import MAX_UPLOADS, UPLOAD_AGE, LedgerUnavailable, Reservation, holder
@@ -71,7 +71,6 @@ from addons.routes import DIGEST
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-TIMEOUT = 10.0
 USAGE_EVERY = 5.0
 MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
@@ -259,7 +258,7 @@ class Accounting:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation) -> None:
         self.policies = policies
         self.isolation = isolation
-        self.client: httpx.AsyncClient | None = None
+        self.client: AsyncClient | None = None
         self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
         self.uploading: dict[str, int] = {}  # bytes in unfinished uploads, per tenant
         self.quotas: dict[str, int | None] = {}
@@ -283,14 +282,9 @@ class Accounting:
         ledger = self.isolation.ledger
         return cast(Accounts, ledger) if ledger is not None and ledger.accounts else None
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = httpx.AsyncClient(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = async_of_gateway()
         return self.client
 
     async def running(self) -> None:
@@ -556,7 +550,7 @@ class Accounting:
                 rec.pending = None  # isolation records nothing
                 if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
                     await self._unlink(rec.repository, digest)
-        except (LedgerUnavailable, httpx.HTTPError, ValueError) as e:
+        except (LedgerUnavailable, Unavailable, ValueError) as e:
             logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
             if self._quota(rec) is not None:
                 rec.pending = None
@@ -684,22 +678,22 @@ class Accounting:
             logger.warning("could not record a push time for %s: %s", rec.repository, e)
 
     async def _size(self, repository: str, digest: str) -> int:
-        r = await self._client().head(f"/v2/{repository}/blobs/{digest}")
+        r = await self._client().request("HEAD", f"/v2/{repository}/blobs/{digest}")
         length = r.headers.get("content-length", "")
-        if r.status_code != 200 or not length.isdigit():
-            raise ValueError(f"HEAD of a confirmed blob answered {r.status_code}")
+        if r.status != 200 or not length.isdigit():
+            raise ValueError(f"HEAD of a confirmed blob answered {r.status}")
         return int(length)
 
     async def _unlink(self, repository: str, digest: str) -> None:
         try:
-            r = await self._client().delete(f"/v2/{repository}/blobs/{digest}")
-            if r.status_code not in (202, 404):
-                logger.warning("quota: unlinking a refused blob answered %d", r.status_code)
-        except httpx.HTTPError as e:
+            r = await self._client().request("DELETE", f"/v2/{repository}/blobs/{digest}")
+            if r.status not in (202, 404):
+                logger.warning("quota: unlinking a refused blob answered %d", r.status)
+        except Unavailable as e:
             logger.warning("quota: cannot unlink a refused blob: %s", e)
 
     async def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()

@@ -67,23 +67,14 @@ def authorization(credential: str) -> str:
     return "Basic " + base64.b64encode(credential.encode()).decode()
 
 
-def basic(credential: str) -> tuple[str, str]:
-    """(user, password), as `requests` takes it."""
-    user, _, password = credential.partition(":")
-    return user, password
-
-
 # The gateway process's own: set once at start by BackendCredential (first of the addons, so
 # every other addon sees it from its own `configure` on).
 _current: str | None = None
 
 
-def headers() -> dict[str, str]:
-    """The headers every request of this process to the backend carries ({} without one)."""
-    return {"Authorization": _current} if _current else {}
-
-
 def header() -> str | None:
+    """The `Authorization` every request of this process to the backend carries (None
+    without one): what the gateway forwards, and addons/backend.py's clients."""
     return _current
 
 

@@ -5,7 +5,7 @@ the blobs they reference. The tenant is a repository's first path component. A r
 once walked is marked in the ledger, so a restart walks only what the ledger has not seen:
 restart cost does not grow with the registry. A request that misses while the walk is still
 going resolves its own repository first (`Walker.repository`), instead of waiting for all of
-them. Blocking (requests); the isolation addon runs it in threads.
+them. Blocking (addons/backend.py's Client); the isolation addon runs it in threads.
 """
 
 from __future__ import annotations
@@ -14,57 +14,36 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
-from typing import Any
-from urllib.parse import urljoin, urlsplit
 
-import requests
-
-from addons import backend_auth, manifest, oci
+from addons import backend, manifest, oci
 from addons.ledgers import AnyLedger
 from addons.routes import TAG, is_name
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT = 30
 PAGE = 1000
 _TAG = re.compile(TAG)
-
-
-def pages(session: requests.Session, base: str, url: str, key: str) -> Iterator[Any]:
-    """The items under `key` of every page of a backend listing (_catalog, tags/list),
-    following `Link: <…>; rel="next"` on the backend only (a link elsewhere ends the walk)."""
-    origin = urlsplit(base)[:2]
-    while url:
-        r = session.get(url, timeout=TIMEOUT)
-        if r.status_code == 404:
-            return
-        r.raise_for_status()
-        yield from r.json().get(key) or []
-        nxt = urljoin(url, r.links["next"]["url"]) if "next" in r.links else ""
-        url = nxt if urlsplit(nxt)[:2] == origin else ""
 
 
 class Walker:
     def __init__(self, base: str, ledger: AnyLedger) -> None:
         self.base = base.rstrip("/")
         self.ledger = ledger
-        self._local = threading.local()  # one HTTP session per thread (walks run in several)
+        self._local = threading.local()  # one client per thread (walks run in several)
 
     @property
-    def session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.trust_env = False
-            session.headers.update(backend_auth.headers())  # the run's credential
-        return session
+    def client(self) -> backend.Client:
+        client = getattr(self._local, "client", None)
+        if client is None:  # with the run's credential (addons/backend.py)
+            client = self._local.client = backend.Client(self.base, timeout=backend.WALK_TIMEOUT)
+        return client
 
-    def _pages(self, url: str, key: str) -> Iterator[object]:
-        return pages(self.session, self.base, url, key)
+    def _pages(self, path: str, key: str) -> Iterator[object]:
+        return self.client.pages(path, key)
 
     def catalog(self, last: str = "") -> Iterator[str]:
         """Repository names from `last` on (exclusive), in the backend's (sorted) order."""
-        start = f"{self.base}/v2/_catalog?n={PAGE}" + (f"&last={last}" if last else "")
+        start = f"/v2/_catalog?n={PAGE}" + (f"&last={last}" if last else "")
         for repo in self._pages(start, "repositories"):
             if isinstance(repo, str) and is_name(repo) and "/" in repo:
                 yield repo
@@ -74,7 +53,7 @@ class Walker:
         Returns how many digests were recorded."""
         seen: set[str] = set()
         found = False
-        for tag in self._pages(f"{self.base}/v2/{repo}/tags/list?n={PAGE}", "tags"):
+        for tag in self._pages(f"/v2/{repo}/tags/list?n={PAGE}", "tags"):
             found = True
             if not isinstance(tag, str) or not _TAG.fullmatch(tag):
                 logger.warning("backfill: skipping tag %.80r of %s", tag, repo)
@@ -106,7 +85,10 @@ class Walker:
                 continue
             try:
                 total += self.repository(repo)
-            except (requests.HTTPError, ValueError, AttributeError, TypeError) as e:
+            except (backend.Unavailable, ValueError, AttributeError, TypeError) as e:
+                gone = isinstance(e, backend.Unavailable) and e.status is None
+                if gone and not isinstance(e, backend.TooLarge):
+                    raise  # the backend itself did not answer: the walk is retried
                 # This repository's answers are broken; the others still count.
                 logger.warning("backfill: skipping repository %s: %s", repo, e)
         return total
@@ -119,18 +101,21 @@ class Walker:
         pushes: addons/manifest.py) is skipped with one log line, never stopping the rest."""
         todo = [ref]
         while todo:
-            r = self.session.get(
-                f"{self.base}/v2/{repo}/manifests/{todo.pop()}",
-                headers={"Accept": oci.MANIFEST_ACCEPT},
-                timeout=TIMEOUT,
-            )
-            if r.status_code != 200:
+            ref = todo.pop()
+            try:
+                r = self.client.get(
+                    f"/v2/{repo}/manifests/{ref}", backend.MAX_MANIFEST, oci.MANIFEST_ACCEPT
+                )
+            except backend.TooLarge as e:
+                logger.warning("backfill: skipping a manifest of %s (%s): %s", repo, ref, e)
                 continue
-            digest = manifest.digest_of(r.content)
+            if r.status != 200:
+                continue
+            digest = manifest.digest_of(r.body)
             if digest in seen:
                 continue
             try:
-                doc = manifest.parse(r.content)
+                doc = manifest.parse(r.body)
                 refs, children = manifest.references(doc), set(manifest.children(doc))
             except manifest.ManifestError as e:
                 logger.warning("backfill: skipping a manifest of %s (%s): %s", repo, digest, e)
@@ -139,11 +124,15 @@ class Walker:
             seen.update(d for d in refs if d not in children)
             todo += [d for d in children if d not in seen]
             # Artifacts attached to it (signatures, SBOMs): untagged, found via referrers.
-            rr = self.session.get(f"{self.base}/v2/{repo}/referrers/{digest}", timeout=TIMEOUT)
-            if rr.status_code != 200:
+            try:
+                rr = self.client.get(f"/v2/{repo}/referrers/{digest}", backend.MAX_MANIFEST)
+            except backend.TooLarge as e:
+                logger.warning("backfill: skipping the referrers of %s@%s: %s", repo, digest, e)
+                continue
+            if rr.status != 200:
                 continue
             try:
-                index = manifest.parse(rr.content)
+                index = manifest.parse(rr.body)
                 todo += [d for d in manifest.children(index) if d not in seen]
             except manifest.ManifestError as e:
                 logger.warning("backfill: skipping the referrers of %s@%s: %s", repo, digest, e)

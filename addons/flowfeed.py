@@ -35,7 +35,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons import redact
+from addons import redact, runstate
 from addons.accesslog import backend_seconds
 from addons.record import record
 
@@ -48,7 +48,7 @@ SEND_BUFFER = 1 << 20  # bytes the socket holds until the admin program reads
 MAX_DATAGRAM = 60_000  # bytes; a unix datagram socket takes up to its send buffer (~208 KiB)
 MAX_HEADER_BYTES = 8192  # per message: a 1 MiB request head must not become 1 MiB per flow
 MAX_TARGET = 2048
-SOCKET_NAME, CONTROL_NAME = "liveview.sock", "liveview.json"
+SOCKET_NAME, CONTROL_NAME = runstate.LIVEVIEW_SOCKET, runstate.LIVEVIEW
 
 # seq, end (epoch s), access-log line, target, client address, backend seconds,
 # request fields, response fields (None: no response), headers cut to the bound

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -53,12 +52,12 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from addons import connections, manifest, oci
+from addons import connections, manifest, oci, runstate
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import MANIFEST_CHECK
 from addons.record import FlowRecord, record
 
-MARKER = "freeze.json"
+MARKER = runstate.FREEZE
 RETRY_AFTER = 10  # seconds a client is told to wait, past HOLD_MAX
 HOLD_POLL = 0.1  # seconds between two looks at the marker while a write waits
 HOLD_MAX = 180.0  # a write never waits longer (the GC's own bound, gc.FREEZE_MAX, is shorter)
@@ -149,8 +148,7 @@ def read_marker(path: Path, now: float | None = None) -> dict[str, Any] | None:
 
 class WriteFreeze:
     def __init__(self) -> None:
-        self._stamp: tuple[int, int, int] | None = None
-        self._marker: dict[str, Any] | None = None
+        self._marker_file = runstate.Followed(read_marker)  # re-read when it changes
         # flow id → (flow, what it can link, the repository of a DELETE)
         self._in_flight: dict[str, tuple[http.HTTPFlow, Links, str | None]] = {}
         self._lingering: dict[str, float] = {}  # digest → until (monotonic)
@@ -165,15 +163,7 @@ class WriteFreeze:
         path = self._path()
         if path is None:
             return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            self._stamp, self._marker = None, None
-            return None
-        stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-        if stamp != self._stamp:
-            self._stamp, self._marker = stamp, read_marker(path)
-        marker = self._marker
+        marker = self._marker_file.current(path)
         if marker is not None and marker["until"] <= time.time():
             return None
         return marker

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from mitmproxy import ctx, http
 
-from addons import backend_auth, connections, oci
+from addons import connections, oci
+from addons.backend import MAX_LIST, MAX_MANIFEST, AsyncClient, Unavailable, async_of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.isolation import TenantIsolation
 from addons.ledger import LedgerUnavailable
@@ -56,19 +56,12 @@ from addons.tag_claims import Claim, take
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-TIMEOUT = 10.0  # seconds for one backend answer
-MAX_TAG_LIST = 32 * 1024 * 1024  # bytes of a tag list read to protect a digest delete
 MAX_CHECKED = 256  # covered tags resolved for one delete by digest
 MAX_DEPTH = 8  # levels of indexes below a covered tag
 MAX_REACH = 1000  # manifests below one covered tag (counted per path: shared ones count again)
 MAX_FETCHES = 2000  # manifests read from the backend for one delete (the rest: from cache)
-MAX_MANIFEST = 4 * 1024 * 1024  # bytes: what the gateway lets a manifest push be
 CACHE_DIGESTS = 500_000  # digests the reach cache holds in all (oldest entries go first)
 PARALLEL = 8  # backend requests in flight for one delete
-
-
-class BackendUnsure(Exception):
-    """The backend did not say whether a tag exists: fail closed."""
 
 
 class TooMuch(Exception):
@@ -134,7 +127,7 @@ class ImmutableTags:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:
         self.policies = policies
         self.isolation = isolation
-        self.client: httpx.AsyncClient | None = None
+        self.client: AsyncClient | None = None
         self.claims: dict[str, Held] = {}  # by flow id
         self._claims_dir: Path | None = None
         self._own_dir: Path | None = None  # made here when there is no state directory
@@ -158,14 +151,9 @@ class ImmutableTags:
             self._claims_dir = directory
         return self._claims_dir
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> AsyncClient:
         if self.client is None:
-            self.client = httpx.AsyncClient(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = async_of_gateway()
         return self.client
 
     @fail_closed
@@ -193,7 +181,7 @@ class ImmutableTags:
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
-        except (BackendUnsure, httpx.HTTPError, OSError, LedgerUnavailable) as e:
+        except (Unavailable, OSError, LedgerUnavailable) as e:
             await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
             rec.decision = "deny:immutable-unchecked"
@@ -257,18 +245,16 @@ class ImmutableTags:
 
     async def _digest_of(self, repository: str, tag: str) -> str | None:
         """The digest a tag points at in the backend, None if there is no such tag."""
-        response = await self._client().head(
-            f"/v2/{repository}/manifests/{tag}", headers={"Accept": oci.MANIFEST_ACCEPT}
+        response = await self._client().request(
+            "HEAD", f"/v2/{repository}/manifests/{tag}", accept=oci.MANIFEST_ACCEPT
         )
-        if response.status_code == 404:
+        if response.status == 404:
             return None
-        if response.status_code != 200:
-            raise BackendUnsure(f"HEAD of a tag answered {response.status_code}")
-        return response.headers.get("docker-content-digest", "") or "unknown"
+        return response.expect(200).headers.get("docker-content-digest", "") or "unknown"
 
     async def _protects(self, policy: Policy, repository: str, digest: str) -> str | None:
         """The rule of a covered tag that reaches `digest` (a manifest or a blob), or None.
-        Raises BackendUnsure (and httpx errors) when the backend cannot tell: fail closed."""
+        Raises Unavailable when the backend cannot tell: fail closed."""
         if not policy.has_immutable(repository):
             return None  # no tag of it can be covered: no backend request at all
         covered: list[tuple[str, str]] = []
@@ -290,7 +276,7 @@ class ImmutableTags:
         ]
         for head, rule in tagged:
             if head == "unknown":
-                raise BackendUnsure("a tag's digest was not given")
+                raise Unavailable("a tag's digest was not given")
             if head == digest:
                 return rule
         for head, rule in tagged:
@@ -304,14 +290,14 @@ class ImmutableTags:
 
     async def _reach(self, repository: str, digest: str, depth: int, walk: Walk) -> Reach:
         """What the manifest `digest` reaches, from the cache or the backend. Raises TooMuch
-        past MAX_DEPTH / MAX_REACH, BackendUnsure past the delete's fetch budget. An index's
+        past MAX_DEPTH / MAX_REACH, Unavailable past the delete's fetch budget. An index's
         children are read side by side (at most PARALLEL requests in flight)."""
         reach = self.reach.get(digest)
         if reach is not None:
             self.reach.move_to_end(digest)
         else:
             if walk.fetches >= MAX_FETCHES:
-                raise BackendUnsure("too many manifests to read for one delete")
+                raise Unavailable("too many manifests to read for one delete")
             walk.fetches += 1
             async with walk.gate:
                 body = await self._manifest(repository, digest)
@@ -320,7 +306,7 @@ class ImmutableTags:
             try:
                 children, blobs = references(json.loads(body))
             except (ValueError, RecursionError):
-                raise BackendUnsure(f"manifest {digest} is not readable") from None
+                raise Unavailable(f"manifest {digest} is not readable") from None
             found = {digest, *content_digests(body), *blobs}
             manifests, height, complete = 1, 0, True
             children = list(dict.fromkeys(children))  # a child named twice is one child
@@ -337,7 +323,7 @@ class ImmutableTags:
                 raise next((e for e in failed if isinstance(e, TooMuch)), failed[0])
             for child, sub in zip(children, subs, strict=True):
                 if not isinstance(sub, Reach):
-                    raise BackendUnsure("no answer for a child manifest")
+                    raise Unavailable("no answer for a child manifest")
                 found |= sub.digests
                 manifests, height = manifests + sub.manifests, max(height, sub.height + 1)
                 complete = complete and child in self.reach
@@ -362,42 +348,30 @@ class ImmutableTags:
     async def _manifest(self, repository: str, digest: str) -> bytes | None:
         """The manifest's bytes as the backend holds them (checked against the digest), or
         None when the repository has no such manifest."""
-        async with self._client().stream(
-            "GET", f"/v2/{repository}/manifests/{digest}", headers={"Accept": oci.MANIFEST_ACCEPT}
-        ) as response:
-            if response.status_code == 404:
-                return None
-            if response.status_code != 200:
-                raise BackendUnsure(f"GET of a manifest answered {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_MANIFEST:
-                    raise BackendUnsure("manifest too large")
-        if digest not in content_digests(bytes(body)):
-            raise BackendUnsure(f"the backend's manifest {digest} does not match its digest")
-        return bytes(body)
+        response = await self._client().get(
+            f"/v2/{repository}/manifests/{digest}", MAX_MANIFEST, oci.MANIFEST_ACCEPT
+        )
+        if response.status == 404:
+            return None
+        body = response.expect(200).body
+        if digest not in content_digests(body):
+            raise Unavailable(f"the backend's manifest {digest} does not match its digest")
+        return body
 
     async def _tags(self, repository: str) -> list[str]:
-        async with self._client().stream("GET", f"/v2/{repository}/tags/list") as response:
-            if response.status_code == 404:
-                return []
-            if response.status_code != 200:
-                raise BackendUnsure(f"tag list answered {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_TAG_LIST:
-                    raise BackendUnsure("tag list too large")
+        response = await self._client().get(f"/v2/{repository}/tags/list", MAX_LIST)
+        if response.status == 404:
+            return []
+        body = response.expect(200).body
         try:
             tags = json.loads(body).get("tags") or []
         except (ValueError, AttributeError, RecursionError):
-            raise BackendUnsure("tag list unreadable") from None
+            raise Unavailable("tag list unreadable") from None
         return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
     async def done(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
         for held in self.claims.values():
             held.claim.release()  # the ledger's session closes with the process
         self.claims.clear()

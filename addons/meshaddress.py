@@ -25,7 +25,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import mode_specs
 
+from addons import runstate
 from mesh import validate
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class MeshAddress:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.ula: str | None = None  # the mesh address the gateway listens on now
-        self._seen: tuple[int, int, int] | None = None
+        self._watch = runstate.Watch(None)  # state.json, a stat per check
         self._task: asyncio.Task[None] | None = None
         self._last_warning: str | None = None
 
@@ -111,7 +111,7 @@ class MeshAddress:
             return
         value = ctx.options.registry_mesh_state
         self.path = Path(value) if value else None
-        self._seen = None
+        self._watch = runstate.Watch(self.path)
         hosts = [h for h in map(listen_host, ctx.options.mode) if h]
         self.ula = str(ipaddress.ip_address(hosts[0])) if hosts else None
         if self.path is not None:
@@ -126,14 +126,9 @@ class MeshAddress:
         """Follow state.json once; True when the address moved."""
         if self.path is None or self.ula is None:
             return False
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen == self._seen:
-            return False
-        self._seen = seen
+        self._watch.path = self.path
+        if not self._watch.changed() or self._watch.seen in (None, runstate.UNREADABLE):
+            return False  # unchanged, or not there to read (yet)
         ula = read_ula(self.path)
         if ula is None:
             self._warn(f"mesh address: {self.path} names no valid ULA; staying on {self.ula}")

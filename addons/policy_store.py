@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,26 +23,17 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
+from addons import runstate
 from addons.policy import EMPTY, Policy, PolicyError, PolicyFileAbsent, load
 
 logger = logging.getLogger(__name__)
 
-Stamp = tuple[tuple[str, tuple[int, int, int] | None], ...]
+Stamp = tuple[tuple[str, runstate.Stamp | None], ...]
 
 
 def stamp(paths: Iterable[Path]) -> Stamp:
     """What a change of any of `paths` changes; None for a file that is not there."""
-    result = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            result.append((str(path), None))
-        except OSError:  # unreadable directory, ...: the load will say what is wrong
-            result.append((str(path), (-1, -1, -1)))
-        else:
-            result.append((str(path), (st.st_mtime_ns, st.st_size, st.st_ino)))
-    return tuple(result)
+    return tuple((str(path), runstate.stamp(path)) for path in paths)
 
 
 def read(path: Path) -> Policy:

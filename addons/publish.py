@@ -22,7 +22,7 @@ from typing import Any
 from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
-from addons import connections
+from addons import connections, runstate
 from addons.capture import Capture
 from addons.flowfeed import CONTROL_NAME, FlowFeed
 from addons.metrics import Metrics
@@ -41,12 +41,6 @@ def read_request(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
 
 
 def extra_state() -> dict[str, Any]:
@@ -68,6 +62,9 @@ class Publisher:
         self.capture = capture
         self.feed = feed
         self._task: asyncio.Task[None] | None = None
+        # The admin endpoint's requests, read again only when rewritten (a stat a second).
+        self._capture_request = runstate.Followed(read_request)
+        self._liveview_request = runstate.Followed(read_request)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -121,7 +118,8 @@ class Publisher:
     def publish(self) -> None:
         directory = Path(ctx.options.registry_state_dir)
         worker = ctx.options.registry_worker
-        self.capture.follow(read_request(directory / "capture.json"), worker)
+        self.capture.follow(self._capture_request.current(directory / runstate.CAPTURE), worker)
         if self.feed is not None:
-            self.feed.follow(read_request(directory / CONTROL_NAME), directory, worker)
-        write_json(directory / f"worker-{worker}.json", self.state())
+            request = self._liveview_request.current(directory / CONTROL_NAME)
+            self.feed.follow(request, directory, worker)
+        runstate.write_json(directory / runstate.worker_state(worker), self.state())

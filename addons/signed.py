@@ -36,7 +36,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 from collections import OrderedDict
@@ -44,11 +43,11 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import backend_auth, oci, signatures
+from addons import oci, runstate, signatures
+from addons.backend import Client, TooLarge, Unavailable, of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
 from addons.policy import Policy, RequireSignature
@@ -61,29 +60,17 @@ from addons.target import Target
 logger = logging.getLogger(__name__)
 
 _DIGEST = re.compile(DIGEST)
-TIMEOUT = 10.0
 CACHE_TTL = 60.0
 NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
 MAX_TAG_LIST = 4 * 1024 * 1024
-GENERATION = "signatures.generation"
+GENERATION = runstate.SIGNATURES_GENERATION
 _UNSURE = "cannot check signatures now; retry"
-
-
-class BackendUnsure(Exception):
-    """The backend did not answer a question the verdict needs: 503."""
-
-
-class _TooLarge(BackendUnsure):
-    """An answer over its limit."""
 
 
 def bump_generation(state_dir: str | Path) -> None:
     """Tell every worker to drop its cached verdicts (atomic rename of a fresh token)."""
-    path = Path(state_dir) / GENERATION
-    tmp = path.with_name(f".{GENERATION}.{os.getpid()}")
-    tmp.write_text(secrets.token_hex(8))
-    tmp.replace(path)
+    runstate.write(Path(state_dir) / GENERATION, secrets.token_hex(8).encode())
 
 
 def _children(body: bytes) -> tuple[str, ...]:
@@ -106,22 +93,12 @@ def _children(body: bytes) -> tuple[str, ...]:
 class Backend:
     """Blocking reads of the backend for one verdict (run in a worker thread)."""
 
-    def __init__(self, client: httpx.Client, repository: str) -> None:
+    def __init__(self, client: Client, repository: str) -> None:
         self.client, self.repository = client, repository
 
     def _get(self, path: str, limit: int, accept: str | None = None) -> bytes | None:
-        headers = {"Accept": accept} if accept else {}
-        with self.client.stream("GET", f"/v2/{self.repository}/{path}", headers=headers) as r:
-            if r.status_code == 404:
-                return None
-            if r.status_code != 200:
-                raise BackendUnsure(f"GET {path.split('/')[0]} answered {r.status_code}")
-            body = bytearray()
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise _TooLarge(f"{path.split('/')[0]} answer too large")
-        return bytes(body)
+        answer = self.client.get(f"/v2/{self.repository}/{path}", limit, accept)
+        return None if answer.status == 404 else answer.expect(200).body
 
     def manifest(self, reference: str) -> bytes | None:
         return self._get(f"manifests/{reference}", MAX_MANIFEST, oci.MANIFEST_ACCEPT)
@@ -134,14 +111,14 @@ class Backend:
     def blob(self, digest: str) -> bytes:
         body = self._get(f"blobs/{digest}", signatures.MAX_PAYLOAD + 1)
         if body is None:
-            raise BackendUnsure("signature payload missing")
+            raise Unavailable("signature payload missing")
         return body
 
     def attachment(self, digest: str, size: int) -> bytes | None:
         """A layer of a would-be attachment, or None when absent or larger than declared."""
         try:
             return self._get(f"blobs/{digest}", size)
-        except _TooLarge:
+        except TooLarge:
             return None
 
     def tags(self) -> list[str]:
@@ -151,7 +128,7 @@ class Backend:
         try:
             tags = json.loads(body).get("tags") or []
         except (ValueError, AttributeError, RecursionError):
-            raise BackendUnsure("tag list unreadable") from None
+            raise Unavailable("tag list unreadable") from None
         return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
@@ -167,19 +144,14 @@ class SignedOnly:
     def __init__(self, policies: PolicyFile) -> None:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
-        self.client: httpx.Client | None = None
-        self._generation: tuple[int, int, int] | None = None
+        self.client: Client | None = None
+        self._generation = runstate.Watch(None)
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
-    def _client(self) -> httpx.Client:
+    def _client(self) -> Client:
         if self.client is None:
-            self.client = httpx.Client(
-                base_url=ctx.options.registry_backend,
-                headers=backend_auth.headers(),  # the run's credential
-                timeout=TIMEOUT,
-                follow_redirects=False,
-            )
+            self.client = of_gateway()
         return self.client
 
     # --- invalidation ---------------------------------------------------------------------
@@ -189,18 +161,9 @@ class SignedOnly:
         return Path(directory) / GENERATION if directory else None
 
     def _follow_generation(self) -> None:
-        path = self._generation_path()
-        if path is None:
-            return
-        try:
-            st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._generation:
-            if self._generation is not None or stamp is not None:
-                self.cache.clear()
-            self._generation = stamp
+        self._generation.path = self._generation_path()
+        if self._generation.changed():
+            self.cache.clear()
 
     def _invalidate(self, subjects: set[str] | None) -> None:
         """This worker at once; the others through the generation file."""
@@ -243,7 +206,7 @@ class SignedOnly:
             digest, verdict = await asyncio.to_thread(
                 self.decide, policy, rules, rec.repository, reference
             )
-        except (BackendUnsure, httpx.HTTPError) as e:
+        except Unavailable as e:  # the backend cannot answer a question the verdict needs
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
         if verdict is None:

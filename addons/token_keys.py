@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 
+from addons import runstate
 from addons.tokens import TokenSigner
 
 logger = logging.getLogger(__name__)
@@ -58,27 +58,19 @@ def read_keys(path: Path) -> list[bytes]:
     return keys
 
 
-def _stamp(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class TokenKeyFile:
     """Keeps a TokenSigner on the keys of the file (the addon of a gateway started with
     `--token-key-file`)."""
 
     def __init__(self, signer: TokenSigner, path: Path) -> None:
         self.signer, self.path = signer, path
-        self._stamp = _stamp(path)
+        self._stamp = runstate.stamp(path)
         signer.use_keys(read_keys(path))  # at start a bad file is fatal: `run` checked it
         self._task: asyncio.Task[None] | None = None
 
     def reload(self) -> bool:
         """Read the file again if it changed; True when new keys are in use."""
-        stamp = _stamp(self.path)
+        stamp = runstate.stamp(self.path)
         if stamp == self._stamp:
             return False
         self._stamp = stamp

@@ -55,18 +55,26 @@ class NodeState:
     retiring: tuple[Retiring, ...] = field(default_factory=tuple)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """`path` holds `data` (mode `mode`, whatever the umask), or still what it held: a reader
+    sees the old file or the new one, never part of one. `durable`: on disk before this
+    returns (fsync of the file and its directory); run-state files rewritten every second
+    that a restart starts afresh anyway go without. The registry's only writer of this kind
+    (addons/runstate.py uses it): the mesh, the lowest layer, keeps it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

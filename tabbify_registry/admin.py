@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from addons import backend_auth, connections, quota
+from addons import backend, backend_auth, connections, quota, runstate
 from addons.metrics import Metrics
-from addons.publish import read_request, write_json
+from addons.publish import read_request
+from addons.runstate import write_json
 from mesh import status as mesh_status
 from tabbify_registry import adminhttp
 from tabbify_registry.liveview import LiveView
@@ -47,24 +48,16 @@ AUTH_EVERY = 2.0  # seconds between two probes of auth's host
 async def backend_ok(url: str, authorization: str | None = None) -> bool:
     """The backend answers `GET /v2/`, with the run's credential, with anything but a 5xx or
     a 401 (a backend that refuses the gateway's credential serves nobody)."""
-    parts = urlsplit(url)
+    client = backend.AsyncClient(
+        url, authorization=authorization, timeout=PROBE_TIMEOUT, deadline=2 * PROBE_TIMEOUT
+    )
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port), PROBE_TIMEOUT
-        )
-    except (OSError, TimeoutError):
-        return False
-    try:
-        auth = f"Authorization: {authorization}\r\n" if authorization else ""
-        writer.write(f"GET /v2/ HTTP/1.0\r\nHost: {parts.netloc}\r\n{auth}\r\n".encode())
-        status_line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
-        fields = status_line.split()
-        status = int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else 500
-        return status < 500 and status != 401
-    except (OSError, TimeoutError):
+        status = (await client.request("GET", "/v2/")).status
+    except backend.Unavailable:
         return False
     finally:
-        writer.close()
+        await client.close()
+    return status < 500 and status != 401
 
 
 async def reachable(url: str) -> bool:
@@ -140,7 +133,7 @@ class Workers:
     retired_connections: list[dict[str, Any]] = field(default_factory=list)
 
     def refresh(self) -> None:
-        for path in sorted(self.directory.glob("worker-*.json")):
+        for path in sorted(self.directory.glob(runstate.WORKER_GLOB)):
             state = read_json(path)
             if state is None:
                 continue
@@ -316,7 +309,9 @@ class Admin:
         """Lines dropped instead of blocking: by the gateway workers (access log queue full)
         and by `run`'s relay (a consumer not reading stdout/stderr; its dropped.json)."""
         by_workers = sum(int(s.get("access_log_dropped", 0)) for s in self.workers.current.values())
-        relayed = read_json(Path(self.args.log_dir) / "dropped.json") if self.args.log_dir else None
+        relayed = (
+            read_json(Path(self.args.log_dir) / runstate.LOG_DROPPED) if self.args.log_dir else None
+        )
         lines = [
             "# HELP tabbify_log_lines_dropped_total Log lines dropped instead of blocking.",
             "# TYPE tabbify_log_lines_dropped_total counter",
@@ -330,7 +325,7 @@ class Admin:
     # --- capture ----------------------------------------------------------------------------
 
     def capture_request(self) -> Path:
-        return Path(self.args.state_dir) / "capture.json"
+        return Path(self.args.state_dir) / runstate.CAPTURE
 
     async def capture_start(self, seconds: float, max_mb: float) -> None:
         await self.capture_stop()

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mesh.state import write_atomic
+from addons import runstate
 from tabbify_registry.settings import ConfigError, Settings, parse_data_dir
 
 PREFIXES = ("REGISTRY_", "MESH_")
@@ -28,7 +28,7 @@ MAX_RECORD = 1 << 20
 
 
 def record_path(data_dir: Path) -> Path:
-    return data_dir / "run" / "settings.json"
+    return data_dir / "run" / runstate.SETTINGS
 
 
 def without_password(value: str) -> str:
@@ -75,7 +75,7 @@ def write(env: Mapping[str, str], s: Settings) -> Path:
     path = record_path(s.data_dir)
     text = json.dumps(record(env, s), indent=2, sort_keys=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text.encode(), mode=0o600)
+    runstate.write(path, text.encode(), mode=0o600, durable=True)
     return path
 
 

@@ -62,9 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from addons import backend_auth, backfill, freeze, gc_plan, manifest, oci, signed
+from addons import backend, backend_auth, freeze, gc_plan, manifest, oci, runstate, signed
 from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
@@ -73,7 +71,6 @@ from zot import config as backend_config
 
 logger = logging.getLogger("gc")
 
-TIMEOUT = 30
 PAGE = 1000
 STALE = 5.0  # a worker that has not published for this long is not waited for
 FREEZE_WAIT = 30.0  # seconds to wait for every live worker to report the freeze
@@ -117,46 +114,37 @@ class Walk:
 
 
 class Backend:
-    def __init__(self, base: str, credential: str | None = None) -> None:
-        self.base = base.rstrip("/")
-        self.session = requests.Session()
-        self.session.trust_env = False
-        if credential is not None:  # the run's (addons/backend_auth.py)
-            self.session.auth = backend_auth.basic(credential)
+    """The backend as GC reads it (addons/backend.py: bounded, timed, the run's credential)."""
 
-    def pages(self, url: str, key: str) -> Iterator[Any]:
-        return backfill.pages(self.session, self.base, url, key)
+    def __init__(self, base: str, credential: str | None = None) -> None:
+        authorization = backend_auth.authorization(credential) if credential else None
+        self.client = backend.Client(
+            base, authorization=authorization, timeout=backend.WALK_TIMEOUT
+        )
 
     def catalog(self) -> list[str]:
-        return [r for r in self.pages(f"{self.base}/v2/_catalog?n={PAGE}", "repositories")]
+        return list(self.client.pages(f"/v2/_catalog?n={PAGE}", "repositories"))
 
     def tags(self, repo: str) -> list[str]:
-        return [t for t in self.pages(f"{self.base}/v2/{repo}/tags/list?n={PAGE}", "tags")]
+        return list(self.client.pages(f"/v2/{repo}/tags/list?n={PAGE}", "tags"))
 
     def manifest(self, repo: str, ref: str) -> bytes | None:
-        r = self.session.get(
-            f"{self.base}/v2/{repo}/manifests/{ref}",
-            headers={"Accept": oci.MANIFEST_ACCEPT},
-            timeout=TIMEOUT,
+        r = self.client.get(
+            f"/v2/{repo}/manifests/{ref}", backend.MAX_MANIFEST, oci.MANIFEST_ACCEPT
         )
-        if r.status_code == 404:
-            return None
-        r.raise_for_status()
-        return r.content
+        return None if r.status == 404 else r.expect(200).body
 
     def referrers(self, repo: str, digest: str) -> list[str]:
-        r = self.session.get(f"{self.base}/v2/{repo}/referrers/{digest}", timeout=TIMEOUT)
-        if r.status_code != 200:  # Distribution 2.8: no referrers API (404)
+        r = self.client.get(f"/v2/{repo}/referrers/{digest}", backend.MAX_MANIFEST)
+        if r.status != 200:  # Distribution 2.8: no referrers API (404)
             return []
         try:
-            return list(manifest.children(manifest.parse(r.content)))
+            return list(manifest.children(manifest.parse(r.body)))
         except manifest.ManifestError:
             return []
 
     def delete_manifest(self, repo: str, digest: str) -> int:
-        return self.session.delete(
-            f"{self.base}/v2/{repo}/manifests/{digest}", timeout=TIMEOUT
-        ).status_code
+        return self.client.request("DELETE", f"/v2/{repo}/manifests/{digest}").status
 
 
 def walk_repository(
@@ -261,7 +249,7 @@ def retention_for(policy: Policy, unknown: Mapping[str, set[str]]) -> Any:
 
 def live_workers(state_dir: Path, now: float) -> dict[str, dict[str, Any]]:
     out = {}
-    for path in sorted(state_dir.glob("worker-*.json")):
+    for path in sorted(state_dir.glob(runstate.WORKER_GLOB)):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -327,9 +315,7 @@ class Freeze:
     def _write(self) -> None:
         until = min(time.time() + LEASE, self.started + FREEZE_MAX)
         marker = {"id": self.id, "until": until, "reason": "garbage collection"}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(marker))
-        tmp.replace(self.path)
+        runstate.write_json(self.path, marker)
         self.until = until
 
     def _renew(self) -> None:
@@ -739,7 +725,7 @@ def main(s: Settings, args: argparse.Namespace) -> int:
         return periodic(s, args.every, args.freeze_wait)
     try:
         report = run_once(s, args.dry_run, args.freeze_wait)
-    except (GcError, LedgerUnavailable, OSError, requests.RequestException) as e:
+    except (GcError, LedgerUnavailable, OSError, backend.Unavailable, ValueError) as e:
         print(f"tabbify-registry gc: {e}", file=sys.stderr)
         return 1
     if report.get("backend") != "zot":

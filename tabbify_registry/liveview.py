@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from addons.flowfeed import CONTROL_NAME, SOCKET_NAME
-from addons.publish import write_json
+from addons.runstate import write_json
 from tabbify_registry import adminhttp
 from tabbify_registry.flowexport import flow_file
 

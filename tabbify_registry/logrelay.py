@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from addons import runstate
+
 MAX_QUEUED = 20_000  # lines per stream: a few MiB at most
 MAX_LINE = 64 * 1024  # a longer line is cut (the access log's are < 4 KiB)
 STATUS_EVERY = 1.0
@@ -318,8 +320,6 @@ class LogRelay:
             time.sleep(STATUS_EVERY)
             now = self.dropped()
             if now != last:
-                tmp = self.directory / ".dropped.json"
                 with contextlib.suppress(OSError):
-                    tmp.write_text(json.dumps(now))
-                    tmp.replace(self.directory / "dropped.json")
+                    runstate.write_json(self.directory / runstate.LOG_DROPPED, now)
                 last = now

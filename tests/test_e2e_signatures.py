@@ -290,13 +290,17 @@ def image_manifest_on_backend(stack: Stack, repo: str, tmp: Path, tag: str) -> t
     for d, data in image["blobs"].items():
         if d == image["digest"]:
             continue
-        r = requests.post(f"{stack.backend_url}/v2/{repo}/blobs/uploads/", timeout=10)
+        r = requests.post(
+            f"{stack.backend_url}/v2/{repo}/blobs/uploads/", auth=stack.backend_auth, timeout=10
+        )
         assert r.status_code == 202, r.text
         location = r.headers["Location"]
         if location.startswith("/"):
             location = stack.backend_url + location
         sep = "&" if "?" in location else "?"
-        r = requests.put(f"{location}{sep}digest={d}", data=data, timeout=10)
+        r = requests.put(
+            f"{location}{sep}digest={d}", data=data, auth=stack.backend_auth, timeout=10
+        )
         assert r.status_code == 201, r.text
     return image["digest"], image["blobs"][image["digest"]]
 
@@ -306,6 +310,7 @@ def put_on_backend(stack: Stack, repo: str, ref: str, body: bytes) -> None:
         f"{stack.backend_url}/v2/{repo}/manifests/{ref}",
         data=body,
         headers={"Content-Type": cosign.OCI_MANIFEST},
+        auth=stack.backend_auth,
         timeout=10,
     )
     assert r.status_code == 201, r.text
@@ -318,6 +323,7 @@ def held(stack: Stack, tmp_path: Path) -> Iterator[tuple[InProcessGateway, list]
     extra = (
         f"registry_backend={stack.backend_url}",
         f"registry_policy_file={stack.data_dir / 'policy.toml'}",
+        f"registry_backend_credential={stack.backend_credential_file}",  # the run's
     )
     after_check: list = []
     with InProcessGateway(stack.backend_url, ledger=tmp_path / "ledger.db", extra=extra) as gw:

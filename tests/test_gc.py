@@ -12,7 +12,7 @@ import pytest
 
 from addons import freeze, gc_plan
 from addons.policy import parse
-from addons.publish import write_json
+from addons.runstate import write_json
 from tabbify_registry import gc
 from tabbify_registry.settings import load
 

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from addons import immutable
-from addons.immutable import BackendUnsure, ImmutableTags, references
+from addons.backend import AsyncClient, Unavailable
+from addons.immutable import ImmutableTags, references
 from addons.policy import parse
 from addons.policy_store import PolicyFile
 
@@ -68,9 +69,7 @@ def protects(tags: ImmutableTags, digest: str) -> str | None:
 
 def gateway(backend: Backend) -> ImmutableTags:
     tags = ImmutableTags(PolicyFile())
-    tags.client = httpx.AsyncClient(
-        base_url="http://backend", transport=httpx.MockTransport(backend)
-    )
+    tags.client = AsyncClient("http://backend", transport=httpx.MockTransport(backend))
     return tags
 
 
@@ -121,7 +120,7 @@ def test_a_delete_that_would_read_too_much_is_503_and_the_next_one_goes_further(
     monkeypatch.setattr(immutable, "MAX_FETCHES", 6)
     children = [image(i * 10) for i in range(8)]
     tags = gateway(Backend(children, {"v1": index(children)}))
-    with pytest.raises(BackendUnsure):
+    with pytest.raises(Unavailable):
         protects(tags, blob(999))
     assert protects(tags, blob(999)) is None  # what the first one read is cached
     assert protects(tags, blob(10)) is not None
@@ -131,11 +130,11 @@ def test_a_backend_that_cannot_answer_or_lies_fails_closed():
     a = image(10)
     backend = Backend([a], {"v1": index([a])})
     backend.broken = True
-    with pytest.raises(BackendUnsure):
+    with pytest.raises(Unavailable):
         protects(gateway(backend), blob(999))
     backend.broken = False
     backend.manifests[sha(a)] = image(40)  # bytes that are not what the digest names
-    with pytest.raises(BackendUnsure):
+    with pytest.raises(Unavailable):
         protects(gateway(backend), blob(999))
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from addons.metrics import Metrics
-from addons.publish import write_json
+from addons.runstate import write_json
 from addons.tokens import TokenSigner
 from tabbify_registry.admin import Workers
 from tabbify_registry.cli import token_key
