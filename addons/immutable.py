@@ -130,6 +130,15 @@ class Held:
     cluster_key: int | None = None
 
 
+
+def refusal(method: str, repository: str, reference: str, rule: str) -> str:
+    """What every client prints of a refused push or delete: what, and the rule refusing it."""
+    if _DIGEST.fullmatch(reference):  # a digest a covered tag reaches
+        what = f"delete of {repository}@{reference}"
+    else:
+        what = f"{'push' if method == 'PUT' else 'delete'} of {repository}:{reference}"
+    return f"tag is immutable: {what} denied by {rule}"
+
 class ImmutableTags:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:
         self.policies = policies
@@ -207,11 +216,9 @@ class ImmutableTags:
         if rule:
             await self._release(flow)
             rec.decision = f"deny:tag is immutable ({rule})"
+            message = refusal(method, repository, reference, rule)
             respond(
-                flow,
-                oci.error_response(
-                    403, "DENIED", f"tag is immutable ({rule})", method=method, detail=reference
-                ),
+                flow, oci.error_response(403, "DENIED", message, method=method, detail=reference)
             )
 
     def _cluster(self) -> Any:

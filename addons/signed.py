@@ -72,6 +72,16 @@ _CHECKED = "tabbify.signed.checked"
 _UNSURE = "cannot check signatures now; retry"
 
 
+_UNSIGNED = "not signed by a trusted key"
+
+
+def unsigned_message(repository: str, reason: str) -> str:
+    """What every client prints of a refused pull: the rule that refused it (the verdict's
+    reason starts with its name, `require_signature <file>:<line>`) and why."""
+    why = reason.removesuffix(f": {_UNSIGNED}")[:300]
+    return f"{_UNSIGNED}: pull of {repository} denied by {why}"
+
+
 class BackendUnsure(Exception):
     """The backend did not answer a question the verdict needs: 503."""
 
@@ -260,7 +270,7 @@ class SignedOnly:
             transient = verdict.transient
             rec.decision = "deny:signature-unchecked" if transient else "deny:not signed"
             status, code = (503, "UNAVAILABLE") if transient else (403, "DENIED")
-            message = _UNSURE if transient else "not signed by a trusted key"
+            message = _UNSURE if transient else unsigned_message(rec.repository, verdict.reason)
             respond(
                 flow,
                 oci.error_response(
