@@ -1,4 +1,4 @@
-"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (CONTRACTS §8).
+"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (contract §8).
 
 Runs before TenantIsolation in the addon list, so that its `response` hook decides before
 the isolation ledger records a confirmed push (a refused one is never recorded: the tenant

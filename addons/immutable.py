@@ -1,4 +1,4 @@
-"""Immutable tags (CONTRACTS §7 `[[immutable]]`): a tag a rule covers is pushed once, then
+"""Immutable tags (contract §7 `[[immutable]]`): a tag a rule covers is pushed once, then
 never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIsolation.
 
 - PUT of a manifest to a covered tag: the backend is asked whether the tag exists (HEAD);
@@ -130,7 +130,6 @@ class Held:
     cluster_key: int | None = None
 
 
-
 def refusal(method: str, repository: str, reference: str, rule: str) -> str:
     """What every client prints of a refused push or delete: what, and the rule refusing it."""
     if _DIGEST.fullmatch(reference):  # a digest a covered tag reaches
@@ -138,6 +137,7 @@ def refusal(method: str, repository: str, reference: str, rule: str) -> str:
     else:
         what = f"{'push' if method == 'PUT' else 'delete'} of {repository}:{reference}"
     return f"tag is immutable: {what} denied by {rule}"
+
 
 class ImmutableTags:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The access policy (CONTRACTS §7) end to end: the four stories with real clients.
+"""The access policy (contract §7) end to end: the four stories with real clients.
 
 One stack with a policy file: acme shares `acme/base/**` read-only with globex, acme's CI
 identity may push to `acme/ci/**` only, acme's viewer may only pull, and `v*` tags under

@@ -1,4 +1,4 @@
-"""PolicyStore: the running gateway's policy follows its file (CONTRACTS §7).
+"""PolicyStore: the running gateway's policy follows its file (contract §7).
 
 A fake clock drives the checks; every write sets its own mtime, so no test waits or depends
 on the file system's timestamp granularity. One test runs on the real clock.
