@@ -14,7 +14,8 @@ closed). Runs after TenantIsolation, before the Gate.
 - Served is exactly what was checked, never a name resolved again: a tag is resolved by
   fetching the manifest from the backend, and the request is then forwarded **by that
   digest** (the response must carry it); when the check finds no manifest the gateway
-  answers 404 MANIFEST_UNKNOWN itself rather than let the request go on by tag (a tag pushed
+  answers 404 itself (MANIFEST_UNKNOWN, or NAME_UNKNOWN when the backend says it has no such
+  repository, as Zot does) rather than let the request go on by tag (a tag pushed
   in between would be served unchecked); and without a backend to check with, 503.
 - An image inside a signed index (a multi-arch pull fetches the children by digest) is
   served as part of it: cosign signs the index digest. A child without a signature of its
@@ -41,6 +42,7 @@ import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +117,49 @@ def _children(body: bytes) -> tuple[str, ...]:
     )
 
 
+def _small(response: httpx.Response) -> bool:
+    """An error body worth reading: declared, and small (never read a stream of unknown size)."""
+    length = response.headers.get("content-length", "")
+    return length.isdigit() and int(length) <= 4096
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        code = json.loads(body)["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return ""
+    return code if isinstance(code, str) else ""
+
+
+@dataclass(frozen=True)
+class Missing:
+    """The backend has no such manifest: `code` says whether it has the repository."""
+
+    code: str
+    message: str
+
+
+MISSING = {
+    "NAME_UNKNOWN": Missing("NAME_UNKNOWN", "repository name not known to registry"),
+    "MANIFEST_UNKNOWN": Missing("MANIFEST_UNKNOWN", "manifest unknown"),
+}
+
+
 class Backend:
     """Blocking reads of the backend for one verdict (run in a worker thread)."""
 
     def __init__(self, client: httpx.Client, repository: str) -> None:
         self.client, self.repository = client, repository
+        self.missing = "MANIFEST_UNKNOWN"  # the last 404's code: is it the repository?
 
     def _get(self, path: str, limit: int, accept: str | None = None) -> bytes | None:
         headers = {"Accept": accept} if accept else {}
         with self.client.stream("GET", f"/v2/{self.repository}/{path}", headers=headers) as r:
             if r.status_code == 404:
+                # Zot tells a repository it does not have (NAME_UNKNOWN) from a manifest it
+                # does not have; Distribution 2.8 answers MANIFEST_UNKNOWN for both.
+                code = _error_code(r.read() if _small(r) else b"")
+                self.missing = "NAME_UNKNOWN" if code == "NAME_UNKNOWN" else "MANIFEST_UNKNOWN"
                 return None
             if r.status_code != 200:
                 raise BackendUnsure(f"GET {path.split('/')[0]} answered {r.status_code}")
@@ -258,13 +293,12 @@ class SignedOnly:
         except (BackendUnsure, httpx.HTTPError) as e:
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
-        if verdict is None:
+        if isinstance(verdict, Missing):
             # No such manifest when checked. Answer that here: forwarded, the request would be
             # resolved again by name, and a tag pushed in between would be served unchecked.
+            # The backend's code is kept (the caller may pull this repository).
             rec.decision = "deny:manifest-unknown"
-            respond(
-                flow, oci.error_response(404, "MANIFEST_UNKNOWN", "manifest unknown", method=method)
-            )
+            respond(flow, oci.error_response(404, verdict.code, verdict.message, method=method))
             return
         if not verdict.signed:
             transient = verdict.transient
@@ -321,8 +355,8 @@ class SignedOnly:
 
     def decide(
         self, policy: Policy, rules: tuple[RequireSignature, ...], repository: str, reference: str
-    ) -> tuple[str | None, Verdict | None]:
-        """(digest, verdict); (None, None) when the backend has no such manifest."""
+    ) -> tuple[str | None, Verdict | Missing]:
+        """(digest, verdict); (None, Missing) when the backend has no such manifest."""
         backend = Backend(self._client(), repository)
         scope: Hashable = (repository, tuple(rule.keys for rule in rules))
         if _DIGEST.fullmatch(reference):
@@ -331,7 +365,7 @@ class SignedOnly:
                 return reference, cached
         body = backend.manifest(reference)
         if body is None:
-            return None, None
+            return None, MISSING[backend.missing]
         digest = reference if _DIGEST.fullmatch(reference) else None
         if digest is None:
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
