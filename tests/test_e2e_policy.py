@@ -173,7 +173,16 @@ def test_the_viewer_pulls_and_never_pushes(stack: Stack, acme_jwt: str, tmp_path
     assert r.returncode == 0, r.stderr
     r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref(stack, "acme/team/app:v2"), VIEWER)
     assert r.returncode != 0
-    assert "denied" in r.stderr.lower()
+    # What skopeo prints names the rule (clients print the error's message, not its detail).
+    rule = f"restrict {stack.data_dir / 'policy.toml'}:12"
+    assert f"push on acme/team/app denied by {rule}" in r.stderr, r.stderr
+
+
+def test_a_client_without_login_is_told_where_and_how_to_log_in(stack: Stack) -> None:
+    r = skopeo("inspect", "--tls-verify=false", "--raw", ref(stack, "acme/team/app:v1"))
+    assert r.returncode != 0
+    hint = f"log in to {stack.host} with a Tabbify JWT as the password (docker login {stack.host})"
+    assert hint in r.stderr, r.stderr
 
 
 def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jwt: str) -> None:
