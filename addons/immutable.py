@@ -3,7 +3,8 @@ never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIs
 
 - PUT of a manifest to a covered tag: the backend is asked whether the tag exists (HEAD);
   if it does, 403 DENIED "tag is immutable". The first push goes through.
-- DELETE of a covered tag: 403.
+- DELETE of a covered tag: 403; of a covered tag that does not exist, 404 MANIFEST_UNKNOWN
+  (answered here: forwarded, it could meet the tag pushed in between).
 - DELETE of a manifest by digest, or of a blob, is refused when a covered tag of the
   repository reaches that digest: the tag's manifest, an index's child manifests
   (recursively), every config and layer blob. Deleting any of them would leave the tag
@@ -188,6 +189,7 @@ class ImmutableTags:
         if not rec.repository or (rec.route == "blob" and method != "DELETE"):
             return
         policy, repository = self.policies.current(), rec.repository
+        missing = False
         try:
             if _DIGEST.fullmatch(reference):
                 rule = (
@@ -202,6 +204,8 @@ class ImmutableTags:
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
+                elif rule:  # a DELETE: of a tag that exists?
+                    missing = await self._digest_of(repository, reference) is None
         except (BackendUnsure, httpx.HTTPError, OSError, LedgerUnavailable) as e:
             await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
@@ -210,6 +214,17 @@ class ImmutableTags:
                 flow,
                 oci.error_response(
                     503, "UNAVAILABLE", "cannot check immutable tags now; retry", method=method
+                ),
+            )
+            return
+        if missing:
+            # Nothing to delete: 404 as the spec has it, answered here (never forwarded: the
+            # tag could be pushed in between). A HEAD cannot tell a missing repository apart.
+            rec.decision = "deny:manifest-unknown"
+            respond(
+                flow,
+                oci.error_response(
+                    404, "MANIFEST_UNKNOWN", "manifest unknown", method=method, detail=reference
                 ),
             )
             return

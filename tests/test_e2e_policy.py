@@ -199,6 +199,10 @@ def test_release_tags_are_immutable_after_their_first_push(stack: Stack, acme_jw
     assert r.status_code == 403 and "tag is immutable" in r.text
     r = requests.delete(f"{stack.url}/v2/acme/releases/app/manifests/v1.0", headers=a, timeout=10)
     assert r.status_code == 403
+    # A covered tag that does not exist is not "immutable": there is nothing to delete.
+    for repo in ("acme/releases/app", "acme/releases/none"):
+        r = requests.delete(f"{stack.url}/v2/{repo}/manifests/v9.9", headers=a, timeout=10)
+        assert r.status_code == 404 and r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     # Tags the rule does not cover move freely.
     assert small_image(stack, "acme/releases/app", "latest", a).status_code == 201
     assert small_image(stack, "acme/releases/app", "latest", a).status_code == 201
