@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="print allow/deny and the deciding rule",
         description="Print allow or deny and the rule deciding it; then, one line each, the "
         "immutable rule refusing --tag, the signature rules a pull must satisfy, and the "
-        "tenant's quota on a push. Exit 0 = allowed, 1 = refused.",
+        "tenant's quota on an allowed push. Exit 0 = allowed, 1 = refused.",
     )
     explain.add_argument("--tenant", required=True)
     explain.add_argument("--subject", help="the JWT's sub (default: none)")
