@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import time
-from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -29,7 +28,7 @@ from addons.gate import answered, fail_closed, respond
 from addons.policy import Policy
 from addons.policy_store import PolicyFile
 from addons.record import record
-from addons.token_endpoint import SERVICE
+from addons.token_endpoint import SERVICE, login_hint
 from addons.tokens import Identity, InvalidToken, TokenSigner
 
 _MAX_TOKEN = 8 * 1024
@@ -84,7 +83,9 @@ def rights(policy: Policy, identity: Identity) -> routes.Rights:
             if decided.rule == "no rule":  # the common case: another tenant's repository
                 foreign = routes.foreign(identity.tenant, name)
                 return dataclasses.replace(
-                    foreign, reason=f"{foreign.reason}: no rule grants {action}"
+                    foreign,
+                    reason=f"{action} on {name} denied: {foreign.reason}, and no rule grants "
+                    f"{action} there",
                 )
             return routes.Decision(
                 False, 403, "DENIED", f"{action} on {name} denied by {decided.rule}"
@@ -96,11 +97,6 @@ def rights(policy: Policy, identity: Identity) -> routes.Rights:
         return routes.Decision(True, reason=decided.rule)
 
     return decide
-
-
-def registry_host(realm: str) -> str:
-    """The host clients log in to, as named by the token realm (`docker login <host>`)."""
-    return urlsplit(realm).netloc or "this registry"
 
 
 def relative(url: str) -> str:
@@ -208,7 +204,7 @@ class RegistryAccess:
                 return deny(
                     401,
                     "UNAUTHORIZED",
-                    f"authentication required: log in to {registry_host(realm)} first",
+                    login_hint(realm),
                     "unauthenticated",
                     **{"WWW-Authenticate": challenge(realm, route, method, rec.target.params)},
                 )

@@ -1,4 +1,4 @@
-"""One JSON line per request (CONTRACTS §6), written when the flow ends.
+"""One JSON line per request (contract §6), written when the flow ends.
 
 Only what the gateway decided and measured: never a header value, token or body.
 

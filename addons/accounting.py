@@ -1,4 +1,4 @@
-"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (CONTRACTS §8).
+"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (contract §8).
 
 Runs before TenantIsolation in the addon list, so that its `response` hook decides before
 the isolation ledger records a confirmed push (a refused one is never recorded: the tenant
@@ -216,10 +216,16 @@ class StreamCap:
         self.held.clear()
         record(self.flow).decision = f"deny:{why}"
         used = self.others + self.granted
-        message = f"quota exceeded: {used} of {self.limit} bytes used, {more} more do not fit"
+        message = quota_message(used, self.limit, more, self.accounting.quota_rule(self.flow))
         status, code, message = answer or (403, "DENIED", message)
         wire = oci.wire_error(status, code, message, method=self.flow.request.method)
         cut_connection(self.flow, wire)
+
+
+def quota_message(used: int, limit: int, adding: int, rule: str) -> str:
+    """What every client prints of a quota refusal: usage, limit, and the rule setting it."""
+    more = f", {adding} more do not fit" if adding else ""
+    return f"quota exceeded: {used} of {limit} bytes used{more} ({rule})"
 
 
 def cut_connection(flow: http.HTTPFlow, answer: bytes) -> None:
@@ -334,27 +340,36 @@ class Accounting:
             raise Unaccountable("quotas need a ledger that keeps sizes; an S3 ledger does not")
         return rule.bytes if rule else None
 
-    def _exceeds(self, rec: FlowRecord, limit: int, digests: dict[str, int]) -> bool:
-        """Would adding these digests (digest → size) take the tenant over `limit`?"""
+    def quota_rule(self, flow: http.HTTPFlow) -> str:
+        """The name (`quota <file>:<line>`) of the rule setting the caller's quota."""
+        tenant = record(flow).tenant
+        policy = self.policies.current()
+        rule = policy.quota(tenant) if tenant is not None else None
+        return policy.name(rule) if rule is not None else "quota"
+
+    def _exceeds(
+        self, rec: FlowRecord, limit: int, digests: dict[str, int]
+    ) -> tuple[int, int] | None:
+        """Would adding these digests (digest → size) take the tenant over `limit`? If so,
+        (bytes used, bytes it would add)."""
         ledger, tenant = self.ledger, rec.tenant
         assert ledger is not None and tenant is not None
         adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
         if adding <= 0:
-            return False
+            return None
         # Its unfinished uploads count too (expired ones are swept within a minute).
         flying = sum(stored + pending for stored, pending in ledger.uploads(tenant).values())
-        return quota.would_exceed(tenant, {tenant: ledger.usage(tenant) + flying}, limit, adding)
+        used = ledger.usage(tenant) + flying
+        if quota.would_exceed(tenant, {tenant: used}, limit, adding):
+            return used, adding
+        return None
 
-    def _refuse(
-        self, flow: http.HTTPFlow, limit: int, used: int | None = None, adding: int = 0
-    ) -> http.Response:
+    def _refuse(self, flow: http.HTTPFlow, limit: int, used: int, adding: int) -> http.Response:
         rec = record(flow)
         rec.decision = "deny:quota exceeded"
-        message, detail = "quota exceeded", {"tenant": rec.tenant, "quota_bytes": limit}
-        if used is not None:
-            message += f": {used} of {limit} bytes used"
-            message += f", {adding} more do not fit" if adding else ""
-            detail["used_bytes"] = used
+        rule = self.quota_rule(flow)
+        message = quota_message(used, limit, adding, rule)
+        detail = {"tenant": rec.tenant, "quota_bytes": limit, "used_bytes": used, "rule": rule}
         return oci.error_response(403, "DENIED", message, method=flow.request.method, detail=detail)
 
     def _refuse_reservation(
@@ -478,10 +493,10 @@ class Accounting:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         try:
             limit = self._quota(rec)
-            if limit is not None and await asyncio.to_thread(
-                self._exceeds, rec, limit, {digest: len(body)}
+            if limit is not None and (
+                over := await asyncio.to_thread(self._exceeds, rec, limit, {digest: len(body)})
             ):
-                flow.response = self._refuse(flow, limit)
+                flow.response = self._refuse(flow, limit, *over)
         except LedgerUnavailable:
             flow.response = self._unavailable(flow)
 

@@ -1,4 +1,4 @@
-"""Tabbify auth (CONTRACTS §4): is this Tabbify JWT good, and whose is it?
+"""Tabbify auth (contract §4): is this Tabbify JWT good, and whose is it?
 
 Every failure mode maps to one outcome; none of them grants.
 """

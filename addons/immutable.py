@@ -1,9 +1,10 @@
-"""Immutable tags (CONTRACTS §7 `[[immutable]]`): a tag a rule covers is pushed once, then
+"""Immutable tags (contract §7 `[[immutable]]`): a tag a rule covers is pushed once, then
 never overwritten nor deleted, whoever asks (the owner too). Runs after TenantIsolation.
 
 - PUT of a manifest to a covered tag: the backend is asked whether the tag exists (HEAD);
   if it does, 403 DENIED "tag is immutable". The first push goes through.
-- DELETE of a covered tag: 403.
+- DELETE of a covered tag: 403; of a covered tag that does not exist, 404 MANIFEST_UNKNOWN
+  (answered here: forwarded, it could meet the tag pushed in between).
 - DELETE of a manifest by digest, or of a blob, is refused when a covered tag of the
   repository reaches that digest: the tag's manifest, an index's child manifests
   (recursively), every config and layer blob. Deleting any of them would leave the tag
@@ -123,6 +124,15 @@ class Held:
     cluster_key: int | None = None
 
 
+def refusal(method: str, repository: str, reference: str, rule: str) -> str:
+    """What every client prints of a refused push or delete: what, and the rule refusing it."""
+    if _DIGEST.fullmatch(reference):  # a digest a covered tag reaches
+        what = f"delete of {repository}@{reference}"
+    else:
+        what = f"{'push' if method == 'PUT' else 'delete'} of {repository}:{reference}"
+    return f"tag is immutable: {what} denied by {rule}"
+
+
 class ImmutableTags:
     def __init__(self, policies: PolicyFile, isolation: TenantIsolation | None = None) -> None:
         self.policies = policies
@@ -167,6 +177,7 @@ class ImmutableTags:
         if not rec.repository or (rec.route == "blob" and method != "DELETE"):
             return
         policy, repository = self.policies.current(), rec.repository
+        missing = False
         try:
             if _DIGEST.fullmatch(reference):
                 rule = (
@@ -181,6 +192,8 @@ class ImmutableTags:
                         rule = f"{rule}; a push of this tag is in progress"
                     elif await self._digest_of(repository, reference) is None:
                         rule = None  # the first push of the tag: it keeps its claim
+                elif rule:  # a DELETE: of a tag that exists?
+                    missing = await self._digest_of(repository, reference) is None
         except (Unavailable, OSError, LedgerUnavailable) as e:
             await self._release(flow)
             logger.warning("immutable tags: cannot check %s: %s", repository, e)
@@ -192,14 +205,23 @@ class ImmutableTags:
                 ),
             )
             return
-        if rule:
-            await self._release(flow)
-            rec.decision = f"deny:tag is immutable ({rule})"
+        if missing:
+            # Nothing to delete: 404 as the spec has it, answered here (never forwarded: the
+            # tag could be pushed in between). A HEAD cannot tell a missing repository apart.
+            rec.decision = "deny:manifest-unknown"
             respond(
                 flow,
                 oci.error_response(
-                    403, "DENIED", f"tag is immutable ({rule})", method=method, detail=reference
+                    404, "MANIFEST_UNKNOWN", "manifest unknown", method=method, detail=reference
                 ),
+            )
+            return
+        if rule:
+            await self._release(flow)
+            rec.decision = f"deny:tag is immutable ({rule})"
+            message = refusal(method, repository, reference, rule)
+            respond(
+                flow, oci.error_response(403, "DENIED", message, method=method, detail=reference)
             )
 
     def _cluster(self) -> Any:

@@ -81,7 +81,7 @@ def holder(repository: str) -> str:
 
 
 def _accounting_schema(db: sqlite3.Connection) -> None:
-    """Tables of phase 3 (additive): the size of each confirmed digest (quotas, GC report),
+    """Tables added later (additive): the size of each confirmed digest (quotas, GC report),
     and when the gateway saw a manifest or a tag pushed (retention's `keep_last` and
     `untagged_after`). `ref` is a tag, or the manifest's digest for its own push time."""
     db.execute(

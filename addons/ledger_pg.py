@@ -1,4 +1,4 @@
-"""The isolation ledger in PostgreSQL, shared by several registry nodes (CONTRACTS §9), for
+"""The isolation ledger in PostgreSQL, shared by several registry nodes (contract §9), for
 operators who run a database rather than give the nodes a ledger prefix in the bucket.
 
 Same interface as the SQLite `Ledger` and the S3 ledger (isolation, listing and the start-up

@@ -1,4 +1,4 @@
-"""The isolation ledger in an S3 bucket, shared by several registry nodes (CONTRACTS §9).
+"""The isolation ledger in an S3 bucket, shared by several registry nodes (contract §9).
 
 Same interface as the SQLite `Ledger` (isolation, listing and the start-up walk use either),
 one small object per fact under a reserved prefix, so that nothing is ever read, changed and

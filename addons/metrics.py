@@ -1,4 +1,4 @@
-"""Prometheus text metrics (CONTRACTS §6), fed by the access log, served by the admin addon.
+"""Prometheus text metrics (contract §6), fed by the access log, served by the admin addon.
 
 Labels are bounded on purpose: status class, allow/deny, token outcome. Never a tenant or a
 repository: they are unbounded and belong in the access log.

@@ -1,4 +1,4 @@
-"""The access policy (CONTRACTS §7, §8): parse a TOML file into rules, then decide requests.
+"""The access policy (contract §7, §8): parse a TOML file into rules, then decide requests.
 
 Pure: no mitmproxy, no clock, no I/O except reading the file and the key files it names.
 `PolicyStore` (reload while running) lives in `addons/policy_store.py`.

@@ -8,7 +8,10 @@ truncated file could parse and silently drop a restrict. Edits therefore apply w
 intervals plus the time the writer takes (2 s with the default).
 
 A bad version keeps the last good policy and logs one error for that version; a file that
-disappears means the default rule, like a file that never existed (CONTRACTS §7).
+disappears means the default rule, like a file that never existed (contract §7). Each gateway
+worker reloads on its own; worker 0 alone logs a reload and a refused version (once per
+change, not once per worker). A failure that is a bug (not a PolicyError) is logged by every
+worker it happens in.
 """
 
 from __future__ import annotations
@@ -50,8 +53,12 @@ class PolicyStore:
         path: Path,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        reports: bool = True,
     ) -> None:
         self.path = path
+        # Every gateway worker holds a store and reloads it; only the reporting one (worker
+        # 0) logs what it loaded or refused, so one change is one log line, not one a worker.
+        self.reports = reports
         self.interval = interval
         self.clock = clock
         self.policy = EMPTY
@@ -70,7 +77,8 @@ class PolicyStore:
         self.policy = read(self.path)
         self._stamp = before + stamp(self.policy.files)
         self._next_check = self.clock() + self.interval
-        logger.info("access policy: %s", describe(self.path, self.policy))
+        if self.reports:
+            logger.info("access policy: %s", describe(self.path, self.policy))
         return self.policy
 
     def current(self) -> Policy:
@@ -99,7 +107,8 @@ class PolicyStore:
             policy = read(self.path)
         except PolicyError as e:
             self._reported = seen
-            logger.error("access policy: %s; keeping the last good policy", e)
+            if self.reports:
+                logger.error("access policy: %s; keeping the last good policy", e)
             return
         except Exception:  # a bug must not turn every check into a failed request
             self._reported = seen
@@ -112,7 +121,8 @@ class PolicyStore:
         self.policy = policy
         self._stamp = before + stamp(policy.files)
         self._reported = None
-        logger.info("access policy reloaded: %s", describe(self.path, policy))
+        if self.reports:
+            logger.info("access policy reloaded: %s", describe(self.path, policy))
 
 
 def describe(path: Path, policy: Policy) -> str:
@@ -141,13 +151,17 @@ class PolicyFile:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "registry_worker" in updated and self.store is not None:
+            self.store.reports = ctx.options.registry_worker == 0
         if "registry_policy_file" not in updated:
             return
         path = ctx.options.registry_policy_file
         if not path:
             self.store = None
             return
-        store = PolicyStore(Path(path))
+        # `registry_worker` is publish.py's option; a gateway without it is a single worker.
+        worker = getattr(ctx.options, "registry_worker", 0)
+        store = PolicyStore(Path(path), reports=worker == 0)
         try:
             store.load_initial()
         except PolicyError as e:

@@ -71,7 +71,7 @@ ALLOW_BASE = Decision(True, route=Route("base"))
 # rule that allows it>) or the refusal. The gateway's comes from the access policy.
 Rights = Callable[[str, str], Decision]
 
-# The action each request needs on its repository (policy actions, CONTRACTS §7).
+# The action each request needs on its repository (policy actions, contract §7).
 _ACTIONS = {
     ("blob", "GET"): "pull", ("blob", "HEAD"): "pull", ("blob", "DELETE"): "delete",
     ("manifest", "GET"): "pull", ("manifest", "HEAD"): "pull",

@@ -14,7 +14,8 @@ closed). Runs after TenantIsolation, before the Gate.
 - Served is exactly what was checked, never a name resolved again: a tag is resolved by
   fetching the manifest from the backend, and the request is then forwarded **by that
   digest** (the response must carry it); when the check finds no manifest the gateway
-  answers 404 MANIFEST_UNKNOWN itself rather than let the request go on by tag (a tag pushed
+  answers 404 itself (MANIFEST_UNKNOWN, or NAME_UNKNOWN when the backend says it has no such
+  repository, as Zot does) rather than let the request go on by tag (a tag pushed
   in between would be served unchecked); and without a backend to check with, 503.
 - An image inside a signed index (a multi-arch pull fetches the children by digest) is
   served as part of it: cosign signs the index digest. A child without a signature of its
@@ -40,6 +41,7 @@ import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,16 @@ GENERATION = runstate.SIGNATURES_GENERATION
 _UNSURE = "cannot check signatures now; retry"
 
 
+_UNSIGNED = "not signed by a trusted key"
+
+
+def unsigned_message(repository: str, reason: str) -> str:
+    """What every client prints of a refused pull: the rule that refused it (the verdict's
+    reason starts with its name, `require_signature <file>:<line>`) and why."""
+    why = reason.removesuffix(f": {_UNSIGNED}")[:300]
+    return f"{_UNSIGNED}: pull of {repository} denied by {why}"
+
+
 def bump_generation(state_dir: str | Path) -> None:
     """Tell every worker to drop its cached verdicts (atomic rename of a fresh token)."""
     runstate.write(Path(state_dir) / GENERATION, secrets.token_hex(8).encode())
@@ -90,15 +102,44 @@ def _children(body: bytes) -> tuple[str, ...]:
     )
 
 
+def _error_code(body: bytes) -> str:
+    try:
+        code = json.loads(body)["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return ""
+    return code if isinstance(code, str) else ""
+
+
+@dataclass(frozen=True)
+class Missing:
+    """The backend has no such manifest: `code` says whether it has the repository."""
+
+    code: str
+    message: str
+
+
+MISSING = {
+    "NAME_UNKNOWN": Missing("NAME_UNKNOWN", "repository name not known to registry"),
+    "MANIFEST_UNKNOWN": Missing("MANIFEST_UNKNOWN", "manifest unknown"),
+}
+
+
 class Backend:
     """Blocking reads of the backend for one verdict (run in a worker thread)."""
 
     def __init__(self, client: Client, repository: str) -> None:
         self.client, self.repository = client, repository
+        self.missing = "MANIFEST_UNKNOWN"  # the last 404's code: is it the repository?
 
     def _get(self, path: str, limit: int, accept: str | None = None) -> bytes | None:
         answer = self.client.get(f"/v2/{self.repository}/{path}", limit, accept)
-        return None if answer.status == 404 else answer.expect(200).body
+        if answer.status == 404:
+            # Zot tells a repository it does not have (NAME_UNKNOWN) from a manifest it does
+            # not have; Distribution 2.8 answers MANIFEST_UNKNOWN for both.
+            code = _error_code(answer.body)
+            self.missing = "NAME_UNKNOWN" if code == "NAME_UNKNOWN" else "MANIFEST_UNKNOWN"
+            return None
+        return answer.expect(200).body
 
     def manifest(self, reference: str) -> bytes | None:
         return self._get(f"manifests/{reference}", MAX_MANIFEST, oci.MANIFEST_ACCEPT)
@@ -209,19 +250,18 @@ class SignedOnly:
         except Unavailable as e:  # the backend cannot answer a question the verdict needs
             logger.warning("signatures: cannot check %s: %s", rec.repository, e)
             verdict, digest = Verdict(False, str(e), transient=True), None
-        if verdict is None:
+        if isinstance(verdict, Missing):
             # No such manifest when checked. Answer that here: forwarded, the request would be
             # resolved again by name, and a tag pushed in between would be served unchecked.
+            # The backend's code is kept (the caller may pull this repository).
             rec.decision = "deny:manifest-unknown"
-            respond(
-                flow, oci.error_response(404, "MANIFEST_UNKNOWN", "manifest unknown", method=method)
-            )
+            respond(flow, oci.error_response(404, verdict.code, verdict.message, method=method))
             return
         if not verdict.signed:
             transient = verdict.transient
             rec.decision = "deny:signature-unchecked" if transient else "deny:not signed"
             status, code = (503, "UNAVAILABLE") if transient else (403, "DENIED")
-            message = _UNSURE if transient else "not signed by a trusted key"
+            message = _UNSURE if transient else unsigned_message(rec.repository, verdict.reason)
             respond(
                 flow,
                 oci.error_response(
@@ -275,8 +315,8 @@ class SignedOnly:
 
     def decide(
         self, policy: Policy, rules: tuple[RequireSignature, ...], repository: str, reference: str
-    ) -> tuple[str | None, Verdict | None]:
-        """(digest, verdict); (None, None) when the backend has no such manifest."""
+    ) -> tuple[str | None, Verdict | Missing]:
+        """(digest, verdict); (None, Missing) when the backend has no such manifest."""
         backend = Backend(self._client(), repository)
         scope: Hashable = (repository, tuple(rule.keys for rule in rules))
         if _DIGEST.fullmatch(reference):
@@ -285,7 +325,7 @@ class SignedOnly:
                 return reference, cached
         body = backend.manifest(reference)
         if body is None:
-            return None, None
+            return None, MISSING[backend.missing]
         digest = reference if _DIGEST.fullmatch(reference) else None
         if digest is None:
             digest = "sha256:" + hashlib.sha256(body).hexdigest()

@@ -14,7 +14,7 @@ import datetime
 import functools
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -106,6 +106,21 @@ def scope_refusal(scopes: list[str]) -> str | None:
     return None
 
 
+def registry_host(realm: str) -> str:
+    """The host clients log in to, as named by the token realm (`docker login <host>`)."""
+    return urlsplit(realm).netloc or "this registry"
+
+
+def login_hint(realm: str) -> str:
+    """What a client without a usable credential prints (clients show `message`, not
+    `detail`): where to log in, and with what."""
+    host = registry_host(realm)
+    return (
+        f"authentication required: log in to {host} with a Tabbify JWT as the password "
+        f"(docker login {host})"
+    )
+
+
 class TokenEndpoint:
     def __init__(self, signer: TokenSigner, policies: PolicyFile) -> None:
         self.signer = signer
@@ -194,7 +209,7 @@ class TokenEndpoint:
         if service is not None and service != SERVICE:
             return fail(400, "UNSUPPORTED", f"unknown service; this is {SERVICE}", "service")
         if credential is None or not plausible(credential):
-            return fail(401, "UNAUTHORIZED", "a Tabbify token is required", "no-credential")
+            return fail(401, "UNAUTHORIZED", login_hint(self.realm()), "no-credential")
         if (refusal := scope_refusal(scopes)) is not None:
             return fail(400, "UNSUPPORTED", refusal, "scope")
 
@@ -202,7 +217,13 @@ class TokenEndpoint:
         timed = functools.partial(dataclasses.replace, auth_seconds=verdict.seconds)
         if verdict.outcome == "rejected":
             return timed(
-                fail(401, "UNAUTHORIZED", "Tabbify auth rejected the credential", "rejected")
+                fail(
+                    401,
+                    "UNAUTHORIZED",
+                    "Tabbify auth rejected the credential: log in again with a current "
+                    f"Tabbify JWT as the password (docker login {registry_host(self.realm())})",
+                    "rejected",
+                )
             )
         if verdict.outcome == "unavailable":
             return timed(
@@ -226,6 +247,11 @@ class TokenEndpoint:
             verdict.seconds,
             verdict.subject,
         )
+
+    @staticmethod
+    def realm() -> str:
+        """The configured token realm (RegistryAccess's option), if loaded."""
+        return str(getattr(ctx.options, "registry_realm", "") or "")
 
     async def validate(self, credential: str) -> Verdict:
         """Ask auth; the overall wait is bounded whatever auth does."""

@@ -1,4 +1,4 @@
-"""A registry-token key shared by several nodes: REGISTRY_TOKEN_KEY_FILE (CONTRACTS §2).
+"""A registry-token key shared by several nodes: REGISTRY_TOKEN_KEY_FILE (contract §2).
 
 By default `run` makes the key per run, so a token is good on the node (and run) that issued
 it only, and a client that moves to another node logs in again through the 401 challenge.

@@ -23,7 +23,7 @@ from addons.policy import ScopeError, scope_actions
 
 ISSUER = "tabbify-registry"
 AUDIENCE = "tabbify-registry"
-LIFETIME = 300  # seconds; CONTRACTS §3
+LIFETIME = 300  # seconds; contract §3
 _ALGORITHMS = ["HS256"]  # pinned: `none`, RS/ES confusion and friends are refused by PyJWT
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
 

@@ -1,4 +1,4 @@
-"""Client of the mesh coordinator (CONTRACTS §5). Every answer is untrusted input.
+"""Client of the mesh coordinator (contract §5). Every answer is untrusted input.
 
 The exchange is bounded (`mesh.fetch`: size cap, overall deadline, no redirects) and every
 field passes `mesh.validate` before use. Anything that leaves no usable answer raises

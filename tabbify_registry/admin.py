@@ -1,4 +1,4 @@
-"""The operator's loopback endpoint (CONTRACTS §6): /healthz, /metrics, /capture and the live
+"""The operator's loopback endpoint (contract §6): /healthz, /metrics, /capture and the live
 view of traffic (`GET /`, tabbify_registry/liveview.py).
 
 A program of its own under supervisord (`python -m tabbify_registry.admin …`), beside the
@@ -288,7 +288,7 @@ class Admin:
         return "\n".join(lines) + "\n"
 
     def usage_lines(self) -> list[str]:
-        """Storage per tenant (CONTRACTS §8 asks for it: the one place with a tenant label),
+        """Storage per tenant (contract §8 asks for it: the one place with a tenant label),
         as the newest worker state that carries it says (worker 0 computes it)."""
         found = [
             s["tenant_usage"]

@@ -1,4 +1,4 @@
-"""`tabbify-registry run | config | mesh up | policy` (CONTRACTS §1, §7).
+"""`tabbify-registry run | config | mesh up | policy` (contract §1, §7).
 
 `run` is the container's PID 1: mesh bootstrap (when configured) → backend config rendered
 into REGISTRY_DATA_DIR → supervisord running the backend and the gateway workers side by
@@ -523,8 +523,17 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="mesh bootstrap, backend config, supervisord (foreground)")
     sub.add_parser("config", help="print the rendered backend config")
-    mesh = sub.add_parser("mesh", help="mesh bootstrap only")
-    mesh.add_argument("action", choices=["up"])
+    mesh = sub.add_parser(
+        "mesh", help="mesh bootstrap only", description="Mesh commands (MESH_COORDINATOR_URL)."
+    )
+    mesh_commands = mesh.add_subparsers(dest="action", required=True)
+    mesh_commands.add_parser(
+        "up",
+        help="join the mesh and bring its interface up, then exit",
+        description="Join the mesh named by MESH_COORDINATOR_URL: register this node with the "
+        "coordinator, bring the WireGuard interface up and print its address. `run` does this "
+        "itself at start-up; this is the mesh step alone.",
+    )
     policy_cmd.add_parser(sub)
     gc_cmd.add_parser(sub)
     devauth.add_parser(sub)

@@ -1,4 +1,4 @@
-"""`tabbify-registry gc [--dry-run]` and the periodic run (CONTRACTS §8).
+"""`tabbify-registry gc [--dry-run]` and the periodic run (contract §8).
 
 With Distribution (the local and test backend) this program does the whole job:
 
@@ -700,7 +700,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def add_parser(sub: Any) -> None:
-    gc = sub.add_parser("gc", help="garbage collection and retention (CONTRACTS §8)")
+    gc = sub.add_parser("gc", help="garbage collection and retention")
     gc.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
     gc.add_argument(
         "--every", type=float, default=0, help=argparse.SUPPRESS

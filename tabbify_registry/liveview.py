@@ -1,4 +1,4 @@
-"""The live view of traffic (CONTRACTS §6 `GET /`), the admin program's side.
+"""The live view of traffic (contract §6 `GET /`), the admin program's side.
 
 The gateway workers send redacted flow summaries only while a viewer is connected
 (addons/flowfeed.py); this side:

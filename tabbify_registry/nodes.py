@@ -1,4 +1,4 @@
-"""Settings for several registry nodes on one bucket (CONTRACTS §2, §9), and the rules that
+"""Settings for several registry nodes on one bucket (contract §2, §9), and the rules that
 refuse a configuration which would split state between them.
 
 Every node runs its own gateway and backend; what they must share, and where it lives then:

@@ -1,4 +1,4 @@
-"""Every environment variable of CONTRACTS §2, parsed once into a frozen Settings.
+"""Every environment variable of contract §2, parsed once into a frozen Settings.
 
 A value that cannot be honoured raises ConfigError naming the variable; nothing is silently
 defaulted past a bad value. Pure: takes a mapping, returns a value, touches nothing.
@@ -62,7 +62,7 @@ class Settings:
     mesh_auth_key: str | None
     mesh_interface: str
     mesh_poll_seconds: int
-    policy_file: Path  # may not exist: then the default rule applies (CONTRACTS §7)
+    policy_file: Path  # may not exist: then the default rule applies (contract §7)
     workers: int = 1
     header_timeout: int = 60
     idle_timeout: int = 75

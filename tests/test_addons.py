@@ -1186,3 +1186,99 @@ def test_no_backend_challenge_reaches_a_client(gw):
     )
     gw.backend_answers(f, response)
     assert "www-authenticate" not in f.response.headers
+
+
+# --- what a client prints ---------------------------------------------------------------------
+# Clients print an error's `message`, not its `detail`: the message says what to do, and names
+# the rule behind a refusal.
+
+LOGIN_HINT = (
+    "authentication required: log in to 127.0.0.1:5000 with a Tabbify JWT as the password "
+    "(docker login 127.0.0.1:5000)"
+)
+
+
+def oci_message(response: http.Response) -> str:
+    [error] = json.loads(response.content or b"")["errors"]
+    return error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v2/", "/v2/acme/app/manifests/v1", "/v2/_catalog"])
+def test_a_request_without_a_token_says_where_and_how_to_log_in(gw, path):
+    f = gw.send(make_flow("GET", path))
+    assert f.response.status_code == 401 and oci_message(f.response) == LOGIN_HINT
+
+
+def test_a_token_request_without_a_credential_says_where_and_how_to_log_in(gw):
+    gw.fake_auth(GRANTED)
+    f = token_get(gw, [])
+    assert f.response.status_code == 401 and oci_message(f.response) == LOGIN_HINT
+
+
+def test_a_rejected_credential_says_to_log_in_again(gw):
+    gw.fake_auth(Verdict("rejected", reason="bad"))
+    f = token_get(gw, [basic("x", TABBIFY_JWT)])
+    assert f.response.status_code == 401
+    assert "docker login 127.0.0.1:5000" in oci_message(f.response)
+
+
+def with_policy(gw: Gateway, path, text: str) -> None:
+    from addons.policy_store import PolicyStore
+
+    path.write_text(text)
+    store = PolicyStore(path)
+    store.load_initial()
+    gw.access.policies.store = store
+
+
+def test_a_restricted_push_names_the_rule_in_the_message(gw, tmp_path):
+    with_policy(
+        gw, tmp_path / "policy.toml", '\n[[restrict]]\ntenants = ["acme"]\nactions = ["pull"]\n'
+    )
+    f = gw.send(make_flow("PUT", "/v2/acme/app/manifests/v1", [bearer(token_for(gw))]))
+    assert f.response.status_code == 403 and oci_code(f.response) == "DENIED"
+    rule = f"restrict {tmp_path / 'policy.toml'}:2"
+    assert oci_message(f.response) == f"push on acme/app denied by {rule}"
+
+
+def test_a_push_outside_the_namespace_says_why_in_the_message(gw):
+    f = gw.send(make_flow("PUT", "/v2/globex/app/manifests/v1", [bearer(token_for(gw))]))
+    assert f.response.status_code == 403
+    assert oci_message(f.response) == (
+        "push on globex/app denied: repository outside namespace acme/, and no rule grants "
+        "push there"
+    )
+
+
+def test_a_quota_refusal_gives_usage_limit_and_rule():
+    from addons.accounting import quota_message
+
+    assert quota_message(900, 1000, 200, "quota /p.toml:4") == (
+        "quota exceeded: 900 of 1000 bytes used, 200 more do not fit (quota /p.toml:4)"
+    )
+
+
+def test_an_unsigned_pull_names_the_rule_in_the_message():
+    from addons.signed import unsigned_message
+
+    reason = "require_signature /p.toml:3: not signed by a trusted key"
+    assert unsigned_message("acme/app", reason) == (
+        "not signed by a trusted key: pull of acme/app denied by require_signature /p.toml:3"
+    )
+    other = "require_signature /p.toml:3 has no ECDSA P-256 key: only those are verified"
+    assert unsigned_message("acme/app", other).endswith(f"denied by {other}")
+
+
+@pytest.mark.parametrize(
+    ("method", "reference", "what"),
+    [
+        ("PUT", "v1", "push of acme/rel:v1"),
+        ("DELETE", "v1", "delete of acme/rel:v1"),
+        ("DELETE", SHA256, f"delete of acme/rel@{SHA256}"),
+    ],
+)
+def test_an_immutable_tag_refusal_names_what_and_the_rule(method, reference, what):
+    from addons.immutable import refusal
+
+    message = refusal(method, "acme/rel", reference, "immutable /p.toml:9")
+    assert message == f"tag is immutable: {what} denied by immutable /p.toml:9"

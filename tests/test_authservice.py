@@ -1,4 +1,4 @@
-"""Tabbify auth client (CONTRACTS §4): judge() for every branch, and AuthClient against a
+"""Tabbify auth client (contract §4): judge() for every branch, and AuthClient against a
 real loopback stand-in of `POST /v1/validate`.
 """
 

@@ -43,3 +43,34 @@ def test_help_lists_every_variable_the_program_reads():
     assert r.returncode == 0, r.stderr
     missing = sorted(v for v in read if not re.search(rf"\b{v}\b", r.stdout))
     assert not missing, missing
+
+
+def help_of(*argv: str) -> str:
+    r = subprocess.run([CLI, *argv, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", (argv, r.stderr)
+    return r.stdout
+
+
+def test_mesh_up_has_help_of_its_own():
+    out = help_of("mesh", "up")
+    assert out.startswith("usage: tabbify-registry mesh up [-h]\n")
+    assert "MESH_COORDINATOR_URL" in out
+
+
+COMMANDS = [
+    (), ("run",), ("config",), ("mesh",), ("mesh", "up"), ("policy",), ("policy", "check"),
+    ("policy", "explain"), ("gc",), ("dev-auth",),
+]  # fmt: skip
+
+
+def test_no_help_text_speaks_of_internal_documents_or_plans():
+    for argv in COMMANDS:
+        out = help_of(*argv)
+        for word in ("CONTRACTS", "§", "phase", "issue"):
+            assert word not in out, (argv, word)
+
+
+def test_policy_check_and_explain_both_take_policy_file():
+    for command in ("check", "explain"):
+        out = help_of("policy", command)
+        assert "--policy FILE" in out and "REGISTRY_POLICY_FILE" in out, command

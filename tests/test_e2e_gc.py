@@ -1,4 +1,4 @@
-"""`tabbify-registry gc` end to end (CONTRACTS §8) against the running stack (Distribution,
+"""`tabbify-registry gc` end to end (contract §8) against the running stack (Distribution,
 two gateway workers): retention decides what goes (`keep_last` by the push times the gateway
 recorded, protected tags, `[[immutable]]` tags, `untagged_after`), `--dry-run` changes
 nothing, a real run removes manifests and blobs, the isolation ledger forgets them, the report

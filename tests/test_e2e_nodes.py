@@ -1,4 +1,4 @@
-"""Two complete nodes on one bucket (CONTRACTS §9): two `tabbify-registry run`, each with its
+"""Two complete nodes on one bucket (contract §9): two `tabbify-registry run`, each with its
 own data dir, gateway and backend (Distribution), sharing one SeaweedFS bucket, the S3 ledger,
 the upload secret, the registry-token keys and the policy file path.
 

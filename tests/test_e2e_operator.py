@@ -1,4 +1,4 @@
-"""The operator's view (CONTRACTS §6): /healthz, /metrics and redacted debug captures."""
+"""The operator's view (contract §6): /healthz, /metrics and redacted debug captures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`[[quota]]` end to end (CONTRACTS §8): sizes of confirmed uploads recorded in the ledger,
+"""`[[quota]]` end to end (contract §8): sizes of confirmed uploads recorded in the ledger,
 a push that would take the tenant over its quota refused (monolithic at its head, chunked
 when the backend confirms it: then nothing is recorded or linked), re-pushes free, usage per
 tenant in /metrics; bytes of unfinished uploads count (a PATCH that would pass the quota is

@@ -1,4 +1,4 @@
-"""`[[require_signature]]` end to end (CONTRACTS §8): cosign signatures made with keys the
+"""`[[require_signature]]` end to end (contract §8): cosign signatures made with keys the
 test generates (tests/cosign.py, cosign's formats), pushed as cosign pushes them (raw HTTP),
 images pushed and pulled with skopeo, through two gateway workers (a signature pushed through
 one worker must be seen by the other at once)."""

@@ -1,5 +1,5 @@
 """The real-WireGuard test harness itself: underlay namespaces, wireguard-go client nodes and the
-coordinator stand-in (CONTRACTS §5). Product mesh tests build on these pieces."""
+coordinator stand-in (contract §5). Product mesh tests build on these pieces."""
 
 from __future__ import annotations
 

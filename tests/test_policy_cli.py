@@ -107,7 +107,8 @@ def test_settings_policy_file():
          "allow grant {f}:12"),
         (["--tenant", "globex", "--repository", "acme/base/debian", "--action", "push"], 1,
          "deny no rule"),
-        (["--tenant", "acme", "--repository", "acme/app", "--action", "push"], 0, "allow owner"),
+        (["--tenant", "acme", "--repository", "acme/app", "--action", "push"], 0,
+         "allow owner\nquota 536870912000 bytes for acme by quota {f}:71"),
         (["--tenant", "acme", "--subject", "viewer@acme", "--repository", "acme/app",
           "--action", "push"], 1, "deny restrict {f}:30"),
         (["--tenant", "acme", "--repository", "acme/app", "--action", "delete"], 1,
@@ -154,6 +155,51 @@ def test_explain_action_must_be_known(run):
     with pytest.raises(SystemExit) as info:
         cli.main(["policy", "explain", *args])
     assert info.value.code == 2
+
+
+# The example's require_signature key, as `openssl pkey -pubin -outform DER | sha256sum` names it.
+EXAMPLE_KEY = "sha256:f075ec93aba0160f335250e010faaecc69a33519094c14642abaf9492ebcf049"
+RELEASE_BOT = ["--tenant", "acme", "--subject", "release-bot@acme", "--repository",
+               "acme/releases/app"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "out"),
+    [
+        (["--action", "push", "--tag", "v1.2"], 1,
+         "allow owner\ntag v1.2: immutable by immutable {f}:47: a push over an existing "
+         "tag is refused\nquota 536870912000 bytes for acme by quota {f}:71"),
+        (["--action", "delete", "--tag", "stable"], 1,
+         "deny restrict {f}:35\ntag stable: immutable by immutable {f}:47: a delete is refused"),
+        (["--action", "push", "--tag", "nightly"], 0,
+         "allow owner\ntag nightly: no [[immutable]] rule covers it\n"
+         "quota 536870912000 bytes for acme by quota {f}:71"),
+        (["--action", "pull"], 0,
+         f"allow owner\nsignature required by require_signature {{f}}:53: one of {EXAMPLE_KEY}"),
+    ],
+)  # fmt: skip
+def test_explain_tags_signatures_and_quotas(run, args: list[str], status: int, out: str):
+    got = run({}, "policy", "explain", "--policy", str(EXAMPLE), *RELEASE_BOT, *args)
+    assert got == (status, out.format(f=EXAMPLE) + "\n", "")
+
+
+def test_a_tag_goes_with_push_or_delete(run):
+    status, out, err = run({}, "policy", "explain", *RELEASE_BOT, "--action", "pull", "--tag", "v1")
+    assert (status, out) == (2, "") and "--tag goes with --action push or delete" in err
+
+
+def test_check_and_explain_take_the_policy_file_the_same_way(run, tmp_path: Path):
+    (tmp_path / "p.toml").write_text(GRANT)
+    args = ["--tenant", "globex", "--repository", "acme/base/x", "--action", "pull"]
+    for command in (["check"], ["explain", *args]):
+        status, out, err = run({}, "policy", *command, "--policy", str(tmp_path / "p.toml"))
+        assert status == 0 and err == "" and str(tmp_path / "p.toml") in out, (command, err)
+        # Without it: the deployment's REGISTRY_POLICY_FILE, for both.
+        env = {"REGISTRY_POLICY_FILE": str(tmp_path / "p.toml")}
+        status, out, err = run(env, "policy", *command)
+        assert status == 0 and str(tmp_path / "p.toml") in out, (command, err)
+    status, _, err = run({}, "policy", "check", "--policy", str(tmp_path / "p.toml"), "/x.toml")
+    assert status == 2 and "once" in err
 
 
 # --- start-up ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PolicyStore: the running gateway's policy follows its file (CONTRACTS §7).
+"""PolicyStore: the running gateway's policy follows its file (contract §7).
 
 A fake clock drives the checks; every write sets its own mtime, so no test waits or depends
 on the file system's timestamp granularity. One test runs on the real clock.
@@ -240,4 +240,37 @@ def test_an_unexpected_error_keeps_the_last_good_policy(path, clock, caplog, mon
     for _ in range(5):
         settle(store, clock)
         assert shares(store)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+
+
+def test_a_reload_is_logged_once_not_once_per_worker(path, clock, caplog, monkeypatch):
+    """Every gateway worker holds a PolicyFile and reloads it; worker 0 alone says so."""
+    from mitmproxy.test import taddons
+
+    from addons.policy_store import PolicyFile
+
+    write(path, GRANT)
+    caplog.set_level(logging.INFO, logger="addons.policy_store")
+    stores = []
+    for worker in range(3):
+        addon = PolicyFile()
+        with taddons.context(addon) as tctx:
+            tctx.options.add_option("registry_worker", int, 0, "")
+            tctx.configure(addon, registry_worker=worker, registry_policy_file=str(path))
+        assert addon.store is not None
+        addon.store.clock, addon.store._next_check = clock, clock() + 1
+        stores.append(addon.store)
+    # The contexts' own log handlers need their closed event loops: only pytest's stays.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [caplog.handler])
+    loaded = [r for r in caplog.records if "access policy" in r.getMessage()]
+    assert len(loaded) == 1
+    caplog.clear()
+    write(path, RESTRICT)
+    for store in stores:
+        settle(store, clock)
+        assert store.current().restricts  # every worker follows the edit
+    assert len([r for r in caplog.records if "reloaded" in r.getMessage()]) == 1
+    write(path, BAD)
+    for store in stores:
+        settle(store, clock)
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1

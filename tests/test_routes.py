@@ -1,4 +1,4 @@
-"""routes.check / parse / decide_params: the namespace table (CONTRACTS §3).
+"""routes.check / parse / decide_params: the namespace table (contract §3).
 
 The raw path is judged exactly as sent: anything outside the distribution-spec grammar is
 denied, never cleaned.

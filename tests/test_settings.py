@@ -1,4 +1,4 @@
-"""settings.load (CONTRACTS §2): defaults, derived values, and every refusal naming its variable.
+"""settings.load (contract §2): defaults, derived values, and every refusal naming its variable.
 
 Pure parsing: nothing here binds or connects, whatever address it names.
 """

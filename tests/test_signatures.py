@@ -1014,3 +1014,37 @@ def test_an_exempt_manifest_with_any_layer_made_runnable_is_not(case, runnable):
     event("exempt, then made runnable")
     blobs[digest(data)] = data
     assert not sig.exempt_from_signature(cosign.go_json(doc), blob_store(extra=blobs))
+
+
+# --- a manifest the backend does not have -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend_says", "answered"),
+    [
+        ("NAME_UNKNOWN", "NAME_UNKNOWN"),  # Zot: no such repository
+        ("MANIFEST_UNKNOWN", "MANIFEST_UNKNOWN"),  # Zot: no such tag; Distribution: either
+        ("SOMETHING_ELSE", "MANIFEST_UNKNOWN"),
+    ],
+)
+def test_a_missing_manifest_keeps_the_backends_distinction(backend_says, answered):
+    """The signed-only check answers a missing manifest itself: with the backend's code, so
+    that a repository that does not exist is told from a tag that does not."""
+    import httpx
+
+    from addons.policy import parse
+    from addons.policy_store import PolicyFile
+    from addons.signed import SignedOnly
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"errors": [{"code": backend_says, "message": "x"}]})
+
+    key = cosign.Signer().public_pem
+    rule = f'[[require_signature]]\nrepositories = ["acme/**"]\nkeys = ["""{key}"""]\n'
+    policy = parse(rule, "p")
+    from addons.backend import Client
+
+    addon = SignedOnly(PolicyFile())
+    addon.client = Client("http://backend", transport=httpx.MockTransport(backend))
+    digest, missing = addon.decide(policy, policy.signatures, "acme/nothing", "v1")
+    assert digest is None and missing.code == answered

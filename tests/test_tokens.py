@@ -1,4 +1,4 @@
-"""Registry tokens (CONTRACTS §3): HS256, 300 s, carrying the tenant, verified locally.
+"""Registry tokens (contract §3): HS256, 300 s, carrying the tenant, verified locally.
 
 Every way a bearer value can be wrong ends in InvalidToken and nothing else: any other
 exception escaping `verify` would escape the gateway's hook too.

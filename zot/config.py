@@ -27,7 +27,7 @@ S3_PREFIX = "/zot"
 
 
 def storage_root(settings: Settings) -> str:
-    """Local storage (and, on S3, Zot's boltdb dedupe cache) lives here (CONTRACTS §2)."""
+    """Local storage (and, on S3, Zot's boltdb dedupe cache) lives here (contract §2)."""
     return str(settings.data_dir / "zot-cache")
 
 
@@ -41,7 +41,7 @@ def _endpoint_is_plain_http(settings: Settings) -> bool:
     return bool(settings.s3_endpoint and settings.s3_endpoint.startswith("http://"))
 
 
-# GC (CONTRACTS §8) with Zot is Zot's own: blobs younger than this stay (a push in flight),
+# GC (contract §8) with Zot is Zot's own: blobs younger than this stay (a push in flight),
 # and so do untagged manifests where no [[retention]] rule says otherwise (as
 # addons/gc_plan.py's DEFAULT_GRACE does with Distribution).
 GC_GRACE_SECONDS = 3600

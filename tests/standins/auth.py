@@ -1,4 +1,4 @@
-"""Stand-in for Tabbify auth speaking CONTRACTS §4 (`POST /v1/validate`): the product's
+"""Stand-in for Tabbify auth speaking contract §4 (`POST /v1/validate`): the product's
 `dev-auth` server (tabbify_registry/devauth.py) with a fixed key, so tests can mint tokens
 before it starts, and fault modes switched at run time.
 

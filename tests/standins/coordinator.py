@@ -1,4 +1,4 @@
-"""Stand-in for the mesh coordinator speaking CONTRACTS §5.
+"""Stand-in for the mesh coordinator speaking contract §5.
 
 - `POST /v1/nodes` (bearer = the configured auth key, else 401) registers or re-registers a
   node and answers `{"node_id", "ula", "prefix", "listen_port", "peers"}`.
