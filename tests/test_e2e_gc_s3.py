@@ -53,12 +53,16 @@ def test_the_sweep_on_s3_spares_young_and_relinked_blobs(
         for blob in (garbage, relinked):  # stored, never referenced
             push_blob(stack, "acme/s3gc/earlier", blob, h)
         assert blob_keys(s3, sha256(garbage)) and blob_keys(s3, sha256(relinked))
-        time.sleep(3)  # older than the grace used below
+        stored = time.time()
+        time.sleep(10)  # a gap between the old blobs and the push below
         config = json.dumps({"os": "linux", "n": os.urandom(8).hex()}).encode()
         fresh = os.urandom(5000)
         for blob in (config, fresh, relinked):  # a push: its blobs first...
             push_blob(stack, "acme/s3gc/app", blob, h)
-        monkeypatch.setattr(gc, "BLOB_GRACE", 2.5)
+        # A grace just under the old blobs' age: they are past it at the sweep, and the push's
+        # blobs, ten seconds younger, stay inside it unless the collection itself takes ~10 s
+        # (a fixed grace made this depend on how fast a loaded machine pushes).
+        monkeypatch.setattr(gc, "BLOB_GRACE", time.time() - stored - 0.5)
         report = gc.run_once(load(stack.env), dry_run=False)
         assert report["collected"]["blobs"] == 1 and report["kept_young_blobs"] >= 3, report
         assert blob_keys(s3, sha256(garbage)) == []  # its whole prefix
