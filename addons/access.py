@@ -260,7 +260,11 @@ class RegistryAccess:
         status = flow.response.status_code  # type: ignore[union-attr]
         if status >= 500 or status == 401:
             return  # small, and rewritten in `response`: not streamed
-        flow.response.stream = rec.count_out  # type: ignore[union-attr]
+        if rec.route == "manifest" and flow.request.method == "GET" and status == 200:
+            rec.head_out = bytearray()  # the live view shows a pulled manifest's first 16 KiB
+            flow.response.stream = rec.count_keep_out  # type: ignore[union-attr]
+        else:
+            flow.response.stream = rec.count_out  # type: ignore[union-attr]
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:

@@ -13,6 +13,7 @@ from mitmproxy import http
 from addons.target import Target
 
 _KEY = "tabbify"
+HEAD_KEPT = 16 * 1024  # bytes of a streamed manifest the live view may show
 
 
 @dataclass
@@ -37,6 +38,9 @@ class FlowRecord:
     # The access-log line once written, until the live view's feed (flowfeed.py) takes it:
     # the feed reuses what the log computed instead of reading the flow again.
     line: dict[str, object] | None = None
+    # The first HEAD_KEPT bytes of a streamed manifest answer, for the live view (flowfeed.py):
+    # a copy of what passes, never a buffer the stream waits on.
+    head_out: bytearray | None = None
 
     @property
     def allowed(self) -> bool:
@@ -49,6 +53,14 @@ class FlowRecord:
 
     def count_out(self, chunk: bytes) -> bytes:
         self.bytes_out += len(chunk)
+        return chunk
+
+    def count_keep_out(self, chunk: bytes) -> bytes:
+        """count_out, keeping a copy of the body's first HEAD_KEPT bytes in `head_out`."""
+        self.bytes_out += len(chunk)
+        head = self.head_out
+        if head is not None and len(head) < HEAD_KEPT:
+            head += chunk[: HEAD_KEPT - len(head)]
         return chunk
 
     def discard_in(self, chunk: bytes) -> bytes:

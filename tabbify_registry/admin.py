@@ -459,6 +459,8 @@ class Admin:
             return 403, "text/plain", f"forbidden: {refusal}\n".encode(), {}
         if request.method == "GET" and request.path == "/live/flows":
             return await self.live.poll(request)
+        if request.method == "GET" and request.path == "/":
+            return await self.live.page()
         if request.method == "GET" and request.path == "/live/flows.mitm":
             return await self.live.download(request)
         answer = self.live.route(request)

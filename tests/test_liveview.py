@@ -144,7 +144,8 @@ def receiver(path: Path, rcvbuf: int | None = None) -> socket.socket:
 
 
 def received(sock: socket.socket) -> list[dict]:
-    """The flows of every datagram waiting: a head line, then `brief TAB headers` lines."""
+    """The flows of every datagram waiting: a head line, then `brief TAB headers[ TAB bodies]`
+    lines."""
     flows = []
     while True:
         try:
@@ -154,8 +155,9 @@ def received(sock: socket.socket) -> list[dict]:
         head, *lines = data.split(b"\n")
         assert isinstance(json.loads(head)["pid"], int)
         for line in lines:
-            brief, headers = line.split(b"\t")
+            brief, headers, *kept = line.split(b"\t")
             flows.append({**json.loads(brief), **json.loads(headers)})
+            flows[-1].update(*(json.loads(k) for k in kept))
 
 
 def test_a_viewer_gets_the_backlog_after_what_it_has_then_each_new_flow(tmp_path):
