@@ -9,8 +9,8 @@ looks. So:
   and bounded in size. Nothing is copied, serialised or sent. The ring is what a viewer sees
   of the time before it connected.
 - A few flows also leave their body's first BODY_LIMIT bytes (`bodies`): a manifest pushed
-  (buffered by the gateway anyway) or pulled (its first bytes copied as they stream by:
-  record.count_keep_out), and an error's JSON the gateway holds. Redacted as headers are
+  (buffered by the gateway anyway) or pulled, and an error's JSON (held by the gateway, or
+  its first bytes copied as they stream by: record.count_keep_out). Redacted as headers are
   (redact.body) and kept only while all kept bodies fit BODY_BUDGET bytes (the oldest go).
   Never a token answer, a form, a blob, or a streamed body beyond that copy.
 - Only while a viewer is connected (the admin program says so in
@@ -125,8 +125,8 @@ def _json_type(message: http.Message) -> bool:
 def bodies(flow: http.HTTPFlow, rec: FlowRecord) -> dict[str, Any] | None:
     """What the view shows of a flow's bodies, redacted and cut to BODY_LIMIT bytes: a
     pushed manifest, a pulled one, an error's JSON. Only bodies the gateway holds in memory
-    anyway (or the copied head of a streamed manifest); never an encoded body, a token answer
-    or a form (credentials), a blob (not text, and streamed)."""
+    anyway, or the copied head of a streamed manifest or error (access.py decides which get
+    one); never an encoded body, a token answer or a form (credentials), a blob."""
     request, response = flow.request, flow.response
     manifest = rec.route == "manifest" and rec.kind == "registry"
     out: dict[str, Any] = {}
@@ -143,7 +143,7 @@ def bodies(flow: http.HTTPFlow, rec: FlowRecord) -> dict[str, Any] | None:
                 manifest and status == 200 and request.data.method == b"GET"
             ):
                 raw = response.raw_content
-        elif manifest and rec.head_out is not None:
+        elif rec.head_out is not None:  # a manifest pulled or an error: its head, copied
             raw = bytes(rec.head_out)
             more = rec.bytes_out > len(raw)
         if raw:

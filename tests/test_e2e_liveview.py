@@ -274,7 +274,9 @@ def test_the_page_paints_its_rows_and_opened_flows_show_their_bodies(registry, a
     )
     assert r.status_code == 200 and r.content == body
     r = requests.get(f"{registry.url}/v2/globex/secret/manifests/v1", headers=headers, timeout=10)
-    assert r.status_code == 403 and r.json()["errors"]
+    assert r.status_code == 403 and r.json()["errors"]  # the gateway's refusal
+    r = requests.get(f"{registry.url}/v2/{repo}/manifests/nope", headers=headers, timeout=10)
+    assert r.status_code == 404 and r.json()["errors"]  # the backend's, streamed through
 
     # A plain screenshot-style load: chromium's own defaults, no script waited for.
     profile = Path(browser.tempfile.mkdtemp(prefix="tbf-dump-"))
@@ -302,11 +304,11 @@ def test_the_page_paints_its_rows_and_opened_flows_show_their_bodies(registry, a
         page.wait_for(f"{cells}.some(r => r.repository === 'globex/secret')")
         rows = page.evaluate(cells)
 
-        def opened(method: str, repository: str, status: str) -> str:
+        def opened(method: str, repository: str, status: str, reference: str = "v1") -> str:
             [row] = [
                 r for r in rows
                 if (r["method"], r["repository"], r["status"], r["reference"], r["agent"])
-                == (method, repository, status, "v1", "body-test/1.0")
+                == (method, repository, status, reference, "body-test/1.0")
             ]  # fmt: skip
             assert (row["subject"], row["host"]) == ("user-1", registry.host)
             page.evaluate(f"document.querySelector('tr.flow[data-id=\"{row['id']}\"]').click()")
@@ -321,7 +323,9 @@ def test_the_page_paints_its_rows_and_opened_flows_show_their_bodies(registry, a
         pulled = opened("GET", repo, "200")
         assert '"schemaVersion": 2' in pulled and "pasted REDACTED here" in pulled
         refused = opened("GET", "globex/secret", "403")
-        assert '"code": "DENIED"' in refused or '"code":"DENIED"' in refused
+        assert re.search(r'"code": ?"DENIED"', refused), refused
+        unknown = opened("GET", repo, "404", "nope")
+        assert re.search(r'"code": ?"MANIFEST_UNKNOWN"', unknown), unknown
         dom = page.evaluate("document.documentElement.outerHTML")
         assert acme_jwt not in dom and acme_jwt.split(".")[2] not in dom
         assert page.console_errors() == []

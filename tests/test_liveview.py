@@ -625,7 +625,7 @@ def test_no_body_of_a_blob_a_token_answer_or_a_streamed_message():
     feed.response(flow)
     assert feed.kept_bodies(feed.seq) is None
     streamed = manifest_flow(b"GET", b'{"a": 1}', status=200)
-    streamed.response.stream = True  # no copy of its head was made: nothing
+    streamed.response.stream = True  # no copy of its head was made (access.py): nothing
     feed.response(streamed)
     assert feed.kept_bodies(feed.seq) is None
     denied = finished_flow(status=403)
