@@ -256,7 +256,16 @@ class RegistryAccess:
         status = flow.response.status_code  # type: ignore[union-attr]
         if status >= 500 or status == 401:
             return  # small, and rewritten in `response`: not streamed
-        flow.response.stream = rec.count_out  # type: ignore[union-attr]
+        kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if (rec.route == "manifest" and flow.request.method == "GET" and status == 200) or (
+            status >= 400 and (kind == "application/json" or kind.endswith("+json"))
+        ):
+            # The live view shows a pulled manifest's or an error's first 16 KiB: a copy of
+            # what streams by (flowfeed.bodies), the stream itself unchanged.
+            rec.head_out = bytearray()
+            flow.response.stream = rec.count_keep_out  # type: ignore[union-attr]
+        else:
+            flow.response.stream = rec.count_out  # type: ignore[union-attr]
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:

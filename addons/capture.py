@@ -48,6 +48,7 @@ class Capture:
         self.writer: io.FlowWriter | None = None
         self.path: Path | None = None
         self.capture_id: str | None = None
+        self.last_id: str | None = None  # the capture `flows` counts: kept after it ends
         self.until = 0.0  # epoch seconds
         self.max_bytes = 0
         self.flows = 0
@@ -74,6 +75,7 @@ class Capture:
         self.file = open(self.path, "wb")  # noqa: SIM115 - closed by stop()
         self.writer = io.FlowWriter(self.file)
         self.capture_id, self.until, self.max_bytes, self.flows = capture_id, until, max_bytes, 0
+        self.last_id = capture_id
 
     def stop(self) -> None:
         if self.file is not None:
@@ -82,7 +84,10 @@ class Capture:
         self.capture_id = None
 
     def status(self) -> dict[str, object]:
-        return {"id": self.capture_id, "flows": self.flows}
+        """`id`: the capture being written (None when none); `flows`: written to the part of
+        capture `last`, which stays after it ends (the admin endpoint counts finished
+        captures too)."""
+        return {"id": self.capture_id, "last": self.last_id, "flows": self.flows}
 
     def _write(self, flow: http.HTTPFlow) -> None:
         if self.writer is None or self.file is None:

@@ -8,6 +8,11 @@ looks. So:
   redacted as captures are (addons/redact.py: one scan that finds nothing in the common case)
   and bounded in size. Nothing is copied, serialised or sent. The ring is what a viewer sees
   of the time before it connected.
+- A few flows also leave their body's first BODY_LIMIT bytes (`bodies`): a manifest pushed
+  (buffered by the gateway anyway) or pulled, and an error's JSON (held by the gateway, or
+  its first bytes copied as they stream by: record.count_keep_out). Redacted as headers are
+  (redact.body) and kept only while all kept bodies fit BODY_BUDGET bytes (the oldest go).
+  Never a token answer, a form, a blob, or a streamed body beyond that copy.
 - Only while a viewer is connected (the admin program says so in
   `<registry_state_dir>/liveview.json`, which the publisher reads once a second with the
   capture request), a task on the event loop sends every SEND_EVERY s the snapshots not yet
@@ -37,7 +42,7 @@ from mitmproxy import http
 
 from addons import redact, runstate
 from addons.accesslog import backend_seconds
-from addons.record import record
+from addons.record import HEAD_KEPT, FlowRecord, record
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ SEND_BUFFER = 1 << 20  # bytes the socket holds until the admin program reads
 MAX_DATAGRAM = 60_000  # bytes; a unix datagram socket takes up to its send buffer (~208 KiB)
 MAX_HEADER_BYTES = 8192  # per message: a 1 MiB request head must not become 1 MiB per flow
 MAX_TARGET = 2048
+BODY_LIMIT = HEAD_KEPT  # bytes of one body shown
+BODY_BUDGET = 4 << 20  # bytes of bodies one worker keeps (its ring: BACKLOG flows)
 SOCKET_NAME, CONTROL_NAME = runstate.LIVEVIEW_SOCKET, runstate.LIVEVIEW
 
 # seq, end (epoch s), access-log line, target, client address, backend seconds,
@@ -62,7 +69,9 @@ Snapshot = tuple[
     redact.Fields,
     redact.Fields | None,
     bool,
+    str | None,
 ]
+MAX_HOST = 256
 
 
 def bounded(fields: redact.Fields) -> tuple[redact.Fields, bool]:
@@ -99,7 +108,50 @@ def snapshot(seq: int, flow: http.HTTPFlow, line: dict[str, object]) -> Snapshot
         req,
         resp,
         cut_req or cut_resp,
+        # As the client sent it (hardening.py keeps it before reverse mode rewrites it).
+        _host(getattr(request, "tbf_host", None)),
     )
+
+
+def _host(value: object) -> str | None:
+    return redact.text(value)[:MAX_HOST] if isinstance(value, str) else None
+
+
+def _json_type(message: http.Message) -> bool:
+    kind = message.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def bodies(flow: http.HTTPFlow, rec: FlowRecord) -> dict[str, Any] | None:
+    """What the view shows of a flow's bodies, redacted and cut to BODY_LIMIT bytes: a
+    pushed manifest, a pulled one, an error's JSON. Only bodies the gateway holds in memory
+    anyway, or the copied head of a streamed manifest or error (access.py decides which get
+    one); never an encoded body, a token answer or a form (credentials), a blob."""
+    request, response = flow.request, flow.response
+    manifest = rec.route == "manifest" and rec.kind == "registry"
+    out: dict[str, Any] = {}
+    cut = False
+    if manifest and request.data.method == b"PUT" and not request.stream:
+        raw = request.raw_content
+        if raw and "content-encoding" not in request.headers:
+            out["request_body"], cut = redact.body(raw, BODY_LIMIT)
+    if response is not None and "content-encoding" not in response.headers:
+        raw, more = None, False
+        if not response.stream:
+            status = response.status_code
+            if (status >= 400 and _json_type(response)) or (
+                manifest and status == 200 and request.data.method == b"GET"
+            ):
+                raw = response.raw_content
+        elif rec.head_out is not None:  # a manifest pulled or an error: its head, copied
+            raw = bytes(rec.head_out)
+            more = rec.bytes_out > len(raw)
+        if raw:
+            out["response_body"], cut_out = redact.body(raw, BODY_LIMIT)
+            cut = cut or cut_out or more
+    if cut:
+        out["body_cut"] = True
+    return out or None
 
 
 def _text(fields: redact.Fields | None) -> list[list[str]] | None:
@@ -110,7 +162,7 @@ def _text(fields: redact.Fields | None) -> list[list[str]] | None:
 
 def brief(snap: Snapshot, worker: int) -> dict[str, Any]:
     """The flow without its headers: the access-log line and what only the view shows."""
-    seq, end, line, target, client, backend, _, _, truncated = snap
+    seq, end, line, target, client, backend, _, _, truncated, host = snap
     out: dict[str, Any] = {
         **line,
         "seq": seq,
@@ -119,6 +171,7 @@ def brief(snap: Snapshot, worker: int) -> dict[str, Any]:
         "target": target,
         "client": client,
         "backend_ms": None if backend is None else round(backend * 1000, 1),
+        "host": host,
     }
     if truncated:
         out["truncated"] = True
@@ -129,20 +182,25 @@ def headers(snap: Snapshot) -> dict[str, Any]:
     return {"request_headers": _text(snap[6]), "response_headers": _text(snap[7])}
 
 
-def summary(snap: Snapshot, worker: int) -> dict[str, Any]:
-    """The whole flow as the view knows it: brief and headers."""
-    return {**brief(snap, worker), **headers(snap)}
+def summary(snap: Snapshot, worker: int, kept: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole flow as the view knows it: brief, headers and bodies kept."""
+    return {**brief(snap, worker), **headers(snap), **(kept or {})}
 
 
-def encode(snap: Snapshot, worker: int) -> bytes:
-    """One flow on the wire: `<brief JSON> TAB <headers JSON>` (JSON text holds no raw tab or
-    newline). The admin program reads the brief for its table and overview and keeps the
-    headers as text until someone opens the flow."""
-    return (
+def encode(snap: Snapshot, worker: int, kept: dict[str, Any] | None = None) -> bytes:
+    """One flow on the wire: `<brief JSON> TAB <headers JSON>[ TAB <bodies JSON>]` (JSON text
+    holds no raw tab or newline). The admin program reads the brief for its table and
+    overview and keeps the rest as text until someone opens the flow. A flow whose bodies
+    would not fit a datagram goes without them (a body of control characters escapes to 6x)."""
+    line = (
         json.dumps(brief(snap, worker), separators=(",", ":"))
         + "\t"
         + json.dumps(headers(snap), separators=(",", ":"))
-    ).encode()
+    )
+    if kept:
+        more = "\t" + json.dumps(kept, separators=(",", ":"))
+        line += more if len(line) + len(more) < MAX_DATAGRAM - 512 else '\t{"body_dropped":true}'
+    return line.encode()
 
 
 class FlowFeed:
@@ -153,6 +211,8 @@ class FlowFeed:
         self.streaming = False
         self.sent = 0
         self.dropped = 0  # flows a viewer should have had but did not get
+        self.bodies: dict[int, tuple[dict[str, Any], int]] = {}  # seq -> (bodies, bytes)
+        self.body_bytes = 0
         self.worker = 0  # this worker's index (registry_worker)
         self.target: str | None = None  # the admin program's socket
         self.sock: socket.socket | None = None
@@ -171,6 +231,23 @@ class FlowFeed:
             self.dropped += 1  # the oldest was never sent: the sender fell behind
         self.seq += 1
         ring.append(snapshot(self.seq, flow, line))
+        kept = bodies(flow, rec)
+        if kept is not None:
+            self.keep_bodies(self.seq, kept)
+
+    def keep_bodies(self, seq: int, kept: dict[str, Any]) -> None:
+        """Bodies of flow `seq`, within BODY_BUDGET: the oldest kept go first (insertion
+        order), whether or not the ring still holds their flow."""
+        size = sum(len(v) for v in kept.values() if isinstance(v, str))
+        self.bodies[seq] = (kept, size)
+        self.body_bytes += size
+        while self.body_bytes > BODY_BUDGET:
+            oldest = next(iter(self.bodies))
+            self.body_bytes -= self.bodies.pop(oldest)[1]
+
+    def kept_bodies(self, seq: int) -> dict[str, Any] | None:
+        found = self.bodies.get(seq)
+        return found[0] if found is not None else None
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._keep(flow)
@@ -259,7 +336,7 @@ class FlowFeed:
         batch: list[bytes] = []
         size, sent = len(prefix), 0
         for i, snap in enumerate(snaps):
-            item = encode(snap, self.worker)
+            item = encode(snap, self.worker, self.kept_bodies(snap[0]))
             if batch and size + len(item) + 1 > MAX_DATAGRAM:
                 if not self._send(prefix + b"\n".join(batch)):
                     return sent

@@ -144,6 +144,10 @@ def _checked_read_headers(self: Any, event: events.Event) -> Generator[Any, Any,
                 return True
             connections.head_done(self)
             self.tbf_stream = command.event.stream_id  # mitmproxy's HTTP layer has its stream
+            # The Host the client sent, before reverse mode rewrites it for the backend (the
+            # live view shows it: addons/flowfeed.py).
+            request = command.event.request
+            request.tbf_host = request.headers.get("host")
         yield command
     return False
 

@@ -16,6 +16,7 @@ from mitmproxy import http
 from addons.target import Target
 
 _KEY = "tabbify"
+HEAD_KEPT = 16 * 1024  # bytes of a streamed manifest the live view may show
 
 
 @dataclass(slots=True)
@@ -53,6 +54,9 @@ class FlowRecord:
     signed_digest: str | None = None  # SignedOnly: the manifest digest checked and asked for
     invalidates_signatures: bool = False  # SignedOnly: a manifest PUT/DELETE, see its response
     page_tags: bool = False  # Listing: a small tag list read whole, to page in `response`
+    # The first HEAD_KEPT bytes of a streamed manifest answer, for the live view (flowfeed.py):
+    # a copy of what passes, never a buffer the stream waits on.
+    head_out: bytearray | None = None
 
     @property
     def allowed(self) -> bool:
@@ -65,6 +69,14 @@ class FlowRecord:
 
     def count_out(self, chunk: bytes) -> bytes:
         self.bytes_out += len(chunk)
+        return chunk
+
+    def count_keep_out(self, chunk: bytes) -> bytes:
+        """count_out, keeping a copy of the body's first HEAD_KEPT bytes in `head_out`."""
+        self.bytes_out += len(chunk)
+        head = self.head_out
+        if head is not None and len(head) < HEAD_KEPT:
+            head += chunk[: HEAD_KEPT - len(head)]
         return chunk
 
     def discard_in(self, chunk: bytes) -> bytes:

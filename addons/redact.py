@@ -3,7 +3,9 @@ replaced. One definition for the debug capture (capture.py) and the live view (f
 
 Replaced by REDACTED: the value of every Authorization, Proxy-Authorization, Cookie and
 Set-Cookie header, and anything shaped like a JWT (`eyJ…`) in any other header value or in the
-request target. Bodies never leave at all (tokens, JWT forms and layers stay out).
+request target. Bodies leave only for the live view, and only the few it shows (a manifest,
+an error's JSON; see flowfeed.bodies), cut to their first bytes and with every JWT-shaped part
+replaced (`body`); never a token answer, a form, a blob or anything streamed.
 """
 
 from __future__ import annotations
@@ -52,3 +54,12 @@ def replaced(headers: Fields) -> Fields:
         else (name, _JWT_BYTES.sub(_REDACTED_BYTES, value) if b"eyJ" in value else value)
         for name, value in headers
     )
+
+
+def body(data: bytes, limit: int) -> tuple[str, bool]:
+    """The first `limit` bytes of a body as text, every JWT-shaped part replaced, and whether
+    it was cut. Cut first: a JWT cut in two keeps its dots up to the cut (the regex still
+    finds it), and a bare `eyJ…` head without a dot is no token."""
+    cut = len(data) > limit
+    text_ = data[:limit].decode("utf-8", "replace")
+    return (JWT.sub(REDACTED, text_) if "eyJ" in text_ else text_), cut

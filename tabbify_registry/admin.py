@@ -372,13 +372,11 @@ class Admin:
         capture_id = request.get("id")
         active = bool(capture_id) and float(request.get("until", 0)) > time.time()
         self.workers.refresh()
-        flows = sum(
-            int((s.get("capture") or {}).get("flows", 0))
-            for s in self.workers.current.values()
-            if (s.get("capture") or {}).get("id") == capture_id
-        )
         if not active and capture_id and not self.capturing(capture_id):
             self.join_capture()
+            request = read_request(self.capture_request()) or request
+        joined = request.get("flows")
+        flows = joined if isinstance(joined, int) else self.captured_flows(capture_id)
         path = Path(self.args.capture_dir) / f"capture-{capture_id}.flows" if capture_id else None
         return {
             "active": active,
@@ -387,9 +385,22 @@ class Admin:
             "file": str(path) if path else None,
         }
 
+    def captured_flows(self, capture_id: object) -> int:
+        """Flows the workers wrote for this capture: each worker's count of its part, while
+        it writes and after it stopped (a worker's `id` is None once its part ends: `last`
+        names the capture its count is of)."""
+        total = 0
+        for state in self.workers.current.values():
+            part = state.get("capture") or {}
+            if capture_id in (part.get("id"), part.get("last")):
+                flows = part.get("flows", 0)
+                total += flows if isinstance(flows, int) else 0
+        return total
+
     def join_capture(self) -> None:
         """Join the workers' parts of a finished capture into one flow file (mitmproxy flow
-        files are a sequence of flows: the parts concatenate)."""
+        files are a sequence of flows: the parts concatenate), and keep its flow count in the
+        request (`flows`): a worker restarted later no longer has its count."""
         request = read_request(self.capture_request()) or {}
         capture_id = request.get("id")
         if not capture_id:
@@ -398,10 +409,14 @@ class Admin:
         parts = sorted(directory.glob(f"capture-{capture_id}.w*.flows"))
         if not parts:
             return
+        self.workers.refresh()
+        before = request.get("flows")  # joined once already: a late part was left over
+        flows = max(self.captured_flows(capture_id), before if isinstance(before, int) else 0)
         with open(directory / f"capture-{capture_id}.flows", "ab") as joined:
             for part in parts:
                 joined.write(part.read_bytes())
                 part.unlink()
+        write_json(self.capture_request(), {**request, "flows": flows})
 
     # --- the HTTP server ----------------------------------------------------------------------
 
@@ -439,6 +454,8 @@ class Admin:
             return 403, "text/plain", f"forbidden: {refusal}\n".encode(), {}
         if request.method == "GET" and request.path == "/live/flows":
             return await self.live.poll(request)
+        if request.method == "GET" and request.path == "/":
+            return await self.live.page()
         if request.method == "GET" and request.path == "/live/flows.mitm":
             return await self.live.download(request)
         answer = self.live.route(request)

@@ -188,8 +188,19 @@ def require_backend(s: Settings) -> None:
         raise ConfigError(f"REGISTRY_BACKEND={s.backend}: `{binary}` is not on PATH")
 
 
-def backend_command(s: Settings, config_file: Path) -> list[str]:
-    return [BACKEND_BINARIES[s.backend], "serve", str(config_file)]
+def backend_command(
+    s: Settings, config_file: Path, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The backend's command line. Distribution gets an operator's AWS_CA_BUNDLE as
+    SSL_CERT_FILE, and not AWS_CA_BUNDLE itself (its S3 driver panics on it; see
+    settings.distribution_env): supervisord hands every program its own environment, so the
+    change is made here, for this program only (the gateway's boto3 ledger reads
+    AWS_CA_BUNDLE as it is)."""
+    command = [BACKEND_BINARIES[s.backend], "serve", str(config_file)]
+    bundle = (env or {}).get("AWS_CA_BUNDLE", "").strip()
+    if s.backend == "distribution" and bundle:
+        return ["env", "-u", "AWS_CA_BUNDLE", f"SSL_CERT_FILE={bundle}", *command]
+    return command
 
 
 def token_key(minfds: int) -> int:
@@ -279,7 +290,9 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_ADMIN_COMMAND=shlex.join(admin_command(s)),
         TBF_PYTHON=sys.executable,
         TBF_GATEWAY_COMMAND=shlex.join(gateway_command(s)),
-        TBF_BACKEND_COMMAND="true" if external else shlex.join(backend_command(s, config_file)),
+        TBF_BACKEND_COMMAND=(
+            "true" if external else shlex.join(backend_command(s, config_file, env))
+        ),
         TBF_BACKEND_AUTOSTART="false" if external else "true",
         TBF_MESH_COMMAND=shlex.join([sys.executable, "-m", "mesh.follow", str(s.data_dir)]),
         TBF_MESH_AUTOSTART="true" if s.mesh_coordinator_url else "false",

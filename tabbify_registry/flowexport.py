@@ -1,6 +1,7 @@
 """The live view's flows as a mitmproxy flow file (`mitmproxy -r`, `mitmdump -nr`,
 `mitmproxy.io.FlowReader`), built from the redacted summaries the workers sent: the same
-redaction as a capture, and, as in a capture, no bodies. What the view knows beyond HTTP
+redaction as a capture, with the few bodies the view keeps (a manifest's or an error's first
+16 KiB, redacted; none of a blob or a token answer). What the view knows beyond HTTP
 (tenant, decision, rule, bytes, backend latency) goes into each flow's comment.
 """
 
@@ -26,6 +27,10 @@ def _fields(value: Any) -> tuple[tuple[bytes, bytes], ...]:
 
 def _number(value: Any, default: float = 0.0) -> float:
     return float(value) if isinstance(value, int | float) else default
+
+
+def _body(value: Any) -> bytes | None:
+    return value.encode() if isinstance(value, str) else None
 
 
 def _host_port(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[str, int]:
@@ -63,7 +68,7 @@ def http_flow(summary: dict[str, Any]) -> http.HTTPFlow:
         path=str(summary.get("target") or "/").encode(),
         http_version=b"HTTP/1.1",
         headers=request_headers,
-        content=None,
+        content=_body(summary.get("request_body")),
         trailers=None,
         timestamp_start=start,
         timestamp_end=start,
@@ -79,7 +84,7 @@ def http_flow(summary: dict[str, Any]) -> http.HTTPFlow:
             status_code=status,
             reason=reason,
             headers=_fields(summary.get("response_headers")),
-            content=None,
+            content=_body(summary.get("response_body")),
             trailers=None,
             timestamp_start=end,
             timestamp_end=end,

@@ -66,7 +66,7 @@ from addons import backend, backend_auth, freeze, gc_plan, manifest, oci, runsta
 from addons.ledger import Ledger, LedgerUnavailable, holder
 from addons.policy import EMPTY, Policy
 from addons.policy_store import read as read_policy
-from tabbify_registry.settings import ConfigError, Settings
+from tabbify_registry.settings import ConfigError, Settings, distribution_env
 from zot import config as backend_config
 
 logger = logging.getLogger("gc")
@@ -518,7 +518,7 @@ def mark(config: Path, timeout: float) -> set[str] | None:
     # The environment the backend itself runs with (cli.supervisor_env): REGISTRY_* removed
     # (Distribution reads them as config overrides), the rest kept, among it the S3 SDK's
     # default credential chain (AWS_*), which the mark needs to read the bucket.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env = distribution_env(os.environ)  # and AWS_CA_BUNDLE as SSL_CERT_FILE
     env.setdefault("PATH", "/usr/bin:/bin")
     try:
         out = subprocess.run(

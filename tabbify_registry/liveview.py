@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -56,11 +58,16 @@ HEARTBEAT = 15.0
 CONTROL_EVERY = 1.0
 CONTROL_TTL = 5.0  # seconds the workers keep streaming without a renewal
 POLL_WAIT = 25.0  # seconds a long poll waits for a flow at most
+FIRST_ROWS = 200  # rows drawn into the page itself (the first paint shows them, scripts or not)
+WARM_WAIT = 2.5  # seconds a page waits for the workers' backlog when nobody was looking
+WARM_MORE = 0.5  # and then for the other workers' after the first one's
 WRITE_TIMEOUT = 10.0  # a viewer that reads nothing for this long is let go
 RECV_BUFFER = 4 << 20
 FORGET_AFTER = 3600.0  # seconds after which a silent worker pid is forgotten
 MAX_SUN_PATH = 107
 HEADERS = ("request_headers", "response_headers")
+BODIES = ("request_body", "response_body", "body_cut", "body_dropped")
+BODY_BUDGET = 32 << 20  # bytes of bodies the ring keeps (10 000 flows: the oldest lose theirs)
 STATIC = {
     "/": ("live.html", "text/html; charset=utf-8"),
     "/static/live.js": ("live.js", "text/javascript; charset=utf-8"),
@@ -81,27 +88,55 @@ class Entry:
     flow: dict[str, Any]  # the flow without its headers, with `id`: table, filters, overview
     brief: str  # its JSON, as pages get it
     headers: str | None = None  # JSON {"request_headers", "response_headers"}, as sent
+    bodies: str | None = None  # JSON {"request_body", "response_body", "body_cut"}, as sent
 
     def full(self) -> dict[str, Any]:
-        """The flow with its headers, parsed only when someone opens it or downloads it."""
+        """The flow with its headers and bodies, parsed only when someone opens it or
+        downloads it."""
         extra: dict[str, Any] = {}
         with contextlib.suppress(ValueError):
             parsed = json.loads(self.headers) if self.headers else None
             if isinstance(parsed, dict):
                 extra = {k: parsed.get(k) for k in HEADERS}
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(self.bodies) if self.bodies else None
+            if isinstance(parsed, dict):
+                extra.update((k, parsed[k]) for k in BODIES if k in parsed)
         return {**self.flow, **extra}
 
 
 class FlowRing:
     """The last `capacity` flows, with ids that grow by one: a flow is found by arithmetic."""
 
-    def __init__(self, capacity: int = RING_SIZE) -> None:
+    def __init__(self, capacity: int = RING_SIZE, body_budget: int = BODY_BUDGET) -> None:
         self.entries: deque[Entry] = deque(maxlen=capacity)
         self.last_id = 0
         self.evicted = 0
+        self.body_budget = body_budget
+        self.with_bodies: deque[Entry] = deque()  # oldest first
+        self.body_bytes = 0
+
+    def keep_bodies(self, entry: Entry) -> None:
+        """Bodies stay while all fit `body_budget` (the oldest go first), not as long as
+        their flow: a flow the ring lets go lets its bodies go too."""
+        if entry.bodies is None:
+            return
+        self.with_bodies.append(entry)
+        self.body_bytes += len(entry.bodies)
+        while self.with_bodies and (
+            self.body_bytes > self.body_budget
+            or self.with_bodies[0].id <= self.last_id - len(self.entries)
+        ):
+            oldest = self.with_bodies.popleft()
+            self.body_bytes -= len(oldest.bodies or "")
+            oldest.bodies = '{"body_dropped":true}'
 
     def add(
-        self, flow: dict[str, Any], brief: str | None = None, headers: str | None = None
+        self,
+        flow: dict[str, Any],
+        brief: str | None = None,
+        headers: str | None = None,
+        bodies: str | None = None,
     ) -> Entry:
         """`brief`: the JSON text `flow` was read from, reused as it is (the id spliced in);
         without it, the headers in `flow` are split off and the rest encoded here."""
@@ -117,8 +152,9 @@ class FlowRing:
             brief = f'{{"id":{self.last_id},' + brief[1:]
         if len(self.entries) == self.entries.maxlen:
             self.evicted += 1
-        entry = Entry(self.last_id, flow, brief, headers)
+        entry = Entry(self.last_id, flow, brief, headers, bodies)
         self.entries.append(entry)
+        self.keep_bodies(entry)
         return entry
 
     def get(self, entry_id: int) -> Entry | None:
@@ -235,6 +271,83 @@ class Overview:
                 }
             )
         return {"end": last, "seconds": CHART_SECONDS, "series": series, "tenants": table}
+
+
+def _bytes(n: object) -> str:
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return ""
+    value, units, i = float(n), ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    if i == 0:
+        return f"{round(value)} B"
+    return f"{value:.1f} {units[i]}" if value < 10 else f"{value:.0f} {units[i]}"
+
+
+def _ms(n: object) -> str:
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return ""
+    return f"{n / 1000:.2f} s" if n >= 1000 else f"{n:.1f} ms"
+
+
+_DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]{12})[0-9a-f]+$")
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def row_cells(flow: dict[str, Any]) -> list[tuple[str, str]]:
+    """(class, text) of each cell of a flow's row: what live.js `row` draws."""
+    status = flow.get("status")
+    verdict = _text(flow.get("decision")).partition(":")
+    reason = [f"rule {flow['rule']}"] if flow.get("rule") else []
+    if verdict[2]:
+        reason.append(verdict[2])
+    if flow.get("error"):
+        reason.append(f"error: {flow['error']}")
+    reference = _text(flow.get("reference"))
+    digest = _DIGEST.match(reference)
+    repository = flow.get("repository")
+    return [
+        ("c-time", _text(flow.get("time"))[11:23]),
+        ("c-tenant", _text(flow.get("tenant")) or "-"),
+        ("c-subject", _text(flow.get("subject"))),
+        ("c-method", _text(flow.get("method"))),
+        ("c-repository", _text(repository))
+        if repository
+        else ("c-repository path", _text(flow.get("target")).split("?")[0]),
+        ("c-reference", f"{digest[1]}:{digest[2]}…" if digest else reference),
+        ("c-status", "—" if status is None else _text(status)),
+        ("c-decision", verdict[0]),
+        ("c-rule", " · ".join(reason)),
+        ("c-in num", _bytes(flow.get("bytes_in"))),
+        ("c-out num", _bytes(flow.get("bytes_out"))),
+        ("c-duration num", _ms(flow.get("duration_ms"))),
+        ("c-backend num", _ms(flow.get("backend_ms"))),
+        ("c-host", _text(flow.get("host"))),
+        ("c-agent", _text(flow.get("user_agent"))),
+    ]
+
+
+def rows_html(flows: list[dict[str, Any]]) -> str:
+    """The newest flows as table rows, every value escaped into a text node (no script runs:
+    the page's CSP forbids inline script, and nothing here is markup a client wrote)."""
+    out = []
+    for flow in flows:
+        status = flow.get("status")
+        klass = f"{status // 100}xx" if isinstance(status, int) else "none"
+        verdict = _text(flow.get("decision")).partition(":")[0]
+        cells = "".join(
+            f'<td class="{c}">{html.escape(t, quote=False)}</td>' for c, t in row_cells(flow)
+        )
+        out.append(
+            f'<tr class="flow s{klass} d-{html.escape(verdict)}" data-id="{int(flow["id"])}" '
+            f'title="{html.escape(_text(flow.get("method")) + " " + _text(flow.get("target")))}"'
+            f">{cells}</tr>"
+        )
+    return "\n".join(out)
 
 
 @dataclass(eq=False)  # one per connection, hashed by identity
@@ -355,7 +468,8 @@ class LiveView:
         for line in body.split(b"\n"):
             if not line:
                 continue
-            brief, _, headers = line.partition(b"\t")
+            brief, _, rest = line.partition(b"\t")
+            headers, _, kept_bodies = rest.partition(b"\t")
             try:
                 flow = json.loads(brief)
             except ValueError:
@@ -366,7 +480,10 @@ class LiveView:
                 continue  # sent again after a restart of this program, or not a flow
             last = seq
             entry = self.ring.add(
-                flow, brief.decode("utf-8", "replace"), headers.decode("utf-8", "replace") or None
+                flow,
+                brief.decode("utf-8", "replace"),
+                headers.decode("utf-8", "replace") or None,
+                kept_bodies.decode("utf-8", "replace") or None,
             )
             self.overview.add(flow, now)
             for viewer in self.viewers:
@@ -445,6 +562,7 @@ class LiveView:
             body = self._pages[path]
             if path == "/":  # the page carries the token its state-changing requests send
                 body = body.replace(b"{{csrf_token}}", self.csrf_token.encode())
+                body = body.replace(b"{{rows}}", b"")  # `page` draws them
             return 200, STATIC[path][1], body, {}
         if path == "/live/overview":
             return _json(200, self.overview_payload())
@@ -455,6 +573,22 @@ class LiveView:
                 return _json(404, {"error": "no such flow in the ring (any more)"})
             return _json(200, entry.full())
         return None
+
+    async def page(self) -> Answer:
+        """`GET /`: the page with the newest FIRST_ROWS flows already in its table, so that
+        its first paint shows them (a screenshot, a slow script). When nobody was looking,
+        the workers were not streaming: ask them, and wait (bounded) for their backlog."""
+        if not self.wanted():
+            self.polled_until = time.monotonic() + CONTROL_TTL + WARM_WAIT
+            self.write_control()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), WARM_WAIT)
+                await asyncio.sleep(WARM_MORE)  # the other workers' backlogs
+        newest = self.ring.after(self.ring.last_id - FIRST_ROWS, FIRST_ROWS)
+        newest.sort(key=lambda e: e.flow.get("end") or 0)  # as the page orders them
+        rows = rows_html([e.flow for e in reversed(newest)])
+        body = self._pages["/"].replace(b"{{csrf_token}}", self.csrf_token.encode())
+        return 200, STATIC["/"][1], body.replace(b"{{rows}}", rows.encode()), {}
 
     async def download(self, request: adminhttp.Request) -> Answer:
         """`GET /live/flows.mitm?<filters>`: the ring's matching flows as a mitmproxy flow

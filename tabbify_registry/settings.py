@@ -273,14 +273,12 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
     if backend_addr == listen:
         raise ConfigError("REGISTRY_BACKEND_ADDR must differ from REGISTRY_LISTEN")
 
-    if backend == "distribution" and storage == "s3" and _opt(env, "AWS_CA_BUNDLE"):
-        # Distribution 2.8 always wraps the AWS SDK's HTTP transport (to set its User-Agent),
-        # and the SDK can load a custom CA bundle only into a plain one: every start panics
-        # ("LoadCustomCABundleError … transport unsupported type") behind a gateway that
-        # answers 502. No driver option avoids it; Go's own SSL_CERT_FILE does the same job.
+    bundle, cert_file = _opt(env, "AWS_CA_BUNDLE"), _opt(env, "SSL_CERT_FILE")
+    if backend == "distribution" and storage == "s3" and bundle and cert_file not in (None, bundle):
+        # Distribution reads its CA from SSL_CERT_FILE (distribution_env): two files, one slot.
         raise ConfigError(
-            "AWS_CA_BUNDLE is set, but Distribution 2.8's S3 driver cannot load it (it panics "
-            "at start): unset it and trust the CA with SSL_CERT_FILE=<the same PEM file>"
+            f"AWS_CA_BUNDLE={bundle} and SSL_CERT_FILE={cert_file} differ: Distribution reads "
+            "one CA file; set one of them (a PEM file with every CA the backend must trust)"
         )
 
     # The token realm is built from the external URL, never from a request's Host. Listening
@@ -340,3 +338,18 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         external_url_derived=not env.get("REGISTRY_EXTERNAL_URL"),
         nodes=nodes,
     )
+
+
+def distribution_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment Distribution runs with (the backend, and gc's mark): REGISTRY_* removed
+    (it reads them as config overrides), and an operator's AWS_CA_BUNDLE handed over as Go's
+    own SSL_CERT_FILE. Distribution 2.8 wraps the AWS SDK's HTTP transport (to set its
+    User-Agent) and the SDK (aws-sdk-go v1) loads a CA bundle only into an unwrapped one:
+    every start panics ("LoadCustomCABundleError … transport unsupported type"). Go's
+    crypto/x509 reads SSL_CERT_FILE instead of the system roots, so the bundle must hold
+    every CA the backend needs (docs/deploying.md)."""
+    child = {k: v for k, v in env.items() if not k.startswith("REGISTRY_")}
+    bundle = child.pop("AWS_CA_BUNDLE", "").strip()
+    if bundle:
+        child["SSL_CERT_FILE"] = bundle
+    return child

@@ -191,7 +191,7 @@ def test_after_a_restart_a_lost_ledger_is_503_for_the_owners_manifest_until_rebu
 ):
     a = bearer(token(stack, acme_jwt))
     base = push_image(stack, "acme/base", a)
-    stack.supervisorctl("restart", "mitmdump:*")  # new processes: nothing known in memory
+    stack.supervisorctl("restart", "gateway:*")  # new processes: nothing known in memory
     # The new worker 0 has done its start-up walk (the first one's line, then its own).
     wait_for(lambda: stack.log.read_text().count("ledger backfill") >= 2, 30)
     wait_for(lambda: health(stack)[1].get("ledger") == "ok", 30)
@@ -219,7 +219,7 @@ def test_a_push_right_after_a_restart_and_a_deletion_is_never_blamed_on_the_clie
     layer. Before, that manifest got the gateway's own 400 MANIFEST_BLOB_UNKNOWN."""
     a = bearer(token(stack, acme_jwt))
     base = push_image(stack, "acme/app", a)
-    stack.supervisorctl("restart", "mitmdump:*")
+    stack.supervisorctl("restart", "gateway:*")
     wait_for(lambda: stack.log.read_text().count("ledger backfill") >= 2, 30)
     ledger_file(stack).unlink()
     a = bearer(token(stack, acme_jwt))

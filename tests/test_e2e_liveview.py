@@ -22,7 +22,7 @@ from tests.conftest import skopeo_copy
 from tests.images import oci_layout
 from tests.rawhttp import Conn
 from tests.stack import Stack
-from tests.test_e2e_gateway import bearer, token
+from tests.test_e2e_gateway import bearer, push_blob, token
 
 pytestmark = [
     pytest.mark.e2e,
@@ -240,3 +240,102 @@ def test_the_view_is_refused_under_another_name(registry):
         headers={"Origin": "http://rebind.example", "Content-Type": "text/plain"},
     )
     assert r.status_code == 403
+
+
+def test_the_page_paints_its_rows_and_opened_flows_show_their_bodies(registry, acme_jwt):
+    """Traffic while nobody looks, then: a plain `chromium --headless --dump-dom` (no waiting
+    for scripts) already has the rows; an opened flow shows the manifest pushed, the one
+    pulled and the error JSON a client got, with subject, user agent and the client's Host,
+    and a JWT inside a body is redacted; the download carries the same bodies."""
+    t = token(registry, acme_jwt)
+    headers = {**bearer(t), "User-Agent": "body-test/1.0"}
+    repo = "acme/bodies"
+    config = push_blob(registry, repo, b"{}", headers)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config, "size": 2},
+        "layers": [],
+        "annotations": {"note": f"pasted {acme_jwt} here"},
+    }  # fmt: skip
+    body = json.dumps(manifest).encode()
+    r = requests.put(
+        f"{registry.url}/v2/{repo}/manifests/v1",
+        data=body,
+        headers={**headers, "Content-Type": manifest["mediaType"]},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    r = requests.get(
+        f"{registry.url}/v2/{repo}/manifests/v1",
+        headers={**headers, "Accept": manifest["mediaType"]},
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.content == body
+    r = requests.get(f"{registry.url}/v2/globex/secret/manifests/v1", headers=headers, timeout=10)
+    assert r.status_code == 403 and r.json()["errors"]  # the gateway's refusal
+    r = requests.get(f"{registry.url}/v2/{repo}/manifests/nope", headers=headers, timeout=10)
+    assert r.status_code == 404 and r.json()["errors"]  # the backend's, streamed through
+
+    # A plain screenshot-style load: chromium's own defaults, no script waited for.
+    profile = Path(browser.tempfile.mkdtemp(prefix="tbf-dump-"))
+    dump = browser.subprocess.run(
+        [browser.shutil.which("chromium") or browser.CHROMIUM, "--headless", "--no-sandbox",
+         f"--user-data-dir={profile}", "--dump-dom", admin_url(registry) + "/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert 'class="c-repository">acme/bodies<' in dump.stdout, dump.stdout[-2000:]
+    assert "body-test/1.0" in dump.stdout and acme_jwt not in dump.stdout
+
+    with Browser() as page:
+        page.open(admin_url(registry) + "/")
+        cells = """[...document.querySelectorAll('#flows tbody tr.flow')].map(tr => ({
+          id: tr.dataset.id,
+          method: tr.querySelector('.c-method').textContent,
+          repository: tr.querySelector('.c-repository').textContent,
+          status: tr.querySelector('.c-status').textContent,
+          reference: tr.querySelector('.c-reference').textContent,
+          subject: tr.querySelector('.c-subject').textContent,
+          host: tr.querySelector('.c-host').textContent,
+          agent: tr.querySelector('.c-agent').textContent,
+        }))"""
+        page.wait_for("document.getElementById('status').textContent === 'live'")  # its script
+        page.wait_for(f"{cells}.some(r => r.repository === 'globex/secret')")
+        rows = page.evaluate(cells)
+
+        def opened(method: str, repository: str, status: str, reference: str = "v1") -> str:
+            [row] = [
+                r for r in rows
+                if (r["method"], r["repository"], r["status"], r["reference"], r["agent"])
+                == (method, repository, status, reference, "body-test/1.0")
+            ]  # fmt: skip
+            assert (row["subject"], row["host"]) == ("user-1", registry.host)
+            page.evaluate(f"document.querySelector('tr.flow[data-id=\"{row['id']}\"]').click()")
+            page.wait_for(
+                f"document.getElementById('detail').dataset.id === '{row['id']}'"
+                " && document.querySelector('#detail pre') !== null"
+            )
+            return page.evaluate("document.getElementById('detail').textContent")
+
+        pushed = opened("PUT", repo, "201")
+        assert '"schemaVersion": 2' in pushed and "pasted REDACTED here" in pushed
+        pulled = opened("GET", repo, "200")
+        assert '"schemaVersion": 2' in pulled and "pasted REDACTED here" in pulled
+        refused = opened("GET", "globex/secret", "403")
+        assert re.search(r'"code": ?"DENIED"', refused), refused
+        unknown = opened("GET", repo, "404", "nope")
+        assert re.search(r'"code": ?"MANIFEST_UNKNOWN"', unknown), unknown
+        dom = page.evaluate("document.documentElement.outerHTML")
+        assert acme_jwt not in dom and acme_jwt.split(".")[2] not in dom
+        assert page.console_errors() == []
+        link = page.evaluate("document.getElementById('download').href")
+    data = requests.get(link, timeout=30).content
+    assert acme_jwt.split(".")[2].encode() not in data
+    flows = list(mitmio.FlowReader(io.BytesIO(data)).stream())
+    [put] = [
+        f
+        for f in flows
+        if (f.request.method, f.request.path) == ("PUT", f"/v2/{repo}/manifests/v1")
+    ]
+    assert b"pasted REDACTED here" in put.request.content

@@ -108,7 +108,8 @@ def test_a_debug_capture_is_bounded_redacted_and_readable(registry, acme_jwt):
         data={"grant_type": "password", "password": acme_jwt},
     )
     wait_for(lambda: requests.get(f"{admin(registry)}/capture", timeout=5).json()["flows"] >= 4, 10)
-    assert not requests.delete(f"{admin(registry)}/capture", timeout=10).json()["active"]
+    stopped = requests.delete(f"{admin(registry)}/capture", timeout=10).json()
+    assert not stopped["active"]
 
     raw = Path(path).read_bytes()
     for secret in (acme_jwt, t, acme_jwt.split(".")[2], t.split(".")[2], "secret layer bytes"):
@@ -116,6 +117,9 @@ def test_a_debug_capture_is_bounded_redacted_and_readable(registry, acme_jwt):
     with open(path, "rb") as f:
         flows = list(io.FlowReader(f).stream())
     assert len(flows) >= 4
+    # The status counts what the file holds, after the capture ended (and later).
+    assert stopped["flows"] == len(flows)
+    assert requests.get(f"{admin(registry)}/capture", timeout=5).json()["flows"] == len(flows)
     authorized = [f for f in flows if "authorization" in f.request.headers]
     assert authorized and all(f.request.headers["authorization"] == "REDACTED" for f in authorized)
     assert all(

@@ -151,15 +151,17 @@ def private_ca(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_s3_behind_a_private_ca_works_with_ssl_cert_file(
-    tmp_path, auth, acme_jwt, s3, private_ca_files
+@pytest.mark.parametrize("variable", ["AWS_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_s3_behind_a_private_ca_works_with_the_ca_bundle(
+    tmp_path, auth, acme_jwt, s3, private_ca_files, variable
 ):
-    """What settings.py tells an operator who sets AWS_CA_BUNDLE with the Distribution
-    backend (refused: its S3 driver panics on it): SSL_CERT_FILE with the same CA works."""
+    """An operator trusts a private CA the way S3 clients are told to (AWS_CA_BUNDLE), or
+    Go's way (SSL_CERT_FILE): either alone works end to end with Distribution, whose S3
+    driver panics on AWS_CA_BUNDLE itself (run hands it over as SSL_CERT_FILE)."""
     ca = private_ca_files[0]
     assert s3.https_url
     env = {**s3_env(s3), "REGISTRY_S3_ENDPOINT": s3.https_url}
-    stack = Stack(tmp_path / "data", auth.url, **env, SSL_CERT_FILE=str(ca)).start()
+    stack = Stack(tmp_path / "data", auth.url, **env, **{variable: str(ca)}).start()
     try:
         pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(4096,))
         ref = f"docker://{stack.host}/acme/private-ca:v1"

@@ -144,7 +144,8 @@ def receiver(path: Path, rcvbuf: int | None = None) -> socket.socket:
 
 
 def received(sock: socket.socket) -> list[dict]:
-    """The flows of every datagram waiting: a head line, then `brief TAB headers` lines."""
+    """The flows of every datagram waiting: a head line, then `brief TAB headers[ TAB bodies]`
+    lines."""
     flows = []
     while True:
         try:
@@ -154,8 +155,9 @@ def received(sock: socket.socket) -> list[dict]:
         head, *lines = data.split(b"\n")
         assert isinstance(json.loads(head)["pid"], int)
         for line in lines:
-            brief, headers = line.split(b"\t")
+            brief, headers, *kept = line.split(b"\t")
             flows.append({**json.loads(brief), **json.loads(headers)})
+            flows[-1].update(*(json.loads(k) for k in kept))
 
 
 def test_a_viewer_gets_the_backlog_after_what_it_has_then_each_new_flow(tmp_path):
@@ -581,3 +583,96 @@ def test_the_viewer_loop_ends_when_the_program_stops(tmp_path):
         return server.sockets[0].getsockname()[:2]
 
     asyncio.run(scenario())
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+def manifest_flow(method: bytes, body: bytes, status: int = 201) -> http.HTTPFlow:
+    from addons.record import record
+
+    request = tutils.treq(
+        method=method,
+        path=b"/v2/acme/app/manifests/v1",
+        headers=http.Headers([(b"host", b"registry.example:5000")]),
+        content=body if method == b"PUT" else b"",
+    )
+    response = tutils.tresp(
+        status_code=status,
+        headers=http.Headers([(b"content-type", b"application/vnd.oci.image.manifest.v1+json")]),
+        content=body if method == b"GET" else b"",
+    )
+    flow = tflow.tflow(req=request, resp=response)
+    rec = record(flow)
+    rec.kind, rec.route = "registry", "manifest"
+    AccessLog(out=io.StringIO()).response(flow)
+    return flow
+
+
+def test_a_pushed_manifest_is_kept_redacted_and_cut():
+    body = b'{"note": "' + JWT.encode() + b'", "pad": "' + b"x" * 20_000 + b'"}'
+    feed = FlowFeed()
+    feed.response(manifest_flow(b"PUT", body))
+    kept = feed.kept_bodies(feed.seq)
+    assert kept is not None and kept["body_cut"] is True
+    assert kept["request_body"].startswith('{"note": "REDACTED"')
+    assert len(kept["request_body"]) <= flowfeed.BODY_LIMIT and "response_body" not in kept
+
+
+def test_no_body_of_a_blob_a_token_answer_or_a_streamed_message():
+    feed = FlowFeed()
+    flow = finished_flow("/v2/acme/app/blobs/sha256:00", status=200)  # a 200 JSON: not kept
+    feed.response(flow)
+    assert feed.kept_bodies(feed.seq) is None
+    streamed = manifest_flow(b"GET", b'{"a": 1}', status=200)
+    streamed.response.stream = True  # no copy of its head was made (access.py): nothing
+    feed.response(streamed)
+    assert feed.kept_bodies(feed.seq) is None
+    denied = finished_flow(status=403)
+    denied.response.content = b'{"errors": [{"code": "DENIED"}]}'
+    feed.response(denied)
+    assert feed.kept_bodies(feed.seq) == {"response_body": '{"errors": [{"code": "DENIED"}]}'}
+
+
+def test_a_pulled_manifest_streams_and_its_head_is_copied():
+    from addons.record import HEAD_KEPT, record
+
+    flow = manifest_flow(b"GET", b"", status=200)
+    flow.response.stream = True
+    rec = record(flow)
+    rec.head_out = bytearray()
+    for chunk in (b"a" * 10_000, b"b" * 10_000, b"c" * 10):
+        assert rec.count_keep_out(chunk) == chunk  # passed on as it is
+    assert len(rec.head_out) == HEAD_KEPT and rec.bytes_out == 20_010
+    feed = FlowFeed()
+    feed.response(flow)
+    kept = feed.kept_bodies(feed.seq)
+    assert kept == {"response_body": "a" * 10_000 + "b" * (HEAD_KEPT - 10_000), "body_cut": True}
+
+
+def test_bodies_kept_by_a_worker_stay_within_their_budget(monkeypatch):
+    monkeypatch.setattr(flowfeed, "BODY_BUDGET", 50_000)
+    feed = FlowFeed()
+    for _ in range(10):
+        feed.response(manifest_flow(b"PUT", b"x" * 16_000))
+    assert feed.body_bytes <= 50_000 and len(feed.bodies) == 3
+    assert feed.kept_bodies(feed.seq) is not None and feed.kept_bodies(1) is None
+
+
+def test_the_admin_ring_lets_the_oldest_bodies_go_first():
+    ring = FlowRing(capacity=100, body_budget=250)
+    for i in range(5):
+        ring.add({"seq": i}, None, None, json.dumps({"request_body": "x" * 80}))
+    assert ring.body_bytes <= 250
+    assert ring.get(1).full()["body_dropped"] is True  # type: ignore[union-attr]
+    assert ring.get(5).full()["request_body"] == "x" * 80  # type: ignore[union-attr]
+
+
+def test_rows_drawn_into_the_page_are_text():
+    from tabbify_registry.liveview import rows_html
+
+    flow = {"id": 7, "method": "GET", "status": 403, "decision": "deny:policy",
+            "repository": "<b>x</b>", "user_agent": '<img src=x onerror="1">'}  # fmt: skip
+    html_rows = rows_html([flow])
+    assert "<b>" not in html_rows and "<img" not in html_rows
+    assert '&lt;img src=x onerror="1"&gt;' in html_rows and 'data-id="7"' in html_rows

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tabbify_registry import settings
-from tabbify_registry.settings import Address, ConfigError, load, parse_address
+from tabbify_registry.settings import Address, ConfigError, distribution_env, load, parse_address
 
 AUTH = {"REGISTRY_AUTH_URL": "http://auth.internal:8080"}
 ULA = "fd5a:1f02:3c4d::1"
@@ -147,12 +147,24 @@ def test_s3_without_region():
 S3_ENV = {"REGISTRY_STORAGE": "s3", "REGISTRY_S3_BUCKET": "images", "REGISTRY_S3_REGION": "x"}
 
 
-def test_aws_ca_bundle_is_refused_where_distribution_would_panic_on_it():
+def test_aws_ca_bundle_goes_to_distribution_as_ssl_cert_file():
     """Distribution 2.8's S3 driver panics at every start when AWS_CA_BUNDLE is set (checked
-    against SeaweedFS over HTTPS; SSL_CERT_FILE with the same CA works, as the message says)."""
-    env = {**S3_ENV, "REGISTRY_BACKEND": "distribution", "AWS_CA_BUNDLE": "/etc/ca.pem"}
-    error = refused(env, "AWS_CA_BUNDLE")
-    assert "SSL_CERT_FILE" in str(error)
+    against SeaweedFS over HTTPS): it gets the same file as Go's SSL_CERT_FILE instead."""
+    env = {"AWS_CA_BUNDLE": "/etc/ca.pem", "REGISTRY_S3_BUCKET": "b", "AWS_REGION": "x"}
+    child = distribution_env(env)
+    assert child == {"SSL_CERT_FILE": "/etc/ca.pem", "AWS_REGION": "x"}
+    assert distribution_env({"AWS_CA_BUNDLE": " "}) == {}
+
+
+def test_two_different_ca_files_are_refused_with_distribution():
+    env = {
+        **S3_ENV,
+        "REGISTRY_BACKEND": "distribution",
+        "AWS_CA_BUNDLE": "/etc/ca.pem",
+        "SSL_CERT_FILE": "/etc/other.pem",
+    }
+    assert "SSL_CERT_FILE" in str(refused(env, "AWS_CA_BUNDLE"))
+    load({**env, "SSL_CERT_FILE": "/etc/ca.pem"})  # the same file: fine
 
 
 @pytest.mark.parametrize(
@@ -162,6 +174,7 @@ def test_aws_ca_bundle_is_refused_where_distribution_would_panic_on_it():
         {**S3_ENV, "REGISTRY_BACKEND": "external"},  # not our process
         {"REGISTRY_BACKEND": "distribution"},  # local storage: no S3 driver
         {**S3_ENV, "REGISTRY_BACKEND": "distribution", "AWS_CA_BUNDLE": ""},  # unset
+        {**S3_ENV, "REGISTRY_BACKEND": "distribution"},  # handed over as SSL_CERT_FILE
     ],
 )
 def test_aws_ca_bundle_is_accepted_elsewhere(env):
@@ -376,3 +389,16 @@ def test_log_level():
         assert load({"REGISTRY_LOG_LEVEL": level}).log_level == level
     for bad in ("verbose", "INFO", "warn", "0"):
         refused({"REGISTRY_LOG_LEVEL": bad}, "REGISTRY_LOG_LEVEL")
+
+
+def test_the_backend_command_hands_distribution_the_ca_bundle_as_ssl_cert_file(tmp_path):
+    """supervisord gives every program its environment: the backend's own command line
+    drops AWS_CA_BUNDLE and sets SSL_CERT_FILE (the gateway keeps AWS_CA_BUNDLE for boto3)."""
+    from tabbify_registry.cli import backend_command
+
+    env = {**S3_ENV, "REGISTRY_BACKEND": "distribution", "REGISTRY_DATA_DIR": str(tmp_path)}
+    s = load(env)
+    config = tmp_path / "c.json"
+    command = backend_command(s, config, {"AWS_CA_BUNDLE": "/etc/ca.pem"})
+    assert command[:4] == ["env", "-u", "AWS_CA_BUNDLE", "SSL_CERT_FILE=/etc/ca.pem"]
+    assert command[4:] == backend_command(s, config, {})

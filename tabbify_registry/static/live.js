@@ -106,6 +106,7 @@
       cls + (flow.id === selected ? " selected" : ""),
       el("td", "c-time", text(flow.time).slice(11, 23)),
       el("td", "c-tenant", flow.tenant || "-"),
+      el("td", "c-subject", flow.subject),
       el("td", "c-method", flow.method),
       // No repository (the token endpoint, /v2/, a refused target): the path instead.
       flow.repository
@@ -119,10 +120,11 @@
       el("td", "c-out num", bytes(flow.bytes_out)),
       el("td", "c-duration num", ms(flow.duration_ms)),
       el("td", "c-backend num", ms(flow.backend_ms)),
+      el("td", "c-host", flow.host),
+      el("td", "c-agent", flow.user_agent),
     );
     tr.dataset.id = text(flow.id);
     tr.title = text(flow.method) + " " + text(flow.target);
-    tr.addEventListener("click", () => select(flow.id));
     return tr;
   }
 
@@ -191,6 +193,14 @@
     return section;
   }
 
+  function bodySection(title, value, flow) {
+    // As text in a <pre>: a manifest or an error's JSON, redacted by the worker.
+    const section = el("section", "body", el("h3", "", title));
+    if (flow.body_cut) section.append(el("p", "hint", "its first 16 KiB"));
+    section.append(el("pre", "body-text", value));
+    return section;
+  }
+
   function facts(flow) {
     const list = el("dl", "facts");
     const add = (name, value) => {
@@ -201,6 +211,9 @@
     add("client", flow.client);
     add("worker", flow.worker);
     add("tenant", flow.tenant || "-");
+    add("subject", flow.subject);
+    add("host", flow.host);
+    add("user agent", flow.user_agent);
     add("kind", flow.kind);
     add("repository", flow.repository);
     add("reference", flow.reference);
@@ -237,6 +250,13 @@
       headerTable("request headers", flow.request_headers),
       headerTable("response headers", flow.response_headers),
     );
+    if (typeof flow.request_body === "string") {
+      detail.append(bodySection("request body", flow.request_body, flow));
+    }
+    if (typeof flow.response_body === "string") {
+      detail.append(bodySection("response body", flow.response_body, flow));
+    }
+    if (flow.body_dropped) detail.append(el("p", "hint", "body no longer kept (memory bound)"));
     detail.dataset.id = text(id);
   }
 
@@ -379,6 +399,11 @@
     events.addEventListener("overview", (e) => overview(JSON.parse(e.data)));
   }
 
+  // One listener for every row, those the server drew into the page included.
+  $("flows").tBodies[0].addEventListener("click", (e) => {
+    const tr = e.target instanceof Element ? e.target.closest("tr.flow") : null;
+    if (tr && tr.dataset.id) select(Number(tr.dataset.id));
+  });
   for (const id of ["f-tenant", "f-status", "f-decision", "f-repository"]) {
     $(id).addEventListener("input", () => {
       updateDownload();
