@@ -185,6 +185,36 @@ def read_credentials(path: Path) -> tuple[str, str]:
     return user, token
 
 
+# The gateway process's own: name -> "host:port" (a Distribution proxy instance) or "" (the
+# backend itself: Zot). Set by addons/mirror_gate.MirrorGate from `registry_mirrors`.
+ROUTES: dict[str, str] = {}
+
+
+def resolve(repository: str) -> tuple[str | None, str] | None:
+    """Where a mirrored repository is read: (base URL, or None for the backend; repository
+    name there). None when `repository` is not under a configured mirror."""
+    found = split(repository)
+    if found is None or found[0] not in ROUTES:
+        return None
+    addr = ROUTES[found[0]]
+    return (f"http://{addr}", found[1]) if addr else (None, repository)
+
+
+def forward_target(repository: str, path: str) -> tuple[str | None, str]:
+    """(host:port of the mirror's instance or None for the backend, the path it gets) for a
+    request path of `repository` (a configured mirror: else ValueError)."""
+    found = split(repository)
+    addr = ROUTES.get(found[0]) if found else None
+    if found is None or addr is None:
+        raise ValueError(f"{repository}: not a configured mirror")
+    if not addr:
+        return None, path  # Zot: the backend serves /v2/mirror/<name>/… itself
+    prefix = f"/v2/{PREFIX}{found[0]}/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path}: not a path of {repository}")
+    return addr, "/v2/" + path[len(prefix) :]
+
+
 def routes_option(targets: dict[str, str]) -> str:
     """The gateway's `registry_mirrors`: JSON {name: "host:port"} where each mirror is served
     (a Distribution proxy instance), or {name: ""} (Zot: the backend itself, path unchanged)."""

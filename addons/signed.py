@@ -48,7 +48,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import backend_auth, oci, signatures
+from addons import backend_auth, mirrors, oci, signatures
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
 from addons.policy import Policy, RequireSignature
@@ -170,6 +170,7 @@ class SignedOnly:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
         self.client: httpx.Client | None = None
+        self._mirror_clients: dict[str, httpx.Client] = {}
         self._generation: tuple[int, int, int] | None = None
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
@@ -183,6 +184,22 @@ class SignedOnly:
                 follow_redirects=False,
             )
         return self.client
+
+    def _backend(self, repository: str) -> Backend:
+        """The backend holds the repository, or (Distribution) its mirror's instance does."""
+        mirrored = mirrors.resolve(repository)
+        if mirrored is None or mirrored[0] is None:
+            return Backend(self._client(), repository)
+        base, name = mirrored
+        client = self._mirror_clients.get(base)
+        if client is None:
+            client = self._mirror_clients[base] = httpx.Client(
+                base_url=base,
+                headers=backend_auth.headers(),
+                timeout=TIMEOUT,
+                follow_redirects=False,
+            )
+        return Backend(client, name)
 
     # --- invalidation ---------------------------------------------------------------------
 
@@ -313,7 +330,7 @@ class SignedOnly:
         self, policy: Policy, rules: tuple[RequireSignature, ...], repository: str, reference: str
     ) -> tuple[str | None, Verdict | None]:
         """(digest, verdict); (None, None) when the backend has no such manifest."""
-        backend = Backend(self._client(), repository)
+        backend = self._backend(repository)
         scope: Hashable = (repository, tuple(rule.keys for rule in rules))
         if _DIGEST.fullmatch(reference):
             cached = self.cache.get(reference, scope)

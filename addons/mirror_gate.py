@@ -1,0 +1,169 @@
+"""Pulls of `mirror/<name>/<repository>`: where they go, what comes back (mirrors file).
+
+RegistryAccess has decided as for any repository (the policy's pull right; no push or delete
+there, routes.py). Here:
+
+- A mirror the file does not name: 404 NAME_UNKNOWN.
+- Where it goes (the gate applies it, gate.Gate.forward): with Distribution, the mirror's own
+  proxy-mode instance on its loopback port, as `/v2/<repository>/…` (its own storage root,
+  so no digest of a tenant can ever be reached through it); with Zot, the backend itself,
+  path unchanged (its sync extension stores under /mirror/<name>).
+- A by-digest GET answered 200 is hashed while it streams; the last chunk is held back until
+  the digest is known, and on a mismatch the connection is cut before it: the client never
+  gets a complete body that is not the named digest (Distribution's proxy streams upstream
+  bytes to the first client unchecked; it checks only what it commits to its storage).
+- Concurrent pulls of the same blob in one worker wait for the first one (bounded), so they
+  are served from the mirror's store rather than each fetching from the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from addons import mirrors, oci
+from addons.gate import answered, fail_closed, respond
+from addons.record import FlowRecord, record
+from addons.routes import DIGEST
+
+logger = logging.getLogger(__name__)
+
+_VERIFY = "tabbify.mirror.verify"
+_FIRST = "tabbify.mirror.first"
+_DIGEST = re.compile(DIGEST)
+SINGLE_FLIGHT_WAIT = 120.0  # seconds a pull waits for the same blob's first fetch, at most
+
+
+class DigestCheck:
+    """Hashes a streamed body; holds back the last chunk until the end, where it is released
+    only when the whole body has the named digest."""
+
+    def __init__(self, rec: FlowRecord, digest: str) -> None:
+        self.rec, self.expected = rec, digest
+        algorithm, _, _ = digest.partition(":")
+        self.hash = hashlib.new(algorithm)
+        self.held = b""
+        self.failed = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.rec.bytes_out += len(chunk)
+        if chunk:
+            self.hash.update(chunk)
+            out, self.held = self.held, chunk
+            return out
+        got = f"{self.hash.name}:{self.hash.hexdigest()}"
+        if got != self.expected:
+            self.failed = True
+            return b""  # never the last byte: the response hook cuts the connection
+        out, self.held = self.held, b""
+        return out
+
+
+class MirrorGate:
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Event] = {}
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_mirrors",
+            str,
+            "",
+            'Mirrors: JSON {name: "host:port" of its proxy instance, or "" for the backend}.',
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "registry_mirrors" in updated:
+            try:
+                routes = mirrors.parse_routes_option(ctx.options.registry_mirrors)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            mirrors.ROUTES.clear()
+            mirrors.ROUTES.update(routes)
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = record(flow)
+        if not rec.allowed or answered(flow) or not rec.repository:
+            return
+        if not mirrors.is_mirror(rec.repository):
+            return
+        method = flow.request.method
+        if mirrors.resolve(rec.repository) is None:
+            rec.decision = "deny:no-such-mirror"
+            respond(
+                flow,
+                oci.error_response(
+                    404, "NAME_UNKNOWN", "no such mirror on this registry", method=method
+                ),
+            )
+            return
+        ref = rec.reference or ""
+        by_digest = rec.route in ("blob", "manifest") and oci_digest(ref)
+        if by_digest and method == "GET":
+            flow.metadata[_VERIFY] = ref
+        if rec.route == "blob" and method == "GET" and by_digest:
+            await self._single_flight(flow, f"{rec.repository}@{ref}")
+
+    async def _single_flight(self, flow: http.HTTPFlow, key: str) -> None:
+        """The first pull of a blob goes on; others wait for it to end (then the mirror
+        serves them from its store), at most SINGLE_FLIGHT_WAIT seconds."""
+        event = self._inflight.get(key)
+        if event is None:
+            self._inflight[key] = asyncio.Event()
+            flow.metadata[_FIRST] = key
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), SINGLE_FLIGHT_WAIT)
+        # Distribution commits what it fetched a moment after the first answer ends.
+        await asyncio.sleep(0.5)
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        key = flow.metadata.pop(_FIRST, None)
+        if key is not None:
+            event = self._inflight.pop(key, None)
+            if event is not None:
+                event.set()
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        expected = flow.metadata.get(_VERIFY)
+        response = flow.response
+        if expected is None or response is None or response.status_code != 200:
+            return
+        named = response.headers.get("docker-content-digest")
+        if named is not None and named != expected:
+            self._refuse(flow, f"the mirror named {named} for {expected}")
+            return
+        check = DigestCheck(record(flow), expected)
+        flow.metadata[_VERIFY] = check
+        response.stream = check
+
+    def _refuse(self, flow: http.HTTPFlow, why: str) -> None:
+        rec = record(flow)
+        logger.error(
+            "mirror %s: upstream content does not match its digest (%s): not served",
+            rec.repository,
+            why,
+        )
+        rec.decision = "deny:mirror-digest-mismatch"
+        flow.kill()
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+        check = flow.metadata.pop(_VERIFY, None)
+        if isinstance(check, DigestCheck) and check.failed:
+            self._refuse(flow, f"the body's digest is not {check.expected}")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._release(flow)
+
+
+def oci_digest(ref: str) -> bool:
+    return _DIGEST.fullmatch(ref) is not None
