@@ -143,7 +143,7 @@ def test_a_tampered_upstream_blob_is_refused_and_never_stored(world: dict, tmp_p
     stored = world["base"] / "data" / "mirror" / "bad.example"
     assert not list(stored.rglob(layer.removeprefix("sha256:") + "*"))
     log = stack.log.read_text()
-    assert log.count("does not match its digest") >= 2
+    assert log.count("upstream content does not match its digest") >= 2
     assert "mirror/bad.example/library/tampered" in log
 
 
