@@ -14,6 +14,14 @@ there, routes.py). Here:
   bytes to the first client unchecked; it checks only what it commits to its storage).
 - Concurrent pulls of the same blob in one worker wait for the first one (bounded), so they
   are served from the mirror's store rather than each fetching from the upstream.
+- Tags: a tag resolved less than the mirror's `tag_ttl` ago is served by its digest, from
+  the cache, without asking the upstream. Older, the gateway asks the mirror (which asks the
+  upstream) with a deadline (CHECK_TIMEOUT): the answer's digest is served; when the upstream
+  cannot answer (error, timeout), the digest last resolved is served; with none, 503. Every
+  manifest GET is then by digest, so it is verified as above. Distribution's proxy alone has
+  no timeout towards the upstream (Go's DefaultTransport) and asks it on every tag pull.
+- By-digest reads are checked the same way first (a HEAD with the deadline): a mirror that
+  does not have the digest and an upstream that does not answer give 503, never a hang.
 """
 
 from __future__ import annotations
@@ -23,14 +31,17 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 
+import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from addons import mirrors, oci
+from addons import backend_auth, mirrors, oci
 from addons.gate import answered, fail_closed, respond
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
+from addons.target import Target
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +49,9 @@ _VERIFY = "tabbify.mirror.verify"
 _FIRST = "tabbify.mirror.first"
 _DIGEST = re.compile(DIGEST)
 SINGLE_FLIGHT_WAIT = 120.0  # seconds a pull waits for the same blob's first fetch, at most
+CHECK_TIMEOUT = 15.0  # seconds the upstream has to answer a tag or digest check
+MAX_TAGS = 10_000  # resolved tags kept per worker
+_UNAVAILABLE = "the upstream registry of this mirror did not answer; retry later"
 
 
 class DigestCheck:
@@ -68,6 +82,22 @@ class DigestCheck:
 class MirrorGate:
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Event] = {}
+        # (repository, tag) -> (digest, monotonic time it was resolved)
+        self.tags: dict[tuple[str, str], tuple[str, float]] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=backend_auth.headers(),
+                timeout=httpx.Timeout(CHECK_TIMEOUT),
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def done(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -84,7 +114,9 @@ class MirrorGate:
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
             mirrors.ROUTES.clear()
-            mirrors.ROUTES.update(routes)
+            mirrors.ROUTES.update({name: addr for name, (addr, _) in routes.items()})
+            mirrors.TAG_TTLS.clear()
+            mirrors.TAG_TTLS.update({name: ttl for name, (_, ttl) in routes.items()})
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -105,10 +137,88 @@ class MirrorGate:
             return
         ref = rec.reference or ""
         by_digest = rec.route in ("blob", "manifest") and oci_digest(ref)
+        if rec.route == "manifest" and not by_digest and method in ("GET", "HEAD"):
+            resolved = await self._resolve_tag(flow, rec, ref)
+            if resolved is None:
+                return
+            ref, by_digest = resolved, True
+        elif by_digest and method in ("GET", "HEAD") and not await self._present(flow, rec):
+            return
         if by_digest and method == "GET":
             flow.metadata[_VERIFY] = ref
         if rec.route == "blob" and method == "GET" and by_digest:
             await self._single_flight(flow, f"{rec.repository}@{ref}")
+
+    def _unavailable(self, flow: http.HTTPFlow, rec: FlowRecord, why: str) -> None:
+        logger.warning("mirror %s: %s", rec.repository, why)
+        rec.decision = "deny:mirror-upstream-unavailable"
+        respond(
+            flow, oci.error_response(503, "UNAVAILABLE", _UNAVAILABLE, method=flow.request.method)
+        )
+
+    async def _head(self, flow: http.HTTPFlow, rec: FlowRecord, tail: str) -> httpx.Response:
+        """HEAD `tail` of the repository at its mirror, with the client's Accept fields (an
+        OCI manifest is unknown to Distribution for a client that does not accept it)."""
+        assert rec.repository is not None
+        base, name = mirrors.resolve(rec.repository) or (None, rec.repository)
+        url = f"{base or ctx.options.registry_backend}/v2/{name}/{tail}"
+        accept = [("accept", v) for v in flow.request.headers.get_all("accept")[:16]]
+        return await self.client().head(url, headers=accept)
+
+    async def _present(self, flow: http.HTTPFlow, rec: FlowRecord) -> bool:
+        """A by-digest read: the mirror has it or gets it in time; else answered here."""
+        kind = "blobs" if rec.route == "blob" else "manifests"
+        try:
+            r = await self._head(flow, rec, f"{kind}/{rec.reference}")
+        except httpx.HTTPError as e:
+            self._unavailable(flow, rec, f"checking {rec.reference}: {type(e).__name__}")
+            return False
+        if r.status_code >= 500:
+            self._unavailable(
+                flow, rec, f"checking {rec.reference}: the mirror answered {r.status_code}"
+            )
+            return False
+        return True  # 200, or the mirror's own 404 that the forwarded request will get too
+
+    async def _resolve_tag(self, flow: http.HTTPFlow, rec: FlowRecord, tag: str) -> str | None:
+        """The digest to serve for `tag` (the request now asks for it), or None when answered
+        here (503)."""
+        assert rec.repository is not None and rec.target is not None
+        name = (mirrors.split(rec.repository) or ("", ""))[0]
+        key, now = (rec.repository, tag), time.monotonic()
+        cached = self.tags.get(key)
+        if cached is not None and now - cached[1] < mirrors.TAG_TTLS.get(name, 0):
+            digest = cached[0]
+        else:
+            digest = None
+            try:
+                r = await self._head(flow, rec, f"manifests/{tag}")
+                named = r.headers.get("docker-content-digest", "")
+                if r.status_code == 200 and oci_digest(named):
+                    digest = named
+                    if len(self.tags) >= MAX_TAGS:
+                        self.tags.clear()
+                    self.tags[key] = (digest, now)
+                elif r.status_code < 500:
+                    return tag  # the mirror's answer (404, ...) is the forwarded request's
+                else:
+                    why = f"the mirror answered {r.status_code}"
+            except httpx.HTTPError as e:
+                why = type(e).__name__
+            if digest is None:
+                if cached is None:
+                    self._unavailable(flow, rec, f"tag {tag}: {why}, nothing cached")
+                    return None
+                logger.warning(
+                    "mirror %s: tag %s: upstream did not answer (%s); serving the cached %s",
+                    rec.repository, tag, why, cached[0],
+                )  # fmt: skip
+                digest = cached[0]
+        path = rec.target.path
+        rec.target = Target(
+            path[: path.rindex("/manifests/")] + f"/manifests/{digest}", rec.target.params
+        )
+        return digest
 
     async def _single_flight(self, flow: http.HTTPFlow, key: str) -> None:
         """The first pull of a blob goes on; others wait for it to end (then the mirror

@@ -188,6 +188,7 @@ def read_credentials(path: Path) -> tuple[str, str]:
 # The gateway process's own: name -> "host:port" (a Distribution proxy instance) or "" (the
 # backend itself: Zot). Set by addons/mirror_gate.MirrorGate from `registry_mirrors`.
 ROUTES: dict[str, str] = {}
+TAG_TTLS: dict[str, int] = {}  # name -> tag_ttl seconds
 
 
 def resolve(repository: str) -> tuple[str | None, str] | None:
@@ -215,19 +216,21 @@ def forward_target(repository: str, path: str) -> tuple[str | None, str]:
     return addr, "/v2/" + path[len(prefix) :]
 
 
-def routes_option(targets: dict[str, str]) -> str:
-    """The gateway's `registry_mirrors`: JSON {name: "host:port"} where each mirror is served
-    (a Distribution proxy instance), or {name: ""} (Zot: the backend itself, path unchanged)."""
-    return json.dumps(targets, sort_keys=True, separators=(",", ":"))
+def routes_option(targets: dict[str, tuple[str, int]]) -> str:
+    """The gateway's `registry_mirrors`: JSON {name: ["host:port", tag_ttl]}: where each mirror
+    is served (a Distribution proxy instance, or "" for Zot: the backend itself, path
+    unchanged) and its tag_ttl in seconds."""
+    return json.dumps({k: list(v) for k, v in targets.items()}, sort_keys=True)
 
 
-def parse_routes_option(value: str) -> dict[str, str]:
+def parse_routes_option(value: str) -> dict[str, tuple[str, int]]:
     if not value:
         return {}
-    routes = json.loads(value)
-    if not isinstance(routes, dict) or not all(
-        isinstance(k, str) and _COMPONENT_RE.fullmatch(k) and isinstance(v, str)
-        for k, v in routes.items()
-    ):
-        raise ValueError("registry_mirrors: expected a JSON object {name: 'host:port' or ''}")
-    return routes
+    try:
+        routes = json.loads(value)
+        parsed = {k: (str(v[0]), int(v[1])) for k, v in routes.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        parsed = None
+    if parsed is None or not all(_COMPONENT_RE.fullmatch(k) for k in parsed):
+        raise ValueError("registry_mirrors: expected JSON {name: ['host:port' or '', tag_ttl]}")
+    return parsed

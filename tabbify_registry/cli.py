@@ -146,9 +146,14 @@ def mirror_instances(s: Settings) -> list[MirrorInstance]:
     return [MirrorInstance(m, free_port(), i) for i, m in enumerate(found)]
 
 
-def mirror_routes(s: Settings, instances: list[MirrorInstance] | None) -> dict[str, str]:
-    """The gateway's `registry_mirrors`: where each mirror is read."""
-    return {i.mirror.name: f"127.0.0.1:{i.port}" if i.port else "" for i in (instances or [])}
+def mirror_routes(
+    s: Settings, instances: list[MirrorInstance] | None
+) -> dict[str, tuple[str, int]]:
+    """The gateway's `registry_mirrors`: where each mirror is read, its tag_ttl."""
+    return {
+        i.mirror.name: (f"127.0.0.1:{i.port}" if i.port else "", i.mirror.tag_ttl)
+        for i in (instances or [])
+    }
 
 
 def write_mirror_configs(s: Settings, instances: list[MirrorInstance], secret: str) -> None:

@@ -109,6 +109,11 @@ def test_skopeo_and_podman_pull_through_the_mirror_and_cached_pulls_survive_the_
     assert images.layout_blobs(tmp_path / "first") == image["blobs"]
     r = podman_pull(jwt, f"{stack.host}/{ref}")
     assert r.returncode == 0, r.stderr
+    # Within tag_ttl the tag is served from the cache: the upstream is not asked at all.
+    asked = len(world["hub"].requests)
+    r = pull(stack, jwt, ref, tmp_path / "second")
+    assert r.returncode == 0, r.stderr
+    assert world["hub"].requests[asked:] == []
     # Stored in the mirror's own store, not the tenants' backend.
     stored = world["base"] / "data" / "mirror" / "docker.io"
     layer = next(iter(d for d in image["blobs"] if d != image["digest"]))
@@ -127,6 +132,23 @@ def test_skopeo_and_podman_pull_through_the_mirror_and_cached_pulls_survive_the_
         assert r.returncode == 0 and images.digest(r.stdout.encode()) == image["digest"]
     finally:
         upstream.start()
+
+
+def test_an_upstream_that_hangs_gets_a_bounded_503(world: dict) -> None:
+    stack, hub, jwt = world["stack"], world["hub"], world["jwt"]
+    repo = "mirror/docker.io/library/never"
+    h = bearer(stack, jwt, repo)
+    hub.hang = True
+    try:
+        started = time.monotonic()
+        r = requests.get(f"{stack.url}/v2/{repo}/manifests/1", headers=h, timeout=60)
+        assert r.status_code == 503 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert time.monotonic() - started < 30
+        digest = "sha256:" + "b" * 64
+        r = requests.get(f"{stack.url}/v2/{repo}/blobs/{digest}", headers=h, timeout=60)
+        assert r.status_code == 503
+    finally:
+        hub.hang = False
 
 
 def test_a_tampered_upstream_blob_is_refused_and_never_stored(world: dict, tmp_path: Path):

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from tests.stack import free_port, wait_for
@@ -74,6 +75,7 @@ class HubFront:
         self.url = f"http://127.0.0.1:{self.port}"
         self.bad: set[str] = set()
         self.requests: list[str] = []
+        self.hang = False  # True: every /v2/ request waits a minute before any answer
         self.bearer = "hub-" + os.urandom(8).hex()
         outer = self
 
@@ -101,6 +103,8 @@ class HubFront:
                     challenge = f'Bearer realm="{outer.url}/token",service="hub"'
                     return self._answer(401, b"{}", WWW_Authenticate=challenge)
                 outer.requests.append(f"{self.command} {self.path}")
+                if outer.hang:
+                    time.sleep(60)
                 conn = http.client.HTTPConnection("127.0.0.1", outer.upstream_port, timeout=30)
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
