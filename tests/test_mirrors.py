@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,29 @@ def test_a_mount_from_a_mirror_starts_a_plain_upload():
         None, route, "POST", (("mount", "sha256:" + "a" * 64), ("from", "mirror/d/x"))
     )
     assert got.values == {} and got.note == "mount dropped"
+
+
+def test_zot_gets_the_upstream_credentials_in_its_own_format_0600(tmp_path: Path):
+    from tabbify_registry.cli import load_mirrors, write_zot_credentials
+    from tabbify_registry.settings import load
+
+    creds = tmp_path / "hub"
+    creds.write_text("robot:tok-123\n")
+    f = tmp_path / "m.toml"
+    f.write_text(
+        f'[[mirror]]\nname = "docker.io"\nurl = "https://registry-1.docker.io"\n'
+        f'credentials_file = "{creds}"\n[[mirror]]\nname = "q"\nurl = "http://127.0.0.1:5999"\n'
+    )
+    s = load(
+        {
+            "REGISTRY_DATA_DIR": str(tmp_path / "data"),
+            "REGISTRY_BACKEND": "zot",
+            "REGISTRY_MIRRORS_FILE": str(f),
+        }
+    )
+    s.runtime_dir.mkdir(parents=True)
+    path = write_zot_credentials(s, load_mirrors(s))
+    assert path is not None and path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == {
+        "registry-1.docker.io": {"username": "robot", "password": "tok-123"}
+    }
