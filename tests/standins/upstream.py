@@ -63,6 +63,13 @@ def http_status(port: int, path: str) -> int:
         conn.close()
 
 
+class _Quiet(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that hangs up mid-answer (a cut connection) is expected here
+
+
 class HubFront:
     """Docker Hub's front: `/v2/…` needs `Bearer <token of the day>`, got from `/token` with
     the robot's Basic credential; everything else is forwarded to `upstream_port`, but the
@@ -134,7 +141,7 @@ class HubFront:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = _Quiet(("127.0.0.1", self.port), Handler)
 
     def start(self) -> HubFront:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
