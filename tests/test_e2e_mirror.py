@@ -243,3 +243,42 @@ def test_a_bad_mirrors_file_stops_start_up_naming_the_file_and_line(tmp_path: Pa
     assert stack.proc.wait(30) != 0
     out = stack.log.read_text()
     assert f"{bad}:3:" in out and len([ln for ln in out.splitlines() if ln.strip()]) == 1
+
+
+def test_a_signature_rule_on_mirror_applies(world: dict) -> None:
+    """[[require_signature]] covering mirror/**: an unsigned mirrored image is refused, by tag
+    and by digest (the check reads the mirror, not the tenants' backend)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    stack, image, jwt = world["stack"], world["image"], world["jwt"]
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    policy = world["base"] / "data" / "policy.toml"
+    policy.write_text(
+        f'[[require_signature]]\nrepositories = ["mirror/**"]\nkeys = ["""{pem}"""]\n'
+    )
+    repo = "mirror/docker.io/library/alpine"
+    accept = {"Accept": images.OCI_MANIFEST}
+    try:
+        h = {**bearer(stack, jwt, repo), **accept}
+
+        def refused(ref: str) -> bool:
+            r = requests.get(f"{stack.url}/v2/{repo}/manifests/{ref}", headers=h, timeout=30)
+            return r.status_code == 403 and "not signed" in r.json()["errors"][0]["message"]
+
+        wait_for(lambda: refused("3.20"), timeout=20)
+        assert refused(image["digest"])
+    finally:
+        policy.unlink()
+    wait_for(
+        lambda: (
+            requests.get(f"{stack.url}/v2/{repo}/manifests/3.20", headers=h, timeout=30).status_code
+            == 200
+        ),
+        timeout=20,
+    )
