@@ -4,6 +4,7 @@ skopeo and podman pulling through `mirror/<name>/…`."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -282,3 +283,36 @@ def test_a_signature_rule_on_mirror_applies(world: dict) -> None:
         ),
         timeout=20,
     )
+
+
+def test_podman_pulls_docker_io_names_through_the_mirror_by_registries_conf(
+    world: dict, tmp_path: Path
+) -> None:
+    """docs/mirror.md's registries.conf: `docker.io/library/alpine` goes to the mirror (this
+    machine has no route to Docker Hub: only the mirror can answer)."""
+    stack, jwt = world["stack"], world["jwt"]
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n'
+        f'[[registry.mirror]]\nlocation = "{stack.host}/mirror/docker.io"\ninsecure = true\n'
+    )
+    # What `podman login <registry>` leaves: the login is the registry's, not Docker Hub's.
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    auth = tmp_path / "auth.json"
+    login = base64.b64encode(f"x:{jwt}".encode()).decode()
+    auth.write_text(json.dumps({"auths": {stack.host: {"auth": login}}}))
+    with tempfile.TemporaryDirectory(prefix="podman") as tmp:
+        storage = ["--root", f"{tmp}/root", "--runroot", f"{tmp}/run", "--storage-driver=vfs"]
+        r = subprocess.run(
+            ["podman", *storage, "pull", "docker.io/library/alpine:3.20"],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf),
+                 "REGISTRY_AUTH_FILE": str(auth)},
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pulled = [
+        line for line in stack.access_log()
+        if line["repository"] == "mirror/docker.io/library/alpine" and line["status"] == 200
+        and line["time"] >= started
+    ]  # fmt: skip
+    assert pulled
