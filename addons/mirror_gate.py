@@ -20,8 +20,9 @@ there, routes.py). Here:
   cannot answer (error, timeout), the digest last resolved is served; with none, 503. Every
   manifest GET is then by digest, so it is verified as above. Distribution's proxy alone has
   no timeout towards the upstream (Go's DefaultTransport) and asks it on every tag pull.
-- By-digest reads are checked the same way first (a HEAD with the deadline): a mirror that
-  does not have the digest and an upstream that does not answer give 503, never a hang.
+- By-digest reads and tag lists are checked the same way first (a HEAD with the deadline):
+  a mirror that does not have the digest and an upstream that does not answer give 503,
+  never a hang.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons import backend_auth, mirrors, oci
 from addons.gate import answered, fail_closed, respond
+from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
 from addons.target import Target
@@ -56,10 +58,11 @@ _UNAVAILABLE = "the upstream registry of this mirror did not answer; retry later
 
 class DigestCheck:
     """Hashes a streamed body; holds back the last chunk until the end, where it is released
-    only when the whole body has the named digest."""
+    only when the whole body has the named digest (and is at most `limit` bytes: a manifest
+    is, a blob has no limit)."""
 
-    def __init__(self, rec: FlowRecord, digest: str) -> None:
-        self.rec, self.expected = rec, digest
+    def __init__(self, rec: FlowRecord, digest: str, limit: int | None = None) -> None:
+        self.rec, self.expected, self.limit, self.size = rec, digest, limit, 0
         algorithm, _, _ = digest.partition(":")
         self.hash = hashlib.new(algorithm)
         self.held = b""
@@ -67,6 +70,10 @@ class DigestCheck:
 
     def __call__(self, chunk: bytes) -> bytes:
         self.rec.bytes_out += len(chunk)
+        self.size += len(chunk)
+        if self.failed or (self.limit is not None and self.size > self.limit):
+            self.failed = True  # nothing more passes; the response hook cuts the connection
+            return b""
         if chunk:
             self.hash.update(chunk)
             out, self.held = self.held, chunk
@@ -141,9 +148,11 @@ class MirrorGate:
             resolved = await self._resolve_tag(flow, rec, ref)
             if resolved is None:
                 return
-            ref, by_digest = resolved, True
-        elif by_digest and method in ("GET", "HEAD") and not await self._present(flow, rec):
-            return
+            ref, by_digest = resolved, oci_digest(resolved)  # a tag: the mirror's own answer
+        else:
+            checked = (by_digest and method in ("GET", "HEAD")) or rec.route == "tags"
+            if checked and not await self._present(flow, rec):
+                return
         if by_digest and method == "GET":
             flow.metadata[_VERIFY] = ref
         if rec.route == "blob" and method == "GET" and by_digest:
@@ -166,10 +175,11 @@ class MirrorGate:
         return await self.client().head(url, headers=accept)
 
     async def _present(self, flow: http.HTTPFlow, rec: FlowRecord) -> bool:
-        """A by-digest read: the mirror has it or gets it in time; else answered here."""
-        kind = "blobs" if rec.route == "blob" else "manifests"
+        """A by-digest read (or a tag list): the mirror has it or gets it in time; else
+        answered here (503)."""
+        kind = {"blob": "blobs/", "manifest": "manifests/"}.get(rec.route or "", "tags/list")
         try:
-            r = await self._head(flow, rec, f"{kind}/{rec.reference}")
+            r = await self._head(flow, rec, f"{kind}{rec.reference or ''}")
         except httpx.HTTPError as e:
             self._unavailable(flow, rec, f"checking {rec.reference}: {type(e).__name__}")
             return False
@@ -250,7 +260,8 @@ class MirrorGate:
         if named is not None and named != expected:
             self._refuse(flow, f"the mirror named {named} for {expected}")
             return
-        check = DigestCheck(record(flow), expected)
+        rec = record(flow)
+        check = DigestCheck(rec, expected, MAX_MANIFEST if rec.route == "manifest" else None)
         flow.metadata[_VERIFY] = check
         response.stream = check
 

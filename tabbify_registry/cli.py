@@ -470,7 +470,7 @@ def printable_config(s: Settings) -> dict[str, object]:
     return config
 
 
-def summary(s: Settings) -> list[str]:
+def summary(s: Settings, instances: list[MirrorInstance] | None = None) -> list[str]:
     """What `run` says at start: where it listens, in which mode, where the operator looks."""
     listen = f"listening on http://{s.listen.hostport}"
     if s.external_url != f"http://{s.listen.hostport}":
@@ -485,6 +485,7 @@ def summary(s: Settings) -> list[str]:
     backend = {"external": "an external registry", "zot": "Zot", "distribution": "Distribution"}
     storage = f"S3 bucket {s.s3_bucket}" if s.storage == "s3" else "local storage"
     workers = f"{s.workers} gateway worker{'s' if s.workers != 1 else ''}"
+    mirrored = [f"mirror/{i.mirror.name}/ of {i.mirror.url}" for i in instances or []]
     return [
         f"tabbify-registry {version()} starting",
         listen,
@@ -492,6 +493,7 @@ def summary(s: Settings) -> list[str]:
         f"admin on {admin} (live view /, /metrics, /healthz, /livez, /readyz)",
         f"data in {s.data_dir}; backend: {backend[s.backend]} on {s.backend_addr.hostport} "
         f"({storage}); {workers}",
+        *([f"mirrors: {', '.join(mirrored)}"] if mirrored else []),
     ]
 
 
@@ -538,7 +540,7 @@ def run(env: Mapping[str, str]) -> int:
     key_fd = token_key(minfds)
     s.state_dir.mkdir(parents=True, exist_ok=True)
     relay = start_log_relay(s, len(instances))
-    for line in summary(s):
+    for line in summary(s, instances):
         relay.log("info", line)
 
     supervisord = subprocess.Popen(

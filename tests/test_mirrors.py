@@ -160,3 +160,35 @@ def test_zot_gets_the_upstream_credentials_in_its_own_format_0600(tmp_path: Path
     assert json.loads(path.read_text()) == {
         "registry-1.docker.io": {"username": "robot", "password": "tok-123"}
     }
+
+
+def _check(digest: str, chunks: list[bytes], limit: int | None = None):
+    from addons.mirror_gate import DigestCheck
+    from addons.record import FlowRecord
+
+    check = DigestCheck(FlowRecord(), digest, limit)
+    out = b"".join(check(c) for c in [*chunks, b""])
+    return out, check.failed
+
+
+def test_a_body_with_the_named_digest_passes_whole():
+    import hashlib
+
+    body = [b"a" * 70000, b"b" * 5, b"c" * 65536]
+    digest = "sha256:" + hashlib.sha256(b"".join(body)).hexdigest()
+    assert _check(digest, body) == (b"".join(body), False)
+
+
+def test_a_body_with_another_digest_never_passes_its_last_chunk():
+    body = [b"a" * 70000, b"b" * 5, b"c" * 65536]
+    out, failed = _check("sha256:" + "0" * 64, body)
+    assert failed and out == b"a" * 70000 + b"b" * 5  # the client never has it all
+
+
+def test_a_manifest_over_its_limit_is_cut():
+    import hashlib
+
+    body = [b"{" * 100, b"}" * 100]
+    digest = "sha256:" + hashlib.sha256(b"".join(body)).hexdigest()
+    out, failed = _check(digest, body, limit=150)
+    assert failed and len(out) < 200
