@@ -316,3 +316,31 @@ def test_podman_pulls_docker_io_names_through_the_mirror_by_registries_conf(
         and line["time"] >= started
     ]  # fmt: skip
     assert pulled
+
+
+def test_anonymous_mode_everyone_on_loopback_pulls_and_nobody_writes(
+    world: dict, tmp_path: Path
+) -> None:
+    creds = tmp_path / "hub"
+    creds.write_text(f"{USER}:{TOKEN}\n")
+    mirrors_file = tmp_path / "mirrors.toml"
+    mirrors_file.write_text(
+        f'[[mirror]]\nname = "docker.io"\nurl = "{world["hub"].url}"\n'
+        f'credentials_file = "{creds}"\n'
+    )
+    stack = Stack(tmp_path / "data", None, REGISTRY_MIRRORS_FILE=str(mirrors_file)).start()
+    try:
+        r = skopeo(
+            "copy", "--src-tls-verify=false",
+            f"docker://{stack.host}/mirror/docker.io/library/alpine:3.20", f"oci:{tmp_path}/o:v1",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert images.layout_blobs(tmp_path / "o") == world["image"]["blobs"]
+        r = requests.post(f"{stack.url}/v2/mirror/docker.io/library/alpine/blobs/uploads/")
+        assert r.status_code == 403 and "read-only" in r.json()["errors"][0]["message"]
+        r = requests.delete(
+            f"{stack.url}/v2/mirror/docker.io/library/alpine/manifests/{world['image']['digest']}"
+        )
+        assert r.status_code == 403
+    finally:
+        stack.stop()
