@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -344,3 +345,28 @@ def test_anonymous_mode_everyone_on_loopback_pulls_and_nobody_writes(
         assert r.status_code == 403
     finally:
         stack.stop()
+
+
+def test_docker_pulls_the_mirror_namespace(world: dict) -> None:
+    """docs/mirror.md's Docker recipe: log in to the registry, pull mirror/docker.io/…"""
+    from tests.test_e2e_docker import DOCKER, DOCKERD, Dockerd
+
+    if not Path(DOCKERD).is_file() or not Path(DOCKER).is_file():
+        pytest.fail("docker.io is not installed: scripts/setup.sh --test installs it")
+    if os.geteuid() != 0:
+        pytest.skip("dockerd needs root here (it is started without rootless mode)")
+    stack, jwt = world["stack"], world["jwt"]
+    root = Path(tempfile.mkdtemp(prefix="tbf-dockerd-"))
+    daemon = Dockerd(root, stack.host)
+    try:
+        why = daemon.start()
+        if why:
+            pytest.skip(why)
+        r = daemon.docker("login", stack.host, "-u", "x", "--password-stdin", stdin=jwt)
+        assert r.returncode == 0, r.stderr
+        r = daemon.docker("pull", f"{stack.host}/mirror/docker.io/library/alpine:3.20")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert world["image"]["digest"] in r.stdout
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
