@@ -20,9 +20,13 @@ there, routes.py). Here:
   cannot answer (error, timeout), the digest last resolved is served; with none, 503. Every
   manifest GET is then by digest, so it is verified as above. Distribution's proxy alone has
   no timeout towards the upstream (Go's DefaultTransport) and asks it on every tag pull.
-- By-digest reads and tag lists are checked the same way first (a HEAD with the deadline):
-  a mirror that does not have the digest and an upstream that does not answer give 503,
-  never a hang.
+- By-digest reads are checked the same way first (a HEAD with the deadline): a mirror that
+  does not have the digest and an upstream that does not answer give 503, never a hang.
+  (Tag lists are not: Distribution's proxy asks the upstream for them without a timeout.)
+- Blobs: read from a mirror only when a manifest served from that repository through the
+  gateway references it (recorded in the isolation ledger under the repository; with
+  tenants). With Zot, whose dedupe would hand any stored digest to whoever names it in any
+  repository, no tenant's digest is thus reachable under mirror/.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ import hashlib
 import logging
 import re
 import time
+from typing import Any
 
 import httpx
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from addons import backend_auth, mirrors, oci
+from addons import backend_auth, manifest, mirrors, oci
 from addons.gate import answered, fail_closed, respond
+from addons.ledger import LedgerUnavailable, holder
 from addons.manifest import MAX_MANIFEST
 from addons.record import FlowRecord, record
 from addons.routes import DIGEST
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 _VERIFY = "tabbify.mirror.verify"
 _FIRST = "tabbify.mirror.first"
+_RECORD = "tabbify.mirror.record"
 _DIGEST = re.compile(DIGEST)
 SINGLE_FLIGHT_WAIT = 120.0  # seconds a pull waits for the same blob's first fetch, at most
 CHECK_TIMEOUT = 15.0  # seconds the upstream has to answer a tag or digest check
@@ -150,13 +157,49 @@ class MirrorGate:
                 return
             ref, by_digest = resolved, oci_digest(resolved)  # a tag: the mirror's own answer
         else:
-            checked = (by_digest and method in ("GET", "HEAD")) or rec.route == "tags"
-            if checked and not await self._present(flow, rec):
+            if rec.route == "blob" and not await self._referenced(flow, rec):
+                return
+            if by_digest and method in ("GET", "HEAD") and not await self._present(flow, rec):
                 return
         if by_digest and method == "GET":
             flow.metadata[_VERIFY] = ref
+            if rec.route == "manifest" and self._ledger(rec) is not None:
+                flow.metadata[_RECORD] = True  # buffered, verified, its references recorded
         if rec.route == "blob" and method == "GET" and by_digest:
             await self._single_flight(flow, f"{rec.repository}@{ref}")
+
+    @staticmethod
+    def _ledger(rec: FlowRecord) -> Any:
+        """The isolation ledger, with tenants (anonymous mode: none, and nothing to isolate)."""
+        isolation = ctx.master.addons.get("tenantisolation")
+        ledger = isolation.ledger if isolation is not None else None
+        return ledger if rec.tenant is not None else None
+
+    async def _referenced(self, flow: http.HTTPFlow, rec: FlowRecord) -> bool:
+        """A blob is read from a mirror only when a manifest this gateway served from that
+        repository references it. With Zot, mirrored repositories share its storage and its
+        dedupe cache, which would hand any stored digest (a tenant's) to a request naming
+        it; so a digest never seen in the mirror never reaches the backend."""
+        ledger = self._ledger(rec)
+        if ledger is None:
+            return True
+        assert rec.repository is not None
+        key = (holder(rec.repository), rec.reference or "")
+        try:
+            found = ledger.known.cached(key) or await asyncio.to_thread(ledger.has, *key)
+        except LedgerUnavailable:
+            self._unavailable(flow, rec, "the ledger is unavailable")
+            return False
+        if not found:
+            rec.decision = "deny:mirror-unknown-digest"
+            respond(
+                flow,
+                oci.error_response(
+                    404, "BLOB_UNKNOWN", "blob unknown to registry: pull its manifest first",
+                    method=flow.request.method,
+                ),
+            )  # fmt: skip
+        return bool(found)
 
     def _unavailable(self, flow: http.HTTPFlow, rec: FlowRecord, why: str) -> None:
         logger.warning("mirror %s: %s", rec.repository, why)
@@ -175,9 +218,8 @@ class MirrorGate:
         return await self.client().head(url, headers=accept)
 
     async def _present(self, flow: http.HTTPFlow, rec: FlowRecord) -> bool:
-        """A by-digest read (or a tag list): the mirror has it or gets it in time; else
-        answered here (503)."""
-        kind = {"blob": "blobs/", "manifest": "manifests/"}.get(rec.route or "", "tags/list")
+        """A by-digest read: the mirror has it or gets it in time; else answered here (503)."""
+        kind = "blobs/" if rec.route == "blob" else "manifests/"
         try:
             r = await self._head(flow, rec, f"{kind}{rec.reference or ''}")
         except httpx.HTTPError as e:
@@ -261,6 +303,13 @@ class MirrorGate:
             self._refuse(flow, f"the mirror named {named} for {expected}")
             return
         rec = record(flow)
+        if flow.metadata.get(_RECORD):
+            length = response.headers.get("content-length", "")
+            if not length.isdigit() or int(length) > MAX_MANIFEST:
+                self._refuse(flow, "a manifest without a length or larger than 4 MiB")
+                return
+            response.stream = False  # ≤ 4 MiB: checked and recorded in `response`
+            return
         check = DigestCheck(rec, expected, MAX_MANIFEST if rec.route == "manifest" else None)
         flow.metadata[_VERIFY] = check
         response.stream = check
@@ -276,11 +325,41 @@ class MirrorGate:
         flow.kill()
 
     @fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
         check = flow.metadata.pop(_VERIFY, None)
         if isinstance(check, DigestCheck) and check.failed:
             self._refuse(flow, f"the body's digest is not {check.expected}")
+        elif isinstance(check, str) and flow.metadata.pop(_RECORD, None):
+            await self._record(flow, check)
+
+    async def _record(self, flow: http.HTTPFlow, expected: str) -> None:
+        """A buffered manifest from a mirror: served only when it has the named digest, and
+        only once what it references is recorded for its repository (_referenced)."""
+        rec, response = record(flow), flow.response
+        if response is None or response.status_code != 200 or response.stream:
+            return
+        body = response.content or b""
+        algorithm, _, _ = expected.partition(":")
+        if f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" != expected:
+            self._refuse(flow, f"the body's digest is not {expected}")
+            return
+        try:
+            refs = manifest.references(manifest.parse(body))
+        except manifest.ManifestError:
+            refs = []  # served as it is; nothing it would name becomes readable
+        ledger = self._ledger(rec)
+        if ledger is None or rec.repository is None:
+            return
+        try:
+            await asyncio.to_thread(ledger.add, holder(rec.repository), [expected, *refs])
+        except LedgerUnavailable:
+            logger.error("ledger: could not record a mirrored manifest; answering 503")
+            rec.decision = "deny:ledger-unavailable"
+            flow.response = oci.error_response(
+                503, "UNAVAILABLE", "the registry cannot serve this now; retry",
+                method=flow.request.method,
+            )  # fmt: skip
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._release(flow)
