@@ -192,3 +192,35 @@ def test_a_manifest_over_its_limit_is_cut():
     digest = "sha256:" + hashlib.sha256(b"".join(body)).hexdigest()
     out, failed = _check(digest, body, limit=150)
     assert failed and len(out) < 200
+
+
+def test_the_default_names_itself_and_routes_follow_the_backend():
+    from addons.policy import MIRROR_DEFAULT
+
+    assert EMPTY.decide("acme", None, "mirror/docker.io/x", "pull").rule == MIRROR_DEFAULT
+    mirrors.ROUTES.clear()
+    mirrors.ROUTES.update({"docker.io": "127.0.0.1:5101", "ghcr.io": ""})
+    try:
+        path = "/v2/mirror/docker.io/library/alpine/manifests/3.20"
+        assert mirrors.forward_target("mirror/docker.io/library/alpine", path) == (
+            "127.0.0.1:5101",
+            "/v2/library/alpine/manifests/3.20",
+        )
+        zot = "/v2/mirror/ghcr.io/acme/tool/blobs/sha256:" + "a" * 64
+        assert mirrors.forward_target("mirror/ghcr.io/acme/tool", zot) == (None, zot)
+        assert mirrors.resolve("mirror/quay.io/x") is None
+        with pytest.raises(ValueError):
+            mirrors.forward_target("mirror/quay.io/x", "/v2/mirror/quay.io/x/tags/list")
+    finally:
+        mirrors.ROUTES.clear()
+
+
+def test_the_gateway_option_round_trips_and_refuses_garbage():
+    option = mirrors.routes_option({"docker.io": ("127.0.0.1:5101", 600), "ghcr.io": ("", 60)})
+    assert mirrors.parse_routes_option(option) == {
+        "docker.io": ("127.0.0.1:5101", 600),
+        "ghcr.io": ("", 60),
+    }
+    for bad in ('{"Docker": ["", 1]}', "[1]", '{"d": "x"}'):
+        with pytest.raises(ValueError):
+            mirrors.parse_routes_option(bad)
