@@ -270,6 +270,10 @@ class MirrorGate:
         rec.target = Target(
             path[: path.rindex("/manifests/")] + f"/manifests/{digest}", rec.target.params
         )
+        # What is served is that digest: the signature check, the verification and the
+        # access log all name it (the tag stays in the decision's note).
+        rec.reference = digest
+        rec.decision = f"allow:mirror tag {tag}"
         return digest
 
     async def _single_flight(self, flow: http.HTTPFlow, key: str) -> None:
