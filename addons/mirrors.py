@@ -166,7 +166,8 @@ def load(path: Path) -> list[Mirror]:
             try:
                 read_credentials(m.credentials_file)
             except MirrorError as e:
-                raise MirrorError(f"{path}:{m.line}: [[mirror]] {m.name}: {e}") from None
+                line = _key_line(text, m.line, "credentials_file")
+                raise MirrorError(f"{path}:{line}: [[mirror]] {m.name}: {e}") from None
     return mirrors
 
 

@@ -67,7 +67,7 @@ def test_credentials_are_one_line_and_never_quoted(tmp_path: Path):
     assert "s3cr3t" not in str(e.value)
     f = tmp_path / "m.toml"
     f.write_text(f'[[mirror]]\nname = "d"\nurl = "https://x"\ncredentials_file = "{bad}"\n')
-    with pytest.raises(mirrors.MirrorError, match=rf"^{f}:1: "):
+    with pytest.raises(mirrors.MirrorError, match=rf"^{f}:4: "):
         mirrors.load(f)
 
 
