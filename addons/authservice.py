@@ -17,6 +17,8 @@ import httpx
 
 from addons.routes import is_component
 
+RESERVED_TENANT = "mirror"  # the namespace of mirrored upstream registries (addons/mirrors.py)
+
 Outcome = Literal["granted", "rejected", "unavailable", "refused"]
 MAX_ANSWER = 64 * 1024  # a verdict is a few hundred bytes of claims
 
@@ -61,6 +63,8 @@ def judge(status: int, payload: Any) -> Verdict:
         tenant = tenant_from_claims(claims)
         if tenant is None:
             return Verdict("refused", reason="credential has no usable tenant")
+        if tenant == RESERVED_TENANT:
+            return Verdict("refused", reason=f"tenant name {tenant!r} is reserved for mirrors")
         return Verdict("granted", tenant=tenant, subject=subject_from_claims(claims))
     if 400 <= status < 500:
         return Verdict("rejected", reason=f"auth rejected the credential ({status})")

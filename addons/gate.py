@@ -29,7 +29,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons import backend_auth, oci, routes, target
+from addons import backend_auth, mirrors, oci, routes, target
 from addons.record import answered, record, respond
 
 __all__ = ["Gate", "answered", "fail_closed", "has_large_body", "respond"]  # answer helpers
@@ -168,7 +168,15 @@ class Gate:
         if flow.request.data.method not in routes.METHODS:  # intake refuses these first
             raise RuntimeError("a method not spelled exactly as the API's reached the gate")
         flow.request.authority = ""  # origin-form: a host named by the client is never used
-        flow.request.path = target.canonical(rec.target.path, rec.params)
+        path = rec.target.path
+        if rec.repository is not None and mirrors.is_mirror(rec.repository):
+            # Read from its mirror (addons/mirror_gate.py): Distribution's proxy instance
+            # of that upstream, or the backend itself (Zot).
+            addr, path = mirrors.forward_target(rec.repository, path)
+            if addr is not None:
+                host, _, port = addr.rpartition(":")
+                flow.request.scheme, flow.request.host, flow.request.port = "http", host, int(port)
+        flow.request.path = target.canonical(path, rec.params)
         # The run's backend credential, in place of anything the client sent (RegistryAccess
         # already removed that): the backend answers nobody else.
         credential = backend_auth.header()

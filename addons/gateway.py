@@ -13,6 +13,7 @@ Our addons, in hook order:
 2. TokenEndpoint   `/auth/token`: Tabbify JWT → registry token
 3. RegistryAccess  `/v2…`: token, policy rights (and token scopes), route parameters,
                    header hygiene, streaming
+   MirrorGate      `mirror/<name>/…`: routed to its mirror, by-digest bodies verified
    WriteFreeze     while GC marks and sweeps, the writes that could revive a blob wait
    Accounting      sizes and push times of confirmed pushes; [[quota]] (before the ledger
                    records: a refused push is never recorded)
@@ -69,6 +70,7 @@ from addons.isolation import TenantIsolation
 from addons.listing import Listing
 from addons.meshaddress import MeshAddress
 from addons.metrics import Metrics
+from addons.mirror_gate import MirrorGate
 from addons.policy_store import PolicyFile
 from addons.publish import Publisher
 from addons.signed import SignedOnly
@@ -92,6 +94,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
         Intake(),
         TokenEndpoint(signer, policies),
         RegistryAccess(signer, policies),
+        MirrorGate(),
         WriteFreeze(),
         Accounting(policies, isolation),
         isolation,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from addons import manifest, oci
+from addons import manifest, mirrors, oci
 from addons.backfill import Walker
 from addons.gate import answered, fail_closed, has_large_body, respond
 from addons.ledger import LedgerUnavailable, holder
@@ -232,7 +232,10 @@ class TenantIsolation:
         return await asyncio.to_thread(self.ledger.has, tenant, digest)
 
     def _active(self, rec: FlowRecord) -> bool:
-        return self.ledger is not None and rec.allowed and rec.tenant is not None
+        # Mirrored content is nobody's: it is read from the mirror (its own store with
+        # Distribution), never recorded, and a mount from it is dropped (routes.py).
+        mirrored = rec.repository is not None and mirrors.is_mirror(rec.repository)
+        return self.ledger is not None and rec.allowed and rec.tenant is not None and not mirrored
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -375,6 +375,8 @@ def _shown(value: str) -> str:
 
 
 def _tenant_error(value: str) -> str | None:
+    if value == MIRROR:
+        return "'mirror' is the reserved namespace of mirrored registries, not a tenant"
     if value == ANY or _COMPONENT_RE.fullmatch(value):
         return None
     return "a tenant is one repository name component (lower case), or '*'"
@@ -608,6 +610,12 @@ def _any_of(globs: Iterable[str]) -> str:
 
 
 NO_RULE = Decision(False, "no rule")
+MIRROR = "mirror"  # the reserved namespace of mirrored registries (addons/mirrors.py)
+MIRROR_DEFAULT = "mirror default (every authenticated caller may pull mirror/**)"
+_MIRROR_READ_ONLY = Decision(False, "mirror/ is read-only")
+# Pull on mirror/** for every caller, unless the file's own grants name mirror/ (then those
+# decide who pulls there). [[restrict]] rules narrow it as any grant.
+_MIRROR_GRANT_LINE = 0
 _OWNER = Decision(True, "owner")
 _BAD_NAME = Decision(False, "invalid repository name")
 _BAD_TENANT = Decision(False, "invalid tenant")
@@ -688,7 +696,8 @@ class _View:
     """One caller's rules, compiled: per action its grants and its restricts (file order)."""
 
     def __init__(self, policy: Policy, tenant: str, subject: str | None) -> None:
-        self.owner = tenant + "/" if _COMPONENT_RE.fullmatch(tenant) else None
+        ok = _COMPONENT_RE.fullmatch(tenant) and tenant != MIRROR
+        self.owner = tenant + "/" if ok else None
         grants = policy.grant_callers.applying(tenant, subject)
         restricts = policy.restrict_callers.applying(tenant, subject)
         self.grants = {a: policy.compiled([g for g in grants if a in g.actions]) for a in ACTIONS}
@@ -709,6 +718,8 @@ class _View:
             return _BAD_TENANT
         if not is_repository(repository):
             return _BAD_NAME
+        if repository.startswith(MIRROR + "/") and action != "pull":
+            return _MIRROR_READ_ONLY  # whatever any rule grants
         if repository.startswith(self.owner):
             decision = _OWNER
         elif (granted := self.grants[action].first(repository)) is not None:
@@ -729,12 +740,18 @@ class Policy:
         self.files = files  # key files the policy read (the reloader watches them too)
         self.rules = tuple(sorted(rules, key=lambda r: r.line))
         self.grants = tuple(r for r in self.rules if isinstance(r, Grant))
+        effective = self.grants
+        if not any(
+            _literal_prefix(g).startswith(MIRROR + "/") for r in self.grants for g in r.repositories
+        ):
+            mirror = Grant(_MIRROR_GRANT_LINE, (MIRROR + "/**",), ("pull",), (ANY,), None)
+            effective = (mirror, *self.grants)
         self.restricts = tuple(r for r in self.rules if isinstance(r, Restrict))
         self.immutables = tuple(r for r in self.rules if isinstance(r, Immutable))
         self.signatures = tuple(r for r in self.rules if isinstance(r, RequireSignature))
         self.retentions = tuple(r for r in self.rules if isinstance(r, Retention))
         self.quotas = tuple(r for r in self.rules if isinstance(r, Quota))
-        self.grant_callers = _CallerIndex(self.grants)
+        self.grant_callers = _CallerIndex(effective)
         self.restrict_callers = _CallerIndex(self.restricts)
         self._immutable = _RepositoryIndex(self.immutables)
         self._signature = _RepositoryIndex(self.signatures)
@@ -743,6 +760,8 @@ class Policy:
         self._grant_sets: dict[tuple[int, ...], _Grants] = {}
 
     def name(self, rule: Rule) -> str:
+        if rule.line == _MIRROR_GRANT_LINE:
+            return MIRROR_DEFAULT
         return f"{rule.kind} {self.source}:{rule.line}"
 
     def counts(self) -> dict[str, int]:
@@ -784,7 +803,8 @@ class Policy:
         these ranges (then filters each name with `pullable`)."""
         prefixes = {tenant + "/"}
         for grant in self.grant_callers.applying(tenant, subject):
-            if "pull" in grant.actions:
+            # Mirrored repositories are not in the catalog (nobody's in the ledger).
+            if "pull" in grant.actions and grant.line != _MIRROR_GRANT_LINE:
                 prefixes.update(_literal_prefix(glob) for glob in grant.repositories)
         ordered = sorted(prefixes)
         # Keep the widest: a prefix inside another one's range adds nothing.

@@ -54,6 +54,12 @@ class FlowRecord:
     signed_digest: str | None = None  # SignedOnly: the manifest digest checked and asked for
     invalidates_signatures: bool = False  # SignedOnly: a manifest PUT/DELETE, see its response
     page_tags: bool = False  # Listing: a small tag list read whole, to page in `response`
+    # MirrorGate: the digest a by-digest read from a mirror must have (then its DigestCheck),
+    # whether the manifest is buffered and its references recorded, and the single-flight key
+    # of a first blob pull that others wait for.
+    mirror_verify: object | None = None
+    mirror_record: bool = False
+    mirror_first: str | None = None
     # The first HEAD_KEPT bytes of a streamed manifest answer, for the live view (flowfeed.py):
     # a copy of what passes, never a buffer the stream waits on.
     head_out: bytearray | None = None

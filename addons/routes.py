@@ -65,6 +65,13 @@ class Decision:
     route: Route | None = None
 
 
+# The reserved namespace of mirrored upstream registries (addons/mirrors.py): read-only for
+# everybody, whatever the policy grants; no tenant is named after it.
+MIRROR_PREFIX = "mirror/"
+MIRROR_READ_ONLY = (
+    "mirror/ is a read-only mirror of upstream registries: nobody pushes or deletes there"
+)
+
 ALLOW_BASE = Decision(True, route=Route("base"))
 
 # May the caller do `action` (pull, push, delete) on a repository? Decision(True, reason=<the
@@ -142,6 +149,9 @@ def check(
         if route.status == 405:  # a real endpoint, the wrong method
             return route
         return in_namespace(tenant, path, method) or route
+    mirrored = route.name is not None and route.name.startswith(MIRROR_PREFIX)
+    if mirrored and action(route, method) != "pull":
+        return Decision(False, 403, "DENIED", MIRROR_READ_ONLY, route)
     if route.name is None or tenant is None:
         return Decision(True, route=route)
     decided = (rights or owner_rights(tenant))(route.name, action(route, method))
@@ -266,8 +276,12 @@ def decide_params(
     if "mount" not in values and "from" not in values:
         return Params(values)
     mount, source = values.get("mount", ""), values.get("from", "")
-    readable = is_name(source) and (
-        tenant is None or (rights or owner_rights(tenant))(source, "pull").allowed
+    # Never from a mirror: mirrored content lives in its own store (Distribution) or is
+    # nobody's in the isolation ledger (Zot); a plain upload of the bytes is what is safe.
+    readable = (
+        is_name(source)
+        and not source.startswith(MIRROR_PREFIX)
+        and (tenant is None or (rights or owner_rights(tenant))(source, "pull").allowed)
     )
     if grammar["mount"].fullmatch(mount) and readable:
         return Params(values)

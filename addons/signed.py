@@ -48,7 +48,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy import ctx, http
 
-from addons import oci, runstate, signatures
+from addons import mirrors, oci, runstate, signatures
 from addons.backend import Client, TooLarge, Unavailable, of_gateway
 from addons.gate import answered, fail_closed, respond
 from addons.manifest import MAX_MANIFEST
@@ -186,6 +186,7 @@ class SignedOnly:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
         self.client: Client | None = None
+        self._mirror_clients: dict[str, Client] = {}
         self._generation = runstate.Watch(None)
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
@@ -194,6 +195,17 @@ class SignedOnly:
         if self.client is None:
             self.client = of_gateway()
         return self.client
+
+    def _backend(self, repository: str) -> Backend:
+        """The backend holds the repository, or (Distribution) its mirror's instance does."""
+        mirrored = mirrors.resolve(repository)
+        if mirrored is None or mirrored[0] is None:
+            return Backend(self._client(), repository)
+        base, name = mirrored
+        client = self._mirror_clients.get(base)
+        if client is None:
+            client = self._mirror_clients[base] = Client(base)
+        return Backend(client, name)
 
     # --- invalidation ---------------------------------------------------------------------
 
@@ -317,7 +329,7 @@ class SignedOnly:
         self, policy: Policy, rules: tuple[RequireSignature, ...], repository: str, reference: str
     ) -> tuple[str | None, Verdict | Missing]:
         """(digest, verdict); (None, Missing) when the backend has no such manifest."""
-        backend = Backend(self._client(), repository)
+        backend = self._backend(repository)
         scope: Hashable = (repository, tuple(rule.keys for rule in rules))
         if _DIGEST.fullmatch(reference):
             cached = self.cache.get(reference, scope)

@@ -25,11 +25,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from addons import backend_auth, policy_store, token_keys
+from addons import backend_auth, mirrors, policy_store, token_keys
 from addons.policy import PolicyError
 from mesh import bootstrap
 from mesh.state import MeshError, write_atomic
@@ -56,7 +57,7 @@ SUPERVISORD_CONF = supervisord_conf()
 BIN = Path(sys.executable).parent
 
 
-def gateway_command(s: Settings) -> list[str]:
+def gateway_command(s: Settings, instances: list[MirrorInstance] | None = None) -> list[str]:
     """The gateway (mitmproxy's engine with our addons, addons/gateway.py) in reverse mode on
     REGISTRY_LISTEN.
 
@@ -85,6 +86,7 @@ def gateway_command(s: Settings) -> list[str]:
         "--set", f"registry_ledger={'' if s.anonymous else ledger_spec(s)}",
         "--set", f"registry_backend={upstream}",
         "--set", f"registry_backend_credential={backend_credential_file(s) or ''}",
+        "--set", f"registry_mirrors={mirrors.routes_option(mirror_routes(s, instances))}",
         "--set", f"registry_mesh_state={mesh_dir / 'state.json' if mesh_dir and follow else ''}",
         "--set", f"registry_mesh_realm={'true' if follow and s.external_url_derived else 'false'}",
         "--set", f"registry_capture_dir={s.data_dir / 'captures'}",
@@ -102,6 +104,92 @@ def gateway_command(s: Settings) -> list[str]:
         # Shared registry-token keys (several nodes): instead of the run's own key.
         *(["--token-key-file", str(s.nodes.token_key_file)] if s.nodes.token_key_file else []),
     ]  # fmt: skip
+
+
+# --- mirrors of upstream registries (REGISTRY_MIRRORS_FILE, addons/mirrors.py) ----------------
+
+
+@dataclass(frozen=True)
+class MirrorInstance:
+    """One mirror as this run serves it: with Distribution, a proxy-mode instance of its own
+    on a loopback port (`port`); with Zot, the backend's sync extension (`port` 0)."""
+
+    mirror: mirrors.Mirror
+    port: int = 0
+    index: int = 0
+
+
+def load_mirrors(s: Settings) -> list[mirrors.Mirror]:
+    """The mirrors file's mirrors; a bad file stops start-up with its file:line."""
+    if s.mirrors_file is None:
+        return []
+    try:
+        found = mirrors.load(s.mirrors_file)
+    except mirrors.MirrorError as e:
+        raise ConfigError(f"REGISTRY_MIRRORS_FILE: {e}") from None
+    if found and s.backend == "external":
+        raise ConfigError(
+            "REGISTRY_MIRRORS_FILE: mirrors need a backend this run starts (zot or distribution)"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def mirror_instances(s: Settings) -> list[MirrorInstance]:
+    found = load_mirrors(s)
+    if s.backend != "distribution":
+        return [MirrorInstance(m, 0, i) for i, m in enumerate(found)]
+    return [MirrorInstance(m, free_port(), i) for i, m in enumerate(found)]
+
+
+def mirror_routes(
+    s: Settings, instances: list[MirrorInstance] | None
+) -> dict[str, tuple[str, int]]:
+    """The gateway's `registry_mirrors`: where each mirror is read, its tag_ttl."""
+    return {
+        i.mirror.name: (f"127.0.0.1:{i.port}" if i.port else "", i.mirror.tag_ttl)
+        for i in (instances or [])
+    }
+
+
+def write_mirror_configs(s: Settings, instances: list[MirrorInstance], secret: str) -> None:
+    """Each Distribution proxy instance's config (0600: it holds the upstream credential,
+    which is never on a command line, in the environment or in a log)."""
+    for old in s.runtime_dir.glob("mirror-*.json"):
+        old.unlink()
+    for inst in instances:
+        if not inst.port:
+            continue
+        creds = (
+            mirrors.read_credentials(inst.mirror.credentials_file)
+            if inst.mirror.credentials_file
+            else None
+        )
+        config = backend_config.render_distribution_mirror(s, inst.mirror, inst.port, secret, creds)
+        path = s.runtime_dir / f"mirror-{inst.index}.json"
+        write_atomic(path, (json.dumps(config, indent=2) + "\n").encode(), mode=0o600)
+        (s.data_dir / "mirror" / inst.mirror.name).mkdir(parents=True, exist_ok=True)
+
+
+def write_zot_credentials(s: Settings, found: list[mirrors.Mirror]) -> Path | None:
+    """Zot's sync credentials file (its own JSON, by upstream host), from the users' files,
+    in the runtime dir with mode 0600; None when no mirror has credentials."""
+    path = s.runtime_dir / backend_config.ZOT_SYNC_CREDENTIALS
+    entries = {}
+    for m in found:
+        if m.credentials_file is not None:
+            user, token = mirrors.read_credentials(m.credentials_file)
+            entries[m.host] = {"username": user, "password": token}
+    if not entries:
+        path.unlink(missing_ok=True)
+        return None
+    write_atomic(path, (json.dumps(entries, indent=2) + "\n").encode(), mode=0o600)
+    return path
 
 
 def worker_share(cap: int, workers: int) -> int:
@@ -253,14 +341,16 @@ def raise_fd_limit() -> int:
     return max(16, min(target - 64, 65536))
 
 
-def start_log_relay(s: Settings) -> LogRelay:
+def start_log_relay(s: Settings, mirror_count: int = 0) -> LogRelay:
     """The FIFOs every program writes into, drained by this process (logrelay.py)."""
     s.log_dir.mkdir(parents=True, exist_ok=True)
     readable = sys.stderr.isatty()  # a person at a terminal, not a log shipper
     relay = LogRelay(s.log_dir, sys.stdout.buffer, sys.stderr.buffer, s.log_level, readable)
     workers = [f"gateway-{n}" for n in range(s.workers)]
-    for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers))):
-        relay.fifo(name, per_request_line if name == "backend.log" else None)
+    proxies = [f"mirror-{n}" for n in range(max(1, mirror_count))]
+    for name in ("access.fifo", *(f"{p}.log" for p in (*LOGGED_PROGRAMS, *workers, *proxies))):
+        per_request = name == "backend.log" or name.startswith("mirror-")
+        relay.fifo(name, per_request_line if per_request else None)
     relay.start()
     return relay
 
@@ -277,7 +367,12 @@ def per_request_line(line: bytes) -> bool:
     return re.search(rb"http\.response\.status=5\d\d", line) is None
 
 
-def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> dict[str, str]:
+def supervisor_env(
+    env: Mapping[str, str],
+    s: Settings,
+    config_file: Path,
+    instances: list[MirrorInstance] | None = None,
+) -> dict[str, str]:
     """The environment supervisord and its programs get. REGISTRY_* is removed: Distribution
     reads every REGISTRY_<SECTION>_<KEY> as a config override (and panics on ours); the
     gateway gets its settings on its command line."""
@@ -289,7 +384,11 @@ def supervisor_env(env: Mapping[str, str], s: Settings, config_file: Path) -> di
         TBF_WORKERS=str(s.workers),
         TBF_ADMIN_COMMAND=shlex.join(admin_command(s)),
         TBF_PYTHON=sys.executable,
-        TBF_GATEWAY_COMMAND=shlex.join(gateway_command(s)),
+        TBF_GATEWAY_COMMAND=shlex.join(gateway_command(s, instances)),
+        # Distribution's proxy instances, one per mirror (mirror-<n>.json in the runtime dir).
+        TBF_MIRROR_BINARY=BACKEND_BINARIES["distribution"],
+        TBF_MIRRORS=str(max(1, len(proxies := [i for i in instances or [] if i.port]))),
+        TBF_MIRROR_AUTOSTART="true" if proxies else "false",
         TBF_BACKEND_COMMAND=(
             "true" if external else shlex.join(backend_command(s, config_file, env))
         ),
@@ -353,11 +452,12 @@ def http_secret(s: Settings) -> str:
     return path.read_text().strip()
 
 
-def write_backend_config(s: Settings) -> Path:
+def write_backend_config(s: Settings, found: list[mirrors.Mirror] | None = None) -> Path:
     path = s.runtime_dir / f"{s.backend}-config.json"
     if s.backend != "external":
         policy = None if s.anonymous else policy_store.read(s.policy_file)  # Zot's retention
-        config = backend_config.render(s, http_secret(s), policy)
+        creds = write_zot_credentials(s, found or []) if s.backend == "zot" else None
+        config = backend_config.render(s, http_secret(s), policy, found or [], creds)
         write_atomic(path, (json.dumps(config, indent=2) + "\n").encode(), mode=0o600)
     return path
 
@@ -367,18 +467,24 @@ def printable_config(s: Settings) -> dict[str, object]:
     a password inside REGISTRY_CACHE_URL are named, not shown). The policy's retention rules
     are part of Zot's config."""
     policy = None if s.anonymous else policy_store.read(s.policy_file)
+    found = load_mirrors(s)
+    creds = (
+        s.runtime_dir / backend_config.ZOT_SYNC_CREDENTIALS
+        if any(m.credentials_file for m in found)
+        else None
+    )
     if s.nodes.http_secret_file is not None:
         secret = f"<from REGISTRY_HTTP_SECRET_FILE={s.nodes.http_secret_file}>"
-        config = backend_config.render(s, secret, policy=policy)
+        config = backend_config.render(s, secret, policy, found, creds)
     else:
-        config = backend_config.render(s, policy=policy)
+        config = backend_config.render(s, policy=policy, mirrors=found, credentials=creds)
     cache = config.get("storage", {}).get("cacheDriver")
     if isinstance(cache, dict) and urlsplit(cache.get("url", "")).password:
         cache["url"] = "<REGISTRY_CACHE_URL: it holds a password>"
     return config
 
 
-def summary(s: Settings) -> list[str]:
+def summary(s: Settings, instances: list[MirrorInstance] | None = None) -> list[str]:
     """What `run` says at start: where it listens, in which mode, where the operator looks."""
     listen = f"listening on http://{s.listen.hostport}"
     if s.external_url != f"http://{s.listen.hostport}":
@@ -393,6 +499,7 @@ def summary(s: Settings) -> list[str]:
     backend = {"external": "an external registry", "zot": "Zot", "distribution": "Distribution"}
     storage = f"S3 bucket {s.s3_bucket}" if s.storage == "s3" else "local storage"
     workers = f"{s.workers} gateway worker{'s' if s.workers != 1 else ''}"
+    mirrored = [f"mirror/{i.mirror.name}/ of {i.mirror.url}" for i in instances or []]
     return [
         f"tabbify-registry {version()} starting",
         listen,
@@ -400,6 +507,7 @@ def summary(s: Settings) -> list[str]:
         f"admin on {admin} (live view /, /metrics, /healthz, /livez, /readyz)",
         f"data in {s.data_dir}; backend: {backend[s.backend]} on {s.backend_addr.hostport} "
         f"({storage}); {workers}",
+        *([f"mirrors: {', '.join(mirrored)}"] if mirrored else []),
     ]
 
 
@@ -415,6 +523,7 @@ def wait_reaping(pid: int) -> int:
 def run(env: Mapping[str, str]) -> int:
     s = settings_mod.load(env)
     policy_store.read(s.policy_file)  # a bad policy refuses start-up (file:line on stderr)
+    load_mirrors(s)  # so does a bad mirrors file
     if s.nodes.token_key_file is not None:
         try:
             token_keys.read_keys(s.nodes.token_key_file)  # the workers would refuse it too
@@ -436,20 +545,22 @@ def run(env: Mapping[str, str]) -> int:
     fatal = s.runtime_dir / "fatal"
     fatal.unlink(missing_ok=True)
     write_backend_credential(s)
-    config_file = write_backend_config(s)
+    instances = mirror_instances(s)
+    config_file = write_backend_config(s, [i.mirror for i in instances])
+    write_mirror_configs(s, instances, http_secret(s))
     listen_free(s)
     migrate_requests()
     minfds = raise_fd_limit()
     key_fd = token_key(minfds)
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    relay = start_log_relay(s)
-    for line in summary(s):
+    relay = start_log_relay(s, len(instances))
+    for line in summary(s, instances):
         relay.log("info", line)
 
     supervisord = subprocess.Popen(
         [str(BIN / "supervisord"), "--nodaemon", "--configuration", str(SUPERVISORD_CONF)],
         env={
-            **supervisor_env(env, s, config_file),
+            **supervisor_env(env, s, config_file, instances),
             "TBF_MINFDS": str(minfds),
             "TBF_TOKEN_FD": str(key_fd),
             "TBF_RUN_ID": secrets.token_hex(8),
@@ -499,6 +610,7 @@ environment (read by run, config, gc and policy; docs/contract.md has each):
   REGISTRY_POLICY_FILE           access policy (default $REGISTRY_DATA_DIR/policy.toml)
   REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
   REGISTRY_UPLOAD_MAX_AGE        unfinished uploads are purged this old (default 1h)
+  REGISTRY_MIRRORS_FILE          upstream registries mirrored read-only under mirror/<name>/
   REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
   REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
   REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)

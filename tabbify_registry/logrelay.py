@@ -93,6 +93,8 @@ def program_name(name: str) -> str:
     """supervisord's process names in the operator's words."""
     if name.startswith("gateway-"):
         return f"gateway worker {name.removeprefix('gateway-')}"
+    if name.startswith("mirror-"):
+        return f"mirror instance {name.removeprefix('mirror-')}"
     return {"backend": "the backend", "admin": "the admin endpoint", "gc": "the periodic GC",
             "mesh": "the mesh follower"}.get(name, name)  # fmt: skip
 

@@ -71,6 +71,7 @@ class Settings:
     catalog_scan: int = 20_000  # names one catalog page looks at, at most
     max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
+    mirrors_file: Path | None = None  # REGISTRY_MIRRORS_FILE (addons/mirrors.py); None: none
     log_level: str = "info"  # the operator log's (stderr) threshold
     # Seconds after which an unfinished upload is purged by the backend and no longer counts
     # against its tenant's quota (REGISTRY_UPLOAD_MAX_AGE).
@@ -171,6 +172,17 @@ def parse_policy_file(env: Mapping[str, str]) -> Path:
 
 _DURATION = re.compile(r"([0-9]{1,9})([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_mirrors_file(env: Mapping[str, str]) -> Path | None:
+    """REGISTRY_MIRRORS_FILE: absolute, like REGISTRY_POLICY_FILE; its content is read by
+    `run` (addons/mirrors.py), which refuses a bad file with its file:line."""
+    value = _opt(env, "REGISTRY_MIRRORS_FILE")
+    if value is None:
+        return None
+    if not Path(value).is_absolute():
+        raise ConfigError(f"REGISTRY_MIRRORS_FILE={value!r} must be an absolute path")
+    return Path(value)
 
 
 def parse_gc_interval(env: Mapping[str, str]) -> int | None:
@@ -332,6 +344,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
         catalog_scan=int(_number(env, "REGISTRY_CATALOG_SCAN", 20_000, 10, 10_000_000)),
         max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
+        mirrors_file=parse_mirrors_file(env),
         log_level=parse_log_level(env),
         upload_age=parse_upload_age(env),
         listen_from_mesh=listen_value is None and ula is not None,

@@ -143,7 +143,8 @@ class Stack:
         env.update(
             TBF_BACKEND_AUTOSTART="true", TBF_WORKERS=str(self.workers), TBF_MINFDS="1024",
             TBF_TOKEN_FD="0", TBF_RUN_ID="0", TBF_MESH_COMMAND="unused", TBF_MESH_AUTOSTART="false",
-            TBF_GC_COMMAND="unused", TBF_GC_AUTOSTART="false",
+            TBF_GC_COMMAND="unused", TBF_GC_AUTOSTART="false", TBF_MIRROR_BINARY="unused",
+            TBF_MIRRORS="1", TBF_MIRROR_AUTOSTART="false",
         )  # fmt: skip
         out = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "supervisorctl"), "-c", str(conf), *args],

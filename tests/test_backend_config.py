@@ -440,3 +440,61 @@ def test_abandoned_uploads_are_purged_after_the_upload_age() -> None:
     for bad in ("9s", "0m", "1y", "1.5h", "-1h"):
         with pytest.raises(ConfigError, match="REGISTRY_UPLOAD_MAX_AGE"):
             settings({**LOCAL, "REGISTRY_UPLOAD_MAX_AGE": bad})
+
+
+# --- mirrors of upstream registries (REGISTRY_MIRRORS_FILE) ----------------------------------
+
+MIRRORS_TOML = """\
+[[mirror]]
+name = "docker.io"
+url = "https://registry-1.docker.io"
+credentials_file = "/run/secrets/dockerhub"
+tag_ttl = "10m"
+
+[[mirror]]
+name = "ghcr.io"
+url = "https://ghcr.io"
+"""
+
+
+def test_zot_mirrors_are_its_sync_extension_on_demand() -> None:
+    from addons.mirrors import parse as parse_mirrors
+
+    found = parse_mirrors(MIRRORS_TOML, "mirrors.toml")
+    creds = Path(DATA_DIR) / "run" / "zot-sync-credentials.json"
+    config = render_zot(settings(LOCAL), None, found, creds)
+    assert schema.violations(config) == []
+    assert config["extensions"] == json.loads((GOLDEN / "zot-sync.json").read_text())
+    # Without mirrors, no extension at all (Zot's defaults stay as they were).
+    assert "extensions" not in render_zot(settings(LOCAL))
+
+
+def test_the_sync_keys_match_zots_own_sync_example() -> None:
+    """Every sync key the renderer may emit appears, with the same type, in Zot's
+    examples/config-sync.json (v2.1.20), where a copy of it is at hand."""
+    example = ZOT_EXAMPLES / schema.SYNC_SOURCE
+    if not example.exists():
+        pytest.skip(f"{example} is not at hand (optional reference, outside this repository)")
+    known = set((p, json_type(v)) for p, v in key_paths(json.loads(example.read_text())))
+    missing = [(p, t) for p, t in schema.SYNC_KEYS.items() if (p, t) not in known]
+    assert not missing
+
+
+def test_distribution_mirror_is_a_proxy_instance_of_its_own() -> None:
+    from addons.mirrors import parse as parse_mirrors
+    from zot.config import render_distribution_mirror
+
+    hub = parse_mirrors(MIRRORS_TOML, "mirrors.toml")[0]
+    s = settings(LOCAL, "distribution")
+    config = render_distribution_mirror(s, hub, 40001, "secret", ("robot", "tok"))
+    assert config["proxy"] == {
+        "remoteurl": "https://registry-1.docker.io",
+        "username": "robot",
+        "password": "tok",
+    }
+    assert config["http"]["addr"] == "127.0.0.1:40001"
+    assert config["storage"]["filesystem"] == {"rootdirectory": f"{DATA_DIR}/mirror/docker.io"}
+    assert config["auth"] == render_distribution(s)["auth"]  # only the gateway reaches it
+    s3 = render_distribution_mirror(settings(S3, "distribution"), hub, 40001)
+    assert s3["storage"]["s3"]["rootdirectory"] == "/mirror/docker.io"
+    assert "username" not in s3["proxy"]

@@ -9,9 +9,11 @@ chain (instance/task role, env, profile).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from addons import backend_auth
+from addons.mirrors import Mirror
 from addons.policy import Policy
 from tabbify_registry.settings import Settings
 
@@ -104,8 +106,41 @@ def render_retention(policy: Policy) -> dict[str, Any]:
     return {"dryRun": False, "delay": go_duration(min(graces)), "policies": policies}
 
 
-def render_zot(settings: Settings, policy: Policy | None = None) -> dict[str, Any]:
-    """Zot v2.1.20 config. `policy`: its [[retention]] rules become Zot's retention."""
+# Zot's sync credentials file (its own JSON, by upstream host), rendered by `run` from the
+# users' `credentials_file`s into the runtime dir (0600).
+ZOT_SYNC_CREDENTIALS = "zot-sync-credentials.json"
+
+
+def render_sync(mirrors: list[Mirror], credentials: Path | None) -> dict[str, Any]:
+    """Zot's `sync` extension for REGISTRY_MIRRORS_FILE: each upstream on demand, everything
+    it has (`**`) stored under /mirror/<name> (keys: Zot's examples/config-sync.json and
+    pkg/extensions/config/sync/config.go, v2.1.20). Zot 2.1.20 has no per-registry tag TTL
+    (`manifestCheckInterval` came later): tags are re-checked as its on-demand sync does."""
+    sync: dict[str, Any] = {"enable": True}
+    if credentials is not None:
+        sync["credentialsFile"] = str(credentials)
+    sync["registries"] = [
+        {
+            "urls": [m.url],
+            "onDemand": True,
+            "tlsVerify": True,
+            "maxRetries": 2,
+            "retryDelay": "5s",
+            "content": [{"prefix": "**", "destination": f"/mirror/{m.name}"}],
+        }
+        for m in mirrors
+    ]
+    return sync
+
+
+def render_zot(
+    settings: Settings,
+    policy: Policy | None = None,
+    mirrors: list[Mirror] | None = None,
+    credentials: Path | None = None,
+) -> dict[str, Any]:
+    """Zot v2.1.20 config. `policy`: its [[retention]] rules become Zot's retention;
+    `mirrors`: Zot's sync extension (`credentials`: the sync credentials file)."""
     storage: dict[str, Any] = {
         "rootDirectory": storage_root(settings),  # on S3 it still holds cache.db
         "dedupe": True,
@@ -161,6 +196,8 @@ def render_zot(settings: Settings, policy: Policy | None = None) -> dict[str, An
         # flood the operator's log. No "output": stdout, collected by supervisord.
         "log": {"level": "warn"},
     }
+    if mirrors:
+        config["extensions"] = {"sync": render_sync(mirrors, credentials)}
     if nodes.several:
         # Scale-out (Zot >= 2.1): each repository is served by one member, chosen by siphash
         # of its name; the others proxy its requests there, so a repository has one writer.
@@ -242,12 +279,44 @@ def render_distribution(
     }
 
 
-def render(
-    settings: Settings, http_secret: str = SECRET_PLACEHOLDER, policy: Policy | None = None
+def render_distribution_mirror(
+    settings: Settings,
+    mirror: Mirror,
+    port: int,
+    http_secret: str = SECRET_PLACEHOLDER,
+    credentials: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The config of the backend settings.backend selects (`policy`: for Zot's retention)."""
+    """A proxy-mode Distribution instance for one mirror: a read-only pull-through cache of
+    its upstream (`proxy.remoteurl`, + `username`/`password`), on its own loopback port, with
+    its own storage root (`$REGISTRY_DATA_DIR/mirror/<name>`, or `/mirror/<name>` in the
+    bucket), behind the same htpasswd credential as the backend: only the gateway reaches it."""
+    config = render_distribution(settings, http_secret)
+    storage = config["storage"]
+    if "s3" in storage:
+        storage["s3"]["rootdirectory"] = f"/mirror/{mirror.name}"
+    else:
+        storage["filesystem"] = {"rootdirectory": str(settings.data_dir / "mirror" / mirror.name)}
+    storage.pop("delete", None)  # a proxy refuses deletes anyway; its scheduler expires content
+    config["http"]["addr"] = f"127.0.0.1:{port}"
+    proxy: dict[str, Any] = {"remoteurl": mirror.url}
+    if credentials is not None:
+        proxy["username"], proxy["password"] = credentials
+    config["proxy"] = proxy
+    return config
+
+
+def render(
+    settings: Settings,
+    http_secret: str = SECRET_PLACEHOLDER,
+    policy: Policy | None = None,
+    mirrors: list[Mirror] | None = None,
+    credentials: Path | None = None,
+) -> dict[str, Any]:
+    """The config of the backend settings.backend selects (`policy`: for Zot's retention;
+    `mirrors`: Zot's sync extension; with Distribution each mirror is an instance of its own,
+    render_distribution_mirror)."""
     if settings.backend == "zot":
-        return render_zot(settings, policy)
+        return render_zot(settings, policy, mirrors, credentials)
     if settings.backend == "distribution":
         return render_distribution(settings, http_secret)
     raise ValueError(

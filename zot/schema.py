@@ -117,7 +117,32 @@ RETENTION_KEYS: dict[str, str] = {
     "storage.retention.policies[].keepUntagged": "object",
     "storage.retention.policies[].keepUntagged.pushedWithin": "string",
 }
-ALL_KEYS = {**KEYS, **RETENTION_KEYS}
+# Mirrors of upstream registries (REGISTRY_MIRRORS_FILE): Zot's `sync` extension, on demand.
+# From Zot v2.1.20's examples/config-sync.json and pkg/extensions/config/sync/config.go
+# (Config, RegistryConfig, Content); the credentials file is Zot's own JSON
+# {"host:port": {"username", "password"}} (examples/sync-auth-filepath.json). Kept apart
+# from KEYS because the copy of Zot's examples this project checks KEYS against has no sync
+# example (SYNC_SOURCE names the file that has them all).
+SYNC_KEYS: dict[str, str] = {
+    "extensions": "object",
+    "extensions.sync": "object",
+    "extensions.sync.enable": "boolean",
+    "extensions.sync.credentialsFile": "string",
+    "extensions.sync.registries": "array",
+    "extensions.sync.registries[]": "object",
+    "extensions.sync.registries[].urls": "array",
+    "extensions.sync.registries[].urls[]": "string",
+    "extensions.sync.registries[].onDemand": "boolean",
+    "extensions.sync.registries[].tlsVerify": "boolean",
+    "extensions.sync.registries[].maxRetries": "number",
+    "extensions.sync.registries[].retryDelay": "string",
+    "extensions.sync.registries[].content": "array",
+    "extensions.sync.registries[].content[]": "object",
+    "extensions.sync.registries[].content[].prefix": "string",
+    "extensions.sync.registries[].content[].destination": "string",
+}
+SYNC_SOURCE = "config-sync.json"
+ALL_KEYS = {**KEYS, **RETENTION_KEYS, **SYNC_KEYS}
 
 # Keys without which Zot does not start the way the gateway needs it.
 REQUIRED = (
@@ -146,6 +171,7 @@ DURATIONS = (
     "storage.retention.delay",
     "storage.retention.policies[].keepTags[].pushedWithin",
     "storage.retention.policies[].keepUntagged.pushedWithin",
+    "extensions.sync.registries[].retryDelay",
 )
 
 
