@@ -34,6 +34,7 @@ class FlowRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     logged: bool = False
+    cached: bool = False  # answered from this worker's content cache (addons/contentcache.py)
     # The access-log line once written, until the live view's feed (flowfeed.py) takes it:
     # the feed reuses what the log computed instead of reading the flow again.
     line: dict[str, object] | None = None

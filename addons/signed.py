@@ -88,6 +88,19 @@ def bump_generation(state_dir: str | Path) -> None:
     tmp.replace(path)
 
 
+def read_generation(state_dir: str | Path) -> bytes | None:
+    """The current token (None: no state directory, or never rewritten). Every worker's caches
+    (these verdicts, addons/contentcache.py) read it before use and empty themselves when it
+    changed. The token, not the file's stat: a rename can reuse an inode within one mtime tick."""
+    if not state_dir:
+        return None
+    try:
+        with open(os.path.join(state_dir, GENERATION), "rb") as f:
+            return f.read(64)
+    except OSError:
+        return None
+
+
 def _children(body: bytes) -> tuple[str, ...]:
     try:
         doc = signatures.strict_json(body, MAX_MANIFEST, "manifest")
@@ -170,7 +183,7 @@ class SignedOnly:
         self.policies = policies
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
         self.client: httpx.Client | None = None
-        self._generation: tuple[int, int, int] | None = None
+        self._generation: bytes | None = None
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
@@ -186,23 +199,12 @@ class SignedOnly:
 
     # --- invalidation ---------------------------------------------------------------------
 
-    def _generation_path(self) -> Path | None:
-        directory = ctx.options.registry_state_dir
-        return Path(directory) / GENERATION if directory else None
-
     def _follow_generation(self) -> None:
-        path = self._generation_path()
-        if path is None:
-            return
-        try:
-            st = os.stat(path)
-            stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._generation:
-            if self._generation is not None or stamp is not None:
+        token = read_generation(ctx.options.registry_state_dir)
+        if token != self._generation:
+            if self._generation is not None or token is not None:
                 self.cache.clear()
-            self._generation = stamp
+            self._generation = token
 
     def _invalidate(self, subjects: set[str] | None) -> None:
         """This worker at once; the others through the generation file."""
@@ -211,10 +213,9 @@ class SignedOnly:
         else:
             for digest in subjects:
                 self.cache.invalidate(digest)
-        path = self._generation_path()
-        if path is not None:
+        if ctx.options.registry_state_dir:
             try:
-                bump_generation(path.parent)
+                bump_generation(ctx.options.registry_state_dir)
             except OSError as e:
                 logger.error("signatures: cannot tell the other workers (%s)", e)
             self._follow_generation()

@@ -91,6 +91,7 @@ def mitmdump_command(s: Settings) -> list[str]:
         "--set", f"registry_header_timeout={s.header_timeout}",
         "--set", f"registry_idle_timeout={s.idle_timeout}",
         "--set", f"registry_catalog_scan={s.catalog_scan}",
+        "--set", f"registry_cache_bytes={s.cache_mb * 1024 * 1024}",
         # The caps are the node's: each of the workers takes its share.
         "--set", f"registry_max_connections={worker_share(s.max_connections, s.workers)}",
         "--set",
