@@ -156,7 +156,8 @@ class Nginx:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited {self.proc.returncode}: {self.errors()}")
-            return requests.get(f"{self.url}/v2/", timeout=2).status_code == 200
+            # 401: the backend wants the run's credential, nginx passes the answer on.
+            return requests.get(f"{self.url}/v2/", timeout=2).status_code in (200, 401)
 
         wait_for(ready, timeout=20)
         return self
