@@ -52,7 +52,7 @@ from addons.routes import DIGEST
 
 logger = logging.getLogger(__name__)
 
-MAX_BYTES = 64 * 1024 * 1024
+MAX_BYTES = 48 * 1024 * 1024  # with ~90 MB of engine: a worker stays under 150 MB
 MAX_ENTRIES = 20_000
 MAX_BODY = 512 * 1024  # larger manifests are not cached
 OVERHEAD = 512  # bytes counted per entry besides its body and headers

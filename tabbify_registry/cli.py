@@ -486,7 +486,7 @@ environment (read by run, config, gc and policy; see the README for each):
   REGISTRY_GC_INTERVAL           periodic garbage collection, e.g. 24h (default: none)
   REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
   REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
-  REGISTRY_CACHE_MB              manifests by digest kept in memory per worker (default 64, 0 off)
+  REGISTRY_CACHE_MB              manifests by digest kept in memory per worker (default 48, 0 off)
   REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
   REGISTRY_MAX_CLIENT_CONNECTIONS  connections of one client address (default 256)
   REGISTRY_LEDGER_URL            shared ledger, s3://bucket/prefix or postgresql://...

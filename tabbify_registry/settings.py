@@ -69,7 +69,7 @@ class Settings:
     max_connections: int = 0  # 0: 4096 per worker, or what file descriptors allow
     max_client_connections: int = 256
     catalog_scan: int = 20_000  # names one catalog page looks at, at most
-    cache_mb: int = 64  # MiB of content-addressed answers per gateway worker (0: no cache)
+    cache_mb: int = 48  # MiB of content-addressed answers per gateway worker (0: no cache)
     max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
     log_level: str = "info"  # the operator log's (stderr) threshold
@@ -314,7 +314,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
         catalog_scan=int(_number(env, "REGISTRY_CATALOG_SCAN", 20_000, 10, 10_000_000)),
-        cache_mb=int(_number(env, "REGISTRY_CACHE_MB", 64, 0, 4096)),
+        cache_mb=int(_number(env, "REGISTRY_CACHE_MB", 48, 0, 4096)),
         max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
         log_level=parse_log_level(env),

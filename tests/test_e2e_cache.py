@@ -94,6 +94,8 @@ def test_answers_are_the_backends_and_head_has_no_body(stack, acme_jwt):
             assert r.headers.get(name) == direct.headers.get(name), name
     time.sleep(1.5)  # the workers publish once a second
     assert metric(stack, 'tabbify_cache_lookups_total{result="hit"}') >= hits + TRIES - 2
+    lines = [x for x in stack.access_log() if x.get("reference") == digest]
+    assert sum(x.get("cache") == "hit" for x in lines) >= TRIES - 2
     # HEADs (manifest and blob) carry no body: the next answer on the same connection parses.
     c = Conn(stack.port)
     auth = f"Authorization: {h['Authorization']}\r\nAccept: {OCI}\r\n"
