@@ -175,14 +175,5 @@ async def run(argv: list[str]) -> None:
     await m.run()
 
 
-def loop_factory() -> Any:
-    """uvloop's event loop where it is installed (less CPU per request), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 if __name__ == "__main__":
-    asyncio.run(run(sys.argv[1:]), loop_factory=loop_factory())
+    asyncio.run(run(sys.argv[1:]))
