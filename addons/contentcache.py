@@ -67,13 +67,15 @@ _NOT_CACHED = frozenset(
 # Headers of a manifest answer that depend on the manifest (the rest is the backend's fixed set).
 _PER_MANIFEST = frozenset({b"content-type", b"content-length", b"docker-content-digest", b"etag"})
 # A request with one of these may get another answer than a plain 200 (206, 304, 412).
-_CONDITIONAL = (
-    "range",
-    "if-none-match",
-    "if-match",
-    "if-modified-since",
-    "if-unmodified-since",
-    "if-range",
+_CONDITIONAL = frozenset(
+    {
+        b"range",
+        b"if-none-match",
+        b"if-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+    }
 )
 _FILL, _DELETE, _PUT = "tabbify.cache.fill", "tabbify.cache.delete", "tabbify.cache.put"
 
@@ -104,9 +106,13 @@ class Entry:
     size: int
 
     def response(self, method: str) -> http.Response:
-        response = http.Response.make(200, b"" if method == "HEAD" else (self.body or b""))
-        response.headers.fields = self.headers  # exact; Content-Length is the GET's
-        return response
+        """The answer, built directly (no content encoding, no header parse): the headers
+        are exactly the ones kept, Content-Length the GET's, a HEAD's body empty."""
+        now = time.time()
+        body = b"" if method == "HEAD" else (self.body or b"")
+        return http.Response(
+            b"HTTP/1.1", 200, b"OK", http.Headers(self.headers), body, None, now, now
+        )
 
 
 class Cache:
@@ -269,15 +275,17 @@ class ContentCache:
         kind = cacheable(rec.route, method, rec.reference, rec.params)
         if kind is None or rec.holds:
             return
-        headers = flow.request.headers
-        if any(name in headers for name in _CONDITIONAL):
-            return
+        accept: list[str] = []
+        for name, value in flow.request.headers.fields:  # one pass (lookups by name are not)
+            lower = name.lower()
+            if lower in _CONDITIONAL:
+                return
+            if lower == b"accept":
+                accept.append(value.decode("latin-1"))
         generation = self.generation()
         key = (kind, rec.repository, rec.reference or "")
         entry = self.cache.get(key)
-        if entry is not None and (
-            entry.media_type is None or accepts(headers.get_all("accept"), entry.media_type)
-        ):
+        if entry is not None and (entry.media_type is None or accepts(accept, entry.media_type)):
             respond(flow, entry.response(method))
             rec.cached = True
             return

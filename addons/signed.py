@@ -94,11 +94,16 @@ def read_generation(state_dir: str | Path) -> bytes | None:
     changed. The token, not the file's stat: a rename can reuse an inode within one mtime tick."""
     if not state_dir:
         return None
-    try:
-        with open(os.path.join(state_dir, GENERATION), "rb") as f:
-            return f.read(64)
+    try:  # os-level calls: this runs before every cache lookup
+        fd = os.open(os.path.join(state_dir, GENERATION), os.O_RDONLY)
     except OSError:
         return None
+    try:
+        return os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _children(body: bytes) -> tuple[str, ...]:
