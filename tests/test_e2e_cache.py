@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from tests.conftest import skopeo, skopeo_copy
 from tests.images import image_manifest
 from tests.rawhttp import Conn
 from tests.stack import CLI, Stack
@@ -122,9 +123,12 @@ def direct_status(stack: Stack, repo: str, digest: str, accept: str) -> int:
     ).status_code
 
 
-def test_never_across_repositories_nor_tenants(stack, acme_jwt, globex_jwt):
+def test_never_across_repositories_nor_tenants(stack, acme_jwt, globex_jwt, tmp_path):
     h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
     digest, _, layer = push_image(stack, h, "acme/cache/x", "v1")
+    # A real client's pull by digest fills a worker's cache.
+    r = skopeo_copy(f"docker://{stack.host}/acme/cache/x@{digest}", f"oci:{tmp_path}:x", acme_jwt)
+    assert r.returncode == 0, r.stderr
     for _ in range(TRIES):  # fill both workers
         assert fresh("GET", f"{stack.url}/v2/acme/cache/x/manifests/{digest}", h).status_code == 200
         assert fresh("HEAD", f"{stack.url}/v2/acme/cache/x/blobs/{layer}", h).status_code == 200
@@ -140,6 +144,15 @@ def test_never_across_repositories_nor_tenants(stack, acme_jwt, globex_jwt):
         assert fresh("HEAD", f"{stack.url}/v2/acme/cache/x/blobs/{layer}", g).status_code == 403
         assert fresh("GET", f"{stack.url}/v2/globex/x/manifests/{digest}", g).status_code == 404
         assert fresh("HEAD", f"{stack.url}/v2/globex/x/blobs/{layer}", g).status_code == 404
+    r = skopeo(
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        f"x:{globex_jwt}",
+        f"docker://{stack.host}/globex/x@{digest}",
+    )
+    assert r.returncode != 0 and "manifest unknown" in r.stderr.lower(), r.stderr
 
 
 def test_a_delete_through_either_worker_is_seen_at_once(stack, acme_jwt):
