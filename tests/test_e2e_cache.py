@@ -215,3 +215,24 @@ def test_a_flood_of_distinct_digests_stays_within_the_bound(small, acme_jwt):
     assert metric(small, "tabbify_cache_evictions_total") >= 14
     rss = metric(small, 'tabbify_gateway_worker_rss_bytes{worker="0"}')
     assert rss < 150 * 1024 * 1024
+
+
+def test_a_pushed_manifest_is_answered_from_memory_as_the_backend_answers(small, acme_jwt):
+    """Filled by the push itself: the first read is a hit, with the backend's headers."""
+    h = {**bearer(token(small, acme_jwt)), "Accept": OCI}
+    repo = "acme/cache/pushed"
+    first, _, _ = push_image(small, h, repo, "a", note="a")
+    requests.get(f"{small.url}/v2/{repo}/manifests/{first}", headers=h, timeout=10)  # learns
+    time.sleep(1.5)
+    misses = metric(small, 'tabbify_cache_lookups_total{result="miss"}')
+    digest, raw, _ = push_image(small, h, repo, "b", note="b")
+    r = requests.get(f"{small.url}/v2/{repo}/manifests/{digest}", headers=h, timeout=10)
+    direct = small.backend_get(f"/v2/{repo}/manifests/{digest}", headers={"Accept": OCI})
+    assert r.status_code == 200 and r.content == raw == direct.content
+
+    def comparable(headers) -> dict[str, str]:
+        return {k.lower(): v for k, v in headers.items() if k.lower() not in ("date", "connection")}
+
+    assert comparable(r.headers) == comparable(direct.headers)
+    time.sleep(1.5)
+    assert metric(small, 'tabbify_cache_lookups_total{result="miss"}') == misses
