@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +37,11 @@ from bench.compare import (
     SMALL_REPO,
     SMALL_TAG,
     Nginx,
+    cache_metrics,
     find_tool,
     push_small_image,
     registry_token,
+    skopeo_copies,
     start_stack,
 )
 from bench.httpload import load
@@ -68,25 +69,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def skopeo(*args: str) -> float:
-    started = time.monotonic()
-    out = subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", *args], capture_output=True, text=True, timeout=600
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"skopeo copy {args}: {out.stderr}")
-    return time.monotonic() - started
-
-
-def metrics(admin: str) -> dict[str, float]:
-    out = {}
-    for line in requests.get(f"{admin}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tabbify_cache") or line.startswith("tabbify_gateway_worker_rss"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -133,7 +115,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 runs[kind].append(this)
         time.sleep(1.5)
         admin = "http://" + stack.env["REGISTRY_ADMIN_ADDR"]
-        after_load = metrics(admin)
+        after_load = cache_metrics(admin)
 
         # The 10-layer image: push and pull, cold then warm, on all three paths.
         nginx = Nginx(
@@ -149,29 +131,11 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         creds = {"gateway": f"x:{credential}", "direct": f"{user}:{password}"}
         creds["nginx"] = creds["direct"]
         hosts = {
-            "gateway": stack.host,
             "direct": stack.backend_url.removeprefix("http://"),
+            "gateway": stack.host,
             "nginx": nginx.url.removeprefix("http://"),
         }
-        copies: dict[str, dict[str, float]] = {}
-        for side in ("direct", "gateway", "nginx"):
-            ref = f"docker://{hosts[side]}/{TENANT}/ten-{side}:v1"
-            t: dict[str, float] = {}
-            for phase in ("cold", "warm"):
-                log(f"skopeo push {phase} via {side}")
-                t[f"push_{phase}_s"] = skopeo(
-                    "--dest-tls-verify=false", "--dest-creds", creds[side], f"oci:{layout}:v1", ref
-                )
-            for phase in ("cold", "warm"):
-                log(f"skopeo pull {phase} via {side}")
-                t[f"pull_{phase}_s"] = skopeo(
-                    "--src-tls-verify=false",
-                    "--src-creds",
-                    creds[side],
-                    ref,
-                    f"oci:{tmp / f'pull-{side}-{phase}'}:v1",
-                )
-            copies[side] = t
+        copies = skopeo_copies(hosts, creds, layout, tmp, f"{TENANT}/ten")
 
         # Fill the cache: ~500 KiB manifests pushed and read back by digest.
         log(f"filling the cache with {args.fill_mib} MiB of manifests")
@@ -191,7 +155,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             d = r.headers["Docker-Content-Digest"]
             requests.get(f"{stack.url}/v2/{SMALL_REPO}/manifests/{d}", headers=h, timeout=30)
         time.sleep(1.5)
-        full = metrics(admin)
+        full = cache_metrics(admin)
         full_rss = rss_mb(gateway_pid)
 
     def median(kind: str, key: str, side: str) -> float:
