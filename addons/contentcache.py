@@ -294,6 +294,11 @@ class ContentCache:
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(_DELETE, None):
+            # Here, before the client has a byte of the answer: a streamed answer's head (a
+            # 202 with no body is complete with it) leaves before the `response` hook runs.
+            self.invalidate()
+            return
         fill = flow.metadata.get(_FILL)
         response = flow.response
         if fill is None or response is None or response.status_code != 200:
