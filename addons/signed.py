@@ -24,7 +24,7 @@ closed). Runs after TenantIsolation, before the Gate.
   (NEGATIVE_TTL for "not signed"); failures of the backend are never cached.
 - Invalidation across worker processes: a manifest push that is a signature (the
   `sha256-<hex>.sig` tag, or a manifest with a `subject`) or any manifest DELETE through
-  any worker rewrites `<registry_state_dir>/signatures.generation`; every worker stats that
+  any worker rewrites `<registry_state_dir>/signatures.generation`; every worker reads that
   file before using its cache and drops the cache when it changed. The content cache
   (addons/contentcache.py) follows the same token and rewrites it on every DELETE. Pushes and deletes that
   bypass the gateway (none should: the backend is on loopback) and GC are covered by the TTLs
