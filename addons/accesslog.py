@@ -70,6 +70,8 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
     }
     if rec.rule:  # the policy rule that allowed it (a refusal names its rule in `decision`)
         line["rule"] = _cut(rec.rule)
+    if rec.cached:  # answered from the worker's content cache (addons/contentcache.py)
+        line["cache"] = "hit"
     if flow.error:
         line["error"] = _cut(flow.error.msg)
     return line

@@ -21,6 +21,7 @@ Our addons, in hook order:
    ImmutableTags   a tag an [[immutable]] rule covers is never overwritten nor deleted
    SignedOnly      [[require_signature]]: manifests served only when signed by a trusted key
    Listing         the catalog (from the ledger, what the caller may pull); tag list pages
+   ContentCache    manifests and blob HEADs by digest answered from memory, once allowed
 5. Gate            forwards exactly what was decided (canonical target), or the refusal,
                    without buffering request bodies; denies what nobody allowed
 6. AccessLog       one JSON line per request on stdout, counted in the metrics
@@ -61,6 +62,7 @@ from addons.accounting import Accounting
 from addons.backend_auth import BackendCredential
 from addons.capture import Capture
 from addons.connections import ConnectionGuard
+from addons.contentcache import ContentCache
 from addons.flowfeed import FlowFeed
 from addons.freeze import WriteFreeze
 from addons.gate import Gate
@@ -101,6 +103,7 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
         ImmutableTags(policies, isolation),
         SignedOnly(policies),
         Listing(policies, signer),
+        ContentCache(),  # after every decision: only what they allowed is looked up
         Gate(),
         AccessLog(metrics),
         feed,  # after AccessLog: it takes the line the log wrote

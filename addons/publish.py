@@ -50,10 +50,22 @@ def extra_state() -> dict[str, Any]:
     freeze = ctx.master.addons.get("writefreeze")
     if freeze is not None:
         out["freeze"] = freeze.state()
+    cache = ctx.master.addons.get("contentcache")
+    if cache is not None:
+        out["cache"] = cache.state()
     accounting = ctx.master.addons.get("accounting")
     if accounting is not None and (usage := accounting.state()) is not None:
         out["tenant_usage"] = usage
     return out
+
+
+def rss() -> int | None:
+    """This process's resident memory in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Publisher:
@@ -97,6 +109,8 @@ class Publisher:
         access_log = ctx.master.addons.get("accesslog")
         return {
             "pid": os.getpid(),
+            "worker": ctx.options.registry_worker,
+            "rss": rss(),
             "time": time.time(),
             "metrics": self.metrics.state(),
             "connections": connections.state(),

@@ -38,6 +38,12 @@ class FlowRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     logged: bool = False
+    cached: bool = False  # answered from this worker's content cache (addons/contentcache.py)
+    # ContentCache: a DELETE empties every worker's cache when answered; a manifest PUT (the
+    # generation token seen at its head) fills it on 201; a read fills (key, token) on 200.
+    cache_delete: bool = False
+    cache_put: object | None = None
+    cache_fill: object | None = None
     # The access-log line once written, until the live view's feed (flowfeed.py) takes it:
     # the feed reuses what the log computed instead of reading the flow again.
     line: dict[str, object] | None = None

@@ -25,10 +25,11 @@ closed). Runs after TenantIsolation, before the Gate.
   (NEGATIVE_TTL for "not signed"); failures of the backend are never cached.
 - Invalidation across worker processes: a manifest push that is a signature (the
   `sha256-<hex>.sig` tag, or a manifest with a `subject`) or any manifest DELETE through
-  any worker rewrites `<registry_state_dir>/signatures.generation`; every worker stats that
-  file before using its cache and drops the cache when it changed. Pushes and deletes that
-  bypass the gateway (none should: the backend is on loopback) and GC are covered by the TTLs
-  (GC rewrites the file too).
+  any worker rewrites `<registry_state_dir>/signatures.generation`; every worker reads that
+  file before using its cache and drops the cache when it changed. The content cache
+  (addons/contentcache.py) follows the same token and rewrites it on every DELETE. Pushes and
+  deletes that bypass the gateway (none can: the backend takes only the run's credential) are
+  covered by the TTLs; GC rewrites the file too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 from collections import OrderedDict
@@ -83,6 +85,24 @@ def unsigned_message(repository: str, reason: str) -> str:
 def bump_generation(state_dir: str | Path) -> None:
     """Tell every worker to drop its cached verdicts (atomic rename of a fresh token)."""
     runstate.write(Path(state_dir) / GENERATION, secrets.token_hex(8).encode())
+
+
+def read_generation(state_dir: str | Path) -> bytes | None:
+    """The current token (None: no state directory, or never rewritten). Every worker's caches
+    (these verdicts, addons/contentcache.py) read it before use and empty themselves when it
+    changed. The token, not the file's stat: a rename can reuse an inode within one mtime tick."""
+    if not state_dir:
+        return None
+    try:  # os-level calls: this runs before every cache lookup
+        fd = os.open(os.path.join(state_dir, GENERATION), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _children(body: bytes) -> tuple[str, ...]:
@@ -187,7 +207,7 @@ class SignedOnly:
         self.cache = VerdictCache(max_entries=10_000, ttl=CACHE_TTL, negative_ttl=NEGATIVE_TTL)
         self.client: Client | None = None
         self._mirror_clients: dict[str, Client] = {}
-        self._generation = runstate.Watch(None)
+        self._generation: bytes | None = None
         # Index digest → its children (content-addressed: never stale), bounded.
         self._index_children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
@@ -209,14 +229,12 @@ class SignedOnly:
 
     # --- invalidation ---------------------------------------------------------------------
 
-    def _generation_path(self) -> Path | None:
-        directory = ctx.options.registry_state_dir
-        return Path(directory) / GENERATION if directory else None
-
     def _follow_generation(self) -> None:
-        self._generation.path = self._generation_path()
-        if self._generation.changed():
-            self.cache.clear()
+        token = read_generation(ctx.options.registry_state_dir)
+        if token != self._generation:
+            if self._generation is not None or token is not None:
+                self.cache.clear()
+            self._generation = token
 
     def _invalidate(self, subjects: set[str] | None) -> None:
         """This worker at once; the others through the generation file."""
@@ -225,10 +243,9 @@ class SignedOnly:
         else:
             for digest in subjects:
                 self.cache.invalidate(digest)
-        path = self._generation_path()
-        if path is not None:
+        if ctx.options.registry_state_dir:
             try:
-                bump_generation(path.parent)
+                bump_generation(ctx.options.registry_state_dir)
             except OSError as e:
                 logger.error("signatures: cannot tell the other workers (%s)", e)
             self._follow_generation()

@@ -47,6 +47,7 @@ import requests
 from addons.tokens import LIFETIME
 from bench.httpload import LoadResult, load
 from bench.throughput import MIB, Body, peak_rss_mb, pull, push
+from tests.images import oci_layout
 from tests.stack import Stack, free_port, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
 
@@ -156,7 +157,8 @@ class Nginx:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited {self.proc.returncode}: {self.errors()}")
-            return requests.get(f"{self.url}/v2/", timeout=2).status_code == 200
+            # 401: the backend wants the run's credential, nginx passes the answer on.
+            return requests.get(f"{self.url}/v2/", timeout=2).status_code in (200, 401)
 
         wait_for(ready, timeout=20)
         return self
@@ -336,6 +338,54 @@ def blob_round_trip(base: str, repo: str, size: int, headers: dict[str, str]) ->
     return {"push_MBps": size / push_s / 1e6, "pull_MBps": size / pull_s / 1e6}
 
 
+def skopeo_copies(
+    hosts: dict[str, str], creds: dict[str, str], layout: Path, tmp: Path, repo: str
+) -> dict[str, dict[str, float]]:
+    """`skopeo copy` of the OCI layout's image: push cold (a new repository) and warm (every
+    blob already there), then pull cold and warm (into new directories), on every path;
+    seconds per copy."""
+
+    def copy(*args: str) -> float:
+        started = time.monotonic()
+        out = subprocess.run(
+            ["skopeo", "--insecure-policy", "copy", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"skopeo copy {args[-2:]}: {out.stderr}")
+        return time.monotonic() - started
+
+    times: dict[str, dict[str, float]] = {}
+    for path, host in hosts.items():
+        ref = f"docker://{host}/{repo}-{path}:v1"
+        t: dict[str, float] = {}
+        for phase in ("cold", "warm"):
+            log(f"skopeo push ({phase}) via {path}")
+            t[f"push_{phase}_s"] = copy(
+                "--dest-tls-verify=false", "--dest-creds", creds[path], f"oci:{layout}:v1", ref
+            )
+        for phase in ("cold", "warm"):
+            log(f"skopeo pull ({phase}) via {path}")
+            out = tmp / f"pull-{path}-{phase}"
+            t[f"pull_{phase}_s"] = copy(
+                "--src-tls-verify=false", "--src-creds", creds[path], ref, f"oci:{out}:v1"
+            )
+        times[path] = t
+    return times
+
+
+def cache_metrics(admin: str) -> dict[str, float]:
+    """The workers' content-cache lines of /metrics (tabbify_cache_*), and their RSS."""
+    out = {}
+    for line in requests.get(f"{admin}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("tabbify_cache", "tabbify_gateway_worker_rss")):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 # metric -> path -> value; a path a metric does not apply to is absent.
@@ -370,7 +420,16 @@ def rows(blob_mib: int, small_mib: int) -> list[Row]:
     out += load_rows("manifest_get", "manifest GET, wrk")
     out += load_rows("manifest_head", "manifest HEAD, py client [a]")
     out += load_rows("manifest_get_py", "manifest GET, py client [a]")
+    out += load_rows("manifest_digest", "manifest GET by digest, wrk [d]")
     out += load_rows("token", "token exchange [b]")
+    out += [
+        Row(f"skopeo10_{op}_s", f"skopeo copy, 10 layers, {op.replace('_', ' ')} (s) [e]", "{:.2f}")
+        for op in ("push_cold", "push_warm", "pull_cold", "pull_warm")
+    ]
+    out += [
+        Row("cache_hit_ratio", "gateway cache hit ratio [d]", "{:.3f}", ratios=False),
+        Row("cache_MB", "gateway cache held (MB) [d]", "{:.3f}", ratios=False),
+    ]
     out += [
         Row(f"gateway_peak_rss_{mib}MiB_MB", f"gateway peak RSS, {mib} MiB (MB){note}", "{:.0f}")
         for mib, note in ((blob_mib, ""), (small_mib, " [c]"))
@@ -419,6 +478,10 @@ All request rates: {c} concurrent keep-alive connections for {d} s each; wrk wit
 [b] direct = the auth stand-in's own POST /v1/validate (the other side of every exchange;
     HTTP/1.0, a new connection per request); gateway = GET /auth/token, Basic x:<tabbify jwt>.
 [c] after `supervisorctl restart gateway:*`: a fresh process for the second peak.
+[d] the gateway answers a manifest by digest from its content cache (addons/contentcache.py);
+    hit ratio and bytes held from /metrics at the end of the run.
+[e] 10 random layers of --layer-kib each; cold = a new repository / an empty directory, warm
+    = the same copy again. Times: a ratio above 1 means the gateway is slower.
 Latency ratios above 1 mean the gateway is slower."""
 
 
@@ -528,6 +591,33 @@ def measure(args: argparse.Namespace, tmp: Path, nginx_bin: str, wrk_bin: str) -
                 record_load(results, key, path, r)
                 raw[f"manifest_{method.lower()}_python_{path}"] = asdict(r)
 
+        # The same manifest by digest: the gateway answers it from memory.
+        digest = requests.get(
+            stack.url + manifest, headers={**bearer(), **accept}, timeout=10
+        ).headers["Docker-Content-Digest"]
+        for path in PATHS:
+            log(f"wrk manifest GET by digest via {path} ({args.duration} s)")
+            script = wrk_script("GET", {**auth_for(path), **accept})
+            r = wrk.run(f"{urls[path]}/v2/{SMALL_REPO}/manifests/{digest}", script)
+            record_load(results, "manifest_digest", path, r)
+            raw[f"manifest_digest_wrk_{path}"] = asdict(r)
+
+        # A whole image: skopeo copies of 10 layers, cold and warm, on every path.
+        layout = tmp / "ten-layers"
+        oci_layout(layout, "v1", layer_sizes=(args.layer_kib * 1024,) * 10)
+        user, password = stack.backend_auth or ("", "")
+        hosts = {p: u.removeprefix("http://") for p, u in urls.items()}
+        creds = {p: f"{user}:{password}" for p in PATHS} | {"gateway": f"x:{credential}"}
+        copies = skopeo_copies(hosts, creds, layout, tmp, f"{TENANT}/ten")
+        for path, times in copies.items():
+            for key, seconds in times.items():
+                record(results, f"skopeo10_{key}", path, seconds)
+        time.sleep(1.5)  # the workers publish once a second
+        cache = cache_metrics("http://" + stack.env["REGISTRY_ADMIN_ADDR"])
+        record(results, "cache_hit_ratio", "gateway", cache.get("tabbify_cache_hit_ratio", 0))
+        record(results, "cache_MB", "gateway", cache.get("tabbify_cache_bytes", 0) / 1e6)
+        raw["cache_metrics"] = cache
+
         # Token exchanges through the gateway, and the stand-in's own rate.
         log(f"wrk /auth/token via gateway ({args.duration} s)")
         basic = "Basic " + base64.b64encode(f"x:{credential}".encode()).decode()
@@ -562,6 +652,7 @@ def main() -> None:
     parser.add_argument("--blob-mib", type=int, default=1024)
     parser.add_argument("--small-blob-mib", type=int, default=256)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--layer-kib", type=int, default=1024, help="skopeo image layer size")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--workers", type=int, default=0, help="REGISTRY_WORKERS (default: the product's)"

@@ -155,6 +155,52 @@ class Workers:
         return total
 
 
+def cache_lines(live: list[dict[str, Any]]) -> list[str]:
+    """The content caches of the live workers (addons/contentcache.py), summed; and each
+    worker's resident memory."""
+    caches = [w["cache"] for w in live if isinstance(w.get("cache"), dict)]
+    lines: list[str] = []
+    if caches:
+
+        def total(key: str) -> int:
+            return sum(int(c.get(key, 0)) for c in caches)
+
+        hits, misses = total("hits"), total("misses")
+        lines += [
+            "# HELP tabbify_cache_lookups_total Manifest and blob-HEAD lookups by digest in the"
+            " workers' content caches.",
+            "# TYPE tabbify_cache_lookups_total counter",
+            f'tabbify_cache_lookups_total{{result="hit"}} {hits}',
+            f'tabbify_cache_lookups_total{{result="miss"}} {misses}',
+            "# HELP tabbify_cache_hit_ratio Hits over lookups since the workers started.",
+            "# TYPE tabbify_cache_hit_ratio gauge",
+            f"tabbify_cache_hit_ratio {hits / (hits + misses) if hits + misses else 0:.4f}",
+            "# HELP tabbify_cache_entries Answers held in the workers' content caches.",
+            "# TYPE tabbify_cache_entries gauge",
+            f"tabbify_cache_entries {total('entries')}",
+            "# HELP tabbify_cache_bytes Bytes the workers' content caches hold (bound: "
+            "tabbify_cache_max_bytes).",
+            "# TYPE tabbify_cache_bytes gauge",
+            f"tabbify_cache_bytes {total('bytes')}",
+            "# TYPE tabbify_cache_max_bytes gauge",
+            f"tabbify_cache_max_bytes {total('max_bytes')}",
+            "# HELP tabbify_cache_evictions_total Entries dropped to stay within the bound.",
+            "# TYPE tabbify_cache_evictions_total counter",
+            f"tabbify_cache_evictions_total {total('evictions')}",
+            "# HELP tabbify_cache_clears_total Caches emptied by a delete or GC.",
+            "# TYPE tabbify_cache_clears_total counter",
+            f"tabbify_cache_clears_total {total('clears')}",
+        ]
+    rss = [(w.get("worker"), w.get("rss")) for w in live if isinstance(w.get("rss"), int)]
+    if rss:
+        lines += [
+            "# HELP tabbify_gateway_worker_rss_bytes Resident memory of each gateway worker.",
+            "# TYPE tabbify_gateway_worker_rss_bytes gauge",
+            *(f'tabbify_gateway_worker_rss_bytes{{worker="{n}"}} {v}' for n, v in rss),
+        ]
+    return lines
+
+
 class Admin:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -257,6 +303,7 @@ class Admin:
             f"tabbify_gateway_workers {len(live)}",
         ]
         lines += self.usage_lines()
+        lines += cache_lines(live)
         ledgers = [s["ledger"] for s in live if isinstance(s.get("ledger"), dict)]
         if ledgers:
             up = all(ledger.get("state") != "down" for ledger in ledgers)

@@ -93,6 +93,7 @@ def gateway_command(s: Settings, instances: list[MirrorInstance] | None = None) 
         "--set", f"registry_header_timeout={s.header_timeout}",
         "--set", f"registry_idle_timeout={s.idle_timeout}",
         "--set", f"registry_catalog_scan={s.catalog_scan}",
+        "--set", f"registry_cache_bytes={s.cache_mb * 1024 * 1024}",
         # The caps are the node's: each of the workers takes its share.
         "--set", f"registry_max_connections={worker_share(s.max_connections, s.workers)}",
         "--set",
@@ -613,6 +614,7 @@ environment (read by run, config, gc and policy; docs/contract.md has each):
   REGISTRY_MIRRORS_FILE          upstream registries mirrored read-only under mirror/<name>/
   REGISTRY_HEADER_TIMEOUT        seconds to receive a request's head (default 60)
   REGISTRY_IDLE_TIMEOUT          seconds an idle client connection is kept (default 75)
+  REGISTRY_CACHE_MB              manifests by digest kept in memory per worker (default 48, 0 off)
   REGISTRY_MAX_CONNECTIONS       client connections of the node (default: descriptors allow)
   REGISTRY_MAX_CLIENT_CONNECTIONS  connections of one client address (default 256)
   REGISTRY_MAX_CLIENT_PENDING    slow request heads of one client address (default 32)

@@ -583,6 +583,10 @@ def run_once(s: Settings, dry_run: bool, freeze_wait: float = FREEZE_WAIT) -> di
         config = distribution_config(s)
         with Freeze(s.state_dir, freeze_wait) as frozen:
             deleted = delete_manifests(backend, plan, ledger, now, policy, frozen)
+            if deleted and s.state_dir.exists():
+                # The workers' caches (signature verdicts, content) forget them at once; and
+                # once more below, after the sweep.
+                signed.bump_generation(s.state_dir)
             eligible = mark(config, frozen.left() - MARGIN) if frozen.holding() else None
             collected, young, cut = set(), set(), eligible is None
             if eligible is not None:

@@ -69,6 +69,7 @@ class Settings:
     max_connections: int = 0  # 0: 4096 per worker, or what file descriptors allow
     max_client_connections: int = 256
     catalog_scan: int = 20_000  # names one catalog page looks at, at most
+    cache_mb: int = 48  # MiB of content-addressed answers per gateway worker (0: no cache)
     max_client_pending: int = 32  # per source, connections without a complete request head
     gc_interval: int | None = None  # seconds between periodic GC runs; None: no periodic GC
     mirrors_file: Path | None = None  # REGISTRY_MIRRORS_FILE (addons/mirrors.py); None: none
@@ -342,6 +343,7 @@ def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
             _number(env, "REGISTRY_MAX_CLIENT_CONNECTIONS", 256, 1, 10_000_000)
         ),
         catalog_scan=int(_number(env, "REGISTRY_CATALOG_SCAN", 20_000, 10, 10_000_000)),
+        cache_mb=int(_number(env, "REGISTRY_CACHE_MB", 48, 0, 4096)),
         max_client_pending=int(_number(env, "REGISTRY_MAX_CLIENT_PENDING", 32, 1, 10_000_000)),
         gc_interval=parse_gc_interval(env),
         mirrors_file=parse_mirrors_file(env),

@@ -14,7 +14,8 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = str(ROOT / ".venv" / "bin" / "tabbify-registry")
+# TBF_CLI: another installation's `tabbify-registry` (another venv: an engine measured side by side)
+CLI = os.environ.get("TBF_CLI") or str(ROOT / ".venv" / "bin" / "tabbify-registry")
 
 
 def free_ports(n: int) -> list[int]:

@@ -23,6 +23,8 @@ from tests.stack import Stack, wait_for
 from tests.standins.auth import AuthStandin, tabbify_jwt
 from tests.standins.upstream import TOKEN, USER, HubFront, Upstream
 
+pytestmark = pytest.mark.e2e
+
 
 def push_upstream(upstream: Upstream, layout: Path, repo: str) -> None:
     r = skopeo(

@@ -220,6 +220,7 @@
     add("status", flow.status);
     add("decision", flow.decision);
     add("rule", flow.rule);
+    if (flow.cache) add("answered", "from the gateway's cache (the backend was not asked)");
     add("error", flow.error);
     add("bytes in / out", bytes(flow.bytes_in) + " / " + bytes(flow.bytes_out));
     add("duration", ms(flow.duration_ms));
