@@ -290,7 +290,7 @@ def test_debian_docker_rejects_ipv6_literals_but_takes_a_host_name(
 def test_a_shared_base_image_builds_into_another_tenants_image_with_layers_mounted(
     logged_in, image, registry, acme_jwt, globex_jwt, tmp_path
 ):
-    """Issue 13's first story with Docker itself: acme shares `acme/base/**` read-only with
+    """The policy's first story with Docker itself: acme shares `acme/base/**` read-only with
     globex (a policy edit on the running stack); globex builds `FROM acme/base/img` and pushes
     into its own namespace: Docker mounts the base layers from acme/base/img."""
     policy = registry.data_dir / "policy.toml"

@@ -1,4 +1,4 @@
-"""A coordinator that says something wrong (issue 11), on real WireGuard: network namespaces,
+"""A coordinator that says something wrong, on real WireGuard: network namespaces,
 wireguard-go, `tabbify-registry run` in its own namespace, a client node in another, the
 coordinator stand-in told to misbehave in each way it knows.
 

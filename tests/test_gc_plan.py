@@ -1,6 +1,6 @@
 """addons/gc_plan.py: examples, then hypothesis properties over random registry graphs.
 
-The properties use an oracle written from the rules in the issue (kept tags, reachability
+The properties use an oracle written from the documented rules (kept tags, reachability
 through children / referrers / cosign attachment tags, grace for young manifests and blobs),
 not the planner's own helpers.
 """

@@ -106,7 +106,7 @@ def test_unsupported_key_in_verify_is_a_verdict(signer):
     assert not v.signed and "RSA" in v.reason
 
 
-# --- the verdicts the issue names ---------------------------------------------------------------
+# --- the verdicts the contract names ------------------------------------------------------------
 
 
 def test_valid_signature(signer):

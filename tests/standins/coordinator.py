@@ -19,7 +19,7 @@ answer that status. `joins` and `polls` count authorized requests (those answere
 `requests` logs (method, path, status). `peers_for(node_id)` is the peer set of the registered
 nodes (what test clients configure); the API hands out that set plus the bad entries below.
 
-A coordinator that says something wrong (issue 11):
+A coordinator that says something wrong:
 - `bad_peers = ["bad-key", ...]` appends one malformed entry per named kind (BAD_PEER_KINDS)
   to every peer list the API hands out, join answers and polls, after the real peers;
 - `answer_mode = "non-json"` (one of ANSWER_MODES) makes every authorized API answer
