@@ -88,7 +88,7 @@ class MeshAddress:
     def __init__(self) -> None:
         self.path: Path | None = None
         self.ula: str | None = None  # the mesh address the gateway listens on now
-        self._watch = runstate.Watch(None)  # state.json, a stat per check
+        self._state_file = runstate.Watch(None)  # state.json, a stat per check
         self._task: asyncio.Task[None] | None = None
         self._last_warning: str | None = None
 
@@ -111,7 +111,7 @@ class MeshAddress:
             return
         value = ctx.options.registry_mesh_state
         self.path = Path(value) if value else None
-        self._watch = runstate.Watch(self.path)
+        self._state_file = runstate.Watch(self.path)
         hosts = [h for h in map(listen_host, ctx.options.mode) if h]
         self.ula = str(ipaddress.ip_address(hosts[0])) if hosts else None
         if self.path is not None:
@@ -126,8 +126,8 @@ class MeshAddress:
         """Follow state.json once; True when the address moved."""
         if self.path is None or self.ula is None:
             return False
-        self._watch.path = self.path
-        if not self._watch.changed() or self._watch.seen in (None, runstate.UNREADABLE):
+        self._state_file.path = self.path
+        if not self._state_file.changed() or self._state_file.seen in (None, runstate.UNREADABLE):
             return False  # unchanged, or not there to read (yet)
         ula = read_ula(self.path)
         if ula is None:
