@@ -134,7 +134,8 @@ def test_one_client_over_its_cap_does_not_starve_the_others(capped):
     stack = capped
     held = [Conn(stack.port) for _ in range(PER_CLIENT)]
     try:
-        wait_for(lambda: open_connections(stack) >= PER_CLIENT, 5)
+        # The workers publish their counts once a second; a loaded machine can lag a few.
+        wait_for(lambda: open_connections(stack) >= PER_CLIENT, 15)
         assert served(stack, "127.0.0.1") == 503
         assert served(stack, "127.0.0.2") == 401  # another client: served as usual
         health = requests.get(f"http://{stack.env['REGISTRY_ADMIN_ADDR']}/healthz", timeout=5)
@@ -142,8 +143,9 @@ def test_one_client_over_its_cap_does_not_starve_the_others(capped):
     finally:
         for conn in held:
             conn.close()
-    time.sleep(0.5)
-    assert served(stack, "127.0.0.1") == 401  # admitted again once it lets go
+    # Admitted again once it lets go: as soon as the worker has seen the closes (a loaded
+    # machine may take longer than a fixed half second).
+    wait_for(lambda: served(stack, "127.0.0.1") == 401, 5)
 
 
 def connection_counts(stack: Stack) -> tuple[int, int]:
