@@ -189,16 +189,19 @@ def parse_mirrors_file(env: Mapping[str, str]) -> Path | None:
 def parse_gc_interval(env: Mapping[str, str]) -> int | None:
     """REGISTRY_GC_INTERVAL: a duration such as `30m`, `24h`, `7d` (the policy file's
     grammar), at least a minute; unset or empty: no periodic GC."""
-    value = _opt(env, "REGISTRY_GC_INTERVAL")
+    return _duration(env, "REGISTRY_GC_INTERVAL", 60, "a minute, such as '30m', '24h' or '7d'")
+
+
+def _duration(env: Mapping[str, str], name: str, least: int, expected: str) -> int | None:
+    """A duration variable (`30m`, `24h`, `7d`: the policy file's grammar) of at least
+    `least` seconds, in seconds; None when unset. `expected` completes the refusal."""
+    value = _opt(env, name)
     if value is None:
         return None
     m = _DURATION.fullmatch(value)
     seconds = int(m[1]) * _DURATION_UNITS[m[2]] if m else 0
-    if seconds < 60:
-        raise ConfigError(
-            f"REGISTRY_GC_INTERVAL={value!r}: expected a duration of at least a minute, "
-            "such as '30m', '24h' or '7d'"
-        )
+    if seconds < least:
+        raise ConfigError(f"{name}={value!r}: expected a duration of at least {expected}")
     return seconds
 
 
@@ -216,17 +219,8 @@ def parse_log_level(env: Mapping[str, str]) -> str:
 def parse_upload_age(env: Mapping[str, str]) -> int:
     """REGISTRY_UPLOAD_MAX_AGE: how long an unfinished upload lives (default `1h`), at least
     10 seconds; it must exceed the longest push (README, quotas)."""
-    value = _opt(env, "REGISTRY_UPLOAD_MAX_AGE")
-    if value is None:
-        return 3600
-    m = _DURATION.fullmatch(value)
-    seconds = int(m[1]) * _DURATION_UNITS[m[2]] if m else 0
-    if seconds < 10:
-        raise ConfigError(
-            f"REGISTRY_UPLOAD_MAX_AGE={value!r}: expected a duration of at least 10 seconds, "
-            "such as '1h' or '30m'"
-        )
-    return seconds
+    seconds = _duration(env, "REGISTRY_UPLOAD_MAX_AGE", 10, "10 seconds, such as '1h' or '30m'")
+    return 3600 if seconds is None else seconds
 
 
 def load(env: Mapping[str, str], ula: str | None = None) -> Settings:
