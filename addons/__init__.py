@@ -1,6 +1,6 @@
-"""The gateway: mitmproxy addons and the pure decisions they wrap.
+"""tabbify-registry's Python, one package per layer (docs/internals.md draws the layout).
 
-Follow one request: `gateway.py` lists the addons in hook order; `routes.py` decides what a path
-is and whether a tenant may touch it; `tokens.py` mints and verifies registry tokens;
-`authservice.py` asks Tabbify auth about a Tabbify JWT; `oci.py` shapes every error.
+From the top: `cli` (the commands), `admin` (the operator's endpoint), `gateway` (the mitmproxy
+addons, in `gateway/chain.py`'s order), then `clients`, `storage`, `engine`, `config`,
+`runstate` and the pure `decisions`. Nothing imports upward (pyproject.toml, import-linter).
 """

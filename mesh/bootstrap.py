@@ -15,12 +15,12 @@ import dataclasses
 import socket
 import sys
 
+from addons.config.settings import Settings
 from mesh import fetch, interface
 from mesh.coordinator import Coordinator, CoordinatorUnusable, JoinRequest
 from mesh.state import MeshDir, MeshError, NodeState, public_key
 from mesh.status import DEGRADED, OK, StatusFile
 from mesh.validate import Skipped
-from tabbify_registry.settings import Settings
 
 
 def warn(message: str) -> None:

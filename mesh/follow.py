@@ -30,13 +30,13 @@ import time
 import traceback
 from collections.abc import Callable
 
+from addons.config import settings as settings_mod
 from mesh import fetch, interface
 from mesh.bootstrap import join_request, skipped_reason, warn
 from mesh.coordinator import Coordinator, CoordinatorUnusable
 from mesh.state import MeshDir, MeshError, NodeState, Retiring, public_key
 from mesh.status import DEGRADED, OK, StatusFile
 from mesh.validate import Skipped
-from tabbify_registry import settings as settings_mod
 
 REJOIN_EVERY = 3  # polls between re-joins: a ULA move shows only in a join answer
 BACKOFF_FACTOR = 10  # the longest wait, in MESH_POLL_SECONDS

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from wgconfig import WGConfig
 
+from addons.runstate import write_atomic
 from mesh import validate
-from mesh.state import MeshError, NodeState, write_atomic
+from mesh.state import MeshError, NodeState
 
 logger = logging.getLogger(__name__)
 MTU = 1420  # WireGuard's usual MTU: 1500 minus the IPv6 + UDP + WireGuard overhead

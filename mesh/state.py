@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from addons.runstate import write_atomic
 
 
 class MeshError(Exception):
@@ -53,33 +53,6 @@ class NodeState:
     listen_port: int
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     retiring: tuple[Retiring, ...] = field(default_factory=tuple)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
-    """`path` holds `data` (mode `mode`, whatever the umask), or still what it held: a reader
-    sees the old file or the new one, never part of one. `durable`: on disk before this
-    returns (fsync of the file and its directory); run-state files rewritten every second
-    that a restart starts afresh anyway go without. The registry's only writer of this kind
-    (addons/runstate.py uses it): the mesh, the lowest layer, keeps it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if not durable:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def public_key(private_b64: str) -> str:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.state import write_atomic
+from addons.runstate import write_atomic
 
 OK, DEGRADED, DOWN, ABSENT = "ok", "degraded", "down", "absent"
 MAX_STATUS_BYTES = 64 * 1024

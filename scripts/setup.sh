@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup on a fresh Debian 12 machine: system packages, then a Python >= 3.12 venv
-# at .venv with the project installed (editable: the addons and tabbify_registry/supervisord.conf
+# at .venv with the project installed (editable: the addons/ packages and supervisord.conf
 # are used from the checkout). Usage: scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,9 +1,9 @@
 """The gateway's real mitmproxy engine in this test process, on a loopback port.
 
-The same master as `python -m addons.gateway` (addons/gateway.py: make_master), run on its own
+The same master as `python -m addons.gateway.chain` (chain.py: make_master), run on its own
 event loop in a thread, in front of any backend. In-process so that a test can reach into it:
 monkeypatch a function to raise (fail-closed tests) or mint a registry token directly.
-The engine patches (addons/hardening.py) are applied while it runs and reverted when it stops:
+The engine patches (engine/hardening.py) are applied while it runs and reverted when it stops:
 the rest of the test process sees mitmproxy as it is.
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 
 from mitmproxy import options
 
-from addons import gateway, hardening
-from addons.tokens import TokenSigner
+from addons.decisions.tokens import TokenSigner
+from addons.engine import hardening
+from addons.gateway import chain
 from tests.stack import free_port, wait_for
 
 REALM = "http://127.0.0.1:5000/auth/token"
@@ -55,7 +56,7 @@ class InProcessGateway:
     def _run(self) -> None:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
-            self.master = gateway.make_master(options.Options(), self.mode, self.settings)
+            self.master = chain.make_master(options.Options(), self.mode, self.settings)
             await self.master.run()
 
         try:

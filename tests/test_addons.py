@@ -20,16 +20,17 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import backend_auth
-from addons.access import RegistryAccess
-from addons.accesslog import AccessLog
-from addons.authservice import Verdict
-from addons.gate import SMALL_BODY, Gate
-from addons.intake import Intake
-from addons.policy_store import PolicyFile
-from addons.record import record
-from addons.token_endpoint import TokenEndpoint
-from addons.tokens import LIFETIME, TokenSigner
+from addons.clients import backend_credential
+from addons.clients.authservice import Verdict
+from addons.decisions.tokens import LIFETIME, TokenSigner
+from addons.gateway import backend_auth
+from addons.gateway.access import RegistryAccess
+from addons.gateway.accesslog import AccessLog
+from addons.gateway.gate import SMALL_BODY, Gate
+from addons.gateway.intake import Intake
+from addons.gateway.policy_store import PolicyFile
+from addons.gateway.record import record
+from addons.gateway.token_endpoint import TokenEndpoint
 
 REALM = "http://127.0.0.1:5000/auth/token"
 CHALLENGE = f'Bearer realm="{REALM}",service="tabbify-registry"'
@@ -162,7 +163,7 @@ def oci_code(response: http.Response) -> str:
 
 
 def record_of(f: http.HTTPFlow):
-    from addons.record import record
+    from addons.gateway.record import record
 
     return record(f)
 
@@ -1103,8 +1104,8 @@ def test_a_credential_in_the_user_agent_is_not_logged(gw):
 
 
 def test_the_challenge_of_a_mount_asks_for_the_source_too():
-    from addons.access import challenge
-    from addons.routes import Route
+    from addons.decisions.routes import Route
+    from addons.gateway.access import challenge
 
     route = Route("upload", "acme/app", None)
     params = (("mount", "sha256:" + "a" * 64), ("from", "acme/base"))
@@ -1121,7 +1122,7 @@ def test_the_challenge_of_a_mount_asks_for_the_source_too():
 @pytest.fixture
 def run_credential(gw, tmp_path) -> Iterator[str]:
     """The gateway configured with a run's backend credential file (as `run` hands it)."""
-    credential = backend_auth.make()
+    credential = backend_credential.make()
     path = tmp_path / "backend-credential"
     path.write_text(credential + "\n")
     addon = backend_auth.BackendCredential()
@@ -1135,7 +1136,7 @@ def test_forwarded_requests_carry_the_runs_credential_not_the_clients(gw, run_cr
     f = gw.send(make_flow("GET", "/v2/acme/app/manifests/v1", [bearer(token_for(gw))]))
     assert f.response is None  # forwarded
     assert f.request.headers.get_all("authorization") == [
-        backend_auth.authorization(run_credential)
+        backend_credential.authorization(run_credential)
     ]
     # A client that sends the backend's Basic credential itself gets nothing from it: the
     # gateway's own decision (here: no registry token) stands.
@@ -1223,7 +1224,7 @@ def test_a_rejected_credential_says_to_log_in_again(gw):
 
 
 def with_policy(gw: Gateway, path, text: str) -> None:
-    from addons.policy_store import PolicyStore
+    from addons.gateway.policy_store import PolicyStore
 
     path.write_text(text)
     store = PolicyStore(path)
@@ -1251,7 +1252,7 @@ def test_a_push_outside_the_namespace_says_why_in_the_message(gw):
 
 
 def test_a_quota_refusal_gives_usage_limit_and_rule():
-    from addons.accounting import quota_message
+    from addons.gateway.accounting import quota_message
 
     assert quota_message(900, 1000, 200, "quota /p.toml:4") == (
         "quota exceeded: 900 of 1000 bytes used, 200 more do not fit (quota /p.toml:4)"
@@ -1259,7 +1260,7 @@ def test_a_quota_refusal_gives_usage_limit_and_rule():
 
 
 def test_an_unsigned_pull_names_the_rule_in_the_message():
-    from addons.signed import unsigned_message
+    from addons.gateway.require_signature import unsigned_message
 
     reason = "require_signature /p.toml:3: not signed by a trusted key"
     assert unsigned_message("acme/app", reason) == (
@@ -1278,7 +1279,7 @@ def test_an_unsigned_pull_names_the_rule_in_the_message():
     ],
 )
 def test_an_immutable_tag_refusal_names_what_and_the_rule(method, reference, what):
-    from addons.immutable import refusal
+    from addons.gateway.immutable import refusal
 
     message = refusal(method, "acme/rel", reference, "immutable /p.toml:9")
     assert message == f"tag is immutable: {what} denied by immutable /p.toml:9"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from addons.authservice import AuthClient, judge, tenant_from_claims
+from addons.clients.authservice import AuthClient, judge, tenant_from_claims
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhY21lIn0.c2lnbmF0dXJl"
 

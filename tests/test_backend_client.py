@@ -1,4 +1,4 @@
-"""addons/backend.py against a real local HTTP server: credential, bounds, timeouts, redirects,
+"""clients/backend.py against a real local HTTP server: credential, bounds, timeouts, redirects,
 paging, and the one "cannot answer" outcome."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import ClassVar
 
 import pytest
 
-from addons import backend, backend_auth
+from addons.clients import backend, backend_credential
 
-AUTH = backend_auth.authorization("tabbify-registry:secret")
+AUTH = backend_credential.authorization("tabbify-registry:secret")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -89,7 +89,7 @@ def test_every_request_carries_the_runs_credential(server: str) -> None:
 
 
 def test_the_process_credential_is_the_default(server: str, monkeypatch) -> None:
-    monkeypatch.setattr(backend_auth, "_current", AUTH)
+    monkeypatch.setattr(backend_credential, "_current", AUTH)
     Handler.seen.clear()
     backend.Client(server).get("/v2/", 100)
     assert Handler.seen[-1]["authorization"] == AUTH
@@ -161,7 +161,7 @@ def test_listings_follow_next_pages_on_the_backend_only(server: str) -> None:
 
 def test_gc_never_reads_a_manifest_over_the_bound(server: str) -> None:
     """gc read the backend's answers whole (requests' `.content`); now within 4 MiB."""
-    from tabbify_registry import gc
+    from addons.cli import gc
 
     with pytest.raises(backend.TooLarge):
         gc.Backend(server).manifest("big/app", "v1")

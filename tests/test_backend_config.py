@@ -34,9 +34,9 @@ from urllib.parse import urljoin
 
 import pytest
 
-from addons import backend_auth
-from addons.policy import parse as parse_policy
-from tabbify_registry.settings import Settings, load
+from addons.clients import backend_credential
+from addons.config.settings import Settings, load
+from addons.decisions.policy import parse as parse_policy
 from zot import schema
 from zot.config import SECRET_PLACEHOLDER, render, render_distribution, render_zot
 from zot.schema import json_type, key_paths
@@ -288,7 +288,7 @@ BLOB = b"tabbify"
 def upload_blob(port: int, repo: str, blob: bytes, credential: str) -> str:
     """Monolithic push (POST then PUT ?digest=); returns the Location the POST handed out."""
     base = f"http://127.0.0.1:{port}"
-    auth = {"Authorization": backend_auth.authorization(credential)}
+    auth = {"Authorization": backend_credential.authorization(credential)}
     post = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST", headers=auth)
     with urllib.request.urlopen(post, timeout=5) as resp:
         location = resp.headers["Location"]
@@ -307,7 +307,7 @@ def upload_blob(port: int, repo: str, blob: bytes, credential: str) -> str:
 def anonymous_status(url: str, credential: str | None = None) -> int:
     request = urllib.request.Request(url)
     if credential:
-        request.add_header("Authorization", backend_auth.authorization(credential))
+        request.add_header("Authorization", backend_credential.authorization(credential))
     try:
         with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status
@@ -323,9 +323,9 @@ def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
         "REGISTRY_BACKEND": "distribution",
         "REGISTRY_BACKEND_ADDR": f"127.0.0.1:{port}",
     }
-    credential = backend_auth.make()
+    credential = backend_credential.make()
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "backend-htpasswd").write_text(backend_auth.htpasswd(credential))
+    (tmp_path / "run" / "backend-htpasswd").write_text(backend_credential.htpasswd(credential))
     path = tmp_path / "distribution.json"
     path.write_text(json.dumps(render_distribution(load(env))))
     # Scrubbed environment: it reads REGISTRY_* variables as config overrides.
@@ -342,7 +342,7 @@ def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
                 with urllib.request.urlopen(
                     urllib.request.Request(
                         f"{base}/v2/",
-                        headers={"Authorization": backend_auth.authorization(credential)},
+                        headers={"Authorization": backend_credential.authorization(credential)},
                     ),
                     timeout=1,
                 ) as resp:
@@ -351,7 +351,7 @@ def test_docker_registry_serves_rendered_local_config(tmp_path: Path) -> None:
                 time.sleep(0.1)
         location = upload_blob(port, "probe", BLOB, credential) if status == 200 else None
         refused = [anonymous_status(f"{base}{p}") for p in ("/v2/", "/v2/_catalog")]
-        wrong = anonymous_status(f"{base}/v2/_catalog", backend_auth.make())
+        wrong = anonymous_status(f"{base}/v2/_catalog", backend_credential.make())
     finally:
         proc.terminate()
         output = proc.communicate(timeout=10)[0].decode(errors="replace")
@@ -405,7 +405,7 @@ def test_zot_retention_tag_patterns_are_anchored_regexes() -> None:
 
 
 def test_gc_interval_setting() -> None:
-    from tabbify_registry.settings import ConfigError
+    from addons.config.settings import ConfigError
 
     assert gc_settings().gc_interval == 86400
     assert settings(LOCAL).gc_interval is None
@@ -418,7 +418,7 @@ def test_gc_interval_setting() -> None:
 def test_abandoned_uploads_are_purged_after_the_upload_age() -> None:
     """Unfinished uploads: Distribution's uploadpurging and Zot's GC remove them after the
     age the gateway stops counting them against the quota (REGISTRY_UPLOAD_MAX_AGE, 1h)."""
-    from tabbify_registry.settings import ConfigError
+    from addons.config.settings import ConfigError
 
     purging = render_distribution(settings(LOCAL, "distribution"))["storage"]["maintenance"]
     assert purging == {
@@ -458,7 +458,7 @@ url = "https://ghcr.io"
 
 
 def test_zot_mirrors_are_its_sync_extension_on_demand() -> None:
-    from addons.mirrors import parse as parse_mirrors
+    from addons.config.mirrors import parse as parse_mirrors
 
     found = parse_mirrors(MIRRORS_TOML, "mirrors.toml")
     creds = Path(DATA_DIR) / "run" / "zot-sync-credentials.json"
@@ -481,7 +481,7 @@ def test_the_sync_keys_match_zots_own_sync_example() -> None:
 
 
 def test_distribution_mirror_is_a_proxy_instance_of_its_own() -> None:
-    from addons.mirrors import parse as parse_mirrors
+    from addons.config.mirrors import parse as parse_mirrors
     from zot.config import render_distribution_mirror
 
     hub = parse_mirrors(MIRRORS_TOML, "mirrors.toml")[0]

@@ -1,5 +1,5 @@
-"""The backend's credential as `run` makes and hands it out (tabbify_registry/cli.py,
-addons/backend_auth.py): per run, 0600, a bcrypt htpasswd of it for the backend, the file's
+"""The backend's credential as `run` makes and hands it out (addons/cli/main.py,
+clients/backend_credential.py): per run, 0600, a bcrypt htpasswd of it for the backend, the file's
 path (never the secret) on the programs' command lines."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from addons import backend_auth
-from tabbify_registry import cli
-from tabbify_registry.settings import ConfigError, load
+from addons.cli import main as cli
+from addons.clients import backend_credential
+from addons.config.settings import ConfigError, load
 
 CLUSTER = {
     "REGISTRY_BACKEND": "zot",
@@ -53,19 +53,19 @@ def test_each_run_makes_its_own_credential_for_its_backend(tmp_path, backend):
     s = settings(tmp_path, REGISTRY_BACKEND=backend)
     cli.write_backend_credential(s)
     path, htpasswd = s.runtime_dir / "backend-credential", s.runtime_dir / "backend-htpasswd"
-    first = backend_auth.read(path)
+    first = backend_credential.read(path)
     assert mode(path) == 0o600 and mode(htpasswd) == 0o600
     assert first.startswith("tabbify-registry:") and verifies(htpasswd, first)
     assert htpasswd.read_text().split(":", 1)[1].startswith("$2b$04$")  # both backends take it
     cli.write_backend_credential(s)
-    second = backend_auth.read(path)
+    second = backend_credential.read(path)
     assert second != first and verifies(htpasswd, second) and not verifies(htpasswd, first)
 
 
 def test_the_secret_is_on_no_command_line_nor_in_the_environment(tmp_path):
     s = settings(tmp_path, REGISTRY_BACKEND="distribution", REGISTRY_GC_INTERVAL="1h")
     cli.write_backend_credential(s)
-    password = backend_auth.read(s.runtime_dir / "backend-credential").partition(":")[2]
+    password = backend_credential.read(s.runtime_dir / "backend-credential").partition(":")[2]
     env = cli.supervisor_env({"REGISTRY_DATA_DIR": str(tmp_path)}, s, tmp_path / "c.json")
     assert not [k for k, v in env.items() if password in v]
     gateway, admin = cli.gateway_command(s), cli.admin_command(s)
@@ -87,7 +87,7 @@ def test_an_external_registry_gets_no_credential_unless_one_is_given(tmp_path):
     given.write_text("robot$ci:token-of-that-registry\n")
     s = settings(tmp_path, REGISTRY_BACKEND="external", REGISTRY_BACKEND_CREDENTIAL_FILE=str(given))
     cli.write_backend_credential(s)
-    assert backend_auth.read(stale) == "robot$ci:token-of-that-registry"
+    assert backend_credential.read(stale) == "robot$ci:token-of-that-registry"
     assert not (s.runtime_dir / "backend-htpasswd").exists()  # that registry's own business
     assert f"registry_backend_credential={stale}" in cli.gateway_command(s)
 
@@ -98,8 +98,8 @@ def test_a_zot_cluster_uses_the_one_credential_every_member_holds(tmp_path):
     s = settings(tmp_path, **CLUSTER, REGISTRY_BACKEND_CREDENTIAL_FILE=str(shared))
     cli.write_backend_credential(s)
     run_copy = s.runtime_dir / "backend-credential"
-    assert backend_auth.read(run_copy) == "tabbify-registry:the-same-on-every-node"
-    assert verifies(s.runtime_dir / "backend-htpasswd", backend_auth.read(shared))
+    assert backend_credential.read(run_copy) == "tabbify-registry:the-same-on-every-node"
+    assert verifies(s.runtime_dir / "backend-htpasswd", backend_credential.read(shared))
 
 
 @pytest.mark.parametrize("content", ["", "no-colon\n", "user:\n", ":password\n", "a b:c\n"])

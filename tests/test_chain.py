@@ -1,7 +1,7 @@
 """The addon chain's order, and the one place per-flow state lives.
 
 mitmproxy calls each hook on the addons in list order, and the addons talk through the flow's
-record (addons/record.py): an addon placed before the one that fills in what it reads sees an
+record (gateway/record.py): an addon placed before the one that fills in what it reads sees an
 empty record, and allows or records the wrong thing without any error.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from addons.gateway import gateway_addons
+from addons.gateway.chain import gateway_addons
 
 ADDONS = Path(__file__).resolve().parent.parent / "addons"
 
@@ -65,10 +65,10 @@ def test_no_addon_keeps_per_flow_state_outside_the_record():
     """Per-flow state between hooks, or between addons, is a field of FlowRecord: one declared
     place, instead of strings in `flow.metadata` that any module may read, set or pop."""
     offenders = [
-        f"{path.name}:{n}"
-        for path in sorted(ADDONS.glob("*.py"))
-        if path.name != "record.py"
+        f"{path.relative_to(ADDONS)}:{n}"
+        for path in sorted(ADDONS.rglob("*.py"))
+        if path.relative_to(ADDONS).as_posix() != "gateway/record.py"
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if re.search(r"\bflow\.metadata\b", line)
     ]
-    assert not offenders, f"flow.metadata outside addons/record.py: {offenders}"
+    assert not offenders, f"flow.metadata outside addons/gateway/record.py: {offenders}"

@@ -21,7 +21,7 @@ def test_version_is_one_line_from_the_package_metadata():
 def variables_read() -> set[str]:
     """Every REGISTRY_*/MESH_* name the product's sources spell out."""
     read = set()
-    for package in ("tabbify_registry", "addons", "mesh", "zot"):
+    for package in ("addons", "mesh", "zot"):
         for source in (ROOT / package).rglob("*.py"):
             read |= set(re.findall(r'"((?:REGISTRY|MESH)_[A-Z0-9_]+)', source.read_text()))
     assert "REGISTRY_DATA_DIR" in read

@@ -1,5 +1,5 @@
-"""The pure parts of connection handling: head checks, lifetimes, caps (addons/connections.py,
-addons/framing.py). End to end: test_e2e_connections.py."""
+"""The pure parts of connection handling: head checks, lifetimes, caps (gateway/connections.py,
+addons/engine/framing.py). End to end: test_e2e_connections.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from addons import connections
-from addons.framing import MAX_HEADERS, head_problem
-from tabbify_registry import admin
+from addons.admin import program as admin
+from addons.engine import connections
+from addons.engine.framing import MAX_HEADERS, head_problem
 
 
 def request_with(fields: list[tuple[bytes, bytes]]) -> http.Request:
@@ -123,7 +123,7 @@ def test_the_source_of_a_connection(host, source):
 
 
 def test_a_worker_share_of_a_node_cap_leaves_room_for_an_uneven_spread():
-    from tabbify_registry.cli import worker_share
+    from addons.cli.main import worker_share
 
     assert worker_share(256, 1) == 256 and worker_share(0, 4) == 0
     assert 128 < worker_share(256, 2) < 256
@@ -158,7 +158,7 @@ def _read_chunked(data: bytes, step: int) -> tuple[bytes, str]:
     import h11
     from h11._receivebuffer import ReceiveBuffer
 
-    from addons.hardening import BoundedChunkedReader
+    from addons.engine.hardening import BoundedChunkedReader
 
     reader, buf, body = BoundedChunkedReader(), ReceiveBuffer(), b""
     try:

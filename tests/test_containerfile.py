@@ -34,9 +34,10 @@ def test_every_copied_project_path_exists_and_the_package_is_complete():
     assert sources
     for src in sources:
         assert (ROOT / src).exists(), src
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    for package in packages["packages"]:
-        assert f"{package}/" in sources, f"package {package} is not copied into the image"
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in find["find"]["include"]:
+        top = package.split(".")[0]
+        assert f"{top}/" in sources, f"package {package} is not copied into the image"
 
 
 def test_zot_comes_from_the_official_image_at_a_pinned_version():
@@ -77,8 +78,8 @@ def test_the_image_installs_the_package_not_the_checkout(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert any(n.endswith(".data/data/share/tabbify-registry/supervisord.conf") for n in names)
-    assert "tabbify_registry/static/live.html" in names
-    assert "tabbify_registry/probe.py" in names and "addons/gateway.py" in names
+    assert "addons/admin/static/live.html" in names
+    assert "addons/cli/probe.py" in names and "addons/gateway/chain.py" in names
 
 
 def test_labels_name_the_version_and_licence_of_the_package():
@@ -97,8 +98,8 @@ def test_the_registry_runs_as_an_unprivileged_user_and_root_is_documented_for_th
 def test_healthcheck_asks_liveness_of_the_admin_endpoint():
     check = re.search(r"^HEALTHCHECK (.*\n)+?.*CMD (\[.*\])$", TEXT, re.M)
     assert check is not None
-    assert '"-m", "tabbify_registry.probe", "/livez"' in check.group(2)
-    assert (ROOT / "tabbify_registry" / "probe.py").exists()
+    assert '"-m", "addons.cli.probe", "/livez"' in check.group(2)
+    assert (ROOT / "addons" / "cli" / "probe.py").exists()
 
 
 def test_stop_timeout_outlasts_supervisord_stopping_every_program():

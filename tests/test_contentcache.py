@@ -1,4 +1,4 @@
-"""The content cache (addons/contentcache.py): its bound, its lifetime, what it will hold and
+"""The content cache (gateway/contentcache.py): its bound, its lifetime, what it will hold and
 serve, and its invalidation. End to end with real clients: tests/test_e2e_cache.py."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import signed
-from addons.capture import Capture
-from addons.contentcache import OVERHEAD, Cache, ContentCache, accepts, cacheable
-from addons.gate import answered
-from addons.metrics import Metrics
-from addons.publish import Publisher
-from addons.record import record
+from addons.gateway import require_signature
+from addons.gateway.capture import Capture
+from addons.gateway.contentcache import OVERHEAD, Cache, ContentCache, accepts, cacheable
+from addons.gateway.gate import answered
+from addons.gateway.metrics import Metrics
+from addons.gateway.publish import Publisher
+from addons.gateway.record import record
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 BODY = json.dumps({"schemaVersion": 2, "mediaType": OCI}).encode()
@@ -95,12 +95,12 @@ def test_only_digest_reads_are_cacheable():
 
 
 def test_generation_token_changes_on_every_bump(tmp_path: Path):
-    assert signed.read_generation("") is None
-    assert signed.read_generation(tmp_path) is None
+    assert require_signature.read_generation("") is None
+    assert require_signature.read_generation(tmp_path) is None
     seen = set()
     for _ in range(50):  # many rewrites within one mtime tick, inodes reused: still distinct
-        signed.bump_generation(tmp_path)
-        seen.add(signed.read_generation(tmp_path))
+        require_signature.bump_generation(tmp_path)
+        seen.add(require_signature.read_generation(tmp_path))
     assert len(seen) == 50
 
 
@@ -156,7 +156,7 @@ def test_a_verified_manifest_is_served_then_forgotten_on_delete(addon, tmp_path)
     assert answered(f) and record(f).cached
     other = ContentCache()  # another worker: same state directory
     other.cache.put(("manifest", "acme/app", DIGEST), (), BODY, OCI)
-    other._token = signed.read_generation(tmp_path)
+    other._token = require_signature.read_generation(tmp_path)
     d = flow("DELETE", "manifest", DIGEST)
     addon.requestheaders(d)
     d.response = http.Response.make(202)
@@ -193,7 +193,7 @@ def test_a_fill_racing_a_delete_is_dropped(addon, tmp_path):
     f = flow("GET", "manifest", DIGEST)
     addon.requestheaders(f)
     backend(f, BODY)
-    signed.bump_generation(tmp_path)  # another worker deleted while the backend answered
+    require_signature.bump_generation(tmp_path)  # another worker deleted while the backend answered
     addon.responseheaders(f)
     f.response.stream = False  # type: ignore[union-attr]
     addon.response(f)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tabbify_registry import deployment
-from tabbify_registry.settings import ConfigError, load
+from addons.cli import deployment
+from addons.config.settings import ConfigError, load
 
 AUTH = "http://auth.internal:8080"
 

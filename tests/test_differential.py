@@ -31,7 +31,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addons import manifest, target
+from addons.decisions import manifest, target
 from tests.inproc import InProcessGateway
 from tests.rawhttp import Conn
 from tests.stack import free_port, wait_for

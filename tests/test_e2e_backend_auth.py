@@ -16,7 +16,7 @@ import pytest
 import requests
 from mitmproxy import io
 
-from addons import backend_auth
+from addons.clients import backend_credential
 from tests.conftest import skopeo_copy
 from tests.images import layout_blobs, oci_layout
 from tests.stack import CLI, Stack, wait_for
@@ -147,7 +147,7 @@ def test_each_run_has_its_own_credential_and_a_refused_one_is_a_gateway_fault(
         # fault, 502, never a login prompt naming the backend's realm.
         htpasswd = stack.data_dir / "run" / "backend-htpasswd"
         kept = htpasswd.read_bytes()
-        htpasswd.write_text(backend_auth.htpasswd(backend_auth.make()))
+        htpasswd.write_text(backend_credential.htpasswd(backend_credential.make()))
         try:
             url = f"{stack.url}/v2/acme/refused/blobs/{digest}"
             wait_for(lambda: requests.head(url, headers=h, timeout=10).status_code == 502)

@@ -1,4 +1,4 @@
-"""The content cache (addons/contentcache.py) end to end: manifests and blob HEADs by digest
+"""The content cache (addons/gateway/contentcache.py) end to end: manifests and blob HEADs by digest
 answered from the workers' memory, never across tenants or repositories, never past a delete
 or a GC, bounded under a flood of distinct digests.
 

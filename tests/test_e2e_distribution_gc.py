@@ -1,7 +1,7 @@
 """Distribution 2.8 (Debian's docker-registry) as GC has to drive it, pinned with real clients.
 
 These tests talk to a bare backend (no gateway): they record the facts the GC integration
-relies on, and check addons/gc_plan.py and addons/signatures.py against the real store.
+relies on, and check decisions/gc_plan.py and decisions/signatures.py against the real store.
 - `garbage-collect --delete-untagged` deletes the children of a tagged multi-arch index and
   OCI 1.1 referrers: never pass it; delete what the plan says through the API instead.
 - `DELETE /v2/<name>/manifests/<tag>` is refused (400 DIGEST_INVALID); deleting by digest
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from addons import gc_plan, signatures
+from addons.decisions import gc_plan, signatures
 from tests import cosign
 from tests.conftest import skopeo_copy
 from tests.images import digest, image_manifest, oci_index_layout, oci_layout

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tabbify_registry import logrelay
+from addons.cli import logrelay
 from tests.rawhttp import Conn
 from tests.stack import CLI, Stack, wait_for
 from tests.standins.dedupe_registry import DedupeRegistry

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.throughput import Body
+from tests.bench.throughput import Body
 from tests.stack import Stack, wait_for
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 

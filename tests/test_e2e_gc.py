@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from addons import signatures
-from tabbify_registry import gc as gc_module
+from addons.cli import gc as gc_module
+from addons.decisions import signatures
 from tests import cosign
 from tests.conftest import skopeo_copy
 from tests.images import image_manifest, layout_blobs, oci_layout
@@ -468,7 +468,7 @@ def test_keep_last_removes_tags_with_their_manifests_and_says_what_it_could_not(
 def test_the_freeze_holds_manifest_writes_on_every_worker_and_lets_the_rest_through(
     stack: Stack, acme_jwt: str, tmp_path: Path
 ) -> None:
-    from tabbify_registry.gc import Freeze, live_workers
+    from addons.cli.gc import Freeze, live_workers
 
     h = {**bearer(token(stack, acme_jwt)), "Accept": OCI}
     image = push(stack, acme_jwt, tmp_path, "acme/frozen/app:v1")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tabbify_registry import gc
-from tabbify_registry.settings import load
+from addons.cli import gc
+from addons.config.settings import load
 from tests.images import image_manifest
 from tests.stack import Stack
 from tests.standins.seaweed import SeaweedS3

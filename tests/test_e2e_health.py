@@ -21,7 +21,7 @@ def get(stack: Stack, path: str) -> requests.Response:
 def probe(stack: Stack, path: str) -> subprocess.CompletedProcess[str]:
     """The image's HEALTHCHECK command (and an exec readiness probe)."""
     return subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), "-m", "tabbify_registry.probe", path],
+        [str(ROOT / ".venv" / "bin" / "python"), "-m", "addons.cli.probe", path],
         env={"REGISTRY_ADMIN_ADDR": stack.env["REGISTRY_ADMIN_ADDR"]},
         capture_output=True,
         text=True,

@@ -700,7 +700,7 @@ def test_malformed_chunked_framing_is_answered_400_at_once(registry, acme_token,
 
 def published_in_flight(registry: Stack) -> dict[str, int]:
     """The writes in flight each gateway worker publishes (what `gc` waits for)."""
-    from tabbify_registry.gc import live_workers
+    from addons.cli.gc import live_workers
 
     workers = live_workers(registry.data_dir / "run" / "workers", time.time())
     assert len(workers) == registry.workers
@@ -711,7 +711,7 @@ def test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc(registry, ac
     """A trailer section is read and dropped (RFC 9110 §6.5.1): the upload goes on with the
     body. mitmproxy raised NotImplementedError on it: no answer, and the flow stayed counted
     as a write in flight for ever, so every `gc` waited for it and removed nothing."""
-    from tabbify_registry.gc import Freeze
+    from addons.cli.gc import Freeze
 
     repo = "acme/trailer/app"
     answers = []

@@ -203,7 +203,7 @@ def test_flows_appear_live_redacted_and_as_text(registry, acme_jwt, tmp_path: Pa
             "method": "GET", "repository": "acme/ruled", "reference": "v1", "status": 403,
             "decision": "deny:policy", "rule": "no-<i>pulls</i>",
         }  # fmt: skip
-        feed.sendto(  # as a worker sends it (addons/flowfeed.py `encode`)
+        feed.sendto(  # as a worker sends it (addons/gateway/flowfeed.py `encode`)
             json.dumps({"pid": 1, "worker": 0, "dropped": 0}).encode()
             + b"\n"
             + json.dumps(rule).encode()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from addons.meshaddress import CHECK_EVERY
+from addons.gateway.meshaddress import CHECK_EVERY
 from mesh.follow import REJOIN_EVERY
 from tests.netns import Underlay, _ns_pids, netns_usable, poll, sh
 from tests.standins.auth import tabbify_jwt
@@ -258,7 +258,7 @@ def test_a_ula_move_is_followed_without_a_restart_and_an_upload_in_flight_comple
     mesh: Mesh, tmp_path: Path
 ):
     old, new = mesh.ula, "fd5a:1f02:0:99::1"
-    gateway, follower = process(mesh, b"addons.gateway"), process(mesh, b"mesh.follow")
+    gateway, follower = process(mesh, b"addons.gateway.chain"), process(mesh, b"mesh.follow")
     wg = mesh.reg_host.run(["wg", "show", mesh.registry.ifname, "public-key"], check=True)
     registry_key = wg.stdout.strip()
     jwt = tabbify_jwt({"network": "acme"})
@@ -326,7 +326,8 @@ def test_a_ula_move_is_followed_without_a_restart_and_an_upload_in_flight_comple
         3 * POLL + 5,
         0.1,
     )
-    assert process(mesh, b"addons.gateway") == gateway and process(mesh, b"mesh.follow") == follower
+    assert process(mesh, b"addons.gateway.chain") == gateway
+    assert process(mesh, b"mesh.follow") == follower
     code, health = healthz(mesh)
     assert code == 200 and health["mesh"] == "ok" and status(mesh)["ula"] == new
     assert "the coordinator moved this node" in mesh.registry.log.read_text()

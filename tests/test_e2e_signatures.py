@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from addons import signatures
+from addons.decisions import signatures
 from tests import cosign, images
 from tests.conftest import skopeo_copy
 from tests.images import oci_index_layout, oci_layout

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 from mitmproxy.test import tflow
 
-from addons import connections, hardening
-from addons.freeze import WriteFreeze
+from addons.engine import connections, hardening
+from addons.gateway.freeze import WriteFreeze
 from tests.inproc import InProcessGateway
 from tests.rawhttp import Conn
 from tests.stack import wait_for

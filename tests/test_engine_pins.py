@@ -1,4 +1,4 @@
-"""The engine patches (addons/hardening.py): for the pinned versions only, in a gateway only.
+"""The engine patches (addons/engine/hardening.py): for the pinned versions only, in a gateway only.
 
 They replace private mitmproxy and h11 functions process-wide. Applied to another version they
 could apply half-way and be silently wrong, so the gateway refuses to start; applied on import
@@ -16,7 +16,8 @@ import pytest
 from mitmproxy import addonmanager
 from mitmproxy.proxy.layers.http import _http1
 
-from addons import gateway, hardening
+from addons.engine import hardening
+from addons.gateway import chain
 
 TESTS = Path(__file__).resolve().parent
 
@@ -63,7 +64,7 @@ def test_the_gateway_refuses_another_mitmproxy_with_one_line_and_patches_nothing
         hardening, "installed_versions", lambda: {"mitmproxy": "12.4.0", "h11": "0.16.0"}
     )
     with pytest.raises(SystemExit) as exit_:
-        asyncio.run(gateway.run(["--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0"]))
+        asyncio.run(chain.run(["--mode", "reverse:http://127.0.0.1:1@127.0.0.1:0"]))
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -26,11 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from addons.access import RegistryAccess
-from addons.gate import Gate
-from addons.intake import Intake
-from addons.isolation import TenantIsolation
-from addons.token_endpoint import TokenEndpoint
+from addons.gateway.access import RegistryAccess
+from addons.gateway.gate import Gate
+from addons.gateway.intake import Intake
+from addons.gateway.isolation import TenantIsolation
+from addons.gateway.token_endpoint import TokenEndpoint
 from tests.inproc import InProcessGateway
 from tests.standins.auth import AuthStandin, tabbify_jwt
 

@@ -1,4 +1,4 @@
-"""tabbify_registry/gc.py without a backend: retention from the policy, the freeze protocol,
+"""addons/cli/gc.py without a backend: retention from the policy, the freeze protocol,
 descriptor sizes, and what `gc` says with Zot."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from addons import freeze, gc_plan
-from addons.policy import parse
+from addons.cli import gc
+from addons.config.settings import load
+from addons.decisions import gc_plan
+from addons.decisions.policy import parse
+from addons.gateway import freeze
 from addons.runstate import write_json
-from tabbify_registry import gc
-from tabbify_registry.settings import load
 
 POLICY = """
 [[retention]]
@@ -199,7 +200,7 @@ def test_the_periodic_run_goes_on_after_a_failure(tmp_path, monkeypatch, capsys)
 
 
 def test_run_starts_the_gc_program_only_with_an_interval_and_distribution():
-    from tabbify_registry.cli import gc_command, supervisor_env
+    from addons.cli.main import gc_command, supervisor_env
 
     env = {"REGISTRY_DATA_DIR": "/d", "REGISTRY_BACKEND": "distribution",
            "REGISTRY_GC_INTERVAL": "2h"}  # fmt: skip
@@ -233,7 +234,7 @@ def test_which_writes_are_held():
 def held_flow(method: str, route: str, path: str, body: bytes = b"", **params: str):
     from mitmproxy.test import tflow, tutils
 
-    from addons.record import record
+    from addons.gateway.record import record
 
     flow = tflow.tflow(req=tutils.treq(method=method.encode(), path=path.encode(), content=body))
     # In progress, as the engine has it: a flow that is done, whose client left, or that is
@@ -451,7 +452,7 @@ def test_a_manifest_put_the_gateway_cannot_read_whole_is_refused_not_counted(tmp
 
     from mitmproxy.test import taddons
 
-    from addons.gate import answered
+    from addons.gateway.gate import answered
 
     addon = freeze.WriteFreeze()
     chunked = held_flow("PUT", "manifest", "/v2/acme/app/manifests/v1", MANIFEST)

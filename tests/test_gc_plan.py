@@ -1,4 +1,4 @@
-"""addons/gc_plan.py: examples, then hypothesis properties over random registry graphs.
+"""addons/decisions/gc_plan.py: examples, then hypothesis properties over random registry graphs.
 
 The properties use an oracle written from the documented rules (kept tags, reachability
 through children / referrers / cosign attachment tags, grace for young manifests and blobs),
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addons import gc_plan
-from addons.gc_plan import (
+from addons.decisions import gc_plan
+from addons.decisions.gc_plan import (
     UNATTRIBUTED,
     Blob,
     Manifest,
@@ -28,7 +28,7 @@ from addons.gc_plan import (
     apply_plan,
     plan,
 )
-from addons.signatures import Refused, signature_tag
+from addons.decisions.signatures import Refused, signature_tag
 from tests import cosign
 from tests.images import digest, oci_index_layout, oci_layout
 

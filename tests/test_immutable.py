@@ -1,4 +1,4 @@
-"""What an immutable tag reaches (addons/immutable.py): the walk, its bounds, its cache.
+"""What an immutable tag reaches (addons/gateway/immutable.py): the walk, its bounds, its cache.
 
 The end-to-end tests (test_e2e_policy.py) run it against Distribution with skopeo; these
 drive the same code against a backend answered in memory, to reach the bounds (a thousand
@@ -14,11 +14,11 @@ import json
 import httpx
 import pytest
 
-from addons import immutable
-from addons.backend import AsyncClient, Unavailable
-from addons.immutable import ImmutableTags, references
-from addons.policy import parse
-from addons.policy_store import PolicyFile
+from addons.clients.backend import AsyncClient, Unavailable
+from addons.decisions.policy import parse
+from addons.gateway import immutable
+from addons.gateway.immutable import ImmutableTags, references
+from addons.gateway.policy_store import PolicyFile
 
 POLICY = parse('[[immutable]]\nrepositories = ["acme/rel/**"]\ntags = ["v*"]\n', "policy.toml")
 REPO = "acme/rel/app"

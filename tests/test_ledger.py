@@ -10,24 +10,25 @@ from typing import Any
 
 import pytest
 
-from addons.ledger import Ledger, LedgerUnavailable
+from addons.storage.ledger import LedgerUnavailable
+from addons.storage.sqlite import SqliteLedger
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 
 
 def test_records_are_per_tenant_and_survive_reopening(tmp_path):
     path = tmp_path / "ledger" / "ledger.db"
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     ledger.add("acme", [D[0], D[1], D[0]])
     assert ledger.has("acme", D[0]) and not ledger.has("globex", D[0])
     assert ledger.count("acme") == 2
     ledger.close()
-    again = Ledger(path)
+    again = SqliteLedger(path)
     assert again.has("acme", D[1]) and not again.has("acme", D[2])
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = SqliteLedger(tmp_path / "l.db")
     digests = [f"sha256:{i:064x}" for i in range(400)]
 
     def write(tenant: str) -> None:
@@ -43,9 +44,9 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_the_cache_is_bounded(tmp_path):
-    ledger = Ledger(tmp_path / "l.db", cache=10)
+    ledger = SqliteLedger(tmp_path / "l.db", cache=10)
     ledger.add("acme", [f"sha256:{i:064x}" for i in range(50)])
-    assert len(ledger.known) == 10
+    assert len(ledger.recorded) == 10
     assert ledger.has("acme", "sha256:" + "0" * 64)  # evicted from the cache, still recorded
 
 
@@ -70,7 +71,7 @@ def records(path) -> set[tuple[str, str]]:
 
 def test_a_deleted_ledger_is_recreated_with_what_the_process_knows(tmp_path):
     path = tmp_path / "ledger.db"
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     ledger.mark_whole()
     ledger.add("acme", [D[0], D[1]])
     path.unlink()  # an operator's mistake: SQLite would go on writing into the unlinked inode
@@ -87,9 +88,9 @@ def test_a_deleted_ledger_is_recreated_with_what_the_process_knows(tmp_path):
 
 def test_a_replaced_ledger_is_reopened_before_the_next_confirmation(tmp_path):
     path = tmp_path / "ledger.db"
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     ledger.add("acme", [D[0]])
-    other = Ledger(tmp_path / "restored.db")
+    other = SqliteLedger(tmp_path / "restored.db")
     other.add("globex", [D[5]])
     other.close()
     os.replace(tmp_path / "restored.db", path)  # a restore from backup while running
@@ -101,18 +102,18 @@ def test_a_replaced_ledger_is_reopened_before_the_next_confirmation(tmp_path):
 def test_a_failing_ledger_refuses_then_recovers_by_itself(tmp_path, monkeypatch):
     clock = Clock()
     path = tmp_path / "ledger.db"
-    ledger = Ledger(path, clock=clock)
+    ledger = SqliteLedger(path, clock=clock)
     ledger.mark_whole()
     ledger.add("acme", [D[0]])
     broken = {"on": True}
-    real_open = Ledger._open
+    real_open = SqliteLedger._open
 
     def flaky_open(self, replaced=False):  # the file cannot be opened while the fault lasts
         if broken["on"]:
             raise sqlite3.OperationalError("unable to open database file")
         return real_open(self, replaced)
 
-    monkeypatch.setattr(Ledger, "_open", flaky_open)
+    monkeypatch.setattr(SqliteLedger, "_open", flaky_open)
     ledger._failed("disk I/O error")  # as after any failed statement
     with pytest.raises(LedgerUnavailable):
         ledger.add("acme", [D[1]])
@@ -130,7 +131,7 @@ def test_a_failing_ledger_refuses_then_recovers_by_itself(tmp_path, monkeypatch)
 
 
 def test_a_write_error_marks_the_ledger_down_and_closes_it(tmp_path, monkeypatch):
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = SqliteLedger(tmp_path / "ledger.db")
 
     class ReadOnly:
         def __enter__(self):
@@ -151,16 +152,16 @@ def test_a_write_error_marks_the_ledger_down_and_closes_it(tmp_path, monkeypatch
 
 
 def test_walk_progress_is_recorded(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = SqliteLedger(tmp_path / "ledger.db")
     assert not ledger.walked("acme/app")
     ledger.mark_walked("acme/app")
     assert ledger.walked("acme/app")
     ledger.close()
-    assert Ledger(tmp_path / "ledger.db").walked("acme/app")
+    assert SqliteLedger(tmp_path / "ledger.db").walked("acme/app")
 
 
 def test_sizes_usage_pushes_and_forgetting(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = SqliteLedger(tmp_path / "l.db")
     ledger.add("acme", [D[0], D[1]], repository="acme/app")
     ledger.add("globex", [D[0]], repository="globex/app")
     ledger.record_sizes({D[0]: 100, D[1]: 30, D[2]: 7})
@@ -187,7 +188,7 @@ def test_sizes_usage_pushes_and_forgetting(tmp_path):
 
 
 def test_admit_decides_and_records_in_one_step(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = SqliteLedger(tmp_path / "l.db")
     assert ledger.admit("acme", D[0], 60, limit=100)
     assert ledger.has("acme", D[0]) and ledger.usage("acme") == 60
     assert not ledger.admit("acme", D[1], 41, limit=100)  # 101 > 100: nothing added
@@ -222,33 +223,34 @@ def racing_admits(open_ledger: Callable[[], Any]) -> list[str]:
 
 
 def test_uploads_confirmed_at_once_by_several_workers_cannot_overshoot(tmp_path):
-    """Each thread has its own Ledger on one file, as each worker process does."""
+    """Each thread has its own SqliteLedger on one file, as each worker process does."""
     path = tmp_path / "l.db"
-    Ledger(path).count()  # the schema, once
-    assert len(racing_admits(lambda: Ledger(path))) == 10 and Ledger(path).usage("acme") == 100
+    SqliteLedger(path).count()  # the schema, once
+    assert len(racing_admits(lambda: SqliteLedger(path))) == 10
+    assert SqliteLedger(path).usage("acme") == 100
 
 
 # --- whole or not: a ledger that lost records says so (isolation answers 503, not a 4xx) -----
 
 
-def whole_ledger(path, clock: Clock | None = None) -> Ledger:
-    ledger = Ledger(path, clock=clock or Clock())
+def whole_ledger(path, clock: Clock | None = None) -> SqliteLedger:
+    ledger = SqliteLedger(path, clock=clock or Clock())
     ledger.mark_whole()  # as after the start-up walk
     return ledger
 
 
-def later(ledger: Ledger) -> None:
+def later(ledger: SqliteLedger) -> None:
     """The next health check, a few seconds on (a failed ledger is retried once a second)."""
     ledger._clock.now += 5  # type: ignore[attr-defined]
     ledger.check()
 
 
 def test_a_new_ledger_is_not_whole_until_a_walk_of_everything_marks_it(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = SqliteLedger(tmp_path / "ledger.db")
     assert not ledger.whole and ledger.status()["state"] == "rebuilding"
     ledger.mark_whole()
     ledger.close()
-    assert Ledger(tmp_path / "ledger.db").whole  # the mark is in the file
+    assert SqliteLedger(tmp_path / "ledger.db").whole  # the mark is in the file
 
 
 def test_a_deletion_is_noticed_by_a_read_too(tmp_path):
@@ -274,7 +276,7 @@ def test_a_copy_put_back_from_earlier_is_not_whole(tmp_path):
     ledger.close()
     old = tmp_path / "backup.db"
     old.write_bytes(path.read_bytes())  # whole when it was copied
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     assert ledger.whole
     ledger.add("acme", [D[0]])
     os.replace(old, path)  # put back while running: it lacks what was recorded since
@@ -284,7 +286,7 @@ def test_a_copy_put_back_from_earlier_is_not_whole(tmp_path):
 
 def test_a_ledger_rebuilt_by_another_worker_is_picked_up(tmp_path):
     path = tmp_path / "ledger.db"
-    one, two = whole_ledger(path), Ledger(path)
+    one, two = whole_ledger(path), SqliteLedger(path)
     assert two.whole
     path.unlink()
     one.check()  # worker 0 notices, rebuilds (walks the backend), marks it
@@ -323,7 +325,7 @@ def test_a_corrupt_ledger_is_moved_aside_and_started_anew(tmp_path):
 def test_a_corrupt_file_at_start_is_moved_aside(tmp_path):
     path = tmp_path / "ledger.db"
     path.write_bytes(os.urandom(4096))
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     assert not ledger.whole and ledger.status()["state"] == "rebuilding"
     assert len(list(tmp_path.glob("ledger.db.corrupt-*"))) == 1
 
@@ -349,7 +351,7 @@ def test_the_health_check_notices_a_read_only_ledger_without_any_request(tmp_pat
 
 
 def test_a_push_into_a_ledger_that_lost_records_leaves_the_repository_for_the_walk(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.db")  # not whole: the repository's older content is
+    ledger = SqliteLedger(tmp_path / "ledger.db")  # not whole: the repository's older content is
     ledger.add("acme", [D[0]], repository="acme/app", listed=True)  # for the rebuild to find
     assert not ledger.walked("acme/app") and ledger.repositories("acme/", "", 10) == ["acme/app"]
     ledger.mark_whole()
@@ -358,7 +360,7 @@ def test_a_push_into_a_ledger_that_lost_records_leaves_the_repository_for_the_wa
 
 
 def test_only_one_process_holds_the_rebuild_lock(tmp_path):
-    one, two = Ledger(tmp_path / "ledger.db"), Ledger(tmp_path / "ledger.db")
+    one, two = SqliteLedger(tmp_path / "ledger.db"), SqliteLedger(tmp_path / "ledger.db")
     with one.rebuild_lock() as first, two.rebuild_lock() as second:
         assert first and not second
     with two.rebuild_lock() as again:
@@ -372,7 +374,7 @@ class StubWalker:
     """The backend walk: records what `holds` says for a walked repository / tenant; or
     fails like a backend that cannot answer (`fails`)."""
 
-    def __init__(self, ledger: Ledger, holds: dict[str, list[str]]) -> None:
+    def __init__(self, ledger: SqliteLedger, holds: dict[str, list[str]]) -> None:
         self.ledger, self.holds, self.fails, self.walks = ledger, holds, False, []
 
     def repository(self, repo: str) -> int:
@@ -395,7 +397,7 @@ class StubWalker:
 def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp_path):
     import asyncio
 
-    from addons.isolation import REBUILDING, TenantIsolation, Unresolved
+    from addons.gateway.isolation import REBUILDING, TenantIsolation, Unresolved
 
     path = tmp_path / "ledger.db"
     ledger = whole_ledger(path)
@@ -421,7 +423,7 @@ def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp
 
 
 def test_health_names_a_ledger_that_is_down_or_being_rebuilt():
-    from tabbify_registry.admin import ledger_health
+    from addons.admin.program import ledger_health
 
     ok = {"state": "ok"}
     rebuilding = {"state": "rebuilding", "reason": "the ledger file was deleted or replaced"}
@@ -494,7 +496,7 @@ def unfinished_uploads_count(ledger: Any) -> None:
 
 
 def test_unfinished_uploads_count_against_the_quota(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = SqliteLedger(tmp_path / "l.db")
     unfinished_uploads_count(ledger)
     ledger.close()
 
@@ -525,6 +527,6 @@ def racing_reservations(open_ledger: Callable[[], Any]) -> list[str]:
 
 def test_reservations_made_at_once_by_several_workers_cannot_overshoot(tmp_path):
     path = tmp_path / "l.db"
-    Ledger(path).count()
-    assert len(racing_reservations(lambda: Ledger(path))) == 10
-    assert sum(s + p for s, p in Ledger(path).uploads("acme").values()) == 100
+    SqliteLedger(path).count()
+    assert len(racing_reservations(lambda: SqliteLedger(path))) == 10
+    assert sum(s + p for s, p in SqliteLedger(path).uploads("acme").values()) == 100

@@ -1,4 +1,4 @@
-"""The shared ledger in S3 (addons/ledger_s3.py) against a real S3 server (SeaweedFS), and the
+"""The shared ledger in S3 (addons/storage/s3.py) against a real S3 server (SeaweedFS), and the
 contract every ledger keeps (the same answers from SQLite, S3 and PostgreSQL)."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Any
 import boto3
 import pytest
 
-from addons import ledger_s3
-from addons.ledger import Ledger, LedgerUnavailable
-from addons.ledger_pg import PgLedger
-from addons.ledger_s3 import S3Ledger, S3Location, name_from_key, name_key
-from addons.ledgers import is_shared, open_ledger
+from addons.storage import s3 as ledger_s3
+from addons.storage.ledger import LedgerUnavailable
+from addons.storage.postgres import PgLedger
+from addons.storage.s3 import S3Ledger, S3Location, name_from_key, name_key
+from addons.storage.spec import is_shared, open_ledger
+from addons.storage.sqlite import SqliteLedger
 from tests.postgres import PASSWORD
 from tests.standins.seaweed import SeaweedS3
 
@@ -90,7 +91,7 @@ def test_repository_keys_sort_as_the_names_do() -> None:
 
 
 def test_the_factory_picks_the_ledger(tmp_path: Path, s3: SeaweedS3) -> None:
-    assert isinstance(open_ledger(str(tmp_path / "l.db")), Ledger)
+    assert isinstance(open_ledger(str(tmp_path / "l.db")), SqliteLedger)
     shared = open_ledger(location(s3, "factory").url())
     assert isinstance(shared, S3Ledger) and shared.state == "ok"
     with pytest.raises(ValueError, match="unknown"):
@@ -105,7 +106,7 @@ def test_a_record_made_on_one_node_is_seen_on_another(s3: SeaweedS3) -> None:
     a.add("acme", [D[0], D[1], D[0]])
     assert b.has("acme", D[0]) and b.has("acme", D[1])  # ... so B sees A's push at once
     assert not b.has("globex", D[0])  # per tenant
-    assert b.known.cached(("acme", D[0])) and not b.known.cached(("globex", D[0]))
+    assert b.recorded.cached(("acme", D[0])) and not b.recorded.cached(("globex", D[0]))
     assert a.count("acme") == 2 and a.count() == 2
 
 
@@ -156,10 +157,10 @@ def test_costs_hit_miss_and_confirmation(s3: SeaweedS3) -> None:
     assert counting.calls == {"put_object": 2}  # the repository is known now
     counting.calls.clear()
     assert ledger.walked("acme/app") and not counting.calls
-    known = ledger.known
-    assert (known.hits, known.misses) == (0, 1)  # `has` on a cached digest: not a lookup
-    assert ledger.known.cached(("acme", D[0])) and not ledger.known.cached(("acme", D[8]))
-    assert (known.hits, known.misses) == (1, 1)  # what isolation's hot path counts
+    recorded = ledger.recorded
+    assert (recorded.hits, recorded.misses) == (0, 1)  # `has` on a cached digest: not a lookup
+    assert ledger.recorded.cached(("acme", D[0])) and not ledger.recorded.cached(("acme", D[8]))
+    assert (recorded.hits, recorded.misses) == (1, 1)  # what isolation's hot path counts
 
 
 @pytest.fixture(params=["sqlite", "s3", "postgresql"])
@@ -167,7 +168,7 @@ def any_ledger(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Any:
     if request.param == "sqlite":
-        return Ledger(tmp_path / "ledger.db")
+        return SqliteLedger(tmp_path / "ledger.db")
     if request.param == "postgresql":
         monkeypatch.setenv("PGPASSWORD", PASSWORD)
         return PgLedger(request.getfixturevalue("postgres").database())

@@ -1,4 +1,4 @@
-"""Listings: pages of tag lists and of the catalog (addons/listing.py, Ledger.repositories)."""
+"""Listings: pages of tag lists and of the catalog (gateway/listing.py, Ledger.repositories)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons.ledger import Ledger
-from addons.listing import CatalogCursor, CatalogPage, catalog_page, next_link, page
-from addons.tokens import TokenSigner
+from addons.decisions.tokens import TokenSigner
+from addons.gateway.listing import CatalogCursor, CatalogPage, catalog_page, next_link, page
+from addons.storage.sqlite import SqliteLedger
 
 
 def test_a_page_is_sorted_after_last_and_at_most_n():
@@ -34,7 +34,7 @@ def test_the_next_link_is_relative_and_escaped():
 
 
 def test_repositories_are_listed_by_prefix_in_order_and_after_last(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = SqliteLedger(tmp_path / "ledger.db")
     for name in ("acme/b", "acme/a", "acme-x/a", "acme0/a", "acmex/a", "globex/a", "acme/a/b"):
         ledger.add(name.split("/")[0], [], repository=name, listed=True)
     assert ledger.repositories("acme/", "", 10) == ["acme/a", "acme/a/b", "acme/b"]
@@ -78,7 +78,7 @@ def test_the_catalog_page_merges_the_ranges_the_caller_can_pull_from():
 
 
 def test_the_catalog_page_scans_a_bounded_number_of_names(monkeypatch):
-    import addons.listing as listing
+    import addons.gateway.listing as listing
 
     monkeypatch.setattr(listing, "SCAN_BATCH", 10)
     monkeypatch.setattr(listing, "MAX_SCANNED", 30)
@@ -118,7 +118,7 @@ def _follow(names: list[str], listable: set[str], prefixes: list[str], n: int, b
     come from a real ledger's range scans."""
     cursor, caller = CatalogCursor(TokenSigner()), "globex\0"
     with tempfile.TemporaryDirectory() as directory:
-        ledger = Ledger(Path(directory) / "ledger.db")
+        ledger = SqliteLedger(Path(directory) / "ledger.db")
         for name in names:
             ledger.add(name.split("/")[0], [], repository=name, listed=True)
         scan = ledger.repositories

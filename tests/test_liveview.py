@@ -22,13 +22,14 @@ from mitmproxy import http
 from mitmproxy import io as mitmio
 from mitmproxy.test import tflow, tutils
 
-from addons import flowfeed, redact
-from addons.accesslog import AccessLog
-from addons.capture import redacted
-from addons.flowfeed import FlowFeed
-from tabbify_registry import adminhttp
-from tabbify_registry.flowexport import flow_file
-from tabbify_registry.liveview import Filters, FlowRing, LiveView, Overview, Viewer
+from addons.admin import http as adminhttp
+from addons.admin.flowexport import flow_file
+from addons.admin.liveview import Filters, FlowRing, LiveView, Overview, Viewer
+from addons.decisions import redact
+from addons.gateway import flowfeed
+from addons.gateway.accesslog import AccessLog
+from addons.gateway.capture import redacted
+from addons.gateway.flowfeed import FlowFeed
 from tests.stack import ROOT, free_port, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhY21lIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
@@ -259,7 +260,7 @@ def test_a_slow_viewer_loses_flows_and_is_told_how_many():
 
 
 def datagram(pid: int, seqs: list[int], dropped: int = 0, **fields: object) -> bytes:
-    """As a worker sends flows (addons/flowfeed.py `encode`)."""
+    """As a worker sends flows (addons/gateway/flowfeed.py `encode`)."""
     lines = [json.dumps({"pid": pid, "worker": 0, "dropped": dropped})]
     headers = {"request_headers": fields.pop("request_headers", []), "response_headers": None}
     for seq in seqs:
@@ -373,7 +374,7 @@ def admin_program(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     tmp = tmp_path_factory.mktemp("admin")
     port = free_port()
     args = [
-        sys.executable, "-m", "tabbify_registry.admin", "--listen", f"127.0.0.1:{port}",
+        sys.executable, "-m", "addons.admin.program", "--listen", f"127.0.0.1:{port}",
         "--backend", "http://127.0.0.1:9", "--state-dir", str(tmp / "state"),
         "--capture-dir", str(tmp / "captures"),
     ]  # fmt: skip
@@ -589,7 +590,7 @@ def test_the_viewer_loop_ends_when_the_program_stops(tmp_path):
 
 
 def manifest_flow(method: bytes, body: bytes, status: int = 201) -> http.HTTPFlow:
-    from addons.record import record
+    from addons.gateway.record import record
 
     request = tutils.treq(
         method=method,
@@ -635,7 +636,7 @@ def test_no_body_of_a_blob_a_token_answer_or_a_streamed_message():
 
 
 def test_a_pulled_manifest_streams_and_its_head_is_copied():
-    from addons.record import HEAD_KEPT, record
+    from addons.gateway.record import HEAD_KEPT, record
 
     flow = manifest_flow(b"GET", b"", status=200)
     flow.response.stream = True
@@ -669,7 +670,7 @@ def test_the_admin_ring_lets_the_oldest_bodies_go_first():
 
 
 def test_rows_drawn_into_the_page_are_text():
-    from tabbify_registry.liveview import rows_html
+    from addons.admin.liveview import rows_html
 
     flow = {"id": 7, "method": "GET", "status": 403, "decision": "deny:policy",
             "repository": "<b>x</b>", "user_agent": '<img src=x onerror="1">'}  # fmt: skip

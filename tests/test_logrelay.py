@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tabbify_registry.logrelay import LogRelay, OperatorText, classify, operator_line
+from addons.cli.logrelay import LogRelay, OperatorText, classify, operator_line
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""addons/manifest.py: a manifest is read exactly as the Go backend reads it, or refused.
+"""addons/decisions/manifest.py: a manifest is read exactly as the Go backend reads it, or refused.
 
 Each refused case is one where Python's json and Go's encoding/json would see different
 references (case-folded or repeated keys, depth, encodings, non-JSON constants); the
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from addons import manifest
-from addons.manifest import ManifestError
+from addons.decisions import manifest
+from addons.decisions.manifest import ManifestError
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
 OCI = "application/vnd.oci.image.manifest.v1+json"

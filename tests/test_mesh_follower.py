@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from addons.config import settings
 from mesh import follow
 from mesh.bootstrap import join_request
 from mesh.coordinator import Coordinator
 from mesh.state import MeshDir, MeshError, NodeState, public_key
-from tabbify_registry import settings
 from tests.standins.coordinator import ANSWER_MODES, BAD_PEER_KINDS, CoordinatorStandin
 
 AUTH_KEY = "follower-test-key"

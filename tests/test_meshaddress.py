@@ -11,7 +11,7 @@ import pytest
 from mitmproxy.addonmanager import Loader
 from mitmproxy.test import taddons
 
-from addons.meshaddress import MeshAddress, read_ula, realm_for, rebind
+from addons.gateway.meshaddress import MeshAddress, read_ula, realm_for, rebind
 
 OLD, NEW = "fd5a:1f02:0:1::1", "fd5a:1f02:0:9::1"
 UPSTREAM = "http://127.0.0.1:5001"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from addons import mirrors, routes
-from addons.authservice import judge
-from addons.policy import EMPTY, PolicyError, parse
+from addons.clients.authservice import judge
+from addons.config import mirrors
+from addons.decisions import routes
+from addons.decisions.policy import EMPTY, PolicyError, parse
 
 GOOD = """\
 [[mirror]]
@@ -137,8 +138,8 @@ def test_a_mount_from_a_mirror_starts_a_plain_upload():
 
 
 def test_zot_gets_the_upstream_credentials_in_its_own_format_0600(tmp_path: Path):
-    from tabbify_registry.cli import load_mirrors, write_zot_credentials
-    from tabbify_registry.settings import load
+    from addons.cli.main import load_mirrors, write_zot_credentials
+    from addons.config.settings import load
 
     creds = tmp_path / "hub"
     creds.write_text("robot:tok-123\n")
@@ -163,8 +164,8 @@ def test_zot_gets_the_upstream_credentials_in_its_own_format_0600(tmp_path: Path
 
 
 def _check(digest: str, chunks: list[bytes], limit: int | None = None):
-    from addons.mirror_gate import DigestCheck
-    from addons.record import FlowRecord
+    from addons.gateway.mirror import DigestCheck
+    from addons.gateway.record import FlowRecord
 
     check = DigestCheck(FlowRecord(), digest, limit)
     out = b"".join(check(c) for c in [*chunks, b""])
@@ -195,7 +196,7 @@ def test_a_manifest_over_its_limit_is_cut():
 
 
 def test_the_default_names_itself_and_routes_follow_the_backend():
-    from addons.policy import MIRROR_DEFAULT
+    from addons.decisions.policy import MIRROR_DEFAULT
 
     assert EMPTY.decide("acme", None, "mirror/docker.io/x", "pull").rule == MIRROR_DEFAULT
     mirrors.ROUTES.clear()

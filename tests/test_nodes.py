@@ -1,5 +1,5 @@
-"""Several nodes on one bucket: the settings (tabbify_registry/nodes.py), what `run` hands the
-gateway, the shared upload secret, and shared registry-token keys (addons/token_keys.py).
+"""Several nodes on one bucket: the settings (addons/config/nodes.py), what `run` hands the
+gateway, the shared upload secret, and shared registry-token keys (addons/config/token_keys.py).
 
 Pure: nothing here connects anywhere."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from addons.token_keys import KeyFileError, TokenKeyFile, read_keys
-from addons.tokens import InvalidToken, TokenSigner
-from tabbify_registry import cli
-from tabbify_registry.settings import ConfigError, load
+from addons.cli import main as cli
+from addons.config.settings import ConfigError, load
+from addons.config.token_keys import KeyFileError, TokenKeyFile, read_keys
+from addons.decisions.tokens import InvalidToken, TokenSigner
 
 S3 = {
     "REGISTRY_DATA_DIR": "/d",

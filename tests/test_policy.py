@@ -1,4 +1,4 @@
-"""addons.policy (contract §7, §8): every error message with its file:line, every rule type,
+"""decisions/policy.py (contract §7, §8): every error message with its file:line, every rule type,
 glob and tag-pattern edge cases, decisions and the rule that makes them, token scopes.
 
 Random rule sets are in test_policy_properties.py; the reloader in test_policy_store.py.
@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
-from addons import policy
-from addons.policy import (
+from addons.decisions import policy
+from addons.decisions.policy import (
     EMPTY,
     Decision,
     Grant,

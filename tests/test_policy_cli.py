@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tabbify_registry import cli, settings
-from tabbify_registry.settings import ConfigError
+from addons.cli import main as cli
+from addons.config import settings
+from addons.config.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docs" / "policy.example.toml"

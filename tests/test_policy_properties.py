@@ -3,7 +3,7 @@
 Rule sets are generated as data, rendered to TOML (with random layout: comments, blank lines,
 arrays over several lines) and parsed, so the parser is exercised too. The oracle below is
 the specification of docs/policy.md written out directly (recursive segment matching, no
-regexes, no indexes), not imported from addons.policy.
+regexes, no indexes), not imported from addons.decisions.policy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addons.policy import ACTIONS, EMPTY, Decision, Policy, PolicyError, granted_scopes, parse
+from addons.decisions.policy import (
+    ACTIONS,
+    EMPTY,
+    Decision,
+    Policy,
+    PolicyError,
+    granted_scopes,
+    parse,
+)
 
 PROPS = settings(
     max_examples=200,

@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from addons import policy_store
-from addons.policy import EMPTY, PolicyError
-from addons.policy_store import PolicyStore
+from addons.decisions.policy import EMPTY, PolicyError
+from addons.gateway import policy_store
+from addons.gateway.policy_store import PolicyStore
 
 GRANT = '[[grant]]\nrepositories = ["acme/**"]\ntenants = ["globex"]\nactions = ["pull"]\n'
 RESTRICT = '[[restrict]]\nsubjects = ["viewer"]\nactions = ["pull"]\n'
@@ -126,7 +126,7 @@ def test_a_bad_edit_keeps_the_last_good_policy_and_logs_once(path, clock, caplog
     write(path, GRANT)
     store = PolicyStore(path, clock=clock)
     store.load_initial()
-    caplog.set_level(logging.INFO, logger="addons.policy_store")
+    caplog.set_level(logging.INFO, logger="addons.gateway.policy_store")
     write(path, BAD)
     for _ in range(10):
         settle(store, clock)
@@ -247,10 +247,10 @@ def test_a_reload_is_logged_once_not_once_per_worker(path, clock, caplog, monkey
     """Every gateway worker holds a PolicyFile and reloads it; worker 0 alone says so."""
     from mitmproxy.test import taddons
 
-    from addons.policy_store import PolicyFile
+    from addons.gateway.policy_store import PolicyFile
 
     write(path, GRANT)
-    caplog.set_level(logging.INFO, logger="addons.policy_store")
+    caplog.set_level(logging.INFO, logger="addons.gateway.policy_store")
     stores = []
     for worker in range(3):
         addon = PolicyFile()

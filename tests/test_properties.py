@@ -6,7 +6,7 @@ delivers them (bytes, which mitmproxy decodes with surrogateescape), arbitrary t
 and single-character tampering of real tokens.
 
 The grammar oracle below is written out from the distribution spec (FIELD-NOTES, "Repository
-name", tag, digest) and the route table in README "Choices", not imported from addons.routes:
+name", tag, digest) and the route table in README "Choices", not imported from decisions/routes.py:
 a change that loosens the product's grammar makes these properties fail.
 """
 
@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from addons import routes, target
-from addons.access import bearer_token
-from addons.routes import COMPONENT, Route, check, decide_params, is_name, owns, parse
-from addons.token_endpoint import credential_from_header, plausible
-from addons.tokens import InvalidToken, TokenSigner
+from addons.decisions import routes, target
+from addons.decisions.routes import COMPONENT, Route, check, decide_params, is_name, owns, parse
+from addons.decisions.tokens import InvalidToken, TokenSigner
+from addons.gateway.access import bearer_token
+from addons.gateway.token_endpoint import credential_from_header, plausible
 
 PROPS = settings(
     max_examples=200,

@@ -1,8 +1,8 @@
-"""addons/quota.py: Harbor-style usage per tenant and the quota decision."""
+"""addons/decisions/quota.py: Harbor-style usage per tenant and the quota decision."""
 
 from __future__ import annotations
 
-from addons import quota
+from addons.decisions import quota
 
 A, B, C = "sha256:" + "a" * 64, "sha256:" + "b" * 64, "sha256:" + "c" * 64
 SIZES = {A: 100, B: 30, C: 7}
@@ -60,8 +60,8 @@ def test_metrics_text():
 
 
 def test_unfinished_upload_decisions():
-    from addons.accounting import session_of, stored_from
-    from addons.ledger import upload_decision
+    from addons.gateway.accounting import session_of, stored_from
+    from addons.storage.ledger import upload_decision
 
     # A new session beyond the bound is refused first; then bytes past the quota.
     assert upload_decision("acme", 0, 64, True, 1, 100, 64).reason == "uploads"
@@ -73,7 +73,7 @@ def test_unfinished_upload_decisions():
     assert upload_decision("acme", 90, 3, False, 50, 100, 64, upto=True).granted == 10
     assert not upload_decision("acme", 100, 3, False, 50, 100, 64, upto=True)
 
-    from addons.accounting import MAX_GRANT, MIN_GRANT, grant_size
+    from addons.gateway.accounting import MAX_GRANT, MIN_GRANT, grant_size
 
     assert grant_size(1_000_000) == 250_000 and grant_size(10) == MIN_GRANT
     assert grant_size(10**12) == MAX_GRANT

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from addons import routes
-from addons.routes import Route, check, decide_params, is_component, parse
+from addons.decisions import routes
+from addons.decisions.routes import Route, check, decide_params, is_component, parse
 
 SHA256 = "sha256:" + "a" * 64
 SHA512 = "sha512:" + "b" * 128

@@ -1,4 +1,4 @@
-"""addons/signatures.py: cosign signatures built as cosign builds them (tests/cosign.py)."""
+"""decisions/signatures.py: cosign signatures built as cosign builds them (tests/cosign.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from addons import signatures as sig
-from addons.signatures import Verdict, VerdictCache
+from addons.decisions import signatures as sig
+from addons.decisions.signatures import Verdict, VerdictCache
 from tests import cosign, images
 from tests.images import digest
 
@@ -853,7 +853,7 @@ def test_indexes_and_manifests_read_two_ways_are_not_exempt(signer, tmp_path):
 
 # --- property: nothing a runtime would run is exempt ---------------------------------------------
 #
-# The oracle is written from the runtimes, not imported from addons.signatures:
+# The oracle is written from the runtimes, not imported from addons.decisions.signatures:
 # - containerd unpacks layers whose type is an OCI layer or a Docker rootfs type
 #   (images.IsLayerType); moby pulls layers whose type starts `application/vnd.oci.image` or
 #   `application/vnd.docker`, or is application/octet-stream, application/json, text/html or
@@ -1032,9 +1032,9 @@ def test_a_missing_manifest_keeps_the_backends_distinction(backend_says, answere
     that a repository that does not exist is told from a tag that does not."""
     import httpx
 
-    from addons.policy import parse
-    from addons.policy_store import PolicyFile
-    from addons.signed import SignedOnly
+    from addons.decisions.policy import parse
+    from addons.gateway.policy_store import PolicyFile
+    from addons.gateway.require_signature import SignedOnly
 
     def backend(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json={"errors": [{"code": backend_says, "message": "x"}]})
@@ -1042,7 +1042,7 @@ def test_a_missing_manifest_keeps_the_backends_distinction(backend_says, answere
     key = cosign.Signer().public_pem
     rule = f'[[require_signature]]\nrepositories = ["acme/**"]\nkeys = ["""{key}"""]\n'
     policy = parse(rule, "p")
-    from addons.backend import Client
+    from addons.clients.backend import Client
 
     addon = SignedOnly(PolicyFile())
     addon.client = Client("http://backend", transport=httpx.MockTransport(backend))

@@ -1,4 +1,4 @@
-"""Claims of immutable tags (addons/tag_claims.py): one holder per (repository, tag) across
+"""Claims of immutable tags (addons/runstate/tag_claims.py): one holder per (repository, tag) across
 the processes of a node, released with the push or with its process."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from addons.tag_claims import claim_path, take
+from addons.runstate.tag_claims import claim_path, take
 
 
 def test_a_held_tag_cannot_be_claimed_again_until_released(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from addons.tag_claims import take
+    from addons.runstate.tag_claims import take
     claim = take(Path(sys.argv[1]), "acme/app", "v1")
     print("held" if claim else "busy", flush=True)
     sys.stdin.readline()  # hold until told, or until killed

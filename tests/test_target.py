@@ -1,4 +1,4 @@
-"""addons/target.py: the request target is parsed once, strictly, and forwarded canonically.
+"""decisions/target.py: the request target is parsed once, strictly, and forwarded canonically.
 
 Every refused case is a target that Go's net/url (the backend) and Python would read
 differently, or bytes outside RFC 3986.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from addons import target
-from addons.target import Target, TargetError
+from addons.decisions import target
+from addons.decisions.target import Target, TargetError
 
 SHA = "sha256:" + "a" * 64
 

@@ -14,7 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from addons.tokens import AUDIENCE, ISSUER, LIFETIME, InvalidToken, TokenSigner
+from addons.decisions.tokens import AUDIENCE, ISSUER, LIFETIME, InvalidToken, TokenSigner
 
 SECRET = b"k" * 32
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from addons.metrics import Metrics
+from addons.admin.program import Workers
+from addons.cli.main import token_key
+from addons.decisions.tokens import TokenSigner
+from addons.gateway.metrics import Metrics
 from addons.runstate import write_json
-from addons.tokens import TokenSigner
-from tabbify_registry.admin import Workers
-from tabbify_registry.cli import token_key
 
 
 def counted(requests: int, status: int = 200) -> Metrics:

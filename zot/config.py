@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from addons import backend_auth
-from addons.mirrors import Mirror
-from addons.policy import Policy
-from tabbify_registry.settings import Settings
+from addons.clients import backend_credential
+from addons.config.mirrors import Mirror
+from addons.config.settings import Settings
+from addons.decisions.policy import Policy
 
 # Zot's default read/write timeout (since v2.1.17) is 60 s for the *whole* request, which cuts
 # multi-GB layer uploads and pulls. "0s" would disable it, but a generous explicit bound keeps a
@@ -35,8 +35,8 @@ def storage_root(settings: Settings) -> str:
 
 def htpasswd_path(settings: Settings) -> str:
     """The backend's htpasswd file, written by `run` with the run's credential
-    (addons/backend_auth.py): no anonymous request reaches either backend."""
-    return str(settings.runtime_dir / backend_auth.HTPASSWD_NAME)
+    (addons/clients/backend_credential.py): no anonymous request reaches either backend."""
+    return str(settings.runtime_dir / backend_credential.HTPASSWD_NAME)
 
 
 def _endpoint_is_plain_http(settings: Settings) -> bool:
@@ -45,7 +45,7 @@ def _endpoint_is_plain_http(settings: Settings) -> bool:
 
 # GC (contract §8) with Zot is Zot's own: blobs younger than this stay (a push in flight),
 # and so do untagged manifests where no [[retention]] rule says otherwise (as
-# addons/gc_plan.py's DEFAULT_GRACE does with Distribution).
+# addons/decisions/gc_plan.py's DEFAULT_GRACE does with Distribution).
 GC_GRACE_SECONDS = 3600
 # Zot's own default gcDelay. Its GC also removes blob uploads untouched for gcDelay, at each
 # pass (pkg/storage/gc: removeBlobUploads; gcInterval, 1h by default): the age after which
@@ -272,7 +272,7 @@ def render_distribution(
             "secret": http_secret,
         },
         # Basic auth against the run's credential on every request (the realm is never seen
-        # by clients: the gateway answers a backend 401 itself, addons/access.py).
+        # by clients: the gateway answers a backend 401 itself, addons/gateway/access.py).
         "auth": {
             "htpasswd": {"realm": "tabbify-registry-backend", "path": htpasswd_path(settings)}
         },

@@ -1,5 +1,5 @@
 """Stand-in for Tabbify auth speaking contract §4 (`POST /v1/validate`): the product's
-`dev-auth` server (tabbify_registry/devauth.py) with a fixed key, so tests can mint tokens
+`dev-auth` server (addons/cli/devauth.py) with a fixed key, so tests can mint tokens
 before it starts, and fault modes switched at run time.
 
 Tokens are real HS256 JWTs signed with the stand-in's own key; the gateway never sees that
@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from tabbify_registry.devauth import Answer, Server, Validator, make_handler, request_token
+from addons.cli.devauth import Answer, Server, Validator, make_handler, request_token
 
 _VALIDATOR = Validator("tabbify-auth-standin-signing-key-0123456789")
 

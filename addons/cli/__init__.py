@@ -1,0 +1,1 @@
+"""The `tabbify-registry` commands: run, config, mesh up, policy, gc, dev-auth."""

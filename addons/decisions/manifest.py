@@ -1,0 +1,195 @@
+"""Manifests read exactly the way the Go backend reads them, or refused. Pure.
+
+The isolation ledger decides on the digests a manifest references; the backend (Go's
+encoding/json into image-spec structs) decides what it links. Where the two readings could
+differ, the manifest is refused (400 MANIFEST_INVALID) instead of guessed at:
+
+- Go matches JSON keys to struct fields case-insensitively (Unicode simple folding: `Layers`,
+  `LAYERS`, even `layer\u017f` fill `layers`) and keeps the last of duplicate keys. A struct-level
+  key (of the manifest or a descriptor) must therefore be spelled exactly as the spec does, and
+  no object may repeat a key.
+- Python would recurse without bound (RecursionError), Go stops at 10 000 levels: nesting
+  deeper than MAX_DEPTH is refused before parsing, in one linear scan.
+- Python's json accepts UTF-16/32 and NaN/Infinity, Go does not; Go replaces invalid UTF-8
+  where Python fails. Only strict UTF-8 JSON without a BOM passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from addons.decisions.routes import DIGEST
+
+MAX_MANIFEST = 4 * 1024 * 1024  # Distribution's and Zot's own manifest size limit
+MAX_DEPTH = 64  # real manifests nest 4 levels (index → descriptor → platform/annotations)
+MAX_DESCRIPTORS = 10_000
+
+# The media types a manifest PUT may carry: what Zot and Distribution store as manifests.
+MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
+INDEX_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
+
+# Field names of the Go structs a manifest and its descriptors decode into (image-spec v1.1,
+# Docker schema 2, the OCI artifact manifest): a key that folds to one of these must be
+# spelled exactly so.
+_MANIFEST_FIELDS = (
+    "schemaVersion",
+    "mediaType",
+    "artifactType",
+    "config",
+    "layers",
+    "manifests",
+    "blobs",
+    "subject",
+    "annotations",
+)
+_DESCRIPTOR_FIELDS = (
+    "mediaType",
+    "artifactType",
+    "digest",
+    "size",
+    "urls",
+    "annotations",
+    "data",
+    "platform",
+)
+_REFERENCING = ("config", "layers", "manifests", "blobs")  # `subject` grants nothing: see below
+_DIGEST = re.compile(DIGEST)
+
+
+class ManifestError(ValueError):
+    """Not a manifest the gateway can read exactly as the backend would (MANIFEST_INVALID)."""
+
+
+def digest_of(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def media_type(content_type: str) -> str:
+    """`application/vnd.oci.image.manifest.v1+json; charset=utf-8` → the bare type, lower."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest `[`/`{` nesting outside strings; linear, never recursive."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ManifestError("manifest repeats a key in one object")
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError(f"manifest contains {name}, which is not JSON")
+
+
+def parse(body: bytes) -> dict[str, Any]:
+    """The manifest as a JSON object, read strictly. Raises ManifestError."""
+    if len(body) > MAX_MANIFEST:
+        raise ManifestError("manifest larger than 4 MiB")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError("manifest is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise ManifestError("manifest starts with a byte order mark")
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ManifestError(f"manifest nests deeper than {MAX_DEPTH} levels")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ManifestError:
+        raise
+    except (ValueError, RecursionError):
+        raise ManifestError("manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest is not a JSON object")
+    _check_spelling(doc, _MANIFEST_FIELDS, "manifest")
+    return doc
+
+
+def _check_spelling(obj: dict[str, Any], fields: tuple[str, ...], what: str) -> None:
+    folded = {f.casefold(): f for f in fields}
+    for key in obj:
+        canonical = folded.get(key.casefold())
+        if canonical is not None and key != canonical:
+            raise ManifestError(f"{what} key {key[:40]!r} must be spelled {canonical!r}")
+
+
+def _descriptors(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = doc.get(key)
+    if value is None:  # absent or null: Go leaves the field empty
+        return []
+    items = [value] if key in ("config", "subject") else value
+    if not isinstance(items, list) or not all(isinstance(d, dict) for d in items):
+        raise ManifestError(f"manifest {key} is not a descriptor list")
+    for d in items:
+        _check_spelling(d, _DESCRIPTOR_FIELDS, "descriptor")
+    return items
+
+
+def _digest(descriptor: dict[str, Any]) -> str:
+    digest = descriptor.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ManifestError(f"manifest references an invalid digest {digest!r:.80}")
+    return digest
+
+
+def references(doc: dict[str, Any]) -> list[str]:
+    """Digests a manifest or index references: config, layers, blobs, child manifests.
+
+    `subject` is not among them: it points at another manifest, which the tenant must already
+    see for its own reasons; claiming it here would grant it. It is still read (spelling,
+    digest grammar) so that a malformed one is refused rather than passed on.
+    """
+    refs = [_digest(d) for key in _REFERENCING for d in _descriptors(doc, key)]
+    for d in _descriptors(doc, "subject"):
+        _digest(d)
+    if len(refs) > MAX_DESCRIPTORS:
+        raise ManifestError("manifest references too many blobs")
+    return list(dict.fromkeys(refs))
+
+
+def children(doc: dict[str, Any]) -> list[str]:
+    """Digests of an index's child manifests."""
+    return [_digest(d) for d in _descriptors(doc, "manifests")]
+
+
+def read(body: bytes, content_type: str) -> list[str]:
+    """A manifest PUT: check its media type and return what it references."""
+    if media_type(content_type) not in MEDIA_TYPES:
+        raise ManifestError("Content-Type is not an OCI or Docker manifest media type")
+    return references(parse(body))

@@ -1,0 +1,721 @@
+"""Storage accounting: sizes of confirmed uploads, push times, and `[[quota]]` (contract §8).
+
+Runs before TenantIsolation in the addon list, so that its `response` hook decides before
+the isolation ledger records a confirmed push (a refused one is never recorded: the tenant
+cannot see it, and it counts for nobody).
+
+- **Sizes.** After a confirmed blob upload or mount (201), the blob's size is asked from
+  the backend (HEAD in the repository: its Content-Length), which is right for monolithic,
+  chunked and streamed uploads and for mounts alike, and recorded in the ledger per digest.
+  A manifest's size is its body's length. Usage per tenant is the sum over the distinct
+  digests the ledger says it holds (addons/decisions/quota.py: a blob shared by mount counts in full
+  for each tenant, as Harbor counts).
+- **Quotas.** A push that adds bytes the tenant does not hold yet and would take it over its
+  quota is refused with 403 DENIED "quota exceeded": a monolithic upload already when its
+  head declares a Content-Length that cannot fit (before the body is sent), a manifest
+  before it is forwarded, and every upload at the latest when the backend confirms it. Then
+  the 201 becomes the 403, nothing is recorded, and the blob's link in that repository is
+  deleted in the backend (unless the repository already held the digest); GC takes the
+  bytes later. Re-pushing what the tenant holds never counts (quota.would_exceed).
+- **Push times** (retention's `keep_last` and `untagged_after`): when a manifest PUT is
+  confirmed, the ledger records when, for the manifest and the tag it was pushed to.
+- **Usage for /metrics**: worker 0 computes every tenant's usage every USAGE_EVERY seconds
+  and publishes it (addons/gateway/publish.py); the admin endpoint serves it as
+  `tabbify_tenant_usage_bytes{tenant=…}`.
+
+A confirmed upload under a quota is decided and recorded in one ledger transaction
+(`admit`), so uploads of one tenant confirmed at the same time cannot overshoot together.
+
+**Unfinished uploads** count too. For a tenant under a quota, the ledger keeps each upload
+session it has open (`<repository>@<upload id>`): the bytes the backend said it stored, and
+those being sent now. Every request that sends bytes into a session reserves them first, in
+one ledger transaction with the quota decision (`reserve`; across workers and, with
+PostgreSQL, across nodes): a PATCH, or a PUT/POST with a body, whose Content-Length would take
+the tenant's usage plus its unfinished uploads over the quota is refused with 403 before a
+byte reaches the backend. A body without a length (chunked) reserves as it streams: a
+quarter of what is left of the quota at a time (StreamCap), and its connection is cut once
+the quota has nothing more for it: a streamed request can get no answer of ours, so the 403
+is written on the wire and the connection closed. The answer settles the session (`settle`:
+the backend's `Range` says what it holds); a completed upload's bytes become its blob's in
+the same transaction that admits it; a cancelled (DELETE) or unknown (404) upload is
+forgotten; one untouched for `registry_upload_age` seconds is forgotten, as the backend
+purges it after the same age (zot/config.py). A tenant under a quota holds at most
+MAX_UPLOADS unfinished uploads: one more upload start is refused with 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from addons.clients.backend import AsyncClient, Unavailable
+from addons.decisions import quota, routes
+from addons.decisions.routes import DIGEST
+from addons.engine import oci
+from addons.gateway.access import backend_error_code
+from addons.gateway.gate import answered, fail_closed, respond
+from addons.gateway.isolation import REBUILDING, TenantIsolation
+from addons.gateway.policy_store import PolicyFile
+from addons.gateway.record import FlowRecord, record
+from addons.storage.ledger import (
+    MAX_UPLOADS,
+    UPLOAD_AGE,
+    Accounts,
+    LedgerUnavailable,
+    Reservation,
+    holder,
+)
+
+logger = logging.getLogger(__name__)
+
+_DIGEST = re.compile(DIGEST)
+USAGE_EVERY = 5.0
+MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
+MAX_GRANT = 64 * 1024 * 1024  # … and at most
+HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
+_RANGE = re.compile(r"0-([0-9]{1,18})")
+
+
+@dataclass
+class InFlight:
+    """What one request reserved in an upload session (the ledger's `pending`)."""
+
+    tenant: str
+    session: str  # `<repository>@<upload id>`, or a placeholder for an upload start
+    reserved: int = 0
+    start: bool = False  # an upload start (POST): renamed once the backend names the session
+    done: bool = False  # settled: a grant that comes back later is given back at once
+    gone: bool = False  # and the session with it (completed, cancelled, unknown)
+    cap: StreamCap | None = None  # a body without a length: counted as it streams
+
+    def sent(self, rec: FlowRecord) -> int:
+        return self.cap.sent if self.cap is not None else rec.bytes_in
+
+
+def grant_size(room: int) -> int:
+    """What a streamed body asks the ledger for at a time: a quarter of what is left of the
+    quota (so that the tenant's other uploads still find room), within MIN/MAX_GRANT."""
+    return min(max(room // 4, MIN_GRANT), MAX_GRANT)
+
+
+def take_upload(rec: FlowRecord) -> InFlight | None:
+    """The upload session this request reserved bytes in, taken off its record once."""
+    upload, rec.upload = rec.upload, None
+    assert upload is None or isinstance(upload, InFlight)
+    return upload
+
+
+@dataclass
+class StreamCap:
+    """The stream callable of a body without a length, under a quota. Chunks go on while the
+    bytes the ledger reserved for this body (`granted`) cover them; once half of the last
+    grant is used it asks for more (a quarter of what is left of the quota, off the event
+    loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer, and
+    the connection is cut once the quota has nothing more for them. A body whose end
+    arrives while an ask is on its way goes on if what waits is within what was left of the
+    quota at the last answer: a push that fits is not cut because the ledger is slower than
+    the link. That is the one case it may pass the quota, when the tenant's other uploads
+    took that room meanwhile: by at most that room per body. Called by
+    mitmproxy for every chunk, on the event loop: no I/O here. Returns the chunks to forward
+    (a list: an empty bytes value would end a chunked body upstream)."""
+
+    accounting: Accounting
+    flow: http.HTTPFlow
+    upload: InFlight
+    limit: int
+    granted: int  # bytes the ledger reserved for this body
+    step: int  # what the next ask is for
+    others: int  # the tenant's other bytes, as of the last answer
+    room: int  # what was left of the quota after the last answer
+    sent: int = 0  # forwarded
+    held: list[bytes] = field(default_factory=list)
+    held_bytes: int = 0
+    asking: int = 0  # bytes the ask on its way is for (0: none)
+    denied: bool = False  # the quota has nothing more for this body
+    cut: bool = False
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if self.cut:
+            return []
+        if chunk:
+            self.held.append(chunk)
+            self.held_bytes += len(chunk)
+        out = self._release(self.granted)
+        if self.held:
+            if self.denied:
+                self.stop("quota exceeded", self.held_bytes)
+                return [record(self.flow).count_in(c) for c in out]  # covered: they go
+            if not chunk:  # the end: it goes on if what was left at the last answer covers it
+                if self.held_bytes > self.room:
+                    self.stop("quota exceeded", self.held_bytes)
+                    return []
+                out += self._release(self.sent + self.held_bytes)
+            elif self.held_bytes > HOLD:
+                self.stop("quota exceeded", self.held_bytes)
+                return []
+        if not self.asking and not self.denied and self._left() < self.step // 2:
+            self.asking = self.step + max(-self._left(), 0)  # and what already waits
+            task = asyncio.get_running_loop().create_task(self._ask(self.asking))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        count = record(self.flow).count_in
+        return [count(c) for c in out]
+
+    def _left(self) -> int:
+        return self.granted - self.sent - self.held_bytes
+
+    def _release(self, upto: int) -> list[bytes]:
+        """The held chunks (split where needed) that fit below `upto` bytes forwarded."""
+        out: list[bytes] = []
+        while self.held and self.sent < upto:
+            c = self.held[0]
+            take = min(len(c), upto - self.sent)
+            out.append(c[:take])
+            if take == len(c):
+                self.held.pop(0)
+            else:
+                self.held[0] = c[take:]
+            self.sent += take
+            self.held_bytes -= take
+        return out
+
+    async def _ask(self, want: int) -> None:
+        try:
+            got = await self.accounting.reserve(self.upload, want, self.limit, upto=True)
+        except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
+            logger.warning("quota: cannot reserve for a streamed upload: %s", e)
+            self.stop("quota-unchecked", 0, (503, "UNAVAILABLE", "cannot check the quota now"))
+            return
+        finally:
+            self.asking = 0
+        if self.upload.done:  # the request ended meanwhile (cut, or the client went away)
+            await self.accounting.give_back(self.upload, got.granted)
+            return
+        # `got.used` counts this body's earlier grants and the tenant's other bytes now.
+        self.others = got.used - self.granted
+        self.granted += got.granted
+        self.upload.reserved += got.granted
+        if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
+            message = "too many unfinished uploads"
+            self.stop(message, 0, (429, "TOOMANYREQUESTS", message))
+            return
+        self.denied = got.granted < want
+        self.room = self.limit - got.used - got.granted
+        self.step = grant_size(self.room)
+
+    def stop(self, why: str, more: int, answer: tuple[int, str, str] | None = None) -> None:
+        """Cut the connection: the backend gets a truncated body and confirms no blob; the
+        client gets the 403 (or `answer`) written ahead of the close (mitmproxy cannot answer
+        a request whose body streams)."""
+        if self.cut:
+            return
+        self.cut = True
+        self.held.clear()
+        record(self.flow).decision = f"deny:{why}"
+        used = self.others + self.granted
+        message = quota_message(used, self.limit, more, self.accounting.quota_rule(self.flow))
+        status, code, message = answer or (403, "DENIED", message)
+        wire = oci.wire_error(status, code, message, method=self.flow.request.method)
+        cut_connection(self.flow, wire)
+
+
+def quota_message(used: int, limit: int, adding: int, rule: str) -> str:
+    """What every client prints of a quota refusal: usage, limit, and the rule setting it."""
+    more = f", {adding} more do not fit" if adding else ""
+    return f"quota exceeded: {used} of {limit} bytes used{more} ({rule})"
+
+
+def cut_connection(flow: http.HTTPFlow, answer: bytes) -> None:
+    """Write `answer` to the client and close its connection (the connection sweeper's way,
+    connections.py): whatever the client still sends is never read, and the backend's
+    connection closes with it."""
+    proxy = ctx.master.addons.get("proxyserver")
+    handler = proxy.connections.get(flow.client_conn.id) if proxy is not None else None
+    io = handler.transports.get(handler.client) if handler is not None else None
+    if io is None or io.handler is None or io.handler.done():
+        return
+    if io.writer is not None and not io.writer.is_closing():
+        io.writer.write(answer)
+    io.handler.cancel("quota")
+
+
+def session_of(location: str, repository: str) -> str | None:
+    """The upload session a backend's upload `Location` names in `repository`, if any."""
+    route = routes.parse(urlsplit(location).path, "PATCH")
+    if not isinstance(route, routes.Route) or route.kind != "upload" or not route.reference:
+        return None
+    return f"{repository}@{route.reference}" if route.name == repository else None
+
+
+def stored_from(response: http.Response) -> int | None:
+    """What the backend holds of an upload, from its `Range: 0-<last byte>` answer."""
+    m = _RANGE.fullmatch(response.headers.get("range", ""))
+    return int(m[1]) + 1 if m else None
+
+
+class Unaccountable(LedgerUnavailable):
+    """A quota applies but this ledger keeps no sizes: refuse the push (fail closed)."""
+
+
+class Accounting:
+    def __init__(self, policies: PolicyFile, isolation: TenantIsolation) -> None:
+        self.policies = policies
+        self.isolation = isolation
+        self.client: AsyncClient | None = None
+        self.usage: dict[str, int] | None = None  # every tenant's, published by worker 0
+        self.uploading: dict[str, int] = {}  # bytes in unfinished uploads, per tenant
+        self.quotas: dict[str, int | None] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._expired_at = 0.0
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registry_upload_age",
+            int,
+            int(UPLOAD_AGE),
+            "Seconds after which an untouched unfinished upload no longer counts against its "
+            "tenant's quota (the backend purges it after the same age).",
+        )
+
+    @property
+    def ledger(self) -> Accounts | None:
+        """The ledger sizes, usage and push times are kept in: SQLite, or PostgreSQL shared by
+        several nodes. The shared S3 ledger keeps none (README, known limits): quotas then
+        refuse pushes."""
+        ledger = self.isolation.ledger
+        return cast(Accounts, ledger) if ledger is not None and ledger.accounts else None
+
+    def _client(self) -> AsyncClient:
+        if self.client is None:
+            self.client = AsyncClient(ctx.options.registry_backend)
+        return self.client
+
+    async def running(self) -> None:
+        if self.ledger is not None and ctx.options.registry_worker == 0:
+            self._task = asyncio.create_task(self._publish_usage())
+
+    async def _publish_usage(self) -> None:
+        while True:
+            ledger = self.ledger
+            if ledger is not None:
+                try:
+                    usage = await asyncio.to_thread(ledger.usage_all)
+                    policy = self.policies.current()
+                    tenants = set(usage) | {t for q in policy.quotas for t in q.tenants if t != "*"}
+                    self.quotas = {
+                        t: (q.bytes if (q := policy.quota(t)) else None) for t in sorted(tenants)
+                    }
+                    self.usage = {t: usage.get(t, 0) for t in sorted(tenants)}
+                    age = ctx.options.registry_upload_age
+                    if time.monotonic() - self._expired_at >= min(60.0, age / 2):
+                        self._expired_at = time.monotonic()
+                        await asyncio.to_thread(ledger.expire_uploads, age=age)
+                    self.uploading = await asyncio.to_thread(ledger.uploading_all)
+                except LedgerUnavailable:
+                    pass
+                except Exception:
+                    logger.exception("usage per tenant: cannot compute")
+            await asyncio.sleep(USAGE_EVERY)
+
+    def state(self) -> dict[str, Any] | None:
+        if self.usage is None:
+            return None
+        return {
+            "usage": self.usage,
+            "quotas": self.quotas,
+            "uploading": self.uploading,
+            "time": time.time(),
+        }
+
+    # --- quota decisions ------------------------------------------------------------------
+
+    def _quota(self, rec: FlowRecord) -> int | None:
+        if rec.tenant is None or self.isolation.ledger is None:
+            return None
+        rule = self.policies.current().quota(rec.tenant)
+        if rule is not None and self.ledger is None:
+            raise Unaccountable("quotas need a ledger that keeps sizes; an S3 ledger does not")
+        return rule.bytes if rule else None
+
+    def quota_rule(self, flow: http.HTTPFlow) -> str:
+        """The name (`quota <file>:<line>`) of the rule setting the caller's quota."""
+        tenant = record(flow).tenant
+        policy = self.policies.current()
+        rule = policy.quota(tenant) if tenant is not None else None
+        return policy.name(rule) if rule is not None else "quota"
+
+    def _exceeds(
+        self, rec: FlowRecord, limit: int, digests: dict[str, int]
+    ) -> tuple[int, int] | None:
+        """Would adding these digests (digest → size) take the tenant over `limit`? If so,
+        (bytes used, bytes it would add)."""
+        ledger, tenant = self.ledger, rec.tenant
+        assert ledger is not None and tenant is not None
+        adding = sum(n for d, n in digests.items() if not ledger.has(tenant, d))
+        if adding <= 0:
+            return None
+        # Its unfinished uploads count too (expired ones are swept within a minute).
+        flying = sum(stored + pending for stored, pending in ledger.uploads(tenant).values())
+        used = ledger.usage(tenant) + flying
+        if quota.would_exceed(tenant, {tenant: used}, limit, adding):
+            return used, adding
+        return None
+
+    def _refuse(self, flow: http.HTTPFlow, limit: int, used: int, adding: int) -> http.Response:
+        rec = record(flow)
+        rec.decision = "deny:quota exceeded"
+        rule = self.quota_rule(flow)
+        message = quota_message(used, limit, adding, rule)
+        detail = {"tenant": rec.tenant, "quota_bytes": limit, "used_bytes": used, "rule": rule}
+        return oci.error_response(403, "DENIED", message, method=flow.request.method, detail=detail)
+
+    def _refuse_reservation(
+        self, flow: http.HTTPFlow, limit: int, got: Reservation, adding: int
+    ) -> http.Response:
+        if got.reason != "uploads":
+            return self._refuse(flow, limit, got.used, adding)
+        record(flow).decision = "deny:too many unfinished uploads"
+        age = int(ctx.options.registry_upload_age)
+        return oci.error_response(
+            429,
+            "TOOMANYREQUESTS",
+            f"too many unfinished uploads: {got.uploads} open, at most {MAX_UPLOADS}; finish "
+            f"or cancel one (an upload untouched for {age} s no longer counts)",
+            method=flow.request.method,
+            detail={"tenant": record(flow).tenant, "unfinished_uploads": got.uploads},
+        )
+
+    async def reserve(
+        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
+    ) -> Reservation:
+        ledger = self.ledger
+        assert ledger is not None
+        return await asyncio.to_thread(
+            ledger.reserve,
+            upload.tenant,
+            upload.session,
+            adding,
+            limit,
+            force=force,
+            upto=upto,
+            age=ctx.options.registry_upload_age,
+            max_uploads=MAX_UPLOADS,
+        )
+
+    def _unavailable(self, flow: http.HTTPFlow) -> http.Response:
+        record(flow).decision = "deny:quota-unchecked"
+        return oci.error_response(
+            503, "UNAVAILABLE", "cannot check the quota now; retry", method=flow.request.method
+        )
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Early refusal of a monolithic upload whose declared size cannot fit, and of every
+        write under a quota this node cannot account for (fail closed)."""
+        rec = record(flow)
+        if not rec.allowed or answered(flow) or rec.tenant is None:
+            return
+        method = flow.request.method
+        writes = rec.route == "upload" or (rec.route == "manifest" and method == "PUT")
+        shared = self.ledger is None and self.isolation.ledger is not None
+        if writes and shared and self.policies.current().quota(rec.tenant) is not None:
+            logger.warning("quota for %s: this node's ledger keeps no sizes", rec.tenant)
+            respond(flow, self._unavailable(flow))
+            return
+        quoted = writes and self.policies.current().quota(rec.tenant) is not None
+        try:
+            if quoted and not await self.isolation.vouches():  # usage would be counted short
+                rec.decision = "deny:quota-unchecked"
+                respond(flow, oci.error_response(503, "UNAVAILABLE", REBUILDING, method=method))
+                return
+        except LedgerUnavailable:
+            respond(flow, self._unavailable(flow))
+            return
+        if rec.route != "upload" or method not in ("PUT", "POST", "PATCH"):
+            return
+        try:
+            limit = self._quota(rec)
+            if limit is not None:
+                await self._reserve_upload(flow, rec, limit)
+        except LedgerUnavailable:
+            respond(flow, self._unavailable(flow))
+
+    async def _reserve_upload(self, flow: http.HTTPFlow, rec: FlowRecord, limit: int) -> None:
+        """Reserve the bytes this request sends into its upload session (or, for an upload
+        start, a place among the tenant's unfinished uploads), or refuse it before a byte
+        is stored."""
+        assert rec.tenant is not None and rec.repository is not None
+        request, method = flow.request, flow.request.method
+        length = request.headers.get("content-length", "")
+        streamed = "transfer-encoding" in request.headers
+        adding = int(length) if length.isdigit() else 0
+        if method == "PUT" and not adding and not streamed:
+            return  # no body: the confirmation is decided by `admit` (response)
+        digest, held = rec.params.get("digest"), False
+        if method != "PATCH" and digest and (adding or streamed):
+            # Re-pushing what the tenant holds is never refused (quota.would_exceed), even
+            # over a lowered quota; its bytes still count while they are in flight.
+            ledger = self.ledger
+            assert ledger is not None
+            held = await asyncio.to_thread(ledger.has, rec.tenant, digest)
+        start = method == "POST"
+        session = f"post:{flow.id}" if start else f"{rec.repository}@{rec.reference}"
+        upload = InFlight(rec.tenant, session, start=start)
+        capped = streamed and not held
+        if capped:  # no length: a first grant, more as it streams
+            got = await self.reserve(upload, grant_size(limit), limit, upto=True)
+        else:
+            got = await self.reserve(upload, adding, limit, force=held)
+        if not got and (not held or got.reason == "uploads"):
+            respond(flow, self._refuse_reservation(flow, limit, got, adding))
+            return
+        upload.reserved = got.granted
+        if capped:
+            room = limit - got.used - got.granted
+            upload.cap = StreamCap(
+                self, flow, upload, limit, got.granted, grant_size(room), got.used, room
+            )
+            request.stream = upload.cap
+        rec.upload = upload
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A manifest (body read and checked by TenantIsolation's hold): its own bytes."""
+        rec = record(flow)
+        if rec.route != "manifest" or flow.request.method != "PUT" or flow.response is not None:
+            return
+        if answered(flow) or not rec.allowed or flow.request.stream:
+            return
+        body = flow.request.raw_content or b""
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        try:
+            limit = self._quota(rec)
+            if limit is not None and (
+                over := await asyncio.to_thread(self._exceeds, rec, limit, {digest: len(body)})
+            ):
+                flow.response = self._refuse(flow, limit, *over)
+        except LedgerUnavailable:
+            flow.response = self._unavailable(flow)
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """An upload's 404 is read whole (a short error body): its code says whether the
+        session is gone."""
+        response = flow.response
+        if record(flow).route == "upload" and response is not None and response.status_code == 404:
+            response.stream = False
+
+    @fail_closed
+    async def response(self, flow: http.HTTPFlow) -> None:
+        rec, response = record(flow), flow.response
+        upload = take_upload(rec)
+        if response is None or rec.tenant is None or not rec.allowed or answered(flow):
+            if upload is not None:  # refused after the reservation: nothing was sent
+                await self._settle(upload, rec, None, stored=None, grown=0)
+            return
+        ledger = self.ledger
+        if ledger is None or not ctx.options.registry_backend:
+            return
+        method = flow.request.method
+        if rec.route == "manifest" and method == "PUT" and response.status_code == 201:
+            await self._manifest_pushed(flow, rec)
+            return
+        if rec.route != "upload":
+            return
+        pending = rec.pending  # what TenantIsolation will record (set in its hooks)
+        if response.status_code != 201 or not pending:
+            await self._upload_answered(flow, rec, upload)
+            return
+        digest = response.headers.get("docker-content-digest") or pending[0]
+        if digest not in pending or not _DIGEST.fullmatch(digest) or not rec.repository:
+            if upload is not None:  # the session ended; its blob counts for nobody
+                await self._drop(upload)
+            return  # isolation records nothing either
+        try:
+            size = await self._size(rec.repository, digest)
+            limit = self._quota(rec)
+            # Off the event loop: a durable write (fsync), and the usage sum. Under a quota,
+            # the decision and the tenant's record are one transaction (Ledger.admit), so
+            # uploads confirmed at the same time are counted one after the other.
+            # The upload session ends with this confirmation: its bytes become the blob's.
+            if upload is not None:
+                upload.done = upload.gone = True
+            session = upload.session if upload is not None else None
+            if session is None and method == "PUT":
+                session = f"{rec.repository}@{rec.reference}"
+            if limit is None:
+                await asyncio.to_thread(ledger.record_sizes, {digest: size})
+                if upload is not None:  # the quota went away meanwhile
+                    await asyncio.to_thread(ledger.drop_upload, rec.tenant, upload.session)
+                return
+            admitted = await asyncio.to_thread(
+                ledger.admit,
+                rec.tenant,
+                digest,
+                size,
+                limit,
+                session,
+                age=ctx.options.registry_upload_age,
+            )
+            if not admitted:
+                flow.response = self._refuse(flow, limit, admitted.used, size)
+                rec.pending = None  # isolation records nothing
+                if not await asyncio.to_thread(ledger.has, holder(rec.repository), digest):
+                    await self._unlink(rec.repository, digest)
+        except (LedgerUnavailable, Unavailable, ValueError) as e:
+            logger.warning("quota: cannot account for an upload to %s: %s", rec.repository, e)
+            if self._quota(rec) is not None:
+                rec.pending = None
+                flow.response = self._unavailable(flow)
+
+    async def _upload_answered(
+        self, flow: http.HTTPFlow, rec: FlowRecord, upload: InFlight | None
+    ) -> None:
+        """An upload request the backend answered without confirming a blob: what the
+        session holds now, or that it is gone."""
+        response, method = flow.response, flow.request.method
+        assert response is not None and rec.tenant is not None and rec.repository is not None
+        status = response.status_code
+        # Cancelled, unknown to the backend, or completed (a 201 isolation records nothing
+        # for). Only BLOB_UPLOAD_UNKNOWN says the session does not exist: Distribution also
+        # answers 404 (BLOB_UPLOAD_INVALID) to a stale or forged upload state, and the
+        # session then lives on.
+        unknown = status == 404 and backend_error_code(response.content or b"") == (
+            "BLOB_UPLOAD_UNKNOWN"
+        )
+        gone = unknown or status == 201 or (method == "DELETE" and status == 204)
+        if gone and method != "POST":
+            if upload is not None:
+                upload.done = upload.gone = True
+            try:
+                if self._quota(rec) is not None:
+                    ledger = self.ledger
+                    assert ledger is not None
+                    session = f"{rec.repository}@{rec.reference}"
+                    await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
+            except LedgerUnavailable as e:  # it expires with age
+                logger.warning("quota: cannot forget an upload: %s", e)
+            return
+        if upload is None:
+            return
+        if upload.start:
+            session = session_of(response.headers.get("location", ""), rec.repository)
+            if status == 202 and session is not None:
+                await self._settle(upload, rec, session, stored=None, grown=upload.sent(rec))
+            else:
+                await self._drop(upload)
+            return
+        ok = 200 <= status < 300
+        stored = stored_from(response) if ok else None
+        # A PUT the backend refused (a digest that does not match) may leave its body in the
+        # session (the backend did not say): it counts until the session is answered again,
+        # forgotten or expired. A refused PATCH (a wrong range) stored nothing.
+        grown = upload.sent(rec) if (ok and stored is None) or method == "PUT" else 0
+        await self._settle(upload, rec, None, stored=stored, grown=grown)
+
+    async def _settle(
+        self,
+        upload: InFlight,
+        rec: FlowRecord,
+        renamed: str | None,
+        stored: int | None,
+        grown: int,
+    ) -> None:
+        """The request's reservation released; the session holds `stored` bytes (or `grown`
+        more). `renamed`: an upload start's session id. Best effort: a session the ledger
+        cannot update now expires with age."""
+        upload.done = True
+        ledger = self.ledger
+        if ledger is None:
+            return
+        try:
+            if upload.start and renamed is None:
+                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+                return
+            if renamed is not None:
+                await asyncio.to_thread(
+                    ledger.rename_upload, upload.tenant, upload.session, renamed
+                )
+                upload.session = renamed
+            await asyncio.to_thread(
+                ledger.settle, upload.tenant, upload.session, upload.reserved, stored, grown
+            )
+        except LedgerUnavailable as e:
+            logger.warning("quota: cannot settle an upload: %s", e)
+
+    async def give_back(self, upload: InFlight, granted: int) -> None:
+        """A grant that came back after its request ended: released at once (with the
+        session, when the session ended too)."""
+        ledger = self.ledger
+        if ledger is None or granted <= 0:
+            return
+        try:
+            if upload.gone:
+                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+            else:
+                await asyncio.to_thread(ledger.settle, upload.tenant, upload.session, granted)
+        except LedgerUnavailable as e:  # it expires with age
+            logger.warning("quota: cannot give a grant back: %s", e)
+
+    async def _drop(self, upload: InFlight) -> None:
+        upload.done = upload.gone = True
+        ledger = self.ledger
+        if ledger is None:
+            return
+        try:
+            await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
+        except LedgerUnavailable as e:
+            logger.warning("quota: cannot forget an upload: %s", e)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        """A request that ended without an answer (cut, client gone): whatever it sent may
+        be stored, so it counts until the session is answered again, forgotten or expired."""
+        rec = record(flow)
+        upload = take_upload(rec)
+        if upload is not None:
+            await self._settle(upload, rec, None, stored=None, grown=upload.sent(rec))
+
+    async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
+        ledger = self.ledger
+        assert ledger is not None and rec.repository is not None
+        body = None if flow.request.stream else flow.request.raw_content
+        if body is None:
+            return
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        tag = rec.reference if rec.reference and not _DIGEST.fullmatch(rec.reference) else None
+        try:
+            await asyncio.to_thread(ledger.record_sizes, {digest: len(body)})
+            await asyncio.to_thread(ledger.record_push, rec.repository, digest, tag)
+        except LedgerUnavailable as e:  # push times are best effort: unknown = kept by GC
+            logger.warning("could not record a push time for %s: %s", rec.repository, e)
+
+    async def _size(self, repository: str, digest: str) -> int:
+        r = await self._client().request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        length = r.headers.get("content-length", "")
+        if r.status != 200 or not length.isdigit():
+            raise ValueError(f"HEAD of a confirmed blob answered {r.status}")
+        return int(length)
+
+    async def _unlink(self, repository: str, digest: str) -> None:
+        try:
+            r = await self._client().request("DELETE", f"/v2/{repository}/blobs/{digest}")
+            if r.status not in (202, 404):
+                logger.warning("quota: unlinking a refused blob answered %d", r.status)
+        except Unavailable as e:
+            logger.warning("quota: cannot unlink a refused blob: %s", e)
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.client is not None:
+            await self.client.close()

@@ -1,0 +1,1 @@
+"""The isolation ledger: one interface, stored in SQLite, S3 or PostgreSQL."""

@@ -1,0 +1,535 @@
+"""The isolation ledger in PostgreSQL, shared by several registry nodes (contract §9), for
+operators who run a database rather than give the nodes a ledger prefix in the bucket.
+
+Same interface as the SQLite and S3 ledgers (ledger.py: `AnyLedger`; isolation, listing and
+the start-up walk use any of them), tables that the first node to connect creates:
+
+    registry_ledger_seen    (holder, digest)   the tenant (or "/<repository>") may see it
+    registry_ledger_repos   (repository)       holds a manifest: the catalog lists it
+    registry_ledger_walked  (repository, at)   the start-up walk has seen it
+    registry_ledger_sizes   (digest, size)     for quotas (addons/gateway/accounting.py)
+    registry_ledger_pushes  (repository, ref, digest, at)   when a manifest or tag was pushed
+    registry_ledger_uploads (holder, session, stored, pending, at)   unfinished uploads of
+                                               tenants under a quota (their bytes count)
+
+Unlike the S3 ledger it keeps accounts as the SQLite one does (`accounts`): sizes, usage and
+push times, so `[[quota]]` holds across nodes. A confirmed upload under a quota is decided
+and recorded in one transaction holding a per-tenant advisory lock (`admit`): uploads of one
+tenant confirmed at once on any nodes are counted one after the other.
+
+Names are compared in byte order (COLLATE "C"), as the other ledgers page the catalog.
+Records are only ever inserted here (ON CONFLICT DO NOTHING: idempotent, no lost update
+between nodes); a positive answer is cached in memory (`recorded.RecordedPairs`), a miss asks the
+database, so no node holds a stale "no". Cost: a hit is a dict lookup; a miss is one SELECT;
+a confirmation one transaction.
+
+Bounded: connecting waits at most CONNECT_TIMEOUT seconds, every statement
+STATEMENT_TIMEOUT_MS, and a server that stops answering is dropped after ~5 s of TCP
+keepalives; any database error marks the ledger down (LedgerUnavailable: 503, never a
+201 or a false 404), the connection is dropped, and for FAIL_FAST seconds calls fail at once;
+then the next call connects again, and a success brings the ledger up.
+
+Credentials: never in the URL this gets (it is on the gateway's command line): `run` moves a
+password given in REGISTRY_LEDGER_URL into PGPASSWORD; libpq reads that, or PGPASSFILE, or
+certificates (sslcert/sslkey in the URL's query).
+Blocking (psycopg): callers on the event loop run these methods in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from addons.decisions import quota
+from addons.storage.ledger import (
+    MAX_UPLOADS,
+    UPLOAD_AGE,
+    WHOLE,
+    LedgerState,
+    LedgerUnavailable,
+    Reservation,
+    holder,
+    upload_decision,
+)
+from addons.storage.recorded import RecordedPairs
+
+CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
+STATEMENT_TIMEOUT_MS = 5000
+FAIL_FAST = 1.0  # seconds after a failure during which calls fail at once
+SCHEMA_LOCK = 0x7462665F6C656467  # pg_advisory_xact_lock key: nodes create the tables in turn
+REBUILD_LOCK = SCHEMA_LOCK + 1  # pg_advisory_lock key: one node rebuilds a lost ledger
+
+SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS registry_ledger_seen (holder text COLLATE "C" NOT NULL,'
+    ' digest text COLLATE "C" NOT NULL, PRIMARY KEY (holder, digest))',
+    'CREATE TABLE IF NOT EXISTS registry_ledger_repos (repository text COLLATE "C" PRIMARY KEY)',
+    'CREATE TABLE IF NOT EXISTS registry_ledger_walked (repository text COLLATE "C" PRIMARY KEY,'
+    " at double precision NOT NULL)",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_sizes (digest text COLLATE "C" PRIMARY KEY,'
+    " size bigint NOT NULL)",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_pushes (repository text COLLATE "C" NOT NULL,'
+    ' ref text COLLATE "C" NOT NULL, digest text NOT NULL, at double precision NOT NULL,'
+    " PRIMARY KEY (repository, ref))",
+    'CREATE TABLE IF NOT EXISTS registry_ledger_uploads (holder text COLLATE "C" NOT NULL,'
+    ' session text COLLATE "C" NOT NULL, stored bigint NOT NULL, pending bigint NOT NULL,'
+    " at double precision NOT NULL, PRIMARY KEY (holder, session))",
+)
+HELD = "SELECT 1 FROM registry_ledger_seen WHERE holder = %s AND digest = %s"
+SIZE = (  # content-addressed: one size per digest, ever
+    "INSERT INTO registry_ledger_sizes VALUES (%s, %s)"
+    " ON CONFLICT (digest) DO UPDATE SET size = excluded.size"
+)
+USAGE = (
+    "SELECT COALESCE(sum(s.size), 0) FROM registry_ledger_seen h"
+    " JOIN registry_ledger_sizes s ON s.digest = h.digest WHERE h.holder = %s"
+)
+TENANT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+EXPIRE = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND at < %s"
+IN_FLIGHT = (
+    "SELECT count(*), COALESCE(sum(stored + pending), 0) FROM registry_ledger_uploads"
+    " WHERE holder = %s"
+)
+DROP_UPLOAD = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND session = %s"
+
+
+def redacted(url: str) -> str:
+    """The URL as operators see it in logs and status: no password, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class PgLedger(LedgerState):
+    """(holder, digest) pairs in PostgreSQL; positive answers cached in memory."""
+
+    accounts = True  # sizes, usage and push times: quotas work (addons/gateway/accounting.py)
+
+    def __init__(
+        self,
+        url: str,
+        connect: Callable[..., Any] = psycopg.connect,
+        clock: Callable[[], float] = time.monotonic,
+        cache: int = 100_000,
+    ) -> None:
+        self.url = url
+        self.path = redacted(url)  # what operators see (no credentials in it)
+        self._connect = connect
+        self._clock = clock
+        self._conn: Any = None
+        self._lock = threading.RLock()  # one connection, used from worker threads: serialise
+        self.recorded = RecordedPairs(cache)
+        self._init_state()
+        self.recovered = 0  # nothing to recreate: the database is the record
+        self.check()  # a database that cannot be reached at start: down, retried, not fatal
+
+    # --- one connection, every failure a LedgerUnavailable ------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            conn = self._connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT,
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                application_name="tabbify-registry",
+                # A server gone silent (a partition, not a refusal) is noticed in seconds,
+                # not after the kernel's TCP timeouts: keepalives while waiting for an
+                # answer, and a bound on unacknowledged data while sending.
+                keepalives=1,
+                keepalives_idle=2,
+                keepalives_interval=1,
+                keepalives_count=3,
+                tcp_user_timeout=STATEMENT_TIMEOUT_MS,
+            )
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _run(self, what: str, action: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            if self._failing_fast():
+                raise LedgerUnavailable(self.reason)
+            try:
+                result = action(self._connection())
+            except psycopg.Error as e:
+                self._failed(f"{what}: {type(e).__name__}: {str(e).strip()}")
+                raise LedgerUnavailable(self.reason) from None
+            self._up()
+            return result
+
+    def _failed(self, reason: str) -> None:
+        self.close()  # the next try connects again
+        self._down(reason, FAIL_FAST)
+
+    # --- records ------------------------------------------------------------------------------
+
+    def has(self, tenant: str, digest: str) -> bool:
+        key = (tenant, digest)
+        if self.recorded.holds(key):
+            return True
+        self.recorded.misses += 1
+        row = self._run(
+            "SELECT",
+            lambda db: db.execute(HELD, key).fetchone(),
+        )
+        if row is not None:
+            self.recorded.remember(key)
+        return row is not None
+
+    def add(
+        self,
+        tenant: str,
+        digests: Iterable[str],
+        repository: str | None = None,
+        listed: bool = False,
+    ) -> None:
+        """Record durably, all of them or none (one transaction); raises LedgerUnavailable.
+        `repository`: where they were pushed (recorded for it too); `listed`: it now holds a
+        manifest (the catalog lists it)."""
+        unique = list(dict.fromkeys(digests))
+        holders = [tenant] if repository is None else [tenant, holder(repository)]
+        pairs = [(h, d) for h in holders for d in unique if not self.recorded.holds((h, d))]
+        new_repo = listed and repository is not None and repository not in self._repos_known
+        if not pairs and not new_repo:
+            return
+
+        def insert(db: Any) -> None:
+            with db.transaction(), db.cursor() as cur:
+                if pairs:
+                    cur.executemany(
+                        "INSERT INTO registry_ledger_seen VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        pairs,
+                    )
+                if new_repo:
+                    # Pushed through the gateway: listed, and nothing in it for a walk to find.
+                    cur.execute(
+                        "INSERT INTO registry_ledger_repos VALUES (%s) ON CONFLICT DO NOTHING",
+                        (repository,),
+                    )
+                    cur.execute(  # unless the ledger lost records (then: for a walk to find)
+                        "INSERT INTO registry_ledger_walked SELECT %s, %s WHERE EXISTS"
+                        " (SELECT 1 FROM registry_ledger_walked WHERE repository = %s)"
+                        " ON CONFLICT DO NOTHING",
+                        (repository, time.time(), WHOLE),
+                    )
+
+        with self._lock:
+            self._run("INSERT", insert)
+            for pair in pairs:
+                self.recorded.remember(pair)
+            if new_repo and repository is not None and self.whole:
+                self._repos_known.add(repository)
+
+    def count(self, tenant: str | None = None) -> int:
+        sql = "SELECT count(*) FROM registry_ledger_seen WHERE "
+        if tenant is None:  # tenants' records, not repositories' (`ledger.holder`)
+            sql, args = sql + "holder NOT LIKE %s", ("/%",)
+        else:
+            sql, args = sql + "holder = %s", (tenant,)
+        return int(self._run("SELECT", lambda db: db.execute(sql, args).fetchone()[0]))
+
+    def repositories(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` names starting with `prefix` and sorting after `after`, in byte order:
+        one index range scan."""
+        if limit <= 0:
+            return []
+        sql = (
+            "SELECT repository FROM registry_ledger_repos WHERE starts_with(repository, %s)"
+            " AND repository > %s ORDER BY repository LIMIT %s"
+        )
+        rows = self._run("SELECT", lambda db: db.execute(sql, (prefix, after, limit)).fetchall())
+        return [r[0] for r in rows]
+
+    # --- accounts: sizes, usage, push times (addons/gateway/accounting.py) ------------------------
+
+    def record_sizes(self, sizes: dict[str, int]) -> None:
+        """The size of each digest (content-addressed: one size per digest, ever)."""
+        rows = [(d, int(n)) for d, n in sizes.items() if n >= 0]
+        if not rows:
+            return
+
+        def write(db: Any) -> None:
+            with db.transaction(), db.cursor() as cur:
+                cur.executemany(SIZE, rows)
+
+        self._run("INSERT", write)
+
+    def usage(self, tenant: str) -> int:
+        """Bytes of the distinct digests the tenant holds whose size is known."""
+        return int(self._run("SELECT", lambda db: db.execute(USAGE, (tenant,)).fetchone()[0]))
+
+    def usage_all(self) -> dict[str, int]:
+        """Usage of every tenant (not of repositories' own `/…` records)."""
+        sql = (
+            "SELECT h.holder, sum(s.size) FROM registry_ledger_seen h JOIN registry_ledger_sizes"
+            " s ON s.digest = h.digest WHERE h.holder NOT LIKE %s GROUP BY h.holder"
+        )
+        rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall())
+        return {t: int(n) for t, n in rows}
+
+    def _used(self, db: Any, tenant: str, now: float, age: float) -> tuple[int, int]:
+        """(unfinished uploads, bytes used: blobs and manifests plus those uploads), after
+        forgetting the tenant's uploads untouched for `age` seconds. Inside a transaction
+        holding the tenant's lock."""
+        db.execute(EXPIRE, (tenant, now - age))
+        uploads, flying = db.execute(IN_FLIGHT, (tenant,)).fetchone()
+        return int(uploads), int(db.execute(USAGE, (tenant,)).fetchone()[0]) + int(flying)
+
+    def admit(
+        self,
+        tenant: str,
+        digest: str,
+        size: int,
+        limit: int,
+        session: str | None = None,
+        *,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+    ) -> Reservation:
+        """As `Ledger.admit`: the size recorded and the upload `session` forgotten; then,
+        unless the tenant holds the digest already, it fits `limit` with the tenant's other
+        unfinished uploads and the tenant holds it from now on, or nothing is added. One
+        transaction under the tenant's advisory lock: every node's confirmations and
+        reservations for one tenant are decided one after the other."""
+        key = (tenant, digest)
+        when = time.time() if now is None else now
+
+        def decide(db: Any) -> Reservation:
+            with db.transaction():
+                db.execute(TENANT_LOCK, (tenant,))
+                db.execute(SIZE, (digest, max(size, 0)))
+                if session is not None:
+                    db.execute(DROP_UPLOAD, (tenant, session))
+                uploads, used = self._used(db, tenant, when, age)
+                if db.execute(HELD, key).fetchone():
+                    return Reservation(True, used, uploads)
+                if quota.would_exceed(tenant, {tenant: used}, limit, size):
+                    return Reservation(False, used, uploads, "quota")
+                db.execute(
+                    "INSERT INTO registry_ledger_seen VALUES (%s, %s) ON CONFLICT DO NOTHING", key
+                )
+                return Reservation(True, used, uploads)
+
+        with self._lock:
+            admitted: Reservation = self._run("INSERT", decide)
+            if admitted:
+                self.recorded.remember(key)
+        return admitted
+
+    # --- unfinished uploads of tenants under a quota (addons/gateway/accounting.py) ---------------
+
+    def reserve(
+        self,
+        tenant: str,
+        session: str,
+        adding: int,
+        limit: int,
+        *,
+        force: bool = False,
+        upto: bool = False,
+        now: float | None = None,
+        age: float = UPLOAD_AGE,
+        max_uploads: int = MAX_UPLOADS,
+    ) -> Reservation:
+        """As `Ledger.reserve`, under the tenant's advisory lock (every node's reservations
+        and confirmations for one tenant one after the other)."""
+        when = time.time() if now is None else now
+
+        def decide(db: Any) -> Reservation:
+            with db.transaction():
+                db.execute(TENANT_LOCK, (tenant,))
+                uploads, used = self._used(db, tenant, when, age)
+                known = db.execute(
+                    "SELECT 1 FROM registry_ledger_uploads WHERE holder = %s AND session = %s",
+                    (tenant, session),
+                ).fetchone()
+                decided = upload_decision(
+                    tenant, used, uploads, known is None, adding, limit, max_uploads, upto
+                )
+                if force and decided.reason != "uploads":
+                    decided = replace(decided, granted=max(adding, 0))
+                if decided.granted or decided:
+                    db.execute(
+                        "INSERT INTO registry_ledger_uploads AS u VALUES (%s, %s, 0, %s, %s)"
+                        " ON CONFLICT (holder, session) DO UPDATE"
+                        " SET pending = u.pending + excluded.pending, at = excluded.at",
+                        (tenant, session, decided.granted, when),
+                    )
+                return decided
+
+        result: Reservation = self._run("INSERT", decide)
+        return result
+
+    def settle(
+        self,
+        tenant: str,
+        session: str,
+        released: int,
+        stored: int | None = None,
+        grown: int = 0,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """As `Ledger.settle`."""
+        when = time.time() if now is None else now
+        sql = (
+            "UPDATE registry_ledger_uploads SET pending = greatest(pending - %s, 0),"
+            " stored = COALESCE(%s, stored + %s), at = %s WHERE holder = %s AND session = %s"
+        )
+        args = (max(released, 0), stored, max(grown, 0), when, tenant, session)
+        self._run("UPDATE", lambda db: db.execute(sql, args))
+
+    def rename_upload(self, tenant: str, placeholder: str, session: str) -> None:
+        """An upload start (POST) reserved under `placeholder` got its session id."""
+
+        def write(db: Any) -> None:
+            with db.transaction():
+                db.execute(DROP_UPLOAD, (tenant, session))
+                db.execute(
+                    "UPDATE registry_ledger_uploads SET session = %s"
+                    " WHERE holder = %s AND session = %s",
+                    (session, tenant, placeholder),
+                )
+
+        self._run("UPDATE", write)
+
+    def drop_upload(self, tenant: str, session: str) -> None:
+        self._run("DELETE", lambda db: db.execute(DROP_UPLOAD, (tenant, session)))
+
+    def uploads(self, tenant: str) -> dict[str, tuple[int, int]]:
+        """The tenant's unfinished uploads: session → (stored, pending)."""
+        sql = "SELECT session, stored, pending FROM registry_ledger_uploads WHERE holder = %s"
+        rows = self._run("SELECT", lambda db: db.execute(sql, (tenant,)).fetchall())
+        return {s: (int(a), int(b)) for s, a, b in rows}
+
+    def uploading_all(self) -> dict[str, int]:
+        """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
+        sql = "SELECT holder, sum(stored + pending) FROM registry_ledger_uploads GROUP BY holder"
+        rows = self._run("SELECT", lambda db: db.execute(sql).fetchall())
+        return {t: int(n) for t, n in rows}
+
+    def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
+        """Forget every upload session untouched for `age` seconds (every tenant's)."""
+        cutoff = (time.time() if now is None else now) - age
+        sql = "DELETE FROM registry_ledger_uploads WHERE at < %s"
+        return int(self._run("DELETE", lambda db: db.execute(sql, (cutoff,)).rowcount))
+
+    def record_push(
+        self, repository: str, digest: str, tag: str | None = None, at: float | None = None
+    ) -> None:
+        """A manifest pushed through the gateway (and the tag it was pushed to): when. A
+        manifest's first push counts; a tag points at its latest."""
+        when = time.time() if at is None else at
+
+        def write(db: Any) -> None:
+            with db.transaction():
+                db.execute(
+                    "INSERT INTO registry_ledger_pushes VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    (repository, digest, digest, when),
+                )
+                if tag is not None:
+                    db.execute(
+                        "INSERT INTO registry_ledger_pushes VALUES (%s, %s, %s, %s)"
+                        " ON CONFLICT (repository, ref)"
+                        " DO UPDATE SET digest = excluded.digest, at = excluded.at",
+                        (repository, tag, digest, when),
+                    )
+
+        self._run("INSERT", write)
+
+    def pushes(self, repository: str) -> dict[str, tuple[str, float]]:
+        """ref (a tag, or a manifest digest) → (digest, when it was pushed)."""
+        sql = "SELECT ref, digest, at FROM registry_ledger_pushes WHERE repository = %s"
+        rows = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchall())
+        return {r: (d, float(at)) for r, d, at in rows}
+
+    # --- claims of immutable tags across nodes (addons/gateway/immutable.py) ----------------------
+
+    def claim_tag(self, repository: str, tag: str) -> int | None:
+        """A session advisory lock for (repository, tag), held until `release_tag`: the key,
+        or None when a session (another node's) holds it. Within one process the caller's
+        node-local claim comes first, as these locks are re-entrant per session. A dropped
+        connection drops its locks: a claim is then only the node's until released."""
+        sql = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0)), hashtextextended(%s, 0)"
+        name = f"tag:{repository}:{tag}"
+        got, key = self._run("SELECT", lambda db: db.execute(sql, (name, name)).fetchone())
+        return int(key) if got else None
+
+    def release_tag(self, key: int) -> None:
+        self._run("SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,)))
+
+    # --- the start-up walk's progress (backfill.py) -------------------------------------------
+
+    def walked(self, repository: str) -> bool:
+        if repository in self._repos_known:
+            return True
+        sql = "SELECT 1 FROM registry_ledger_walked WHERE repository = %s"
+        return self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchone()) is not None
+
+    def mark_walked(self, repository: str) -> None:
+        sql = (
+            "INSERT INTO registry_ledger_walked VALUES (%s, %s)"
+            " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
+        )
+        self._run("INSERT", lambda db: db.execute(sql, (repository, time.time())))
+
+    # --- health -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """For the health check: can the database be written (a server turned read-only, a
+        replica after a fail-over: down), and is the ledger whole (tables emptied or dropped
+        and made anew: not)? A failure is recorded."""
+        probe = (
+            "INSERT INTO registry_ledger_walked VALUES ('/health', %s)"
+            " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
+        )
+        with contextlib.suppress(LedgerUnavailable):
+            self._run("INSERT", lambda db: db.execute(probe, (time.time(),)))
+            self.refresh_whole()
+
+    @contextlib.contextmanager
+    def _advisory(self) -> Iterator[bool]:
+        key = REBUILD_LOCK
+        got = self._run(
+            "SELECT", lambda db: db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        )
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                with contextlib.suppress(LedgerUnavailable):
+                    self._run(
+                        "SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    )
+
+    def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """One node rebuilds a lost ledger: a session advisory lock (dropped with the
+        connection if that node dies)."""
+        return self._advisory()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None

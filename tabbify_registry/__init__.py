@@ -1,1 +1,0 @@
-"""tabbify-registry: the PID-1 sequence (mesh → backend config → supervisord) and its settings."""
