@@ -12,11 +12,11 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons.decisions.metrics import Metrics
 from addons.gateway import require_signature
 from addons.gateway.capture import Capture
 from addons.gateway.contentcache import OVERHEAD, Cache, ContentCache, accepts, cacheable
 from addons.gateway.gate import answered
-from addons.gateway.metrics import Metrics
 from addons.gateway.publish import Publisher
 from addons.gateway.record import record
 

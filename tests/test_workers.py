@@ -12,8 +12,8 @@ import pytest
 
 from addons.admin.program import Workers
 from addons.cli.main import token_key
+from addons.decisions.metrics import Metrics
 from addons.decisions.tokens import TokenSigner
-from addons.gateway.metrics import Metrics
 from addons.runstate import write_json
 
 

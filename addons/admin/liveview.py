@@ -38,9 +38,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from addons import runstate
 from addons.admin import http as adminhttp
 from addons.admin.flowexport import flow_file
-from addons.gateway.flowfeed import CONTROL_NAME, SOCKET_NAME
 from addons.runstate import write_json
 
 logger = logging.getLogger("admin")
@@ -417,7 +417,7 @@ class LiveView:
     # --- the feed -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        path = self.state_dir / SOCKET_NAME
+        path = self.state_dir / runstate.LIVEVIEW_SOCKET
         if len(os.fsencode(path)) > MAX_SUN_PATH:
             self.feed_error = f"{path}: too long for a unix socket"
             logger.warning("live view: %s; the view gets no flows", self.feed_error)
@@ -446,7 +446,7 @@ class LiveView:
         if self._transport is not None:
             self._transport.close()
         with contextlib.suppress(OSError):
-            write_json(self.state_dir / CONTROL_NAME, {"until": 0})
+            write_json(self.state_dir / runstate.LIVEVIEW, {"until": 0})
 
     def receive(self, data: bytes, now: float) -> int:
         """One datagram of a worker (addons/gateway/flowfeed.py: a JSON head line, then one line per
@@ -513,9 +513,11 @@ class LiveView:
             now = time.time()
             recent = sorted(self.heard, key=lambda p: -self.heard[p])[:64]
             seen = {str(pid): self.seen[pid] for pid in recent if pid in self.seen}
-            write_json(self.state_dir / CONTROL_NAME, {"until": now + CONTROL_TTL, "seen": seen})
+            write_json(
+                self.state_dir / runstate.LIVEVIEW, {"until": now + CONTROL_TTL, "seen": seen}
+            )
         elif self.control_on:
-            write_json(self.state_dir / CONTROL_NAME, {"until": 0})
+            write_json(self.state_dir / runstate.LIVEVIEW, {"until": 0})
         self.control_on = wanted
 
     async def _control_loop(self) -> None:
@@ -525,7 +527,7 @@ class LiveView:
             try:
                 self.write_control()
             except OSError:
-                logger.exception("live view: cannot write %s", CONTROL_NAME)
+                logger.exception("live view: cannot write %s", runstate.LIVEVIEW)
 
     # --- what the page reads --------------------------------------------------------------------
 

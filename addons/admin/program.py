@@ -34,9 +34,8 @@ from addons.admin import http as adminhttp
 from addons.admin.liveview import LiveView
 from addons.clients import backend, backend_credential
 from addons.decisions import quota
+from addons.decisions.metrics import Metrics
 from addons.engine import connections
-from addons.gateway.metrics import Metrics
-from addons.gateway.publish import read_request
 from addons.runstate import write_json
 from mesh import status as mesh_status
 
@@ -399,7 +398,7 @@ class Admin:
 
     async def capture_stop(self) -> None:
         """End the capture, wait (bounded) for every worker to close its part, join them."""
-        request = read_request(self.capture_request()) or {}
+        request = runstate.read_request(self.capture_request()) or {}
         if not request.get("id"):
             return
         write_json(self.capture_request(), {**request, "until": 0})
@@ -420,13 +419,13 @@ class Admin:
         return any((s.get("capture") or {}).get("id") == capture_id for s in live)
 
     def capture_status(self) -> dict[str, Any]:
-        request = read_request(self.capture_request()) or {}
+        request = runstate.read_request(self.capture_request()) or {}
         capture_id = request.get("id")
         active = bool(capture_id) and float(request.get("until", 0)) > time.time()
         self.workers.refresh()
         if not active and capture_id and not self.capturing(capture_id):
             self.join_capture()
-            request = read_request(self.capture_request()) or request
+            request = runstate.read_request(self.capture_request()) or request
         joined = request.get("flows")
         flows = joined if isinstance(joined, int) else self.captured_flows(capture_id)
         path = Path(self.args.capture_dir) / f"capture-{capture_id}.flows" if capture_id else None
@@ -453,7 +452,7 @@ class Admin:
         """Join the workers' parts of a finished capture into one flow file (mitmproxy flow
         files are a sequence of flows: the parts concatenate), and keep its flow count in the
         request (`flows`): a worker restarted later no longer has its count."""
-        request = read_request(self.capture_request()) or {}
+        request = runstate.read_request(self.capture_request()) or {}
         capture_id = request.get("id")
         if not capture_id:
             return

@@ -26,7 +26,7 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from addons.decisions import redact
-from addons.gateway.metrics import Metrics
+from addons.decisions.metrics import Metrics
 from addons.gateway.record import record
 
 logger = logging.getLogger(__name__)

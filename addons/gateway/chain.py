@@ -56,6 +56,7 @@ from mitmproxy.addons import (
 )
 
 from addons.config.token_keys import TokenKeyFile
+from addons.decisions.metrics import Metrics
 from addons.decisions.tokens import TokenSigner
 from addons.engine import hardening, plain_http
 from addons.gateway.access import RegistryAccess
@@ -73,7 +74,6 @@ from addons.gateway.intake import Intake
 from addons.gateway.isolation import TenantIsolation
 from addons.gateway.listing import Listing
 from addons.gateway.meshaddress import MeshAddress
-from addons.gateway.metrics import Metrics
 from addons.gateway.mirror import MirrorGate
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.publish import Publisher

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -23,27 +22,14 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
 from addons import runstate
+from addons.decisions.metrics import Metrics
 from addons.engine import connections
 from addons.gateway.capture import Capture
 from addons.gateway.flowfeed import CONTROL_NAME, FlowFeed
-from addons.gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 EVERY = 1.0  # seconds
-MAX_CONTROL = 4096
-
-
-def read_request(path: Path) -> dict[str, Any] | None:
-    """The capture the admin endpoint asks for, or None."""
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_CONTROL))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def extra_state() -> dict[str, Any]:
     """The write freeze this worker has seen and what its writes in flight can link (the GC
     protects it), and the usage per tenant (worker 0 computes it)."""
@@ -76,8 +62,8 @@ class Publisher:
         self.feed = feed
         self._task: asyncio.Task[None] | None = None
         # The admin endpoint's requests, read again only when rewritten (a stat a second).
-        self._capture_request = runstate.Followed(read_request)
-        self._liveview_request = runstate.Followed(read_request)
+        self._capture_request = runstate.Followed(runstate.read_request)
+        self._liveview_request = runstate.Followed(runstate.read_request)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(

@@ -100,6 +100,20 @@ Stamp = tuple[int, int, int, int]
 UNREADABLE: Stamp = (-1, -1, -1, -1)
 
 
+MAX_CONTROL = 4096
+
+
+def read_request(path: Path) -> dict[str, Any] | None:
+    """A control file the admin program writes for the workers (a capture, the live view's
+    stream), or None: at most MAX_CONTROL bytes of JSON object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_CONTROL))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def stamp(path: Path) -> Stamp | None:
     """What any rewrite of `path` changes; None when there is no such file, UNREADABLE when
     it cannot be looked at (a directory without access: the reader will say what is wrong)."""
