@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from addons import runstate
-from addons.config.settings import ConfigError, Settings, parse_data_dir
+from addons.config.settings import ConfigError, Settings, parse_data_dir, version
 
 PREFIXES = ("REGISTRY_", "MESH_")
 NEVER_RECORDED = frozenset({"MESH_AUTH_KEY"})  # a credential
@@ -63,7 +63,6 @@ def given(env: Mapping[str, str]) -> dict[str, str]:
 def record(env: Mapping[str, str], s: Settings) -> dict[str, object]:
     """What `run` writes: the variables it was given, and the backend it chose (the default
     depends on what is on PATH, which another shell may not share)."""
-    from addons.cli.main import version  # the CLI imports this module
 
     environment = given(env)
     environment["REGISTRY_BACKEND"] = s.backend

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import importlib.metadata
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from addons.cli.logrelay import LogRelay, OperatorText, program_name
 from addons.clients import backend_credential
 from addons.config import mirrors, nodes, token_keys
 from addons.config import settings as settings_mod
-from addons.config.settings import ConfigError, Settings
+from addons.config.settings import ConfigError, Settings, version
 from addons.decisions.policy import PolicyError
 from addons.gateway import policy_store
 from addons.runstate import write_atomic
@@ -633,14 +632,6 @@ environment (read by run, config, gc and policy; docs/contract.md has each):
   MESH_INTERFACE                 WireGuard interface (default tbf0)
   MESH_POLL_SECONDS              peer set refresh (default 30)
 """
-
-
-def version() -> str:
-    """The installed distribution's version (pyproject.toml), not a copy kept in the code."""
-    try:
-        return importlib.metadata.version("tabbify-registry")
-    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
-        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ defaulted past a bad value. Pure: takes a mapping, returns a value, touches noth
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import os
 import re
@@ -362,3 +363,11 @@ def distribution_env(env: Mapping[str, str]) -> dict[str, str]:
     if bundle:
         child["SSL_CERT_FILE"] = bundle
     return child
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), not a copy kept in the code."""
+    try:
+        return importlib.metadata.version("tabbify-registry")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown (not installed)"

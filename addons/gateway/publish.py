@@ -30,6 +30,8 @@ from addons.gateway.flowfeed import CONTROL_NAME, FlowFeed
 logger = logging.getLogger(__name__)
 
 EVERY = 1.0  # seconds
+
+
 def extra_state() -> dict[str, Any]:
     """The write freeze this worker has seen and what its writes in flight can link (the GC
     protects it), and the usage per tenant (worker 0 computes it)."""
