@@ -11,7 +11,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from addons.cli import main as cli
+from addons.cli import programs
 from addons.clients import backend_credential
 from addons.config.settings import ConfigError, load
 
@@ -51,24 +51,24 @@ def verifies(htpasswd: Path, credential: str) -> bool:
 @pytest.mark.parametrize("backend", ["distribution", "zot"])
 def test_each_run_makes_its_own_credential_for_its_backend(tmp_path, backend):
     s = settings(tmp_path, REGISTRY_BACKEND=backend)
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     path, htpasswd = s.runtime_dir / "backend-credential", s.runtime_dir / "backend-htpasswd"
     first = backend_credential.read(path)
     assert mode(path) == 0o600 and mode(htpasswd) == 0o600
     assert first.startswith("tabbify-registry:") and verifies(htpasswd, first)
     assert htpasswd.read_text().split(":", 1)[1].startswith("$2b$04$")  # both backends take it
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     second = backend_credential.read(path)
     assert second != first and verifies(htpasswd, second) and not verifies(htpasswd, first)
 
 
 def test_the_secret_is_on_no_command_line_nor_in_the_environment(tmp_path):
     s = settings(tmp_path, REGISTRY_BACKEND="distribution", REGISTRY_GC_INTERVAL="1h")
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     password = backend_credential.read(s.runtime_dir / "backend-credential").partition(":")[2]
-    env = cli.supervisor_env({"REGISTRY_DATA_DIR": str(tmp_path)}, s, tmp_path / "c.json")
+    env = programs.supervisor_env({"REGISTRY_DATA_DIR": str(tmp_path)}, s, tmp_path / "c.json")
     assert not [k for k, v in env.items() if password in v]
-    gateway, admin = cli.gateway_command(s), cli.admin_command(s)
+    gateway, admin = programs.gateway_command(s), programs.admin_command(s)
     where = str(s.runtime_dir / "backend-credential")
     assert f"registry_backend_credential={where}" in gateway
     assert admin[admin.index("--backend-credential") + 1] == where
@@ -80,23 +80,23 @@ def test_an_external_registry_gets_no_credential_unless_one_is_given(tmp_path):
     stale = s.runtime_dir / "backend-credential"
     stale.write_text("tabbify-registry:of-an-earlier-run\n")
     (s.runtime_dir / "backend-htpasswd").write_text("tabbify-registry:$2b$04$x\n")
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     assert not stale.exists() and not (s.runtime_dir / "backend-htpasswd").exists()
-    assert "registry_backend_credential=" in cli.gateway_command(s)
+    assert "registry_backend_credential=" in programs.gateway_command(s)
     given = tmp_path / "given"
     given.write_text("robot$ci:token-of-that-registry\n")
     s = settings(tmp_path, REGISTRY_BACKEND="external", REGISTRY_BACKEND_CREDENTIAL_FILE=str(given))
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     assert backend_credential.read(stale) == "robot$ci:token-of-that-registry"
     assert not (s.runtime_dir / "backend-htpasswd").exists()  # that registry's own business
-    assert f"registry_backend_credential={stale}" in cli.gateway_command(s)
+    assert f"registry_backend_credential={stale}" in programs.gateway_command(s)
 
 
 def test_a_zot_cluster_uses_the_one_credential_every_member_holds(tmp_path):
     shared = tmp_path / "shared"
     shared.write_text("tabbify-registry:the-same-on-every-node\n")
     s = settings(tmp_path, **CLUSTER, REGISTRY_BACKEND_CREDENTIAL_FILE=str(shared))
-    cli.write_backend_credential(s)
+    programs.write_backend_credential(s)
     run_copy = s.runtime_dir / "backend-credential"
     assert backend_credential.read(run_copy) == "tabbify-registry:the-same-on-every-node"
     assert verifies(s.runtime_dir / "backend-htpasswd", backend_credential.read(shared))
@@ -108,9 +108,9 @@ def test_a_bad_credential_file_stops_start_up_naming_it(tmp_path, content):
     given.write_text(content)
     s = settings(tmp_path, REGISTRY_BACKEND="external", REGISTRY_BACKEND_CREDENTIAL_FILE=str(given))
     with pytest.raises(ConfigError, match="REGISTRY_BACKEND_CREDENTIAL_FILE"):
-        cli.write_backend_credential(s)
+        programs.write_backend_credential(s)
     s = settings(
         tmp_path, REGISTRY_BACKEND="external", REGISTRY_BACKEND_CREDENTIAL_FILE=str(tmp_path / "x")
     )
     with pytest.raises(ConfigError, match="REGISTRY_BACKEND_CREDENTIAL_FILE"):
-        cli.write_backend_credential(s)
+        programs.write_backend_credential(s)

@@ -123,7 +123,7 @@ def test_the_source_of_a_connection(host, source):
 
 
 def test_a_worker_share_of_a_node_cap_leaves_room_for_an_uneven_spread():
-    from addons.cli.main import worker_share
+    from addons.cli.programs import worker_share
 
     assert worker_share(256, 1) == 256 and worker_share(0, 4) == 0
     assert 128 < worker_share(256, 2) < 256

@@ -200,7 +200,7 @@ def test_the_periodic_run_goes_on_after_a_failure(tmp_path, monkeypatch, capsys)
 
 
 def test_run_starts_the_gc_program_only_with_an_interval_and_distribution():
-    from addons.cli.main import gc_command, supervisor_env
+    from addons.cli.programs import gc_command, supervisor_env
 
     env = {"REGISTRY_DATA_DIR": "/d", "REGISTRY_BACKEND": "distribution",
            "REGISTRY_GC_INTERVAL": "2h"}  # fmt: skip

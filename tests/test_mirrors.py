@@ -138,7 +138,7 @@ def test_a_mount_from_a_mirror_starts_a_plain_upload():
 
 
 def test_zot_gets_the_upstream_credentials_in_its_own_format_0600(tmp_path: Path):
-    from addons.cli.main import load_mirrors, write_zot_credentials
+    from addons.cli.programs import load_mirrors, write_zot_credentials
     from addons.config.settings import load
 
     creds = tmp_path / "hub"

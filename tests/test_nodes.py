@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from addons.cli import main as cli
+from addons.cli import programs
 from addons.config.settings import ConfigError, load
 from addons.config.token_keys import KeyFileError, TokenKeyFile, read_keys
 from addons.decisions.tokens import InvalidToken, TokenSigner
@@ -175,13 +176,13 @@ def test_a_password_in_a_postgresql_url_travels_apart_from_every_command_line() 
     s = load(env)
     assert s.nodes.ledger_url == "postgresql://registry@db.mesh/ledger?sslmode=require"
     assert s.nodes.ledger_password == "hunter/2" and "hunter" not in repr(s)
-    child = cli.supervisor_env(env, s, Path("/d/backend.yml"))
+    child = programs.supervisor_env(env, s, Path("/d/backend.yml"))
     assert child["PGPASSWORD"] == "hunter/2"
-    commands = [cli.gateway_command(s), cli.gc_command(env, s), cli.admin_command(s)]
+    commands = [programs.gateway_command(s), programs.gc_command(env, s), programs.admin_command(s)]
     assert all("hunter" not in " ".join(c) for c in commands)
     assert all("hunter" not in v for k, v in child.items() if k != "PGPASSWORD")
-    assert f"REGISTRY_LEDGER_URL={s.nodes.ledger_url}" in cli.gc_command(env, s)
-    assert "PGPASSWORD" not in cli.supervisor_env(S3, load(S3), Path("/d/backend.yml"))
+    assert f"REGISTRY_LEDGER_URL={s.nodes.ledger_url}" in programs.gc_command(env, s)
+    assert "PGPASSWORD" not in programs.supervisor_env(S3, load(S3), Path("/d/backend.yml"))
 
 
 def test_a_postgresql_ledger_is_shared_and_handed_to_the_gateway_as_given() -> None:
@@ -220,7 +221,7 @@ def test_the_cache_url_is_redis() -> None:
 
 
 def options(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    argv = cli.gateway_command(load(env))
+    argv = programs.gateway_command(load(env))
     return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set"), argv
 
 
@@ -244,14 +245,14 @@ def test_the_upload_secret_comes_from_the_shared_file(tmp_path: Path) -> None:
     secret.write_text("s" * 40 + "\n")
     env = {**DISTRIBUTION, "REGISTRY_DATA_DIR": str(tmp_path / "d")}
     s = load({**env, "REGISTRY_HTTP_SECRET_FILE": str(secret)})
-    assert cli.http_secret(s) == "s" * 40
+    assert programs.http_secret(s) == "s" * 40
     assert not (tmp_path / "d" / "secrets").exists()  # no per-data-dir secret made
     secret.write_text("short\n")
     with pytest.raises(ConfigError, match="REGISTRY_HTTP_SECRET_FILE"):
-        cli.http_secret(s)
+        programs.http_secret(s)
     missing = load({**env, "REGISTRY_HTTP_SECRET_FILE": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="REGISTRY_HTTP_SECRET_FILE"):
-        cli.http_secret(missing)
+        programs.http_secret(missing)
 
 
 # --- shared registry-token keys ---------------------------------------------------------------

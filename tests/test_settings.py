@@ -321,14 +321,14 @@ def test_parse_address():
 
 
 def _options(s: settings.Settings) -> dict[str, str]:
-    from addons.cli.main import gateway_command
+    from addons.cli.programs import gateway_command
 
     argv = gateway_command(s)
     return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
 
 
 def _admin(s: settings.Settings) -> dict[str, str]:
-    from addons.cli.main import admin_command
+    from addons.cli.programs import admin_command
 
     argv = admin_command(s)
     return {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--")}
@@ -394,7 +394,7 @@ def test_log_level():
 def test_the_backend_command_hands_distribution_the_ca_bundle_as_ssl_cert_file(tmp_path):
     """supervisord gives every program its environment: the backend's own command line
     drops AWS_CA_BUNDLE and sets SSL_CERT_FILE (the gateway keeps AWS_CA_BUNDLE for boto3)."""
-    from addons.cli.main import backend_command
+    from addons.cli.programs import backend_command
 
     env = {**S3_ENV, "REGISTRY_BACKEND": "distribution", "REGISTRY_DATA_DIR": str(tmp_path)}
     s = load(env)

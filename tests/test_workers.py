@@ -11,7 +11,7 @@ import time
 import pytest
 
 from addons.admin.program import Workers
-from addons.cli.main import token_key
+from addons.cli.programs import token_key
 from addons.decisions.metrics import Metrics
 from addons.decisions.tokens import TokenSigner
 from addons.runstate import write_json

@@ -207,7 +207,7 @@ class Admin:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.workers = Workers(Path(args.state_dir))
-        credential = getattr(args, "backend_credential", "")  # the run's (cli.py)
+        credential = getattr(args, "backend_credential", "")  # the run's (cli/programs.py)
         self.backend_authorization = (
             backend_credential.authorization(backend_credential.read(Path(credential)))
             if credential

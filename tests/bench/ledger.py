@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from addons.cli.main import gateway_command
+from addons.cli.programs import gateway_command
 from addons.config import settings as settings_mod
 from tests.bench.httpload import load
 from tests.stack import Stack, free_port, wait_for
