@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from addons.decisions import manifest
+from addons.decisions import manifest, strictjson
 from addons.decisions.manifest import ManifestError
 
 D = ["sha256:" + c * 64 for c in "0123456789abcdef"]
@@ -83,7 +83,7 @@ def test_repeated_keys_are_refused(body):
 
 
 def test_deep_nesting_is_refused_without_recursion():
-    for depth in (manifest.MAX_DEPTH + 1, 5_000, 200_000):
+    for depth in (strictjson.MAX_DEPTH + 1, 5_000, 200_000):
         body = '{"annotations": {"x": ' + "[" * depth + "]" * depth + "}}"
         with pytest.raises(ManifestError, match="deeper"):
             refs(body)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from addons.decisions.signatures import DIGEST, Refused, strict_json
+from addons.decisions.manifest import MAX_MANIFEST
+from addons.decisions.signatures import SHA256_DIGEST, Refused, strict_json
 
 DEFAULT_GRACE = 3600.0  # seconds: untagged manifests and loose blobs younger than this stay
 ATTACHMENT_TAG = re.compile(r"sha256-([0-9a-f]{64})\.(?:sig|att|sbom)")
@@ -95,7 +96,7 @@ def attachment_subject(tag: str) -> str | None:
 
 def describe_manifest(body: bytes, pushed: float = 0.0) -> Manifest:
     """A Manifest for the snapshot from a manifest's bytes (hostile input: Refused if bad)."""
-    doc = strict_json(body, 4 * 1024 * 1024, "manifest")
+    doc = strict_json(body, MAX_MANIFEST, "manifest")
     if not isinstance(doc, dict):
         raise Refused("manifest is not a JSON object")
 
@@ -108,7 +109,7 @@ def describe_manifest(body: bytes, pushed: float = 0.0) -> Manifest:
         out = []
         for d in items:
             value = d.get("digest") if isinstance(d, dict) else None
-            if not isinstance(value, str) or not DIGEST.fullmatch(value):
+            if not isinstance(value, str) or not SHA256_DIGEST.fullmatch(value):
                 raise Refused(f"manifest {key} names an invalid digest")
             out.append(value)
         return tuple(out)
@@ -117,7 +118,7 @@ def describe_manifest(body: bytes, pushed: float = 0.0) -> Manifest:
     subject = doc.get("subject")
     subject_digest = subject.get("digest") if isinstance(subject, dict) else None
     if subject_digest is not None and not (
-        isinstance(subject_digest, str) and DIGEST.fullmatch(subject_digest)
+        isinstance(subject_digest, str) and SHA256_DIGEST.fullmatch(subject_digest)
     ):
         raise Refused("manifest subject is not a digest")
     return Manifest(

@@ -17,14 +17,12 @@ differ, the manifest is refused (400 MANIFEST_INVALID) instead of guessed at:
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from typing import Any
 
-from addons.decisions.routes import DIGEST
+from addons.decisions import strictjson
+from addons.decisions.routes import is_digest
 
 MAX_MANIFEST = 4 * 1024 * 1024  # Distribution's and Zot's own manifest size limit
-MAX_DEPTH = 64  # real manifests nest 4 levels (index → descriptor → platform/annotations)
 MAX_DESCRIPTORS = 10_000
 
 # The media types a manifest PUT may carry: what Zot and Distribution store as manifests.
@@ -68,7 +66,6 @@ _DESCRIPTOR_FIELDS = (
     "platform",
 )
 _REFERENCING = ("config", "layers", "manifests", "blobs")  # `subject` grants nothing: see below
-_DIGEST = re.compile(DIGEST)
 
 
 class ManifestError(ValueError):
@@ -84,57 +81,11 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def nesting_depth(text: str) -> int:
-    """Deepest `[`/`{` nesting outside strings; linear, never recursive."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ManifestError("manifest repeats a key in one object")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ManifestError(f"manifest contains {name}, which is not JSON")
-
-
 def parse(body: bytes) -> dict[str, Any]:
     """The manifest as a JSON object, read strictly. Raises ManifestError."""
     if len(body) > MAX_MANIFEST:
         raise ManifestError("manifest larger than 4 MiB")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestError("manifest is not UTF-8") from None
-    if text.startswith("\ufeff"):
-        raise ManifestError("manifest starts with a byte order mark")
-    if nesting_depth(text) > MAX_DEPTH:
-        raise ManifestError(f"manifest nests deeper than {MAX_DEPTH} levels")
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except ManifestError:
-        raise
-    except (ValueError, RecursionError):
-        raise ManifestError("manifest is not JSON") from None
+    doc = strictjson.loads(body, "manifest", limit=MAX_MANIFEST, error=ManifestError)
     if not isinstance(doc, dict):
         raise ManifestError("manifest is not a JSON object")
     _check_spelling(doc, _MANIFEST_FIELDS, "manifest")
@@ -163,7 +114,7 @@ def _descriptors(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def _digest(descriptor: dict[str, Any]) -> str:
     digest = descriptor.get("digest")
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if not isinstance(digest, str) or not is_digest(digest):
         raise ManifestError(f"manifest references an invalid digest {digest!r:.80}")
     return digest
 

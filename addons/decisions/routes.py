@@ -20,6 +20,14 @@ COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME = rf"{COMPONENT}(?:/{COMPONENT})*"
 TAG = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
 DIGEST = r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}"
+_DIGEST = re.compile(DIGEST)
+
+
+def is_digest(value: str) -> bool:
+    """A digest as the distribution spec's routes take it (sha256 or sha512, lower-case hex)."""
+    return _DIGEST.fullmatch(value) is not None
+
+
 UPLOAD_ID = r"[A-Za-z0-9][A-Za-z0-9_=-]{0,255}"  # UUIDs, base64url session ids; no dots
 
 # Every method a route takes (and the token endpoint's GET/POST), exactly as RFC 9110 spells

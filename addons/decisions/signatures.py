@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 import threading
 import time
@@ -60,6 +59,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from addons.decisions import strictjson
+from addons.decisions.manifest import MAX_MANIFEST
+
 SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIG_ARTIFACT_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
@@ -71,15 +73,13 @@ IMAGE_MANIFEST_TYPES = frozenset(
     }
 )
 
-MAX_MANIFEST = 4 * 1024 * 1024  # the registries' own manifest limit
 MAX_PAYLOAD = 64 * 1024  # cosign's payloads are ~250 bytes (plus -a annotations)
-MAX_DEPTH = 64
 MAX_LAYERS = 32  # layers examined per signature manifest
 MAX_REFERRERS = 32  # referrer manifests examined per subject
 MAX_SIGNATURE_B64 = 1024  # a P-256 DER signature is at most 72 bytes (96 in base64)
 MAX_PEM = 16 * 1024
 
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what cosign signs and names its tags by
 SIGNATURE_TAG = re.compile(r"sha256-([0-9a-f]{64})\.sig")
 
 
@@ -105,7 +105,7 @@ class Verdict:
 
 def signature_tag(digest: str) -> str:
     """`sha256:<hex>` → `sha256-<hex>.sig`, the tag cosign stores its signatures under."""
-    if not DIGEST.fullmatch(digest):
+    if not SHA256_DIGEST.fullmatch(digest):
         raise ValueError(f"not a sha256 digest: {digest!r:.80}")
     return digest.replace(":", "-", 1) + ".sig"
 
@@ -158,54 +158,9 @@ def load_keys(keys: Iterable[Any]) -> tuple[TrustedKey, ...]:
     return tuple(loaded)
 
 
-# --- strict JSON -------------------------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise Refused(f"duplicate JSON key {k!r:.40}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise Refused(f"non-standard JSON constant {name}")
-
-
-def _depth_ok(doc: Any, limit: int) -> bool:
-    stack = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return False
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((c, depth + 1) for c in children)
-    return True
-
-
 def strict_json(raw: bytes, limit: int, what: str) -> Any:
-    """Parse `raw` or raise Refused: size-capped, UTF-8 only, no duplicates, depth-capped."""
-    if not isinstance(raw, bytes | bytearray):
-        raise Refused(f"{what} is not bytes")
-    if len(raw) > limit:
-        raise Refused(f"{what} is larger than {limit} bytes")
-    try:
-        text = bytes(raw).decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise Refused(f"{what} is not UTF-8") from None
-    except RecursionError:
-        raise Refused(f"{what} is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, and Python's own int-size limit
-        if isinstance(e, Refused):
-            raise Refused(f"{what}: {e}") from None
-        raise Refused(f"{what} is not JSON") from None
-    if not _depth_ok(doc, MAX_DEPTH):
-        raise Refused(f"{what} is nested deeper than {MAX_DEPTH} levels")
-    return doc
+    """Parse `raw` as Go's encoding/json would accept it, or raise Refused (strictjson.py)."""
+    return strictjson.loads(raw, what, limit=limit, error=Refused)
 
 
 def _field(obj: Any, key: str, what: str) -> Any:
@@ -248,7 +203,7 @@ def _payload_descriptor(layer: Any) -> tuple[str, int]:
     if layer.get("mediaType") != SIMPLESIGNING_MEDIA_TYPE:
         raise Refused("layer is not a cosign simple-signing payload")
     digest, size = layer.get("digest"), layer.get("size")
-    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+    if not isinstance(digest, str) or not SHA256_DIGEST.fullmatch(digest):
         raise Refused("payload digest is not a sha256 digest")
     if type(size) is not int or not 0 < size <= MAX_PAYLOAD:
         raise Refused(f"payload size is not an integer in 1..{MAX_PAYLOAD}")
@@ -348,7 +303,7 @@ def _verify(
     fetch_blob: Callable[[str], bytes],
     keys: Iterable[Any],
 ) -> Verdict:
-    if not isinstance(subject_digest, str) or not DIGEST.fullmatch(subject_digest):
+    if not isinstance(subject_digest, str) or not SHA256_DIGEST.fullmatch(subject_digest):
         return Verdict(False, "subject is not a sha256 digest")
     trusted = load_keys(keys)
     if not trusted:
@@ -410,7 +365,7 @@ def cosign_referrers(referrers_index: bytes) -> list[str]:
             isinstance(d, dict)
             and d.get("artifactType") == SIG_ARTIFACT_TYPE
             and isinstance(d.get("digest"), str)
-            and DIGEST.fullmatch(d["digest"])
+            and SHA256_DIGEST.fullmatch(d["digest"])
         ):
             found.append(d["digest"])
     # cosign itself reads the last one; we try the most recent MAX_REFERRERS.
@@ -431,7 +386,7 @@ def verify_subject(
     referrers API (Distribution 2.8) or nothing refers to the digest. Either may raise for a
     backend failure, which gives a transient verdict.
     """
-    if not isinstance(subject_digest, str) or not DIGEST.fullmatch(subject_digest):
+    if not isinstance(subject_digest, str) or not SHA256_DIGEST.fullmatch(subject_digest):
         return Verdict(False, "subject is not a sha256 digest")
     try:
         trusted = load_keys(keys)
@@ -558,7 +513,7 @@ def _simple_signing(payload: bytes) -> None:
         raise Refused("payload is not a cosign container image signature")
     image = _field(critical, "image", "critical")
     claimed = _field(image, "docker-manifest-digest", "critical.image")
-    if not isinstance(claimed, str) or not DIGEST.fullmatch(claimed):
+    if not isinstance(claimed, str) or not SHA256_DIGEST.fullmatch(claimed):
         raise Refused("payload names no sha256 digest")
 
 
@@ -619,7 +574,7 @@ def attachment_layers(manifest: bytes) -> list[tuple[str, str, int]] | None:
         media_type, digest, size = layer.get("mediaType"), layer.get("digest"), layer.get("size")
         if not isinstance(media_type, str) or not ATTACHMENT_LAYER.fullmatch(media_type):
             return None
-        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        if not isinstance(digest, str) or not SHA256_DIGEST.fullmatch(digest):
             return None
         limit = MAX_PAYLOAD if media_type == SIMPLESIGNING_MEDIA_TYPE else MAX_ATTACHMENT
         if type(size) is not int or not 0 < size <= limit:
@@ -675,7 +630,7 @@ def affected_subjects(reference: str, manifest: bytes | None) -> set[str]:
             return found
         subject = doc.get("subject") if isinstance(doc, dict) else None
         digest = subject.get("digest") if isinstance(subject, dict) else None
-        if isinstance(digest, str) and DIGEST.fullmatch(digest):
+        if isinstance(digest, str) and SHA256_DIGEST.fullmatch(digest):
             found.add(digest)
     return found
 

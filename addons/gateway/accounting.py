@@ -59,7 +59,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons.clients.backend import AsyncClient, Unavailable
 from addons.decisions import quota, routes
-from addons.decisions.routes import DIGEST
+from addons.decisions.routes import is_digest
 from addons.engine import oci
 from addons.gateway.access import backend_error_code
 from addons.gateway.gate import answered, fail_closed, respond
@@ -77,7 +77,6 @@ from addons.storage.ledger import (
 
 logger = logging.getLogger(__name__)
 
-_DIGEST = re.compile(DIGEST)
 USAGE_EVERY = 5.0
 MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
@@ -537,7 +536,7 @@ class Accounting:
             await self._upload_answered(flow, rec, upload)
             return
         digest = response.headers.get("docker-content-digest") or pending[0]
-        if digest not in pending or not _DIGEST.fullmatch(digest) or not rec.repository:
+        if digest not in pending or not is_digest(digest) or not rec.repository:
             if upload is not None:  # the session ended; its blob counts for nobody
                 await self._drop(upload)
             return  # isolation records nothing either
@@ -692,7 +691,7 @@ class Accounting:
         if body is None:
             return
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        tag = rec.reference if rec.reference and not _DIGEST.fullmatch(rec.reference) else None
+        tag = rec.reference if rec.reference and not is_digest(rec.reference) else None
         try:
             await asyncio.to_thread(ledger.record_sizes, {digest: len(body)})
             await asyncio.to_thread(ledger.record_push, rec.repository, digest, tag)

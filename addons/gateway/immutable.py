@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -50,7 +49,7 @@ from addons.clients.backend import (
     Unavailable,
 )
 from addons.decisions.policy import Policy
-from addons.decisions.routes import DIGEST
+from addons.decisions.routes import is_digest
 from addons.engine import connections, oci
 from addons.gateway.gate import answered, fail_closed, respond
 from addons.gateway.isolation import TenantIsolation
@@ -61,7 +60,6 @@ from addons.storage.ledger import LedgerUnavailable
 
 logger = logging.getLogger(__name__)
 
-_DIGEST = re.compile(DIGEST)
 MAX_CHECKED = 256  # covered tags resolved for one delete by digest
 MAX_DEPTH = 8  # levels of indexes below a covered tag
 MAX_REACH = 1000  # manifests below one covered tag (counted per path: shared ones count again)
@@ -95,7 +93,7 @@ def references(doc: object) -> tuple[list[str], list[str]]:
         found = []
         for item in items if isinstance(items, list) else []:
             value = item.get(key) if isinstance(item, dict) else None
-            if isinstance(value, str) and _DIGEST.fullmatch(value):
+            if isinstance(value, str) and is_digest(value):
                 found.append(value)
         return found
 
@@ -131,7 +129,7 @@ class Held:
 
 def refusal(method: str, repository: str, reference: str, rule: str) -> str:
     """What every client prints of a refused push or delete: what, and the rule refusing it."""
-    if _DIGEST.fullmatch(reference):  # a digest a covered tag reaches
+    if is_digest(reference):  # a digest a covered tag reaches
         what = f"delete of {repository}@{reference}"
     else:
         what = f"{'push' if method == 'PUT' else 'delete'} of {repository}:{reference}"
@@ -184,7 +182,7 @@ class ImmutableTags:
         policy, repository = self.policies.current(), rec.repository
         missing = False
         try:
-            if _DIGEST.fullmatch(reference):
+            if is_digest(reference):
                 rule = (
                     await self._protects(policy, repository, reference)
                     if method == "DELETE"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -24,7 +23,7 @@ from mitmproxy.addonmanager import Loader
 from addons.config import mirrors
 from addons.decisions import manifest
 from addons.decisions.manifest import MAX_MANIFEST
-from addons.decisions.routes import DIGEST
+from addons.decisions.routes import is_digest
 from addons.engine import oci
 from addons.gateway.backfill import Walker
 from addons.gateway.gate import answered, fail_closed, has_large_body, respond
@@ -33,7 +32,6 @@ from addons.storage.ledger import AnyLedger, LedgerUnavailable, holder
 from addons.storage.spec import open_ledger
 
 logger = logging.getLogger(__name__)
-_DIGEST = re.compile(DIGEST)
 MANIFEST_CHECK = "manifest-references"  # a hold: the body's references are checked
 RESOLVE_WAIT = 60.0  # seconds a request may wait for its repository's walk
 WALK_RETRY = (2.0, 60.0)  # backoff of the start-up walk when the backend fails it
@@ -263,7 +261,7 @@ class TenantIsolation:
         request, method, ref = flow.request, flow.request.method, rec.reference or ""
         if rec.route == "blob" and not await self._has(rec.tenant, ref, rec.repository):
             return deny(404, "BLOB_UNKNOWN", "blob unknown to registry", "unknown-digest")
-        by_digest = rec.route == "manifest" and _DIGEST.fullmatch(ref) and method != "PUT"
+        by_digest = rec.route == "manifest" and is_digest(ref) and method != "PUT"
         if by_digest and not await self._has(rec.tenant, ref, rec.repository):
             return deny(404, "MANIFEST_UNKNOWN", "manifest unknown", "unknown-digest")
         if rec.route == "manifest" and method == "PUT":

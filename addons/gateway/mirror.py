@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import re
 import time
 from typing import Any
 
@@ -46,7 +45,7 @@ from addons.clients.backend import Answer, AsyncClient, Unavailable
 from addons.config import mirrors
 from addons.decisions import manifest
 from addons.decisions.manifest import MAX_MANIFEST
-from addons.decisions.routes import DIGEST
+from addons.decisions.routes import is_digest
 from addons.decisions.target import Target
 from addons.engine import oci
 from addons.gateway.gate import answered, fail_closed, respond
@@ -55,7 +54,6 @@ from addons.storage.ledger import LedgerUnavailable, holder
 
 logger = logging.getLogger(__name__)
 
-_DIGEST = re.compile(DIGEST)
 SINGLE_FLIGHT_WAIT = 120.0  # seconds a pull waits for the same blob's first fetch, at most
 CHECK_TIMEOUT = 15.0  # seconds the upstream has to answer a tag or digest check
 MAX_TAGS = 10_000  # resolved tags kept per worker
@@ -370,4 +368,4 @@ class MirrorGate:
 
 
 def oci_digest(ref: str) -> bool:
-    return _DIGEST.fullmatch(ref) is not None
+    return is_digest(ref)

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -56,7 +55,7 @@ from addons.config import mirrors
 from addons.decisions import signatures
 from addons.decisions.manifest import MAX_MANIFEST
 from addons.decisions.policy import Policy, RequireSignature
-from addons.decisions.routes import DIGEST
+from addons.decisions.routes import is_digest
 from addons.decisions.signatures import Verdict, VerdictCache
 from addons.decisions.target import Target
 from addons.engine import oci
@@ -66,7 +65,6 @@ from addons.gateway.record import record
 
 logger = logging.getLogger(__name__)
 
-_DIGEST = re.compile(DIGEST)
 CACHE_TTL = 60.0
 NEGATIVE_TTL = 10.0
 MAX_TAGS = 256  # tags examined to find a signed index holding an image
@@ -119,9 +117,7 @@ def _children(body: bytes) -> tuple[str, ...]:
     return tuple(
         d["digest"]
         for d in manifests
-        if isinstance(d, dict)
-        and isinstance(d.get("digest"), str)
-        and _DIGEST.fullmatch(d["digest"])
+        if isinstance(d, dict) and isinstance(d.get("digest"), str) and is_digest(d["digest"])
     )
 
 
@@ -351,14 +347,14 @@ class SignedOnly:
         """(digest, verdict); (None, Missing) when the backend has no such manifest."""
         backend = self._backend(repository)
         scope: Hashable = (repository, tuple(rule.keys for rule in rules))
-        if _DIGEST.fullmatch(reference):
+        if is_digest(reference):
             cached = self.cache.get(reference, scope)
             if cached is not None:
                 return reference, cached
         body = backend.manifest(reference)
         if body is None:
             return None, MISSING[backend.missing]
-        digest = reference if _DIGEST.fullmatch(reference) else None
+        digest = reference if is_digest(reference) else None
         if digest is None:
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
             cached = self.cache.get(digest, scope)
