@@ -1,4 +1,4 @@
-"""decisions/policy.py (contract §7, §8): every error message with its file:line, every rule type,
+"""decisions/policy/ (contract §7, §8): every error message with its file:line, every rule type,
 glob and tag-pattern edge cases, decisions and the rule that makes them, token scopes.
 
 Random rule sets are in test_policy_properties.py; the reloader in test_policy_store.py.
