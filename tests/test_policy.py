@@ -1,4 +1,4 @@
-"""decisions/policy.py (contract §7, §8): every error message with its file:line, every rule type,
+"""decisions/policy/ (contract §7, §8): every error message with its file:line, every rule type,
 glob and tag-pattern edge cases, decisions and the rule that makes them, token scopes.
 
 Random rule sets are in test_policy_properties.py; the reloader in test_policy_store.py.
@@ -575,7 +575,7 @@ def test_counts():
 
 
 def test_views_are_cached_per_caller_and_bounded(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(policy, "_VIEW_CACHE", 3)
+    monkeypatch.setattr("addons.decisions.policy.evaluate._VIEW_CACHE", 3)
     p = parse(grant(), F)
     for i in range(10):
         assert p.decide(f"t{i}", None, "acme/x", "pull") == Decision(False, "no rule")

@@ -2,7 +2,7 @@
 
 Mirrored content appears under the reserved namespace `mirror/<name>/<repository>`. No tenant
 can be named `mirror` (the token endpoint and the policy refuse it), nobody pushes or deletes
-there (routes.py, policy.py), and who may pull is the access policy's. Pure: no mitmproxy.
+there (routes.py, policy/evaluate.py), and who may pull is the access policy's. Pure: no mitmproxy.
 
     [[mirror]]
     name = "docker.io"                  # one repository path component (dots allowed)
