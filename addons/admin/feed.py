@@ -49,6 +49,8 @@ class FeedProtocol(asyncio.DatagramProtocol):
 
 
 class WorkerFeed:
+    """The flows the workers sent, kept in a ring and an overview; and their control file."""
+
     def __init__(self, state_dir: Path, ring_size: int = RING_SIZE) -> None:
         self.state_dir = state_dir
         self.ring = FlowRing(ring_size)

@@ -54,12 +54,12 @@ class Admin:
         self.guard = adminhttp.Guard(args.listen, csrf_token)
         self.live = LiveView(Path(args.state_dir), csrf_token, self.workers.streaming)
         self.health = Health(
-            args.backend,
-            self.backend_authorization,
-            self.workers,
-            args.mesh_interface,
-            args.mesh_status,
-            args.auth_url,
+            backend=args.backend,
+            authorization=self.backend_authorization,
+            workers=self.workers,
+            mesh_interface=args.mesh_interface,
+            mesh_status=args.mesh_status,
+            auth_url=args.auth_url,
         )
         self.capture = Capture(Path(args.state_dir), Path(args.capture_dir), self.workers)
 
