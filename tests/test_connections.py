@@ -11,6 +11,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
+from addons.admin import capture
 from addons.admin import program as admin
 from addons.engine import connections
 from addons.engine.framing import MAX_HEADERS, head_problem
@@ -133,7 +134,7 @@ def test_a_worker_share_of_a_node_cap_leaves_room_for_an_uneven_spread():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "1e999", "x", ""])
 def test_capture_parameters_must_be_finite_and_positive(value):
-    assert admin.positive(value) is None
+    assert capture.positive(value) is None
 
 
 @pytest.mark.parametrize("query", ["seconds=nan", "seconds=inf", "max_mb=-1", "seconds=0"])

@@ -423,7 +423,7 @@ def test_a_miss_in_a_ledger_that_lost_records_is_looked_up_or_503_never_a_no(tmp
 
 
 def test_health_names_a_ledger_that_is_down_or_being_rebuilt():
-    from addons.admin.program import ledger_health
+    from addons.admin.health import ledger_health
 
     ok = {"state": "ok"}
     rebuilding = {"state": "rebuilding", "reason": "the ledger file was deleted or replaced"}

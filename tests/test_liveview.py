@@ -24,7 +24,8 @@ from mitmproxy.test import tflow, tutils
 
 from addons.admin import http as adminhttp
 from addons.admin.flowexport import flow_file
-from addons.admin.liveview import Filters, FlowRing, LiveView, Overview, Viewer
+from addons.admin.flows import Filters, FlowRing, Overview
+from addons.admin.liveview import LiveView, Viewer
 from addons.decisions import redact
 from addons.gateway import flowfeed
 from addons.gateway.accesslog import AccessLog
@@ -670,7 +671,7 @@ def test_the_admin_ring_lets_the_oldest_bodies_go_first():
 
 
 def test_rows_drawn_into_the_page_are_text():
-    from addons.admin.liveview import rows_html
+    from addons.admin.rows import rows_html
 
     flow = {"id": 7, "method": "GET", "status": 403, "decision": "deny:policy",
             "repository": "<b>x</b>", "user_agent": '<img src=x onerror="1">'}  # fmt: skip

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from addons.admin.program import Workers
+from addons.admin.workers import Workers
 from addons.cli.programs import token_key
 from addons.decisions.metrics import Metrics
 from addons.decisions.tokens import TokenSigner
