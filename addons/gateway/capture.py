@@ -39,7 +39,7 @@ def redacted(flow: http.HTTPFlow) -> http.HTTPFlow:
 class Capture:
     """This worker's part of a debug capture, while the admin endpoint asks for one.
 
-    The admin endpoint (addons/admin/program.py) writes the request into the state
+    The admin endpoint (addons/admin/capture.py) writes the request into the state
     directory; every worker follows it (`follow`, called by the publisher once a second) and
     writes `capture-<id>.w<worker>.flows`; the admin endpoint joins the parts when it ends."""
 
