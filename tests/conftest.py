@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +12,64 @@ import pytest
 from tests.postgres import Postgres
 from tests.stack import Stack
 from tests.standins.auth import AuthStandin, tabbify_jwt
+
+# --- Parallel runs (pytest-xdist, `--dist loadfile`: a module's tests, and so its shared stack,
+# stay on one worker) ---------------------------------------------------------------------------
+
+# Modules that take minutes: they start first, so that none of them is left to run alone at the
+# end while the other workers idle (workers take modules in collection order). Measured by
+# `--durations`; the order within e2e is otherwise alphabetical, and unit modules come last.
+FIRST = (
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "alone: timing-sensitive (latency, rates); in a parallel run no other test runs meanwhile",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow modules first, then the other e2e modules, then the unit tests (stable within)."""
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.stem
+        if name in FIRST:
+            return 0, FIRST.index(name)
+        return (1 if item.get_closest_marker("e2e") else 2), 0
+
+    module_rank: dict[Path, tuple[int, int]] = {}
+    for item in items:
+        module_rank[item.path] = min(module_rank.get(item.path, (9, 0)), rank(item))
+    order = {path: n for n, path in enumerate(sorted(module_rank, key=module_rank.__getitem__))}
+    items.sort(key=lambda item: order[item.path])  # stable: a module's tests keep their order
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """In a parallel run, a test marked `alone` waits until no other worker is inside a test,
+    and none starts one until it is done (a readers-writer lock over flock: a turnstile file
+    every test passes, and a room file held shared by tests and exclusively by an `alone` test,
+    which keeps the turnstile while it waits so that it is not starved). Set-up and tear-down
+    are inside, so a module's stack booting elsewhere does not share the CPU with it either."""
+    workerinput = getattr(item.config, "workerinput", None)
+    if workerinput is None:  # not under xdist: nothing runs beside
+        return (yield)
+    locks = Path(tempfile.gettempdir()) / f"tbf-pytest-{workerinput['testrunuid']}"
+    locks.mkdir(exist_ok=True)
+    alone = item.get_closest_marker("alone") is not None
+    with open(locks / "turnstile", "a") as turnstile, open(locks / "room", "a") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(room, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
