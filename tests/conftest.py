@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import subprocess
 import tempfile
@@ -46,30 +45,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: order[item.path])  # stable: a module's tests keep their order
 
 
+def _alone(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    """In a parallel run, a test marked `alone` waits until no other worker is inside a test,
-    and none starts one until it is done (a readers-writer lock over flock: a turnstile file
-    every test passes, and a room file held shared by tests and exclusively by an `alone` test,
-    which keeps the turnstile while it waits so that it is not starved). Set-up and tear-down
-    are inside, so a module's stack booting elsewhere does not share the CPU with it either."""
+    """In a parallel run, a test marked `alone` (or a module: `pytestmark`) waits until no other
+    worker is inside a test, and none starts one until it is done: a readers-writer lock over
+    flock, a turnstile file every test passes and a room file held shared by tests and
+    exclusively by `alone` ones, which keep the turnstile while they wait so that they are not
+    starved. Set-up and tear-down are inside, so a module's stack booting elsewhere does not
+    share the CPU with it either; consecutive `alone` tests (a module) keep the room between
+    them, so that a module marked `alone` drains the others once, not at each test."""
     workerinput = getattr(item.config, "workerinput", None)
     if workerinput is None:  # not under xdist: nothing runs beside
         return (yield)
-    locks = Path(tempfile.gettempdir()) / f"tbf-pytest-{workerinput['testrunuid']}"
-    locks.mkdir(exist_ok=True)
-    alone = item.get_closest_marker("alone") is not None
-    with open(locks / "turnstile", "a") as turnstile, open(locks / "room", "a") as room:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            return (yield)
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(room, fcntl.LOCK_UN)
+    held = item.config.stash.get(_ROOM, None)  # the room, still held by the previous test
+    if held is None:
+        locks = Path(tempfile.gettempdir()) / f"tbf-pytest-{workerinput['testrunuid']}"
+        locks.mkdir(exist_ok=True)
+        with open(locks / "turnstile", "a") as turnstile:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            held = open(locks / "room", "a")  # noqa: SIM115 (held across tests)
+            fcntl.flock(held, fcntl.LOCK_EX if _alone(item) else fcntl.LOCK_SH)
+    try:
+        return (yield)
+    finally:
+        if _alone(item) and _alone(nextitem):
+            item.config.stash[_ROOM] = held
+        else:
+            item.config.stash[_ROOM] = None
+            held.close()  # closing the file releases its lock
+
+
+_ROOM = pytest.StashKey[object]()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ import requests
 from tests.rawhttp import Conn
 from tests.stack import Stack, wait_for
 
-pytestmark = pytest.mark.e2e
+# Deadlines of a few seconds measured from outside, and connection counts published once a
+# second: in a parallel run, nothing else runs meanwhile (conftest.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 3
 PER_CLIENT, TOTAL = 20, 60

@@ -31,6 +31,7 @@ from tests.stack import CLI, Stack, wait_for
 from tests.standins.dedupe_registry import DedupeRegistry
 from tests.test_e2e_gateway import bearer, push_blob, sha256, token
 from tests.test_e2e_isolation import external_stack
+from tests.test_e2e_ledger_loss import wait_whole
 from tests.test_e2e_listing import push_image
 
 pytestmark = [
@@ -290,6 +291,9 @@ def test_a_restart_walks_only_what_the_ledger_has_not_seen(tmp_path, auth, acme_
     backend = DedupeRegistry().start()
     try:
         first = external_stack(tmp_path / "data", auth, backend).start()
+        # Its start-up walk done first: a walk that meets a repository half pushed (no tag
+        # yet) leaves it for later, and the restart would walk it (on a loaded machine).
+        wait_whole(first)
         h = bearer(token(first, acme_jwt))
         for i in range(60):
             push_image(first, f"acme/many/r{i:02d}", ["v1"], h)
