@@ -15,10 +15,31 @@ from tests.standins.auth import AuthStandin, tabbify_jwt
 # --- Parallel runs (pytest-xdist, `--dist loadfile`: a module's tests, and so its shared stack,
 # stay on one worker) ---------------------------------------------------------------------------
 
-# Modules that take minutes: they start first, so that none of them is left to run alone at the
-# end while the other workers idle (workers take modules in collection order). Measured by
-# `--durations`; the order within e2e is otherwise alphabetical, and unit modules come last.
+# Modules that take a minute or more, longest first: they start first, so that none of them
+# is left running alone at the end while the other workers idle (workers take modules in
+# collection order). From a parallel run's junit times (setup + call + teardown). The
+# connection tests run `alone`: first, before the other workers have anything to drain.
+# Then the other e2e modules, alphabetically; the other unit modules last, filling the gaps.
+TESTS = Path(__file__).parent
 FIRST = (
+    "test_e2e_connections",
+    "test_e2e_mesh_hostile",  # 217 s
+    "test_e2e_durability",  # 146 s
+    "test_e2e_lifecycle",  # 117 s
+    "test_e2e_storage",  # 106 s
+    "test_e2e_hostile",  # 96 s
+    "test_e2e_ledger_loss",  # 87 s
+    "test_e2e_isolation",  # 75 s
+    "test_e2e_quota",  # 70 s
+    "test_e2e_faults",  # 67 s
+    "test_e2e_mirror",  # 65 s
+    "test_e2e_gc",  # 60 s
+    "test_e2e_conformance",  # 56 s
+    # Hypothesis properties: CPU for a minute each on a loaded machine, the tail otherwise.
+    "test_gc_plan",
+    "test_listing",
+    "test_policy_properties",
+    "test_properties",
 )
 
 
@@ -33,7 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Slow modules first, then the other e2e modules, then the unit tests (stable within)."""
 
     def rank(item: pytest.Item) -> tuple[int, int]:
-        name = item.path.stem
+        name = item.path.relative_to(TESTS).with_suffix("").as_posix()
         if name in FIRST:
             return 0, FIRST.index(name)
         return (1 if item.get_closest_marker("e2e") else 2), 0

@@ -310,13 +310,15 @@ def test_a_restart_walks_only_what_the_ledger_has_not_seen(tmp_path, auth, acme_
 
         mark = len(backend.requests)
         again = external_stack(tmp_path / "data", auth, backend).start()
-        h = bearer(token(again, acme_jwt))
-        wait_for(lambda: head_blob(again, "acme/legacy", sha256(layer), h) == 200, 20)
-        walked = [s for s in backend.requests[mark:] if "/tags/list" in s.path]
-        print(f"restart with 61 repositories: {len(walked)} tag lists read")
-        # Only the repository it had not seen: the others were walked before (or pushed
-        # through the gateway), whatever their number.
-        assert {s.path for s in walked} <= {"/v2/acme/legacy/tags/list"}, walked
-        again.stop()
+        try:  # a failure leaves no stack behind
+            h = bearer(token(again, acme_jwt))
+            wait_for(lambda: head_blob(again, "acme/legacy", sha256(layer), h) == 200, 20)
+            walked = [s for s in backend.requests[mark:] if "/tags/list" in s.path]
+            print(f"restart with 61 repositories: {len(walked)} tag lists read")
+            # Only the repository it had not seen: the others were walked before (or pushed
+            # through the gateway), whatever their number.
+            assert {s.path for s in walked} <= {"/v2/acme/legacy/tags/list"}, walked
+        finally:
+            again.stop()
     finally:
         backend.stop()
