@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,13 +12,25 @@ import requests
 from tests.stack import ROOT, free_port, wait_for
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _ports() -> dict[str, int]:
-    """Free ports below 55535: SeaweedFS also listens on each port + 10000 for gRPC."""
+    """Free ports below 55535: SeaweedFS also listens on each port + 10000 for gRPC, which
+    must be free too (another test running in parallel may hold it)."""
     ports: dict[str, int] = {}
+    used: set[int] = set()  # the ports chosen and their gRPC ports
     while len(ports) < 5:
         p = free_port()
-        if p < 55535 and p not in ports.values() and p + 10000 not in ports.values():
+        if p < 55535 and not {p, p + 10000} & used and _free(p + 10000):
             ports[f"p{len(ports)}"] = p
+            used |= {p, p + 10000}
     return ports
 
 
