@@ -46,8 +46,8 @@ from bench.compare import (
 )
 from bench.httpload import load
 from bench.liveview import cpu_seconds
-from tests.images import oci_layout
-from tests.standins.auth import tabbify_jwt
+from tests.support.images import oci_layout
+from tests.support.standins.auth import tabbify_jwt
 
 TENANT = "bench"
 CONNECTIONS = 8

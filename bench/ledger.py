@@ -23,9 +23,9 @@ import requests
 from bench.httpload import load
 from tabbify_registry import settings as settings_mod
 from tabbify_registry.cli import gateway_command
-from tests.stack import Stack, free_port, wait_for
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.test_e2e_gateway import push_blob
+from tests.e2e.test_gateway import push_blob
+from tests.support.stack import Stack, free_port, wait_for
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 
 def token(base: str, credential: str) -> dict[str, str]:

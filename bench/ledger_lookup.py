@@ -34,8 +34,8 @@ from addons.ledger import Ledger
 from addons.ledger_pg import PgLedger
 from addons.ledger_s3 import S3Ledger, S3Location
 from bench.httpload import percentile
-from tests.postgres import PASSWORD, Postgres
-from tests.standins.seaweed import SeaweedS3
+from tests.support.postgres import PASSWORD, Postgres
+from tests.support.standins.seaweed import SeaweedS3
 
 BUCKET = "tbf-bench"
 

@@ -53,8 +53,8 @@ from bench.compare import (
     start_stack,
     wrk_script,
 )
-from tests.stack import Stack, wait_for
-from tests.standins.auth import tabbify_jwt
+from tests.support.stack import Stack, wait_for
+from tests.support.standins.auth import tabbify_jwt
 
 TENANT = "bench"
 

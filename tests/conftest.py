@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.postgres import Postgres
-from tests.stack import Stack
-from tests.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.postgres import Postgres
+from tests.support.stack import Stack
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 # --- Parallel runs (pytest-xdist, `--dist loadfile`: a module's tests, and so its shared stack,
 # stay on one worker) ---------------------------------------------------------------------------
@@ -22,24 +22,24 @@ from tests.standins.auth import AuthStandin, tabbify_jwt
 # Then the other e2e modules, alphabetically; the other unit modules last, filling the gaps.
 TESTS = Path(__file__).parent
 FIRST = (
-    "test_e2e_connections",
-    "test_e2e_mesh_hostile",  # 217 s
-    "test_e2e_durability",  # 146 s
-    "test_e2e_lifecycle",  # 117 s
-    "test_e2e_storage",  # 106 s
-    "test_e2e_hostile",  # 96 s
-    "test_e2e_ledger_loss",  # 87 s
-    "test_e2e_isolation",  # 75 s
-    "test_e2e_quota",  # 70 s
-    "test_e2e_faults",  # 67 s
-    "test_e2e_mirror",  # 65 s
-    "test_e2e_gc",  # 60 s
-    "test_e2e_conformance",  # 56 s
+    "e2e/test_connections",
+    "e2e/test_mesh_hostile",  # 217 s
+    "e2e/test_durability",  # 146 s
+    "e2e/test_lifecycle",  # 117 s
+    "e2e/test_storage",  # 106 s
+    "e2e/test_hostile",  # 96 s
+    "e2e/test_ledger_loss",  # 87 s
+    "e2e/test_isolation",  # 75 s
+    "e2e/test_quota",  # 70 s
+    "e2e/test_faults",  # 67 s
+    "e2e/test_mirror",  # 65 s
+    "e2e/test_gc",  # 60 s
+    "e2e/test_conformance",  # 56 s
     # Hypothesis properties: CPU for a minute each on a loaded machine, the tail otherwise.
-    "test_gc_plan",
-    "test_listing",
-    "test_policy_properties",
-    "test_properties",
+    "unit/test_gc_plan",
+    "unit/test_listing",
+    "unit/test_policy_properties",
+    "unit/test_properties",
 )
 
 
