@@ -18,8 +18,8 @@ e2e:
 	scripts/setup.sh --test
 	.venv/bin/pytest -m e2e
 
-# The OCI conformance suite against the backend and through the gateway (tests/conformance.py);
+# The OCI conformance suite against the backend and through the gateway (tests/support/conformance.py);
 # needs its sources in ../shared/conformance or $CONFORMANCE_SRC.
 conformance:
 	scripts/setup.sh --test
-	.venv/bin/python -m tests.conformance
+	.venv/bin/python -m tests.support.conformance

@@ -7,7 +7,7 @@ three tenants for `--seconds` (skopeo pushes and pulls, manifest and blob GETs, 
 refused: another tenant's repository, an unknown tag, no token), and near the end takes the
 screenshot in headless Chromium (1400x900) with one refused flow opened. Chromium's own
 `--screenshot` flag shoots at the page's load event, before the event stream has delivered
-anything, so the page is driven over the DevTools protocol (tests/browser.py) instead: wait
+anything, so the page is driven over the DevTools protocol (tests/support/browser.py) instead: wait
 for flows, click one, capture. Loopback only; every loop is bounded in time.
 """
 
@@ -27,11 +27,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.browser import Browser  # noqa: E402
 from tests.conftest import skopeo_copy  # noqa: E402
-from tests.images import oci_layout  # noqa: E402
-from tests.stack import Stack  # noqa: E402
-from tests.standins.auth import AuthStandin, tabbify_jwt  # noqa: E402
+from tests.support.browser import Browser  # noqa: E402
+from tests.support.images import oci_layout  # noqa: E402
+from tests.support.stack import Stack  # noqa: E402
+from tests.support.standins.auth import AuthStandin, tabbify_jwt  # noqa: E402
 
 TENANTS = ("acme", "globex", "initech")
 

@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(docker-registry skopeo wireguard-go wireguard-tools iproute2 curl)
-# Tests: nginx and wrk for the benchmarks, docker.io for tests/test_e2e_docker.py (which starts
+# Tests: nginx and wrk for the benchmarks, docker.io for tests/e2e/test_docker.py (which starts
 # its own dockerd), Go for the differential tests' recorder (tests/standins/recorder) and the
-# OCI conformance suite, Chromium for the live view's browser test (tests/test_e2e_liveview.py),
-# PostgreSQL for the shared ledger's tests (tests/postgres.py starts its own throwaway cluster).
+# OCI conformance suite, Chromium for the live view's browser test (tests/e2e/test_liveview.py),
+# PostgreSQL for the shared ledger's tests (tests/support/postgres.py starts its own throwaway cluster).
 [[ "${1:-}" == "--test" ]] && APT_PACKAGES+=(nginx-light wrk docker.io golang-go podman chromium
     postgresql)
 

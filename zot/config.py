@@ -1,7 +1,7 @@
 """Backend registry configs rendered from Settings: pure functions returning JSON-ready dicts.
 
 Zot rejects unknown keys, so every Zot key here is in the project's schema of Zot's
-configuration, zot/schema.py (tests/test_backend_config.py checks each rendered config against
+configuration, zot/schema.py (tests/unit/test_backend_config.py checks each rendered config against
 it). Neither renderer ever emits S3 access keys: credentials come from the AWS SDK default
 chain (instance/task role, env, profile).
 """
@@ -245,7 +245,7 @@ def render_distribution(
             "delete": {"enabled": True},  # deleting manifests/blobs by digest is part of the API
             # No blob-descriptor cache: after `garbage-collect` the in-memory one keeps
             # answering HEAD 200 for deleted blobs and accepts manifests that reference them,
-            # i.e. broken images (tests/test_e2e_distribution_gc.py pins that); with several
+            # i.e. broken images (tests/e2e/test_distribution_gc.py pins that); with several
             # nodes it would keep describing a blob another node deleted. Without it every
             # check reads storage, and such a push is refused (MANIFEST_BLOB_UNKNOWN).
             # Serve blobs through the registry (as Zot does) instead of redirecting clients to

@@ -1,7 +1,7 @@
 """What a request head and a chunked body must look like before the gateway reads further.
 
 Pure functions, used by the engine patches (hardening.py) on the bytes mitmproxy and h11
-buffer, and tested alone (tests/test_connections.py).
+buffer, and tested alone (tests/unit/test_connections.py).
 """
 
 from __future__ import annotations

@@ -7,18 +7,18 @@ this module patches nothing. `apply()` first refuses any mitmproxy or h11 other 
 versions pinned in pyproject.toml (`check_versions`): a patch of another version's internals
 could apply half-way and silently be wrong.
 
-Each patch, and a test that fails without it (tests/test_engine_pins.py checks that every test
+Each patch, and a test that fails without it (tests/unit/test_engine_pins.py checks that every test
 named here exists):
 
 1. Error pages: mitmproxy answers malformed requests and an unreachable backend with HTML that
    no hook can restyle, quoting its own internals. We answer OCI JSON (`oci.protocol_error`).
-   test_e2e_lifecycle.py::test_backend_down_and_malformed_requests_get_oci_errors_not_html
+   tests/e2e/test_lifecycle.py::test_backend_down_and_malformed_requests_get_oci_errors_not_html
 2. Bounded heads: mitmproxy buffers a request head, and h11 a chunk-size line, without limit
    (mitmproxy's own "FIXME: protect against header size DoS"): 1 MiB head, 64 KiB chunk line.
-   test_e2e_hostile.py::test_an_endless_line_is_cut_off
+   tests/e2e/test_hostile.py::test_an_endless_line_is_cut_off
 3. A leading empty line before the request line is ignored (RFC 9112 §2.2) instead of leaving
    the client waiting: h11 drops one such line per call and mitmproxy then waits for more data.
-   test_e2e_hostile.py::test_a_leading_empty_line_is_ignored
+   tests/e2e/test_hostile.py::test_a_leading_empty_line_is_ignored
 4. Reads of up to 256 KiB instead of 64 KiB (`asyncio.StreamReader.read`, asked for 65535
    bytes): every read is one trip through mitmproxy's layers and our hooks, and pulls were
    bound by that per-read work. Measured (1 GiB, same session, ratio to direct): 64 KiB push
@@ -29,29 +29,29 @@ named here exists):
    above; mitmproxy has no limit and some of its lookups are quadratic in the count), names
    that are RFC 9110 tokens, values without control characters. mitmproxy keeps an obs-fold
    continuation inside the value ("a\r\n b") where Go joins it with a space: a folded or
-   CR-bearing value is 400. test_e2e_hostile.py::test_hostile_request (its `200-headers`,
+   CR-bearing value is 400. tests/e2e/test_hostile.py::test_hostile_request (its `200-headers`,
    `obs-fold`, `nul-in-header-value` and `bare-cr-in-value` cases)
 6. Error answers to HEAD requests carry no body (mitmproxy's would desynchronise the client's
    keep-alive connection when the backend is down), and always a complete OCI answer.
-   test_e2e_connections.py::test_a_down_backend_gives_complete_answers_even_to_head
+   tests/e2e/test_connections.py::test_a_down_backend_gives_complete_answers_even_to_head
 7. Connection lifetimes (gateway/connections.py): every Http1Server layer is tracked so that a
    head that does not complete in time (408) and an idle keep-alive connection are closed,
    and `handle_stream` admits a new connection only under the connection caps.
-   test_e2e_connections.py::test_a_head_dripped_byte_by_byte_is_cut_off_with_408,
-   test_e2e_connections.py::test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout,
-   test_e2e_connections.py::test_the_total_cap_answers_503_and_recovers
+   tests/e2e/test_connections.py::test_a_head_dripped_byte_by_byte_is_cut_off_with_408,
+   tests/e2e/test_connections.py::test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout,
+   tests/e2e/test_connections.py::test_the_total_cap_answers_503_and_recovers
 8. Several worker processes on one port: the listening socket is bound with SO_REUSEPORT
    (the kernel spreads new connections over the workers) and a deeper accept backlog.
    `run` checks the port is free before it starts them, so another program's socket is never
    shared by accident. Without it the second worker cannot bind and the stack does not start:
-   test_e2e_lifecycle.py::test_a_killed_gateway_worker_is_restarted_while_the_others_serve
+   tests/e2e/test_lifecycle.py::test_a_killed_gateway_worker_is_restarted_while_the_others_serve
 9. Body bytes of a message with a Content-Length pass straight through: h11's buffer would
    copy each chunk three times (append, a slice only to test emptiness, extract) and
    mitmproxy once more. A chunk that arrives with nothing buffered before it is handed on as
    it is; anything else (a buffered remainder, the message's end, a pipelined next message)
    takes mitmproxy's own path. Speed only (see docs/benchmarks.md): no test fails without
-   it; test_e2e_hostile.py::test_pipelined_requests_get_two_answers and
-   test_e2e_hostile.py::test_a_smuggled_second_request_in_a_body_is_not_a_request hold
+   it; tests/e2e/test_hostile.py::test_pipelined_requests_get_two_answers and
+   tests/e2e/test_hostile.py::test_a_smuggled_second_request_in_a_body_is_not_a_request hold
    with it.
 10. Request bodies the engine cannot read are answered, and the flow always ends. A chunked
    body is read strictly (RFC 9112 §7.1, `framing.chunk_framing_problem`): 1-16 hex digits,
@@ -64,8 +64,8 @@ named here exists):
    never sees a field the gateway did not read. Any other exception in an HTTP/1 layer ends
    its connection (400 if no answer has begun) and its flow through mitmproxy's error hook,
    so every addon releases what it holds.
-   test_e2e_hostile.py::test_malformed_chunked_framing_is_answered_400_at_once,
-   test_e2e_hostile.py::test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc,
+   tests/e2e/test_hostile.py::test_malformed_chunked_framing_is_answered_400_at_once,
+   tests/e2e/test_hostile.py::test_a_chunked_patch_with_a_trailer_is_answered_and_holds_no_gc,
    test_engine_faults.py::test_an_exception_in_the_engine_answers_400_and_ends_the_flow
 11. Hook dispatch without mitmproxy's per-call overhead (addons/engine/dispatch.py). Speed only
    (docs/benchmarks.md): the order and arguments of every hook are unchanged, so no test

@@ -72,7 +72,7 @@ def fail_closed(hook: Callable[..., Any] | None = None, *, kill: bool = False) -
     when the gate itself fails there is nobody left to deliver a refusal.
 
     The guard calls the hook through its `__wrapped__` attribute, so that a test can replace
-    any one hook's body with one that raises (tests/test_fail_closed.py)."""
+    any one hook's body with one that raises (tests/unit/test_fail_closed.py)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(fn):

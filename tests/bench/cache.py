@@ -46,8 +46,8 @@ from tests.bench.compare import (
 )
 from tests.bench.httpload import load
 from tests.bench.liveview import cpu_seconds
-from tests.images import oci_layout
-from tests.standins.auth import tabbify_jwt
+from tests.support.images import oci_layout
+from tests.support.standins.auth import tabbify_jwt
 
 TENANT = "bench"
 CONNECTIONS = 8

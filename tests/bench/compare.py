@@ -47,9 +47,9 @@ import requests
 from addons.decisions.tokens import LIFETIME
 from tests.bench.httpload import LoadResult, load
 from tests.bench.throughput import MIB, Body, peak_rss_mb, pull, push
-from tests.images import oci_layout
-from tests.stack import Stack, free_port, wait_for
-from tests.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.images import oci_layout
+from tests.support.stack import Stack, free_port, wait_for
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 PATHS = ("direct", "gateway", "nginx")
 TENANT = "bench"

@@ -24,9 +24,9 @@ import requests
 from addons.cli.programs import gateway_command
 from addons.config import settings as settings_mod
 from tests.bench.httpload import load
-from tests.stack import Stack, free_port, wait_for
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.test_e2e_gateway import push_blob
+from tests.e2e.test_gateway import push_blob
+from tests.support.stack import Stack, free_port, wait_for
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 
 def token(base: str, credential: str) -> dict[str, str]:

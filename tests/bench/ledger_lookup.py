@@ -34,8 +34,8 @@ from addons.storage.postgres import PgLedger
 from addons.storage.s3 import S3Ledger, S3Location
 from addons.storage.sqlite import SqliteLedger
 from tests.bench.httpload import percentile
-from tests.postgres import PASSWORD, Postgres
-from tests.standins.seaweed import SeaweedS3
+from tests.support.postgres import PASSWORD, Postgres
+from tests.support.standins.seaweed import SeaweedS3
 
 BUCKET = "tbf-bench"
 

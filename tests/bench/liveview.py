@@ -54,8 +54,8 @@ from tests.bench.compare import (
     start_stack,
     wrk_script,
 )
-from tests.stack import Stack, wait_for
-from tests.standins.auth import tabbify_jwt
+from tests.support.stack import Stack, wait_for
+from tests.support.standins.auth import tabbify_jwt
 
 TENANT = "bench"
 

@@ -17,10 +17,10 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from tests.netns import Underlay, WgClient, poll
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.standins.coordinator import CoordinatorStandin
-from tests.test_e2e_mesh import MeshRegistry
+from tests.e2e.test_mesh import MeshRegistry
+from tests.support.netns import Underlay, WgClient, poll
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.standins.coordinator import CoordinatorStandin
 
 PLAIN_SERVER = textwrap.dedent(
     """

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests import images
-from tests.stack import Stack
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.standins.upstream import TOKEN, USER, HubFront, Upstream
+from tests.support import images
+from tests.support.stack import Stack
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.standins.upstream import TOKEN, USER, HubFront, Upstream
 
 
 def skopeo_copy(src: str, dest: Path, *creds: str) -> float:

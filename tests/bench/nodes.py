@@ -36,10 +36,10 @@ from pathlib import Path
 import requests
 
 from tests.bench.httpload import _CONTENT_LENGTH, _load, percentile, request_bytes
-from tests.stack import Stack
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.standins.seaweed import SeaweedS3
-from tests.test_e2e_gateway import push_blob
+from tests.e2e.test_gateway import push_blob
+from tests.support.stack import Stack
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.standins.seaweed import SeaweedS3
 
 BUCKET = "tbf-bench-nodes"
 REPO = "acme/bench"

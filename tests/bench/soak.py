@@ -24,10 +24,10 @@ from pathlib import Path
 
 import requests
 
-from tests.stack import Stack
-from tests.standins.auth import AuthStandin, tabbify_jwt
-from tests.test_e2e_gateway import bearer, token
-from tests.test_e2e_listing import push_image
+from tests.e2e.test_gateway import bearer, token
+from tests.e2e.test_listing import push_image
+from tests.support.stack import Stack
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 CONNECTIONS = 8
 BATCH = 200  # requests written at once on a connection (pipelined), then read back

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from tests.stack import Stack
-from tests.standins.auth import AuthStandin, tabbify_jwt
+from tests.support.stack import Stack
+from tests.support.standins.auth import AuthStandin, tabbify_jwt
 
 MIB = 1 << 20
 

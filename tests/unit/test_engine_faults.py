@@ -1,0 +1,112 @@
+"""Whatever ends a flow, nothing a client sends leaves per-flow state behind.
+
+The gateway's real engine in-process (tests/support/inproc.py, anonymous mode) in front of a backend
+that takes every request and never answers. An exception inside mitmproxy's HTTP/1 layer (here
+made to happen: the chunked body reader raises) used to be logged as "mitmproxy has crashed!"
+and nothing else: no answer, the connection left open, no `error` hook, so the write stayed
+counted in flight and every `gc` waited for it. And the freeze's count itself must drop a
+flow that cannot act any more even when no hook said it ended.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from mitmproxy.test import tflow
+
+from addons.engine import connections, hardening
+from addons.gateway.freeze import WriteFreeze
+from tests.support.inproc import InProcessGateway
+from tests.support.rawhttp import Conn
+from tests.support.stack import wait_for
+
+
+class SilentBackend:
+    """Accepts connections, reads whatever comes, never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[InProcessGateway]:
+    backend = SilentBackend()
+    with InProcessGateway(backend.url, anonymous=True) as gateway:
+        yield gateway
+    backend.close()
+
+
+def test_an_exception_in_the_engine_answers_400_and_ends_the_flow(gw, monkeypatch):
+    def unforeseen(self: object, buf: object) -> None:
+        raise RuntimeError("an engine path nobody foresaw")
+
+    monkeypatch.setattr(hardening.BoundedChunkedReader, "__call__", unforeseen)
+    freeze = gw.addon("writefreeze")
+    conn = Conn(gw.port, timeout=5.0)
+    try:
+        started = time.monotonic()
+        conn.send(
+            b"PATCH /v2/acme/app/blobs/uploads/u HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        answer = conn.read_answer()
+        assert answer is not None and answer.status == 400, answer
+        assert answer.header("connection") == "close"
+        assert b'"UNSUPPORTED"' in answer.body
+        assert time.monotonic() - started < 2.0
+        assert conn.closed()
+    finally:
+        conn.close()
+    # The flow ended through mitmproxy's error hook: not one write left in flight.
+    wait_for(lambda: freeze.in_flight() == 0, 3)
+
+
+def counted_flow(freeze: WriteFreeze, age: float = 0.0, closed_ago: float | None = None):
+    flow = tflow.tflow()
+    flow.live = True
+    flow.timestamp_created = time.time() - age
+    flow.client_conn.timestamp_end = None if closed_ago is None else time.time() - closed_ago
+    freeze._in_flight[flow.id] = (flow, frozenset(), None)  # as _admit records a write
+    return flow
+
+
+def test_the_freeze_stops_counting_a_flow_that_cannot_act_any_more():
+    """No `response`/`error` hook for any of these flows: the count still drops."""
+    freeze = WriteFreeze()
+    counted_flow(freeze)  # a write going on
+    counted_flow(freeze, closed_ago=1.0)  # its client just left: the backend may finish it
+    assert freeze.in_flight() == 2
+    counted_flow(freeze, closed_ago=connections.CLOSED_GRACE + 1)  # client gone for good
+    counted_flow(freeze, age=connections.MAX_FLOW_AGE + 1)  # held by a client for too long
+    done = counted_flow(freeze)
+    done.live = False  # mitmproxy finished it
+    assert freeze.in_flight() == 2
