@@ -23,8 +23,6 @@ field at run time. Here:
   out. What cannot finish at once keeps a task that feeds its own reply, as mitmproxy's
   does: a coroutine that really waits, an awaitable a plain function returned, an
   intercepted flow (`flow.intercept()` until `resume`), an OptionsError (raised in the task).
-- within that step, consecutive writes to one connection (a response's head and body) go
-  out as one socket write instead of one system call per command (`_Out`).
 
 The order in which addons see a hook, and what each receives, are unchanged.
 """
@@ -268,7 +266,7 @@ def _execute(self: Any, command: commands.Command) -> None:
         and command.connection not in self.transports
     ):
         pass  # The connection has already been closed.
-    elif isinstance(command, commands.SendData):  # (_feed gathers them: not reached from there)
+    elif isinstance(command, commands.SendData):
         writer = self.transports[command.connection].writer
         assert writer
         if not writer.is_closing():
@@ -283,50 +281,11 @@ def _execute(self: Any, command: commands.Command) -> None:
         raise RuntimeError(f"Unexpected command: {command}")
 
 
-class _Out:
-    """Consecutive SendData to one connection, written as one: a socket write is a system
-    call, and a response's head and body come as two commands (a cached answer's whole
-    CPU cost had a fifth in `transport.write`). Written before any other command, so that
-    every byte leaves in the order, and before the step ends, as mitmproxy's would."""
-
-    __slots__ = ("chunks", "size", "writer")
-
-    def __init__(self) -> None:
-        self.writer: Any = None
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def add(self, writer: Any, data: bytes) -> None:
-        if writer is not self.writer or self.size + len(data) > COALESCE_MAX:
-            self.flush()
-            self.writer = writer
-        self.chunks.append(data)
-        self.size += len(data)
-
-    def flush(self) -> None:
-        if self.chunks:
-            writer, chunks = self.writer, self.chunks
-            self.writer, self.chunks, self.size = None, [], 0
-            if not writer.is_closing():
-                writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-
-COALESCE_MAX = 64 * 1024  # larger writes go out one by one: joining them would only copy
-
-
 def _feed(self: Any, event: events.Event, replies: collections.deque[Any]) -> None:
     """The layers' commands for one event. A hook runs when it is yielded (as mitmproxy's
     eager task does); a blocking hook done by then has its reply queued in `replies`."""
-    out = _Out()
     try:
         for command in self.layer.handle_event(event):
-            if isinstance(command, commands.SendData):
-                io = self.transports.get(command.connection)
-                if io is not None:  # else: the connection has already been closed
-                    assert io.writer
-                    out.add(io.writer, command.data)
-                continue
-            out.flush()
             if isinstance(command, commands.StartHook):
                 if _start_hook(self, command) and command.blocking:
                     replies.append(command)
@@ -334,7 +293,6 @@ def _feed(self: Any, event: events.Event, replies: collections.deque[Any]) -> No
                 _execute(self, command)
     except Exception:
         self.log("mitmproxy has crashed!", logging.ERROR, exc_info=True)
-    out.flush()
 
 
 async def server_event(self: Any, event: events.Event) -> None:

@@ -75,9 +75,7 @@ named here exists):
    done at once (plain, or a task whose eager first step finished it) goes back to the layers
    under the same lock, instead of a later turn of the loop and a second server_event.
    Intercepted flows, awaitables and hooks that really wait keep mitmproxy's task path.
-   Consecutive writes to one connection within that step go out as one socket write.
-   test_engine_hooks.py::test_a_hook_of_plain_functions_runs_inline_and_the_order_is_unchanged,
-   test_engine_hooks.py::test_an_answer_made_at_once_leaves_in_one_socket_write
+   test_engine_hooks.py::test_a_hook_of_plain_functions_runs_inline_and_the_order_is_unchanged
 
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/plain_http.py, `next_layer`), the connection caps and deadlines

@@ -14,7 +14,6 @@ import http.server
 import logging
 import threading
 import time
-from asyncio import selector_events
 from collections.abc import Iterator
 from typing import Any
 
@@ -172,30 +171,3 @@ def test_an_awaitable_from_a_plain_hook_is_awaited_before_the_next_hook(gw):
         "response",
     ]
     assert hooks[5:] == ["requestheaders", "request", "responseheaders", "response"]
-
-
-def test_an_answer_made_at_once_leaves_in_one_socket_write(gw, monkeypatch):
-    """Head and body of an answer the gateway makes in one step go out in one write (one
-    system call, where mitmproxy made one per command), every byte in order."""
-    gateway, _ = gw
-    writes: list[tuple[int, bytes]] = []
-    write = selector_events._SelectorSocketTransport.write
-
-    def counted(transport: Any, data: Any) -> None:
-        peer = transport.get_extra_info("peername")
-        writes.append((peer[1] if peer else 0, bytes(data)))
-        write(transport, data)
-
-    monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", counted)
-    conn = Conn(gateway.port, timeout=5.0)
-    try:
-        for _ in range(2):  # keep-alive: the second answer is one write too
-            conn.send(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = conn.read_answer()
-            assert answer is not None and answer.status == 404 and b"NOT_FOUND" in answer.body
-        port = conn.sock.getsockname()[1]
-    finally:
-        conn.close()
-    to_client = [data for peer, data in writes if peer == port]
-    assert len(to_client) == 2, to_client
-    assert all(data.startswith(b"HTTP/1.1 404") and data.endswith(b"}") for data in to_client)
