@@ -70,6 +70,12 @@ named here exists):
 11. Hook dispatch without mitmproxy's per-call overhead (addons/engine/dispatch.py). Speed only
    (docs/benchmarks.md): the order and arguments of every hook are unchanged, so no test
    fails without it.
+12. A hook's reply in the same step (addons/engine/dispatch.py: server_event): a hook whose every
+   callable is a plain function runs without a task of its own, and the reply of any hook
+   done at once (plain, or a task whose eager first step finished it) goes back to the layers
+   under the same lock, instead of a later turn of the loop and a second server_event.
+   Intercepted flows, awaitables and hooks that really wait keep mitmproxy's task path.
+   tests/unit/test_engine_hooks.py::test_a_hook_of_plain_functions_runs_inline_and_the_order_is_unchanged
 
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/engine/plain_http.py, `next_layer`), the connection caps and deadlines

@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     credential = tabbify_jwt({"sub": TENANT})
     with contextlib.ExitStack() as running:
         stack = start_stack(running, tmp, 1)
-        gateway_pid, backend_pid = pid_of(stack, "mitmdump:mitmdump-0"), pid_of(stack, "backend")
+        gateway_pid, backend_pid = pid_of(stack, "gateway:gateway-0"), pid_of(stack, "backend")
 
         def bearer() -> dict[str, str]:
             return {"Authorization": f"Bearer {registry_token(stack, credential)}"}
