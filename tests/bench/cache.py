@@ -3,7 +3,7 @@ the gateway and straight to the backend, and whole `skopeo copy` pushes and pull
 10-layer image, cold and warm, through the gateway, direct and nginx.
 
     .venv/bin/python -m tests.bench.cache [--duration 5] [--rounds 3] [--layer-kib 1024]
-                                    [--fill-mib 64] [--json out.json]
+                                          [--fill-mib 64] [--json out.json]
 
 One gateway worker (REGISTRY_WORKERS=1), the Distribution backend with its per-run Basic
 credential, auth on with the stand-in. For each request kind (manifest GET by digest, blob

@@ -1,7 +1,7 @@
 """Gateway, direct backend and nginx side by side, in ONE run.
 
     .venv/bin/python -m tests.bench.compare [--blob-mib 1024] [--small-blob-mib 256] [--duration 10]
-                                      [--json out.json]
+                                            [--json out.json]
 
 Starts a full stack (`tabbify-registry run`, Distribution backend, auth on with the stand-in)
 and Debian's nginx as a plain streaming reverse proxy over the SAME backend, then measures the

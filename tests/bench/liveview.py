@@ -2,7 +2,7 @@
 and open, in ONE run, alternating.
 
     .venv/bin/python -m tests.bench.liveview [--duration 10] [--rounds 3] [--workers N]
-        [--json out.json]
+                                             [--json out.json]
 
 Starts a full stack (`tabbify-registry run`, Distribution backend, auth on with the stand-in),
 pushes a small image, then runs wrk (as tests.bench.compare does: 2 threads, 16 keep-alive

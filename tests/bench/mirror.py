@@ -2,7 +2,7 @@
 upstream, in ONE run.
 
     .venv/bin/python -m tests.bench.mirror [--layers 10] [--layer-mib 4] [--repeat 3]
-        [--json out.json]
+                                           [--json out.json]
 
 Starts a plain Distribution as the upstream (Docker Hub's stand-in, with its token front as
 in tests/standins/upstream.py), pushes one image of `--layers` random layers there with
