@@ -93,25 +93,6 @@ class GcError(Exception):
 # --- the snapshot ------------------------------------------------------------------------------
 
 
-def descriptor_sizes(body: bytes) -> dict[str, int]:
-    """digest → size of the descriptors a manifest names (config, layers, blobs, children)."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return {}
-    out: dict[str, int] = {}
-    if not isinstance(doc, dict):
-        return out
-    for key in ("config", "layers", "blobs", "manifests"):
-        items = doc.get(key)
-        for d in items if isinstance(items, list) else [items]:
-            if isinstance(d, dict) and isinstance(d.get("digest"), str):
-                size = d.get("size")
-                if type(size) is int and size >= 0:
-                    out[d["digest"]] = size
-    return out
-
-
 @dataclass
 class Walk:
     snapshot: gc_plan.Snapshot
@@ -184,7 +165,7 @@ def walk_repository(
                 logger.warning("gc: keeping %s@%s, unreadable: %s", repo, digest, e)
                 continue  # not in the snapshot: never deleted
             manifests[digest] = described
-            sizes.update(descriptor_sizes(body))
+            sizes.update(manifest.descriptor_sizes(body))
             sizes[digest] = len(body)
             blobs.update(described.blobs)
             todo += [d for d in described.children if d not in seen]

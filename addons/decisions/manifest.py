@@ -17,6 +17,7 @@ differ, the manifest is refused (400 MANIFEST_INVALID) instead of guessed at:
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from addons.decisions import strictjson
@@ -144,3 +145,56 @@ def read(body: bytes, content_type: str) -> list[str]:
     if media_type(content_type) not in MEDIA_TYPES:
         raise ManifestError("Content-Type is not an OCI or Docker manifest media type")
     return references(parse(body))
+
+
+# --- manifests the backend already holds -------------------------------------------------------
+# Read leniently, for what they are made of (immutable tags protect it, GC reports its sizes):
+# never to grant anything. A manifest PUT is read strictly, above (`parse`, `references`).
+
+
+def made_of(doc: object) -> tuple[list[str], list[str]]:
+    """(child manifests, blobs) a manifest names: an index's `manifests`; an image's `config`
+    and `layers`; an artifact's `blobs`; schema 1's `fsLayers`. Never `subject`: that is
+    what this manifest refers to, not what it is made of. Only digests in the registry's
+    grammar: nothing else can be deleted through the gateway anyway."""
+    if not isinstance(doc, dict):
+        raise ValueError("a manifest is a JSON object")
+
+    def digests(items: object, key: str = "digest") -> list[str]:
+        found = []
+        for item in items if isinstance(items, list) else []:
+            value = item.get(key) if isinstance(item, dict) else None
+            if isinstance(value, str) and is_digest(value):
+                found.append(value)
+        return found
+
+    blobs = digests([doc.get("config")]) + digests(doc.get("layers")) + digests(doc.get("blobs"))
+    blobs += digests(doc.get("fsLayers"), "blobSum")
+    return digests(doc.get("manifests")), blobs
+
+
+def own_digests(body: bytes) -> set[str]:
+    """A manifest's own names: the backend may know it by either algorithm."""
+    return {
+        f"sha256:{hashlib.sha256(body).hexdigest()}",
+        f"sha512:{hashlib.sha512(body).hexdigest()}",
+    }
+
+
+def descriptor_sizes(body: bytes) -> dict[str, int]:
+    """digest → size of the descriptors a manifest names (config, layers, blobs, children)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    out: dict[str, int] = {}
+    if not isinstance(doc, dict):
+        return out
+    for key in ("config", "layers", "blobs", "manifests"):
+        items = doc.get(key)
+        for d in items if isinstance(items, list) else [items]:
+            if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                size = d.get("size")
+                if type(size) is int and size >= 0:
+                    out[d["digest"]] = size
+    return out

@@ -29,7 +29,6 @@ nodes do not share claims (README, known limits).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import shutil
@@ -48,6 +47,7 @@ from addons.clients.backend import (
     AsyncClient,
     Unavailable,
 )
+from addons.decisions import manifest
 from addons.decisions.policy import Policy
 from addons.decisions.routes import is_digest
 from addons.engine import connections, oci
@@ -79,35 +79,6 @@ class Reach:
     digests: frozenset[str]
     manifests: int  # itself and every manifest below it
     height: int  # levels of indexes below it
-
-
-def references(doc: object) -> tuple[list[str], list[str]]:
-    """(child manifests, blobs) a manifest names: an index's `manifests`; an image's `config`
-    and `layers`; an artifact's `blobs`; schema 1's `fsLayers`. Never `subject`: that is
-    what this manifest refers to, not what it is made of. Only digests in the registry's
-    grammar: nothing else can be deleted through the gateway anyway."""
-    if not isinstance(doc, dict):
-        raise ValueError("a manifest is a JSON object")
-
-    def digests(items: object, key: str = "digest") -> list[str]:
-        found = []
-        for item in items if isinstance(items, list) else []:
-            value = item.get(key) if isinstance(item, dict) else None
-            if isinstance(value, str) and is_digest(value):
-                found.append(value)
-        return found
-
-    blobs = digests([doc.get("config")]) + digests(doc.get("layers")) + digests(doc.get("blobs"))
-    blobs += digests(doc.get("fsLayers"), "blobSum")
-    return digests(doc.get("manifests")), blobs
-
-
-def content_digests(body: bytes) -> set[str]:
-    """A manifest's own names: the backend may know it by either algorithm."""
-    return {
-        f"sha256:{hashlib.sha256(body).hexdigest()}",
-        f"sha512:{hashlib.sha512(body).hexdigest()}",
-    }
 
 
 @dataclass
@@ -329,10 +300,10 @@ class ImmutableTags:
             if body is None:  # a child that is not there: nothing of it to protect but itself
                 return Reach(frozenset({digest}), 1, 0)  # not cached: it may be pushed later
             try:
-                children, blobs = references(json.loads(body))
+                children, blobs = manifest.made_of(json.loads(body))
             except (ValueError, RecursionError):
                 raise Unavailable(f"manifest {digest} is not readable") from None
-            found = {digest, *content_digests(body), *blobs}
+            found = {digest, *manifest.own_digests(body), *blobs}
             manifests, height, complete = 1, 0, True
             children = list(dict.fromkeys(children))  # a child named twice is one child
             if children and depth >= MAX_DEPTH:
@@ -379,7 +350,7 @@ class ImmutableTags:
         if response.status == 404:
             return None
         body = response.expect(200).body
-        if digest not in content_digests(body):
+        if digest not in manifest.own_digests(body):
             raise Unavailable(f"the backend's manifest {digest} does not match its digest")
         return body
 

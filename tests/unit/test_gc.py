@@ -12,7 +12,7 @@ import pytest
 
 from addons.cli import gc
 from addons.config.settings import load
-from addons.decisions import gc_plan
+from addons.decisions import gc_plan, manifest
 from addons.decisions.policy import parse
 from addons.gateway import freeze
 from addons.runstate import write_json
@@ -50,8 +50,8 @@ def test_descriptor_sizes():
             "manifests": [{"digest": "sha256:" + "c" * 64, "size": -1}],
         }
     ).encode()
-    assert gc.descriptor_sizes(body) == {"sha256:" + "a" * 64: 10, "sha256:" + "b" * 64: 20}
-    assert gc.descriptor_sizes(b"not json") == {}
+    assert manifest.descriptor_sizes(body) == {"sha256:" + "a" * 64: 10, "sha256:" + "b" * 64: 20}
+    assert manifest.descriptor_sizes(b"not json") == {}
 
 
 def write_worker(

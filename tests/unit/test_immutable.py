@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from addons.clients.backend import AsyncClient, Unavailable
+from addons.decisions.manifest import made_of
 from addons.decisions.policy import parse
 from addons.gateway import immutable
-from addons.gateway.immutable import ImmutableTags, references
+from addons.gateway.immutable import ImmutableTags
 from addons.gateway.policy_store import PolicyFile
 
 POLICY = parse('[[immutable]]\nrepositories = ["acme/rel/**"]\ntags = ["v*"]\n', "policy.toml")
@@ -82,9 +83,9 @@ def test_references_are_children_and_blobs_never_the_subject():
         "manifests": [{"digest": blob(5)}],
         "subject": {"digest": blob(6)},
     }
-    assert references(doc) == ([blob(5)], [blob(1), blob(2), blob(3), blob(4)])
+    assert made_of(doc) == ([blob(5)], [blob(1), blob(2), blob(3), blob(4)])
     with pytest.raises(ValueError):
-        references([])
+        made_of([])
 
 
 def test_a_delete_is_refused_for_everything_a_covered_tag_reaches_and_only_that():
