@@ -61,11 +61,9 @@ def callables(manager: Any, name: str) -> list[Callable[..., Any]]:
     return found
 
 
-async def trigger_event(self: Any, event: hooks.Hook) -> None:
-    funcs = callables(self, event.name)
-    if not funcs:
-        return
-    args = event.args()
+async def _call_all(funcs: list[Callable[..., Any]], args: Sequence[Any]) -> None:
+    """Call each in order, awaiting what they return, as mitmproxy's `safecall` does: an
+    AddonHalt ends the hook, an OptionsError is raised on, any other error is logged."""
     for func in funcs:
         try:
             result = func(*args)
@@ -77,6 +75,12 @@ async def trigger_event(self: Any, event: hooks.Hook) -> None:
             raise
         except Exception as e:
             logger.error(f"Addon error: {e}", exc_info=True)
+
+
+async def trigger_event(self: Any, event: hooks.Hook) -> None:
+    funcs = callables(self, event.name)
+    if funcs:
+        await _call_all(funcs, event.args())
 
 
 def _forget(manager: Any) -> None:
@@ -169,17 +173,7 @@ async def _finish(pending: Awaitable[Any], stages: list[Stage]) -> None:
     except Exception as e:
         logger.error(f"Addon error: {e}", exc_info=True)
     for funcs, args in stages:
-        for func in funcs:
-            try:
-                result = func(*args)
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except exceptions.AddonHalt:
-                break
-            except exceptions.OptionsError:
-                raise
-            except Exception as e:
-                logger.error(f"Addon error: {e}", exc_info=True)
+        await _call_all(funcs, args)
 
 
 class _Reply:
