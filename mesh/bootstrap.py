@@ -18,7 +18,8 @@ import sys
 from addons.config.settings import Settings
 from mesh import fetch, interface
 from mesh.coordinator import Coordinator, CoordinatorUnusable, JoinRequest
-from mesh.state import MeshDir, MeshError, NodeState, public_key
+from mesh.model import NodeState
+from mesh.state import MeshDir, MeshError, public_key
 from mesh.status import DEGRADED, OK, StatusFile
 from mesh.validate import Skipped
 

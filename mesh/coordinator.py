@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import fetch, validate
-from mesh.state import MeshError, NodeState
+from mesh.model import NodeState
+from mesh.state import MeshError
 from mesh.validate import PeerSet, Skipped
 
 

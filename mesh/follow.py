@@ -34,7 +34,8 @@ from addons.config import settings as settings_mod
 from mesh import fetch, interface
 from mesh.bootstrap import join_request, skipped_reason, warn
 from mesh.coordinator import Coordinator, CoordinatorUnusable
-from mesh.state import MeshDir, MeshError, NodeState, Retiring, public_key
+from mesh.model import NodeState, Retiring
+from mesh.state import MeshDir, MeshError, public_key
 from mesh.status import DEGRADED, OK, StatusFile
 from mesh.validate import Skipped
 

@@ -23,7 +23,8 @@ from wgconfig import WGConfig
 
 from addons.runstate import write_atomic
 from mesh import validate
-from mesh.state import MeshError, NodeState
+from mesh.model import NodeState
+from mesh.state import MeshError
 
 logger = logging.getLogger(__name__)
 MTU = 1420  # WireGuard's usual MTU: 1500 minus the IPv6 + UDP + WireGuard overhead

@@ -14,45 +14,19 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from addons.runstate import write_atomic
+from mesh import validate
+from mesh.model import NodeState
 
 
 class MeshError(Exception):
     """A mesh problem `run` reports as one line, exiting non-zero."""
-
-
-@dataclass(frozen=True)
-class Peer:
-    public_key: str
-    endpoint: str | None
-    allowed_ips: tuple[str, ...]
-    persistent_keepalive: int | None = None
-
-
-@dataclass(frozen=True)
-class Retiring:
-    """A ULA the coordinator moved this node away from (at `since`, epoch seconds): kept on
-    the interface until no connection uses it any more, or until `until` at the latest."""
-
-    ula: str
-    since: float
-    until: float
-
-
-@dataclass(frozen=True)
-class NodeState:
-    node_id: str
-    ula: str
-    prefix: str
-    listen_port: int
-    peers: tuple[Peer, ...] = field(default_factory=tuple)
-    retiring: tuple[Retiring, ...] = field(default_factory=tuple)
 
 
 def public_key(private_b64: str) -> str:
@@ -87,8 +61,6 @@ class MeshDir:
         """The persisted state and the peers dropped from it. The file was written from
         coordinator answers, possibly by an older version that checked less: it passes the
         same rules again, so a bad peer saved long ago cannot keep the interface down."""
-        from mesh import validate  # validate builds NodeState: imported here, not in a cycle
-
         if not self.state_file.exists():
             return None, ()
         try:

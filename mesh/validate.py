@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.state import NodeState, Peer, Retiring
+from mesh.model import NodeState, Peer, Retiring
 
 ULA_SPACE = ipaddress.IPv6Network("fc00::/7")
 MAX_PEERS = 4096  # far beyond a mesh's registries and clients; bounds the work per answer

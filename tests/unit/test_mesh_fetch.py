@@ -16,7 +16,7 @@ import pytest
 
 from mesh import fetch
 from mesh.coordinator import Coordinator, CoordinatorUnusable, JoinRequest
-from mesh.state import NodeState
+from mesh.model import NodeState
 
 OWN = base64.b64encode(bytes(range(3, 35))).decode()
 KEY = base64.b64encode(bytes(range(1, 33))).decode()

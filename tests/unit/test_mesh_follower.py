@@ -17,7 +17,8 @@ from addons.config import settings
 from mesh import follow
 from mesh.bootstrap import join_request
 from mesh.coordinator import Coordinator
-from mesh.state import MeshDir, MeshError, NodeState, public_key
+from mesh.model import NodeState
+from mesh.state import MeshDir, MeshError, public_key
 from tests.support.standins.coordinator import ANSWER_MODES, BAD_PEER_KINDS, CoordinatorStandin
 
 AUTH_KEY = "follower-test-key"

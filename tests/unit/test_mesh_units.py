@@ -16,7 +16,8 @@ import pytest
 
 from mesh import interface, validate
 from mesh.follow import BACKOFF_FACTOR, backoff_delay, plan_move, retire_due
-from mesh.state import MeshDir, MeshError, NodeState, Peer, Retiring, public_key
+from mesh.model import NodeState, Peer, Retiring
+from mesh.state import MeshDir, MeshError, public_key
 from mesh.status import health, next_status
 from mesh.validate import Context, Invalid
 
