@@ -44,6 +44,7 @@ class Metrics:
         self.tokens: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.spliced = 0
         self.auth_latency = Histogram()
         self.backend_latency = Histogram()
 
@@ -57,12 +58,14 @@ class Metrics:
         bytes_out: int,
         auth_seconds: float | None,
         backend_seconds: float | None,
+        spliced: int = 0,
     ) -> None:
         status_class = f"{status // 100}xx" if status else "none"
         verdict = "allow" if decision.startswith("allow") else "deny"
         self.requests[(status_class, verdict)] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
+        self.spliced += spliced
         if kind == "token":
             self.tokens["granted" if verdict == "allow" else decision.partition(":")[2]] += 1
         if auth_seconds is not None:
@@ -77,6 +80,7 @@ class Metrics:
             "tokens": dict(self.tokens),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "spliced": self.spliced,
             "auth_latency": {"counts": self.auth_latency.counts, "sum": self.auth_latency.sum},
             "backend_latency": {
                 "counts": self.backend_latency.counts,
@@ -93,6 +97,7 @@ class Metrics:
             self.tokens[str(outcome)] += int(n)
         self.bytes_in += int(state.get("bytes_in", 0))  # type: ignore[arg-type]
         self.bytes_out += int(state.get("bytes_out", 0))  # type: ignore[arg-type]
+        self.spliced += int(state.get("spliced", 0))  # type: ignore[arg-type]
         self.auth_latency.add(state.get("auth_latency") or {})  # type: ignore[arg-type]
         self.backend_latency.add(state.get("backend_latency") or {})  # type: ignore[arg-type]
 
@@ -110,6 +115,9 @@ class Metrics:
             "# TYPE tabbify_bytes_total counter",
             f'tabbify_bytes_total{{direction="in"}} {self.bytes_in}',
             f'tabbify_bytes_total{{direction="out"}} {self.bytes_out}',
+            "# HELP tabbify_spliced_bytes_total Bytes out moved in the kernel (splice).",
+            "# TYPE tabbify_spliced_bytes_total counter",
+            f"tabbify_spliced_bytes_total {self.spliced}",
             "# HELP tabbify_token_exchanges_total /auth/token answers by outcome.",
             "# TYPE tabbify_token_exchanges_total counter",
         ]

@@ -40,6 +40,8 @@ from mitmproxy import addonmanager, exceptions, flow, hooks, http
 from mitmproxy.proxy import commands, events, mode_servers, server
 from mitmproxy.utils import asyncio_utils
 
+from addons.engine import splice
+
 logger = logging.getLogger(addonmanager.__name__)
 
 _add = addonmanager.AddonManager.add
@@ -271,6 +273,8 @@ def _execute(self: Any, command: commands.Command) -> None:
         self.close_connection(command.connection, False)
     elif isinstance(command, commands.Log):
         self.log(command.message, command.level)
+    elif isinstance(command, splice.Offer):
+        splice.take_offer(self, command)
     else:
         raise RuntimeError(f"Unexpected command: {command}")
 

@@ -77,6 +77,15 @@ named here exists):
    Intercepted flows, awaitables and hooks that really wait keep mitmproxy's task path.
    tests/unit/test_engine_hooks.py::test_a_hook_of_plain_functions_runs_inline_and_the_order_is_unchanged
 
+13. Large response bodies in the kernel (addons/engine/splice.py): once a body that every addon
+   left unchanged (`splice.PassThrough`) is under way with at least 1 MiB to come, the
+   backend connection's reading task (`handle_connection`, a copy of mitmproxy's with one step
+   added) moves the rest with splice(2), through a pipe, on duplicated descriptors; the layers
+   get the body's end as if read. A backend that closes early, a client that leaves, the layers
+   closing either side: the backend connection is aborted and the flow ends as without it.
+   tests/unit/test_engine_splice.py::test_a_large_body_is_spliced_and_arrives_whole,
+   tests/e2e/test_gateway.py::test_a_large_layer_is_pulled_byte_identical_through_the_kernel
+
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/engine/plain_http.py, `next_layer`), the connection caps and deadlines
 (addons/gateway/connections.py: ConnectionGuard).
@@ -96,7 +105,7 @@ from typing import Any
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, mode_servers
+from mitmproxy.proxy import commands, events, mode_servers, server
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import (
@@ -106,7 +115,7 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseProtocolError,
 )
 
-from addons.engine import connections, dispatch, oci
+from addons.engine import connections, dispatch, oci, splice
 from addons.engine.framing import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
@@ -257,6 +266,8 @@ def _handle_event_fast(self: Any, event: events.Event) -> Generator[Any, Any, No
         yield ReceiveHttp(self.ReceiveData(self.stream_id, chunk))
         if reader._remaining == 0:  # the message's end (and whatever follows): mitmproxy's path
             yield from _handle_event(self, events.DataReceived(self.conn, data[take:]))
+        elif (command := splice.offer(self)) is not None:
+            yield command
         return
     yield from _handle_event(self, event)
 
@@ -431,6 +442,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (asyncio.StreamReader, "read", read_larger),
         (mode_servers.ServerInstance, "handle_stream", handle_stream),
         (mode_servers.AsyncioServerInstance, "listen", listen),
+        (server.ConnectionHandler, "handle_connection", splice.handle_connection),
     ]
 
 

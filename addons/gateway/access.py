@@ -27,6 +27,7 @@ from addons.decisions import routes
 from addons.decisions.policy import Policy
 from addons.decisions.tokens import Identity, InvalidToken, TokenSigner
 from addons.engine import oci
+from addons.engine.splice import PassThrough
 from addons.gateway.gate import answered, fail_closed, respond
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.record import record
@@ -266,7 +267,7 @@ class RegistryAccess:
             rec.head_out = bytearray()
             flow.response.stream = rec.count_keep_out  # type: ignore[union-attr]
         else:
-            flow.response.stream = rec.count_out  # type: ignore[union-attr]
+            flow.response.stream = PassThrough(rec.add_out)  # type: ignore[union-attr]
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:

@@ -27,6 +27,7 @@ from mitmproxy.addonmanager import Loader
 
 from addons.decisions import redact
 from addons.decisions.metrics import Metrics
+from addons.engine.splice import PassThrough
 from addons.gateway.record import record
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def entry(flow: http.HTTPFlow, now: float) -> dict[str, object]:
         line["rule"] = _cut(rec.rule)
     if rec.cached:  # answered from the worker's content cache (addons/gateway/contentcache.py)
         line["cache"] = "hit"
+    stream = response.stream if response else None
+    if isinstance(stream, PassThrough) and stream.spliced:  # moved in the kernel (engine/splice.py)
+        line["spliced"] = stream.spliced
     if flow.error:
         line["error"] = _cut(flow.error.msg)
     return line
@@ -194,6 +198,7 @@ class AccessLog:
             kind=rec.kind,
             bytes_in=line["bytes_in"],  # type: ignore[arg-type]
             bytes_out=line["bytes_out"],  # type: ignore[arg-type]
+            spliced=line.get("spliced", 0),  # type: ignore[arg-type]
             auth_seconds=rec.auth_seconds,
             backend_seconds=backend_seconds(flow),
         )

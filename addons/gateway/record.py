@@ -79,12 +79,12 @@ class FlowRecord:
         self.bytes_in += len(chunk)
         return chunk
 
-    def count_out(self, chunk: bytes) -> bytes:
-        self.bytes_out += len(chunk)
-        return chunk
+    def add_out(self, n: int) -> None:
+        """Bytes of the answer's body sent on (the engine's PassThrough stream calls it)."""
+        self.bytes_out += n
 
     def count_keep_out(self, chunk: bytes) -> bytes:
-        """count_out, keeping a copy of the body's first HEAD_KEPT bytes in `head_out`."""
+        """Counts the bytes sent on; keeps a copy of the first HEAD_KEPT bytes in `head_out`."""
         self.bytes_out += len(chunk)
         head = self.head_out
         if head is not None and len(head) < HEAD_KEPT:

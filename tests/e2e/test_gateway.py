@@ -353,3 +353,40 @@ def test_a_referrer_artifact_and_mounts_within_the_tenant(registry, acme_jwt, tm
     assert r.status_code == 201, r.text
     r = requests.get(f"{registry.url}/v2/acme/copy/blobs/{layer}", headers=h, timeout=10)
     assert r.status_code == 200 and r.content == pushed["blobs"][layer]
+
+
+def test_a_large_layer_is_pulled_byte_identical_through_the_kernel(registry, acme_jwt, tmp_path):
+    """A layer's body passes unchanged, so the engine splices it (addons/engine/splice.py):
+    skopeo gets the same bytes, the access log and /metrics count them."""
+    pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(24 << 20,))
+    ref = f"docker://{registry.host}/acme/big:v1"
+    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
+    assert r.returncode == 0, r.stderr
+    r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
+    assert r.returncode == 0, r.stderr
+    assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+    layer = max(pushed["blobs"], key=lambda d: len(pushed["blobs"][d]))
+    size = len(pushed["blobs"][layer])
+
+    def pulled() -> dict | None:
+        return next(
+            (
+                line
+                for line in registry.access_log()
+                if line.get("method") == "GET" and line.get("reference") == layer
+            ),
+            None,
+        )
+
+    wait_for(lambda: pulled() is not None, timeout=10)
+    line = pulled()
+    assert line is not None and line["status"] == 200 and line["bytes_out"] == size
+    assert size - (2 << 20) <= line["spliced"] < size  # the first reads take the usual path
+
+    def spliced_total() -> int:
+        text = requests.get(f"http://{registry.env['REGISTRY_ADMIN_ADDR']}/metrics", timeout=5).text
+        return next(
+            int(x.split()[-1]) for x in text.splitlines() if x.startswith("tabbify_spliced_bytes")
+        )
+
+    wait_for(lambda: spliced_total() >= line["spliced"], timeout=10)

@@ -1,0 +1,277 @@
+"""Large response bodies spliced in the kernel (addons/engine/splice.py): the client gets exactly
+the backend's bytes, and every way a splice can end leaves nothing behind.
+
+The gateway's real engine in-process (tests/support/inproc.py, anonymous mode) in front of a
+backend on a raw socket that answers as each test scripts it: a body cut short, bytes beyond
+the Content-Length, a chunked body. Distribution cannot be made to misbehave on demand; the
+e2e test of real pulls through the whole stack is tests/e2e/test_gateway.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from addons.engine import splice
+from tests.support.inproc import InProcessGateway
+from tests.support.rawhttp import Conn
+from tests.support.stack import wait_for
+
+MIB = 1 << 20
+BLOB = "/v2/acme/app/blobs/sha256:" + "a" * 64
+
+
+def body(size: int) -> bytes:
+    """`size` bytes that differ everywhere (a shifted or repeated slice would not match)."""
+    out = bytearray()
+    block = 0
+    while len(out) < size:
+        out += hashlib.sha256(block.to_bytes(8, "big")).digest() * 1024
+        block += 1
+    return bytes(out[:size])
+
+
+@dataclass
+class Script:
+    """How the backend answers the next GET: a body of `size` bytes, of which it sends `send`
+    (then closes), or all of it and `extra` bytes beyond; `chunked` frames it so."""
+
+    size: int
+    send: int | None = None
+    extra: bytes = b""
+    chunked: bool = False
+
+
+class ScriptedBackend:
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.script = Script(0)
+        self.accepted = 0
+        self.open: set[socket.socket] = set()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.open.add(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        try:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = f.readline()
+                    if not line:
+                        return
+                    head += line
+                s = self.script
+                data = body(s.size)
+                if s.chunked:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    for i in range(0, len(data), MIB):
+                        piece = data[i : i + MIB]
+                        conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    conn.sendall(b"0\r\n\r\n")
+                    continue
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                    b"Content-Length: %d\r\n\r\n" % s.size
+                )
+                if s.send is not None:
+                    conn.sendall(data[: s.send])
+                    return
+                conn.sendall(data + s.extra)
+        except OSError:
+            return
+        finally:
+            f.close()
+            conn.close()
+            self.open.discard(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[ScriptedBackend]:
+    b = ScriptedBackend()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def gw(backend: ScriptedBackend) -> Iterator[InProcessGateway]:
+    with InProcessGateway(backend.url, anonymous=True) as gateway:
+        yield gateway
+
+
+def spliced(gw: InProcessGateway) -> int:
+    return gw.addon("accesslog").metrics.spliced
+
+
+def settled(gw: InProcessGateway) -> int:
+    """spliced(gw) once the flows of earlier tests have ended (a flow's count is added when
+    it ends, which may come after its client has read the last byte)."""
+    seen = [spliced(gw), time.monotonic()]
+
+    def still() -> bool:
+        now = spliced(gw)
+        if now != seen[0]:
+            seen[:] = [now, time.monotonic()]
+        return time.monotonic() - seen[1] > 0.3
+
+    wait_for(still, timeout=5)
+    return seen[0]
+
+
+def get(conn: Conn, path: str = BLOB) -> None:
+    conn.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_large_body_is_spliced_and_arrives_whole(gw, backend):
+    backend.script = Script(24 * MIB)
+    before = settled(gw)
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        answer = conn.read_answer()
+        assert answer is not None and answer.status == 200
+        assert answer.body == body(24 * MIB)
+        # Most of it went through the kernel; the first reads take the usual path.
+        wait_for(lambda: spliced(gw) - before > 20 * MIB, timeout=5)
+        # The same connection goes on: the layers saw the body's end.
+        get(conn)
+        again = conn.read_answer()
+        assert again is not None and again.status == 200 and again.body == body(24 * MIB)
+    finally:
+        conn.close()
+    wait_for(lambda: spliced(gw) - before > 40 * MIB, timeout=5)
+
+
+def test_a_slow_reader_gets_every_byte(gw, backend):
+    backend.script = Script(8 * MIB)
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        line = conn.file.readline()
+        assert line.startswith(b"HTTP/1.1 200")
+        while conn.file.readline() != b"\r\n":
+            pass
+        got = bytearray()
+        while len(got) < 8 * MIB:
+            got += conn.file.read1(64 * 1024)
+            time.sleep(0.001)  # the gateway's side of the socket fills, and it must wait
+        assert bytes(got) == body(8 * MIB)
+    finally:
+        conn.close()
+
+
+def test_a_backend_that_closes_mid_body_closes_the_client_connection(gw, backend):
+    backend.script = Script(16 * MIB, send=6 * MIB)
+    fds = open_fds()
+    conn = Conn(gw.port, timeout=10)
+    try:
+        get(conn)
+        line = conn.file.readline()
+        assert line.startswith(b"HTTP/1.1 200")
+        while conn.file.readline() != b"\r\n":
+            pass
+        # To the close: never a hang; what the backend sent, and nothing more.
+        assert conn.file.read() == body(6 * MIB)
+    finally:
+        conn.close()
+    wait_for(lambda: open_fds() <= fds, timeout=5)
+    backend.script = Script(2 * MIB)  # the gateway serves on
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        answer = conn.read_answer()
+        assert answer is not None and answer.body == body(2 * MIB)
+    finally:
+        conn.close()
+
+
+def test_a_client_that_leaves_mid_body_frees_the_backend_connection(gw, backend):
+    backend.script = Script(64 * MIB)
+    fds = open_fds()
+    conn = Conn(gw.port)
+    get(conn)
+    line = conn.file.readline()
+    assert line.startswith(b"HTTP/1.1 200")
+    conn.sock.recv(2 * MIB)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()  # a reset, with most of the body still to come
+    # The backend's connection is closed by the gateway (the backend stops sending), and
+    # nothing the splice opened is left.
+    wait_for(lambda: not backend.open, timeout=10)
+    wait_for(lambda: open_fds() <= fds, timeout=5)
+
+
+def test_bytes_beyond_the_content_length_never_reach_the_client(gw, backend):
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforged"
+    backend.script = Script(4 * MIB, extra=smuggled)
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        answer = conn.read_answer()
+        assert answer is not None and answer.body == body(4 * MIB)
+        backend.script = Script(2 * MIB)
+        get(
+            conn
+        )  # on the same connection: the next answer is the backend's next, not the forged one
+        answer = conn.read_answer()
+        assert answer is None or answer.body == body(2 * MIB)
+    finally:
+        conn.close()
+
+
+def test_what_is_not_a_plain_content_length_body_is_not_spliced(gw, backend):
+    before = settled(gw)
+    for script in (Script(4 * MIB, chunked=True), Script(splice.MIN_BYTES // 2)):
+        backend.script = script
+        conn = Conn(gw.port)
+        try:
+            get(conn)
+            answer = conn.read_answer()
+            assert answer is not None and answer.body == body(script.size)
+        finally:
+            conn.close()
+    assert settled(gw) == before
+
+
+def test_a_client_that_stops_reading_is_cut_off_by_the_inactivity_timeout(backend):
+    """A splice waiting on a client that reads nothing is not activity: mitmproxy's
+    `tcp_timeout` closes the connection as it would without the splice."""
+    backend.script = Script(256 * MIB)
+    with InProcessGateway(backend.url, anonymous=True, extra=("tcp_timeout=2",)) as gw:
+        before = settled(gw)
+        conn = Conn(gw.port)
+        try:
+            get(conn)
+            assert conn.file.readline().startswith(b"HTTP/1.1 200")
+            conn.file.read1(MIB)
+            started = time.monotonic()
+            # The gateway spliced what the sockets hold, then waits on this client.
+            wait_for(lambda: not backend.open, timeout=15)
+            assert 1.5 < time.monotonic() - started < 10
+            assert 0 < settled(gw) - before < 128 * MIB
+        finally:
+            conn.close()
