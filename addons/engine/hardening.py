@@ -85,6 +85,10 @@ named here exists):
    closing either side: the backend connection is aborted and the flow ends as without it.
    tests/unit/test_engine_splice.py::test_a_large_body_is_spliced_and_arrives_whole,
    tests/e2e/test_gateway.py::test_a_large_layer_is_pulled_byte_identical_through_the_kernel
+14. Bytes a client sends while its answer is still going out (pipelined) are bounded: mitmproxy
+   keeps them in the server layer's buffer without limit; beyond MAX_HEAD the connection is
+   closed and the flow ends as "client disconnected".
+   tests/unit/test_engine_faults.py::test_a_client_flooding_during_its_answer_is_closed_with_the_buffer_bounded
 
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/engine/plain_http.py, `next_layer`), the connection caps and deadlines
@@ -243,9 +247,26 @@ def handle_event(self: Any, event: events.Event) -> Generator[Any, Any, None]:
     """Every event of an HTTP/1 layer: an exception ends the connection and its flow instead
     of leaving both open with no hook told (mitmproxy logs "crashed" and goes on)."""
     try:
+        if _overflows(self, event):
+            logger.info("a client pipelined over %d bytes during an answer: closing", MAX_HEAD)
+            self.buf = type(self.buf)()
+            yield commands.CloseConnection(self.conn)  # the flow ends as "client disconnected"
+            return
         yield from _handle_event_fast(self, event)
     except Exception as e:
         yield from _engine_failed(self, e)
+
+
+def _overflows(self: Any, event: events.Event) -> bool:
+    """Bytes a client sends while its answer is still going out wait in the server layer's
+    buffer, with no limit in mitmproxy: beyond one request head's worth, the client is
+    flooding, not pipelining."""
+    return (
+        isinstance(event, events.DataReceived)
+        and isinstance(self, _http1.Http1Server)
+        and self.state == self.wait
+        and len(self.buf) + len(event.data) > MAX_HEAD
+    )
 
 
 def _handle_event_fast(self: Any, event: events.Event) -> Generator[Any, Any, None]:

@@ -19,10 +19,13 @@ import pytest
 from mitmproxy.test import tflow
 
 from addons.engine import connections, hardening
+from addons.engine.framing import MAX_HEAD
 from addons.gateway.freeze import WriteFreeze
 from tests.support.inproc import InProcessGateway
 from tests.support.rawhttp import Conn
 from tests.support.stack import wait_for
+
+MIB = 1 << 20
 
 
 class SilentBackend:
@@ -110,3 +113,20 @@ def test_the_freeze_stops_counting_a_flow_that_cannot_act_any_more():
     done = counted_flow(freeze)
     done.live = False  # mitmproxy finished it
     assert freeze.in_flight() == 2
+
+
+def test_a_client_flooding_during_its_answer_is_closed_with_the_buffer_bounded(gw):
+    """Bytes sent while an answer is still to come (the backend here never answers) wait in
+    the engine's buffer: beyond a request head's worth, the connection is closed."""
+    conn = Conn(gw.port, timeout=5.0)
+    try:
+        conn.send(b"GET /v2/acme/app/blobs/sha256:" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: any(s.state == s.wait for s in connections.servers.values()), 3)
+        sent = 0
+        while sent < 64 * MIB and conn.send(b"x" * MIB):
+            sent += MIB
+            assert all(len(s.buf) <= MAX_HEAD for s in connections.servers.values())
+        assert sent < 16 * MIB  # refused soon after the bound, not after the whole flood
+        assert conn.closed()
+    finally:
+        conn.close()
