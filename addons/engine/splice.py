@@ -161,7 +161,7 @@ async def _empty(writer: asyncio.StreamWriter) -> None:
     transport = writer.transport
     if transport.get_write_buffer_size() == 0:
         return
-    high, low = transport.get_write_buffer_limits()
+    low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(high=0, low=0)
     try:
         await writer.drain()
@@ -293,6 +293,20 @@ async def run(handler: Any, connection: Any, layer: Any) -> None:
         await handler.drain_writers()
 
 
+async def _run_closed_on_error(handler: Any, connection: Any, layer: Any) -> None:
+    """`run`, where an unforeseen error aborts the backend connection (the layers then see
+    it close before the body's end) instead of ending this reading task with no one told."""
+    try:
+        await run(handler, connection, layer)
+    except (OSError, asyncio.CancelledError):
+        raise
+    except Exception:
+        logger.exception("splice failed; closing the backend connection")
+        io = handler.transports.get(connection)
+        if io is not None and io.writer is not None:
+            io.writer.transport.abort()
+
+
 async def handle_connection(self: Any, connection: Any) -> None:
     """mitmproxy's ConnectionHandler.handle_connection, with one step before each read: an
     offer (`take_offer`) for this connection is taken up (`run`)."""
@@ -304,7 +318,7 @@ async def handle_connection(self: Any, connection: Any) -> None:
         try:
             layer = offers.pop(connection, None)
             if layer is not None:
-                await run(self, connection, layer)
+                await _run_closed_on_error(self, connection, layer)
                 continue
             data = await reader.read(65535)
             if not data:

@@ -9,6 +9,7 @@ e2e test of real pulls through the whole stack is tests/e2e/test_gateway.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -275,3 +276,52 @@ def test_a_client_that_stops_reading_is_cut_off_by_the_inactivity_timeout(backen
             assert 0 < settled(gw) - before < 128 * MIB
         finally:
             conn.close()
+
+
+def test_the_splice_starts_only_once_the_client_buffer_is_out():
+    """`_empty` waits until asyncio's write buffer is empty (its low-water mark is not
+    enough: spliced bytes would overtake what waits there), then puts the limits back."""
+
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peer.setblocking(False)
+        _, writer = await asyncio.open_connection(sock=ours)
+        limits = writer.transport.get_write_buffer_limits()
+        writer.write(b"x" * MIB)  # the peer reads nothing yet: most of it stays in asyncio
+        assert writer.transport.get_write_buffer_size() > 0
+        waiting = asyncio.ensure_future(splice._empty(writer))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        got = 0
+        while not waiting.done():
+            try:
+                got += len(peer.recv(1 << 16))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await waiting
+        assert writer.transport.get_write_buffer_size() == 0
+        assert writer.transport.get_write_buffer_limits() == limits
+        writer.close()
+        peer.close()
+
+    asyncio.run(main())
+
+
+def test_an_error_in_the_splice_ends_the_flow_and_the_connection(gw, backend, monkeypatch):
+    def unforeseen(*args: object) -> None:
+        raise RuntimeError("a splice path nobody foresaw")
+
+    monkeypatch.setattr(splice, "_open", unforeseen)
+    backend.script = Script(8 * MIB)
+    conn = Conn(gw.port, timeout=10)
+    try:
+        get(conn)
+        assert conn.file.readline().startswith(b"HTTP/1.1 200")
+        while conn.file.readline() != b"\r\n":
+            pass
+        got = conn.file.read()  # a short body and a close, never a hang
+        assert len(got) < 8 * MIB and got == body(8 * MIB)[: len(got)]
+    finally:
+        conn.close()
+    wait_for(lambda: not backend.open, timeout=5)
