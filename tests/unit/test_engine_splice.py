@@ -17,8 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from h11._readers import ContentLengthReader
+from mitmproxy import options
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.test import tflow
 
 from addons.engine import splice
 from tests.support.inproc import InProcessGateway
@@ -325,3 +331,52 @@ def test_an_error_in_the_splice_ends_the_flow_and_the_connection(gw, backend, mo
     finally:
         conn.close()
     wait_for(lambda: not backend.open, timeout=5)
+
+
+def client_layer(size: int = 8 * MIB, passed: int = 256 * 1024) -> Any:
+    """An Http1Client in the middle of an answer's body, as the engine leaves it."""
+    flow = tflow.tflow(resp=True)
+    opts = options.Options()
+    opts.add_option("store_streamed_bodies", bool, False, "as mitmproxy's proxyserver adds it")
+    context = Context(flow.client_conn, opts)
+    context.server = flow.server_conn
+    layer = _http1.Http1Client(context)
+    layer.request, layer.response = flow.request, flow.response
+    layer.request.method = "GET"
+    layer.response.headers["content-length"] = str(size)
+    layer.response.stream = splice.PassThrough(lambda n: None)
+    layer.response.stream(b"x" * passed)
+    layer.body_reader = ContentLengthReader(size)
+    layer.body_reader._remaining = size - passed
+    layer.state = layer.read_body
+    return layer
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda layer: setattr(layer.request, "method", "HEAD"),
+        lambda layer: setattr(layer.response, "stream", lambda chunk: chunk),  # an addon reads
+        lambda layer: setattr(layer.response, "stream", True),
+        lambda layer: layer.response.headers.__setitem__("content-length", "9"),  # rewritten
+        lambda layer: layer.response.headers.__setitem__("transfer-encoding", "chunked"),
+        lambda layer: setattr(layer.body_reader, "_remaining", splice.MIN_BYTES - 1),
+        lambda layer: layer.buf.__iadd__(b"x"),  # bytes already buffered in the layer
+        lambda layer: setattr(layer.conn, "tls", True),
+        lambda layer: setattr(layer.context.client, "tls", True),
+        lambda layer: setattr(layer.context.client, "alpn", b"h2"),
+        lambda layer: setattr(layer.context.options, "store_streamed_bodies", True),
+        lambda layer: setattr(layer, "state", layer.read_headers),
+    ],
+)
+def test_a_body_is_spliced_only_when_nothing_can_differ(change):
+    layer = client_layer()
+    assert splice.ready(layer) == 8 * MIB - 256 * 1024
+    change(layer)
+    assert splice.ready(layer) == 0
+
+
+def test_nothing_is_spliced_before_the_first_bytes_went_through_the_stream():
+    """Until then the head may still wait in a paused layer (a hook not done)."""
+    layer = client_layer(passed=0)
+    assert splice.ready(layer) == 0
