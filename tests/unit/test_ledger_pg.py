@@ -14,6 +14,7 @@ from addons.storage import postgres as ledger_pg
 from addons.storage.ledger import LedgerUnavailable
 from addons.storage.postgres import PgLedger, redacted
 from addons.storage.spec import is_shared, open_ledger
+from tests.support.cutter import Cutter
 from tests.support.postgres import PASSWORD, Postgres
 from tests.support.stack import wait_for
 from tests.unit.test_ledger import racing_admits, racing_reservations, unfinished_uploads_count
@@ -304,3 +305,37 @@ def waiting_for_a_lock(postgres: Postgres, url: str) -> bool:
         f" AND datname = '{name}' AND wait_event_type = 'Lock'"
     )
     return int(out) > 0
+
+
+def test_a_write_whose_commit_went_unseen_is_never_counted_twice(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server commits, the acknowledgement is lost with the connection: a write that would
+    count twice is not run again (503, applied once); one that leaves the same rows is (no
+    503, counted once)."""
+    monkeypatch.setattr(ledger_pg, "FAIL_FAST", 0)  # the next call may try again at once
+    url = postgres.database()
+    check = PgLedger(url)
+    cutter = Cutter(postgres.port)
+    ledger = PgLedger(url.replace(f":{postgres.port}/", f":{cutter.listen_port}/"))
+    assert ledger.state == "ok"
+
+    cutter.arm(b"COMMIT")  # reserve: `pending` grows, so not retried after COMMIT
+    with pytest.raises(LedgerUnavailable):
+        ledger.reserve("acme", "s1", 10, limit=100)
+    assert cutter.cut.is_set() and check.uploads("acme") == {"s1": (0, 10)}  # once
+
+    cutter.arm(b"UPDATE registry_ledger_uploads SET pending")  # settle commits as it ends
+    with pytest.raises(LedgerUnavailable):
+        ledger.settle("acme", "s1", 4)
+    assert cutter.cut.is_set() and check.uploads("acme") == {"s1": (0, 6)}  # released once
+    assert not ledger.has("acme", D[0])  # connected again (creating tables commits too)
+    errors = ledger.errors
+
+    cutter.arm(b"COMMIT")  # admit: run again, it finds the digest held
+    assert ledger.admit("acme", D[0], 30, limit=100, session="s1")
+    assert cutter.cut.is_set() and ledger.state == "ok" and ledger.errors == errors
+    assert check.usage("acme") == 30 and check.uploads("acme") == {}  # counted once
+    ledger.close()
+    check.close()
+    cutter.close()
