@@ -161,7 +161,7 @@ def test_a_database_restart_costs_no_request(nodes, postgres, acme_jwt):
     # A worker whose health check met the database away fails fast for a second after (by
     # design); then every request must work, before the health checks (every 5 s) have
     # used each worker's connection again.
-    time.sleep(1.5)
+    time.sleep(2)
     logged = {node.url: len(node.access_log()) for node in (a, b)}
     for i in range(8):  # requests land on either worker of a node
         here, there = (a, b) if i % 2 else (b, a)
