@@ -36,7 +36,7 @@ runs once more on a fresh one when running it twice is harmless (`_run`'s `retry
 writes that leave the same rows when done twice) or when the loss came before its COMMIT went
 out (`_transaction`). A write whose commit may have happened unseen (its acknowledgement lost)
 and that would count twice is never retried: 503, as before. Only a failure that remains is
-an error (`errors`, down); a recovered loss is logged and counted in `reconnects`.
+an error (`errors`, down); a loss is logged and counted in `reconnects`.
 
 Credentials: never in the URL this gets (it is on the gateway's command line): `run` moves a
 password given in REGISTRY_LEDGER_URL into PGPASSWORD; libpq reads that, or PGPASSFILE, or
@@ -158,7 +158,7 @@ class PgLedger(LedgerState):
         self.recorded = RecordedPairs(cache)
         self._init_state()
         self.recovered = 0  # nothing to recreate: the database is the record
-        self.reconnects = 0  # connections lost and replaced without a failed call
+        self.reconnects = 0  # connections found lost (a failed reconnect is also an error)
         self._uncommitted = False  # the running action's transaction has not sent COMMIT
         self.check()  # a database that cannot be reached at start: down, retried, not fatal
 
