@@ -29,6 +29,15 @@ keepalives; any database error marks the ledger down (LedgerUnavailable: 503, ne
 201 or a false 404), the connection is dropped, and for FAIL_FAST seconds calls fail at once;
 then the next call connects again, and a success brings the ledger up.
 
+A lost connection (the server restarted, a fail-over, an idle-connection reaper,
+pg_terminate_backend) is not an outage: before each call a connection the server has closed
+while idle is replaced (nothing was sent on it), and a call whose connection is lost under it
+runs once more on a fresh one when running it twice is harmless (`_run`'s `retry`: reads, and
+writes that leave the same rows when done twice) or when the loss came before its COMMIT went
+out (`_transaction`). A write whose commit may have happened unseen (its acknowledgement lost)
+and that would count twice is never retried: 503, as before. Only a failure that remains is
+an error (`errors`, down); a loss is logged and counted in `reconnects`.
+
 Credentials: never in the URL this gets (it is on the gateway's command line): `run` moves a
 password given in REGISTRY_LEDGER_URL into PGPASSWORD; libpq reads that, or PGPASSFILE, or
 certificates (sslcert/sslkey in the URL's query).
@@ -38,6 +47,8 @@ Blocking (psycopg): callers on the event loop run these methods in a thread.
 from __future__ import annotations
 
 import contextlib
+import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +70,8 @@ from addons.storage.ledger import (
     upload_decision,
 )
 from addons.storage.recorded import RecordedPairs
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds, at least 2)
 STATEMENT_TIMEOUT_MS = 5000
@@ -99,6 +112,19 @@ IN_FLIGHT = (
 DROP_UPLOAD = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND session = %s"
 
 
+def _idle_alive(conn: Any) -> bool:
+    """False when the server has closed an idle connection. Nothing is expected on an idle
+    connection (every answer was read to its end, and nothing is LISTENed for), so bytes
+    waiting on it are the server's goodbye (a FATAL error, then the end of the stream): the
+    connection is replaced even if that end has not arrived yet. A poll, not a read."""
+    try:
+        poller = select.poll()  # not select(): a gateway may hold more than 1024 descriptors
+        poller.register(conn.fileno(), select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+
+
 def redacted(url: str) -> str:
     """The URL as operators see it in logs and status: no password, no query."""
     parts = urlsplit(url)
@@ -132,11 +158,20 @@ class PgLedger(LedgerState):
         self.recorded = RecordedPairs(cache)
         self._init_state()
         self.recovered = 0  # nothing to recreate: the database is the record
+        self.reconnects = 0  # connections found lost (a failed reconnect is also an error)
+        self._uncommitted = False  # the running action's transaction has not sent COMMIT
         self.check()  # a database that cannot be reached at start: down, retried, not fatal
 
     # --- one connection, every failure a LedgerUnavailable ------------------------------------
 
     def _connection(self) -> Any:
+        if self._conn is not None and not self._conn.closed and not _idle_alive(self._conn):
+            # Closed by the server while idle (a restart, pg_terminate_backend, a reaper):
+            # replaced before anything is sent on it, so even a write that must not run twice
+            # gets a connection that works.
+            logger.warning("ledger connection closed by the server while idle: reconnecting")
+            self.reconnects += 1
+            self.close()
         if self._conn is None or self._conn.closed:
             conn = self._connect(
                 self.url,
@@ -164,17 +199,44 @@ class PgLedger(LedgerState):
             self._conn = conn
         return self._conn
 
-    def _run(self, what: str, action: Callable[[Any], Any]) -> Any:
+    def _run(self, what: str, action: Callable[[Any], Any], retry: bool = False) -> Any:
+        """`action` on the connection; every failure a LedgerUnavailable. A connection lost
+        under it (not an error about what it asked: a constraint, a timeout, bad data) is
+        replaced and the action run once more when that is safe: `retry` (a read, or a write
+        that leaves the same rows when done twice), or the loss came inside `_transaction`
+        before its COMMIT was sent (nothing was committed). A second loss, or a database that
+        cannot be reached, is down: bounded by CONNECT_TIMEOUT and STATEMENT_TIMEOUT_MS."""
         with self._lock:
             if self._failing_fast():
                 raise LedgerUnavailable(self.reason)
-            try:
-                result = action(self._connection())
-            except psycopg.Error as e:
-                self._failed(f"{what}: {type(e).__name__}: {str(e).strip()}")
-                raise LedgerUnavailable(self.reason) from None
-            self._up()
-            return result
+            for attempt in (1, 2):
+                conn = None
+                self._uncommitted = False  # in doubt unless `_transaction` says otherwise
+                try:
+                    conn = self._connection()
+                    result = action(conn)
+                except psycopg.Error as e:
+                    reason = f"{what}: {type(e).__name__}: {str(e).strip()}"
+                    lost = conn is not None and conn.broken  # not a failure to connect
+                    if attempt == 1 and lost and (retry or self._uncommitted):
+                        logger.warning("ledger connection lost (%s): retrying once", reason)
+                        self.reconnects += 1
+                        self.close()
+                        continue
+                    self._failed(reason)
+                    raise LedgerUnavailable(self.reason) from None
+                self._up()
+                return result
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _transaction(self, db: Any) -> Iterator[None]:
+        """A transaction whose loss before COMMIT is known to have committed nothing (the
+        server rolls back a transaction whose connection is gone): `_run` may retry it."""
+        self._uncommitted = True
+        with db.transaction():
+            yield
+            self._uncommitted = False  # COMMIT goes out next: its outcome may go unseen
 
     def _failed(self, reason: str) -> None:
         self.close()  # the next try connects again
@@ -187,10 +249,7 @@ class PgLedger(LedgerState):
         if self.recorded.holds(key):
             return True
         self.recorded.misses += 1
-        row = self._run(
-            "SELECT",
-            lambda db: db.execute(HELD, key).fetchone(),
-        )
+        row = self._run("SELECT", lambda db: db.execute(HELD, key).fetchone(), retry=True)
         if row is not None:
             self.recorded.remember(key)
         return row is not None
@@ -233,7 +292,9 @@ class PgLedger(LedgerState):
                     )
 
         with self._lock:
-            self._run("INSERT", insert)
+            # Retry: inserts that do nothing when the rows are there (a commit whose
+            # acknowledgement was lost, done again, changes nothing).
+            self._run("INSERT", insert, retry=True)
             for pair in pairs:
                 self.recorded.remember(pair)
             if new_repo and repository is not None and self.whole:
@@ -245,7 +306,7 @@ class PgLedger(LedgerState):
             sql, args = sql + "holder NOT LIKE %s", ("/%",)
         else:
             sql, args = sql + "holder = %s", (tenant,)
-        return int(self._run("SELECT", lambda db: db.execute(sql, args).fetchone()[0]))
+        return int(self._run("SELECT", lambda db: db.execute(sql, args).fetchone()[0], retry=True))
 
     def repositories(self, prefix: str, after: str, limit: int) -> list[str]:
         """Up to `limit` names starting with `prefix` and sorting after `after`, in byte order:
@@ -256,7 +317,9 @@ class PgLedger(LedgerState):
             "SELECT repository FROM registry_ledger_repos WHERE starts_with(repository, %s)"
             " AND repository > %s ORDER BY repository LIMIT %s"
         )
-        rows = self._run("SELECT", lambda db: db.execute(sql, (prefix, after, limit)).fetchall())
+        rows = self._run(
+            "SELECT", lambda db: db.execute(sql, (prefix, after, limit)).fetchall(), retry=True
+        )
         return [r[0] for r in rows]
 
     # --- accounts: sizes, usage, push times (addons/gateway/accounting.py) ------------------------
@@ -271,11 +334,13 @@ class PgLedger(LedgerState):
             with db.transaction(), db.cursor() as cur:
                 cur.executemany(SIZE, rows)
 
-        self._run("INSERT", write)
+        self._run("INSERT", write, retry=True)  # one size per digest: the same values again
 
     def usage(self, tenant: str) -> int:
         """Bytes of the distinct digests the tenant holds whose size is known."""
-        return int(self._run("SELECT", lambda db: db.execute(USAGE, (tenant,)).fetchone()[0]))
+        return int(
+            self._run("SELECT", lambda db: db.execute(USAGE, (tenant,)).fetchone()[0], retry=True)
+        )
 
     def usage_all(self) -> dict[str, int]:
         """Usage of every tenant (not of repositories' own `/…` records)."""
@@ -283,7 +348,7 @@ class PgLedger(LedgerState):
             "SELECT h.holder, sum(s.size) FROM registry_ledger_seen h JOIN registry_ledger_sizes"
             " s ON s.digest = h.digest WHERE h.holder NOT LIKE %s GROUP BY h.holder"
         )
-        rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall())
+        rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall(), retry=True)
         return {t: int(n) for t, n in rows}
 
     def _used(self, db: Any, tenant: str, now: float, age: float) -> tuple[int, int]:
@@ -330,7 +395,11 @@ class PgLedger(LedgerState):
                 return Reservation(True, used, uploads)
 
         with self._lock:
-            admitted: Reservation = self._run("INSERT", decide)
+            # Retry: done twice it leaves the same rows (the size upserted to the same value,
+            # the session and expired uploads deleted, the pair inserted unless held), and a
+            # second run after a commit that went unseen finds the digest held: admitted,
+            # counted once (usage sums distinct digests).
+            admitted: Reservation = self._run("INSERT", decide, retry=True)
             if admitted:
                 self.recorded.remember(key)
         return admitted
@@ -355,7 +424,7 @@ class PgLedger(LedgerState):
         when = time.time() if now is None else now
 
         def decide(db: Any) -> Reservation:
-            with db.transaction():
+            with self._transaction(db):
                 db.execute(TENANT_LOCK, (tenant,))
                 uploads, used = self._used(db, tenant, when, age)
                 known = db.execute(
@@ -376,6 +445,8 @@ class PgLedger(LedgerState):
                     )
                 return decided
 
+        # Not retried once COMMIT is out: `pending` grows by what is granted, and a commit
+        # that went unseen, done again, would reserve the bytes twice (`_transaction`).
         result: Reservation = self._run("INSERT", decide)
         return result
 
@@ -396,13 +467,16 @@ class PgLedger(LedgerState):
             " stored = COALESCE(%s, stored + %s), at = %s WHERE holder = %s AND session = %s"
         )
         args = (max(released, 0), stored, max(grown, 0), when, tenant, session)
+        # Never retried once sent: one statement commits as it ends, and done twice after an
+        # unseen commit it would release (or grow) the bytes twice. A connection closed while
+        # idle is replaced before it is sent (`_connection`).
         self._run("UPDATE", lambda db: db.execute(sql, args))
 
     def rename_upload(self, tenant: str, placeholder: str, session: str) -> None:
         """An upload start (POST) reserved under `placeholder` got its session id."""
 
         def write(db: Any) -> None:
-            with db.transaction():
+            with self._transaction(db):
                 db.execute(DROP_UPLOAD, (tenant, session))
                 db.execute(
                     "UPDATE registry_ledger_uploads SET session = %s"
@@ -410,28 +484,32 @@ class PgLedger(LedgerState):
                     (session, tenant, placeholder),
                 )
 
+        # Retried only before COMMIT: done again after an unseen commit, the first DELETE
+        # would drop the renamed reservation itself.
         self._run("UPDATE", write)
 
     def drop_upload(self, tenant: str, session: str) -> None:
-        self._run("DELETE", lambda db: db.execute(DROP_UPLOAD, (tenant, session)))
+        # Retry: deleting one session's row twice deletes it once (session ids are not reused).
+        self._run("DELETE", lambda db: db.execute(DROP_UPLOAD, (tenant, session)), retry=True)
 
     def uploads(self, tenant: str) -> dict[str, tuple[int, int]]:
         """The tenant's unfinished uploads: session → (stored, pending)."""
         sql = "SELECT session, stored, pending FROM registry_ledger_uploads WHERE holder = %s"
-        rows = self._run("SELECT", lambda db: db.execute(sql, (tenant,)).fetchall())
+        rows = self._run("SELECT", lambda db: db.execute(sql, (tenant,)).fetchall(), retry=True)
         return {s: (int(a), int(b)) for s, a, b in rows}
 
     def uploading_all(self) -> dict[str, int]:
         """Bytes in unfinished uploads, per tenant that has any (for /metrics)."""
         sql = "SELECT holder, sum(stored + pending) FROM registry_ledger_uploads GROUP BY holder"
-        rows = self._run("SELECT", lambda db: db.execute(sql).fetchall())
+        rows = self._run("SELECT", lambda db: db.execute(sql).fetchall(), retry=True)
         return {t: int(n) for t, n in rows}
 
     def expire_uploads(self, now: float | None = None, age: float = UPLOAD_AGE) -> int:
         """Forget every upload session untouched for `age` seconds (every tenant's)."""
         cutoff = (time.time() if now is None else now) - age
         sql = "DELETE FROM registry_ledger_uploads WHERE at < %s"
-        return int(self._run("DELETE", lambda db: db.execute(sql, (cutoff,)).rowcount))
+        # Retry: the same cutoff deletes nothing more (a count after an unseen commit: 0).
+        return int(self._run("DELETE", lambda db: db.execute(sql, (cutoff,)).rowcount, retry=True))
 
     def record_push(
         self, repository: str, digest: str, tag: str | None = None, at: float | None = None
@@ -455,12 +533,13 @@ class PgLedger(LedgerState):
                         (repository, tag, digest, when),
                     )
 
-        self._run("INSERT", write)
+        # Retry: the first push's row is kept (DO NOTHING), the tag set to the same values.
+        self._run("INSERT", write, retry=True)
 
     def pushes(self, repository: str) -> dict[str, tuple[str, float]]:
         """ref (a tag, or a manifest digest) → (digest, when it was pushed)."""
         sql = "SELECT ref, digest, at FROM registry_ledger_pushes WHERE repository = %s"
-        rows = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchall())
+        rows = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchall(), retry=True)
         return {r: (d, float(at)) for r, d, at in rows}
 
     # --- claims of immutable tags across nodes (addons/gateway/immutable.py) ----------------------
@@ -472,11 +551,16 @@ class PgLedger(LedgerState):
         connection drops its locks: a claim is then only the node's until released."""
         sql = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0)), hashtextextended(%s, 0)"
         name = f"tag:{repository}:{tag}"
-        got, key = self._run("SELECT", lambda db: db.execute(sql, (name, name)).fetchone())
+        # Retry: a lock taken by a session that is gone went with it; the new one takes it.
+        got, key = self._run(
+            "SELECT", lambda db: db.execute(sql, (name, name)).fetchone(), retry=True
+        )
         return int(key) if got else None
 
     def release_tag(self, key: int) -> None:
-        self._run("SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,)))
+        # Retry: the lock went with a lost session; unlocking on a new one is a no-op.
+        sql = "SELECT pg_advisory_unlock(%s)"
+        self._run("SELECT", lambda db: db.execute(sql, (key,)), retry=True)
 
     # --- the start-up walk's progress (backfill.py) -------------------------------------------
 
@@ -484,14 +568,16 @@ class PgLedger(LedgerState):
         if repository in self._repos_known:
             return True
         sql = "SELECT 1 FROM registry_ledger_walked WHERE repository = %s"
-        return self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchone()) is not None
+        row = self._run("SELECT", lambda db: db.execute(sql, (repository,)).fetchone(), retry=True)
+        return row is not None
 
     def mark_walked(self, repository: str) -> None:
         sql = (
             "INSERT INTO registry_ledger_walked VALUES (%s, %s)"
             " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
         )
-        self._run("INSERT", lambda db: db.execute(sql, (repository, time.time())))
+        now = time.time()  # retry: an upsert of the same values
+        self._run("INSERT", lambda db: db.execute(sql, (repository, now)), retry=True)
 
     # --- health -------------------------------------------------------------------------------
 
@@ -504,14 +590,17 @@ class PgLedger(LedgerState):
             " ON CONFLICT (repository) DO UPDATE SET at = excluded.at"
         )
         with contextlib.suppress(LedgerUnavailable):
-            self._run("INSERT", lambda db: db.execute(probe, (time.time(),)))
+            now = time.time()  # retry: an upsert of the same values
+            self._run("INSERT", lambda db: db.execute(probe, (now,)), retry=True)
             self.refresh_whole()
 
     @contextlib.contextmanager
     def _advisory(self) -> Iterator[bool]:
         key = REBUILD_LOCK
-        got = self._run(
-            "SELECT", lambda db: db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        got = self._run(  # retry: as `claim_tag`
+            "SELECT",
+            lambda db: db.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0],
+            retry=True,
         )
         try:
             yield bool(got)
@@ -519,7 +608,9 @@ class PgLedger(LedgerState):
             if got:
                 with contextlib.suppress(LedgerUnavailable):
                     self._run(
-                        "SELECT", lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                        "SELECT",
+                        lambda db: db.execute("SELECT pg_advisory_unlock(%s)", (key,)),
+                        retry=True,
                     )
 
     def rebuild_lock(self) -> contextlib.AbstractContextManager[bool]:

@@ -5,6 +5,7 @@ The answers it shares with the other ledgers are in tests/unit/test_ledger_s3.py
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -13,6 +14,7 @@ from addons.storage import postgres as ledger_pg
 from addons.storage.ledger import LedgerUnavailable
 from addons.storage.postgres import PgLedger, redacted
 from addons.storage.spec import is_shared, open_ledger
+from tests.support.cutter import Cutter
 from tests.support.postgres import PASSWORD, Postgres
 from tests.support.stack import wait_for
 from tests.unit.test_ledger import racing_admits, racing_reservations, unfinished_uploads_count
@@ -208,3 +210,132 @@ def test_emptied_tables_are_not_whole_and_one_node_rebuilds(postgres: Postgres) 
         a.mark_whole()
     b.check()
     assert b.whole
+
+
+# --- a lost connection is not an outage --------------------------------------------------------
+
+
+def backend_pids(postgres: Postgres, url: str) -> list[int]:
+    """The server sessions of the ledgers on the database of `url`."""
+    name = url.rsplit("/", 1)[1]
+    out = postgres.sql(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'tabbify-registry'"
+        f" AND datname = '{name}'"
+    )
+    return [int(p) for p in out.split()]
+
+
+def terminate(postgres: Postgres, url: str) -> None:
+    """What a fail-over, an idle-connection reaper or an operator does: the server ends the
+    ledger's session (and it is gone before this returns)."""
+    pids = backend_pids(postgres, url)
+    assert pids
+    postgres.sql(f"SELECT pg_terminate_backend(p) FROM unnest(ARRAY{pids}) p")
+    wait_for(lambda: not set(pids) & set(backend_pids(postgres, url)), 10)
+
+
+def test_a_session_ended_by_the_server_costs_no_failed_call(postgres: Postgres) -> None:
+    url = postgres.database()
+    ledger = PgLedger(url)
+    ledger.add("acme", [D[0]])
+    assert ledger.reserve("acme", "s1", 10, limit=100)
+    for call in (  # reads, idempotent writes, and writes that must not run twice: each works
+        lambda: ledger.has("acme", D[1]),
+        lambda: ledger.add("acme", [D[1]]),
+        lambda: ledger.settle("acme", "s1", 4),
+        lambda: ledger.reserve("acme", "s1", 5, limit=100),
+    ):
+        terminate(postgres, url)
+        call()
+    assert ledger.uploads("acme") == {"s1": (0, 11)}  # 10 - 4 + 5: each applied once
+    assert ledger.state == "ok" and ledger.errors == 0 and ledger.reconnects == 4
+    ledger.close()
+
+
+def test_a_server_restart_costs_no_failed_call(postgres: Postgres) -> None:
+    url = postgres.database()
+    a, b = PgLedger(url), PgLedger(url)  # two workers, both connected before the restart
+    a.mark_whole()
+    a.add("acme", [D[0]])
+    b.add("acme", [D[1]])
+    postgres.stop()
+    postgres.restart()
+    assert a.has("acme", D[1]) and not a.has("acme", D[2])  # their very next calls
+    assert b.reserve("acme", "s1", 10, limit=100)
+    assert a.state == b.state == "ok" and a.errors == b.errors == 0
+    assert a.status()["state"] == "ok"
+    a.close()
+    b.close()
+
+
+def test_a_connection_lost_under_a_call_is_retried_when_safe(postgres: Postgres) -> None:
+    """Lost while the statement runs (it waits for a lock): a read is run again; so is a
+    transaction that had not sent its COMMIT (the server rolled it back): counted once."""
+    url = postgres.database()
+    ledger = PgLedger(url)
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtextextended('acme', 0))")  # the tenant's
+
+        def reserving() -> object:
+            return ledger.reserve("acme", "s1", 10, limit=100)
+
+        with ThreadPoolExecutor(1) as pool:
+            reserved = pool.submit(reserving)
+            wait_for(lambda: waiting_for_a_lock(postgres, url), 10)
+            terminate(postgres, url)
+            other.execute("SELECT pg_advisory_unlock_all()")
+            assert reserved.result(timeout=10)
+        with ThreadPoolExecutor(1) as pool:
+            other.execute("BEGIN")
+            other.execute("LOCK TABLE registry_ledger_seen IN ACCESS EXCLUSIVE MODE")
+            held = pool.submit(ledger.has, "acme", D[0])
+            wait_for(lambda: waiting_for_a_lock(postgres, url), 10)
+            terminate(postgres, url)
+            other.execute("COMMIT")
+            assert held.result(timeout=10) is False
+    assert ledger.uploads("acme") == {"s1": (0, 10)}
+    assert ledger.state == "ok" and ledger.errors == 0 and ledger.reconnects == 2
+    ledger.close()
+
+
+def waiting_for_a_lock(postgres: Postgres, url: str) -> bool:
+    name = url.rsplit("/", 1)[1]
+    out = postgres.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tabbify-registry'"
+        f" AND datname = '{name}' AND wait_event_type = 'Lock'"
+    )
+    return int(out) > 0
+
+
+def test_a_write_whose_commit_went_unseen_is_never_counted_twice(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server commits, the acknowledgement is lost with the connection: a write that would
+    count twice is not run again (503, applied once); one that leaves the same rows is (no
+    503, counted once)."""
+    monkeypatch.setattr(ledger_pg, "FAIL_FAST", 0)  # the next call may try again at once
+    url = postgres.database()
+    check = PgLedger(url)
+    cutter = Cutter(postgres.port)
+    ledger = PgLedger(url.replace(f":{postgres.port}/", f":{cutter.listen_port}/"))
+    assert ledger.state == "ok"
+
+    cutter.arm(b"COMMIT")  # reserve: `pending` grows, so not retried after COMMIT
+    with pytest.raises(LedgerUnavailable):
+        ledger.reserve("acme", "s1", 10, limit=100)
+    assert cutter.cut.is_set() and check.uploads("acme") == {"s1": (0, 10)}  # once
+
+    cutter.arm(b"UPDATE registry_ledger_uploads SET pending")  # settle commits as it ends
+    with pytest.raises(LedgerUnavailable):
+        ledger.settle("acme", "s1", 4)
+    assert cutter.cut.is_set() and check.uploads("acme") == {"s1": (0, 6)}  # released once
+    assert not ledger.has("acme", D[0])  # connected again (creating tables commits too)
+    errors = ledger.errors
+
+    cutter.arm(b"COMMIT")  # admit: run again, it finds the digest held
+    assert ledger.admit("acme", D[0], 30, limit=100, session="s1")
+    assert cutter.cut.is_set() and ledger.state == "ok" and ledger.errors == errors
+    assert check.usage("acme") == 30 and check.uploads("acme") == {}  # counted once
+    ledger.close()
+    check.close()
+    cutter.close()
