@@ -50,7 +50,6 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -66,7 +65,7 @@ from addons.gateway.gate import answered, fail_closed, respond
 from addons.gateway.isolation import REBUILDING, TenantIsolation
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.record import FlowRecord, record
-from addons.gateway.streamcap import StreamCap, grant_size
+from addons.gateway.streamcap import InFlight, StreamCap, grant_size
 from addons.storage.ledger import (
     MAX_UPLOADS,
     UPLOAD_AGE,
@@ -80,22 +79,6 @@ logger = logging.getLogger(__name__)
 
 USAGE_EVERY = 5.0
 _RANGE = re.compile(r"0-([0-9]{1,18})")
-
-
-@dataclass
-class InFlight:
-    """What one request reserved in an upload session (the ledger's `pending`)."""
-
-    tenant: str
-    session: str  # `<repository>@<upload id>`, or a placeholder for an upload start
-    reserved: int = 0
-    start: bool = False  # an upload start (POST): renamed once the backend names the session
-    done: bool = False  # settled: a grant that comes back later is given back at once
-    gone: bool = False  # and the session with it (completed, cancelled, unknown)
-    cap: StreamCap | None = None  # a body without a length: counted as it streams
-
-    def sent(self, rec: FlowRecord) -> int:
-        return self.cap.sent if self.cap is not None else rec.bytes_in
 
 
 def take_upload(rec: FlowRecord) -> InFlight | None:

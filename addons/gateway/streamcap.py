@@ -9,7 +9,8 @@ it, its connection is cut: a streamed request can get no answer of ours, so the 
 written on the wire and the connection closed (`cut_connection`).
 
 The bookkeeping (the upload session's reservations, the ledger, the quota decision) is
-accounting.py's: StreamCap asks it through `Accounting.reserve` and `Accounting.give_back`.
+accounting.py's: StreamCap asks it through `Grants` (the Accounting addon), and grows the
+request's reservation (`InFlight`) by what it is granted.
 """
 
 from __future__ import annotations
@@ -17,22 +18,48 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mitmproxy import ctx, http
 
 from addons.decisions import quota
 from addons.engine import oci
-from addons.gateway.record import record
-
-if TYPE_CHECKING:  # the bookkeeping this cap asks (it imports this module)
-    from addons.gateway.accounting import Accounting, InFlight
+from addons.gateway.record import FlowRecord, record
+from addons.storage.ledger import Reservation
 
 logger = logging.getLogger(__name__)
 
 MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
 HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
+
+
+@dataclass
+class InFlight:
+    """What one request reserved in an upload session (the ledger's `pending`)."""
+
+    tenant: str
+    session: str  # `<repository>@<upload id>`, or a placeholder for an upload start
+    reserved: int = 0
+    start: bool = False  # an upload start (POST): renamed once the backend names the session
+    done: bool = False  # settled: a grant that comes back later is given back at once
+    gone: bool = False  # and the session with it (completed, cancelled, unknown)
+    cap: StreamCap | None = None  # a body without a length: counted as it streams
+
+    def sent(self, rec: FlowRecord) -> int:
+        return self.cap.sent if self.cap is not None else rec.bytes_in
+
+
+class Grants(Protocol):
+    """What the cap asks of the bookkeeping (accounting.Accounting)."""
+
+    async def reserve(
+        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
+    ) -> Reservation: ...
+
+    async def give_back(self, upload: InFlight, granted: int) -> None: ...
+
+    def quota_rule(self, flow: http.HTTPFlow) -> str: ...
 
 
 def grant_size(room: int) -> int:
@@ -55,7 +82,7 @@ class StreamCap:
     mitmproxy for every chunk, on the event loop: no I/O here. Returns the chunks to forward
     (a list: an empty bytes value would end a chunked body upstream)."""
 
-    accounting: Accounting
+    accounting: Grants
     flow: http.HTTPFlow
     upload: InFlight
     limit: int
