@@ -5,11 +5,12 @@ The workers send redacted flow summaries only while a viewer is connected; `Work
 - receives them on a unix datagram socket, `<state dir>/liveview.sock` (mode 0600),
   dropping repeats (by worker pid and sequence number) and counting what cannot be read,
 - puts each new flow in the ring and the overview (flows.py) and hands it to `deliver`,
-- tells the workers to stream while someone looks (`wanted`), by writing
+- tells the workers to stream while someone looks (`wanted`, the view's to say), by writing
   `<state dir>/liveview.json` (`until`: a few seconds ahead, renewed every second while
   someone looks; `seen`: the last sequence number it holds of each worker).
 
-`LiveView` (liveview.py) is the feed with the pages and streams that serve what it holds.
+`LiveView` (liveview.py) holds a feed and serves what it holds: pages and streams. The feed
+asks it two things only, given as callables: whether someone looks, and where a new flow goes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,18 @@ class FeedProtocol(asyncio.DatagramProtocol):
 class WorkerFeed:
     """The flows the workers sent, kept in a ring and an overview; and their control file."""
 
-    def __init__(self, state_dir: Path, ring_size: int = RING_SIZE) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        ring_size: int = RING_SIZE,
+        wanted: Callable[[], bool] = lambda: False,
+        deliver: Callable[[Entry], None] = lambda entry: None,
+    ) -> None:
         self.state_dir = state_dir
+        # Should the workers stream (someone looks)? And who gets a new flow, just put in the
+        # ring (the view's viewers)? Both the view's to answer.
+        self.wanted = wanted
+        self.deliver = deliver
         self.ring = FlowRing(ring_size)
         self.overview = Overview()
         self.seen: dict[int, int] = {}  # worker pid -> last sequence number received
@@ -65,13 +77,6 @@ class WorkerFeed:
         self.feed_error: str | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
-
-    def wanted(self) -> bool:
-        """Should the workers stream? (Someone looks: the view says.)"""
-        return False
-
-    def deliver(self, entry: Entry) -> None:
-        """A new flow, just put in the ring: to whoever waits for it (the view's viewers)."""
 
     async def start(self) -> None:
         path = self.state_dir / runstate.LIVEVIEW_SOCKET

@@ -80,8 +80,9 @@ def static_file(name: str) -> bytes:
     return (resources.files("addons.admin") / "static" / name).read_bytes()
 
 
-class LiveView(WorkerFeed):
-    """The live view's pages, APIs and event streams, over the feed's ring and overview."""
+class LiveView:
+    """The live view's pages, APIs and event streams, over the ring and overview of the feed
+    it holds."""
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class LiveView(WorkerFeed):
         workers_streaming: Callable[[], int] = lambda: 0,
         ring_size: int = RING_SIZE,
     ) -> None:
-        super().__init__(state_dir, ring_size)
+        self.feed = WorkerFeed(state_dir, ring_size, wanted=self.wanted, deliver=self.deliver)
         self.csrf_token = csrf_token
         self.workers_streaming = workers_streaming
         self.viewers: set[Viewer] = set()
@@ -99,10 +100,13 @@ class LiveView(WorkerFeed):
         self.polled_until = 0.0  # a long poll keeps the workers streaming until then
         self._pages = {path: static_file(name) for path, (name, _) in STATIC.items()}
 
+    async def start(self) -> None:
+        await self.feed.start()
+
     def close(self) -> None:
         for writer in self.streams:
             writer.close()
-        super().close()
+        self.feed.close()
 
     def wanted(self) -> bool:
         return bool(self.viewers) or time.monotonic() < self.polled_until
@@ -115,19 +119,19 @@ class LiveView(WorkerFeed):
 
     def stats(self, viewer: Viewer | None = None) -> dict[str, Any]:
         return {
-            "ring": len(self.ring.entries),
-            "capacity": self.ring.entries.maxlen,
-            "evicted": self.ring.evicted,
-            "dropped_by_workers": self.dropped_by_workers(),
+            "ring": len(self.feed.ring.entries),
+            "capacity": self.feed.ring.entries.maxlen,
+            "evicted": self.feed.ring.evicted,
+            "dropped_by_workers": self.feed.dropped_by_workers(),
             "dropped_for_viewer": viewer.dropped if viewer is not None else 0,
-            "bad_input": self.bad_input,
+            "bad_input": self.feed.bad_input,
             "workers_streaming": self.workers_streaming(),
             "viewers": len(self.viewers),
-            "feed_error": self.feed_error,
+            "feed_error": self.feed.feed_error,
         }
 
     def overview_payload(self, viewer: Viewer | None = None) -> dict[str, Any]:
-        return {**self.overview.snapshot(time.time()), "stats": self.stats(viewer)}
+        return {**self.feed.overview.snapshot(time.time()), "stats": self.stats(viewer)}
 
     def event_id(self, entry_id: int) -> str:
         return f"{self.epoch}-{entry_id}"
@@ -152,7 +156,7 @@ class LiveView(WorkerFeed):
             return _json(200, self.overview_payload())
         if path.startswith("/live/flow/"):
             number = path.removeprefix("/live/flow/")
-            entry = self.ring.get(int(number)) if number.isdigit() else None
+            entry = self.feed.ring.get(int(number)) if number.isdigit() else None
             if entry is None:
                 return _json(404, {"error": "no such flow in the ring (any more)"})
             return _json(200, entry.full())
@@ -164,11 +168,11 @@ class LiveView(WorkerFeed):
         the workers were not streaming: ask them, and wait (bounded) for their backlog."""
         if not self.wanted():
             self.polled_until = time.monotonic() + CONTROL_TTL + WARM_WAIT
-            self.write_control()
+            self.feed.write_control()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), WARM_WAIT)
+                await asyncio.wait_for(self.feed.arrived.wait(), WARM_WAIT)
                 await asyncio.sleep(WARM_MORE)  # the other workers' backlogs
-        newest = self.ring.after(self.ring.last_id - FIRST_ROWS, FIRST_ROWS)
+        newest = self.feed.ring.after(self.feed.ring.last_id - FIRST_ROWS, FIRST_ROWS)
         newest.sort(key=lambda e: e.flow.get("end") or 0)  # as the page orders them
         rows = rows_html([e.flow for e in reversed(newest)])
         body = self._pages["/"].replace(b"{{csrf_token}}", self.csrf_token.encode())
@@ -178,7 +182,7 @@ class LiveView(WorkerFeed):
         """`GET /live/flows.mitm?<filters>`: the ring's matching flows as a mitmproxy flow
         file, built in a thread (10 000 flows take a while; /healthz must not wait)."""
         filters = Filters.from_query(request.query)
-        entries = [e for e in self.ring.entries if filters.match(e.flow)]
+        entries = [e for e in self.feed.ring.entries if filters.match(e.flow)]
         data = await asyncio.to_thread(lambda: flow_file([e.full() for e in entries]))
         name = time.strftime("live-%Y%m%dT%H%M%SZ.flows", time.gmtime())
         disposition = {"Content-Disposition": f'attachment; filename="{name}"'}
@@ -189,23 +193,23 @@ class LiveView(WorkerFeed):
         BACKLOG_ON_CONNECT without it), waiting up to `wait` s for one. Keeps the workers
         streaming while polls keep coming."""
         self.polled_until = time.monotonic() + CONTROL_TTL + POLL_WAIT
-        if not self.control_on:
-            self.write_control()
+        if not self.feed.control_on:
+            self.feed.write_control()
         since = self.parse_event_id(request.query.get("since"))
         try:
             wait = min(max(float(request.query.get("wait", "0")), 0.0), POLL_WAIT)
         except ValueError:
             wait = 0.0
-        start = since if since is not None else self.ring.last_id - BACKLOG_ON_CONNECT
-        if wait and self.ring.last_id <= start:
+        start = since if since is not None else self.feed.ring.last_id - BACKLOG_ON_CONNECT
+        if wait and self.feed.ring.last_id <= start:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), wait)
+                await asyncio.wait_for(self.feed.arrived.wait(), wait)
         filters = Filters.from_query(request.query)
-        entries = self.ring.after(start, BACKLOG_ON_CONNECT)
+        entries = self.feed.ring.after(start, BACKLOG_ON_CONNECT)
         return _json(
             200,
             {
-                "last": self.event_id(self.ring.last_id),
+                "last": self.event_id(self.feed.ring.last_id),
                 "reset": since is None,
                 "flows": [e.flow for e in entries if filters.match(e.flow)],
                 "stats": self.stats(),
@@ -226,17 +230,17 @@ class LiveView(WorkerFeed):
         viewer = Viewer()
         self.viewers.add(viewer)
         self.streams.add(writer)
-        if not self.control_on:
-            self.write_control()  # the workers start within their next second
+        if not self.feed.control_on:
+            self.feed.write_control()  # the workers start within their next second
         closed = asyncio.ensure_future(reader.read(1))  # a viewer never sends: EOF = gone
         try:
             if since is None:
                 writer.write(b"event: reset\ndata: {}\n\n")
-                backlog = self.ring.after(
-                    self.ring.last_id - BACKLOG_ON_CONNECT, BACKLOG_ON_CONNECT
+                backlog = self.feed.ring.after(
+                    self.feed.ring.last_id - BACKLOG_ON_CONNECT, BACKLOG_ON_CONNECT
                 )
             else:
-                backlog = self.ring.after(since, VIEWER_QUEUE)
+                backlog = self.feed.ring.after(since, VIEWER_QUEUE)
             for i in range(0, len(backlog), MAX_BATCH):
                 writer.write(self.flows_event(backlog[i : i + MAX_BATCH]))
             next_overview = next_beat = 0.0

@@ -147,6 +147,7 @@ def walk_repository(
     tags: dict[str, gc_plan.Tag] = {}
     unknown: set[str] = set()
     manifests: dict[str, gc_plan.Manifest] = {}
+    kept: set[str] = set()  # what manifests that cannot be read might name
     seen: set[str] = set()
 
     def walk(todo: list[str]) -> None:
@@ -161,8 +162,9 @@ def walk_repository(
             pushed = pushes[digest][1] if digest in pushes else now  # unknown: young, kept
             try:
                 described = gc_plan.describe_manifest(body, pushed)
-            except gc_plan.Refused as e:
+            except manifest.ManifestError as e:
                 logger.warning("gc: keeping %s@%s, unreadable: %s", repo, digest, e)
+                kept.update(manifest.might_name(body))  # and all it might name (fail closed)
                 continue  # not in the snapshot: never deleted
             manifests[digest] = described
             sizes.update(manifest.descriptor_sizes(body))
@@ -188,7 +190,7 @@ def walk_repository(
         # (a push time under their own digest) that the repository still holds.
         held = set(ledger.holdings(holder(repo)))
         walk([ref for ref, (d, _) in pushes.items() if ref == d and d in held and d not in seen])
-    return gc_plan.Repository(tags, manifests), unknown
+    return gc_plan.Repository(tags, manifests, frozenset(kept)), unknown
 
 
 def snapshot(backend: Backend, ledger: SqliteLedger | None, now: float) -> Walk:

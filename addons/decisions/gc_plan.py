@@ -9,6 +9,7 @@ Mark: the roots of a repository are the manifests of its kept tags and every *un
 manifest younger than the repository's `untagged_after` grace (a push in flight uploads an
 index's children before the index, and a blob before its manifest). A manifest some tag names
 is decided by its tags: one whose every tag retention removes is not a root, however young.
+Whatever a manifest that could not be read might name is a root too (`Repository.kept`).
 From the roots, within the repository: index children; referrers (manifests whose `subject` is
 reached: signatures, SBOMs, attestations); and the manifests of cosign attachment tags
 `sha256-<hex>.{sig,att,sbom}` whose subject is reached. Attachment tags are kept when their
@@ -32,20 +33,11 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-from addons.decisions.manifest import MAX_MANIFEST
-from addons.decisions.signatures import SHA256_DIGEST, Refused, strict_json
+from addons.decisions import manifest
 
 DEFAULT_GRACE = 3600.0  # seconds: untagged manifests and loose blobs younger than this stay
 ATTACHMENT_TAG = re.compile(r"sha256-([0-9a-f]{64})\.(?:sig|att|sbom)")
 UNATTRIBUTED = "(unreferenced)"  # report bucket for blobs no manifest of the snapshot names
-
-INDEX_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    }
-)
-
 
 # --- the snapshot ------------------------------------------------------------------------------
 
@@ -70,6 +62,9 @@ class Manifest:
 class Repository:
     tags: Mapping[str, Tag] = field(default_factory=dict)
     manifests: Mapping[str, Manifest] = field(default_factory=dict)
+    # What manifests that could not be read might name (manifest.might_name): it all stays,
+    # as roots (manifests among it keep what they name).
+    kept: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -95,37 +90,15 @@ def attachment_subject(tag: str) -> str | None:
 
 
 def describe_manifest(body: bytes, pushed: float = 0.0) -> Manifest:
-    """A Manifest for the snapshot from a manifest's bytes (hostile input: Refused if bad)."""
-    doc = strict_json(body, MAX_MANIFEST, "manifest")
-    if not isinstance(doc, dict):
-        raise Refused("manifest is not a JSON object")
-
-    def digests(key: str) -> tuple[str, ...]:
-        items = doc.get(key) or []
-        if isinstance(items, dict):
-            items = [items]
-        if not isinstance(items, list):
-            raise Refused(f"manifest {key} is not a list")
-        out = []
-        for d in items:
-            value = d.get("digest") if isinstance(d, dict) else None
-            if not isinstance(value, str) or not SHA256_DIGEST.fullmatch(value):
-                raise Refused(f"manifest {key} names an invalid digest")
-            out.append(value)
-        return tuple(out)
-
-    is_index = "manifests" in doc or doc.get("mediaType") in INDEX_TYPES
-    subject = doc.get("subject")
-    subject_digest = subject.get("digest") if isinstance(subject, dict) else None
-    if subject_digest is not None and not (
-        isinstance(subject_digest, str) and SHA256_DIGEST.fullmatch(subject_digest)
-    ):
-        raise Refused("manifest subject is not a digest")
+    """A Manifest for the snapshot from a manifest's bytes, read exactly as a push is
+    (manifest.parse, manifest.parts). Hostile input: ManifestError where the backend's
+    reading could differ; the caller then keeps what it might name (manifest.might_name)."""
+    made = manifest.parts(manifest.parse(body))
     return Manifest(
-        kind="index" if is_index else ("image" if "layers" in doc else "other"),
-        children=digests("manifests"),
-        blobs=digests("config") + digests("layers") + digests("blobs"),
-        subject=subject_digest,
+        kind=made.kind,
+        children=made.children,
+        blobs=made.blobs,
+        subject=made.subject,
         size=len(body),
         pushed=pushed,
     )
@@ -217,6 +190,7 @@ def _mark_repository(repo: Repository, retention: Retention, now: float) -> _Rep
     stack = [ordinary[t].manifest for t in kept_ordinary]
     stack += [repo.tags[t].manifest for t in kept_attachments]
     stack += [d for d, m in repo.manifests.items() if d not in tagged and now - m.pushed < grace]
+    stack += sorted(repo.kept)
     reached: set[str] = set()
     while stack:
         d = stack.pop()

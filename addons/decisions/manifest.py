@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from addons.decisions import strictjson
-from addons.decisions.routes import is_digest
+from addons.decisions.routes import DIGEST, is_digest
 
 MAX_MANIFEST = 4 * 1024 * 1024  # Distribution's and Zot's own manifest size limit
 MAX_DESCRIPTORS = 10_000
@@ -140,6 +142,32 @@ def children(doc: dict[str, Any]) -> list[str]:
     return [_digest(d) for d in _descriptors(doc, "manifests")]
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a manifest is made of, as `parts` reads it."""
+
+    kind: str  # "index" | "image" | "other"
+    children: tuple[str, ...]  # child manifests (an index's `manifests`)
+    blobs: tuple[str, ...]  # config, layers, an artifact's blobs
+    subject: str | None
+
+
+def parts(doc: dict[str, Any]) -> Parts:
+    """A parsed manifest (`parse`) split into what it is made of, read exactly as
+    `references` reads it (garbage collection's snapshot: what a kept manifest keeps).
+    Raises ManifestError."""
+    subject = [_digest(d) for d in _descriptors(doc, "subject")]
+    blobs = [_digest(d) for key in ("config", "layers", "blobs") for d in _descriptors(doc, key)]
+    kind = doc.get("mediaType")
+    is_index = "manifests" in doc or (isinstance(kind, str) and kind in INDEX_TYPES)
+    return Parts(
+        kind="index" if is_index else ("image" if "layers" in doc else "other"),
+        children=tuple(children(doc)),
+        blobs=tuple(blobs),
+        subject=subject[0] if subject else None,
+    )
+
+
 def read(body: bytes, content_type: str) -> list[str]:
     """A manifest PUT: check its media type and return what it references."""
     if media_type(content_type) not in MEDIA_TYPES:
@@ -171,6 +199,31 @@ def made_of(doc: object) -> tuple[list[str], list[str]]:
     blobs = digests([doc.get("config")]) + digests(doc.get("layers")) + digests(doc.get("blobs"))
     blobs += digests(doc.get("fsLayers"), "blobSum")
     return digests(doc.get("manifests")), blobs
+
+
+_ANY_DIGEST = re.compile(DIGEST)
+
+
+def might_name(body: bytes) -> set[str]:
+    """Every digest a manifest that `parse` refuses might name, for garbage collection to
+    keep (failing closed): each digest-shaped run in its bytes, and in its JSON strings as
+    they decode (an escaped `\\u0073ha256:…` is a digest to Go). Whatever key or nesting
+    names it: Go may read a key this module refuses to guess at."""
+    texts = [body.decode("utf-8", "replace")]
+    try:
+        stack = [json.loads(body)]
+    except (ValueError, RecursionError):
+        stack = []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            texts.append(node)
+        elif isinstance(node, dict):
+            texts.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return {m[0] for text in texts for m in _ANY_DIGEST.finditer(text)}
 
 
 def own_digests(body: bytes) -> set[str]:

@@ -81,3 +81,9 @@ def metrics(
             for t, n in sorted(uploading.items())
         ]
     return "\n".join(lines) + "\n"
+
+
+def refusal(used: int, limit: int, adding: int, rule: str) -> str:
+    """What every client prints of a quota refusal: usage, limit, and the rule setting it."""
+    more = f", {adding} more do not fit" if adding else ""
+    return f"quota exceeded: {used} of {limit} bytes used{more} ({rule})"

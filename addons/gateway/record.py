@@ -55,7 +55,7 @@ class FlowRecord:
     frozen: bool = False  # WriteFreeze counts this write in flight until it ends
     # WriteFreeze: a manifest PUT counted only in `request`, once its body (its links) is here.
     frozen_at_body: bool = False
-    # Accounting: the upload session this request reserved bytes in (accounting.InFlight).
+    # Accounting: the upload session this request reserved bytes in (streamcap.InFlight).
     upload: object | None = None
     signed_digest: str | None = None  # SignedOnly: the manifest digest checked and asked for
     invalidates_signatures: bool = False  # SignedOnly: a manifest PUT/DELETE, see its response

@@ -39,7 +39,7 @@ tenants = ["hooli", "umbrella", "stark", "wayne", "kent"]
 bytes = "1MB"
 """
 MB = 1_000_000
-MIN_GRANT = 64 * 1024  # the smallest reservation a streamed body makes (gateway/accounting.py)
+MIN_GRANT = 64 * 1024  # the smallest reservation a streamed body makes (gateway/streamcap.py)
 
 
 @pytest.fixture(scope="module")

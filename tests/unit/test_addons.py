@@ -1252,9 +1252,9 @@ def test_a_push_outside_the_namespace_says_why_in_the_message(gw):
 
 
 def test_a_quota_refusal_gives_usage_limit_and_rule():
-    from addons.gateway.accounting import quota_message
+    from addons.decisions.quota import refusal
 
-    assert quota_message(900, 1000, 200, "quota /p.toml:4") == (
+    assert refusal(900, 1000, 200, "quota /p.toml:4") == (
         "quota exceeded: 900 of 1000 bytes used, 200 more do not fit (quota /p.toml:4)"
     )
 

@@ -542,3 +542,36 @@ def test_retention_leaves_what_writes_in_flight_name_and_repositories_with_a_del
     frozen.until = time.time() + 60
     assert gc.delete_manifests(backend, plan, ledger, now, policy, frozen) == [("acme/app", v2)]
     assert backend.deleted == [("acme/app", v2)]
+
+
+def test_a_manifest_gc_cannot_read_keeps_every_blob_it_might_name():
+    """`Layers` is `layers` to Go: the backend links them. gc cannot read that manifest the
+    backend's way, so it keeps it and every blob it might name, even a layer an expired
+    manifest shares with it."""
+    from tests.support.images import image_manifest
+
+    config, shared, own = (f"sha256:{n:064x}" for n in (1, 2, 3))
+    folded = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config,
+                "size": 2,
+            },
+            "Layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": shared, "size": 3}
+            ],
+        }
+    ).encode()
+    backend = FakeBackend(
+        {"acme/app": {"v1": image_manifest((config, 2), [(shared, 3), (own, 4)]), "v2": folded}}
+    )
+    now = time.time()
+    policy = parse('[[retention]]\nrepositories = ["acme/**"]\nkeep_last = 1\n', "p.toml")
+    walk = gc.snapshot(backend, FakeLedger(backend, now), now)
+    plan = gc_plan.plan(walk.snapshot, gc.retention_for(policy, walk.unknown_tags), now)
+    v1 = manifest.digest_of(backend.repos["acme/app"]["v1"])
+    assert plan.manifests == (("acme/app", v1),)
+    assert set(plan.blobs) == {v1, own}  # the shared layer and the config stay with v2

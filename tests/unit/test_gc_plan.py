@@ -28,7 +28,8 @@ from addons.decisions.gc_plan import (
     apply_plan,
     plan,
 )
-from addons.decisions.signatures import Refused, signature_tag
+from addons.decisions.manifest import ManifestError
+from addons.decisions.signatures import signature_tag
 from tests.support import cosign
 from tests.support.images import digest, oci_index_layout, oci_layout
 
@@ -299,8 +300,46 @@ def test_describe_manifest(tmp_path):
         b'{"subject": {"digest": 5}}',
         b'{"layers": [{"digest": "sha256:' + b"A" * 64 + b'"}]}',
     ):
-        with pytest.raises(Refused):
+        with pytest.raises(ManifestError):
             gc_plan.describe_manifest(bad)
+
+
+def test_gc_reads_a_manifest_as_a_push_is_read():
+    """One reader (manifest.parse, manifest.parts): where gc's own sha256-only reading and the
+    push's differed, gc now reads what the backend reads, or refuses (and keeps)."""
+    sha512 = "sha512:" + "e" * 128
+    # A key Go folds (`Layers` fills `layers`): the backend links those layers; read without
+    # them, they were swept from under a kept manifest. Refused now: kept with all it names.
+    for bad in (
+        {"config": {"digest": D["c"]}, "Layers": [{"digest": D["x"]}]},
+        {"layers": {"digest": D["x"]}},  # one descriptor where Go wants a list
+        {"config": [{"digest": D["c"]}]},  # a list where Go wants one descriptor
+        {"layers": [], "subject": "x"},  # a subject that is no descriptor
+        {"layers": [], "subject": {"size": 1}},  # nor names a digest
+    ):
+        with pytest.raises(ManifestError):
+            gc_plan.describe_manifest(json.dumps(bad).encode())
+    # A sha512 blob is a blob (it was refused as unreadable, so never collected).
+    m = gc_plan.describe_manifest(json.dumps({"layers": [{"digest": sha512}]}).encode())
+    assert m.blobs == (sha512,) and m.kind == "image"
+    # A media type that is no string is no index (it raised TypeError, not a refusal).
+    m = gc_plan.describe_manifest(
+        b'{"mediaType": [], "blobs": [{"digest": "%s"}]}' % D["b"].encode()
+    )
+    assert m.kind == "other" and m.blobs == (D["b"],)
+
+
+def test_what_an_unreadable_manifest_might_name_stays():
+    """A manifest gc cannot read stays (not in the snapshot); what it might name stays too,
+    blobs and manifests alike, even when a removed manifest names them as well."""
+    repo = Repository(
+        tags={"old": Tag(D["a"], 1.0), "new": Tag(D["n"], 2.0)},
+        manifests={D["a"]: image(D["x"], D["y"]), D["c"]: image(D["z"])},
+        kept=frozenset({D["x"], D["c"]}),  # "new" names an unreadable manifest naming these
+    )
+    p = plan(Snapshot({"acme/app": repo}, sizes("x", "y", "z")), Retention(keep_last=1), NOW)
+    assert p.manifests == (("acme/app", D["a"]),) and set(p.blobs) == {D["a"], D["y"]}
+    assert p.tags == (("acme/app", "old"),)
 
 
 # --- properties --------------------------------------------------------------------------------

@@ -277,38 +277,38 @@ def live_view(tmp_path: Path, ring_size: int = 100) -> LiveView:
 def test_repeats_are_dropped_and_garbage_is_counted(tmp_path):
     live = live_view(tmp_path)
     now = time.time()
-    assert live.receive(datagram(10, [1, 2, 3]), now) == 3
-    assert live.receive(datagram(10, [2, 3, 4]), now) == 1  # sent again: only 4 is new
-    assert live.receive(datagram(11, [1], dropped=7), now) == 1  # another worker
+    assert live.feed.receive(datagram(10, [1, 2, 3]), now) == 3
+    assert live.feed.receive(datagram(10, [2, 3, 4]), now) == 1  # sent again: only 4 is new
+    assert live.feed.receive(datagram(11, [1], dropped=7), now) == 1  # another worker
     for garbage in (b"not json", b"[]", b'{"pid": "x"}', b'{"pid": 2}\nnot json\t{}'):
-        assert live.receive(garbage, now) == 0
-    assert live.receive(b'{"pid": 2}\n[1]\t{}\n"x"', now) == 0  # not flows: skipped
-    assert live.bad_input == 4
-    assert len(live.ring.entries) == 5 and live.stats()["dropped_by_workers"] == 7
-    assert live.seen == {10: 4, 11: 1, 2: 0}
-    live.forget_gone(now + 7200)  # both restarted long ago: forgotten, their drops counted
-    assert live.seen == {} and live.stats()["dropped_by_workers"] == 7
+        assert live.feed.receive(garbage, now) == 0
+    assert live.feed.receive(b'{"pid": 2}\n[1]\t{}\n"x"', now) == 0  # not flows: skipped
+    assert live.feed.bad_input == 4
+    assert len(live.feed.ring.entries) == 5 and live.stats()["dropped_by_workers"] == 7
+    assert live.feed.seen == {10: 4, 11: 1, 2: 0}
+    live.feed.forget_gone(now + 7200)  # both restarted long ago: forgotten, their drops counted
+    assert live.feed.seen == {} and live.stats()["dropped_by_workers"] == 7
 
 
 def test_the_admin_ring_holds_the_last_flows_only(tmp_path):
     live = live_view(tmp_path, ring_size=10)
-    live.receive(datagram(1, list(range(1, 26))), time.time())
-    assert len(live.ring.entries) == 10 and live.ring.evicted == 15
-    assert [e.flow["seq"] for e in live.ring.entries] == list(range(16, 26))
+    live.feed.receive(datagram(1, list(range(1, 26))), time.time())
+    assert len(live.feed.ring.entries) == 10 and live.feed.ring.evicted == 15
+    assert [e.flow["seq"] for e in live.feed.ring.entries] == list(range(16, 26))
 
 
 def test_the_workers_are_told_to_stream_while_someone_looks(tmp_path):
     live = live_view(tmp_path)
-    live.write_control()
+    live.feed.write_control()
     assert not (tmp_path / flowfeed.CONTROL_NAME).exists()  # never asked: nothing written
-    live.receive(datagram(42, [1, 2]), time.time())
+    live.feed.receive(datagram(42, [1, 2]), time.time())
     viewer = Viewer()
     live.viewers.add(viewer)
-    live.write_control()
+    live.feed.write_control()
     control = json.loads((tmp_path / flowfeed.CONTROL_NAME).read_text())
     assert control["until"] > time.time() and control["seen"] == {"42": 2}
     live.viewers.discard(viewer)
-    live.write_control()
+    live.feed.write_control()
     assert json.loads((tmp_path / flowfeed.CONTROL_NAME).read_text()) == {"until": 0}
 
 

@@ -161,3 +161,18 @@ def test_manifest_media_types_are_read(content_type):
 def test_other_content_types_are_refused(content_type):
     with pytest.raises(ManifestError, match="Content-Type"):
         manifest.read(b"{}", content_type)
+
+
+def test_what_an_unreadable_manifest_might_name():
+    """gc keeps every digest a manifest it cannot read might name: under any key or spelling,
+    escaped or not, and in bytes that are no JSON at all."""
+    body = b'{"Layers": [{"digest": "%s"}], "x": {"y": ["%s", "\\u0073ha256:%s"]}}' % (
+        D[2].encode(),
+        D[3].encode(),
+        b"1" * 64,
+    )
+    assert json.loads(body)["x"]["y"][1] == D[1]  # what Go (and Python) decode it to
+    assert manifest.might_name(body) == {D[1], D[2], D[3]}
+    sha512 = "sha512:" + "f" * 128
+    assert manifest.might_name(b"\xff{" + D[4].encode() + b" " + sha512.encode()) == {D[4], sha512}
+    assert manifest.might_name(b"[" * 100_000) == set()

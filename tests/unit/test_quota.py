@@ -73,7 +73,7 @@ def test_unfinished_upload_decisions():
     assert upload_decision("acme", 90, 3, False, 50, 100, 64, upto=True).granted == 10
     assert not upload_decision("acme", 100, 3, False, 50, 100, 64, upto=True)
 
-    from addons.gateway.accounting import MAX_GRANT, MIN_GRANT, grant_size
+    from addons.gateway.streamcap import MAX_GRANT, MIN_GRANT, grant_size
 
     assert grant_size(1_000_000) == 250_000 and grant_size(10) == MIN_GRANT
     assert grant_size(10**12) == MAX_GRANT
