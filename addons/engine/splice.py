@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -95,7 +96,9 @@ def _plain_tcp(conn: Any) -> bool:
 
 def ready(layer: Any) -> int:
     """The bytes left of `layer`'s answer body when they may be spliced now, else 0."""
-    if not isinstance(layer, _http1.Http1Client) or layer.state != layer.read_body:
+    if not available or not isinstance(layer, _http1.Http1Client):
+        return 0
+    if layer.state != layer.read_body:
         return 0
     reader = layer.body_reader
     if not isinstance(reader, ContentLengthReader) or layer.buf:
@@ -132,6 +135,16 @@ def take_offer(handler: Any, command: Offer) -> None:
 
 class _Stop(Exception):
     """The splice cannot go on; the backend connection is aborted."""
+
+
+class _Unsupported(Exception):
+    """splice(2) refused these sockets before taking a byte (a sandbox's kernel, a seccomp
+    profile): mitmproxy's path carries this body, and every later one."""
+
+
+# What a kernel or sandbox without splice(2) for sockets answers.
+UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM})
+available = True  # until splice(2) is refused once in this process
 
 
 def _check_open(server: Any, client: Any) -> None:
@@ -196,6 +209,7 @@ async def _move(handler: Any, layer: Any, fds: list[int], left: int) -> bytes:
     stream, server, client = layer.response.stream, layer.conn, layer.context.client
     watchdog = handler.timeout_watchdog
     in_pipe = moved = rounds = short = 0
+    started = False
     try:
         while left or in_pipe:
             rounds += 1
@@ -207,7 +221,12 @@ async def _move(handler: Any, layer: Any, fds: list[int], left: int) -> bytes:
                     filled = os.splice(src, pipe_w, left, flags=_MOVE)
                 except BlockingIOError:
                     pass  # no data yet, or the pipe is full
+                except OSError as e:
+                    if e.errno in UNSUPPORTED and not started:
+                        raise _Unsupported(str(e)) from e  # nothing taken: mitmproxy's path
+                    raise
                 else:
+                    started = True
                     if filled == 0:  # the backend closed early: pass on what it sent, then stop
                         short, left = left, 0
                         continue
@@ -277,6 +296,11 @@ async def run(handler: Any, connection: Any, layer: Any) -> None:
             return
         try:
             tail = await _move(handler, layer, fds, left)
+        except _Unsupported as e:
+            global available
+            available = False
+            logger.warning("splice(2) refused (%s): large bodies go through the engine", e)
+            return
         except _Stop as e:
             logger.debug("splice stopped: %s", e)
             transport.abort()  # the layers see the backend close before the body's end

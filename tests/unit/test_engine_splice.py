@@ -10,6 +10,7 @@ e2e test of real pulls through the whole stack is tests/e2e/test_gateway.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -380,3 +381,29 @@ def test_nothing_is_spliced_before_the_first_bytes_went_through_the_stream():
     """Until then the head may still wait in a paused layer (a hook not done)."""
     layer = client_layer(passed=0)
     assert splice.ready(layer) == 0
+
+
+def test_where_splice_is_refused_the_body_takes_the_usual_path(gw, backend, monkeypatch):
+    """A sandbox or seccomp profile without splice(2) for sockets: the pull still works, through
+    the engine, and no later body tries again."""
+    calls = []
+
+    def refused(*args: object, **kw: object) -> int:
+        calls.append(args)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "splice", refused)
+    monkeypatch.setattr(splice, "available", True)
+    backend.script = Script(8 * MIB)
+    before = settled(gw)
+    for _ in range(2):
+        conn = Conn(gw.port)
+        try:
+            get(conn)
+            answer = conn.read_answer()
+            assert answer is not None and answer.status == 200
+            assert answer.body == body(8 * MIB)
+        finally:
+            conn.close()
+    assert len(calls) == 1 and splice.available is False
+    assert settled(gw) == before
