@@ -34,7 +34,7 @@ import weakref
 from collections import Counter
 from typing import Any
 
-from addons.engine import oci
+from addons.engine import oci, splice
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +212,10 @@ def raise_fd_limit() -> None:
 
 
 def fd_cap() -> int:
+    """Client connections the descriptors allow: two each (the client's, the backend's),
+    after the reserve and the room the splices may hold at once (engine/splice.py)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, (soft - FD_RESERVE) // 2)
+    return max(16, (soft - FD_RESERVE - splice.FDS_EACH * splice.MAX_ACTIVE) // 2)
 
 
 BUSY_ANSWER = oci.wire_error(

@@ -54,7 +54,11 @@ PIPE_SIZE = 256 * 1024  # asked for; Linux may give less (fs.pipe-max-size, user
 YIELD_BYTES = 8 << 20  # give the loop a turn after this much moved without a wait
 WAKE_S = 1.0  # while waiting on a socket, look this often at whether either side was closed
 READ_TAIL = 64 * 1024  # what is read at once of bytes beyond the body
-CHECK_ROUNDS = 32  # while moving, look at that every so many rounds
+CHECK_ROUNDS = 32
+# Splices at once per worker; each holds FDS_EACH descriptors (two duplicates, a pipe), which
+# the connection caps leave room for (engine/connections.py: fd_cap). Beyond: the engine's path.
+MAX_ACTIVE = 64
+FDS_EACH = 4  # while moving, look at that every so many rounds
 _MOVE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CAN_READ, CAN_WRITE = ConnectionState.CAN_READ, ConnectionState.CAN_WRITE
 
@@ -145,6 +149,7 @@ class _Unsupported(Exception):
 # What a kernel or sandbox without splice(2) for sockets answers.
 UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM})
 available = True  # until splice(2) is refused once in this process
+active = 0  # splices running in this process
 
 
 def _check_open(server: Any, client: Any) -> None:
@@ -267,6 +272,7 @@ async def _move(handler: Any, layer: Any, fds: list[int], left: int) -> bytes:
 
 async def run(handler: Any, connection: Any, layer: Any) -> None:
     """Take up an offer on `connection` (the backend's): see the module docstring."""
+    global active, available
     server_io = handler.transports.get(connection)
     client_io = handler.transports.get(layer.context.client)
     if server_io is None or client_io is None or client_io.writer is None:
@@ -291,13 +297,13 @@ async def run(handler: Any, connection: Any, layer: Any) -> None:
         left = ready(layer)
         if not left or transport.is_closing() or client_io.writer.is_closing():
             return
-        fds = _open(server_io, client_io)
+        fds = _open(server_io, client_io) if active < MAX_ACTIVE else None
         if fds is None:
             return
+        active += 1
         try:
             tail = await _move(handler, layer, fds, left)
         except _Unsupported as e:
-            global available
             available = False
             logger.warning("splice(2) refused (%s): large bodies go through the engine", e)
             return
@@ -306,6 +312,7 @@ async def run(handler: Any, connection: Any, layer: Any) -> None:
             transport.abort()  # the layers see the backend close before the body's end
             return
         finally:
+            active -= 1
             for fd in fds:
                 os.close(fd)
         spliced = True

@@ -407,3 +407,22 @@ def test_where_splice_is_refused_the_body_takes_the_usual_path(gw, backend, monk
             conn.close()
     assert len(calls) == 1 and splice.available is False
     assert settled(gw) == before
+
+
+def test_beyond_the_splices_a_worker_holds_at_once_bodies_take_the_usual_path(
+    gw, backend, monkeypatch
+):
+    """Each splice holds four descriptors, which the connection caps leave room for only up
+    to MAX_ACTIVE splices: more large pulls at once are carried by the engine."""
+    monkeypatch.setattr(splice, "MAX_ACTIVE", 0)
+    backend.script = Script(8 * MIB)
+    before = settled(gw)
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        answer = conn.read_answer()
+        assert answer is not None and answer.body == body(8 * MIB)
+    finally:
+        conn.close()
+    assert settled(gw) == before
+    assert splice.active == 0
