@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20  # below this, the pipe's setup costs more than the copies it saves
 PIPE_SIZE = 256 * 1024  # asked for; Linux may give less (fs.pipe-max-size, user limits)
-YIELD_BYTES = 8 << 20  # give the loop a turn after this much moved without a wait
+YIELD_BYTES = 2 << 20  # a turn for the other connections after this much without a wait (~2 ms)
 WAKE_S = 1.0  # while waiting on a socket, look this often at whether either side was closed
 READ_TAIL = 64 * 1024  # what is read at once of bytes beyond the body
 CHECK_ROUNDS = 32
