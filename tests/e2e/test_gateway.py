@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import json
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -390,3 +393,41 @@ def test_a_large_layer_is_pulled_byte_identical_through_the_kernel(registry, acm
         )
 
     wait_for(lambda: spliced_total() >= line["spliced"], timeout=10)
+
+
+def test_large_pulls_at_once_and_clients_that_reset_leave_the_workers_as_they_were(
+    registry, acme_jwt
+):
+    """Several 32 MiB pulls at once get identical bytes; pulls whose clients reset after the
+    first MiB leave no descriptor behind in any worker, and the workers serve on."""
+    headers = bearer(token(registry, acme_jwt, "repository:acme/many:pull,push"))
+    blob = hashlib.sha256(b"many").digest() * (1 << 20)  # 32 MiB
+    digest = push_blob(registry, "acme/many", blob, headers)
+    url = f"{registry.url}/v2/acme/many/blobs/{digest}"
+    pids = list(registry.gateway_pids().values())
+
+    def fds() -> int:
+        return sum(len(list(Path(f"/proc/{pid}/fd").iterdir())) for pid in pids)
+
+    def pulls() -> None:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", registry.port))
+            sock.sendall(
+                f"GET /v2/acme/many/blobs/{digest} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: {headers['Authorization']}\r\n\r\n".encode()
+            )
+            got = 0
+            while got < 1 << 20:
+                got += len(sock.recv(1 << 16))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, most of the body still to come
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: requests.get(url, headers=headers, timeout=60), range(4)))
+        assert all(r.status_code == 200 and r.content == blob for r in got)
+
+    pulls()  # every worker has served once: what it opens once is open
+    time.sleep(1)
+    baseline = fds()
+    for _ in range(3):
+        pulls()
+    wait_for(lambda: fds() <= baseline, timeout=15)
