@@ -29,6 +29,10 @@ body is complete the layers get its end as if the last byte had just been read. 
 fails or closes, or the connection is closed by the layers, the backend connection is aborted
 and the layers see the backend close before the body's end, as they would without the splice:
 the flow ends with an error and the client's connection is closed.
+
+Where a splice cannot be had, mitmproxy's path carries the body, as before: descriptors short,
+MAX_ACTIVE splices already running in this worker (their descriptors are reserved within the
+connection caps), or splice(2) refused by the kernel or a sandbox (then for good, logged once).
 """
 
 from __future__ import annotations
