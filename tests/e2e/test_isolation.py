@@ -213,7 +213,14 @@ def test_another_tenants_digests_are_unknown_and_never_reach_the_backend(
 
     seen = since(dedupe, mark)
     secrets = (secret["layer"], secret["config"], secret["manifest"])
-    leaked = [s for s in seen if any(d in s.path for d in secrets)]
+    # globex's own repository is read by the gateway's walk of the backend (backfill.py), which
+    # may still be going on a loaded machine: not acme's doing. Anything else is a leak.
+    leaked = [
+        s
+        for s in seen
+        if any(d in s.path or d in str(s.query) for d in secrets)
+        and not s.path.startswith("/v2/globex/secret/")
+    ]
     assert leaked == []
     mounts = [s for s in seen if s.path.startswith("/v2/acme/") and "mount" in s.query]
     assert mounts == []
