@@ -398,10 +398,10 @@ def test_a_large_layer_is_pulled_byte_identical_through_the_kernel(registry, acm
 def test_large_pulls_at_once_and_clients_that_reset_leave_the_workers_as_they_were(
     registry, acme_jwt
 ):
-    """Several 32 MiB pulls at once get identical bytes; pulls whose clients reset after the
+    """Several 16 MiB pulls at once get identical bytes; pulls whose clients reset after the
     first MiB leave no descriptor behind in any worker, and the workers serve on."""
     headers = bearer(token(registry, acme_jwt, "repository:acme/many:pull,push"))
-    blob = hashlib.sha256(b"many").digest() * (1 << 20)  # 32 MiB
+    blob = hashlib.sha256(b"many").digest() * (1 << 19)  # 16 MiB
     digest = push_blob(registry, "acme/many", blob, headers)
     url = f"{registry.url}/v2/acme/many/blobs/{digest}"
     pids = list(registry.gateway_pids().values())
@@ -428,6 +428,6 @@ def test_large_pulls_at_once_and_clients_that_reset_leave_the_workers_as_they_we
     pulls()  # every worker has served once: what it opens once is open
     time.sleep(1)
     baseline = fds()
-    for _ in range(3):
+    for _ in range(2):
         pulls()
     wait_for(lambda: fds() <= baseline, timeout=15)
