@@ -395,6 +395,7 @@ def test_a_large_layer_is_pulled_byte_identical_through_the_kernel(registry, acm
     wait_for(lambda: spliced_total() >= line["spliced"], timeout=10)
 
 
+@pytest.mark.alone  # it moves a few hundred MB: not beside other modules' timing tests
 def test_large_pulls_at_once_and_clients_that_reset_leave_the_workers_as_they_were(
     registry, acme_jwt
 ):
