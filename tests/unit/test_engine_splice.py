@@ -150,6 +150,26 @@ def get(conn: Conn, path: str = BLOB) -> None:
     conn.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
 
 
+def to_body(conn: Conn) -> None:
+    """GET the blob, check the answer is a 200 and read past its head: the body comes next."""
+    get(conn)
+    assert conn.file.readline().startswith(b"HTTP/1.1 200")
+    while conn.file.readline() != b"\r\n":
+        pass
+
+
+def pull(gw: InProcessGateway) -> bytes:
+    """The blob's body, over a connection of its own."""
+    conn = Conn(gw.port)
+    try:
+        get(conn)
+        answer = conn.read_answer()
+    finally:
+        conn.close()
+    assert answer is not None and answer.status == 200
+    return answer.body
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -178,11 +198,7 @@ def test_a_slow_reader_gets_every_byte(gw, backend):
     backend.script = Script(8 * MIB)
     conn = Conn(gw.port)
     try:
-        get(conn)
-        line = conn.file.readline()
-        assert line.startswith(b"HTTP/1.1 200")
-        while conn.file.readline() != b"\r\n":
-            pass
+        to_body(conn)
         got = bytearray()
         while len(got) < 8 * MIB:
             got += conn.file.read1(64 * 1024)
@@ -197,24 +213,14 @@ def test_a_backend_that_closes_mid_body_closes_the_client_connection(gw, backend
     fds = open_fds()
     conn = Conn(gw.port, timeout=10)
     try:
-        get(conn)
-        line = conn.file.readline()
-        assert line.startswith(b"HTTP/1.1 200")
-        while conn.file.readline() != b"\r\n":
-            pass
+        to_body(conn)
         # To the close: never a hang; what the backend sent, and nothing more.
         assert conn.file.read() == body(6 * MIB)
     finally:
         conn.close()
     wait_for(lambda: open_fds() <= fds, timeout=5)
     backend.script = Script(2 * MIB)  # the gateway serves on
-    conn = Conn(gw.port)
-    try:
-        get(conn)
-        answer = conn.read_answer()
-        assert answer is not None and answer.body == body(2 * MIB)
-    finally:
-        conn.close()
+    assert pull(gw) == body(2 * MIB)
 
 
 def test_a_client_that_leaves_mid_body_frees_the_backend_connection(gw, backend):
@@ -255,13 +261,7 @@ def test_what_is_not_a_plain_content_length_body_is_not_spliced(gw, backend):
     before = settled(gw)
     for script in (Script(4 * MIB, chunked=True), Script(splice.MIN_BYTES // 2)):
         backend.script = script
-        conn = Conn(gw.port)
-        try:
-            get(conn)
-            answer = conn.read_answer()
-            assert answer is not None and answer.body == body(script.size)
-        finally:
-            conn.close()
+        assert pull(gw) == body(script.size)
     assert settled(gw) == before
 
 
@@ -323,10 +323,7 @@ def test_an_error_in_the_splice_ends_the_flow_and_the_connection(gw, backend, mo
     backend.script = Script(8 * MIB)
     conn = Conn(gw.port, timeout=10)
     try:
-        get(conn)
-        assert conn.file.readline().startswith(b"HTTP/1.1 200")
-        while conn.file.readline() != b"\r\n":
-            pass
+        to_body(conn)
         got = conn.file.read()  # a short body and a close, never a hang
         assert len(got) < 8 * MIB and got == body(8 * MIB)[: len(got)]
     finally:
@@ -397,14 +394,7 @@ def test_where_splice_is_refused_the_body_takes_the_usual_path(gw, backend, monk
     backend.script = Script(8 * MIB)
     before = settled(gw)
     for _ in range(2):
-        conn = Conn(gw.port)
-        try:
-            get(conn)
-            answer = conn.read_answer()
-            assert answer is not None and answer.status == 200
-            assert answer.body == body(8 * MIB)
-        finally:
-            conn.close()
+        assert pull(gw) == body(8 * MIB)
     assert len(calls) == 1 and splice.available is False
     assert settled(gw) == before
 
@@ -417,12 +407,6 @@ def test_beyond_the_splices_a_worker_holds_at_once_bodies_take_the_usual_path(
     monkeypatch.setattr(splice, "MAX_ACTIVE", 0)
     backend.script = Script(8 * MIB)
     before = settled(gw)
-    conn = Conn(gw.port)
-    try:
-        get(conn)
-        answer = conn.read_answer()
-        assert answer is not None and answer.body == body(8 * MIB)
-    finally:
-        conn.close()
+    assert pull(gw) == body(8 * MIB)
     assert settled(gw) == before
     assert splice.active == 0
