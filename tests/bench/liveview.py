@@ -91,13 +91,13 @@ class Viewer:
         self.thread.join(35)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """user + system CPU time of these processes so far (/proc/<pid>/stat)."""
+def cpu_seconds(pids: list[int], user_only: bool = False) -> float:
+    """user + system (or user only) CPU time of these processes so far (/proc/<pid>/stat)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        total += (int(fields[11]) + (0 if user_only else int(fields[12]))) / tick  # utime, stime
     return total
 
 

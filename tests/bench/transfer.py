@@ -26,24 +26,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.bench.cache import pid_of
 from tests.bench.compare import Nginx, find_tool, log, registry_token, start_stack
+from tests.bench.liveview import cpu_seconds
 from tests.bench.throughput import MIB, Body, pull, push
 from tests.support.standins.auth import tabbify_jwt
 
 PATHS = ("direct", "gateway", "nginx")
 TENANT = "bench"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int], user_only: bool = False) -> float:
-    """utime + stime (or utime alone) of these processes, in seconds (a process gone counts
-    nothing)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + (0 if user_only else int(fields[12]))
-    return total / TICK
 
 
 def own_cpu() -> float:
@@ -58,21 +48,6 @@ def children(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 stat = (entry / "stat").read_text().rpartition(")")[2].split()
                 if int(stat[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def backend_pids() -> list[int]:
-    """Distribution's process (`docker-registry serve` or `registry serve`) of this run."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if argv and Path(argv[0].decode(errors="replace")).name in (
-                    "docker-registry",
-                    "registry",
-                ):
                     found.append(int(entry.name))
     return found
 
@@ -119,7 +94,7 @@ def main() -> None:
             "gateway": list(stack.gateway_pids().values()),
             "nginx": [nginx.proc.pid, *children(nginx.proc.pid)],
         }
-        backend = backend_pids()
+        backend = [pid_of(stack, "backend")]
 
         def auth(path: str) -> dict[str, str]:
             if path == "gateway":
