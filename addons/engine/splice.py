@@ -136,9 +136,14 @@ def offer(layer: Any) -> Offer | None:
     return Offer(layer.conn, layer) if ready(layer) else None
 
 
+def _offers(handler: Any) -> dict[Any, Any]:
+    """The offers a connection handler keeps for its connections' readers, by connection."""
+    return handler.__dict__.setdefault("_tbf_offers", {})
+
+
 def take_offer(handler: Any, command: Offer) -> None:
     """Called where the handler carries out commands: keep it for the connection's reader."""
-    handler.__dict__.setdefault("_tbf_offers", {})[command.connection] = command.layer
+    _offers(handler)[command.connection] = command.layer
 
 
 class _Stop(Exception):
@@ -290,7 +295,7 @@ async def run(handler: Any, connection: Any, layer: Any) -> None:
             data = bytes(reader._buffer)
             reader._buffer.clear()
             await handler.server_event(events.DataReceived(connection, data))
-            handler.__dict__.get("_tbf_offers", {}).pop(connection, None)
+            _offers(handler).pop(connection, None)
         if reader._eof or reader.exception() is not None or not ready(layer):
             return
         try:
@@ -348,7 +353,7 @@ async def handle_connection(self: Any, connection: Any) -> None:
     cancelled = None
     reader = self.transports[connection].reader
     assert reader
-    offers: dict[Any, Any] = self.__dict__.setdefault("_tbf_offers", {})
+    offers = _offers(self)
     while True:
         try:
             layer = offers.pop(connection, None)
