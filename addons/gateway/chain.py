@@ -113,6 +113,22 @@ def gateway_addons(secret: bytes | None = None, key_file: Path | None = None) ->
     ]
 
 
+class StartupCheck(errorcheck.ErrorCheck):
+    """mitmproxy's start-up check (an error logged while the options are applied or the
+    listeners bound exits 1: a port taken, an address not there), ended once the servers
+    are up. mitmproxy's own keeps counting until every addon's `running` has returned, and
+    counts errors from any thread: a worker slow to start on a busy machine then exited on
+    the registry's own reports of its state (the ledger read-only, the policy file broken),
+    which /healthz and the log carry and which must not stop a worker."""
+
+    name = "errorcheck"  # the master looks it up by this name
+
+    def running(self) -> None:  # first in the chain: before any addon starts its tasks
+        self.finish()
+        # The master checked once the servers were up; what came since is the registry at work.
+        self.logger.has_errored.clear()
+
+
 def make_master(
     opts: options.Options,
     mode: list[str],
@@ -126,7 +142,7 @@ def make_master(
     # "LEVEL message": `run` reads the level and adds the time (addons/cli/logrelay.py).
     log.logger.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     m.addons.add(
-        errorcheck.ErrorCheck(),  # an error logged during start-up exits non-zero
+        StartupCheck(),  # an error logged before the servers are up exits non-zero
         log,
         core.Core(),
         proxyserver.Proxyserver(),

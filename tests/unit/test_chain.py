@@ -7,10 +7,18 @@ empty record, and allows or records the wrong thing without any error.
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import time
 from pathlib import Path
 
+import pytest
+
+from addons.gateway import accesslog
 from addons.gateway.chain import gateway_addons
+from tests.support.inproc import InProcessGateway
+from tests.support.stack import free_port
 
 ADDONS = Path(__file__).resolve().parents[2] / "addons"
 
@@ -72,3 +80,40 @@ def test_no_addon_keeps_per_flow_state_outside_the_record():
         if re.search(r"\bflow\.metadata\b", line)
     ]
     assert not offenders, f"flow.metadata outside addons/gateway/record.py: {offenders}"
+
+
+# --- start-up: which errors stop a worker -----------------------------------------------------
+
+
+def test_an_error_reported_while_a_worker_starts_does_not_stop_it(monkeypatch):
+    """A slow start on a busy machine: the ledger (or the policy, or anything at work) reports
+    an error after the listeners are up but before every addon's `running` has returned.
+    mitmproxy's own start-up check exited the worker on it; the node then lost a worker for
+    a state /healthz reports."""
+    started = accesslog.AccessLog.running
+
+    def running(self):
+        logging.getLogger("addons.storage.ledger").error("ledger down: read-only (test)")
+        return started(self)
+
+    monkeypatch.setattr(accesslog.AccessLog, "running", running)
+    backend = f"http://127.0.0.1:{free_port()}"
+    with InProcessGateway(backend, anonymous=True) as gw:
+        time.sleep(0.5)  # the master's last check comes right after `running`
+        assert gw.failure is None and gw.thread.is_alive()
+
+
+def test_a_listener_that_cannot_be_bound_still_stops_the_worker():
+    """What the start-up check is for: a port taken exits non-zero (supervisord reports it)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    gw = InProcessGateway("http://127.0.0.1:9", anonymous=True)
+    gw.port = taken.getsockname()[1]
+    gw.mode = [f"reverse:http://127.0.0.1:9@127.0.0.1:{gw.port}"]
+    try:
+        with pytest.raises(RuntimeError), gw:
+            pass
+        assert isinstance(gw.failure, SystemExit) and gw.failure.code == 1
+    finally:
+        taken.close()
