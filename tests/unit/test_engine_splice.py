@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import socket
@@ -36,8 +37,11 @@ MIB = 1 << 20
 BLOB = "/v2/acme/app/blobs/sha256:" + "a" * 64
 
 
+@functools.lru_cache(maxsize=4)
 def body(size: int) -> bytes:
-    """`size` bytes that differ everywhere (a shifted or repeated slice would not match)."""
+    """`size` bytes that differ everywhere (a shifted or repeated slice would not match).
+    Made once per size: making 256 MiB holds the GIL for a second or more, which the
+    in-process gateway shares (a test's deadline must not count it)."""
     out = bytearray()
     block = 0
     while len(out) < size:
@@ -269,6 +273,7 @@ def test_a_client_that_stops_reading_is_cut_off_by_the_inactivity_timeout(backen
     """A splice waiting on a client that reads nothing is not activity: mitmproxy's
     `tcp_timeout` closes the connection as it would without the splice."""
     backend.script = Script(256 * MIB)
+    body(256 * MIB)  # made before the clock runs
     with InProcessGateway(backend.url, anonymous=True, extra=("tcp_timeout=2",)) as gw:
         before = settled(gw)
         conn = Conn(gw.port)
