@@ -89,6 +89,10 @@ named here exists):
    keeps them in the server layer's buffer without limit; beyond MAX_HEAD the connection is
    closed and the flow ends as "client disconnected".
    tests/unit/test_engine_faults.py::test_a_client_flooding_during_its_answer_is_closed_with_the_buffer_bounded
+15. The end of a streamed request body may wait (addons/engine/bodyend.py): a stream callable
+   that cannot decide yet on the bytes it holds (a quota's last grant still being asked
+   for) gets the `streamed_request_end` hook before mitmproxy hands it the end.
+   tests/e2e/test_quota.py::test_a_streamed_body_ending_while_others_hold_room_waits_for_it
 
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/engine/plain_http.py, `next_layer`), the connection caps and deadlines
@@ -119,7 +123,7 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseProtocolError,
 )
 
-from addons.engine import connections, dispatch, oci, splice
+from addons.engine import bodyend, connections, dispatch, oci, splice
 from addons.engine.framing import (
     MAX_CHUNK_LINE,
     MAX_HEAD,
@@ -464,6 +468,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (mode_servers.ServerInstance, "handle_stream", handle_stream),
         (mode_servers.AsyncioServerInstance, "listen", listen),
         (server.ConnectionHandler, "handle_connection", splice.handle_connection),
+        *bodyend.patches(),
     ]
 
 

@@ -65,7 +65,14 @@ from addons.gateway.gate import answered, fail_closed, respond
 from addons.gateway.isolation import REBUILDING, TenantIsolation
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.record import FlowRecord, record
-from addons.gateway.streamcap import InFlight, StreamCap, grant_size
+from addons.gateway.streamcap import (
+    RETRY,
+    WAIT_OTHERS,
+    InFlight,
+    StreamCap,
+    grant_size,
+    others_hold_room,
+)
 from addons.storage.ledger import (
     MAX_UPLOADS,
     UPLOAD_AGE,
@@ -251,6 +258,30 @@ class Accounting:
             max_uploads=MAX_UPLOADS,
         )
 
+    async def _first(
+        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
+    ) -> Reservation:
+        """A request's first reservation. Refused for the quota while the tenant's other
+        requests hold room they reserved ahead (streamed bodies reserve before they send):
+        asked again until they give it back, WAIT_OTHERS at most."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while True:
+            got = await self.reserve(upload, adding, limit, force=force, upto=upto)
+            if got or got.reason != "quota" or not others_hold_room(got, 0):
+                return got
+            if loop.time() - since >= WAIT_OTHERS:
+                return got
+            await asyncio.sleep(RETRY)
+
+    @fail_closed
+    async def streamed_request_end(self, flow: http.HTTPFlow) -> None:
+        """A streamed body ended while bytes of it wait for the ledger's answer
+        (engine/bodyend.py): its end goes on once the answer is in."""
+        upload = record(flow).upload
+        if upload is not None and upload.cap is not None:
+            await upload.cap.finish()
+
     def _unavailable(self, flow: http.HTTPFlow) -> http.Response:
         record(flow).decision = "deny:quota-unchecked"
         return oci.error_response(
@@ -312,18 +343,16 @@ class Accounting:
         upload = InFlight(rec.tenant, session, start=start)
         capped = streamed and not held
         if capped:  # no length: a first grant, more as it streams
-            got = await self.reserve(upload, grant_size(limit), limit, upto=True)
+            got = await self._first(upload, grant_size(limit), limit, upto=True)
         else:
-            got = await self.reserve(upload, adding, limit, force=held)
+            got = await self._first(upload, adding, limit, force=held)
         if not got and (not held or got.reason == "uploads"):
             respond(flow, self._refuse_reservation(flow, limit, got, adding))
             return
         upload.reserved = got.granted
         if capped:
-            room = limit - got.used - got.granted
-            upload.cap = StreamCap(
-                self, flow, upload, limit, got.granted, grant_size(room), got.used, room
-            )
+            step = grant_size(limit - got.used - got.granted)
+            upload.cap = StreamCap(self, flow, upload, limit, got.granted, step, got.used)
             request.stream = upload.cap
         rec.upload = upload
 

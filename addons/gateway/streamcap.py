@@ -8,6 +8,12 @@ the quota at a time, `grant_size`) before they run out. Once the quota has nothi
 it, its connection is cut: a streamed request can get no answer of ours, so the 403 is
 written on the wire and the connection closed (`cut_connection`).
 
+Reserving ahead means that the tenant's other uploads may hold room they will not use: each
+keeps what is left of its last grant until it ends. An answer that falls short while they
+hold room is not final (`others_hold_room`): the body asks again until they give it back
+(WAIT_OTHERS at most), and its end waits for that answer (engine/bodyend.py). Two layers
+that fit the quota together are never refused for each other's grants.
+
 The bookkeeping (the upload session's reservations, the ledger, the quota decision) is
 accounting.py's: StreamCap asks it through `Grants` (the Accounting addon), and grows the
 request's reservation (`InFlight`) by what it is granted.
@@ -32,6 +38,15 @@ logger = logging.getLogger(__name__)
 MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
 HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
+WAIT_OTHERS = 5.0  # seconds an upload that does not fit waits for others' room to come back
+RETRY = 0.05  # seconds between two asks meanwhile
+
+
+def others_hold_room(got: Reservation, own: int) -> bool:
+    """A refusal or short grant that may change: requests other than this one (which holds
+    `own` of the tenant's reserved bytes) still hold room; they give back what they do not
+    use when they end."""
+    return got.pending - own > 0
 
 
 @dataclass
@@ -73,14 +88,14 @@ class StreamCap:
     """The stream callable of a body without a length, under a quota. Chunks go on while the
     bytes the ledger reserved for this body (`granted`) cover them; once half of the last
     grant is used it asks for more (a quarter of what is left of the quota, off the event
-    loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer, and
-    the connection is cut once the quota has nothing more for them. A body whose end
-    arrives while an ask is on its way goes on if what waits is within what was left of the
-    quota at the last answer: a push that fits is not cut because the ledger is slower than
-    the link. That is the one case it may pass the quota, when the tenant's other uploads
-    took that room meanwhile: by at most that room per body. Called by
-    mitmproxy for every chunk, on the event loop: no I/O here. Returns the chunks to forward
-    (a list: an empty bytes value would end a chunked body upstream)."""
+    loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer. An
+    answer that falls short while the tenant's other requests hold room is asked again
+    (every RETRY s, WAIT_OTHERS at most); otherwise the quota has nothing more for this body,
+    and its connection is cut once a chunk goes past what it was granted. Its end waits for
+    an answer on its way (`ending_waits`, `finish`): what it forwards never passes what it
+    was granted. Called by mitmproxy for every chunk, on the event loop: no I/O here.
+    Returns the chunks to forward (a list: an empty bytes value would end a chunked body
+    upstream)."""
 
     accounting: Grants
     flow: http.HTTPFlow
@@ -89,13 +104,13 @@ class StreamCap:
     granted: int  # bytes the ledger reserved for this body
     step: int  # what the next ask is for
     others: int  # the tenant's other bytes, as of the last answer
-    room: int  # what was left of the quota after the last answer
     sent: int = 0  # forwarded
     held: list[bytes] = field(default_factory=list)
     held_bytes: int = 0
     asking: int = 0  # bytes the ask on its way is for (0: none)
     denied: bool = False  # the quota has nothing more for this body
     cut: bool = False
+    short_since: float | None = None  # answers fall short, others holding room, since then
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __call__(self, chunk: bytes) -> list[bytes]:
@@ -105,25 +120,27 @@ class StreamCap:
             self.held.append(chunk)
             self.held_bytes += len(chunk)
         out = self._release(self.granted)
-        if self.held:
-            if self.denied:
-                self.stop("quota exceeded", self.held_bytes)
-                return [record(self.flow).count_in(c) for c in out]  # covered: they go
-            if not chunk:  # the end: it goes on if what was left at the last answer covers it
-                if self.held_bytes > self.room:
-                    self.stop("quota exceeded", self.held_bytes)
-                    return []
-                out += self._release(self.sent + self.held_bytes)
-            elif self.held_bytes > HOLD:
-                self.stop("quota exceeded", self.held_bytes)
-                return []
-        if not self.asking and not self.denied and self._left() < self.step // 2:
+        if self.held and (self.denied or not chunk or self.held_bytes > HOLD):
+            # Nothing more will be granted; or the end, which waited for the last answer
+            # (`finish`); or too much waiting for one.
+            self.stop("quota exceeded", self.held_bytes)
+        elif not self.asking and not self.denied and self._left() < self.step // 2:
             self.asking = self.step + max(-self._left(), 0)  # and what already waits
             task = asyncio.get_running_loop().create_task(self._ask(self.asking))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         count = record(self.flow).count_in
         return [count(c) for c in out]
+
+    def ending_waits(self) -> bool:
+        """At the body's end (engine/bodyend.py): bytes wait for an answer on its way."""
+        return bool(self.asking) and not self.cut and self._left() < 0
+
+    async def finish(self) -> None:
+        """Until the answer for the bytes that wait has come (WAIT_OTHERS at most, plus the
+        ledger's time)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _left(self) -> int:
         return self.granted - self.sent - self.held_bytes
@@ -144,28 +161,46 @@ class StreamCap:
         return out
 
     async def _ask(self, want: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            got = await self.accounting.reserve(self.upload, want, self.limit, upto=True)
+            while True:
+                got = await self.accounting.reserve(self.upload, want, self.limit, upto=True)
+                if self.upload.done:  # the request ended meanwhile (cut, or the client left)
+                    await self.accounting.give_back(self.upload, got.granted)
+                    return
+                may_change = others_hold_room(got, self.upload.reserved)
+                # `got.used` counts this body's earlier grants and the tenant's other bytes.
+                self.others = got.used - self.granted
+                self.granted += got.granted
+                self.upload.reserved += got.granted
+                self.step = grant_size(self.limit - got.used - got.granted)
+                if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
+                    message = "too many unfinished uploads"
+                    self.stop(message, 0, (429, "TOOMANYREQUESTS", message))
+                    return
+                short = got.granted < want
+                if not short:
+                    self.short_since = None
+                elif self.short_since is None:
+                    self.short_since = loop.time()
+                if short and (not may_change or loop.time() - self.short_since >= WAIT_OTHERS):
+                    self.denied = True
+                    return
+                if self._left() >= 0 or self.cut:
+                    return  # what waits is covered: the next chunks ask again
+                if short:
+                    await asyncio.sleep(RETRY)  # for the others to give room back
+                    if self.cut:
+                        return
+                # What waits (chunks came in meanwhile), and, with room, the next step.
+                want = max(-self._left(), 0) + (0 if short else self.step)
+                if want == 0:
+                    return
         except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
             logger.warning("quota: cannot reserve for a streamed upload: %s", e)
             self.stop("quota-unchecked", 0, (503, "UNAVAILABLE", "cannot check the quota now"))
-            return
         finally:
             self.asking = 0
-        if self.upload.done:  # the request ended meanwhile (cut, or the client went away)
-            await self.accounting.give_back(self.upload, got.granted)
-            return
-        # `got.used` counts this body's earlier grants and the tenant's other bytes now.
-        self.others = got.used - self.granted
-        self.granted += got.granted
-        self.upload.reserved += got.granted
-        if got.reason == "uploads":  # forgotten meanwhile, and no place left for it
-            message = "too many unfinished uploads"
-            self.stop(message, 0, (429, "TOOMANYREQUESTS", message))
-            return
-        self.denied = got.granted < want
-        self.room = self.limit - got.used - got.granted
-        self.step = grant_size(self.room)
 
     def stop(self, why: str, more: int, answer: tuple[int, str, str] | None = None) -> None:
         """Cut the connection: the backend gets a truncated body and confirms no blob; the

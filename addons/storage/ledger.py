@@ -56,6 +56,9 @@ class Reservation:
     uploads: int = 0
     reason: str = ""
     granted: int = 0  # bytes reserved by this decision (`upto`: maybe fewer than asked)
+    # `reserve`: the tenant's bytes reserved by requests not settled yet (this session's too),
+    # before this decision: room that may come back when they end
+    pending: int = 0
 
     def __bool__(self) -> bool:
         return self.ok

@@ -106,8 +106,8 @@ USAGE = (
 TENANT_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 EXPIRE = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND at < %s"
 IN_FLIGHT = (
-    "SELECT count(*), COALESCE(sum(stored + pending), 0) FROM registry_ledger_uploads"
-    " WHERE holder = %s"
+    "SELECT count(*), COALESCE(sum(stored + pending), 0), COALESCE(sum(pending), 0)"
+    " FROM registry_ledger_uploads WHERE holder = %s"
 )
 DROP_UPLOAD = "DELETE FROM registry_ledger_uploads WHERE holder = %s AND session = %s"
 
@@ -351,13 +351,14 @@ class PgLedger(LedgerState):
         rows = self._run("SELECT", lambda db: db.execute(sql, ("/%",)).fetchall(), retry=True)
         return {t: int(n) for t, n in rows}
 
-    def _used(self, db: Any, tenant: str, now: float, age: float) -> tuple[int, int]:
-        """(unfinished uploads, bytes used: blobs and manifests plus those uploads), after
-        forgetting the tenant's uploads untouched for `age` seconds. Inside a transaction
-        holding the tenant's lock."""
+    def _used(self, db: Any, tenant: str, now: float, age: float) -> tuple[int, int, int]:
+        """(unfinished uploads, bytes used: blobs and manifests plus those uploads, bytes
+        reserved by requests not settled yet), after forgetting the tenant's uploads untouched
+        for `age` seconds. Inside a transaction holding the tenant's lock."""
         db.execute(EXPIRE, (tenant, now - age))
-        uploads, flying = db.execute(IN_FLIGHT, (tenant,)).fetchone()
-        return int(uploads), int(db.execute(USAGE, (tenant,)).fetchone()[0]) + int(flying)
+        uploads, flying, pending = db.execute(IN_FLIGHT, (tenant,)).fetchone()
+        used = int(db.execute(USAGE, (tenant,)).fetchone()[0]) + int(flying)
+        return int(uploads), used, int(pending)
 
     def admit(
         self,
@@ -384,7 +385,7 @@ class PgLedger(LedgerState):
                 db.execute(SIZE, (digest, max(size, 0)))
                 if session is not None:
                     db.execute(DROP_UPLOAD, (tenant, session))
-                uploads, used = self._used(db, tenant, when, age)
+                uploads, used, _ = self._used(db, tenant, when, age)
                 if db.execute(HELD, key).fetchone():
                     return Reservation(True, used, uploads)
                 if quota.would_exceed(tenant, {tenant: used}, limit, size):
@@ -426,7 +427,7 @@ class PgLedger(LedgerState):
         def decide(db: Any) -> Reservation:
             with self._transaction(db):
                 db.execute(TENANT_LOCK, (tenant,))
-                uploads, used = self._used(db, tenant, when, age)
+                uploads, used, pending = self._used(db, tenant, when, age)
                 known = db.execute(
                     "SELECT 1 FROM registry_ledger_uploads WHERE holder = %s AND session = %s",
                     (tenant, session),
@@ -434,6 +435,7 @@ class PgLedger(LedgerState):
                 decided = upload_decision(
                     tenant, used, uploads, known is None, adding, limit, max_uploads, upto
                 )
+                decided = replace(decided, pending=pending)
                 if force and decided.reason != "uploads":
                     decided = replace(decided, granted=max(adding, 0))
                 if decided.granted or decided:

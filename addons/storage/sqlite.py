@@ -100,7 +100,10 @@ _USAGE = (
     " WHERE seen.tenant = ?"
 )
 _EXPIRE = "DELETE FROM uploads WHERE tenant = ? AND at < ?"
-_IN_FLIGHT = "SELECT COUNT(*), COALESCE(SUM(stored + pending), 0) FROM uploads WHERE tenant = ?"
+_IN_FLIGHT = (
+    "SELECT COUNT(*), COALESCE(SUM(stored + pending), 0), COALESCE(SUM(pending), 0)"
+    " FROM uploads WHERE tenant = ?"
+)
 
 
 class SqliteLedger(LedgerState):
@@ -464,7 +467,7 @@ class SqliteLedger(LedgerState):
                     db.execute("DELETE FROM uploads WHERE tenant = ? AND session = ?",
                                (tenant, session))  # fmt: skip
                 db.execute(_EXPIRE, (tenant, when - age))
-                uploads, flying = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
+                uploads, flying, _ = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
                 used = int(db.execute(_USAGE, (tenant,)).fetchone()[0]) + int(flying)
                 if db.execute(_HELD, key).fetchone():
                     return Reservation(True, used, int(uploads))
@@ -512,11 +515,12 @@ class SqliteLedger(LedgerState):
                 known = db.execute(
                     "SELECT 1 FROM uploads WHERE tenant = ? AND session = ?", (tenant, session)
                 ).fetchone()
-                uploads, flying = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
+                uploads, flying, pending = db.execute(_IN_FLIGHT, (tenant,)).fetchone()
                 used = int(db.execute(_USAGE, (tenant,)).fetchone()[0]) + int(flying)
                 decided = upload_decision(
                     tenant, used, int(uploads), not known, adding, limit, max_uploads, upto
                 )
+                decided = replace(decided, pending=int(pending))
                 if force and decided.reason != "uploads":
                     decided = replace(decided, granted=max(adding, 0))
                 if decided.granted or decided:

@@ -451,6 +451,8 @@ def unfinished_uploads_count(ledger: Any) -> None:
     assert got and got.used == 700  # reaching the quota exactly is allowed
     refused = ledger.reserve("acme", "acme/app@u2", 1, 1000, now=t0)
     assert not refused and (refused.reason, refused.used) == ("quota", 1000)
+    # What requests in flight hold (not settled yet) is said: room that may come back.
+    assert (got.pending, refused.pending) == (0, 300)
     assert ledger.uploads("acme")["acme/app@u2"] == (0, 300)  # nothing added by a refusal
     # A confirmed upload must fit beside the others' bytes in flight.
     assert not ledger.admit("acme", D[1], 1, limit=1000, now=t0)
@@ -491,7 +493,7 @@ def unfinished_uploads_count(ledger: Any) -> None:
     part = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
     assert part and (part.used, part.granted) == (700, 300)
     none = ledger.reserve("acme", "acme/app@u7", 500, 1000, upto=True, now=later)
-    assert not none and (none.reason, none.granted) == ("quota", 0)
+    assert not none and (none.reason, none.granted, none.pending) == ("quota", 0, 300)
     assert ledger.uploads("acme") == {"acme/app@u7": (0, 300)}
 
 
