@@ -66,12 +66,12 @@ from addons.gateway.isolation import REBUILDING, TenantIsolation
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.record import FlowRecord, record
 from addons.gateway.streamcap import (
-    RETRY,
     WAIT_OTHERS,
     InFlight,
     StreamCap,
     grant_size,
     others_hold_room,
+    retry_in,
 )
 from addons.storage.ledger import (
     MAX_UPLOADS,
@@ -272,7 +272,7 @@ class Accounting:
                 return got
             if loop.time() - since >= WAIT_OTHERS:
                 return got
-            await asyncio.sleep(RETRY)
+            await asyncio.sleep(retry_in(loop.time() - since))
 
     @fail_closed
     async def streamed_request_end(self, flow: http.HTTPFlow) -> None:

@@ -39,7 +39,13 @@ MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
 HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
 WAIT_OTHERS = 5.0  # seconds an upload that does not fit waits for others' room to come back
-RETRY = 0.05  # seconds between two asks meanwhile
+RETRY = (0.05, 0.5)  # seconds between two asks meanwhile: first, at most
+
+
+def retry_in(waited: float) -> float:
+    """The pause before asking again after `waited` seconds of refusals: about as long again
+    (doubling), within RETRY, so a tenant's waiting requests cost the ledger a few asks each."""
+    return min(max(waited, RETRY[0]), RETRY[1])
 
 
 def others_hold_room(got: Reservation, own: int) -> bool:
@@ -90,7 +96,7 @@ class StreamCap:
     grant is used it asks for more (a quarter of what is left of the quota, off the event
     loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer. An
     answer that falls short while the tenant's other requests hold room is asked again
-    (every RETRY s, WAIT_OTHERS at most); otherwise the quota has nothing more for this body,
+    (backing off, WAIT_OTHERS at most); otherwise the quota has nothing more for this body,
     and its connection is cut once a chunk goes past what it was granted. Its end waits for
     an answer on its way (`ending_waits`, `finish`): what it forwards never passes what it
     was granted. Called by mitmproxy for every chunk, on the event loop: no I/O here.
@@ -189,7 +195,8 @@ class StreamCap:
                 if self._left() >= 0 or self.cut:
                     return  # what waits is covered: the next chunks ask again
                 if short:
-                    await asyncio.sleep(RETRY)  # for the others to give room back
+                    # for the others to give room back
+                    await asyncio.sleep(retry_in(loop.time() - self.short_since))
                     if self.cut:
                         return
                 # What waits (chunks came in meanwhile), and, with room, the next step.
