@@ -4,10 +4,11 @@ mitmproxy hands a streamed body's end to the stream callable (`stream(b"")`) and
 what it returns at once: the callable is synchronous, so what it cannot decide yet it must
 decide then. A body streamed under a quota (gateway/streamcap.py) can end while the ledger's
 answer for its last bytes is still on its way, or while the tenant's other uploads still hold
-room they will give back. Before the end is handed on, a stream callable that says so
-(`ending_waits()`) gets a hook, `streamed_request_end`, in which an addon awaits the answer;
-the end then goes through mitmproxy's own path. Nothing else changes: every other body, and
-this one once decided, takes mitmproxy's unchanged code.
+room they will give back. Before the end is handed on, a stream callable that has
+`waits_at_end()` is asked: the chunks it can forward now go on, and if the rest waits, a
+hook, `streamed_request_end`, lets an addon await the answer; the end then goes through
+mitmproxy's own path. Every other body, and this one once decided, takes mitmproxy's
+unchanged code.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from mitmproxy import http
 from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers.http import HttpStream
-from mitmproxy.proxy.layers.http._events import RequestEndOfMessage
+from mitmproxy.proxy.layers.http import HttpStream, SendHttp
+from mitmproxy.proxy.layers.http._events import RequestData, RequestEndOfMessage
 
 _state_stream_request_body = HttpStream.state_stream_request_body
 
@@ -35,9 +36,15 @@ class StreamedRequestEndHook(commands.StartHook):
 
 def state_stream_request_body(self: Any, event: events.Event) -> Generator[Any, Any, None]:
     if isinstance(event, RequestEndOfMessage):
-        ending_waits = getattr(self.flow.request.stream, "ending_waits", None)
-        if ending_waits is not None and ending_waits():
-            yield StreamedRequestEndHook(self.flow)
+        waits_at_end = getattr(self.flow.request.stream, "waits_at_end", None)
+        if waits_at_end is not None:
+            ready, wait = waits_at_end()
+            for chunk in ready:  # as mitmproxy forwards what a stream callable returns
+                if self.context.options.store_streamed_bodies:
+                    self.request_body_buf += chunk
+                yield SendHttp(RequestData(self.stream_id, chunk), self.context.server)
+            if wait:
+                yield StreamedRequestEndHook(self.flow)
     yield from _state_stream_request_body(self, event)
 
 

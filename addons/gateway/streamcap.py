@@ -39,6 +39,9 @@ MIN_GRANT = 64 * 1024  # what a streamed body reserves at a time: at least …
 MAX_GRANT = 64 * 1024 * 1024  # … and at most
 HOLD = 4 * 1024 * 1024  # a streamed body's bytes waiting for an ask, at most
 WAIT_OTHERS = 5.0  # seconds an upload that does not fit waits for others' room to come back
+# … holding at most this much of its body meanwhile (one engine read's worth): a client that
+# keeps sending while it waits is cut, so waiting costs no more memory than a connection does
+WAIT_HOLD = 256 * 1024
 RETRY = (0.05, 0.5)  # seconds between two asks meanwhile: first, at most
 
 
@@ -96,12 +99,12 @@ class StreamCap:
     grant is used it asks for more (a quarter of what is left of the quota, off the event
     loop); chunks past the grant wait in memory (at most HOLD bytes) until the answer. An
     answer that falls short while the tenant's other requests hold room is asked again
-    (backing off, WAIT_OTHERS at most); otherwise the quota has nothing more for this body,
-    and its connection is cut once a chunk goes past what it was granted. Its end waits for
-    an answer on its way (`ending_waits`, `finish`): what it forwards never passes what it
-    was granted. Called by mitmproxy for every chunk, on the event loop: no I/O here.
-    Returns the chunks to forward (a list: an empty bytes value would end a chunked body
-    upstream)."""
+    (backing off, WAIT_OTHERS at most, holding at most WAIT_HOLD bytes); otherwise the quota
+    has nothing more for this body, and its connection is cut once a chunk goes past what
+    it was granted. Its end waits for an answer on its way (`waits_at_end`, `finish`): what
+    it forwards never passes what it was granted. Called by mitmproxy for every chunk, on
+    the event loop: no I/O here. Returns the chunks to forward (a list: an empty bytes value
+    would end a chunked body upstream)."""
 
     accounting: Grants
     flow: http.HTTPFlow
@@ -126,7 +129,8 @@ class StreamCap:
             self.held.append(chunk)
             self.held_bytes += len(chunk)
         out = self._release(self.granted)
-        if self.held and (self.denied or not chunk or self.held_bytes > HOLD):
+        hold = HOLD if self.short_since is None else WAIT_HOLD
+        if self.held and (self.denied or not chunk or self.held_bytes > hold):
             # Nothing more will be granted; or the end, which waited for the last answer
             # (`finish`); or too much waiting for one.
             self.stop("quota exceeded", self.held_bytes)
@@ -138,9 +142,15 @@ class StreamCap:
         count = record(self.flow).count_in
         return [count(c) for c in out]
 
-    def ending_waits(self) -> bool:
-        """At the body's end (engine/bodyend.py): bytes wait for an answer on its way."""
-        return bool(self.asking) and not self.cut and self._left() < 0
+    def waits_at_end(self) -> tuple[list[bytes], bool]:
+        """At the body's end, before mitmproxy hands it over (engine/bodyend.py): the chunks
+        granted meanwhile go on now, and True if the rest waits for an answer on its way
+        (so only what waits, at most WAIT_HOLD once others are waited for, stays held)."""
+        if self.cut:
+            return [], False
+        count = record(self.flow).count_in
+        out = [count(c) for c in self._release(self.granted)]
+        return out, bool(self.asking and self.held)
 
     async def finish(self) -> None:
         """Until the answer for the bytes that wait has come (WAIT_OTHERS at most, plus the
@@ -189,14 +199,15 @@ class StreamCap:
                     self.short_since = None
                 elif self.short_since is None:
                     self.short_since = loop.time()
-                if short and (not may_change or loop.time() - self.short_since >= WAIT_OTHERS):
+                waited = loop.time() - self.short_since if short else 0.0
+                if short and (not may_change or waited >= WAIT_OTHERS or -self._left() > WAIT_HOLD):
                     self.denied = True
                     return
                 if self._left() >= 0 or self.cut:
                     return  # what waits is covered: the next chunks ask again
                 if short:
                     # for the others to give room back
-                    await asyncio.sleep(retry_in(loop.time() - self.short_since))
+                    await asyncio.sleep(retry_in(waited))
                     if self.cut:
                         return
                 # What waits (chunks came in meanwhile), and, with room, the next step.

@@ -22,6 +22,7 @@ import requests
 
 from tests.conftest import skopeo_copy
 from tests.e2e.test_gateway import bearer, push_blob, sha256, token
+from tests.e2e.test_ledger_loss import wait_whole
 from tests.support.images import oci_layout
 from tests.support.stack import Stack, wait_for
 from tests.support.standins.auth import AuthStandin, tabbify_jwt
@@ -37,7 +38,7 @@ tenants = ["initech"]
 bytes = "100kB"
 
 [[quota]]
-tenants = ["hooli", "umbrella", "stark", "wayne", "kent", "gotham", "metro"]
+tenants = ["hooli", "umbrella", "stark", "wayne", "kent", "gotham", "metro", "smallville"]
 bytes = "1MB"
 """
 MB = 1_000_000
@@ -50,6 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, auth: AuthStandin) -> Iterat
     data.mkdir()
     (data / "policy.toml").write_text(POLICY.format(limit="400kB"))
     s = Stack(data, auth.url, REGISTRY_WORKERS="2").start()
+    wait_whole(s)  # until then every write under a quota is 503 "rebuilding" (by design)
     yield s
     s.stop()
 
@@ -406,6 +408,22 @@ def test_a_streamed_body_waits_for_others_room_a_bounded_time(stack: Stack) -> N
     assert b.end() == 202
 
 
+def test_a_body_that_keeps_coming_while_it_waits_is_cut_at_once(stack: Stack) -> None:
+    """Waiting for others' room holds at most one read's worth of the body (WAIT_HOLD): a
+    client that keeps sending meanwhile is cut then, not after the whole wait."""
+    h = bearer(token(stack, tabbify_jwt({"network": "smallville"})))
+    b = PausedStream(stack, start_upload(stack, "smallville/app", h), h)
+    b.send(os.urandom(32 * 1024))
+    time.sleep(0.5)
+    out: list = []
+    started = time.monotonic()
+    streamed_patch(stack, start_upload(stack, "smallville/app", h), os.urandom(4 * MB), h, out)
+    assert out in ([403], [None]) and time.monotonic() - started < 4, out
+    assert parked(stack, "smallville/app") <= MB
+    b.send(os.urandom(1000))
+    assert b.end() == 202
+
+
 def test_unfinished_uploads_are_bounded_per_tenant(stack: Stack) -> None:
     h = bearer(token(stack, tabbify_jwt({"network": "stark"})))
     for _ in range(64):
@@ -429,6 +447,7 @@ def test_abandoned_uploads_stop_counting_after_the_upload_age(
     (data / "policy.toml").write_text(POLICY.format(limit="400kB"))
     s = Stack(data, auth.url, REGISTRY_WORKERS="1", REGISTRY_UPLOAD_MAX_AGE="10s").start()
     try:
+        wait_whole(s)
         h = bearer(token(s, tabbify_jwt({"network": "hooli"})))
         assert patch(s, start_upload(s, "hooli/app", h), os.urandom(900_000), 0, h).ok
         again = start_upload(s, "hooli/app", h)
