@@ -40,7 +40,7 @@ from mitmproxy import addonmanager, exceptions, flow, hooks, http
 from mitmproxy.proxy import commands, events, mode_servers, server
 from mitmproxy.utils import asyncio_utils
 
-from addons.engine import splice
+from addons.engine import readgate, splice
 
 logger = logging.getLogger(addonmanager.__name__)
 
@@ -228,9 +228,11 @@ def _start_hook(self: Any, hook: commands.StartHook) -> bool:
     else:
         reply = _Reply()
         work = _hook_task(self, hook, reply)
-    asyncio_utils.create_task(
+    task = asyncio_utils.create_task(
         work, name=f"handle_hook({hook.name})", keep_ref=True, client=self.client.peername
     )
+    if hook.blocking and task is not None and not task.done():
+        readgate.hold(self, task)  # its client is not read until it is done
     if reply is None:
         return False
     reply.eager = False

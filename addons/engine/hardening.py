@@ -93,6 +93,11 @@ named here exists):
    that cannot decide yet on the bytes it holds (a quota's last grant still being asked
    for) gets the `streamed_request_end` hook before mitmproxy hands it the end.
    tests/e2e/test_quota.py::test_a_streamed_body_ending_while_others_hold_room_waits_for_it
+16. A client is not read while a blocking hook of its connection runs (addons/engine/readgate.py;
+   dispatch.py counts the hooks, splice.py's handle_connection waits before a client read):
+   mitmproxy queued everything sent meanwhile, without limit (1.2 GB in 3.5 s from one
+   connection during a slow hook). What the client sends waits in the kernel's buffers.
+   tests/unit/test_engine_faults.py::test_a_body_sent_during_a_slow_hook_waits_in_the_kernel_not_in_memory
 
 What uses a public mitmproxy hook is an addon, not a patch: plain HTTP only
 (addons/engine/plain_http.py, `next_layer`), the connection caps and deadlines

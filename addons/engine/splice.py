@@ -51,6 +51,8 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import _http1
 
+from addons.engine import readgate
+
 logger = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20  # below this, the pipe's setup costs more than the copies it saves
@@ -348,8 +350,9 @@ async def _run_closed_on_error(handler: Any, connection: Any, layer: Any) -> Non
 
 
 async def handle_connection(self: Any, connection: Any) -> None:
-    """mitmproxy's ConnectionHandler.handle_connection, with one step before each read: an
-    offer (`take_offer`) for this connection is taken up (`run`)."""
+    """mitmproxy's ConnectionHandler.handle_connection, with two steps before each read: an
+    offer (`take_offer`) for this connection is taken up (`run`), and a client waits while
+    a blocking hook of its connection runs (readgate.py)."""
     cancelled = None
     reader = self.transports[connection].reader
     assert reader
@@ -360,6 +363,7 @@ async def handle_connection(self: Any, connection: Any) -> None:
             if layer is not None:
                 await _run_closed_on_error(self, connection, layer)
                 continue
+            await readgate.wait(self, connection)
             data = await reader.read(65535)
             if not data:
                 raise OSError("Connection closed by peer.")
