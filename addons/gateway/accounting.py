@@ -26,21 +26,8 @@ cannot see it, and it counts for nobody).
 A confirmed upload under a quota is decided and recorded in one ledger transaction
 (`admit`), so uploads of one tenant confirmed at the same time cannot overshoot together.
 
-**Unfinished uploads** count too. For a tenant under a quota, the ledger keeps each upload
-session it has open (`<repository>@<upload id>`): the bytes the backend said it stored, and
-those being sent now. Every request that sends bytes into a session reserves them first, in
-one ledger transaction with the quota decision (`reserve`; across workers and, with
-PostgreSQL, across nodes): a PATCH, or a PUT/POST with a body, whose Content-Length would take
-the tenant's usage plus its unfinished uploads over the quota is refused with 403 before a
-byte reaches the backend. A body without a length (chunked) reserves as it streams, a
-quarter of what is left of the quota at a time, and its connection is cut once the quota has
-nothing more for it (streamcap.py: the cap; its reservations are made here). The answer
-settles the session (`settle`: the backend's `Range` says what it holds); a completed
-upload's bytes become its blob's in the same transaction that admits it; a cancelled
-(DELETE) or unknown (404) upload is forgotten; one untouched for `registry_upload_age`
-seconds is forgotten, as the backend purges it after the same age (zot/config.py). A tenant
-under a quota holds at most MAX_UPLOADS unfinished uploads: one more upload start is refused
-with 429.
+**Unfinished uploads** count too: the bytes of upload sessions not finished yet, reserved
+before they are sent (uploads.py; streamcap.py caps a body without a length as it streams).
 """
 
 from __future__ import annotations
@@ -48,65 +35,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from addons.clients.backend import AsyncClient, Unavailable
-from addons.decisions import quota, routes
+from addons.decisions import quota
 from addons.decisions.routes import is_digest
 from addons.engine import oci
-from addons.gateway.access import backend_error_code
 from addons.gateway.gate import answered, fail_closed, respond
 from addons.gateway.isolation import REBUILDING, TenantIsolation
 from addons.gateway.policy_store import PolicyFile
 from addons.gateway.record import FlowRecord, record
-from addons.gateway.streamcap import (
-    WAIT_OTHERS,
-    InFlight,
-    StreamCap,
-    grant_size,
-    others_hold_room,
-    retry_in,
-)
+from addons.gateway.uploads import Uploads, take_upload
 from addons.storage.ledger import (
-    MAX_UPLOADS,
     UPLOAD_AGE,
     Accounts,
     LedgerUnavailable,
-    Reservation,
     holder,
 )
 
 logger = logging.getLogger(__name__)
 
 USAGE_EVERY = 5.0
-_RANGE = re.compile(r"0-([0-9]{1,18})")
-
-
-def take_upload(rec: FlowRecord) -> InFlight | None:
-    """The upload session this request reserved bytes in, taken off its record once."""
-    upload, rec.upload = rec.upload, None
-    assert upload is None or isinstance(upload, InFlight)
-    return upload
-
-
-def session_of(location: str, repository: str) -> str | None:
-    """The upload session a backend's upload `Location` names in `repository`, if any."""
-    route = routes.parse(urlsplit(location).path, "PATCH")
-    if not isinstance(route, routes.Route) or route.kind != "upload" or not route.reference:
-        return None
-    return f"{repository}@{route.reference}" if route.name == repository else None
-
-
-def stored_from(response: http.Response) -> int | None:
-    """What the backend holds of an upload, from its `Range: 0-<last byte>` answer."""
-    m = _RANGE.fullmatch(response.headers.get("range", ""))
-    return int(m[1]) + 1 if m else None
 
 
 class Unaccountable(LedgerUnavailable):
@@ -123,6 +76,7 @@ class Accounting:
         self.quotas: dict[str, int | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._expired_at = 0.0
+        self.uploads = Uploads(lambda: self.ledger, self._quota, self.quota_rule, self._refuse)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -225,55 +179,6 @@ class Accounting:
         detail = {"tenant": rec.tenant, "quota_bytes": limit, "used_bytes": used, "rule": rule}
         return oci.error_response(403, "DENIED", message, method=flow.request.method, detail=detail)
 
-    def _refuse_reservation(
-        self, flow: http.HTTPFlow, limit: int, got: Reservation, adding: int
-    ) -> http.Response:
-        if got.reason != "uploads":
-            return self._refuse(flow, limit, got.used, adding)
-        record(flow).decision = "deny:too many unfinished uploads"
-        age = int(ctx.options.registry_upload_age)
-        return oci.error_response(
-            429,
-            "TOOMANYREQUESTS",
-            f"too many unfinished uploads: {got.uploads} open, at most {MAX_UPLOADS}; finish "
-            f"or cancel one (an upload untouched for {age} s no longer counts)",
-            method=flow.request.method,
-            detail={"tenant": record(flow).tenant, "unfinished_uploads": got.uploads},
-        )
-
-    async def reserve(
-        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
-    ) -> Reservation:
-        ledger = self.ledger
-        assert ledger is not None
-        return await asyncio.to_thread(
-            ledger.reserve,
-            upload.tenant,
-            upload.session,
-            adding,
-            limit,
-            force=force,
-            upto=upto,
-            age=ctx.options.registry_upload_age,
-            max_uploads=MAX_UPLOADS,
-        )
-
-    async def _first(
-        self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False
-    ) -> Reservation:
-        """A request's first reservation. Refused for the quota while the tenant's other
-        requests hold room they reserved ahead (streamed bodies reserve before they send):
-        asked again until they give it back, WAIT_OTHERS at most."""
-        loop = asyncio.get_running_loop()
-        since = loop.time()
-        while True:
-            got = await self.reserve(upload, adding, limit, force=force, upto=upto)
-            if got or got.reason != "quota" or not others_hold_room(got, 0):
-                return got
-            if loop.time() - since >= WAIT_OTHERS:
-                return got
-            await asyncio.sleep(retry_in(loop.time() - since))
-
     @fail_closed
     async def streamed_request_end(self, flow: http.HTTPFlow) -> None:
         """A streamed body ended while bytes of it wait for the ledger's answer
@@ -316,45 +221,9 @@ class Accounting:
         try:
             limit = self._quota(rec)
             if limit is not None:
-                await self._reserve_upload(flow, rec, limit)
+                await self.uploads.open(flow, rec, limit)
         except LedgerUnavailable:
             respond(flow, self._unavailable(flow))
-
-    async def _reserve_upload(self, flow: http.HTTPFlow, rec: FlowRecord, limit: int) -> None:
-        """Reserve the bytes this request sends into its upload session (or, for an upload
-        start, a place among the tenant's unfinished uploads), or refuse it before a byte
-        is stored."""
-        assert rec.tenant is not None and rec.repository is not None
-        request, method = flow.request, flow.request.method
-        length = request.headers.get("content-length", "")
-        streamed = "transfer-encoding" in request.headers
-        adding = int(length) if length.isdigit() else 0
-        if method == "PUT" and not adding and not streamed:
-            return  # no body: the confirmation is decided by `admit` (response)
-        digest, held = rec.params.get("digest"), False
-        if method != "PATCH" and digest and (adding or streamed):
-            # Re-pushing what the tenant holds is never refused (quota.would_exceed), even
-            # over a lowered quota; its bytes still count while they are in flight.
-            ledger = self.ledger
-            assert ledger is not None
-            held = await asyncio.to_thread(ledger.has, rec.tenant, digest)
-        start = method == "POST"
-        session = f"post:{flow.id}" if start else f"{rec.repository}@{rec.reference}"
-        upload = InFlight(rec.tenant, session, start=start)
-        capped = streamed and not held
-        if capped:  # no length: a first grant, more as it streams
-            got = await self._first(upload, grant_size(limit), limit, upto=True)
-        else:
-            got = await self._first(upload, adding, limit, force=held)
-        if not got and (not held or got.reason == "uploads"):
-            respond(flow, self._refuse_reservation(flow, limit, got, adding))
-            return
-        upload.reserved = got.granted
-        if capped:
-            step = grant_size(limit - got.used - got.granted)
-            upload.cap = StreamCap(self, flow, upload, limit, got.granted, step, got.used)
-            request.stream = upload.cap
-        rec.upload = upload
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -389,7 +258,7 @@ class Accounting:
         upload = take_upload(rec)
         if response is None or rec.tenant is None or not rec.allowed or answered(flow):
             if upload is not None:  # refused after the reservation: nothing was sent
-                await self._settle(upload, rec, None, stored=None, grown=0)
+                await self.uploads.settle(upload, rec, None, stored=None, grown=0)
             return
         ledger = self.ledger
         if ledger is None or not ctx.options.registry_backend:
@@ -402,12 +271,12 @@ class Accounting:
             return
         pending = rec.pending  # what TenantIsolation will record (set in its hooks)
         if response.status_code != 201 or not pending:
-            await self._upload_answered(flow, rec, upload)
+            await self.uploads.answered(flow, rec, upload)
             return
         digest = response.headers.get("docker-content-digest") or pending[0]
         if digest not in pending or not is_digest(digest) or not rec.repository:
             if upload is not None:  # the session ended; its blob counts for nobody
-                await self._drop(upload)
+                await self.uploads.drop(upload)
             return  # isolation records nothing either
         try:
             size = await self._size(rec.repository, digest)
@@ -446,112 +315,13 @@ class Accounting:
                 rec.pending = None
                 flow.response = self._unavailable(flow)
 
-    async def _upload_answered(
-        self, flow: http.HTTPFlow, rec: FlowRecord, upload: InFlight | None
-    ) -> None:
-        """An upload request the backend answered without confirming a blob: what the
-        session holds now, or that it is gone."""
-        response, method = flow.response, flow.request.method
-        assert response is not None and rec.tenant is not None and rec.repository is not None
-        status = response.status_code
-        # Cancelled, unknown to the backend, or completed (a 201 isolation records nothing
-        # for). Only BLOB_UPLOAD_UNKNOWN says the session does not exist: Distribution also
-        # answers 404 (BLOB_UPLOAD_INVALID) to a stale or forged upload state, and the
-        # session then lives on.
-        unknown = status == 404 and backend_error_code(response.content or b"") == (
-            "BLOB_UPLOAD_UNKNOWN"
-        )
-        gone = unknown or status == 201 or (method == "DELETE" and status == 204)
-        if gone and method != "POST":
-            if upload is not None:
-                upload.done = upload.gone = True
-            try:
-                if self._quota(rec) is not None:
-                    ledger = self.ledger
-                    assert ledger is not None
-                    session = f"{rec.repository}@{rec.reference}"
-                    await asyncio.to_thread(ledger.drop_upload, rec.tenant, session)
-            except LedgerUnavailable as e:  # it expires with age
-                logger.warning("quota: cannot forget an upload: %s", e)
-            return
-        if upload is None:
-            return
-        if upload.start:
-            session = session_of(response.headers.get("location", ""), rec.repository)
-            if status == 202 and session is not None:
-                await self._settle(upload, rec, session, stored=None, grown=upload.sent(rec))
-            else:
-                await self._drop(upload)
-            return
-        ok = 200 <= status < 300
-        stored = stored_from(response) if ok else None
-        # A PUT the backend refused (a digest that does not match) may leave its body in the
-        # session (the backend did not say): it counts until the session is answered again,
-        # forgotten or expired. A refused PATCH (a wrong range) stored nothing.
-        grown = upload.sent(rec) if (ok and stored is None) or method == "PUT" else 0
-        await self._settle(upload, rec, None, stored=stored, grown=grown)
-
-    async def _settle(
-        self,
-        upload: InFlight,
-        rec: FlowRecord,
-        renamed: str | None,
-        stored: int | None,
-        grown: int,
-    ) -> None:
-        """The request's reservation released; the session holds `stored` bytes (or `grown`
-        more). `renamed`: an upload start's session id. Best effort: a session the ledger
-        cannot update now expires with age."""
-        upload.done = True
-        ledger = self.ledger
-        if ledger is None:
-            return
-        try:
-            if upload.start and renamed is None:
-                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
-                return
-            if renamed is not None:
-                await asyncio.to_thread(
-                    ledger.rename_upload, upload.tenant, upload.session, renamed
-                )
-                upload.session = renamed
-            await asyncio.to_thread(
-                ledger.settle, upload.tenant, upload.session, upload.reserved, stored, grown
-            )
-        except LedgerUnavailable as e:
-            logger.warning("quota: cannot settle an upload: %s", e)
-
-    async def give_back(self, upload: InFlight, granted: int) -> None:
-        """A grant that came back after its request ended: released at once (with the
-        session, when the session ended too)."""
-        ledger = self.ledger
-        if ledger is None or granted <= 0:
-            return
-        try:
-            if upload.gone:
-                await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
-            else:
-                await asyncio.to_thread(ledger.settle, upload.tenant, upload.session, granted)
-        except LedgerUnavailable as e:  # it expires with age
-            logger.warning("quota: cannot give a grant back: %s", e)
-
-    async def _drop(self, upload: InFlight) -> None:
-        upload.done = upload.gone = True
-        ledger = self.ledger
-        if ledger is None:
-            return
-        try:
-            await asyncio.to_thread(ledger.drop_upload, upload.tenant, upload.session)
-        except LedgerUnavailable as e:
-            logger.warning("quota: cannot forget an upload: %s", e)
-
     async def error(self, flow: http.HTTPFlow) -> None:
         """A request that ended without an answer (cut, client gone): whatever it sent may
         be stored, so it counts until the session is answered again, forgotten or expired."""
         rec = record(flow)
         upload = take_upload(rec)
         if upload is not None:
-            await self._settle(upload, rec, None, stored=None, grown=upload.sent(rec))
+            await self.uploads.settle(upload, rec, None, stored=None, grown=upload.sent(rec))
 
     async def _manifest_pushed(self, flow: http.HTTPFlow, rec: FlowRecord) -> None:
         ledger = self.ledger

@@ -1,8 +1,8 @@
 """The cap of a streamed push under a quota: a body without a length (chunked) reserves its
 bytes in the ledger as they stream.
 
-It cannot reserve its length up front, as a body with a Content-Length does (accounting.py:
-`Accounting._reserve_upload`). So StreamCap, the body's stream callable, forwards chunks while
+It cannot reserve its length up front, as a body with a Content-Length does (uploads.py:
+`Uploads.open`). So StreamCap, the body's stream callable, forwards chunks while
 the ledger's grants for this body cover them, and asks for more (a quarter of what is left of
 the quota at a time, `grant_size`) before they run out. Once the quota has nothing more for
 it, its connection is cut: a streamed request can get no answer of ours, so the 403 is
@@ -15,7 +15,7 @@ hold room is not final (`others_hold_room`): the body asks again until they give
 that fit the quota together are never refused for each other's grants.
 
 The bookkeeping (the upload session's reservations, the ledger, the quota decision) is
-accounting.py's: StreamCap asks it through `Grants` (the Accounting addon), and grows the
+uploads.py's: StreamCap asks it through `Grants` (`uploads.Uploads`), and grows the
 request's reservation (`InFlight`) by what it is granted.
 """
 
@@ -75,7 +75,7 @@ class InFlight:
 
 
 class Grants(Protocol):
-    """What the cap asks of the bookkeeping (accounting.Accounting)."""
+    """What the cap asks of the bookkeeping (uploads.Uploads)."""
 
     async def reserve(
         self, upload: InFlight, adding: int, limit: int, force: bool = False, upto: bool = False

@@ -60,7 +60,7 @@ def test_metrics_text():
 
 
 def test_unfinished_upload_decisions():
-    from addons.gateway.accounting import session_of, stored_from
+    from addons.gateway.uploads import session_of, stored_from
     from addons.storage.ledger import upload_decision
 
     # A new session beyond the bound is refused first; then bytes past the quota.
