@@ -12,30 +12,26 @@ import contextlib
 import socket
 import threading
 
+from tests.support.listener import serve_each
+
 
 class Cutter:
     def __init__(self, port: int) -> None:
         self.port = port  # the server's, on loopback
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listen_port = self.listener.getsockname()[1]
         self.marker: bytes | None = None
         self.cut = threading.Event()  # an answer was thrown away
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listener = serve_each(self._relay)
+        self.listen_port = self.listener.getsockname()[1]
 
     def arm(self, marker: bytes) -> None:
         self.cut.clear()
         self.marker = marker
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            cutting = threading.Event()
-            threading.Thread(target=self._up, args=(client, server, cutting), daemon=True).start()
-            threading.Thread(target=self._down, args=(server, client, cutting), daemon=True).start()
+    def _relay(self, client: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", self.port))
+        cutting = threading.Event()
+        threading.Thread(target=self._down, args=(server, client, cutting), daemon=True).start()
+        self._up(client, server, cutting)
 
     def _up(self, client: socket.socket, server: socket.socket, cutting: threading.Event) -> None:
         with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from addons.engine import connections, hardening
 from addons.engine.framing import MAX_HEAD
 from addons.gateway.freeze import WriteFreeze
 from tests.support.inproc import InProcessGateway
+from tests.support.listener import serve_each
 from tests.support.rawhttp import Conn
 from tests.support.stack import wait_for
 
@@ -36,22 +37,12 @@ class SilentBackend:
     """Accepts connections, reads whatever comes, never answers."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.sock = serve_each(self._drain)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _drain(conn: socket.socket) -> None:
+    def _drain(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
         try:
             while conn.recv(65536):
                 pass

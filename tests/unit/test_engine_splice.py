@@ -15,7 +15,6 @@ import functools
 import hashlib
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mitmproxy.test import tflow
 
 from addons.engine import splice
 from tests.support.inproc import InProcessGateway
+from tests.support.listener import serve_each
 from tests.support.rawhttp import Conn
 from tests.support.stack import wait_for
 
@@ -63,24 +63,15 @@ class Script:
 
 class ScriptedBackend:
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.script = Script(0)
         self.accepted = 0
         self.open: set[socket.socket] = set()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.open.add(conn)
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        self.sock = serve_each(self._answer)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
 
     def _answer(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        self.open.add(conn)
         f = conn.makefile("rb")
         try:
             while True:
