@@ -360,6 +360,15 @@ class PausedStream:
         return status
 
 
+def holding_room(stack: Stack, repo: str, h: dict) -> PausedStream:
+    """A streamed upload paused after its first 32 kB, holding the room it reserved ahead
+    (a quarter of the quota: reserved before its first chunk goes on)."""
+    b = PausedStream(stack, start_upload(stack, repo, h), h)
+    b.send(os.urandom(32 * 1024))
+    time.sleep(0.5)
+    return b
+
+
 def streamed_patch(stack: Stack, location: str, blob: bytes, h: dict, out: list) -> None:
     chunks = (blob[i : i + 32 * 1024] for i in range(0, len(blob), 32 * 1024))
     body = {**h, "Content-Type": "application/octet-stream"}
@@ -374,9 +383,7 @@ def test_a_streamed_body_ending_while_others_hold_room_waits_for_it(stack: Stack
     250 kB it reserved ahead; A streams 800 kB, which fits only once B gives back what it does
     not use. A's end waits for that instead of being cut, and both pass."""
     h = bearer(token(stack, tabbify_jwt({"network": "gotham"})))
-    b = PausedStream(stack, start_upload(stack, "gotham/app", h), h)
-    b.send(os.urandom(32 * 1024))
-    time.sleep(0.5)  # B's reservation is made before its first chunk goes on
+    b = holding_room(stack, "gotham/app", h)
     out: list = []
     location = start_upload(stack, "gotham/app", h)
     a = threading.Thread(target=streamed_patch, args=(stack, location, os.urandom(800_000), h, out))
@@ -395,9 +402,7 @@ def test_a_streamed_body_waits_for_others_room_a_bounded_time(stack: Stack) -> N
     the wait (streamcap.WAIT_OTHERS, 5 s), not held open for as long as the others last; what
     went on stays within the quota."""
     h = bearer(token(stack, tabbify_jwt({"network": "metro"})))
-    b = PausedStream(stack, start_upload(stack, "metro/app", h), h)
-    b.send(os.urandom(32 * 1024))
-    time.sleep(0.5)
+    b = holding_room(stack, "metro/app", h)
     out: list = []
     started = time.monotonic()
     streamed_patch(stack, start_upload(stack, "metro/app", h), os.urandom(800_000), h, out)
@@ -412,9 +417,7 @@ def test_a_body_that_keeps_coming_while_it_waits_is_cut_at_once(stack: Stack) ->
     """Waiting for others' room holds at most one read's worth of the body (WAIT_HOLD): a
     client that keeps sending meanwhile is cut then, not after the whole wait."""
     h = bearer(token(stack, tabbify_jwt({"network": "smallville"})))
-    b = PausedStream(stack, start_upload(stack, "smallville/app", h), h)
-    b.send(os.urandom(32 * 1024))
-    time.sleep(0.5)
+    b = holding_room(stack, "smallville/app", h)
     out: list = []
     started = time.monotonic()
     streamed_patch(stack, start_upload(stack, "smallville/app", h), os.urandom(4 * MB), h, out)
