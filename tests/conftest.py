@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.images import layout_blobs
 from tests.support.postgres import Postgres
 from tests.support.stack import Stack
 from tests.support.standins.auth import AuthStandin, tabbify_jwt
@@ -154,6 +155,15 @@ def skopeo_copy(
             if credential:
                 args += [f"--{side}-creds", f"x:{credential}"]
     return skopeo(*args, src, dest)
+
+
+def skopeo_round_trip(tmp_path: Path, ref: str, credential: str | None = None) -> dict[str, bytes]:
+    """skopeo pushes the OCI layout at `tmp_path/src` (tag v1) to `ref` and pulls it back into
+    `tmp_path/out`: the blobs pulled, digest → bytes."""
+    for src, dest in ((f"oci:{tmp_path / 'src'}:v1", ref), (ref, f"oci:{tmp_path / 'out'}:v1")):
+        r = skopeo_copy(src, dest, credential)
+        assert r.returncode == 0, r.stderr
+    return layout_blobs(tmp_path / "out")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import jwt
 import pytest
 import requests
 
-from tests.conftest import skopeo, skopeo_copy
+from tests.conftest import skopeo, skopeo_copy, skopeo_round_trip
 from tests.support.images import layout_blobs, oci_index_layout, oci_layout
 from tests.support.stack import Stack, wait_for
 
@@ -57,12 +57,7 @@ def push_blob(stack: Stack, repo: str, blob: bytes, headers: dict[str, str]) -> 
 
 def test_skopeo_oci_image_round_trips_byte_identical(registry, acme_jwt, tmp_path):
     pushed = oci_layout(tmp_path / "src", "v1")
-    ref = f"docker://{registry.host}/acme/demo:v1"
-    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
-    assert r.returncode == 0, r.stderr
-    r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    pulled = layout_blobs(tmp_path / "out")
+    pulled = skopeo_round_trip(tmp_path, f"docker://{registry.host}/acme/demo:v1", acme_jwt)
     assert pulled[pushed["digest"]] == pushed["blobs"][pushed["digest"]]  # manifest bytes
     assert pulled == pushed["blobs"]
 
@@ -363,11 +358,7 @@ def test_a_large_layer_is_pulled_byte_identical_through_the_kernel(registry, acm
     skopeo gets the same bytes, the access log and /metrics count them."""
     pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(24 << 20,))
     ref = f"docker://{registry.host}/acme/big:v1"
-    r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
-    assert r.returncode == 0, r.stderr
-    r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
-    assert r.returncode == 0, r.stderr
-    assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+    assert skopeo_round_trip(tmp_path, ref, acme_jwt) == pushed["blobs"]
     layer = max(pushed["blobs"], key=lambda d: len(pushed["blobs"][d]))
     size = len(pushed["blobs"][layer])
 

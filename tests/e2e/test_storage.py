@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import skopeo_copy
+from tests.conftest import skopeo_copy, skopeo_round_trip
 from tests.e2e.test_gateway import bearer, push_blob, token
 from tests.support.images import layout_blobs, oci_layout
 from tests.support.stack import Stack, wait_for
@@ -165,11 +165,7 @@ def test_s3_behind_a_private_ca_works_with_the_ca_bundle(
     try:
         pushed = oci_layout(tmp_path / "src", "v1", layer_sizes=(4096,))
         ref = f"docker://{stack.host}/acme/private-ca:v1"
-        r = skopeo_copy(f"oci:{tmp_path / 'src'}:v1", ref, acme_jwt)
-        assert r.returncode == 0, r.stderr
-        r = skopeo_copy(ref, f"oci:{tmp_path / 'out'}:v1", acme_jwt)
-        assert r.returncode == 0, r.stderr
-        assert layout_blobs(tmp_path / "out") == pushed["blobs"]
+        assert skopeo_round_trip(tmp_path, ref, acme_jwt) == pushed["blobs"]
         keys = s3.keys(BUCKET)  # over plain HTTP: the blobs really went to the bucket
         assert any(d.removeprefix("sha256:") in k for d in pushed["blobs"] for k in keys)
         stack.stop()
