@@ -19,8 +19,9 @@ answer (Http1Client) offers its connection once, per read, when all of this hold
 - plain TCP both ways (no TLS layer: the sockets carry the very bytes the layers see), and
   mitmproxy is not asked to keep streamed bodies.
 
-The connection's reading task (`handle_connection`, a copy of mitmproxy 12.3.1's with one
-step added) takes the offer before its next read: it stops the transport's reads, feeds what
+The connection's reading task (`handle_connection`, a copy of mitmproxy 12.3.1's with a step
+added before each read: this one, and readgate.py's for clients) takes the offer before its
+next read: it stops the transport's reads, feeds what
 asyncio already buffered through the layers as usual, waits for the client's write buffer to
 empty, checks `ready` again, and then splices the remaining bytes through a pipe on duplicated
 descriptors (a descriptor mitmproxy closes meanwhile is never reused under the splice). The
@@ -60,11 +61,11 @@ PIPE_SIZE = 256 * 1024  # asked for; Linux may give less (fs.pipe-max-size, user
 YIELD_BYTES = 2 << 20  # a turn for the other connections after this much without a wait (~2 ms)
 WAKE_S = 1.0  # while waiting on a socket, look this often at whether either side was closed
 READ_TAIL = 64 * 1024  # what is read at once of bytes beyond the body
-CHECK_ROUNDS = 32
+CHECK_ROUNDS = 32  # while moving, look whether the layers closed a side every so many rounds
 # Splices at once per worker; each holds FDS_EACH descriptors (two duplicates, a pipe), which
 # the connection caps leave room for (engine/connections.py: fd_cap). Beyond: the engine's path.
 MAX_ACTIVE = 64
-FDS_EACH = 4  # while moving, look at that every so many rounds
+FDS_EACH = 4
 _MOVE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 CAN_READ, CAN_WRITE = ConnectionState.CAN_READ, ConnectionState.CAN_WRITE
 
