@@ -10,7 +10,7 @@ written on the wire and the connection closed (`cut_connection`).
 
 Reserving ahead means that the tenant's other uploads may hold room they will not use: each
 keeps what is left of its last grant until it ends. An answer that falls short while they
-hold room is not final (`others_hold_room`): the body asks again until they give it back
+hold room is not final (`worth_waiting`): the body asks again until they give it back
 (WAIT_OTHERS at most), and its end waits for that answer (engine/bodyend.py). Two layers
 that fit the quota together are never refused for each other's grants.
 
@@ -51,11 +51,11 @@ def retry_in(waited: float) -> float:
     return min(max(waited, RETRY[0]), RETRY[1])
 
 
-def others_hold_room(got: Reservation, own: int) -> bool:
-    """A refusal or short grant that may change: requests other than this one (which holds
-    `own` of the tenant's reserved bytes) still hold room; they give back what they do not
-    use when they end."""
-    return got.pending - own > 0
+def worth_waiting(got: Reservation, own: int, waited: float) -> bool:
+    """A refusal or short grant worth asking again after `waited` seconds of them: requests
+    other than this one (which holds `own` of the tenant's reserved bytes) still hold room,
+    which they give back when they end, and WAIT_OTHERS is not over."""
+    return got.pending - own > 0 and waited < WAIT_OTHERS
 
 
 @dataclass
@@ -184,7 +184,7 @@ class StreamCap:
                 if self.upload.done:  # the request ended meanwhile (cut, or the client left)
                     await self.accounting.give_back(self.upload, got.granted)
                     return
-                may_change = others_hold_room(got, self.upload.reserved)
+                own = self.upload.reserved  # before this answer's grant
                 # `got.used` counts this body's earlier grants and the tenant's other bytes.
                 self.others = got.used - self.granted
                 self.granted += got.granted
@@ -200,20 +200,18 @@ class StreamCap:
                 elif self.short_since is None:
                     self.short_since = loop.time()
                 waited = loop.time() - self.short_since if short else 0.0
-                if short and (not may_change or waited >= WAIT_OTHERS or -self._left() > WAIT_HOLD):
+                if short and (not worth_waiting(got, own, waited) or -self._left() > WAIT_HOLD):
                     self.denied = True
                     return
                 if self._left() >= 0 or self.cut:
                     return  # what waits is covered: the next chunks ask again
                 if short:
-                    # for the others to give room back
-                    await asyncio.sleep(retry_in(waited))
+                    await asyncio.sleep(retry_in(waited))  # for the others to give room back
                     if self.cut:
                         return
-                # What waits (chunks came in meanwhile), and, with room, the next step.
-                want = max(-self._left(), 0) + (0 if short else self.step)
-                if want == 0:
-                    return
+                # What waits (only chunks come in meanwhile: never less), and, with room, the
+                # next step.
+                want = -self._left() + (0 if short else self.step)
         except Exception as e:  # the ledger cannot count this body: stop it (fail closed)
             logger.warning("quota: cannot reserve for a streamed upload: %s", e)
             self.stop("quota-unchecked", 0, (503, "UNAVAILABLE", "cannot check the quota now"))

@@ -35,12 +35,11 @@ from addons.gateway.access import backend_error_code
 from addons.gateway.gate import respond
 from addons.gateway.record import FlowRecord, record
 from addons.gateway.streamcap import (
-    WAIT_OTHERS,
     InFlight,
     StreamCap,
     grant_size,
-    others_hold_room,
     retry_in,
+    worth_waiting,
 )
 from addons.storage.ledger import MAX_UPLOADS, Accounts, LedgerUnavailable, Reservation
 
@@ -138,11 +137,10 @@ class Uploads:
         since = loop.time()
         while True:
             got = await self.reserve(upload, adding, limit, force=force, upto=upto)
-            if got or got.reason != "quota" or not others_hold_room(got, 0):
+            waited = loop.time() - since
+            if got or got.reason != "quota" or not worth_waiting(got, 0, waited):
                 return got
-            if loop.time() - since >= WAIT_OTHERS:
-                return got
-            await asyncio.sleep(retry_in(loop.time() - since))
+            await asyncio.sleep(retry_in(waited))
 
     def _refuse_reservation(
         self, flow: http.HTTPFlow, limit: int, got: Reservation, adding: int

@@ -78,6 +78,14 @@ def test_unfinished_upload_decisions():
     assert grant_size(1_000_000) == 250_000 and grant_size(10) == MIN_GRANT
     assert grant_size(10**12) == MAX_GRANT
 
+    from addons.gateway.streamcap import WAIT_OTHERS, worth_waiting
+    from addons.storage.ledger import Reservation
+
+    short = Reservation(True, 900, granted=10, pending=300)  # 300 reserved in flight
+    assert worth_waiting(short, 100, 0.0)  # 200 of them held by other requests
+    assert not worth_waiting(short, 300, 0.0)  # all of them this request's own: final
+    assert not worth_waiting(short, 100, WAIT_OTHERS)  # waited long enough
+
     uuid = "0f5b6c3e-5b0e-4a4e-9a43-1c2d3e4f5a6b"
     location = f"/v2/acme/app/blobs/uploads/{uuid}?_state=abc"
     assert session_of(location, "acme/app") == f"acme/app@{uuid}"
