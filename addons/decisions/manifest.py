@@ -129,12 +129,17 @@ def references(doc: dict[str, Any]) -> list[str]:
     see for its own reasons; claiming it here would grant it. It is still read (spelling,
     digest grammar) so that a malformed one is refused rather than passed on.
     """
-    refs = [_digest(d) for key in _REFERENCING for d in _descriptors(doc, key)]
-    for d in _descriptors(doc, "subject"):
-        _digest(d)
+    named = _named(doc)
+    refs = [d for key in _REFERENCING for d in named[key]]
     if len(refs) > MAX_DESCRIPTORS:
         raise ManifestError("manifest references too many blobs")
     return list(dict.fromkeys(refs))
+
+
+def _named(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """The digests of each descriptor field (`_REFERENCING`, then `subject`), read and checked
+    in that order: the one reading of a manifest's descriptors (`references`, `parts`)."""
+    return {key: [_digest(d) for d in _descriptors(doc, key)] for key in (*_REFERENCING, "subject")}
 
 
 def children(doc: dict[str, Any]) -> list[str]:
@@ -156,15 +161,14 @@ def parts(doc: dict[str, Any]) -> Parts:
     """A parsed manifest (`parse`) split into what it is made of, read exactly as
     `references` reads it (garbage collection's snapshot: what a kept manifest keeps).
     Raises ManifestError."""
-    subject = [_digest(d) for d in _descriptors(doc, "subject")]
-    blobs = [_digest(d) for key in ("config", "layers", "blobs") for d in _descriptors(doc, key)]
+    named = _named(doc)
     kind = doc.get("mediaType")
     is_index = "manifests" in doc or (isinstance(kind, str) and kind in INDEX_TYPES)
     return Parts(
         kind="index" if is_index else ("image" if "layers" in doc else "other"),
-        children=tuple(children(doc)),
-        blobs=tuple(blobs),
-        subject=subject[0] if subject else None,
+        children=tuple(named["manifests"]),
+        blobs=tuple(named["config"] + named["layers"] + named["blobs"]),
+        subject=named["subject"][0] if named["subject"] else None,
     )
 
 
