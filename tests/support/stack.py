@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import signal
@@ -18,16 +19,32 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = os.environ.get("TBF_CLI") or str(ROOT / ".venv" / "bin" / "tabbify-registry")
 
 
+# Ports for the servers tests start: below the kernel's ephemeral range (32768 and up here), so
+# that neither bind(0) nor an outgoing connection hands one out, each parallel test worker in a
+# block of its own. A port found by bind(0) and released could be found again by another
+# worker before its stack bound it: two gateways (SO_REUSEPORT) then shared one port, and one
+# test's requests reached the other's registry.
+PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20_000, 2_000, 6
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_picked = itertools.count()
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """`n` distinct loopback ports free now, never picked before by this test process nor by
+    another parallel test worker."""
+    block = PORT_BASE + (_worker % PORT_BLOCKS) * PORT_BLOCK
+    ports: list[int] = []
+    for _ in range(PORT_BLOCK):
+        port = block + next(_picked) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (a test's server, or something else on this machine)
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports in {block}-{block + PORT_BLOCK - 1}")
 
 
 def free_port() -> int:
